@@ -1,0 +1,68 @@
+"""A summary of a local Hugging Face model directory: config, tokenizer, chat template and weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lm_core.errors import ModelResolutionError
+
+_NUMPY_DTYPES = ("F64", "F32", "F16")
+SAMPLE_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory (all shards), or an error naming what is missing."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelResolutionError(f"{path} holds no .safetensors weights")
+    return files
+
+
+def inspect_model(path: Path, load_weights: bool = True) -> dict[str, Any]:
+    """Load config, tokenizer and (optionally) every weight tensor of `path`, returning a printable summary."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    config = json.loads((path / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    summary: dict[str, Any] = {
+        "architecture": ",".join(config.get("architectures", ["?"])),
+        "layers": config.get("num_hidden_layers"),
+        "hidden size": config.get("hidden_size"),
+        "attention heads": f"{config.get('num_attention_heads')} (kv {config.get('num_key_value_heads')})",
+        "vocabulary": len(tokenizer),
+        "context length": config.get("max_position_embeddings"),
+    }
+    if tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template(SAMPLE_MESSAGES, add_generation_prompt=True, tokenize=False)
+        summary["chat template"] = f"yes ({len(tokenizer(prompt, add_special_tokens=False)['input_ids'])} tokens)"
+    else:
+        summary["chat template"] = "none in the tokenizer (pass one by name)"
+    if not load_weights:
+        return summary
+
+    num_params = 0
+    dtypes: Counter[str] = Counter()
+    files = weight_files(path)
+    with tqdm(total=len(files), desc="loading weights", unit="file", file=sys.stderr) as bar:
+        for file in files:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is no mapping
+                    info = f.get_slice(name)
+                    dtype, size = info.get_dtype(), int(np.prod(info.get_shape()))
+                    # numpy has no bfloat16: such tensors are counted from their header, not read
+                    if dtype in _NUMPY_DTYPES and not np.isfinite(f.get_tensor(name)).all():
+                        raise ModelResolutionError(f"{file.name}: tensor {name} holds NaN or infinite values")
+                    num_params += size
+                    dtypes[dtype] += size
+            bar.update(1)
+    summary["parameters"] = f"{num_params / 1e6:.1f}M"
+    summary["weight dtype"] = ", ".join(dtypes)
+    return summary

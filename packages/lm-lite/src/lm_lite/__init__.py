@@ -1,0 +1,3 @@
+"""lm-lite: quantization (AWQ, GPTQ, SmoothQuant, calibration) writing standard checkpoints."""
+
+__version__ = "0.1.0"
