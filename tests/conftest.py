@@ -1,0 +1,45 @@
+"""Checks every package's test folder runs against its own installed distribution."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def check_distribution(dist: str, import_name: str) -> None:
+    """`import_name.__version__` is `dist`'s version, and every lm sibling it requires is installed in range."""
+    from packaging.requirements import Requirement
+
+    module = importlib.import_module(import_name)
+    assert module.__version__ == importlib.metadata.version(dist)
+    for spec in importlib.metadata.requires(dist) or []:
+        req = Requirement(spec)
+        if re.fullmatch(r"lm-[a-z]+", req.name) and not req.marker:
+            installed = importlib.metadata.version(req.name)
+            assert req.specifier.contains(installed), f"{req} does not admit installed {req.name} {installed}"
+
+
+def check_cli_group(script: str, group: str) -> None:
+    """The package's own script and `lm GROUP` both answer --help."""
+    path = shutil.which(script)
+    assert path is not None, f"the {script} script is not installed"
+    own = subprocess.run([path, "--help"], capture_output=True, text=True)
+    assert own.returncode == 0 and f"Usage: {script}" in own.stdout, own.stderr
+    via_lm = subprocess.run([sys.executable, "-m", "lm_core", group, "--help"], capture_output=True, text=True)
+    assert via_lm.returncode == 0 and f"Usage: lm {group}" in via_lm.stdout, via_lm.stderr
+
+
+@pytest.fixture(scope="session")
+def package_checks():
+    """`package_checks.distribution(dist, import_name)` and `package_checks.cli_group(script, group)`."""
+    return type(
+        "PackageChecks",
+        (),
+        {"distribution": staticmethod(check_distribution), "cli_group": staticmethod(check_cli_group)},
+    )
