@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def test_help_never_imports_torch(args):
 def test_check_env_reports_every_installed_package():
     result = lm("check_env")
     assert result.returncode == 0, result.stderr
-    rows = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
+    # Rows are "key<two or more spaces>value"; keys may hold single spaces ("CUDA available").
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in result.stdout.splitlines() if line.strip())
     for dist in ("lm-deploy", "lm-core", "lm-torch", "lm-turbomind", "lm-lite", "lm-vl", "lm-serve"):
         assert rows[dist].strip() == importlib.metadata.version(dist)
     assert rows["torch"].strip() == importlib.metadata.version("torch")

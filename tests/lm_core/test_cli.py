@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -91,10 +92,7 @@ def test_model_info_loads_the_default_model(default_model_dir):
 
     result = run_lm("model", "info")
     assert result.returncode == 0, result.stderr
-    summary = dict(
-        line.split(None, 1) if "  " not in line else line.split("  ", 1) for line in result.stdout.splitlines()
-    )
-    summary = {k.strip(): v.strip() for k, v in summary.items()}
+    summary = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in result.stdout.splitlines())
     assert summary["path"] == str(default_model_dir)
     with safe_open(default_model_dir / "model.safetensors", framework="numpy") as f:
         total = sum(f.get_tensor(k).size for k in f.keys())  # noqa: SIM118

@@ -25,7 +25,7 @@ def _devices() -> list[tuple[str, str]]:
         torch = importlib.import_module("torch")
     except ImportError:
         return [("CUDA", "unknown (torch not installed)")]
-    rows = [("CUDA available", str(torch.cuda.is_available())), ("torch CUDA", str(torch.version.cuda))]
+    rows = [("CUDA available", str(torch.cuda.is_available())), ("CUDA (torch build)", str(torch.version.cuda))]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
