@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,19 @@ def package_checks():
         (),
         {"distribution": staticmethod(check_distribution), "cli_group": staticmethod(check_cli_group)},
     )
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (fetched and converted once per cache)."""
+    from lm_core import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The default model's original Q4_1 GGUF file."""
+    from lm_core.resolve import default_gguf_path
+
+    return default_gguf_path()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-GROUPS = {"check-env", "model", "serve", "lite"}
+GROUPS = {"chat", "check-env", "model", "serve", "lite"}
 
 
 def lm(*args: str) -> subprocess.CompletedProcess:
@@ -26,7 +26,9 @@ def test_lm_help_lists_every_package_group():
     assert listed >= GROUPS
 
 
-@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["lite", "--help"], ["model", "info", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["chat", "--help"], ["serve", "--help"], ["lite", "--help"], ["model", "info", "--help"]]
+)
 def test_help_never_imports_torch(args):
     code = (
         "import sys\nfrom lm_deploy.cli import main\n"
@@ -52,6 +54,7 @@ def test_meta_package_reexports_resolution():
     import lm_deploy
 
     assert lm_deploy.resolve_model is lm_core.resolve_model
+    assert lm_deploy.pipeline is lm_core.pipeline and lm_deploy.GenerationConfig is lm_core.GenerationConfig
     assert lm_deploy.__version__ == importlib.metadata.version("lm-deploy")
 
 

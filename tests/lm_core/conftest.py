@@ -24,20 +24,6 @@ TINY_LLAMA = {
 }
 
 
-@pytest.fixture(scope="session")
-def default_model_dir() -> Path:
-    from lm_core import resolve_model
-
-    return resolve_model(None)
-
-
-@pytest.fixture(scope="session")
-def default_gguf() -> Path:
-    from lm_core.resolve import default_gguf_path
-
-    return default_gguf_path()
-
-
 def _ggml_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     # What llama.cpp's converter does to Q and K: each head's two rotary halves become interleaved pairs.
     rows = weight.shape[0]
@@ -159,3 +145,109 @@ def offline_hub(monkeypatch):
 def llama_gguf_writer():
     """`write_llama_gguf(model, path, type_name)` (test modules cannot import conftest under importlib mode)."""
     return write_llama_gguf
+
+
+# --- Locally built tokenizers for the tokenizer / detokenizer tests (no hub access) ---
+
+_TOKENIZER_TEXT = "hello world the naïve café 日本語 東京 😀 🚀 über straße ok été"
+
+
+def _tokenizer_corpus(seed: int, lines: int = 200) -> list[str]:
+    import random
+
+    rng, words = random.Random(seed), _TOKENIZER_TEXT.split()
+    return [" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)]
+
+
+def _with_byte_pieces(tok):
+    """Put `<0x00>`..`<0xFF>` into the BPE vocab right after the special tokens, as SentencePiece does."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    specials = [t["content"] for t in data["added_tokens"]]
+    trained = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
+    vocab: dict[str, int] = {}
+    for token in [*specials, *(f"<0x{b:02X}>" for b in range(256)), *(t for t, _ in trained)]:
+        vocab.setdefault(token, len(vocab))
+    data["model"]["vocab"] = vocab
+    for added in data["added_tokens"]:
+        added["id"] = vocab[added["content"]]
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _llama_like_tokenizer():
+    """Llama-2 style: BPE with byte fallback, '▁' for spaces, decoder Replace/ByteFallback/Fuse/Strip."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=40)
+    tok.train_from_iterator(_tokenizer_corpus(0), trainer)
+    return _with_byte_pieces(tok), {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def _metaspace_unigram_tokenizer():
+    """Unigram with byte fallback and a Metaspace pre-tokenizer/decoder (prepend_scheme "first"); the pieces are
+    the corpus words with and without "▁", their characters except a few (those fall back to bytes) and U+FFFD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = _TOKENIZER_TEXT.split()
+    chars = sorted(set("".join(words)) - set("ßé😀"))
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), *((f"<0x{b:02X}>", 0.0) for b in range(256))]
+    pieces += [("▁", -4.0), *((f"▁{w}", -2.0) for w in words), *((w, -3.0) for w in words)]
+    # Replacement-character pieces: text that ends in U+FFFD without being an unfinished byte sequence.
+    pieces += [(c, -5.0) for c in chars] + [("\ufffd", -5.0), ("▁\ufffd", -4.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    metaspace = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), metaspace])
+    return tok, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def _byte_level_added_tokenizer():
+    """Byte-level BPE with added tokens: special ones (one with '▁' and full-width bars) and plain ones."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|bos|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_tokenizer_corpus(2), trainer)
+    tok.add_special_tokens(["<|tool|>", "<｜end▁of▁sentence｜>"])
+    tok.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False), "✓done"])
+    return tok, {"bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+
+
+@pytest.fixture(scope="session")
+def local_tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved transformers tokenizers built here: "llama" (BPE + byte fallback), "unigram" (Metaspace + byte
+    fallback) and "added" (byte-level BPE with added special and plain tokens); each directory also has a
+    generation_config.json whose eos_token_id is a list."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    builders = {
+        "llama": _llama_like_tokenizer,
+        "unigram": _metaspace_unigram_tokenizer,
+        "added": _byte_level_added_tokenizer,
+    }
+    root = tmp_path_factory.mktemp("tokenizers")
+    dirs = {}
+    for name, build in builders.items():
+        tok, specials = build()
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **specials)
+        path = root / name
+        hf.save_pretrained(path)
+        eos = [hf.convert_tokens_to_ids(specials["eos_token"]), hf.convert_tokens_to_ids(specials["bos_token"])]
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+        dirs[name] = path
+    return dirs

@@ -1,0 +1,161 @@
+"""`pipeline()`: the blocking API over `AsyncPipeline`, usable from scripts, threads and Jupyter alike.
+
+The pipeline owns an event loop running in a daemon thread; every call hands a coroutine to that loop and waits for
+it. The caller's thread never runs a loop of ours, so a caller that already has one running (Jupyter) is fine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lm_core.async_pipeline import AsyncPipeline, Prompt, merge_streams
+from lm_core.generation_config import GenerationConfig
+from lm_core.response import Response
+
+
+def pipeline(
+    model: str | None = None, backend: str = "auto", backend_config: Any = None, chat_template: Any = None
+) -> Pipeline:
+    """Load `model` (None: the default model) on an engine (`"auto"`: the best installed one).
+
+    `chat_template` is a built-in template name, a path to a .jinja/.json file, or None for the model's own.
+    """
+    return Pipeline(AsyncPipeline.from_model(model, backend, backend_config, chat_template))
+
+
+@dataclass
+class Session:
+    """A multi-turn conversation for `Pipeline.chat`: its messages and the latest response."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    response: Response | None = None
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.response = None
+
+
+class Pipeline:
+    """Blocking generation: `pipe(prompts)`, `pipe.stream_infer(prompts)`, `pipe.chat(prompt, session)`."""
+
+    def __init__(self, async_pipeline: AsyncPipeline) -> None:
+        self.async_pipeline = async_pipeline
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lm-pipeline-loop", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    @property
+    def tokenizer(self):
+        return self.async_pipeline.tokenizer
+
+    def __call__(
+        self, prompts: Prompt | Sequence[Prompt], gen_config: GenerationConfig | None = None, do_preprocess: bool = True
+    ) -> Response | list[Response]:
+        """Generate for one prompt or a batch; one prompt with n == 1 gives a `Response`, otherwise a list."""
+        batch, single = _as_batch(prompts)
+        n = (gen_config or GenerationConfig()).n
+        results = [Response(text="", index=i) for i in range(len(batch) * n)]
+        for piece in self.stream_infer(batch, gen_config, do_preprocess):
+            results[piece.index].extend(piece)
+        return results[0] if single and n == 1 else results
+
+    def stream_infer(
+        self, prompts: Prompt | Sequence[Prompt], gen_config: GenerationConfig | None = None, do_preprocess: bool = True
+    ) -> Iterator[Response]:
+        """Yield `Response` pieces of every sequence as they are generated (see `Response.index`).
+
+        Invalid prompts or configs raise before anything is generated. Leaving the loop early aborts the rest.
+        """
+        self._check_open()
+        batch, _ = _as_batch(prompts)
+        n = (gen_config or GenerationConfig()).n
+        # Validate every prompt first, so a bad one in a batch fails the call instead of leaving others running.
+        for prompt in batch:
+            ids = self.async_pipeline.prompt_token_ids(prompt, do_preprocess)
+            self.async_pipeline.resolve_gen_config(gen_config, len(ids))
+        items: queue.Queue = queue.Queue()
+        end = object()
+
+        async def produce() -> None:
+            streams = [
+                self.async_pipeline.generate(p, gen_config, do_preprocess=do_preprocess, index_offset=i * n)
+                for i, p in enumerate(batch)
+            ]
+            try:
+                if len(streams) == 1:
+                    async for piece in streams[0]:
+                        items.put(piece)
+                else:
+                    async for piece in merge_streams(streams):
+                        items.put(piece)
+            except asyncio.CancelledError:  # the consumer left early; closing the streams aborted their requests
+                raise
+            except Exception as exc:  # handed to the consuming thread, which re-raises it
+                items.put(exc)
+            finally:
+                items.put(end)
+
+        future = asyncio.run_coroutine_threadsafe(produce(), self._loop)
+        try:
+            while (item := items.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            if not future.done():
+                future.cancel()  # cancelling closes the streams, which abort their engine requests
+
+    def chat(
+        self,
+        prompt: str | list[dict[str, Any]],
+        session: Session | None = None,
+        gen_config: GenerationConfig | None = None,
+    ) -> Session:
+        """Add `prompt` (a user message, or messages) to `session` (a new one when None), answer, and return it."""
+        session = session if session is not None else Session()
+        new = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        response = self(session.messages + new, (gen_config or GenerationConfig()).replace(n=1))
+        session.messages.extend(new)
+        session.messages.append({"role": "assistant", "content": response.text})
+        session.response = response
+        return session
+
+    def close(self) -> None:
+        """Stop the engine and the pipeline's event loop."""
+        if self._closed:
+            return
+        self._closed = True
+        asyncio.run_coroutine_threadsafe(self.async_pipeline.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this pipeline is closed")
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _as_batch(prompts: Any) -> tuple[list[Prompt], bool]:
+    """Split the accepted prompt shapes into (list of prompts, whether a single prompt was given)."""
+    if isinstance(prompts, str):
+        return [prompts], True
+    if isinstance(prompts, Sequence) and prompts:
+        first = prompts[0]
+        if isinstance(first, (dict, int)):  # one message list, or one list of token ids
+            return [prompts], True
+        return list(prompts), False
+    raise ValueError(
+        "prompts must be a string, a list of strings, a message list or a list of message lists, "
+        f"got {type(prompts).__name__} {str(prompts)[:80]!r}"
+    )

@@ -1,0 +1,39 @@
+"""`Response`: what the pipeline returns for one generated sequence (whole, or one streamed piece of it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lm_core.engine import FinishReason
+
+
+@dataclass
+class Response:
+    """One generated sequence, or, when streamed, the piece of it new since the previous `Response`.
+
+    In a stream `text`, `token_ids` and `logprobs` are deltas, while `generate_token_len` counts all tokens
+    generated so far; `finish_reason` is set on the last piece only. `index` tells the sequences of a batch apart:
+    prompt `p` with `n` samples gives indices `p * n` to `p * n + n - 1`.
+    """
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    input_token_len: int = 0
+    generate_token_len: int = 0
+    finish_reason: FinishReason | None = None
+    logprobs: list[dict[int, float]] | None = None
+    index: int = 0
+    stop_str: str | None = None
+    error: str | None = None
+
+    def extend(self, piece: Response) -> None:
+        """Append a streamed piece to this (accumulating) response."""
+        self.text += piece.text
+        self.token_ids.extend(piece.token_ids)
+        self.generate_token_len = piece.generate_token_len
+        self.input_token_len = piece.input_token_len
+        if piece.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + piece.logprobs
+        self.finish_reason = piece.finish_reason or self.finish_reason
+        self.stop_str = piece.stop_str or self.stop_str
+        self.error = piece.error or self.error

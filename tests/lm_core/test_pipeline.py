@@ -1,0 +1,310 @@
+"""Pipeline mechanics (fan-out, sessions, streaming, stop strings, errors) over a scripted engine.
+
+The scripted engine answers with texts chosen per prompt, token by token, through the real SmolLM2 tokenizer; it
+honours max_new_tokens, min_new_tokens, stop_token_ids, seeds and abort like a real engine. The same mechanics are
+tested again on lm-torch's real engine in tests/lm_torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+
+from lm_core import AsyncPipeline, GenerationConfig, Pipeline, Session
+from lm_core.engine import Engine, EngineOutput, EngineStats
+from lm_core.engine_registry import register_engine, unregister_engine
+
+transformers = pytest.importorskip("transformers")
+
+ANSWERS = {
+    "capital": ["The capital of France is Paris."],
+    "colour": ["Blue.", "Green, like grass.", "Red as a rose.", "Yellow!", "A deep violet."],
+    "count": ["One, two, three, four, five, six, seven, eight, nine, ten."],
+    "unicode": ["Café 日本語 🦙 done."],
+}
+
+
+def _answers_for(prompt_text: str) -> list[str]:
+    for key, answers in ANSWERS.items():
+        if key in prompt_text:
+            return answers
+    return ["I do not know."]
+
+
+class ScriptedEngine(Engine):
+    """Emits a scripted answer (chosen by the request's seed) one token per step."""
+
+    step_delay = 0.0
+
+    def __init__(self, model_path) -> None:
+        self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        self.requests: dict[str, dict] = {}
+        self.aborted: set[str] = set()
+        self.finished: dict[str, str] = {}
+
+    @classmethod
+    def from_pretrained(cls, model_path, config=None):
+        return cls(model_path)
+
+    @property
+    def session_len(self) -> int:
+        return 256
+
+    async def generate(self, request):
+        cfg = request.gen_config
+        prompt = self.hf_tokenizer.decode(request.prompt_token_ids)
+        answers = _answers_for(prompt)
+        pick = random.Random(cfg.random_seed).randrange(len(answers)) if cfg.random_seed is not None else 0
+        ids = [*self.hf_tokenizer.encode(answers[pick], add_special_tokens=False), self.hf_tokenizer.eos_token_id]
+        self.requests[request.request_id] = {"prompt": prompt, "config": cfg}
+        stop_ids = set(cfg.stop_token_ids or ())
+        try:
+            for i, token in enumerate(ids):
+                await asyncio.sleep(self.step_delay)
+                if request.request_id in self.aborted:
+                    self.finished[request.request_id] = "abort"
+                    yield EngineOutput(request.request_id, [], "abort")
+                    return
+                finish = None
+                if token in stop_ids and i + 1 > cfg.min_new_tokens:
+                    finish = "stop"
+                elif cfg.max_new_tokens is not None and i + 1 >= cfg.max_new_tokens:
+                    finish = "length"
+                logprobs = [{token: -0.5}] if cfg.logprobs is not None else None
+                if finish:
+                    self.finished[request.request_id] = finish
+                yield EngineOutput(request.request_id, [token], finish, logprobs=logprobs)
+                if finish:
+                    return
+        finally:
+            self.requests.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.add(request_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.requests))
+
+    async def close(self) -> None:
+        self.requests.clear()
+
+
+def _wait_until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture(scope="module")
+def pipe(default_model_dir):
+    register_engine("scripted", ScriptedEngine)
+    from lm_core import pipeline
+
+    with pipeline(str(default_model_dir), backend="scripted") as p:
+        yield p
+    unregister_engine("scripted")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(default_model_dir):
+    return transformers.AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def _chat_ids(hf_tokenizer, messages):
+    out = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_single_prompt_goes_through_the_model_chat_template(pipe, hf_tokenizer):
+    response = pipe("What is the capital of France?")
+    assert response.text == "The capital of France is Paris."
+    assert response.finish_reason == "stop" and response.stop_str is None
+    expected_ids = [*hf_tokenizer.encode(response.text, add_special_tokens=False), hf_tokenizer.eos_token_id]
+    assert response.token_ids == expected_ids
+    assert response.generate_token_len == len(expected_ids)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert response.input_token_len == len(_chat_ids(hf_tokenizer, messages))
+
+
+def test_batches_of_strings_and_message_lists_keep_their_order(pipe):
+    responses = pipe(["count please", "the capital?", "unicode test"])
+    assert [r.index for r in responses] == [0, 1, 2]
+    assert [r.text for r in responses] == [ANSWERS["count"][0], ANSWERS["capital"][0], ANSWERS["unicode"][0]]
+    conversations = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "capital"}]] * 2
+    assert [r.text for r in pipe(conversations)] == [ANSWERS["capital"][0]] * 2
+
+
+def test_do_preprocess_false_tokenizes_the_raw_prompt(pipe, hf_tokenizer):
+    response = pipe("capital of Italy", do_preprocess=False)
+    assert response.input_token_len == len(hf_tokenizer("capital of Italy")["input_ids"])
+    with pytest.raises(ValueError, match="do_preprocess=False takes a string"):
+        pipe([{"role": "user", "content": "hi"}], do_preprocess=False)
+
+
+def test_n_samples_use_distinct_reproducible_seeds(pipe):
+    cfg = GenerationConfig(n=5, do_sample=True, random_seed=1234)
+    first = pipe("favourite colour?", cfg)
+    assert [r.index for r in first] == [0, 1, 2, 3, 4]
+    texts = [r.text for r in first]
+    assert len(set(texts)) > 1, "each sample must get its own seed"
+    assert [r.text for r in pipe("favourite colour?", cfg)] == texts
+    batch = pipe(["colour one", "colour two"], GenerationConfig(n=2, random_seed=7))
+    assert [r.index for r in batch] == [0, 1, 2, 3]
+
+
+def test_streamed_pieces_add_up_to_the_whole_response(pipe):
+    whole = pipe("unicode please")
+    pieces = list(pipe.stream_infer("unicode please"))
+    assert len(pieces) > 3
+    assert "".join(p.text for p in pieces) == whole.text
+    assert [t for p in pieces for t in p.token_ids] == whole.token_ids
+    assert [p.finish_reason for p in pieces[:-1]] == [None] * (len(pieces) - 1)
+    assert pieces[-1].finish_reason == "stop"
+    assert [p.generate_token_len for p in pieces] == list(range(1, len(pieces) + 1))
+
+
+def test_stop_string_across_tokens_cuts_output_and_aborts_engine_request(pipe, hf_tokenizer):
+    engine = pipe.async_pipeline.engine
+    aborted_before = set(engine.aborted)
+    full = ANSWERS["count"][0]
+    stop = "four, five"
+    assert len(hf_tokenizer.encode(stop, add_special_tokens=False)) >= 3
+    response = pipe("count", GenerationConfig(stop_words=[stop, "never"]))
+    assert response.text == full[: full.index(stop)]
+    assert (response.finish_reason, response.stop_str) == ("stop", stop)
+    assert len(response.token_ids) < len(hf_tokenizer.encode(full, add_special_tokens=False))
+    # The matched stop string aborts the engine request (right after the last piece reached us).
+    assert _wait_until(lambda: len(engine.aborted - aborted_before) == 1 and not engine.requests)
+    (aborted,) = engine.aborted - aborted_before
+    assert aborted not in engine.finished
+    kept = pipe("count", GenerationConfig(stop_words=[stop], include_stop_str_in_output=True))
+    assert kept.text == full[: full.index(stop) + len(stop)]
+
+
+def test_max_new_tokens_ends_with_length(pipe, hf_tokenizer):
+    response = pipe("count", GenerationConfig(max_new_tokens=4))
+    assert response.finish_reason == "length" and len(response.token_ids) == 4
+    assert response.text == hf_tokenizer.decode(response.token_ids)
+
+
+def test_logprobs_pass_through_per_token(pipe):
+    response = pipe("capital", GenerationConfig(logprobs=2))
+    assert len(response.logprobs) == len(response.token_ids)
+    assert all(list(lp) == [tok] for lp, tok in zip(response.logprobs, response.token_ids, strict=True))
+
+
+def test_chat_session_carries_history(pipe):
+    session = pipe.chat("What is the capital of France?")
+    assert session.response.text == ANSWERS["capital"][0]
+    first_prompt_len = session.response.input_token_len
+    session = pipe.chat("And its favourite colour?", session=session)
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert session.messages[1]["content"] == ANSWERS["capital"][0]
+    assert session.response.input_token_len > first_prompt_len + 5
+    session.reset()
+    assert session.messages == [] and isinstance(session, Session)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "config", "message"),
+    [
+        ("", None, "empty"),
+        ([], None, "prompts must be"),
+        ([{"role": "robot", "content": "hi"}], None, "robot"),
+        ([{"role": "user"}], None, "content"),
+        (42, None, "prompts must be"),
+        ("count", GenerationConfig(max_new_tokens=250), "exceeds the session length 256"),
+        ("x " * 300, None, "session length is 256"),
+    ],
+)
+def test_bad_input_raises_and_the_pipeline_keeps_serving(pipe, prompt, config, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(prompt, config)
+    assert pipe("capital").text == ANSWERS["capital"][0]
+
+
+def test_leaving_a_stream_early_aborts_the_engine_request(pipe, monkeypatch):
+    monkeypatch.setattr(ScriptedEngine, "step_delay", 0.05)  # the request must still be running when we leave
+    engine = pipe.async_pipeline.engine
+    before = set(engine.aborted)
+    stream = pipe.stream_infer("count")
+    next(stream)
+    stream.close()
+    assert _wait_until(lambda: engine.aborted - before and not engine.requests), "closing must abort the request"
+    assert engine.stats().num_running == 0
+
+
+def test_threads_share_one_pipeline(pipe):
+    results: dict[int, str] = {}
+
+    def worker(i: int) -> None:
+        results[i] = pipe(["capital", "count", "unicode"][i % 3]).text
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == {i: ANSWERS[["capital", "count", "unicode"][i % 3]][0] for i in range(6)}
+
+
+def test_blocking_call_inside_a_running_event_loop(pipe):
+    """As in Jupyter, where the caller's thread already runs a loop."""
+
+    async def notebook_cell() -> str:
+        return pipe("capital").text
+
+    assert asyncio.run(notebook_cell()) == ANSWERS["capital"][0]
+
+
+def test_async_pipeline_streams_in_the_callers_loop(default_model_dir):
+    engine = ScriptedEngine(default_model_dir)
+    async_pipe = AsyncPipeline(engine, default_model_dir)
+
+    async def run() -> list:
+        return [piece async for piece in async_pipe.generate("capital", GenerationConfig(n=2, random_seed=3))]
+
+    pieces = asyncio.run(run())
+    assert {p.index for p in pieces} == {0, 1}
+    for index in (0, 1):
+        assert "".join(p.text for p in pieces if p.index == index) == ANSWERS["capital"][0]
+
+
+def test_auto_backend_picks_the_highest_priority_supporting_engine(default_model_dir):
+    from lm_core.engine_registry import select_engine
+
+    class Preferred(ScriptedEngine):
+        priority = 10
+
+    class Unsupported(ScriptedEngine):
+        priority = 20
+
+        @classmethod
+        def supports(cls, model_path) -> bool:
+            return False
+
+    register_engine("preferred", Preferred)
+    register_engine("unsupported", Unsupported)
+    try:
+        assert select_engine("auto", default_model_dir) is Preferred
+        assert select_engine("unsupported", default_model_dir) is Unsupported
+        with pytest.raises(ValueError, match="unknown backend 'nope'"):
+            select_engine("nope", default_model_dir)
+    finally:
+        unregister_engine("preferred")
+        unregister_engine("unsupported")
+
+
+def test_closed_pipeline_refuses_work(default_model_dir):
+    pipe = Pipeline(AsyncPipeline(ScriptedEngine(default_model_dir), default_model_dir))
+    assert pipe("capital").text == ANSWERS["capital"][0]
+    pipe.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe("capital")
