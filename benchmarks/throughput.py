@@ -1,0 +1,185 @@
+"""Offline throughput of lm-torch on ShareGPT lengths, optionally against transformers' `generate`.
+
+Each request is a random prompt of the pair's input length and generates exactly the pair's output length
+(ignore_eos, greedy), capped by --max-output-len. Requests go straight to the engine (token ids, no chat template),
+at most --concurrency at a time.
+
+    python benchmarks/throughput.py --num-prompts 64 --max-output-len 128 --concurrency 64 1 \
+        --compare-transformers 1,16,64
+    python benchmarks/throughput.py --model benchmarks/configs/llama3-8b --load-format dummy --num-prompts 1000 \
+        --concurrency 256
+
+Prints req/s, output tok/s, TTFT and TPOT (p50/p99); exits non-zero if any request ends short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).parent
+DEFAULT_DATASET = HERE / "data" / "sharegpt_lengths_1000.json"
+
+
+def load_requests(path: Path, num_prompts: int, max_output_len: int | None, vocab_size: int, seed: int):
+    import torch
+
+    pairs = json.loads(path.read_text())["pairs"][:num_prompts]
+    generator = torch.Generator().manual_seed(seed)
+    requests = []
+    for input_len, output_len in pairs:
+        # Ids from the middle of the vocabulary: ordinary tokens, no specials.
+        prompt = torch.randint(100, vocab_size - 100, (input_len,), generator=generator).tolist()
+        requests.append((prompt, min(output_len, max_output_len) if max_output_len else output_len))
+    return requests
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def run_engine(engine, requests, concurrency: int):
+    from tqdm.auto import tqdm
+
+    from lm_core import GenerationConfig
+    from lm_core.engine import EngineRequest
+
+    semaphore = asyncio.Semaphore(concurrency)
+    results = []
+    bar = tqdm(total=len(requests), desc="requests", file=sys.stderr)
+
+    async def one(prompt, output_len):
+        async with semaphore:
+            cfg = GenerationConfig(max_new_tokens=output_len, ignore_eos=True)
+            start = time.perf_counter()
+            first = None
+            num_tokens = 0
+            reason = None
+            async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, cfg)):
+                if out.token_ids and first is None:
+                    first = time.perf_counter()
+                num_tokens += len(out.token_ids)
+                reason = out.finish_reason
+            end = time.perf_counter()
+            results.append((start, first or end, end, num_tokens, output_len, reason))
+            bar.update(1)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p, n) for p, n in requests))
+    bar.close()
+    return time.perf_counter() - start, results
+
+
+def report(label: str, elapsed: float, results) -> dict:
+    short = [r for r in results if r[3] != r[4]]
+    if short:
+        reasons = sorted({str(r[5]) for r in short})
+        sys.exit(f"{label}: {len(short)} requests ended short of their output length (reasons: {', '.join(reasons)})")
+    output_tokens = sum(r[3] for r in results)
+    ttft = [(r[1] - r[0]) * 1000 for r in results]
+    tpot = [(r[2] - r[1]) * 1000 / (r[3] - 1) for r in results if r[3] > 1]
+    row = {
+        "label": label,
+        "requests": len(results),
+        "seconds": round(elapsed, 2),
+        "req_per_s": round(len(results) / elapsed, 2),
+        "output_tok_per_s": round(output_tokens / elapsed, 1),
+        "ttft_p50_ms": round(statistics.median(ttft), 1),
+        "ttft_p99_ms": round(percentile(ttft, 99), 1),
+        "tpot_p50_ms": round(statistics.median(tpot), 2) if tpot else None,
+        "tpot_p99_ms": round(percentile(tpot, 99), 2) if tpot else None,
+    }
+    print(json.dumps(row))
+    return row
+
+
+def run_transformers(model_path: Path, requests, batch_size: int) -> dict:
+    """Static batches through transformers' generate: each batch runs to its longest output."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    start = time.perf_counter()
+    useful = 0
+    for i in tqdm(range(0, len(requests), batch_size), desc=f"transformers batch {batch_size}", file=sys.stderr):
+        batch = requests[i : i + batch_size]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        longest = max(n for _, n in batch)
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        useful += sum(n for _, n in batch)
+    elapsed = time.perf_counter() - start
+    row = {
+        "label": f"transformers generate, static batch {batch_size}",
+        "requests": len(requests),
+        "seconds": round(elapsed, 2),
+        "output_tok_per_s": round(useful / elapsed, 1),
+    }
+    print(json.dumps(row))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model dir, .gguf or hub id (default: the default model)")
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--max-output-len", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[64])
+    parser.add_argument("--load-format", default="auto", help="'dummy' for random weights from config.json")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--engine-config", default="{}", help="extra TorchEngineConfig fields as JSON")
+    parser.add_argument("--compare-transformers", default="", help="comma-separated static batch sizes, e.g. 1,16,64")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from lm_core import resolve_model
+    from lm_torch.engine import TorchEngine
+
+    model_path = resolve_model(args.model)
+    start = time.perf_counter()
+    config = {
+        "load_format": args.load_format,
+        "dtype": args.dtype,
+        "max_batch_size": max(args.concurrency),
+        **json.loads(args.engine_config),
+    }
+    engine = TorchEngine.from_pretrained(model_path, config)
+    print(json.dumps({"startup_s": round(time.perf_counter() - start, 2)}))
+    requests = load_requests(args.dataset, args.num_prompts, args.max_output_len, engine.runner.vocab_size, args.seed)
+
+    async def all_runs():
+        rows = []
+        # One short warm-up so one-time costs (allocator, kernels) stay out of the numbers.
+        await run_engine(engine, requests[:2], 2)
+        for concurrency in args.concurrency:
+            elapsed, results = await run_engine(engine, requests, concurrency)
+            rows.append(report(f"lm-torch, concurrency {concurrency}", elapsed, results))
+        await engine.close()
+        return rows
+
+    asyncio.run(all_runs())
+    for batch_size in [int(b) for b in args.compare_transformers.split(",") if b]:
+        run_transformers(model_path, requests, batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The batch layout every attention backend reads: which new tokens belong to which sequence, and where."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's flattened batch: `num_tokens` new tokens from `num_seqs` sequences, in sequence order.
+
+    Sequence i contributes `query_lens[i]` new tokens; after this step its cache holds `context_lens[i]` tokens (the
+    new ones last). Its tokens' K/V live in the blocks `block_tables[i]` (padded with 0 past its last block);
+    `slot_mapping[t]` is the flat cache slot (block * block_size + offset) where new token t is written.
+    """
+
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+    @classmethod
+    def build(
+        cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int, device
+    ) -> AttentionMetadata:
+        """Lay out a step from per-sequence lengths and block tables (the scheduler's view)."""
+        width = max((len(t) for t in block_tables), default=1) or 1
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        slots: list[int] = []
+        for n, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
+            for pos in range(ctx - n, ctx):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        return cls(
+            query_lens=list(query_lens),
+            context_lens=list(context_lens),
+            block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_size=block_size,
+        )

@@ -1,0 +1,71 @@
+"""`TorchEngineConfig`: how the PyTorch engine loads a model and plans its memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+LOAD_FORMATS = ("auto", "safetensors", "bin", "dummy")
+
+
+@dataclass
+class TorchEngineConfig:
+    """Engine settings, named as in LMDeploy's PytorchEngineConfig where the concept is the same.
+
+    KV-cache size: `num_kv_blocks` if given, else `kv_cache_gb` exactly, else `cache_max_entry_count` of the memory
+    free after the weights (on CPU: of the available RAM, capped by `cpu_kv_cache_gb`).
+    """
+
+    dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
+    device: str = "auto"  # auto: CUDA if present, else CPU
+    load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks)
+    block_size: int = 16
+    session_len: int | None = None  # default: the model's max_position_embeddings
+    max_batch_size: int = 128
+    max_prefill_token_num: int = 4096  # token budget of one step (prefill chunks and decodes together)
+    enable_prefix_caching: bool = True
+    cache_max_entry_count: float = 0.8
+    kv_cache_gb: float | None = None
+    num_kv_blocks: int | None = None
+    cpu_kv_cache_gb: float = 4.0
+    eager_mode: bool = False
+    seed: int = 0  # for dummy weights and unseeded sampling
+    custom_module_map: dict[str, Any] = field(default_factory=dict)  # architecture name -> model class or "mod:Cls"
+    num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("load_format", LOAD_FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"TorchEngineConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        for name in ("block_size", "max_batch_size", "max_prefill_token_num"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TorchEngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.session_len is not None and (not isinstance(self.session_len, int) or self.session_len < 2):
+            raise ValueError(f"TorchEngineConfig.session_len must be an integer >= 2, got {self.session_len!r}")
+        if not 0 < self.cache_max_entry_count <= 1:
+            raise ValueError(
+                f"TorchEngineConfig.cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count!r}"
+            )
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"TorchEngineConfig.kv_cache_gb must be positive, got {self.kv_cache_gb!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"TorchEngineConfig.num_kv_blocks must be positive, got {self.num_kv_blocks!r}")
+
+    @classmethod
+    def from_any(cls, config: Any) -> TorchEngineConfig:
+        """Accept None, a TorchEngineConfig or a dict of its fields (the pipeline's `backend_config`)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            unknown = set(config) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"TorchEngineConfig has no field(s) {', '.join(sorted(unknown))}")
+            return cls(**config)
+        raise ValueError(f"backend_config must be a TorchEngineConfig or a dict, got {type(config).__name__}")

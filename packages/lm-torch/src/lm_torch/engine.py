@@ -1,0 +1,221 @@
+"""`TorchEngine`: the asynchronous engine loop over scheduler, model runner and sampler.
+
+One background task runs steps while requests are pending: `batch = scheduler.schedule(); out = runner.run(batch);
+scheduler.update(batch, out)`. The model runs in a worker thread so the event loop keeps accepting requests and
+streaming tokens meanwhile; the scheduler is only touched from the event loop, between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from lm_core.engine import Engine, EngineOutput, EngineRequest, EngineStats
+from lm_torch.block_manager import BlockManager
+from lm_torch.config import TorchEngineConfig
+from lm_torch.model_runner import ModelRunner, log
+from lm_torch.scheduler import Scheduler
+from lm_torch.sequence import Sequence
+
+
+class TorchEngine(Engine):
+    """The PyTorch engine: paged KV cache, continuous batching, chunked prefill, prefix caching; CPU or CUDA."""
+
+    priority = 10
+
+    def __init__(self, model_path: Path, config: TorchEngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(model_path, config)
+        self._session_len = config.session_len or self.runner.hf_config.max_position_embeddings
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_batch_size=config.max_batch_size,
+            max_num_batched_tokens=config.max_prefill_token_num,
+            session_len=self._session_len,
+        )
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending_aborts: set[str] = set()
+        self._step_in_flight = False
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-torch-step")
+        self._tokenizer = None
+        log(self.runner.summary())
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | os.PathLike[str], config: Any = None) -> TorchEngine:
+        return cls(Path(model_path), TorchEngineConfig.from_any(config))
+
+    @classmethod
+    def supports(cls, model_path: str | os.PathLike[str]) -> bool:
+        import json
+
+        from lm_torch.models.registry import MODEL_REGISTRY
+
+        architectures = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
+        return bool(architectures) and architectures[0] in MODEL_REGISTRY
+
+    @property
+    def session_len(self) -> int:
+        return self._session_len
+
+    # -- requests --------------------------------------------------------------------------------------------------
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        error = self._validate(request)
+        if error is not None:
+            yield EngineOutput(request.request_id, [], "error", error=error)
+            return
+        if request.request_id in self._streams:
+            yield EngineOutput(request.request_id, [], "error", error=f"request id {request.request_id!r} is in use")
+            return
+        self._ensure_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = queue
+        seq = Sequence.from_request(request)
+        if request.gen_config.bad_words:
+            self.runner.bad_words_ids[request.request_id] = self._tokenize_bad_words(request.gen_config.bad_words)
+        self.scheduler.add(seq)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                output: EngineOutput = await queue.get()
+                finished = output.finish_reason is not None
+                yield output
+                if finished:
+                    break
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:  # the consumer went away: free the request's blocks
+                self._abort_now_or_later(request.request_id)
+
+    def _validate(self, request: EngineRequest) -> str | None:
+        cfg, num_prompt = request.gen_config, len(request.prompt_token_ids)
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            return f"prompt token ids must be in [0, {vocab})"
+        if num_prompt >= self._session_len:
+            return f"the prompt has {num_prompt} tokens; the session length is {self._session_len}"
+        if cfg.max_new_tokens is not None and num_prompt + cfg.max_new_tokens > self._session_len:
+            return (
+                f"prompt ({num_prompt} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the session length "
+                f"{self._session_len}"
+            )
+        if cfg.response_format is not None:
+            return "response_format (guided decoding) is not supported by lm-torch yet"
+        if cfg.n != 1:
+            return "the engine takes n == 1 per request (lm-core fans out n > 1)"
+        return None
+
+    def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.runner.model_path)
+        variants = {tuple(self._tokenizer.encode(w, add_special_tokens=False)) for w in words}
+        # A word mid-sentence usually carries a leading space in its first token.
+        variants |= {tuple(self._tokenizer.encode(" " + w, add_special_tokens=False)) for w in words}
+        return [list(v) for v in variants if v]
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now_or_later(request_id)
+
+    def _abort_now_or_later(self, request_id: str) -> None:
+        if self._step_in_flight:
+            # The running step reads this sequence's blocks: abort it right after the step.
+            self._pending_aborts.add(request_id)
+        else:
+            self._apply_abort(request_id)
+
+    def _apply_abort(self, request_id: str) -> None:
+        seq = self.scheduler.abort(request_id)
+        self.runner.release(request_id)
+        if seq is not None:
+            self._emit(EngineOutput(request_id, [], "abort", num_cached_tokens=seq.num_cached_tokens))
+
+    def stats(self) -> EngineStats:
+        stats = self.scheduler.stats()
+        return EngineStats(
+            num_running=stats["num_running"],
+            num_waiting=stats["num_waiting"],
+            kv_usage=stats["kv_usage"],
+            prefix_cache_hit_rate=stats["prefix_cache_hit_rate"],
+        )
+
+    async def close(self) -> None:
+        for request_id in list(self._streams):
+            self._apply_abort(request_id)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        self._executor.shutdown(wait=True)
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.scheduler.has_unfinished_requests:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self.scheduler.schedule()
+            # Requests the scheduler refused outright (more KV than the whole cache) end here, with their reason.
+            self._emit_finished(self.scheduler.take_finished())
+            if batch.is_empty:
+                await asyncio.sleep(0)
+                continue
+            self._step_in_flight = True
+            try:
+                out = await loop.run_in_executor(self._executor, self.runner.run, batch)
+            except Exception as exc:  # a failed step must not hang the requests in it
+                self._step_in_flight = False
+                for seq in batch.seqs:
+                    self.scheduler.abort(seq.request_id)
+                    self._emit(EngineOutput(seq.request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
+                continue
+            self._step_in_flight = False
+            updated = self.scheduler.update(batch, out.token_ids)
+            logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs, strict=True)}
+            for seq in updated:
+                self._emit_sequence(seq, logprobs.get(seq.request_id))
+            for request_id in list(self._pending_aborts):
+                self._pending_aborts.discard(request_id)
+                self._apply_abort(request_id)
+            await asyncio.sleep(0)  # let streams hand their tokens on
+
+    def _emit_sequence(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
+        # A sequence finished with "error" (it outgrew the cache) drops the token that did not fit.
+        new_tokens = [seq.token_ids[-1]] if seq.num_generated and seq.finish_reason != "error" else []
+        output = EngineOutput(
+            seq.request_id,
+            new_tokens,
+            seq.finish_reason,
+            logprobs=[logprobs] if logprobs is not None and new_tokens else None,
+            num_cached_tokens=seq.num_cached_tokens,
+            error=seq.error,
+        )
+        if seq.finish_reason is not None:
+            self.runner.release(seq.request_id)
+        self._emit(output)
+
+    def _emit_finished(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self._emit(EngineOutput(seq.request_id, [], seq.finish_reason or "error", error=seq.error))
+
+    def _emit(self, output: EngineOutput) -> None:
+        queue = self._streams.get(output.request_id)
+        if queue is not None:
+            queue.put_nowait(output)

@@ -1,0 +1,1 @@
+"""Building blocks the model files share: attention, norms, rotary embeddings, activations."""

@@ -1,0 +1,48 @@
+"""The attention layer models call: rotary-embedded q, k, v in, attended output out, KV kept in the paged cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lm_torch.attention.metadata import AttentionMetadata
+
+
+class PagedAttention(nn.Module):
+    """Holds one layer's attention shape; the backend (torch on CPU, Triton on CUDA) does the work."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
+        self.backend = None  # set by the model runner, which knows the device
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        num_tokens = q.shape[0]
+        out = self.backend.forward(
+            q.view(num_tokens, self.num_heads, self.head_dim),
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
+            kv_cache[0],
+            kv_cache[1],
+            meta,
+            self.scale,
+            self.sliding_window,
+            self.softcap,
+        )
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

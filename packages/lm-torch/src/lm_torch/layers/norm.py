@@ -1,0 +1,28 @@
+"""RMSNorm, optionally fused with the residual add that precedes it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * w, computed in float32 like transformers. Gemma stores w - 1 (`offset=1.0`)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size) if offset == 0.0 else torch.zeros(hidden_size))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """With `residual`: returns (norm(x + residual), x + residual), the pair every pre-norm block needs."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Llama casts back before scaling by the weight; Gemma scales in float32.
+        out = self.weight * h.to(dtype) if self.offset == 0.0 else (h * (self.offset + self.weight.float())).to(dtype)
+        return out if residual is None else (out, residual)

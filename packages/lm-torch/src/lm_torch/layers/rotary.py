@@ -1,0 +1,77 @@
+"""Rotary position embeddings with every scaling type transformers defines, from a cos/sin table.
+
+The inverse frequencies come from transformers' own rope functions (default, linear, llama3, yarn, longrope, ...)
+so that our positions match the reference implementation for every model family.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope_inverse_frequencies(
+    config, layer_type: str | None = None, max_positions: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim // 2 or rotary_dim // 2], attention scaling) for `config` (a transformers config).
+
+    Two rope types depend on the sequence length in transformers, which a fixed table cannot; we decide once from
+    `max_positions` (the longest sequence the engine will run):
+    - longrope (Phi-3): transformers uses `short_factor` while the sequence fits `original_max_position_embeddings`
+      and `long_factor` beyond. We use the long factors for every position iff `max_positions` exceeds the original
+      length, so results match transformers exactly when the session fits the original length, or when sequences are
+      longer than it; a long-context session's short prompts get the long factors.
+    - dynamic NTK: up to `max_position_embeddings` it leaves the frequencies unscaled, so a session that fits is
+      exact; beyond, the frequencies would change with every sequence's length, which we refuse.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # Phi-3 style configs keep the factor in rope_parameters, older ones on the config.
+        factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        dim = int(head_dim * factor)
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq, 1.0
+    if rope_type == "dynamic" and (max_positions is None or max_positions > config.max_position_embeddings):
+        raise ValueError(
+            "dynamic NTK rope scaling depends on each sequence's length beyond max_position_embeddings "
+            f"({config.max_position_embeddings}) and is not supported there; use a session_len within it"
+        )
+    kwargs: dict = {"layer_type": layer_type} if layer_type is not None else {}
+    if rope_type == "longrope" and max_positions is not None:
+        kwargs["seq_len"] = max_positions
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **kwargs)
+    return inv_freq, float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embeddings to q and k by position, from a table computed once up to `max_positions`."""
+
+    def __init__(self, config, max_positions: int, layer_type: str | None = None) -> None:
+        super().__init__()
+        inv_freq, scaling = rope_inverse_frequencies(config, layer_type, max_positions)
+        # The same float32 arithmetic as transformers: position * inv_freq, then cos/sin, then the scaling.
+        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)  # [max_positions, rotary_dim]
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self.rotary_dim = emb.shape[-1]
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
+        cos = self.cos[positions].to(q.dtype)[:, None, :]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos + rotated * sin
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)

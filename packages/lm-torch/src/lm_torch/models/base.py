@@ -1,0 +1,61 @@
+"""What every model file shares: logits, weight copying with shape checks, fused-weight loading."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class CausalLM(nn.Module):
+    """Base of our model classes. Subclasses define `forward(input_ids, positions, kv_caches, meta) -> hidden`,
+    `load_weights(weights) -> loaded names`, and own `embed_tokens`, `lm_head` and `layers`."""
+
+    #: multiplies the logits (Gemma2-style soft-capping uses `final_logit_softcapping` instead).
+    final_logit_softcapping: float | None = None
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [num_rows, hidden] -> logits: [num_rows, vocab] in float32."""
+        logits = self.lm_head(hidden).float()
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def kv_cache_shape(self) -> list[tuple[int, int]]:
+        """(num_kv_heads, head_dim) of each layer, for allocating the paged cache."""
+        return [(layer.self_attn.attn.num_kv_heads, layer.self_attn.attn.head_dim) for layer in self.layers]
+
+    def attention_layers(self) -> list[nn.Module]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    @staticmethod
+    def copy_weight(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+        if name not in params:
+            raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
+        param = params[name]
+        if param.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        raise NotImplementedError
+
+
+def load_fused(param: nn.Parameter, tensor: torch.Tensor, shard: int, sizes: list[int]) -> None:
+    """Copy `tensor` into rows `shard` of a parameter fused from several checkpoint tensors (sizes in rows)."""
+    start = sum(sizes[:shard])
+    if tensor.shape[0] != sizes[shard] or tensor.shape[1:] != param.shape[1:]:
+        raise ValueError(
+            f"fused shard {shard} has shape {tuple(tensor.shape)}, expected ({sizes[shard]}, *{tuple(param.shape[1:])})"
+        )
+    with torch.no_grad():
+        param[start : start + sizes[shard]].copy_(tensor)

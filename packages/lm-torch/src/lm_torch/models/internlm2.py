@@ -1,0 +1,108 @@
+"""InternLM2 / InternLM2.5: Llama's architecture under other tensor names, with q, k and v packed per KV head.
+
+transformers has no InternLM2 implementation (checkpoints ship remote code), so the config arrives as whatever
+object holds config.json's keys; we translate it into a `LlamaConfig` and run `LlamaForCausalLM` on it.
+
+Checkpoint layout (model.* prefix):
+    tok_embeddings                 -> embed_tokens
+    layers.N.attention.wqkv        -> layers.N.self_attn.qkv_proj, after regrouping (below)
+    layers.N.attention.wo          -> layers.N.self_attn.o_proj
+    layers.N.feed_forward.w1 / w3  -> layers.N.mlp.gate_up_proj ([gate | up] rows)
+    layers.N.feed_forward.w2       -> layers.N.mlp.down_proj
+    layers.N.attention_norm        -> layers.N.input_layernorm
+    layers.N.ffn_norm              -> layers.N.post_attention_layernorm
+    norm, output                   -> norm, lm_head
+`wqkv`'s rows are grouped by KV head: [num_kv_heads, q_per_kv + 2, head_dim], each group holding that KV head's
+q_per_kv query heads, then its key, then its value. Query head h * q_per_kv + j is row block (h, j), the order
+Llama's GQA assumes (query head i reads KV head i // q_per_kv), so regrouping to [q | k | v] keeps head identities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from lm_torch.models.llama import LlamaForCausalLM
+
+_RENAMES = {
+    "tok_embeddings": "embed_tokens",
+    "attention.wo": "self_attn.o_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",  # gate/up/down: Llama's names, which LlamaForCausalLM fuses on load
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+}
+
+
+def llama_config_from_internlm2(config):
+    """A transformers LlamaConfig equivalent to an InternLM2 config (remote-code class or plain key holder)."""
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 10000.0))}
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling:
+        # InternLM2 names the type "type" and knows "linear" and "dynamic" (NTK), as transformers does.
+        rope.update({k: v for k, v in scaling.items() if k not in ("type", "rope_type")})
+        rope["rope_type"] = scaling.get("rope_type") or scaling["type"]
+    bias = bool(getattr(config, "bias", False))
+    llama = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        hidden_act=getattr(config, "hidden_act", "silu"),
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        rope_parameters=rope,
+        attention_bias=bias,  # InternLM2's `bias` covers wqkv and wo, as attention_bias covers Llama's projections
+        mlp_bias=False,
+    )
+    llama.architectures = list(getattr(config, "architectures", None) or ["InternLM2ForCausalLM"])
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, key, None) is not None:
+            setattr(llama, key, getattr(config, key))
+    return llama
+
+
+class InternLM2ForCausalLM(LlamaForCausalLM):
+    """`self.config` is the translated LlamaConfig; `self.internlm2_config` the one the checkpoint came with."""
+
+    def __init__(self, config, max_positions: int) -> None:
+        super().__init__(llama_config_from_internlm2(config), max_positions)
+        self.internlm2_config = config
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(self._llama_weights(weights))
+
+    def _llama_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            if name == "output.weight":
+                yield "lm_head.weight", tensor
+                continue
+            if ".attention.wqkv." in name:
+                yield from self._split_wqkv(name, tensor)
+                continue
+            for old, new in _RENAMES.items():
+                if f".{old}." in name:
+                    name = name.replace(f".{old}.", f".{new}.")
+                    break
+            yield name, tensor
+
+    def _split_wqkv(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+        """wqkv weight [num_kv * (q_per_kv + 2) * head_dim, hidden] (or bias, no hidden) -> q_proj, k_proj, v_proj."""
+        attn = self.layers[0].self_attn
+        num_kv, head_dim = attn.num_kv_heads, attn.head_dim
+        q_per_kv = attn.num_heads // num_kv
+        grouped = tensor.reshape(num_kv, q_per_kv + 2, head_dim, *tensor.shape[1:])
+        q = grouped[:, :q_per_kv].reshape(num_kv * q_per_kv * head_dim, *tensor.shape[1:])  # heads h*q_per_kv + j
+        k = grouped[:, q_per_kv].reshape(num_kv * head_dim, *tensor.shape[1:])
+        v = grouped[:, q_per_kv + 1].reshape(num_kv * head_dim, *tensor.shape[1:])
+        prefix = name.replace(".attention.wqkv.", ".self_attn.")  # model.layers.N.self_attn.weight
+        base, _, param = prefix.rpartition(".")
+        for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+            yield f"{base}.{proj}.{param}", part

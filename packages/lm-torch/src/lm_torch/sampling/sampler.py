@@ -1,0 +1,152 @@
+"""`Sampler`: turns a step's logits into next tokens (and logprobs), vectorised over the batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lm_torch.sampling import ops
+from lm_torch.sampling.params import SamplingInputs
+
+
+@dataclass
+class SamplerOutput:
+    """One step's result: `token_ids` [batch] int64, and per row the asked-for logprobs (None rows: not asked)."""
+
+    token_ids: torch.Tensor
+    logprobs: list[dict[int, float] | None] | None
+
+
+class Sampler:
+    """Picks each row's next token. The logits go through, in this order:
+
+    1. penalties: repetition (transformers' rule, over prompt + output), then frequency and presence (OpenAI's rule,
+       over the output only);
+    2. `logit_bias` added;
+    3. masks to -inf: `bad_token_ids`, bad words whose prefix ends the sequence, and the stop ids while fewer than
+       `min_new_tokens` tokens were generated;
+    4. greedy rows take the arg-max here; sampling rows are divided by their temperature. This is the *processed*
+       distribution: logprobs are its `log_softmax` (greedy rows: at temperature 1);
+    5. truncation of sampling rows, as transformers' warpers chain them: top-k, then top-p on what top-k kept, then
+       min-p. Each row gets one threshold logit, so tokens tied with the last one kept all stay (transformers may
+       drop some of a tie at the top-p edge);
+    6. one token drawn per sampling row by inverting the CDF with a single uniform from the row's own generator
+       (shared default generator for unseeded rows), so a seeded row's tokens don't depend on the rest of the batch.
+
+    Logit columns at or past `inputs.vocab_size` (a padded LM head) are never picked.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        # Draws for unseeded rows; None means torch's default generator of the logits' device.
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
+        """logits: [batch, vocab] of any float dtype (computed in float32); returns the next token of every row."""
+        logits = self.processed_logits(logits, inputs)  # [batch, vocab]
+        tokens = torch.empty(inputs.batch_size, dtype=torch.int64, device=logits.device)
+        if inputs.any_greedy:
+            tokens = logits.argmax(dim=-1)
+        logprobs = _LogprobRequest(logits, inputs.logprobs)
+        if not inputs.all_greedy:
+            threshold = self.thresholds(logits, inputs)  # [batch, 1] or None
+            uniforms = self._uniforms(inputs, logits.device)
+            rows = inputs.sample_rows  # [sampling rows]
+            if rows is not None:
+                picked = None if threshold is None else threshold.index_select(0, rows)
+                sampled = ops.sample_inverse_cdf(logits.index_select(0, rows), picked, uniforms)
+                tokens = tokens.index_copy(0, rows, sampled)
+            else:
+                tokens = ops.sample_inverse_cdf(logits, threshold, uniforms)
+        return SamplerOutput(token_ids=tokens, logprobs=logprobs.finish(tokens))
+
+    def processed_logits(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        """Steps 1-4 on a float32 copy: the distribution logprobs report. Returns [batch, vocab]."""
+        if logits.dim() != 2 or logits.shape[0] != inputs.batch_size or logits.shape[1] < inputs.vocab_size:
+            shape = tuple(logits.shape)
+            raise ValueError(f"logits of shape {shape} don't fit {inputs.batch_size} rows x {inputs.vocab_size}")
+        logits = logits.to(torch.float32, copy=True)  # every later stage works in place on this copy
+        if logits.shape[1] > inputs.vocab_size:
+            logits[:, inputs.vocab_size :] = ops.NEG_INF
+        if inputs.any_penalty:
+            ops.apply_penalties(
+                logits,
+                inputs.penalty_rows,
+                inputs.repetition_penalty,
+                inputs.seen_mask,
+                inputs.frequency_penalty,
+                inputs.presence_penalty,
+                inputs.output_counts,
+            )
+        if inputs.bias_index is not None and inputs.bias_values is not None:
+            logits.index_put_(inputs.bias_index, inputs.bias_values, accumulate=True)
+        if inputs.ban_index is not None:
+            logits.index_put_(inputs.ban_index, torch.tensor(ops.NEG_INF, device=logits.device))
+        if inputs.temperature is not None:
+            logits.div_(inputs.temperature[:, None])
+        return logits
+
+    def thresholds(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor | None:
+        """Step 5 on processed `logits` [batch, vocab]: per row the smallest logit kept, [batch, 1] (None: keep all)."""
+        return ops.truncation_thresholds(
+            logits, inputs.truncate_rows, inputs.top_k, inputs.top_p, inputs.min_p, inputs.candidate_width
+        )
+
+    def truncate(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        """Step 5 in place on processed `logits` [batch, vocab]: what stays finite is the distribution sampled from."""
+        return ops.apply_threshold(logits, self.thresholds(logits, inputs))
+
+    def _uniforms(self, inputs: SamplingInputs, device: torch.device) -> torch.Tensor:
+        """One uniform in [0, 1) per sampling row, in row order: [sampling rows] float32 on `device`."""
+        generators = [g for g, greedy in zip(inputs.generators, inputs.greedy, strict=True) if not greedy]
+        seeded = [i for i, g in enumerate(generators) if g is not None]
+        shared = [i for i, g in enumerate(generators) if g is None]
+        shared_draws = seeded_draws = None
+        if shared:
+            gen_device = self.generator.device if self.generator is not None else device
+            shared_draws = torch.rand(len(shared), generator=self.generator, device=gen_device).to(device)
+        if seeded:
+            # One scalar per seeded row from its own generator: the only per-row loop, and it does no math.
+            # CPU generators are cheapest (a few microseconds each, then one copy); CUDA ones launch a kernel each.
+            draws = [torch.rand(1, generator=generators[i], device=generators[i].device) for i in seeded]
+            same_device = len({d.device for d in draws}) == 1
+            seeded_draws = torch.cat(draws).to(device) if same_device else torch.cat([d.to(device) for d in draws])
+        if seeded_draws is None or shared_draws is None:
+            return seeded_draws if shared_draws is None else shared_draws
+        uniforms = torch.empty(len(generators), dtype=torch.float32, device=device)
+        uniforms[shared] = shared_draws
+        uniforms[seeded] = seeded_draws
+        return uniforms
+
+
+class _LogprobRequest:
+    """Top-N logprobs of the processed distribution, taken before truncation changes the logits."""
+
+    def __init__(self, logits: torch.Tensor, asked: list[int | None]) -> None:
+        self.asked = asked
+        self.rows = [i for i, n in enumerate(asked) if n is not None]
+        if not self.rows:
+            return
+        index = torch.tensor(self.rows, dtype=torch.int64, device=logits.device)
+        self.index = None if len(self.rows) == len(asked) else index
+        source = logits if self.index is None else logits.index_select(0, index)
+        self.logprobs = torch.log_softmax(source, dim=-1)  # [rows, vocab]
+        width = max(asked[i] or 0 for i in self.rows)
+        self.top = self.logprobs.topk(width, dim=-1) if width else None  # ([rows, width], [rows, width])
+
+    def finish(self, tokens: torch.Tensor) -> list[dict[int, float] | None] | None:
+        """Per row {token id: logprob} of its top-N tokens and its sampled token (at most N + 1 entries)."""
+        if not self.rows:
+            return None
+        chosen = tokens if self.index is None else tokens.index_select(0, self.index)  # [rows]
+        chosen_lp = self.logprobs.gather(1, chosen[:, None]).squeeze(1)  # [rows]
+        # One host copy per tensor, then plain Python.
+        chosen_list, chosen_lp_list = chosen.tolist(), chosen_lp.tolist()
+        top_ids, top_values = (self.top.indices.tolist(), self.top.values.tolist()) if self.top else ([], [])
+        result: list[dict[int, float] | None] = [None] * len(self.asked)
+        for j, row in enumerate(self.rows):
+            n = self.asked[row] or 0
+            entry = dict(zip(top_ids[j][:n], top_values[j][:n], strict=True)) if n else {}
+            entry.setdefault(chosen_list[j], chosen_lp_list[j])
+            result[row] = entry
+        return result

@@ -1,0 +1,138 @@
+"""`Sequence`: one request as the scheduler, the block manager and the model runner see it. No torch here.
+
+A sequence's `token_ids` only ever grow (prompt, then one sampled token per decode step), so anything derived from a
+prefix of them (the prefix-cache hashes of its full blocks) stays valid for the sequence's whole life, preemptions
+included.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lm_core.generation_config import GenerationConfig
+
+if TYPE_CHECKING:
+    from lm_core.engine import EngineRequest
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class SequenceStatus(enum.Enum):
+    """WAITING: queued, holds no KV blocks. RUNNING: holds blocks and is stepped. FINISHED: done, holds nothing."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt plus generated tokens, where their KV lives, and how far the model has computed them.
+
+    Invariants kept by the scheduler and the block manager:
+    - `0 <= num_computed_tokens <= num_tokens`; KV of tokens `[0, num_computed_tokens)` is written in the blocks of
+      `block_table` (block `i` holds tokens `[i * block_size, (i + 1) * block_size)`).
+    - A WAITING or FINISHED sequence has an empty `block_table`; a preempted one also has `num_computed_tokens == 0`.
+    - Between steps a RUNNING sequence has at least one uncomputed token (the last sampled token is fed next step).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    gen_config: GenerationConfig
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    # FCFS order, assigned by `Scheduler.add`; a preempted sequence keeps it, so it goes back ahead of newer ones.
+    arrival: int = -1
+    # Mixed into the prefix-cache key of the first block: sequences with different salts never share KV. The engine
+    # sets it when equal token ids do not mean equal KV (a LoRA adapter, image features behind placeholder tokens).
+    cache_salt: str | None = None
+    num_preemptions: int = 0
+    # Block-manager bookkeeping: prefix-cache keys of the full blocks hashed so far (append-only, like token_ids), and
+    # how many leading blocks of `block_table` were already offered to the prefix cache.
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_committed_blocks: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ValueError(f"Sequence.request_id must be a non-empty string, got {self.request_id!r}")
+        # Copied so that the caller's prompt list is never extended by generation.
+        self.token_ids = list(self.token_ids)
+        if not self.token_ids:
+            raise ValueError("Sequence.token_ids is empty: the prompt has no tokens")
+        if not 1 <= self.num_prompt_tokens <= len(self.token_ids):
+            raise ValueError(
+                f"Sequence.num_prompt_tokens must be in [1, {len(self.token_ids)}], got {self.num_prompt_tokens}"
+            )
+        if not isinstance(self.gen_config, GenerationConfig):
+            raise ValueError(f"Sequence.gen_config must be a GenerationConfig, got {type(self.gen_config).__name__}")
+        if not 0 <= self.num_computed_tokens <= len(self.token_ids):
+            raise ValueError(
+                f"Sequence.num_computed_tokens must be in [0, {len(self.token_ids)}], got {self.num_computed_tokens}"
+            )
+        if not 0 <= self.num_cached_tokens <= self.num_prompt_tokens:
+            raise ValueError(
+                f"Sequence.num_cached_tokens must be in [0, {self.num_prompt_tokens}], got {self.num_cached_tokens}"
+            )
+        if not isinstance(self.status, SequenceStatus):
+            raise ValueError(f"Sequence.status must be a SequenceStatus, got {self.status!r}")
+        if self.finish_reason is not None and self.finish_reason not in FINISH_REASONS:
+            raise ValueError(
+                f"Sequence.finish_reason must be one of {FINISH_REASONS} or None, got {self.finish_reason!r}"
+            )
+        if self.cache_salt is not None and not isinstance(self.cache_salt, str):
+            raise ValueError(f"Sequence.cache_salt must be a string or None, got {self.cache_salt!r}")
+        # lm-core already merged EOS into stop_token_ids (unless ignore_eos); a set makes the per-token check O(1).
+        self.stop_token_ids = frozenset(self.gen_config.stop_token_ids or ())
+
+    @classmethod
+    def from_request(cls, request: EngineRequest, cache_salt: str | None = None) -> Sequence:
+        """A waiting sequence for an engine request (the prompt list is copied)."""
+        prompt = request.prompt_token_ids
+        return cls(request.request_id, list(prompt), len(prompt), request.gen_config, cache_salt=cache_salt)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV is still to be computed (the whole remaining prefill, or 1 for a decode)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """Mark finished; releasing the blocks is the block manager's job (`BlockManager.free`)."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"Sequence.finish_reason must be one of {FINISH_REASONS}, got {reason!r}")
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error

@@ -1,0 +1,375 @@
+"""Scheduler: token budget, chunked prefill, preemption by recompute, prefix hits, finishing rules and invariants.
+
+A fake model keeps a simulated paged KV cache: the KV of position p mixes the token at p with the KV of p - 1, which it
+reads back through the block table. So a block shared wrongly, overwritten, or matched from the prefix cache with the
+wrong content changes the sampled tokens, and every request must produce exactly what it produces when run alone.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lm_core.generation_config import GenerationConfig
+from lm_torch.block_manager import BlockManager
+from lm_torch.scheduler import ScheduledBatch, Scheduler
+from lm_torch.sequence import Sequence, SequenceStatus
+
+VOCAB = 32
+_MOD = 2**61 - 1
+
+
+def mix(kv: int, token: int) -> int:
+    return (kv * 1_000_003 + token + 1) % _MOD
+
+
+def sample(kv: int, num_generated: int, stop_ids: frozenset[int], min_new: int) -> int:
+    """Deterministic 'sampling' from the last KV; stop ids are masked before min_new_tokens, like the real sampler."""
+    token = kv % VOCAB
+    while token in stop_ids and num_generated < min_new:
+        token = (token + 1) % VOCAB
+    return token
+
+
+class FakeModel:
+    def __init__(self, bm: BlockManager) -> None:
+        self.bm = bm
+        self.kv: dict[tuple[int, int], int] = {}
+
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        bs, out = self.bm.block_size, []
+        for seq, num_new, do_sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
+            start = seq.num_computed_tokens
+            assert len(seq.block_table) * bs >= start + num_new, "slots missing"
+            kv = self.kv[seq.block_table[(start - 1) // bs], (start - 1) % bs] if start else 0
+            for pos in range(start, start + num_new):
+                block = seq.block_table[pos // bs]
+                assert self.bm.ref_count(block) == 1 and not self.bm.is_cached(block), "writing a shared block"
+                kv = mix(kv, seq.token_ids[pos])
+                self.kv[block, pos % bs] = kv
+            cfg = seq.gen_config
+            out.append(sample(kv, seq.num_generated, seq.stop_token_ids, cfg.min_new_tokens) if do_sample else None)
+        return out
+
+
+def reference(prompt, cfg: GenerationConfig, capacity: int, session_len: int | None) -> tuple[list[int], str]:
+    """What a request generates alone with unlimited budget, and why it stops (the rules the scheduler implements)."""
+    if (session_len is not None and len(prompt) >= session_len) or len(prompt) > capacity:
+        return [], "error"
+    kv, tokens, stops = 0, list(prompt), frozenset(cfg.stop_token_ids or ())
+    for t in tokens:
+        kv = mix(kv, t)
+    while True:
+        generated = len(tokens) - len(prompt)
+        token = sample(kv, generated, stops, cfg.min_new_tokens)
+        tokens.append(token)
+        generated += 1
+        if token in stops and generated > cfg.min_new_tokens:
+            return tokens[len(prompt) :], "stop"
+        if (cfg.max_new_tokens is not None and generated >= cfg.max_new_tokens) or (
+            session_len is not None and len(tokens) >= session_len
+        ):
+            return tokens[len(prompt) :], "length"
+        if len(tokens) > capacity:
+            return tokens[len(prompt) :], "error"
+        kv = mix(kv, token)
+
+
+def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None) -> None:
+    bm = sched.block_manager
+    bm.check_invariants(sched.running)
+    arrivals = [s.arrival for s in sched.running], [s.arrival for s in sched.waiting]
+    assert arrivals[0] == sorted(arrivals[0]) and arrivals[1] == sorted(arrivals[1])
+    assert not (arrivals[0] and arrivals[1]) or arrivals[0][-1] < arrivals[1][0]
+    assert len(sched.running) <= sched.max_batch_size
+    assert all(s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens >= 1 for s in sched.running)
+    assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in sched.waiting)
+    if batch is not None:
+        assert batch.num_tokens <= sched.max_num_batched_tokens
+        assert len({id(s) for s in batch.seqs}) == len(batch.seqs)
+        assert batch.seqs or not (sched.running or sched.waiting), "no progress: deadlock"
+
+
+def run_all(sched: Scheduler, arrivals: dict[int, list[Sequence]], aborts=None, max_steps=50_000):
+    """Drive the scheduler like the engine does, checking invariants at every step; returns the number of steps."""
+    model, aborts, step = FakeModel(sched.block_manager), aborts or {}, 0
+    last_arrival = max(arrivals, default=0)
+    while step <= last_arrival or sched.has_unfinished_requests:
+        for seq in arrivals.get(step, []):
+            sched.add(seq)
+        for request_id in aborts.get(step, []):
+            sched.abort(request_id)
+        sched.take_finished()
+        batch = sched.schedule()
+        check_invariants(sched, batch)
+        sched.update(batch, model.run(batch))
+        check_invariants(sched)
+        step += 1
+        assert step < max_steps, "the scheduler does not finish"
+    assert sched.block_manager.usage() == 0.0
+    return step
+
+
+def make_seq(request_id, prompt, **cfg) -> Sequence:
+    return Sequence(request_id, list(prompt), len(prompt), GenerationConfig(**cfg))
+
+
+def test_no_torch_import():
+    code = (
+        "import sys, lm_torch.scheduler, lm_torch.block_manager, lm_torch.prefix_cache; print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_num_batched_tokens": 1.5}, "max_num_batched_tokens"),
+        ({"session_len": 0}, "session_len"),
+    ],
+)
+def test_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"Scheduler\.{field}"):
+        Scheduler(BlockManager(4, 4), **kwargs)
+    with pytest.raises(ValueError, match=r"ScheduledBatch\.sample"):
+        ScheduledBatch([make_seq("r", [1])], [1], [])
+
+
+def test_decodes_first_then_chunked_prefill_within_the_budget():
+    sched = Scheduler(BlockManager(64, 4), max_num_batched_tokens=8)
+    model = FakeModel(sched.block_manager)
+    sched.add(short := make_seq("short", [1, 2, 3], max_new_tokens=10))
+    batch = sched.schedule()
+    assert batch.seqs == [short] and batch.num_new_tokens == [3] and batch.sample == [True]
+    sched.update(batch, model.run(batch))
+    sched.add(long := make_seq("long", range(20), max_new_tokens=10))
+    chunks = []
+    while long.num_generated == 0:
+        batch = sched.schedule()
+        assert batch.seqs[0] is short and batch.num_new_tokens[0] == 1  # the decode goes first, costs 1 token
+        assert batch.num_tokens <= 8
+        chunks.append((batch.num_new_tokens[1], batch.sample[1]))
+        sched.update(batch, model.run(batch))
+    assert chunks == [(7, False), (7, False), (6, True)]
+
+
+def test_max_batch_size_counts_running_sequences():
+    sched = Scheduler(BlockManager(64, 4), max_batch_size=2)
+    for i in range(3):
+        sched.add(make_seq(f"r{i}", [i, 1, 2], max_new_tokens=2))
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["r0", "r1"] and sched.num_waiting == 1
+    assert sched.stats()["num_running"] == 2 and sched.stats()["num_waiting"] == 1
+
+
+def test_stop_tokens_min_new_tokens_and_length():
+    # The fake model's tokens for this prompt, alone: pick stop ids among them.
+    prompt = [3, 1, 4, 1, 5]
+    free, _ = reference(prompt, GenerationConfig(max_new_tokens=6), 10**6, None)
+    cases = [
+        (GenerationConfig(max_new_tokens=6), "length", 6),
+        (GenerationConfig(max_new_tokens=6, stop_token_ids=[free[2]]), "stop", free.index(free[2]) + 1),
+        (GenerationConfig(max_new_tokens=20, stop_token_ids=[free[0]], min_new_tokens=3), None, None),
+    ]
+    for i, (cfg, reason, length) in enumerate(cases):
+        sched = Scheduler(BlockManager(64, 4))
+        seq = Sequence(f"r{i}", prompt, len(prompt), cfg)
+        run_all(sched, {0: [seq]})
+        expected = reference(prompt, cfg, 10**6, None)
+        assert (seq.generated_token_ids, seq.finish_reason) == expected
+        if reason is not None:
+            assert (seq.finish_reason, seq.num_generated) == (reason, length)
+        else:  # the stop id may not end the first 3 tokens
+            assert free[0] not in seq.generated_token_ids[:3]
+
+
+def test_session_len_and_too_long_prompts_finish_with_error_or_length():
+    sched = Scheduler(BlockManager(4, 4), session_len=10)
+    too_long = make_seq("a", range(10))
+    sched.add(too_long)
+    assert too_long.finish_reason == "error" and "session_len" in too_long.error
+    assert sched.has_unfinished_requests and sched.take_finished() == [too_long] and not sched.has_unfinished_requests
+    ok = make_seq("b", range(7), max_new_tokens=100)
+    run_all(sched, {0: [ok]})
+    assert ok.finish_reason == "length" and ok.num_tokens == 10
+    # No session_len: a prompt larger than the whole cache can never run; one that outgrows it stops with "error".
+    sched = Scheduler(BlockManager(4, 4))
+    huge, grows = make_seq("c", range(17)), make_seq("d", range(14), max_new_tokens=None)
+    run_all(sched, {0: [huge, grows]})
+    assert huge.finish_reason == "error" and huge.num_generated == 0
+    assert grows.finish_reason == "error" and grows.num_tokens == 17 and "holds only 16" in grows.error
+
+
+def test_abort_frees_blocks_at_once():
+    sched = Scheduler(BlockManager(16, 4, enable_prefix_caching=False))
+    model = FakeModel(sched.block_manager)
+    sched.add(a := make_seq("a", range(10), max_new_tokens=50))
+    sched.add(b := make_seq("b", range(5), max_new_tokens=50))
+    batch = sched.schedule()
+    sched.update(batch, model.run(batch))
+    assert sched.block_manager.num_used_blocks == 5
+    assert sched.abort("a") is a and a.finish_reason == "abort" and a.block_table == []
+    assert sched.block_manager.num_used_blocks == 2 and sched.abort("a") is None and sched.abort("nope") is None
+    sched.add(c := make_seq("c", [1], max_new_tokens=50))
+    assert sched.abort("c") is c and sched.num_waiting == 0
+    # Aborted while its step runs: update drops its token.
+    batch = sched.schedule()
+    sampled = model.run(batch)
+    sched.abort("b")
+    assert sched.update(batch, sampled) == [] and b.num_generated == 1
+    assert not sched.has_unfinished_requests and sched.block_manager.usage() == 0.0
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_shared_512_token_prefix_is_reused_while_running_and_after_finishing(block_size):
+    shared = [(7 * i) % 1000 for i in range(512)]
+    sched = Scheduler(BlockManager(256, block_size), max_num_batched_tokens=4096)
+    model = FakeModel(sched.block_manager)
+
+    def step():
+        batch = sched.schedule()
+        sched.update(batch, model.run(batch))
+
+    sched.add(first := make_seq("first", [*shared, 1, 2, 3], max_new_tokens=8))
+    step()
+    assert first.status is SequenceStatus.RUNNING and first.num_cached_tokens == 0
+    sched.add(second := make_seq("second", shared, max_new_tokens=4))  # exactly the prefix: its last block is computed
+    step()
+    assert second.num_cached_tokens >= 448 and second.num_cached_tokens == 512 - block_size
+    while sched.has_unfinished_requests:
+        step()
+    sched.add(third := make_seq("third", [*shared, 9, 9], max_new_tokens=4))
+    step()
+    assert third.num_cached_tokens == 512
+    while sched.has_unfinished_requests:
+        step()
+    rate = sched.stats()["prefix_cache_hit_rate"]
+    assert rate == pytest.approx((512 - block_size + 512) / (515 + 512 + 514))
+    for seq in (first, second, third):  # and the reused KV gives the same tokens
+        assert seq.generated_token_ids == reference(seq.prompt_token_ids, seq.gen_config, 10**6, None)[0]
+
+
+def test_32_concurrent_requests_with_a_few_blocks_all_finish():
+    sched = Scheduler(BlockManager(num_blocks=6, block_size=16), max_batch_size=32, max_num_batched_tokens=64)
+    seqs = [make_seq(f"r{i}", [i % 5, *range(20 + i % 13)], max_new_tokens=24) for i in range(32)]
+    run_all(sched, {0: seqs})
+    assert sched.num_preemptions > 0
+    for seq in seqs:
+        assert seq.finish_reason == "length"
+        assert seq.generated_token_ids == reference(seq.prompt_token_ids, seq.gen_config, 96, None)[0]
+
+
+def test_prefix_caching_on_and_off_give_identical_outputs():
+    outputs = []
+    for caching in (True, False):
+        sched = Scheduler(BlockManager(12, 4, enable_prefix_caching=caching), max_num_batched_tokens=16)
+        seqs = [make_seq(f"r{i}", [*range(18), i % 3], max_new_tokens=6) for i in range(8)]
+        run_all(sched, {i: [s] for i, s in enumerate(seqs)})
+        outputs.append([s.generated_token_ids for s in seqs])
+        assert (sched.block_manager.prefix_cache_hit_rate() > 0) == caching
+        assert caching or sched.block_manager.num_free_blocks == 12
+    assert outputs[0] == outputs[1]
+
+
+@st.composite
+def workloads(draw):
+    block_size = draw(st.sampled_from([1, 2, 4, 16]))
+    # A cache of 16 to 192 token slots: tight enough to preempt often, and sometimes too small for a request.
+    num_blocks = draw(st.integers(max(1, 16 // block_size), 192 // block_size))
+    tokens = st.integers(0, VOCAB - 1)
+    prefixes = [draw(st.lists(tokens, max_size=40)) for _ in range(2)]
+    requests = []
+    for i in range(draw(st.integers(1, 12))):
+        prompt = draw(st.sampled_from(prefixes)) + draw(st.lists(tokens, min_size=1, max_size=12))
+        max_new = draw(st.integers(0, 20)) or None  # rarely unlimited: then it runs into session_len or the cache
+        cfg = GenerationConfig(
+            max_new_tokens=max_new,
+            min_new_tokens=draw(st.integers(0, min(3, max_new or 3))),
+            stop_token_ids=draw(st.lists(tokens, max_size=2)),
+        )
+        requests.append((f"r{i}", prompt, cfg, draw(st.integers(0, 15)), draw(st.none() | st.integers(0, 40))))
+    return {
+        "block_manager": BlockManager(num_blocks, block_size, enable_prefix_caching=draw(st.booleans())),
+        "max_batch_size": draw(st.integers(1, 8)),
+        "max_num_batched_tokens": draw(st.integers(1, 64)),
+        "session_len": draw(st.none() | st.integers(8, 100)),
+        "requests": requests,
+    }
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_finish_with_the_outputs_of_running_alone(w):
+    bm = w["block_manager"]
+    sched = Scheduler(bm, w["max_batch_size"], w["max_num_batched_tokens"], w["session_len"])
+    arrivals, aborts, seqs = {}, {}, []
+    for request_id, prompt, cfg, arrival, abort in w["requests"]:
+        seqs.append(Sequence(request_id, prompt, len(prompt), cfg))
+        arrivals.setdefault(arrival, []).append(seqs[-1])
+        if abort is not None:
+            aborts.setdefault(arrival + abort, []).append(request_id)
+    run_all(sched, arrivals, aborts)
+    capacity = bm.num_blocks * bm.block_size
+    for seq in seqs:
+        generated, reason = reference(seq.prompt_token_ids, seq.gen_config, capacity, w["session_len"])
+        assert seq.is_finished and seq.block_table == []
+        if seq.finish_reason == "abort":
+            assert generated[: seq.num_generated] == seq.generated_token_ids
+        else:
+            assert (seq.generated_token_ids, seq.finish_reason) == (generated, reason)
+    if not bm.enable_prefix_caching:
+        assert bm.num_cached_blocks == 0 and bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_heavy_pressure_with_shared_prefixes_and_aborts(seed):
+    """Many requests over shared prefixes in a cache of a few blocks: constant preemption, hits on preempted blocks."""
+    rng = random.Random(seed)
+    block_size = rng.choice([2, 4, 8])
+    bm = BlockManager(64 // block_size, block_size, enable_prefix_caching=seed % 3 != 0)
+    sched = Scheduler(bm, max_batch_size=rng.randint(4, 16), max_num_batched_tokens=rng.randint(8, 48))
+    prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randint(0, 30))] for _ in range(3)]
+    arrivals, aborts, seqs = {}, {}, []
+    for i in range(40):
+        prompt = rng.choice(prefixes) + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 8))]
+        cfg = GenerationConfig(max_new_tokens=rng.randint(1, 24), stop_token_ids=[rng.randrange(VOCAB)])
+        seqs.append(Sequence(f"r{i}", prompt, len(prompt), cfg))
+        arrivals.setdefault(rng.randint(0, 30), []).append(seqs[-1])
+        if rng.random() < 0.1:
+            aborts.setdefault(rng.randint(0, 60), []).append(f"r{i}")
+    run_all(sched, arrivals, aborts)
+    assert sched.num_preemptions > 0
+    for seq in seqs:
+        generated, reason = reference(seq.prompt_token_ids, seq.gen_config, 64, None)
+        if seq.finish_reason == "abort":
+            assert generated[: seq.num_generated] == seq.generated_token_ids
+        else:
+            assert (seq.generated_token_ids, seq.finish_reason) == (generated, reason)
+
+
+def test_update_rejects_missing_tokens():
+    sched = Scheduler(BlockManager(8, 4))
+    sched.add(make_seq("a", [1, 2]))
+    batch = sched.schedule()
+    with pytest.raises(ValueError, match="no token"):
+        sched.update(batch, [None])
+    with pytest.raises(ValueError, match="sampled tokens"):
+        sched.update(batch, [])
+
+
+def test_engine_style_sequence_from_request():
+    from lm_core.engine import EngineRequest
+
+    request = EngineRequest("x", [1, 2, 3], GenerationConfig(max_new_tokens=2))
+    seq = Sequence.from_request(request)
+    assert seq.token_ids == [1, 2, 3] and seq.token_ids is not request.prompt_token_ids
+    sched = Scheduler(BlockManager(8, 4))
+    run_all(sched, {0: [seq]})
+    assert seq.num_generated == 2 and seq.finish_reason == "length"
