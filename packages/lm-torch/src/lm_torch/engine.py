@@ -29,7 +29,10 @@ class TorchEngine(Engine):
 
     def __init__(self, model_path: Path, config: TorchEngineConfig) -> None:
         self.config = config
-        self.runner = ModelRunner(model_path, config)
+        # Every torch op runs on this one thread, model loading included: with a second thread issuing CPU ops,
+        # two OpenMP thread teams compete for the cores and each step takes twice as long (measured on 2 cores).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-torch-step")
+        self.runner = self._executor.submit(ModelRunner, model_path, config).result()
         self._session_len = config.session_len or self.runner.hf_config.max_position_embeddings
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -43,13 +46,15 @@ class TorchEngine(Engine):
         self._step_in_flight = False
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-torch-step")
         self._tokenizer = None
         log(self.runner.summary())
 
     @classmethod
     def from_pretrained(cls, model_path: str | os.PathLike[str], config: Any = None) -> TorchEngine:
-        return cls(Path(model_path), TorchEngineConfig.from_any(config))
+        """Load a Hugging Face directory (or a .gguf file / hub id, resolved by lm-core first)."""
+        from lm_core.resolve import resolve_model
+
+        return cls(resolve_model(model_path), TorchEngineConfig.from_any(config))
 
     @classmethod
     def supports(cls, model_path: str | os.PathLike[str]) -> bool:

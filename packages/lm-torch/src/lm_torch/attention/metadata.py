@@ -21,6 +21,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int64
     slot_mapping: torch.Tensor  # [num_tokens] int64
     block_size: int
+    # Every sequence's used blocks, concatenated: one gather per layer fetches the whole batch's context.
+    context_blocks: torch.Tensor  # [sum of used blocks] int64
+    context_block_starts: list[int]  # where sequence i's blocks start in context_blocks
 
     @property
     def num_seqs(self) -> int:
@@ -36,6 +39,12 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Lay out a step from per-sequence lengths and block tables (the scheduler's view)."""
         width = max((len(t) for t in block_tables), default=1) or 1
+        used = [
+            table[: (ctx + block_size - 1) // block_size] for ctx, table in zip(context_lens, block_tables, strict=True)
+        ]
+        starts = [0]
+        for blocks in used[:-1]:
+            starts.append(starts[-1] + len(blocks))
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         slots: list[int] = []
         for n, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
@@ -47,4 +56,6 @@ class AttentionMetadata:
             block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_size=block_size,
+            context_blocks=torch.tensor([b for blocks in used for b in blocks], dtype=torch.int64, device=device),
+            context_block_starts=starts,
         )

@@ -34,16 +34,66 @@ class TorchAttentionBackend:
         flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
         out = torch.empty_like(q)
-        start = 0
-        for i, (num_new, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
-            blocks = meta.block_tables[i, : (ctx + meta.block_size - 1) // meta.block_size]
-            keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
-            values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
-            out[start : start + num_new] = attend(
-                q[start : start + num_new], keys, values, scale, sliding_window, softcap
+        starts = [0]
+        for n in meta.query_lens:
+            starts.append(starts[-1] + n)
+        per_sequence = list(range(meta.num_seqs))
+        if softcap is None:
+            decodes = [i for i in per_sequence if meta.query_lens[i] == 1]
+            per_sequence = [i for i in per_sequence if meta.query_lens[i] != 1]
+            self._decode_by_bucket(q, k_cache, v_cache, meta, decodes, starts, scale, sliding_window, out)
+        if not per_sequence:
+            return out
+        # One gather per layer for the remaining sequences; each reads its slice (a view, no copy).
+        batch_keys = k_cache.index_select(0, meta.context_blocks).view(-1, num_kv_heads, head_dim)
+        batch_values = v_cache.index_select(0, meta.context_blocks).view(-1, num_kv_heads, head_dim)
+        for i in per_sequence:
+            num_new, ctx = meta.query_lens[i], meta.context_lens[i]
+            first = meta.context_block_starts[i] * meta.block_size
+            out[starts[i] : starts[i] + num_new] = attend(
+                q[starts[i] : starts[i] + num_new],
+                batch_keys[first : first + ctx],
+                batch_values[first : first + ctx],
+                scale,
+                sliding_window,
+                softcap,
             ).to(q.dtype)
-            start += num_new
         return out
+
+    @staticmethod
+    def _decode_by_bucket(q, k_cache, v_cache, meta, rows, starts, scale, sliding_window, out) -> None:
+        """Decode rows attend in groups padded to a power-of-two number of blocks, one SDPA call per group.
+
+        A row's padded length depends on its own context only, never on the batch, and each (row, head) is computed
+        independently inside SDPA: a sequence decodes to the same bits alone or in any batch.
+        """
+        buckets: dict[int, list[int]] = {}
+        for i in rows:
+            num_blocks = (meta.context_lens[i] + meta.block_size - 1) // meta.block_size
+            buckets.setdefault(1 << (num_blocks - 1).bit_length(), []).append(i)
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        for width, group in buckets.items():
+            tables = meta.block_tables[group, : min(width, meta.block_tables.shape[1])]
+            if tables.shape[1] < width:  # padding blocks are masked out below; block 0 is merely a valid index
+                tables = F.pad(tables, (0, width - tables.shape[1]))
+            length = width * meta.block_size
+            ctx = torch.tensor([meta.context_lens[i] for i in group], device=q.device)[:, None]
+            key_positions = torch.arange(length, device=q.device)[None, :]
+            allowed = key_positions < ctx  # [group, length]
+            if sliding_window is not None:
+                allowed &= key_positions >= ctx - sliding_window
+            # Slots past a row's context hold whatever the block held before (never NaN in practice, but a masked
+            # score only zeroes a value's weight, and 0 * NaN is NaN): clear them in the gathered copy.
+            hidden = ~allowed[:, :, None, None]
+            keys = k_cache[tables].view(len(group), length, num_kv_heads, head_dim).masked_fill_(hidden, 0.0)
+            values = v_cache[tables].view(len(group), length, num_kv_heads, head_dim).masked_fill_(hidden, 0.0)
+            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [group, num_kv_heads, length, head_dim]
+            token_rows = torch.tensor([starts[i] for i in group], device=q.device)
+            queries = q[token_rows].unsqueeze(2)  # [group, num_heads, 1, head_dim]
+            attended = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=True
+            )  # [group, num_heads, 1, head_dim]
+            out[token_rows] = attended.squeeze(2).to(out.dtype)
 
 
 def attend(
@@ -56,11 +106,14 @@ def attend(
 ) -> torch.Tensor:
     """Causal attention of the newest `num_new` positions over `ctx` cached ones (GQA by head groups)."""
     num_new, ctx = q.shape[0], keys.shape[0]
-    positions = torch.arange(ctx - num_new, ctx, device=q.device)[:, None]
-    key_positions = torch.arange(ctx, device=q.device)[None, :]
-    allowed = key_positions <= positions  # [num_new, ctx]
-    if sliding_window is not None:
-        allowed &= key_positions > positions - sliding_window
+    allowed = None
+    if num_new > 1 or (sliding_window is not None and ctx > sliding_window):
+        # A single new token sees every cached one unless a window cuts them: no mask needed then.
+        positions = torch.arange(ctx - num_new, ctx, device=q.device)[:, None]
+        key_positions = torch.arange(ctx, device=q.device)[None, :]
+        allowed = key_positions <= positions  # [num_new, ctx]
+        if sliding_window is not None:
+            allowed &= key_positions > positions - sliding_window
     q_t, k_t, v_t = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)  # heads first
     if softcap is None:
         return F.scaled_dot_product_attention(
@@ -72,6 +125,7 @@ def attend(
     v_t = v_t.repeat_interleave(group, dim=0)
     scores = torch.matmul(q_t.float(), k_t.float().transpose(1, 2)) * scale
     scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v_t.float()).transpose(0, 1)
