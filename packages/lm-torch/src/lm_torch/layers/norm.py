@@ -26,3 +26,9 @@ class RMSNorm(nn.Module):
         # Llama casts back before scaling by the weight; Gemma scales in float32.
         out = self.weight * h.to(dtype) if self.offset == 0.0 else (h * (self.offset + self.weight.float())).to(dtype)
         return out if residual is None else (out, residual)
+
+    def pre_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """A decoder layer's opening norm: the first layer starts the residual stream, later ones add to it."""
+        if residual is None:
+            return self(hidden), hidden
+        return self(hidden, residual)

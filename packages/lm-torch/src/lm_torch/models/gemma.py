@@ -80,11 +80,7 @@ class GemmaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionMetadata):
         """hidden, residual: [num_tokens, hidden]; the residual add is fused into the next norm, as in Llama."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.input_layernorm.pre_norm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
         if not self.sandwich:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
