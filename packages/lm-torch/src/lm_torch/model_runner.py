@@ -12,7 +12,7 @@ import torch
 
 from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
 from lm_torch.config import TorchEngineConfig
-from lm_torch.layers.linear import use_input_major_linears
+from lm_torch.layers.linear import use_cpu_linears
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
 from lm_torch.sampling import Sampler, SamplingInputs
 from lm_torch.scheduler import ScheduledBatch
@@ -40,7 +40,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.model = build_model(model_path, config, self.hf_config, self.device, self.dtype)
         if self.device.type == "cpu":
-            use_input_major_linears(self.model)
+            use_cpu_linears(self.model)
         self.load_seconds = time.perf_counter() - start
         self.vocab_size = self.hf_config.vocab_size
         self.block_size = config.block_size

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +25,8 @@ class AttentionMetadata:
     # Every sequence's used blocks, concatenated: one gather per layer fetches the whole batch's context.
     context_blocks: torch.Tensor  # [sum of used blocks] int64
     context_block_starts: list[int]  # where sequence i's blocks start in context_blocks
+    # Per-step layouts a backend derives once and every layer reuses (keyed by the backend).
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -6,6 +6,8 @@ in the batch: batch invariance by construction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -67,33 +69,69 @@ class TorchAttentionBackend:
         A row's padded length depends on its own context only, never on the batch, and each (row, head) is computed
         independently inside SDPA: a sequence decodes to the same bits alone or in any batch.
         """
-        buckets: dict[int, list[int]] = {}
-        for i in rows:
-            num_blocks = (meta.context_lens[i] + meta.block_size - 1) // meta.block_size
-            buckets.setdefault(1 << (num_blocks - 1).bit_length(), []).append(i)
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        for width, group in buckets.items():
-            tables = meta.block_tables[group, : min(width, meta.block_tables.shape[1])]
-            if tables.shape[1] < width:  # padding blocks are masked out below; block 0 is merely a valid index
-                tables = F.pad(tables, (0, width - tables.shape[1]))
-            length = width * meta.block_size
-            ctx = torch.tensor([meta.context_lens[i] for i in group], device=q.device)[:, None]
-            key_positions = torch.arange(length, device=q.device)[None, :]
-            allowed = key_positions < ctx  # [group, length]
-            if sliding_window is not None:
-                allowed &= key_positions >= ctx - sliding_window
+        for group in decode_groups(meta, rows, starts, sliding_window, q.device):
+            size, length = len(group.token_rows), group.length
+            keys = k_cache[group.tables].view(size * length, num_kv_heads, head_dim)
+            values = v_cache[group.tables].view(size * length, num_kv_heads, head_dim)
             # Slots past a row's context hold whatever the block held before (never NaN in practice, but a masked
             # score only zeroes a value's weight, and 0 * NaN is NaN): clear them in the gathered copy.
-            hidden = ~allowed[:, :, None, None]
-            keys = k_cache[tables].view(len(group), length, num_kv_heads, head_dim).masked_fill_(hidden, 0.0)
-            values = v_cache[tables].view(len(group), length, num_kv_heads, head_dim).masked_fill_(hidden, 0.0)
-            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [group, num_kv_heads, length, head_dim]
-            token_rows = torch.tensor([starts[i] for i in group], device=q.device)
-            queries = q[token_rows].unsqueeze(2)  # [group, num_heads, 1, head_dim]
+            if group.padding is not None:
+                keys.index_fill_(0, group.padding, 0.0)
+                values.index_fill_(0, group.padding, 0.0)
+            keys = keys.view(size, length, num_kv_heads, head_dim).transpose(1, 2)
+            values = values.view(size, length, num_kv_heads, head_dim).transpose(1, 2)
+            queries = q[group.token_rows].unsqueeze(2)  # [group, num_heads, 1, head_dim]
             attended = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=True
+                queries, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
             )  # [group, num_heads, 1, head_dim]
-            out[token_rows] = attended.squeeze(2).to(out.dtype)
+            out[group.token_rows] = attended.squeeze(2).to(out.dtype)
+
+
+@dataclass
+class DecodeGroup:
+    """Decode rows that share one padded length: their block tables, attention mask and padding slots."""
+
+    token_rows: torch.Tensor  # [group] rows of q
+    tables: torch.Tensor  # [group, width] block ids (padding blocks are any valid id: their slots are cleared)
+    length: int  # width * block_size
+    mask: torch.Tensor  # [group, 1, 1, length] bool: key positions each row may see
+    padding: torch.Tensor | None  # flat positions (row * length + key) of the gathered K/V past each row's context
+
+
+def decode_groups(meta: AttentionMetadata, rows, starts, sliding_window, device) -> list[DecodeGroup]:
+    """The step's decode grouping, built once per step and sliding window and shared by every layer."""
+    key = ("decode_groups", sliding_window)
+    cached = meta.cache.get(key)
+    if cached is not None:
+        return cached
+    buckets: dict[int, list[int]] = {}
+    for i in rows:
+        num_blocks = (meta.context_lens[i] + meta.block_size - 1) // meta.block_size
+        buckets.setdefault(1 << (num_blocks - 1).bit_length(), []).append(i)
+    groups = []
+    for width, members in buckets.items():
+        tables = meta.block_tables[members, : min(width, meta.block_tables.shape[1])]
+        if tables.shape[1] < width:
+            tables = F.pad(tables, (0, width - tables.shape[1]))
+        length = width * meta.block_size
+        ctx = torch.tensor([meta.context_lens[i] for i in members], device=device)[:, None]
+        key_positions = torch.arange(length, device=device)[None, :]
+        allowed = key_positions < ctx  # [group, length]
+        if sliding_window is not None:
+            allowed &= key_positions >= ctx - sliding_window
+        padding = (~(key_positions < ctx)).flatten().nonzero().flatten()
+        groups.append(
+            DecodeGroup(
+                token_rows=torch.tensor([starts[i] for i in members], device=device),
+                tables=tables,
+                length=length,
+                mask=allowed[:, None, None, :],
+                padding=padding if padding.numel() else None,
+            )
+        )
+    meta.cache[key] = groups
+    return groups
 
 
 def attend(

@@ -1,9 +1,14 @@
-"""Dense linear layers stored input-major ([in, out]) for the CPU.
+"""Dense linear layers laid out for the CPU's matrix-vector products.
 
-On the CPU, a matrix-vector product reads `W^T` stored [in, out] about 1.5x faster than `W` stored [out, in]
-(27 vs 17 GB/s for the 113 MB lm_head of SmolLM2 on the 2-core CI machine; within 10% either way at 8-4096 rows), and
-batch-1 decoding is nothing but such products. Weights load in the checkpoint's layout; `use_input_major_linears`
-converts the loaded model once.
+Batch-1 decoding on the CPU is nothing but matrix-vector products, bound by how fast the weights stream from memory.
+Two facts of MKL on the 2-core CI machine shape the layout (`benchmarks/RESULTS.md` has the numbers):
+
+- `x @ W^T` with `W^T` stored input-major ([in, out]) reads about 1.5x faster than `W` stored [out, in];
+- a product with few rows runs on one core, while `bmm` spreads its batch over the cores.
+
+So each weight is stored as `num_splits` contiguous input-major column blocks, [num_splits, in, out / num_splits], one
+per core, and `bmm` computes the blocks side by side: 30 layers of SmolLM2 stream at about 38 GB/s instead of 25.
+Weights load in the checkpoint's layout; `use_cpu_linears` converts the loaded model once.
 """
 
 from __future__ import annotations
@@ -12,25 +17,46 @@ import torch
 from torch import nn
 
 
-class InputMajorLinear(nn.Module):
-    """y = x @ weight_t + bias, with weight_t: [in_features, out_features] (contiguous)."""
+class SplitInputMajorLinear(nn.Module):
+    """y = x @ W^T + bias, with W^T held as `num_splits` contiguous column blocks: weight_blocks [S, in, out / S]."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, num_splits: int) -> None:
         super().__init__()
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
-        self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        if num_splits < 1 or self.out_features % num_splits:
+            num_splits = 1
+        self.num_splits = num_splits
+        weight_t = linear.weight.detach().t()  # [in, out]
+        blocks = weight_t.reshape(self.in_features, num_splits, -1).permute(1, 0, 2).contiguous()
+        self.weight_blocks = nn.Parameter(blocks, requires_grad=False)
+        self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch.addmm(self.bias, flat, self.weight_t) if self.bias is not None else flat @ self.weight_t
+        rows = flat.shape[0]
+        if self.num_splits == 1:
+            out = flat @ self.weight_blocks[0]
+        else:
+            out = torch.bmm(flat.expand(self.num_splits, rows, self.in_features), self.weight_blocks)
+            # [S, rows, out / S] -> [rows, out]: a view for one row, a copy otherwise.
+            out = out.permute(1, 0, 2).reshape(rows, self.out_features)
+        if self.bias is not None:
+            out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight in nn.Linear's [out, in] layout (a copy)."""
+        return self.weight_blocks.permute(1, 0, 2).reshape(self.in_features, self.out_features).t()
 
-def use_input_major_linears(model: nn.Module) -> None:
-    """Replace every nn.Linear of a loaded model by an InputMajorLinear holding the same weights."""
+
+def use_cpu_linears(model: nn.Module, num_splits: int | None = None) -> None:
+    """Replace every nn.Linear of a loaded model by a SplitInputMajorLinear holding the same weights.
+
+    `num_splits` defaults to torch's intra-op thread count: one column block per core.
+    """
+    splits = num_splits or torch.get_num_threads()
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, InputMajorLinear(module))
+            setattr(parent, child, SplitInputMajorLinear(module, splits))
