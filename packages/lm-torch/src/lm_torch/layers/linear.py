@@ -7,7 +7,8 @@ Two facts of MKL on the 2-core CI machine shape the layout (`benchmarks/RESULTS.
 - a product with few rows runs on one core, while `bmm` spreads its batch over the cores.
 
 So each weight is stored as `num_splits` contiguous input-major column blocks, [num_splits, in, out / num_splits], one
-per core, and `bmm` computes the blocks side by side: 30 layers of SmolLM2 stream at about 38 GB/s instead of 25.
+per core, and `bmm` computes the blocks side by side: the 30 layers of SmolLM2 (425 MB) stream at about 32 GB/s
+instead of 22, and a batch-1 decode step of SmolLM2 takes 22 ms instead of 35.
 Weights load in the checkpoint's layout; `use_cpu_linears` converts the loaded model once.
 """
 
