@@ -2,5 +2,6 @@
 
 from lm_torch.attention.metadata import AttentionMetadata
 from lm_torch.attention.torch_backend import TorchAttentionBackend
+from lm_torch.attention.triton_backend import TritonAttentionBackend  # imports triton only when it runs
 
-__all__ = ["AttentionMetadata", "TorchAttentionBackend"]
+__all__ = ["AttentionMetadata", "TorchAttentionBackend", "TritonAttentionBackend"]

@@ -27,6 +27,10 @@ class AttentionMetadata:
     context_block_starts: list[int]  # where sequence i's blocks start in context_blocks
     # Per-step layouts a backend derives once and every layer reuses (keyed by the backend).
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    # The same lengths as device tensors, for kernels (built by `build`; None when constructed without them):
+    # sequence i's new tokens are rows [query_start_loc[i], query_start_loc[i + 1]) of the step.
+    query_start_loc: torch.Tensor | None = None  # [num_seqs + 1] int32
+    context_lens_tensor: torch.Tensor | None = None  # [num_seqs] int32
 
     @property
     def num_seqs(self) -> int:
@@ -50,9 +54,13 @@ class AttentionMetadata:
             starts.append(starts[-1] + len(blocks))
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         slots: list[int] = []
+        query_starts = [0]
         for n, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
             for pos in range(ctx - n, ctx):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
+            query_starts.append(query_starts[-1] + n)
+        # One host-to-device copy for both int32 length tensors.
+        lengths = torch.tensor(query_starts + list(context_lens), dtype=torch.int32).to(device)
         return cls(
             query_lens=list(query_lens),
             context_lens=list(context_lens),
@@ -61,4 +69,6 @@ class AttentionMetadata:
             block_size=block_size,
             context_blocks=torch.tensor([b for blocks in used for b in blocks], dtype=torch.int64, device=device),
             context_block_starts=starts,
+            query_start_loc=lengths[: len(query_starts)],
+            context_lens_tensor=lengths[len(query_starts) :],
         )

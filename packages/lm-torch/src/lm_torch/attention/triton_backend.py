@@ -1,0 +1,120 @@
+"""Paged attention on CUDA through the Triton kernels: the GPU backend, same interface as `TorchAttentionBackend`.
+
+A step's one-token sequences (decodes, or a prompt's last uncached token) go to the decode kernel, split-K over long
+contexts; the others go to the prefill kernel in tiles of new tokens. Both read the cache the KV-store kernel has
+just written, so a prefill chunk sees its cached prefix and itself. The per-step device tensors (query start
+offsets, context lengths, the prefill tile list) are built once per step and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lm_torch.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class _StepLayout:
+    """What the kernels need of a step beyond `AttentionMetadata`'s own tensors."""
+
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    num_decodes: int  # sequences with one new token
+    max_decode_context: int  # the longest context among them (sizes the split-K)
+
+
+class TritonAttentionBackend:
+    """Writes the step's K/V into the paged cache and attends every new token with the Triton kernels.
+
+    `num_splits` fixes the decode kernel's split-K (a CUDA graph must, since it is a launch constant); None picks it
+    per step from the batch size and the longest context.
+    """
+
+    def __init__(self, num_splits: int | None = None) -> None:
+        if num_splits is not None and num_splits < 1:
+            raise ValueError(f"num_splits must be at least 1, got {num_splits}")
+        self.num_splits = num_splits
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        from lm_torch.kernels.decode_attention import decode_attention
+        from lm_torch.kernels.kv_cache import store_kv_cache
+        from lm_torch.kernels.prefill_attention import prefill_attention, prefill_tiles, tokens_per_tile
+
+        if k_cache.shape[1] != meta.block_size:
+            raise ValueError(f"cache blocks hold {k_cache.shape[1]} tokens but the metadata says {meta.block_size}")
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        layout = _step_layout(meta, q.device)
+        out = torch.empty_like(q)
+        if layout.num_decodes:
+            decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                layout.query_start_loc,
+                layout.context_lens,
+                scale,
+                max_context_len=layout.max_decode_context,
+                sliding_window=sliding_window,
+                softcap=softcap,
+                num_splits=self.num_splits,
+                out=out,
+            )
+        if layout.num_decodes < meta.num_seqs:
+            per_tile = tokens_per_tile(q.shape[1] // k_cache.shape[2])
+            key = ("triton_prefill_tiles", per_tile)
+            tiles = meta.cache.get(key)
+            if tiles is None:
+                tiles = meta.cache[key] = prefill_tiles(meta.query_lens, per_tile, q.device)
+            prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                layout.query_start_loc,
+                layout.context_lens,
+                tiles[0],
+                tiles[1],
+                scale,
+                tokens_per_tile=per_tile,
+                sliding_window=sliding_window,
+                softcap=softcap,
+                out=out,
+            )
+        return out
+
+
+def _step_layout(meta: AttentionMetadata, device: torch.device) -> _StepLayout:
+    """The step's layout, from the metadata's optional tensors where `AttentionMetadata.build` made them."""
+    cached = meta.cache.get("triton_layout")
+    if cached is not None:
+        return cached
+    query_start_loc, context_lens = meta.query_start_loc, meta.context_lens_tensor
+    if query_start_loc is None or context_lens is None:
+        starts = [0]
+        for n in meta.query_lens:
+            starts.append(starts[-1] + n)
+        query_start_loc = torch.tensor(starts, dtype=torch.int32).to(device)
+        context_lens = torch.tensor(meta.context_lens, dtype=torch.int32).to(device)
+    decodes = [ctx for n, ctx in zip(meta.query_lens, meta.context_lens, strict=True) if n == 1]
+    layout = _StepLayout(
+        query_start_loc=query_start_loc,
+        context_lens=context_lens,
+        num_decodes=len(decodes),
+        max_decode_context=max(decodes, default=0),
+    )
+    meta.cache["triton_layout"] = layout
+    return layout

@@ -1,0 +1,25 @@
+"""Triton kernels for CUDA GPUs, each behind a small wrapper and checked against a plain-torch reference.
+
+| module | kernel | reference (`kernels.reference`) |
+|---|---|---|
+| `kv_cache` | write the step's K/V into the paged cache at `slot_mapping` | `store_kv_cache` |
+| `decode_attention` | one new token per sequence over its paged context, split-K | `paged_attention` |
+| `prefill_attention` | chunks of new tokens over a cached prefix + themselves (causal) | `paged_attention` |
+| `rms_norm` | residual add fused with RMSNorm (Llama and Gemma weights) | `rms_norm` |
+| `rotary` | rotary embedding from precomputed cos/sin tables, neox and gptj layouts, in place | `rotary` |
+| `activation` | act(gate) * up for silu, gelu (erf) and gelu (tanh) | `gated_activation` |
+| `sampling` | temperature, top-k, top-p, min-p and the inverse-CDF draw, one program per row, no sort | `sample` |
+
+Nothing here is imported by `import lm_torch`: the modules with kernels import triton at their top, so only code
+that runs on CUDA (the Triton attention backend, the tests) imports them. On a CPU, `TRITON_INTERPRET=1` set before
+triton is imported runs the same kernels through triton's interpreter, which is how the tests check them there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (it is a Linux x86-64 dependency of lm-torch; other platforms run without it)."""
+    return importlib.util.find_spec("triton") is not None

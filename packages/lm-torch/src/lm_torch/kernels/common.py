@@ -1,0 +1,51 @@
+"""Pieces shared by several kernels: launch-size helpers and small `@triton.jit` math functions."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): softmax runs on exp2, and scores are pre-multiplied by this
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1) instead of compiling them."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_power_of_2(n: int) -> int:
+    """Triton block shapes are powers of two: the smallest one >= n (and >= 1)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a nominal 8 on the CPU, where the interpreter runs kernels)."""
+    if device.type != "cuda":
+        return 8
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_cuda_or_interpreter(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; anything else is a caller's mistake."""
+    for t in tensors:
+        if t.device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"Triton kernels need CUDA tensors (got one on {t.device}); set TRITON_INTERPRET=1 for CPU"
+            )
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2 (identical on every backend, the interpreter included)."""
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|) = 2^(-2 log2(e) |x|), in (0, 1]: never overflows
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)

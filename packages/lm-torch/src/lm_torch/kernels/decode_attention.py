@@ -1,0 +1,282 @@
+"""Decode attention over the paged KV cache: one new token per sequence, split-K for long contexts.
+
+One program takes one (sequence, kv head, split). The query heads that share the kv head are the rows of one tile,
+so each K/V block is read once for its whole group (GQA and MQA; MHA has groups of one). A sequence's visible
+context is cut into `num_splits` ranges so that a small batch still fills the GPU (flash-decoding); each range
+leaves its normalised partial output and log-sum-exp, and a second kernel merges them. With one split the first
+kernel writes the output itself.
+
+Everything the kernels read is a device tensor and `num_splits` is a launch constant, so a captured CUDA graph
+replays them with new lengths and block tables. Sequences whose query length is not 1 are skipped: in a mixed
+batch the prefill kernel attends them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lm_torch.kernels.common import (
+    LOG2E,
+    check_cuda_or_interpreter,
+    interpreting,
+    multiprocessor_count,
+    next_power_of_2,
+    tanh,
+)
+
+# A split covers at least this many tokens: fewer would spend more on merging than they save.
+MIN_TOKENS_PER_SPLIT = 64
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    query_start_ptr,
+    context_lens_ptr,
+    out_ptr,
+    partial_out_ptr,  # [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM] float32 (unused with one split)
+    partial_lse_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32, log2 domain
+    qk_scale,  # scale * log2(e), or scale alone with soft-capping
+    softcap,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_table,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    GROUP: tl.constexpr,  # query heads per kv head
+    ROWS: tl.constexpr,  # GROUP padded to a power of two >= 16 (the smallest tile a dot takes)
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    NUM_SPLITS: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact products, not tf32), else "tf32" (unused)
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(query_start_ptr + seq)
+    if tl.load(query_start_ptr + seq + 1) - row == 1:
+        ctx = tl.load(context_lens_ptr + seq)
+        start = 0
+        if USE_WINDOW:
+            start = tl.maximum(ctx - window, 0)
+        # Splits cover whole BLOCK_N steps; trailing splits of a short context get an empty range.
+        per_split = tl.cdiv(tl.cdiv(ctx - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + split * per_split
+        hi = tl.minimum(lo + per_split, ctx)
+
+        rows = tl.arange(0, ROWS)
+        heads = kv_head * GROUP + rows
+        dims = tl.arange(0, DIM_PAD)
+        row_mask = (rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
+        q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=row_mask, other=0.0)
+        q = q.to(k_cache_ptr.dtype.element_ty)  # [ROWS, DIM_PAD]
+
+        m = tl.full([ROWS], float("-inf"), tl.float32)  # running max of the scores (log2 domain)
+        row_sum = tl.zeros([ROWS], tl.float32)  # running sum of exp2(score - m)
+        acc = tl.zeros([ROWS, DIM_PAD], tl.float32)
+        table = block_tables_ptr + seq.to(tl.int64) * stride_table
+        for first in range(lo, hi, BLOCK_N):
+            positions = first + tl.arange(0, BLOCK_N)
+            valid = positions < hi
+            blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            slots = positions % BLOCK_SIZE
+            kv_mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
+            k = tl.load(
+                k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
+                mask=kv_mask,
+                other=0.0,
+            )  # [BLOCK_N, DIM_PAD]
+            v = tl.load(
+                v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
+                mask=kv_mask,
+                other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] float32
+            # Soft-capping works on natural-log scores; the softmax below runs on exp2, hence log2(e) after it.
+            s = softcap * tanh(s * qk_scale / softcap) * 1.4426950408889634 if USE_SOFTCAP else s * qk_scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            row_sum = row_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m = m_new
+
+        # An empty range (short context, or a padded row with no context) leaves row_sum = 0: output 0, lse -inf.
+        has_keys = row_sum > 0
+        out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+        if NUM_SPLITS == 1:
+            dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+            tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        else:
+            head_rows = (seq * num_heads + heads).to(tl.int64) * NUM_SPLITS + split
+            tl.store(partial_out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :], out, mask=row_mask)
+            lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
+            tl.store(partial_lse_ptr + head_rows, lse, mask=rows < GROUP)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    query_start_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.load(query_start_ptr + seq)
+    if tl.load(query_start_ptr + seq + 1) - row == 1:
+        splits = tl.arange(0, SPLITS_PAD)
+        dims = tl.arange(0, DIM_PAD)
+        base = (seq * num_heads + head).to(tl.int64) * NUM_SPLITS
+        lse = tl.load(partial_lse_ptr + base + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+        top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
+        weights = tl.exp2(lse - top)  # [SPLITS_PAD]
+        mask = (splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :]
+        parts = tl.load(partial_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+        total = tl.sum(weights, 0)
+        out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(
+            out_ptr + row * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM
+        )
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Splits per sequence so that about two waves of programs fill the GPU, each covering enough tokens."""
+    programs = num_seqs * num_kv_heads
+    wanted = math.ceil(2 * multiprocessor_count(device) / max(programs, 1))
+    by_length = max(1, max_context_len // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
+def decode_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32/int64
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: sequence i's tokens are rows [start[i], start[i + 1])
+    context_lens: torch.Tensor,  # [num_seqs] int32: cached tokens of each sequence, its new one included
+    scale: float,
+    *,
+    max_context_len: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows of one-token sequences
+    """Attend each one-token sequence's query to its cached context (the last `sliding_window` tokens of it).
+
+    `max_context_len` (a host int, at least every context length) sizes the split-K; `num_splits` overrides it (a
+    CUDA graph fixes it at capture). Rows of sequences with more than one new token are left untouched.
+    """
+    check_cuda_or_interpreter(q, k_cache, v_cache, block_tables, query_start_loc, context_lens)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_seqs = context_lens.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"decode_attention: {num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    if head_dim < 16:
+        raise ValueError(f"decode_attention: head_dim {head_dim} is below 16, the smallest tile a dot takes")
+    if k_cache.shape[3] != head_dim or q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("decode_attention: head_dim must match and be contiguous in q and the caches")
+    if query_start_loc.shape != (num_seqs + 1,) or block_tables.shape[0] != num_seqs:
+        raise ValueError("decode_attention: query_start_loc, block_tables and context_lens disagree on num_seqs")
+    out = torch.empty_like(q) if out is None else out
+    if num_seqs == 0:
+        return out
+    window = sliding_window if sliding_window is not None else 0
+    visible = min(max_context_len, window) if window else max_context_len
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, visible, q.device)
+    group = num_heads // num_kv_heads
+    block_n = block_n or (16 if interpreting() else 64)
+    partial_out = partial_lse = out  # placeholders, never touched with one split
+    if num_splits > 1:
+        partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    dim_pad = next_power_of_2(head_dim)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        out,
+        partial_out,
+        partial_lse,
+        scale if softcap else scale * LOG2E,
+        softcap or 1.0,
+        window,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        GROUP=group,
+        ROWS=max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        DIM_PAD=dim_pad,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        USE_SOFTCAP=bool(softcap),
+        USE_WINDOW=bool(window),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            query_start_loc,
+            partial_out,
+            partial_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            HEAD_DIM=head_dim,
+            DIM_PAD=dim_pad,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,225 @@
+"""Prefill attention over the paged KV cache: chunks of new tokens attend to a cached prefix and to themselves.
+
+A sequence's new tokens are the last `query_len` of its `context_len` positions (the earlier ones are a cached
+prefix or earlier chunks, already in the cache, as are the new tokens' own K/V). Its new tokens are cut into tiles
+of `tokens_per_tile`; one program takes one (tile, kv head) and stacks the tile's tokens times the group's query
+heads into the rows of one matrix, so each K/V block it reads serves the whole group (GQA/MQA). The causal mask,
+the sliding window and soft-capping are applied per row; keys outside every row's window are never loaded.
+
+The tile list (which sequence and which first token each program takes) is built on the host from the query lengths
+the scheduler already knows, once per step (`prefill_tiles`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lm_torch.kernels.common import LOG2E, check_cuda_or_interpreter, interpreting, next_power_of_2, tanh
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_ptr,
+    context_lens_ptr,
+    tile_seq_ptr,  # [num_tiles] the sequence of each tile
+    tile_first_ptr,  # [num_tiles] the tile's first token, counted within its sequence's new tokens
+    qk_scale,  # scale * log2(e), or scale alone with soft-capping
+    softcap,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_table,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    TOKENS: tl.constexpr,  # query tokens per tile; rows = TOKENS * GROUP_PAD
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    first_token = tl.load(tile_first_ptr + tile)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    ctx = tl.load(context_lens_ptr + seq)
+
+    # Row r is query head kv_head * GROUP + r % GROUP_PAD of the tile's token r // GROUP_PAD.
+    rows = tl.arange(0, TOKENS * GROUP_PAD)
+    tokens = first_token + rows // GROUP_PAD
+    group_heads = rows % GROUP_PAD
+    row_valid = (tokens < q_len) & (group_heads < GROUP)
+    query_pos = ctx - q_len + tokens  # [ROWS] position of each row's token in its sequence
+    dims = tl.arange(0, DIM_PAD)
+    q_mask = row_valid[:, None] & (dims < HEAD_DIM)[None, :]
+    q_rows = (q_start + tokens) * stride_qt + (kv_head * GROUP + group_heads) * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=q_mask, other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    last_token = tl.minimum(first_token + TOKENS, q_len) - 1
+    hi = ctx - q_len + last_token + 1  # keys past the tile's last query are masked for every row
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx - q_len + first_token - window + 1, 0)
+
+    m = tl.full([TOKENS * GROUP_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([TOKENS * GROUP_PAD], tl.float32)
+    acc = tl.zeros([TOKENS * GROUP_PAD, DIM_PAD], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_table
+    for first in range(lo, hi, BLOCK_N):
+        positions = first + tl.arange(0, BLOCK_N)
+        valid = positions < hi
+        blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slots = positions % BLOCK_SIZE
+        kv_mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(
+            k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
+            mask=kv_mask,
+            other=0.0,
+        )  # [BLOCK_N, DIM_PAD]
+        v = tl.load(
+            v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
+            mask=kv_mask,
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] float32
+        # Soft-capping works on natural-log scores; the softmax below runs on exp2, hence log2(e) after it.
+        s = softcap * tanh(s * qk_scale / softcap) * 1.4426950408889634 if USE_SOFTCAP else s * qk_scale
+        visible = valid[None, :] & (positions[None, :] <= query_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (positions[None, :] > query_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        # A row may see nothing in this step (its window starts later, or it is padding): keep its max at -inf
+        # and shift by 0 instead, so that exp2 gives 0 rather than NaN.
+        m_new = tl.maximum(m, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - shift)
+        p = tl.exp2(s - shift[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    out_rows = (q_start + tokens) * stride_ot + (kv_head * GROUP + group_heads) * stride_oh
+    tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def tokens_per_tile(group: int, rows: int | None = None) -> int:
+    """Query tokens per program for a group of `group` query heads per kv head: `rows` rows in all (at least one)."""
+    rows = rows or (32 if interpreting() else 64)
+    return max(1, rows // next_power_of_2(group))
+
+
+def prefill_tiles(
+    query_lens: list[int], tokens_per_tile: int, device, skip_single: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile_seq, tile_first): [num_tiles] int32 each, the programs covering every sequence's new tokens.
+
+    With `skip_single`, one-token sequences get no tile (the decode kernel attends them).
+    """
+    seqs: list[int] = []
+    firsts: list[int] = []
+    for i, n in enumerate(query_lens):
+        if n == 1 and skip_single:
+            continue
+        for first in range(0, n, tokens_per_tile):
+            seqs.append(i)
+            firsts.append(first)
+    pairs = torch.tensor([seqs, firsts], dtype=torch.int32).to(device)
+    return pairs[0], pairs[1]
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], already holding the new tokens
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32/int64
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    context_lens: torch.Tensor,  # [num_seqs] int32, the new tokens included
+    tile_seq: torch.Tensor,  # from `prefill_tiles`
+    tile_first: torch.Tensor,
+    scale: float,
+    *,
+    tokens_per_tile: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows the tiles cover
+    """Causal attention of the tiled sequences' new tokens over their whole cached context."""
+    check_cuda_or_interpreter(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, tile_seq)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"prefill_attention: {num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    if k_cache.shape[3] != head_dim or q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("prefill_attention: head_dim must match and be contiguous in q and the caches")
+    if tile_seq.shape != tile_first.shape:
+        raise ValueError("prefill_attention: tile_seq and tile_first differ in length")
+    out = torch.empty_like(q) if out is None else out
+    num_tiles = tile_seq.shape[0]
+    if num_tiles == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if tokens_per_tile * next_power_of_2(group) < 16 or head_dim < 16:
+        raise ValueError("prefill_attention: tiles need at least 16 rows (tokens x padded group) and head_dim >= 16")
+    window = sliding_window if sliding_window is not None else 0
+    _prefill_kernel[(num_tiles, num_kv_heads)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        tile_seq,
+        tile_first,
+        scale if softcap else scale * LOG2E,
+        softcap or 1.0,
+        window,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=next_power_of_2(group),
+        TOKENS=tokens_per_tile,
+        HEAD_DIM=head_dim,
+        DIM_PAD=next_power_of_2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=block_n or (16 if interpreting() else 64),
+        USE_SOFTCAP=bool(softcap),
+        USE_WINDOW=bool(window),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,163 @@
+"""Plain-torch references of the Triton kernels, in float32 math, written for clarity rather than speed.
+
+Each function computes what its kernel must, from the same arguments, with no triton: the kernel tests compare the
+two on random inputs. They run anywhere torch runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lm_torch.sampling import ops
+
+
+def store_kv_cache(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], written in place
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int: block * block_size + offset; negative = padding, not written
+) -> None:
+    """Write token t's K/V at flat slot `slot_mapping[t]` of the caches."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]: each sequence's new tokens, in sequence order
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], already holding the new tokens
+    v_cache: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] float32
+    """Causal attention of each sequence's new tokens (the last `query_lens[i]` of its `context_lens[i]` positions).
+
+    A query at position p sees keys at positions in (p - sliding_window, p]; scores are `scale * q.k`, then
+    `softcap * tanh(score / softcap)` when soft-capping.
+    """
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    first = 0
+    for i, (num_new, ctx) in enumerate(zip(query_lens, context_lens, strict=True)):
+        positions = torch.arange(ctx, device=q.device)
+        slots = block_tables[i, positions // block_size].long() * block_size + positions % block_size
+        keys = k_cache.view(-1, num_kv_heads, k_cache.shape[3])[slots].float()  # [ctx, num_kv_heads, head_dim]
+        values = v_cache.view(-1, num_kv_heads, v_cache.shape[3])[slots].float()
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [num_heads, ctx, head_dim]
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        queries = q[first : first + num_new].float().transpose(0, 1)  # [num_heads, num_new, head_dim]
+        scores = queries @ keys.transpose(1, 2) * scale  # [num_heads, num_new, ctx]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        query_positions = torch.arange(ctx - num_new, ctx, device=q.device)[:, None]
+        visible = positions[None, :] <= query_positions
+        if sliding_window is not None:
+            visible &= positions[None, :] > query_positions - sliding_window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[first : first + num_new] = (torch.softmax(scores, dim=-1) @ values).transpose(0, 1)
+        first += num_new
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,
+    offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(norm(x + residual), x + residual) with the rounding of `lm_torch.layers.norm.RMSNorm`.
+
+    The sum is rounded to x's dtype (it is the residual stream); the norm is float32; Llama (`offset` 0) rounds the
+    normalised value to x's dtype before the weight, Gemma (`offset` 1, weight stored as w - 1) scales in float32.
+    """
+    dtype = x.dtype
+    if residual is not None:
+        x = (x.float() + residual.float()).to(dtype)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset == 0.0:
+        out = (h.to(dtype).float() * weight.float()).to(dtype)
+    else:
+        out = (h * (offset + weight.float())).to(dtype)
+    return out, (x if residual is not None else None)
+
+
+def rotary(
+    positions: torch.Tensor,  # [num_tokens] int
+    x: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    cos: torch.Tensor,  # [max_positions, rotary_dim]: cos(position * inv_freq), the half of freqs written twice
+    sin: torch.Tensor,
+    is_neox: bool = True,
+) -> torch.Tensor:
+    """x with its first `rotary_dim` features of every head rotated by position (float32 math, x's dtype out).
+
+    neox pairs feature i with i + rotary_dim / 2 (Llama and most HF models); gptj pairs 2i with 2i + 1.
+    """
+    rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
+    c = cos[positions, :half].float()[:, None, :]  # [num_tokens, 1, half]
+    s = sin[positions, :half].float()[:, None, :]
+    out = x.float().clone()
+    if is_neox:
+        x1, x2 = out[..., :half].clone(), out[..., half:rotary_dim].clone()
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half:rotary_dim] = x2 * c + x1 * s
+    else:
+        x1, x2 = out[..., 0:rotary_dim:2].clone(), out[..., 1:rotary_dim:2].clone()
+        out[..., 0:rotary_dim:2] = x1 * c - x2 * s
+        out[..., 1:rotary_dim:2] = x2 * c + x1 * s
+    return out.to(x.dtype)
+
+
+def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up in float32, x's dtype out; gate_up: [..., 2 * intermediate] (gate first)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    if act == "silu":
+        activated = gate * torch.sigmoid(gate)
+    elif act == "gelu":
+        activated = 0.5 * gate * (1.0 + torch.erf(gate / math.sqrt(2.0)))
+    elif act in ("gelu_pytorch_tanh", "gelu_new"):
+        activated = 0.5 * gate * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (gate + 0.044715 * gate**3)))
+    else:
+        raise ValueError(f"activation {act!r} is not supported")
+    return (activated * up).to(gate_up.dtype)
+
+
+def sample(
+    logits: torch.Tensor,  # [batch, >= vocab_size] processed logits (penalties, biases and bans already applied)
+    temperature: torch.Tensor,  # [batch] float; <= 0 means greedy
+    top_k: torch.Tensor,  # [batch] int, 0 = off
+    top_p: torch.Tensor,  # [batch] float in (0, 1], 1 = off
+    min_p: torch.Tensor,  # [batch] float in [0, 1], 0 = off
+    uniforms: torch.Tensor,  # [batch] float in [0, 1)
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [batch] int64, thresholds [batch] float32) through the plain-torch sampler's own stages.
+
+    Greedy rows take the arg-max (threshold -inf); the others are divided by their temperature, truncated by
+    `lm_torch.sampling.ops.truncation_thresholds` and drawn by `ops.sample_inverse_cdf` with the given uniform.
+    """
+    vocab_size = logits.shape[1] if vocab_size is None else vocab_size
+    logits = logits[:, :vocab_size].float()
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature.float())[:, None]
+    k = torch.where(greedy | (top_k >= vocab_size), 0, top_k).long()
+    p = torch.where(greedy, 1.0, top_p.float())
+    m = torch.where(greedy, 0.0, min_p.float())
+    # The widest ranking: every row's nucleus is resolved without the sampler's candidate shortcut.
+    threshold = ops.truncation_thresholds(scaled, None, k, p, m, vocab_size)
+    threshold = threshold if threshold is not None else torch.full_like(scaled[:, :1], float("-inf"))
+    threshold = torch.where(greedy[:, None], float("-inf"), threshold)
+    tokens = ops.sample_inverse_cdf(scaled, threshold, uniforms.float())
+    tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    return tokens, threshold.squeeze(1)
