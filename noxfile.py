@@ -39,6 +39,9 @@ PACKAGES = {
     "lm-vl": "lm_vl",
     "lm-serve": "lm_serve",
 }
+# Test-only tools of one package's session: lm-serve's tests drive a real server with the official openai client
+# and fuzz it with schemathesis (jsonschema-rs validates structured outputs).
+PACKAGE_TEST_TOOLS = {"lm-serve": ["openai>=1.40", "httpx>=0.27", "schemathesis>=4", "jsonschema-rs>=0.20"]}
 # Console scripts each wheel installs, checked with --help by the build session.
 SCRIPTS = {"lm-deploy": ["lm"], "lm-serve": ["lm-serve"], "lm-lite": ["lm-lite"]}
 
@@ -76,7 +79,7 @@ def _make_package_session(dist: str, import_name: str) -> None:
     @nox.session(name=f"tests-{dist}")
     def tests_package(session: nox.Session) -> None:
         local = [str(_package_dir(name)) for name in _sibling_closure(dist)]
-        _install_with_torch(session, *local, *TEST_TOOLS, *REFERENCES)
+        _install_with_torch(session, *local, *TEST_TOOLS, *REFERENCES, *PACKAGE_TEST_TOOLS.get(dist, []))
         session.run("pytest", f"tests/{import_name}", *session.posargs)
 
     tests_package.__doc__ = f"Run tests/{import_name} against {dist} installed alone with the test tools."

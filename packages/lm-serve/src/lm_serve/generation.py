@@ -1,0 +1,146 @@
+"""`Generation`: one request's engine work, started before any HTTP header is sent, closed exactly once.
+
+Starting awaits the first piece, so a request the engine rejects (a `Response` with finish_reason "error" and no
+tokens) is answered with a 400 even when the client asked for a stream. Closing aborts whatever still runs in the
+engine (client gone, error, or normal end) and frees the request's concurrency slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+
+from lm_core.async_pipeline import merge_streams
+from lm_core.generation_config import GenerationConfig
+from lm_core.response import Response
+from lm_serve.errors import APIError, bad_request
+from lm_serve.state import ServerState
+
+
+@dataclass
+class PromptJob:
+    """One prompt of a request: its token ids, its config (n samples) and the index of its first sample."""
+
+    prompt_ids: list[int]
+    gen_config: GenerationConfig
+    index_offset: int = 0
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready."""
+
+
+class Generation:
+    """Iterate with `async for piece in gen` after `await gen.start()`; always `await gen.aclose()`."""
+
+    def __init__(self, state: ServerState, jobs: list[PromptJob], request_id: str | None = None) -> None:
+        self.state = state
+        self.jobs = jobs
+        self.request_id = request_id or uuid.uuid4().hex
+        self.num_prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+        self._stream: AsyncIterator[Response] | None = None
+        self._first: Response | None = None
+        self._tracker = None
+        self._holds_slot = False
+        self._closed = False
+
+    async def start(self) -> Generation:
+        """Take a concurrency slot (429 if none), submit every prompt and wait for the first piece (400 if refused)."""
+        self.state.limiter.acquire()
+        self._holds_slot = True
+        try:
+            pipe = self.state.pipeline
+            streams = [
+                pipe.generate(
+                    job.prompt_ids, job.gen_config, request_id=f"{self.request_id}-{p}", index_offset=job.index_offset
+                )
+                for p, job in enumerate(self.jobs)
+            ]
+            self._stream = streams[0] if len(streams) == 1 else merge_streams(streams)
+            start = time.perf_counter()
+            try:
+                first = await self._stream.__anext__()
+            except StopAsyncIteration:
+                raise APIError(
+                    "the engine returned nothing for this request", status_code=500, type="server_error"
+                ) from None
+            except ValueError as exc:
+                raise bad_request(exc) from None
+            if first.finish_reason == "error" and not first.token_ids:
+                raise APIError(first.error or "the engine rejected this request")
+            if self.state.metrics is not None:  # only requests the engine accepted count
+                num_sequences = sum(job.gen_config.n for job in self.jobs)
+                self._tracker = self.state.metrics.track(self.num_prompt_tokens, num_sequences, start)
+            self._first = first
+            return self
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[Response]:
+        if self._first is None:
+            raise RuntimeError("Generation.start() must be awaited first")
+        piece, self._first = self._first, None
+        self._record(piece)
+        yield piece
+        async for piece in self._stream:
+            self._record(piece)
+            yield piece
+
+    def _record(self, piece: Response) -> None:
+        if self._tracker is None:
+            return
+        self._tracker.tokens(piece.index, len(piece.token_ids))
+        if piece.finish_reason is not None:
+            self._tracker.finish(piece.index, piece.finish_reason)
+
+    async def aclose(self) -> None:
+        """Abort what still runs and release the slot; safe to call twice and from a cancelled task."""
+        if self._closed:
+            return
+        self._closed = True
+        # Shielded: a cancelled request (client gone) must still abort its engine work and free its KV blocks.
+        with anyio.CancelScope(shield=True):
+            try:
+                if self._stream is not None:
+                    await self._stream.aclose()
+            finally:
+                if self._tracker is not None:
+                    self._tracker.close()
+                if self._holds_slot:
+                    self.state.limiter.release()
+
+    async def collect(self, request) -> dict[int, Response]:
+        """The whole output per sequence index (non-streamed requests); aborts if the client disconnects."""
+        results: dict[int, Response] = {}
+
+        async def drain() -> None:
+            async for piece in self:
+                results.setdefault(piece.index, Response(text="", index=piece.index)).extend(piece)
+
+        drain_task = asyncio.ensure_future(drain())
+        watch_task = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({drain_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+            if drain_task not in done:
+                raise ClientDisconnected()
+            drain_task.result()
+            return results
+        finally:
+            for task in (drain_task, watch_task):
+                task.cancel()
+            await asyncio.gather(drain_task, watch_task, return_exceptions=True)
+            await self.aclose()
+
+
+async def wait_for_disconnect(request) -> None:
+    """Returns when the client closes the connection (the request body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,103 @@
+"""Pieces of OpenAI response objects shared by the routes: deltas, messages, finish reasons, usage, ids."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from lm_core.response import Response
+from lm_serve.parsers import DeltaMessage, ParsedMessage, ToolCallDelta
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def merge_deltas(a: DeltaMessage, b: DeltaMessage) -> DeltaMessage:
+    """`a` then `b` as one delta; consecutive pieces of one call become one entry, as in OpenAI's chunks."""
+    calls: list[ToolCallDelta] = []
+    for call in [*a.tool_calls, *b.tool_calls]:
+        last = calls[-1] if calls else None
+        if last is not None and last.index == call.index and call.id is None and call.name is None:
+            calls[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + call.arguments)
+        else:
+            calls.append(call)
+    return DeltaMessage(
+        content=a.content + b.content, reasoning_content=a.reasoning_content + b.reasoning_content, tool_calls=calls
+    )
+
+
+def delta_is_empty(d: DeltaMessage) -> bool:
+    return not (d.content or d.reasoning_content or d.tool_calls)
+
+
+def delta_json(d: DeltaMessage) -> dict[str, Any]:
+    """A chat chunk's `delta` (without the role, which only the first chunk of a choice carries)."""
+    out: dict[str, Any] = {}
+    if d.reasoning_content:
+        out["reasoning_content"] = d.reasoning_content
+    if d.content:
+        out["content"] = d.content
+    if d.tool_calls:
+        calls = []
+        for call in d.tool_calls:
+            item: dict[str, Any] = {"index": call.index}
+            function: dict[str, Any] = {}
+            if call.id is not None:
+                item["id"] = call.id
+                item["type"] = "function"
+            if call.name is not None:
+                function["name"] = call.name
+            function["arguments"] = call.arguments
+            item["function"] = function
+            calls.append(item)
+        out["tool_calls"] = calls
+    return out
+
+
+def message_json(parsed: ParsedMessage) -> dict[str, Any]:
+    """A non-streamed chat `message`."""
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if parsed.reasoning_content is not None:
+        message["reasoning_content"] = parsed.reasoning_content
+    if parsed.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in parsed.tool_calls
+        ]
+    return message
+
+
+def finish_reason(reason: str | None, has_tool_calls: bool) -> str | None:
+    """OpenAI's finish reason: a natural stop that produced calls is "tool_calls"."""
+    if reason == "stop" and has_tool_calls:
+        return "tool_calls"
+    return reason
+
+
+def visible_token_ids(piece: Response, stop_ids: set[int], include_stop: bool) -> list[int]:
+    """The piece's tokens that have text: the EOS (or stop id) that ended a sequence is dropped, as its text is."""
+    ids = piece.token_ids
+    if piece.finish_reason == "stop" and ids and ids[-1] in stop_ids and not include_stop and piece.stop_str is None:
+        return ids[:-1]
+    return ids
+
+
+def stop_ids_of(pipeline, gen_config) -> set[int]:
+    ids = set(gen_config.stop_token_ids or ())
+    if not gen_config.ignore_eos:
+        ids.update(pipeline.tokenizer.eos_token_ids)
+    return ids
+
+
+def usage_json(num_prompt: int, num_completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_completion,
+        "total_tokens": num_prompt + num_completion,
+    }

@@ -1,0 +1,19 @@
+"""`POST /v1/completions` request (the legacy text completions API)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from lm_serve.protocol.common import ResponseFormat, SamplingFields
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    # A string, a list of strings, a list of token ids, or a list of token-id lists.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+    response_format: ResponseFormat | None = None

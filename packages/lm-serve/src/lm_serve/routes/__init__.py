@@ -1,0 +1,1 @@
+"""One module per group of endpoints; each exposes an `APIRouter` called `router`."""

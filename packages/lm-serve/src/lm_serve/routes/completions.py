@@ -1,0 +1,161 @@
+"""`POST /v1/completions`: text completion of one or more prompts (strings or token ids)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from lm_serve.errors import APIError, bad_request, error_body
+from lm_serve.generation import ClientDisconnected, Generation, PromptJob
+from lm_serve.logprobs import CompletionLogprobs, TokenTexts
+from lm_serve.output import new_id, now, stop_ids_of, usage_json, visible_token_ids
+from lm_serve.protocol import CompletionRequest
+from lm_serve.sampling import build_gen_config
+from lm_serve.state import ServerState
+from lm_serve.streaming import DONE, SSEResponse, sse
+
+router = APIRouter()
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """The request's prompts: one string or id list becomes a batch of one."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise APIError("prompt is empty", param="prompt")
+    return list(prompt)
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    """Text completion (OpenAI's legacy API): streamed as SSE chunks when `stream` is true."""
+    state: ServerState = request.app.state.lm
+    state.check_model(body.model)
+    if body.suffix:
+        raise APIError("suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError("best_of other than n is not supported", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise APIError(
+            "echo with logprobs would need the prompt's logprobs, which this server does not compute",
+            param="echo",
+        )
+    gen_config = build_gen_config(
+        body,
+        max_tokens=body.max_tokens,
+        logprobs=body.logprobs,
+        response_format=body.response_format.to_engine() if body.response_format else None,
+        model_defaults=state.pipeline.generation_defaults,
+        vocab_size=state.tokenizer.vocab_size,
+    )
+    pipe = state.pipeline
+    jobs, echoes = [], []
+    for p, prompt in enumerate(_prompts(body.prompt)):
+        try:
+            ids = pipe.prompt_token_ids(prompt, do_preprocess=False)
+            pipe.resolve_gen_config(gen_config, len(ids))
+        except ValueError as exc:
+            raise bad_request(exc, param="prompt") from None
+        jobs.append(PromptJob(ids, gen_config, p * body.n))
+        echoes.append((prompt if isinstance(prompt, str) else pipe.tokenizer.decode(ids)) if body.echo else "")
+    gen = await Generation(state, jobs).start()
+    ctx = _CompletionContext(state, body, gen_config, echoes, sum(len(j.prompt_ids) for j in jobs))
+    if body.stream:
+        return SSEResponse(ctx.events(gen), gen.aclose)
+    try:
+        results = await gen.collect(request)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(ctx.completion(results))
+
+
+class _CompletionContext:
+    def __init__(self, state, body, gen_config, echoes, num_prompt) -> None:
+        self.state = state
+        self.body = body
+        self.echoes = echoes
+        self.num_prompt = num_prompt
+        self.id = new_id("cmpl")
+        self.created = now()
+        self.texts = TokenTexts(state.tokenizer)
+        self.stop_ids = stop_ids_of(state.pipeline, gen_config)
+        self.include_stop = gen_config.include_stop_str_in_output
+        self.num_choices = len(echoes) * body.n
+        self._logprobs: dict[int, CompletionLogprobs] = {}
+
+    def _echo(self, index: int) -> str:
+        return self.echoes[index // self.body.n]
+
+    def _logprobs_of(self, index: int, piece) -> dict[str, Any] | None:
+        if self.body.logprobs is None:
+            return None
+        state = self._logprobs.setdefault(index, CompletionLogprobs(self.body.logprobs, self.texts))
+        return state.render(visible_token_ids(piece, self.stop_ids, self.include_stop), piece.logprobs)
+
+    def completion(self, results) -> dict[str, Any]:
+        choices = []
+        for index in range(self.num_choices):
+            result = results[index]
+            if result.finish_reason == "error":
+                raise APIError(result.error or "generation failed", status_code=500, type="server_error")
+            choices.append(
+                {
+                    "index": index,
+                    "text": self._echo(index) + result.text,
+                    "logprobs": self._logprobs_of(index, result),
+                    "finish_reason": result.finish_reason,
+                }
+            )
+        num_completion = sum(r.generate_token_len for r in results.values())
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+            "usage": usage_json(self.num_prompt, num_completion),
+            "system_fingerprint": None,
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        chunk = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            chunk["usage"] = usage
+        return sse(chunk)
+
+    async def events(self, gen: Generation) -> AsyncIterator[str]:
+        started: set[int] = set()
+        num_completion: dict[int, int] = {}
+        try:
+            async for piece in gen:
+                i = piece.index
+                if piece.finish_reason == "error":
+                    yield sse(error_body(piece.error or "generation failed", "server_error"))
+                    return
+                text = piece.text
+                if i not in started:
+                    started.add(i)
+                    text = self._echo(i) + text
+                num_completion[i] = piece.generate_token_len
+                logprobs = self._logprobs_of(i, piece)
+                if not text and piece.finish_reason is None and not (logprobs and logprobs["tokens"]):
+                    continue
+                choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
+                yield self._chunk([choice])
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield self._chunk([], usage_json(self.num_prompt, sum(num_completion.values())))
+            yield DONE
+        finally:
+            await gen.aclose()
