@@ -1,0 +1,165 @@
+"""The proxy's FastAPI app: its own routes (`/health`, `/nodes`, merged `/v1/models`) and a catch-all that forwards
+every other request (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`, `/tokenize`, ...)
+to a healthy node.
+
+Registration contract (what `lm serve api_server --proxy-url` uses, through `lm_serve.proxy.register_with_proxy`):
+
+- `POST /nodes/add` with `{"url": "http://host:port"}`: adds the node (adding a known URL again is fine), health-checks
+  it at once and answers 200 with the node as `GET /nodes` lists it (`healthy` false if the check failed: the periodic
+  checks bring it in later). A bad URL answers 400.
+- `POST /nodes/remove` with `{"url": ...}`: answers 200 with the removed node, 404 if the URL is unknown. Requests
+  already streaming from it finish.
+- `GET /nodes`: `{"routing_strategy": ..., "nodes": [{"url", "healthy", "in_flight", "num_requests",
+  "num_failures", "models", "last_error"}, ...]}`.
+Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from lm_serve.proxy.forward import ForwardResponse, openai_error
+from lm_serve.proxy.nodes import NodeTable, ProxyConfig
+
+logger = logging.getLogger("lm_serve.proxy")
+
+FORWARDED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def create_app(config: ProxyConfig) -> FastAPI:
+    """The proxy app for `config`; its node table is `app.state.table`, its client to the nodes `app.state.client`."""
+    table = NodeTable(config.routing_strategy)
+    for url in config.nodes:
+        table.add(url)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # No read timeout: a generation may stream for minutes. trust_env=False: nodes are reached directly, never
+        # through an HTTP(S)_PROXY meant for the outside world.
+        timeout = httpx.Timeout(None, connect=config.connect_timeout)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+            app.state.client = client
+            await table.check_all(client, config.health_timeout)
+            health_loop = asyncio.create_task(_check_periodically(table, client, config))
+            try:
+                yield
+            finally:
+                health_loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await health_loop
+
+    app = FastAPI(title="lm-serve proxy", lifespan=lifespan)
+    app.state.table = table
+    app.state.config = config
+
+    @app.get("/health")
+    async def health() -> dict:
+        """The proxy itself is up; how many of its nodes are healthy."""
+        nodes = table.nodes
+        return {"status": "ok", "num_nodes": len(nodes), "num_healthy_nodes": sum(node.healthy for node in nodes)}
+
+    @app.get("/nodes")
+    async def list_nodes() -> dict:
+        return {"routing_strategy": table.routing_strategy, "nodes": [node.to_dict() for node in table.nodes]}
+
+    @app.post("/nodes/add")
+    async def add_node(request: Request) -> Response:
+        url = await _url_from_body(request)
+        if isinstance(url, Response):
+            return url
+        node = table.add(url)
+        await table.check(node, request.app.state.client, config.health_timeout)
+        logger.info("node %s registered (%s)", node.url, "healthy" if node.healthy else "not healthy yet")
+        return JSONResponse(node.to_dict())
+
+    @app.post("/nodes/remove")
+    async def remove_node(request: Request) -> Response:
+        url = await _url_from_body(request)
+        if isinstance(url, Response):
+            return url
+        node = table.remove(url)
+        if node is None:
+            return openai_error(404, f"url: no node {url} is registered", "not_found_error")
+        logger.info("node %s removed", node.url)
+        return JSONResponse(node.to_dict())
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        """The union of the healthy nodes' models, asked with the client's own Authorization header."""
+        nodes = [node for node in table.nodes if node.healthy]
+        if not nodes:
+            return openai_error(503, f"no healthy node (0 of {len(table.nodes)} nodes healthy)", "service_unavailable")
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        client = request.app.state.client
+        answers = await asyncio.gather(
+            *(client.get(f"{node.url}/v1/models", headers=headers) for node in nodes), return_exceptions=True
+        )
+        models: dict[str, dict] = {}
+        refusal = None
+        num_answered = 0
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                continue
+            if answer.status_code != 200:
+                refusal = refusal or answer
+                continue
+            try:
+                entries = answer.json()["data"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            num_answered += 1
+            for entry in entries:
+                if isinstance(entry, dict) and "id" in entry:
+                    models.setdefault(entry["id"], entry)
+        if not num_answered and refusal is not None:
+            # Every node refused (a bad API key, typically): the client gets the node's own answer.
+            media_type = refusal.headers.get("content-type", "application/json")
+            return Response(refusal.content, status_code=refusal.status_code, media_type=media_type)
+        if not num_answered:
+            return openai_error(503, "no node answered GET /v1/models", "service_unavailable")
+        return JSONResponse({"object": "list", "data": list(models.values())})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        # Forwarding would show one random node's counters as if they were the whole fleet's.
+        return openai_error(404, "the proxy has no /metrics: scrape each node (GET /nodes lists them)", "not_found")
+
+    @app.api_route("/{path:path}", methods=FORWARDED_METHODS, include_in_schema=False)
+    async def forward(request: Request, path: str) -> Response:
+        body = await request.body()
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return ForwardResponse(table, request.app.state.client, request.method, target, request.headers.raw, body)
+
+    return app
+
+
+async def _url_from_body(request: Request) -> str | Response:
+    """The `url` field of a `/nodes/*` request body, normalised; or the 400 response explaining what is wrong."""
+    from lm_serve.proxy.nodes import normalize_node_url
+
+    try:
+        payload = await request.json()
+    except ValueError:
+        return openai_error(400, 'expected a JSON body {"url": "http://host:port"}', "invalid_request_error")
+    if not isinstance(payload, dict) or "url" not in payload:
+        return openai_error(400, 'url: missing; expected {"url": "http://host:port"}', "invalid_request_error")
+    try:
+        return normalize_node_url(payload["url"])
+    except ValueError as exc:
+        return openai_error(400, str(exc), "invalid_request_error")
+
+
+async def _check_periodically(table: NodeTable, client: httpx.AsyncClient, config: ProxyConfig) -> None:
+    while True:
+        await asyncio.sleep(config.health_interval)
+        try:
+            await table.check_all(client, config.health_timeout)
+        except Exception:  # a bug in one round must not end the health checks for good
+            logger.exception("health check round failed")

@@ -1,0 +1,91 @@
+"""How an api_server joins and leaves a proxy (`lm serve api_server --proxy-url URL`).
+
+The api_server calls `register_with_proxy(proxy_url, own_url)` once it accepts connections (the proxy health-checks
+the node as it registers) and `unregister_from_proxy(proxy_url, own_url)` at shutdown. `own_url` must be the address
+the proxy can reach the api_server at (not 0.0.0.0). Async twins serve code already on an event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lm_core.errors import LMDeployError
+
+logger = logging.getLogger("lm_serve.proxy")
+
+
+class ProxyRegistrationError(LMDeployError):
+    """The proxy could not be reached, or refused the registration."""
+
+
+def _request(proxy_url: str, own_url: str) -> tuple[str, dict]:
+    from lm_serve.proxy.nodes import normalize_node_url
+
+    return normalize_node_url(proxy_url, "proxy_url"), {"url": normalize_node_url(own_url, "own_url")}
+
+
+def _check_registered(response, proxy_url: str) -> dict:
+    if response.status_code != 200:
+        raise ProxyRegistrationError(
+            f"the proxy at {proxy_url} refused the registration ({response.status_code}): {response.text[:500]}"
+        )
+    return response.json()
+
+
+def register_with_proxy(proxy_url: str, own_url: str, timeout: float = 30.0) -> dict:
+    """Register the api_server at `own_url` with the proxy at `proxy_url`; returns the proxy's entry for the node.
+
+    Raises ProxyRegistrationError when the proxy is unreachable or refuses, ValueError for a malformed URL.
+    """
+    import httpx
+
+    proxy_url, payload = _request(proxy_url, own_url)
+    try:
+        response = httpx.post(f"{proxy_url}/nodes/add", json=payload, timeout=timeout, trust_env=False)
+    except httpx.HTTPError as exc:
+        raise ProxyRegistrationError(f"cannot register with the proxy at {proxy_url}: {exc}") from exc
+    return _check_registered(response, proxy_url)
+
+
+def unregister_from_proxy(proxy_url: str, own_url: str, timeout: float = 10.0) -> bool:
+    """Remove the api_server at `own_url` from the proxy; True if the proxy removed it.
+
+    Never raises for an unreachable proxy (this runs at shutdown, when the proxy may be gone already): it logs a
+    warning and returns False.
+    """
+    import httpx
+
+    proxy_url, payload = _request(proxy_url, own_url)
+    try:
+        response = httpx.post(f"{proxy_url}/nodes/remove", json=payload, timeout=timeout, trust_env=False)
+    except httpx.HTTPError as exc:
+        logger.warning("could not unregister %s from the proxy at %s: %s", payload["url"], proxy_url, exc)
+        return False
+    return response.status_code == 200
+
+
+async def aregister_with_proxy(proxy_url: str, own_url: str, timeout: float = 30.0) -> dict:
+    """`register_with_proxy` for code running on an event loop."""
+    import httpx
+
+    proxy_url, payload = _request(proxy_url, own_url)
+    try:
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+            response = await client.post(f"{proxy_url}/nodes/add", json=payload)
+    except httpx.HTTPError as exc:
+        raise ProxyRegistrationError(f"cannot register with the proxy at {proxy_url}: {exc}") from exc
+    return _check_registered(response, proxy_url)
+
+
+async def aunregister_from_proxy(proxy_url: str, own_url: str, timeout: float = 10.0) -> bool:
+    """`unregister_from_proxy` for code running on an event loop."""
+    import httpx
+
+    proxy_url, payload = _request(proxy_url, own_url)
+    try:
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+            response = await client.post(f"{proxy_url}/nodes/remove", json=payload)
+    except httpx.HTTPError as exc:
+        logger.warning("could not unregister %s from the proxy at %s: %s", payload["url"], proxy_url, exc)
+        return False
+    return response.status_code == 200

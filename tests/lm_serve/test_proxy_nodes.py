@@ -1,0 +1,94 @@
+"""The proxy's node table on its own: routing strategies, model filtering, failures, config validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from lm_serve.proxy.nodes import NodeTable, ProxyConfig, normalize_node_url
+
+
+def table_of(strategy: str, *urls: str) -> NodeTable:
+    table = NodeTable(strategy)
+    for url in urls:
+        table.add(url).healthy = True
+    return table
+
+
+def test_round_robin_rotates_and_ignores_load():
+    table = table_of("round_robin", "http://a:1", "http://b:1", "http://c:1")
+    picked = [table.acquire().url for _ in range(6)]  # never released: load must not matter
+    assert picked == ["http://a:1", "http://b:1", "http://c:1"] * 2
+
+
+def test_least_load_picks_the_least_busy_and_rotates_among_equals():
+    table = table_of("least_load", "http://a:1", "http://b:1")
+    first = table.acquire()
+    second = table.acquire()
+    assert {first.url, second.url} == {"http://a:1", "http://b:1"}
+    table.release(second)
+    # a has one in flight, b none: b, then (both at one) the rotation goes on to a.
+    assert [table.acquire().url, table.acquire().url] == ["http://b:1", "http://a:1"]
+    assert [node.in_flight for node in table.nodes] == [2, 1]
+    for _ in range(2):
+        table.release(table.get("http://a:1"))
+    assert table.acquire().url == "http://a:1"
+
+
+def test_unhealthy_excluded_and_failed_nodes_are_skipped():
+    table = table_of("round_robin", "http://a:1", "http://b:1")
+    table.get("http://b:1").healthy = False
+    assert {table.acquire().url for _ in range(3)} == {"http://a:1"}
+    assert table.acquire(exclude={"http://a:1"}) is None
+    node = table.get("http://a:1")
+    table.mark_failed(node, "ConnectError: refused")
+    assert (node.healthy, node.num_failures, node.last_error) == (False, 1, "ConnectError: refused")
+    assert table.acquire() is None
+
+
+def test_model_filter_prefers_nodes_that_list_the_model():
+    table = table_of("least_load", "http://a:1", "http://b:1", "http://c:1")
+    table.get("http://a:1").models = ["m1"]
+    table.get("http://b:1").models = ["m2"]
+    # c's models are unknown (None): it may serve anything.
+    assert {table.acquire("m2").url for _ in range(4)} == {"http://b:1", "http://c:1"}
+    assert {table.acquire("m1").url for _ in range(4)} == {"http://a:1", "http://c:1"}
+    table.get("http://c:1").models = ["m3"]
+    # Nobody lists m9: any healthy node gets it, and answers "model not found" itself.
+    assert {table.acquire("m9").url for _ in range(3)} == {"http://a:1", "http://b:1", "http://c:1"}
+
+
+def test_add_is_idempotent_and_remove_forgets():
+    table = NodeTable()
+    node = table.add("http://a:1/")
+    assert table.add("http://a:1") is node
+    assert [n.url for n in table.nodes] == ["http://a:1"]
+    assert table.remove("http://a:1/") is node
+    assert table.remove("http://a:1") is None
+    assert table.acquire() is None
+
+
+@pytest.mark.parametrize("url", ["", "localhost:8000", "ftp://a:1", "http://", "http://a:99999", "http://a:1/?q=1", 3])
+def test_bad_node_urls_are_rejected_naming_the_field(url):
+    with pytest.raises(ValueError, match=r"^url:"):
+        normalize_node_url(url)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("routing_strategy", "random"),
+        ("health_interval", 0),
+        ("health_timeout", -1),
+        ("connect_timeout", True),
+        ("nodes", "http://a:1"),
+        ("nodes", ["http://a:1", "nope"]),
+    ],
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        ProxyConfig(**{field: value})
+
+
+def test_config_normalizes_and_deduplicates_nodes():
+    config = ProxyConfig(nodes=["http://a:1/", "http://a:1", "https://b"])
+    assert config.nodes == ["http://a:1", "https://b"]
