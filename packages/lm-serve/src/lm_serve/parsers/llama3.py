@@ -55,14 +55,13 @@ class Llama3JsonToolParser(StreamingToolParser):
                 self._state = CONTENT
             return True
         # _START and _SEPARATOR: whitespace (held), then a call object
-        start = skip_whitespace(self._buf)
-        rest = self._buf[start:]
+        self._take(skip_whitespace(self._buf))
+        rest = self._buf
         if state == _START and not self._is_tag_seen and rest.startswith(PYTHON_TAG):
-            self._take(start + len(PYTHON_TAG))
+            self._take(len(PYTHON_TAG))
             self._is_tag_seen = True
             return True
         if rest.startswith("{"):
-            self._take(start)
             self._begin_call_object(_AFTER_OBJECT, self._accept_name)
             return True
         could_be_tag = state == _START and not self._is_tag_seen and is_proper_prefix(rest, PYTHON_TAG)

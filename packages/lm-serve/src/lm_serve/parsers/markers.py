@@ -9,12 +9,46 @@ content `"\\n"`; when no tag follows, the whitespace is released unchanged.
 from __future__ import annotations
 
 
-def whitespace_start(text: str, end: int) -> int:
-    """Where the run of whitespace that ends at `end` begins (`end` if `text[end - 1]` is not whitespace)."""
-    start = end
-    while start > 0 and text[start - 1].isspace():
-        start -= 1
-    return start
+class TagSplitter:
+    """Splits streamed text at the first `tag`, releasing everything that cannot be part of `\\s*tag`.
+
+    The held whitespace is kept as a list of pieces, apart from the text that is searched again on the next
+    push, so that a degenerate stream of whitespace costs linear time, not quadratic.
+    """
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self._whitespace: list[str] = []  # the held run of whitespace
+        self._partial = ""  # after it, a held proper prefix of the tag (tags hold no whitespace)
+
+    def push(self, text: str, final: bool = False) -> tuple[str, str | None, str]:
+        """Adds `text`; returns (released text, the whitespace before the tag or None if no tag yet, text after it).
+
+        When `final`, nothing is held: without a tag everything is released.
+        """
+        buf, self._partial = self._partial + text, ""
+        at = buf.find(self.tag)
+        if at >= 0:
+            before = buf[:at]
+            kept = before.rstrip()
+            if kept:
+                released, whitespace = "".join(self._whitespace) + kept, before[len(kept) :]
+            else:
+                released, whitespace = "", "".join(self._whitespace) + before
+            self._whitespace = []
+            return released, whitespace, buf[at + len(self.tag) :]
+        if final:
+            released, self._whitespace = "".join(self._whitespace) + buf, []
+            return released, None, ""
+        end = partial_tag_start(buf, self.tag)
+        self._partial = buf[end:]
+        kept = buf[:end].rstrip()
+        if not kept:
+            self._whitespace.append(buf[:end])
+            return "", None, ""
+        released = "".join(self._whitespace) + kept
+        self._whitespace = [buf[len(kept) : end]]
+        return released, None, ""
 
 
 def partial_tag_start(text: str, tag: str) -> int:
@@ -26,16 +60,9 @@ def partial_tag_start(text: str, tag: str) -> int:
     return len(text)
 
 
-def held_start(text: str, tag: str) -> int:
-    """Where the tag-start held back at the end of `text` begins: whitespace plus a partial `tag`."""
-    return whitespace_start(text, partial_tag_start(text, tag))
-
-
 def skip_whitespace(text: str, start: int = 0) -> int:
     """Index of the first non-whitespace character at or after `start` (`len(text)` if none)."""
-    while start < len(text) and text[start].isspace():
-        start += 1
-    return start
+    return len(text) - len(text[start:].lstrip())
 
 
 def is_proper_prefix(text: str, tag: str) -> bool:

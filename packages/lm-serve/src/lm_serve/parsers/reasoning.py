@@ -19,7 +19,7 @@ dropped. A `<think>` or `</think>` inside the content is content.
 from __future__ import annotations
 
 from lm_serve.parsers.base import ReasoningParser
-from lm_serve.parsers.markers import held_start, is_proper_prefix, skip_whitespace, whitespace_start
+from lm_serve.parsers.markers import TagSplitter, is_proper_prefix, skip_whitespace
 
 _START = "start"  # the output's first characters may be "<think>"
 _REASONING = "reasoning"
@@ -47,6 +47,8 @@ class ThinkReasoningParser(ReasoningParser):
             self._state = _START
             self._is_reasoning_default = self.starts_in_reasoning or prompt_tail.endswith(self.start_tag)
         self._buf = ""
+        self._leading: list[str] = []  # whitespace before a possible "<think>"
+        self._end_splitter = TagSplitter(self.end_tag)
         self._is_reasoning_stripped = False  # leading whitespace of the reasoning was dropped
         self._reasoning: list[str] = []
         self._content: list[str] = []
@@ -82,14 +84,20 @@ class ThinkReasoningParser(ReasoningParser):
             self._state = _CONTENT
             return True
         if state == _START:
-            rest = buf[skip_whitespace(buf) :]
+            rest = buf.lstrip()
+            self._leading.append(buf[: len(buf) - len(rest)])
+            self._buf = rest
             if rest.startswith(self.start_tag):
                 self._buf = rest[len(self.start_tag) :]
                 self._state = _REASONING
-                return True
-            if not final and (not rest or is_proper_prefix(rest, self.start_tag)):
+            elif not final and (not rest or is_proper_prefix(rest, self.start_tag)):
                 return False
-            self._state = _REASONING if self._is_reasoning_default else _CONTENT
+            elif self._is_reasoning_default:
+                self._state = _REASONING  # whose leading whitespace is dropped anyway
+            else:
+                self._content.append("".join(self._leading))
+                self._state = _CONTENT
+            self._leading = []
             return True
         # _REASONING
         if not self._is_reasoning_stripped:
@@ -97,16 +105,13 @@ class ThinkReasoningParser(ReasoningParser):
             if not buf:
                 return False
             self._is_reasoning_stripped = True
-        at = buf.find(self.end_tag)
-        if at >= 0:
-            self._reasoning.append(buf[: whitespace_start(buf, at)])
-            self._buf = buf[at + len(self.end_tag) :]
-            self._state = _CONTENT_START
-            return True
-        end = len(buf) if final else held_start(buf, self.end_tag)
-        self._reasoning.append(buf[:end])
-        self._buf = buf[end:]
-        return False
+        released, whitespace, rest = self._end_splitter.push(buf, final)
+        self._reasoning.append(released)
+        self._buf = rest
+        if whitespace is None:
+            return False
+        self._state = _CONTENT_START
+        return True
 
 
 class DeepSeekR1ReasoningParser(ThinkReasoningParser):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from lm_serve.parsers.base import IdFactory, ToolCallDelta, ToolParser
 from lm_serve.parsers.json_scan import CallObjectScanner, JsonScanner
-from lm_serve.parsers.markers import held_start, skip_whitespace, whitespace_start
+from lm_serve.parsers.markers import TagSplitter, skip_whitespace
 
 CONTENT = "content"
 _NOTHING_MORE = float("inf")  # `_args_emitted` once a call's arguments were sent whole
@@ -35,6 +35,7 @@ class StreamingToolParser(ToolParser):
     def __init__(self, tools: list[dict], id_factory: IdFactory | None = None) -> None:
         super().__init__(tools, id_factory)
         self._state = CONTENT
+        self._splitter = TagSplitter(self.tag) if self.tag else None
         self._fallback = CONTENT  # where a failed piece of markup sends the parser
         self._buf = ""
         self._held: list[str] = []
@@ -114,19 +115,14 @@ class StreamingToolParser(ToolParser):
 
     def _step_content(self, final: bool, next_state: str) -> bool:
         """Emits content up to `tag`; holds the whitespace before the tag with the tag and goes to `next_state`."""
-        buf = self._buf
-        at = buf.find(self.tag)
-        if at >= 0:
-            start = whitespace_start(buf, at)
-            self._emit_content(buf[:start])
-            self._buf = buf[start:]
-            self._take(at - start + len(self.tag))
-            self._state = next_state
-            return True
-        end = len(buf) if final else held_start(buf, self.tag)
-        self._emit_content(buf[:end])
-        self._buf = buf[end:]
-        return False
+        released, whitespace, rest = self._splitter.push(self._buf, final)
+        self._emit_content(released)
+        self._buf = rest
+        if whitespace is None:
+            return False
+        self._held = [whitespace + self.tag]
+        self._state = next_state
+        return True
 
     # -- a JSON call object: {"name": ..., "arguments": {...}} ---------------------------------------------------
 
