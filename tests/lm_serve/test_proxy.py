@@ -568,3 +568,69 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- the real api_server behind the proxy -------------------------------------------------------------------------
+
+
+def api_server_options() -> set[str] | None:
+    """The option names of `lm serve api-server`, or None while the command does not exist."""
+    import click
+
+    from lm_serve.cli import serve
+
+    context = click.Context(serve)
+    command = next((serve.get_command(context, n) for n in ("api-server", "api_server")), None)
+    if command is None:
+        return None
+    return {option for param in command.params for option in getattr(param, "opts", [])}
+
+
+@pytest.mark.slow
+def test_real_api_server_behind_the_proxy(request, make_proxy):
+    openai = pytest.importorskip("openai")
+    if api_server_options() is None:
+        pytest.skip("`lm serve api-server` does not exist yet")
+    server, api_key = request.getfixturevalue("api_server"), request.getfixturevalue("api_key")
+    proxy = make_proxy("--nodes", server.url)
+    through = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=api_key, max_retries=0, timeout=300)
+    direct = openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=300)
+
+    assert [m.id for m in through.models.list().data] == [m.id for m in direct.models.list().data]
+    model = direct.models.list().data[0].id
+    messages = [{"role": "user", "content": "Name three colours."}]
+    ask = {"model": model, "messages": messages, "max_tokens": 24, "temperature": 0}
+    expected = direct.chat.completions.create(**ask)
+    answer = through.chat.completions.create(**ask)
+    assert answer.choices[0].message.content == expected.choices[0].message.content
+    assert answer.usage.completion_tokens == expected.usage.completion_tokens
+
+    chunks = list(through.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == expected.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == expected.usage.completion_tokens
+
+    prompt = {"model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    assert through.completions.create(**prompt).choices[0].text == direct.completions.create(**prompt).choices[0].text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="wrong", max_retries=0).completions.create(**prompt)
+
+
+@pytest.mark.slow
+def test_real_api_server_registers_itself_with_proxy_url(request, make_proxy):
+    options = api_server_options()
+    if options is None or "--proxy-url" not in options:
+        pytest.skip("`lm serve api-server --proxy-url` does not exist yet")
+    proxy = make_proxy()
+    server = request.getfixturevalue("start_server")(
+        "--session-len", "512", "--num-kv-blocks", "32", "--max-batch-size", "4", "--proxy-url", proxy.url
+    )
+    listed = wait_until(lambda: [n for n in nodes_of(proxy).values() if n["healthy"]], "the server registers")
+    assert [node["url"] for node in listed] == [server.url]
+    answer = httpx.post(
+        f"{proxy.url}/v1/completions", json={"model": listed[0]["models"][0], "prompt": "Hi", "max_tokens": 2}
+    )
+    assert answer.status_code == 200, answer.text
+    server.stop()
+    # A graceful shutdown unregisters the node.
+    assert nodes_of(proxy) == {}
