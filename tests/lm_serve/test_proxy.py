@@ -615,6 +615,16 @@ def test_real_api_server_behind_the_proxy(request, make_proxy):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="wrong", max_retries=0).completions.create(**prompt)
 
+    # A client leaving a long stream through the proxy: the server aborts the generation.
+    scrape = request.getfixturevalue("scrape")
+    aborts = 'lm_requests_finished_total{finish_reason="abort"}'
+    before = scrape(server).get(aborts, 0)
+    stream = through.chat.completions.create(**{**ask, "max_tokens": 400}, stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    assert all(next(chunks) for _ in range(3))  # the role chunk and two pieces of text
+    stream.close()
+    wait_until(lambda: scrape(server).get(aborts, 0) == before + 1, "the server aborts the abandoned stream")
+
 
 @pytest.mark.slow
 def test_real_api_server_registers_itself_with_proxy_url(request, make_proxy):
