@@ -12,6 +12,7 @@ Usage: python benchmarks/kernels.py [--batches 1 64 256] [--contexts 512 2048] [
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
@@ -187,6 +188,65 @@ def sampling_table() -> list[str]:
     return rows
 
 
+PREFILL_SHAPES = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2), (256, 64, 8, 2)]
+SAMPLING_SHAPES = [(2048, 8), (4096, 8), (8192, 16), (16384, 32)]
+
+
+def tuning_table() -> list[str]:
+    """Launch shapes of the prefill and sampling kernels, to pick their defaults."""
+    from lm_torch.kernels.prefill_attention import prefill_attention, prefill_tiles, tokens_per_tile
+    from lm_torch.kernels.sampling import sample
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    rows = ["| kernel | shape | launch | us |", "|---|---|---|---|"]
+    scale = 1 / math.sqrt(HEAD_DIM)
+    for batch, length in ((4, 512), (1, 8192)):
+        k_cache, v_cache, tables = _paged_cache(batch, length, torch.bfloat16, gen)
+        q = torch.randn(batch * length, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        starts = torch.arange(0, batch * length + 1, length, device="cuda", dtype=torch.int32)
+        lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+        for tile_rows, block_n, warps, stages in PREFILL_SHAPES:
+            per_tile = tokens_per_tile(NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, tile_rows)
+            tiles = prefill_tiles([length] * batch, per_tile, "cuda")
+            run = functools.partial(
+                prefill_attention,
+                q,
+                k_cache,
+                v_cache,
+                tables,
+                starts,
+                lens,
+                *tiles,
+                scale,
+                tokens_per_tile=per_tile,
+                block_n=block_n,
+                num_warps=warps,
+                num_stages=stages,
+            )
+            launch = f"rows {tile_rows} n {block_n} w {warps} s {stages}"
+            try:
+                timing = f"{_bench(run):.0f}"
+            except Exception as error:  # a launch shape that does not fit (shared memory) is a result too
+                timing = f"failed: {type(error).__name__}"
+            rows.append(f"| prefill | {batch} x {length} | {launch} | {timing} |")
+            print(rows[-1], flush=True)
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+    for batch in (1, 256):
+        logits = torch.randn(batch, 128256, device="cuda", generator=gen) * 4
+        temperature = torch.full((batch,), 0.8, device="cuda")
+        uniforms = torch.rand(batch, device="cuda", generator=gen)
+        top_k = torch.full((batch,), 50, device="cuda", dtype=torch.long)
+        top_p = torch.full((batch,), 0.9, device="cuda")
+        for block, warps in SAMPLING_SHAPES:
+            for label, k, p in (("temperature", None, None), ("top-k 50 + top-p 0.9", top_k, top_p)):
+                run = functools.partial(sample, logits, temperature, uniforms, k, p, block=block, num_warps=warps)
+                launch = f"block {block} w {warps}"
+                rows.append(f"| sample, {label} | batch {batch} | {launch} | {_bench(run):.0f} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
@@ -194,6 +254,7 @@ def main() -> None:
     parser.add_argument("--splits", type=int, nargs="*", default=[1, 4, 8, 16, 32], help="split-K variants to time")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--skip-sampling", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="also time launch shapes of prefill and sampling")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
@@ -205,6 +266,8 @@ def main() -> None:
         tables.append(("Prefill attention (causal), Llama-3-8B shape, bf16", prefill_table()))
     if not args.skip_sampling:
         tables.append(("Sampling, vocab 128256, float32 logits", sampling_table()))
+    if args.tune:
+        tables.append(("Launch shapes", tuning_table()))
     for title, lines in tables:
         print(f"\n{title}\n" + "\n".join(lines))
 

@@ -77,12 +77,18 @@ def test_decode_leaves_prefill_rows_alone(case, paged_batch):
     assert out[1:4].isnan().all()
 
 
-def test_decode_llama3_8b_shape(case, paged_batch):
-    """The shape the engine runs on an H100: 32 query heads over 8 kv heads, head_dim 128, split-K by heuristic."""
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim", "softcap"),
+    [(32, 8, 128, None), (16, 8, 256, 50.0)],
+    ids=["llama3", "gemma2"],
+)
+def test_decode_real_shapes(case, paged_batch, num_heads, num_kv_heads, head_dim, softcap):
+    """Llama-3-8B's and Gemma-2-9B's attention, split-K chosen by the heuristic, with and without a window."""
     if case.device == "cpu":
         pytest.skip("too large for the interpreter")
     context_lens = [1, 100, 2055, 513, 16, 1024, 777, 3000]
-    batch = paged_batch(case, 11, [1] * 8, context_lens, 32, 8, 128)
-    scale = 1 / math.sqrt(128)
-    case.assert_close(_run(batch, scale), _expected(batch, scale), case.attention_tol)
-    case.assert_close(_run(batch, scale, sliding_window=256), _expected(batch, scale, 256), case.attention_tol)
+    batch = paged_batch(case, 11, [1] * 8, context_lens, num_heads, num_kv_heads, head_dim)
+    scale = 1 / math.sqrt(head_dim)
+    for window in (None, 256):
+        out = _run(batch, scale, sliding_window=window, softcap=softcap)
+        case.assert_close(out, _expected(batch, scale, window, softcap), case.attention_tol)

@@ -18,7 +18,7 @@ def _run(batch, scale, skip_single=False, **kwargs):
     from lm_torch.kernels.prefill_attention import prefill_attention, prefill_tiles, tokens_per_tile
 
     group = batch.q.shape[1] // batch.k_cache.shape[2]
-    per_tile = tokens_per_tile(group)
+    per_tile = tokens_per_tile(group, batch.q.shape[2])
     tile_seq, tile_first = prefill_tiles(batch.query_lens, per_tile, batch.q.device, skip_single=skip_single)
     out = torch.full_like(batch.q, float("nan"))
     return prefill_attention(
@@ -75,12 +75,18 @@ def test_prefill_skips_single_token_sequences(case, paged_batch):
     assert out[-1].isnan().all()  # the decode kernel's row
 
 
-def test_prefill_llama3_8b_shape(case, paged_batch):
-    """32 query heads over 8 kv heads, head_dim 128: chunks after long cached prefixes, with and without a window."""
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim", "softcap"),
+    [(32, 8, 128, None), (16, 8, 256, 50.0)],
+    ids=["llama3", "gemma2"],
+)
+def test_prefill_real_shapes(case, paged_batch, num_heads, num_kv_heads, head_dim, softcap):
+    """Llama-3-8B's and Gemma-2-9B's attention: chunks after long cached prefixes, with and without a window."""
     if case.device == "cpu":
         pytest.skip("too large for the interpreter")
     query_lens, context_lens = [300, 1, 64, 513], [300, 1500, 2100, 1000]
-    batch = paged_batch(case, 13, query_lens, context_lens, 32, 8, 128)
-    scale = 1 / math.sqrt(128)
-    case.assert_close(_run(batch, scale), _expected(batch, scale), case.attention_tol)
-    case.assert_close(_run(batch, scale, sliding_window=200), _expected(batch, scale, 200), case.attention_tol)
+    batch = paged_batch(case, 13, query_lens, context_lens, num_heads, num_kv_heads, head_dim)
+    scale = 1 / math.sqrt(head_dim)
+    for window in (None, 200):
+        out = _run(batch, scale, sliding_window=window, softcap=softcap)
+        case.assert_close(out, _expected(batch, scale, window, softcap), case.attention_tol)

@@ -70,6 +70,23 @@ def test_sample_inverts_the_cdf_at_every_uniform(case):
     assert len(set(tokens.tolist())) > 5  # the sweep reaches many tokens, not one
 
 
+def test_sample_random_settings(case):
+    # Many random (temperature, k, p, min_p) combinations, k and p across their whole ranges.
+    gen = torch.Generator().manual_seed(5)
+    num_rows, vocab = 32, 257
+    rows = [
+        (
+            float(torch.rand(1, generator=gen)) * 2 + 0.05,
+            int(torch.randint(0, vocab + 5, (1,), generator=gen)),
+            float(torch.rand(1, generator=gen)) * 0.999 + 0.001,
+            float(torch.rand(1, generator=gen)) * 0.3,
+        )
+        for _ in range(num_rows)
+    ]
+    logits = case.randn(num_rows, vocab, generator=gen, scale=2.0)
+    _check(case, logits, *_params(case, rows, gen))
+
+
 def test_sample_ignores_padded_vocab_and_absent_stages(case):
     from lm_torch.kernels.sampling import sample
 

@@ -74,7 +74,7 @@ class TritonAttentionBackend:
                 out=out,
             )
         if layout.num_decodes < meta.num_seqs:
-            per_tile = tokens_per_tile(q.shape[1] // k_cache.shape[2])
+            per_tile = tokens_per_tile(q.shape[1] // k_cache.shape[2], q.shape[2])
             key = ("triton_prefill_tiles", per_tile)
             tiles = meta.cache.get(key)
             if tiles is None:

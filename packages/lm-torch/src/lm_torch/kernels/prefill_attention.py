@@ -76,7 +76,9 @@ def _prefill_kernel(
     q = q.to(k_cache_ptr.dtype.element_ty)
 
     last_token = tl.minimum(first_token + TOKENS, q_len) - 1
-    hi = ctx - q_len + last_token + 1  # keys past the tile's last query are masked for every row
+    last_pos = ctx - q_len + last_token
+    hi = last_pos + 1  # keys past the tile's last query are masked for every row
+    diagonal = ctx - q_len + first_token + 1  # keys before this are visible to every row (causally)
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(ctx - q_len + first_token - window + 1, 0)
@@ -104,10 +106,15 @@ def _prefill_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] float32
         # Soft-capping works on natural-log scores; the softmax below runs on exp2, hence log2(e) after it.
         s = softcap * tanh(s * qk_scale / softcap) * 1.4426950408889634 if USE_SOFTCAP else s * qk_scale
-        visible = valid[None, :] & (positions[None, :] <= query_pos[:, None])
+        # Steps wholly before the tile's first query (and inside every row's window) need no mask.
+        needs_mask = first + BLOCK_N > diagonal
         if USE_WINDOW:
-            visible = visible & (positions[None, :] > query_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
+            needs_mask = needs_mask | (first <= last_pos - window)
+        if needs_mask:
+            visible = valid[None, :] & (positions[None, :] <= query_pos[:, None])
+            if USE_WINDOW:
+                visible = visible & (positions[None, :] > query_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
         # A row may see nothing in this step (its window starts later, or it is padding): keep its max at -inf
         # and shift by 0 instead, so that exp2 gives 0 rather than NaN.
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -123,9 +130,14 @@ def _prefill_kernel(
     tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def tokens_per_tile(group: int, rows: int | None = None) -> int:
-    """Query tokens per program for a group of `group` query heads per kv head: `rows` rows in all (at least one)."""
-    rows = rows or (32 if interpreting() else 64)
+def tokens_per_tile(group: int, head_dim: int = 128, rows: int | None = None) -> int:
+    """Query tokens per program for `group` query heads per kv head: `rows` rows in all (at least one token).
+
+    128 rows by default (64 for head_dim above 128, whose accumulator would not fit the registers); tuned on an H100
+    with `benchmarks/kernels.py --tune`.
+    """
+    if rows is None:
+        rows = 32 if interpreting() else (128 if head_dim <= 128 else 64)
     return max(1, rows // next_power_of_2(group))
 
 
@@ -164,10 +176,14 @@ def prefill_attention(
     softcap: float | None = None,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows the tiles cover
-    """Causal attention of the tiled sequences' new tokens over their whole cached context."""
+    """Causal attention of the tiled sequences' new tokens over their whole cached context.
+
+    `block_n` (keys per step), `num_warps` and `num_stages` override the launch shape; the defaults were the
+    fastest of those `benchmarks/kernels.py --tune` tried for head_dim 128 on an H100.
+    """
     check_cuda_or_interpreter(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, tile_seq)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -215,11 +231,11 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         DIM_PAD=next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_N=block_n or (16 if interpreting() else 64),
+        BLOCK_N=block_n or (16 if interpreting() else (128 if head_dim <= 128 else 32)),
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps or 8,
+        num_stages=num_stages or (3 if head_dim <= 128 else 2),
     )
     return out

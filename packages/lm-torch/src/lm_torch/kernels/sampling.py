@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import check_cuda_or_interpreter, interpreting
+from lm_torch.kernels.common import check_cuda_or_interpreter, interpreting, multiprocessor_count
 
 
 @triton.jit
@@ -212,10 +212,15 @@ def sample(
     top_p: torch.Tensor | None = None,  # [batch] float in (0, 1], 1 = off
     min_p: torch.Tensor | None = None,  # [batch] float in [0, 1], 0 = off
     vocab_size: int | None = None,  # columns past it (a padded LM head) are never drawn
+    *,
+    block: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [batch] int64, thresholds [batch] float32: the smallest temperature-scaled logit each row kept).
 
-    Setting tensors left None switch their stage off for every row (and out of the compiled kernel).
+    Setting tensors left None switch their stage off for every row (and out of the compiled kernel). `block` and
+    `num_warps` override the launch shape (for tuning): by default a batch smaller than the GPU gives each row's
+    program wide steps and many warps (one program per row leaves most of the GPU idle, so its latency is the cost).
     """
     check_cuda_or_interpreter(logits, temperature, uniforms)
     if logits.dim() != 2 or logits.stride(1) != 1:
@@ -235,7 +240,13 @@ def sample(
         return tokens, thresholds
     # log(min_p) in torch, as the reference computes it (log(0) = -inf keeps every token).
     log_min_p = min_p.float().log() if min_p is not None else None
-    block = min(triton.next_power_of_2(vocab), 512 if interpreting() else 2048)
+    if interpreting():
+        default_block, default_warps = 512, 4
+    elif batch < multiprocessor_count(logits.device):
+        default_block, default_warps = 8192, 16
+    else:
+        default_block, default_warps = 4096, 8
+    block = min(block or default_block, triton.next_power_of_2(vocab))
     _sample_kernel[(batch,)](
         logits,
         logits.stride(0),
@@ -251,6 +262,6 @@ def sample(
         HAS_TOP_K=top_k is not None,
         HAS_TOP_P=top_p is not None,
         HAS_MIN_P=min_p is not None,
-        num_warps=8 if block >= 2048 else 4,
+        num_warps=num_warps or default_warps,
     )
     return tokens, thresholds
