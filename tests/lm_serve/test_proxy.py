@@ -503,6 +503,16 @@ def test_a_node_that_dies_is_retried_around_then_returns(stub_script, make_proxy
         # Adding a known node again re-checks it at once.
         assert httpx.post(f"{proxy.url}/nodes/add", json={"url": b.url}).json()["healthy"] is True
         assert {served_by(proxy.url) for _ in range(2)} == {"A", "B"}
+
+        # B dies in the middle of a stream: too late to retry, so the stream ends with an error event.
+        body = chat_body(model="B-only", stream=True, stub_gate=uuid.uuid4().hex)
+        with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, headers=AUTH) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: ")).count("B:0") == 1
+            b.stop(signal.SIGKILL)
+            events = sse_events(lines)
+        assert len(events) == 1 and "the node serving this stream failed" in events[0]["error"]["message"]
+        assert nodes_of(proxy)[b.url]["healthy"] is False
     finally:
         a.stop()
         b.stop()
