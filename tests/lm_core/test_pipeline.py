@@ -230,6 +230,22 @@ def test_bad_input_raises_and_the_pipeline_keeps_serving(pipe, prompt, config, m
     assert pipe("capital").text == ANSWERS["capital"][0]
 
 
+def test_embed_needs_an_engine_that_embeds_and_checks_its_input_first(pipe):
+    async_pipe = pipe.async_pipeline
+
+    def embed(*args, **kwargs):
+        return asyncio.run_coroutine_threadsafe(async_pipe.embed(*args, **kwargs), pipe._loop).result()
+
+    with pytest.raises(NotImplementedError, match="ScriptedEngine engine does not compute embeddings"):
+        embed("capital")
+    with pytest.raises(ValueError, match="inputs is empty"):
+        embed("")
+    with pytest.raises(ValueError, match="session length is 256"):
+        embed(list(range(1, 258)))
+    with pytest.raises(ValueError, match="pooling"):
+        embed("capital", pooling="cls")
+
+
 def test_leaving_a_stream_early_aborts_the_engine_request(pipe, monkeypatch):
     monkeypatch.setattr(ScriptedEngine, "step_delay", 0.05)  # the request must still be running when we leave
     engine = pipe.async_pipeline.engine

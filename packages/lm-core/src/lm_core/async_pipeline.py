@@ -206,6 +206,43 @@ class AsyncPipeline:
             text += matcher.flush()
         return text, stop_str
 
+    # -- embeddings -----------------------------------------------------------------------------------------------
+
+    async def embed(
+        self, inputs: str | list[int], pooling: str = "mean", normalize: bool = True
+    ) -> tuple[list[float], int]:
+        """One embedding vector for `inputs` and its number of prompt tokens.
+
+        A string is tokenized as it is, with the tokenizer's own special tokens (BOS where it adds one) and no chat
+        template; a list of ints is taken as token ids. `pooling` is "mean" (over all tokens) or "last" (the last
+        token's final hidden state); `normalize` scales the vector to unit L2 norm.
+        """
+        from lm_core.engine import POOLING_METHODS
+
+        if pooling not in POOLING_METHODS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_METHODS)}, got {pooling!r}")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {normalize!r}")
+        if isinstance(inputs, str):
+            if not inputs:
+                raise ValueError("inputs is empty: there is nothing to embed")
+            ids = self.tokenizer.encode(inputs, add_special_tokens=True)
+        elif isinstance(inputs, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in inputs):
+            ids = list(inputs)
+            if any(t < 0 or t >= self.tokenizer.vocab_size for t in ids):
+                raise ValueError(f"inputs token ids must be in [0, {self.tokenizer.vocab_size})")
+        else:
+            raise ValueError(
+                f"inputs must be a string or a list of token ids, got {type(inputs).__name__} {str(inputs)[:80]!r}"
+            )
+        if not ids:
+            raise ValueError("inputs is empty: it has no tokens")
+        limit = self.engine.session_len
+        if limit is not None and len(ids) > limit:
+            raise ValueError(f"inputs has {len(ids)} tokens; the session length is {limit}")
+        vector = await self.engine.embed(ids, pooling, normalize)
+        return vector, len(ids)
+
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 

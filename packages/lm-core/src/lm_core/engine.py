@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal
 from lm_core.generation_config import GenerationConfig
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+#: How `Engine.embed` pools a prompt's final hidden states: their mean, or the last token's.
+POOLING_METHODS = ("mean", "last")
 
 
 @dataclass
@@ -90,6 +92,15 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Submit `request` and stream its outputs; bad requests end at once with finish_reason "error"."""
+
+    async def embed(self, prompt_token_ids: list[int], pooling: str = "mean", normalize: bool = True) -> list[float]:
+        """The prompt's final hidden states (after the final norm) pooled into one vector: their mean over all tokens
+        (`pooling="mean"`) or the last token's (`"last"`), L2-normalised when `normalize`.
+
+        Bad input (no tokens, ids outside the vocabulary, too long, unknown pooling) raises ValueError. Engines that
+        cannot embed keep this default, which raises NotImplementedError.
+        """
+        raise NotImplementedError(f"the {type(self).__name__} engine does not compute embeddings")
 
     @abstractmethod
     async def abort(self, request_id: str) -> None:

@@ -3,18 +3,24 @@
 One background task runs steps while requests are pending: `batch = scheduler.schedule(); out = runner.run(batch);
 scheduler.update(batch, out)`. The model runs in a worker thread so the event loop keeps accepting requests and
 streaming tokens meanwhile; the scheduler is only touched from the event loop, between steps.
+
+Guided requests (`response_format`) have their grammar compiled on a second worker thread before they are
+scheduled, so a slow schema delays only its own request. Embedding requests (`embed`) share the scheduler with
+generation: prefill-only sequences that finish with their pooled vector.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lm_core.engine import Engine, EngineOutput, EngineRequest, EngineStats
+from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest, EngineStats
+from lm_core.generation_config import GenerationConfig
 from lm_torch.block_manager import BlockManager
 from lm_torch.config import TorchEngineConfig
 from lm_torch.model_runner import ModelRunner, log
@@ -47,6 +53,11 @@ class TorchEngine(Engine):
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._tokenizer = None
+        # Guided decoding, created with the first guided request: xgrammar may be absent.
+        self._grammar_backend = None
+        self._grammar_executor: ThreadPoolExecutor | None = None
+        self._compiling: set[str] = set()  # request ids whose grammar is being compiled
+        self._aborted_while_compiling: set[str] = set()
         log(self.runner.summary())
 
     @classmethod
@@ -83,12 +94,18 @@ class TorchEngine(Engine):
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = queue
         seq = Sequence.from_request(request)
-        if request.gen_config.bad_words:
-            self.runner.bad_words_ids[request.request_id] = self._tokenize_bad_words(request.gen_config.bad_words)
-        self.scheduler.add(seq)
-        self._wake.set()
         finished = False
         try:
+            if request.gen_config.response_format is not None:
+                failure = await self._attach_grammar(seq)
+                if failure is not None:
+                    finished = True
+                    yield failure
+                    return
+            if request.gen_config.bad_words:
+                self.runner.bad_words_ids[request.request_id] = self._tokenize_bad_words(request.gen_config.bad_words)
+            self.scheduler.add(seq)
+            self._wake.set()
             while True:
                 output: EngineOutput = await queue.get()
                 finished = output.finish_reason is not None
@@ -113,20 +130,108 @@ class TorchEngine(Engine):
                 f"{self._session_len}"
             )
         if cfg.response_format is not None:
-            return "response_format (guided decoding) is not supported by lm-torch yet"
+            from lm_torch.guided import xgrammar_available
+
+            if not xgrammar_available():
+                return "response_format (guided decoding) needs xgrammar, which is not installed: pip install xgrammar"
+            if cfg.min_new_tokens:
+                return (
+                    "response_format with min_new_tokens > 0 is not supported: the grammar alone decides where the "
+                    "output may end"
+                )
         if cfg.n != 1:
             return "the engine takes n == 1 per request (lm-core fans out n > 1)"
         return None
 
-    def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
+    def _hf_tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.runner.model_path)
-        variants = {tuple(self._tokenizer.encode(w, add_special_tokens=False)) for w in words}
+        return self._tokenizer
+
+    def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
+        tokenizer = self._hf_tokenizer()
+        variants = {tuple(tokenizer.encode(w, add_special_tokens=False)) for w in words}
         # A word mid-sentence usually carries a leading space in its first token.
-        variants |= {tuple(self._tokenizer.encode(" " + w, add_special_tokens=False)) for w in words}
+        variants |= {tuple(tokenizer.encode(" " + w, add_special_tokens=False)) for w in words}
         return [list(v) for v in variants if v]
+
+    async def _attach_grammar(self, seq: Sequence) -> EngineOutput | None:
+        """Compile the request's response_format off the event loop and give `seq` its grammar state. Returns the
+        request's final output instead when it cannot run: an invalid format ("error") or an abort meanwhile."""
+        request_id = seq.request_id
+        if self._grammar_executor is None:
+            self._grammar_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-torch-grammar")
+        self._compiling.add(request_id)
+        try:
+            cfg = seq.gen_config
+            seq.grammar = await asyncio.get_running_loop().run_in_executor(
+                self._grammar_executor, self._new_grammar_state, cfg.response_format, cfg.stop_token_ids
+            )
+        except ValueError as exc:
+            return EngineOutput(request_id, [], "error", error=str(exc))
+        except Exception as exc:  # xgrammar failing in an unexpected way must not take the engine down
+            return EngineOutput(request_id, [], "error", error=f"response_format: {type(exc).__name__}: {exc}")
+        finally:
+            self._compiling.discard(request_id)
+            aborted = request_id in self._aborted_while_compiling
+            self._aborted_while_compiling.discard(request_id)
+        return EngineOutput(request_id, [], "abort") if aborted else None
+
+    def _new_grammar_state(self, response_format: dict[str, Any], stop_token_ids: list[int] | None):
+        """Runs on the grammar thread (the backend is built there too, on first use)."""
+        if self._grammar_backend is None:
+            from lm_torch.guided import GrammarBackend
+
+            self._grammar_backend = GrammarBackend(self._hf_tokenizer(), self.runner.vocab_size)
+        return self._grammar_backend.new_state(response_format, stop_token_ids)
+
+    # -- embeddings ------------------------------------------------------------------------------------------------
+
+    async def embed(self, prompt_token_ids: list[int], pooling: str = "mean", normalize: bool = True) -> list[float]:
+        """Pooled final hidden states of the prompt (see `Engine.embed`), computed by the same scheduler as
+        generation: chunked like any prompt, batched with whatever runs, never sampled, never served from the
+        prefix cache; its KV blocks are released as soon as the vector is out."""
+        ids = list(prompt_token_ids)
+        error = self._validate_embedding(ids, pooling, normalize)
+        if error is not None:
+            raise ValueError(error)
+        request_id = f"embed-{uuid.uuid4().hex}"
+        self._ensure_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        seq = Sequence(request_id, ids, len(ids), GenerationConfig(), pooling=pooling, normalize=normalize)
+        done = False
+        try:
+            self.scheduler.add(seq)
+            self._wake.set()
+            result = await queue.get()
+            done = True
+        finally:
+            self._streams.pop(request_id, None)
+            if not done:  # the caller was cancelled: free the request's blocks
+                self._abort_now_or_later(request_id)
+        if isinstance(result, EngineOutput):  # aborted (engine closing) or failed
+            raise RuntimeError(f"the embedding request ended with {result.finish_reason!r}: {result.error or ''}")
+        return result
+
+    def _validate_embedding(self, ids: list[int], pooling: str, normalize: bool) -> str | None:
+        if pooling not in POOLING_METHODS:
+            return f"pooling must be one of {', '.join(POOLING_METHODS)}, got {pooling!r}"
+        if not isinstance(normalize, bool):
+            return f"normalize must be True or False, got {normalize!r}"
+        if not ids:
+            return "prompt_token_ids is empty: there is nothing to embed"
+        vocab = self.runner.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            return f"prompt_token_ids must be integers in [0, {vocab})"
+        if len(ids) > self._session_len:
+            return f"the prompt has {len(ids)} tokens; the session length is {self._session_len}"
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) > capacity:
+            return f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}"
+        return None
 
     async def abort(self, request_id: str) -> None:
         self._abort_now_or_later(request_id)
@@ -139,6 +244,9 @@ class TorchEngine(Engine):
             self._apply_abort(request_id)
 
     def _apply_abort(self, request_id: str) -> None:
+        if request_id in self._compiling:  # not scheduled yet: its stream ends once the compile returns
+            self._aborted_while_compiling.add(request_id)
+            return
         seq = self.scheduler.abort(request_id)
         self.runner.release(request_id)
         if seq is not None:
@@ -161,6 +269,8 @@ class TorchEngine(Engine):
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
         self._executor.shutdown(wait=True)
+        if self._grammar_executor is not None:
+            self._grammar_executor.shutdown(wait=True)
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -189,13 +299,18 @@ class TorchEngine(Engine):
                 self._step_in_flight = False
                 for seq in batch.seqs:
                     self.scheduler.abort(seq.request_id)
+                    self.runner.release(seq.request_id)
                     self._emit(EngineOutput(seq.request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
                 continue
             self._step_in_flight = False
             updated = self.scheduler.update(batch, out.token_ids)
             logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs, strict=True)}
+            embeddings = dict(zip((s.request_id for s in batch.seqs), out.embeddings or (), strict=False))
             for seq in updated:
-                self._emit_sequence(seq, logprobs.get(seq.request_id))
+                if seq.is_embedding:
+                    self._emit_embedding(seq, embeddings.get(seq.request_id))
+                else:
+                    self._emit_sequence(seq, logprobs.get(seq.request_id))
             for request_id in list(self._pending_aborts):
                 self._pending_aborts.discard(request_id)
                 self._apply_abort(request_id)
@@ -215,6 +330,15 @@ class TorchEngine(Engine):
         if seq.finish_reason is not None:
             self.runner.release(seq.request_id)
         self._emit(output)
+
+    def _emit_embedding(self, seq: Sequence, vector: list[float] | None) -> None:
+        self.runner.release(seq.request_id)
+        queue = self._streams.get(seq.request_id)
+        if queue is None:
+            return
+        if vector is None:  # cannot happen while runner and scheduler agree on when a prompt is complete
+            vector = EngineOutput(seq.request_id, [], "error", error="the engine finished the prompt without a vector")
+        queue.put_nowait(vector)
 
     def _emit_finished(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

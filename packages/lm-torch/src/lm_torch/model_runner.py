@@ -12,6 +12,7 @@ import torch
 
 from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
 from lm_torch.config import TorchEngineConfig
+from lm_torch.guided import fill_bitmasks
 from lm_torch.layers.linear import use_cpu_linears
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
 from lm_torch.sampling import Sampler, SamplingInputs
@@ -20,10 +21,12 @@ from lm_torch.scheduler import ScheduledBatch
 
 @dataclass
 class StepOutput:
-    """Per sequence of the batch: the sampled token (None where the step ended mid-prompt) and its logprobs."""
+    """Per sequence of the batch: the sampled token (None where the step ended mid-prompt) and its logprobs; for an
+    embedding sequence whose prompt this step completed, its pooled vector (None everywhere else)."""
 
     token_ids: list[int | None]
     logprobs: list[dict[int, float] | None]
+    embeddings: list[list[float] | None] | None = None
 
 
 class ModelRunner:
@@ -60,6 +63,8 @@ class ModelRunner:
         # whatever else shares the batch.
         self.generators: dict[str, torch.Generator] = {}
         self.bad_words_ids: dict[str, list[list[int]]] = {}
+        # Mean pooling over a chunked prompt: the running float32 sum of the final hidden states computed so far.
+        self.pooled_sums: dict[str, torch.Tensor] = {}
 
     # -- memory planning --------------------------------------------------------------------------------------------
 
@@ -121,13 +126,20 @@ class ModelRunner:
         hidden = self.model(ids, pos, self.kv_caches, meta)  # [num_tokens, hidden]
 
         rows = [i for i, sample in enumerate(batch.sample) if sample]
+        seqs = [batch.seqs[i] for i in rows]
+        guided = [row for row, s in enumerate(seqs) if s.grammar is not None]
+        # Grammar masks are filled on the CPU here, while a CUDA device still runs the forward pass queued above.
+        bitmask = None
+        if guided:
+            grammars, guided_seqs = [seqs[r].grammar for r in guided], [seqs[r] for r in guided]
+            bitmask = fill_bitmasks(grammars, guided_seqs, self.vocab_size, self.device)
+        embeddings = self._pool(batch, hidden) if any(s.is_embedding for s in batch.seqs) else None
         token_ids: list[int | None] = [None] * len(batch.seqs)
         logprobs: list[dict[int, float] | None] = [None] * len(batch.seqs)
         if not rows:
-            return StepOutput(token_ids, logprobs)
+            return StepOutput(token_ids, logprobs, embeddings)
         ends = torch.tensor(batch.num_new_tokens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[ends[rows]])  # [len(rows), vocab]
-        seqs = [batch.seqs[i] for i in rows]
         inputs = SamplingInputs.build(
             [s.gen_config for s in seqs],
             [s.token_ids[: s.num_prompt_tokens] for s in seqs],
@@ -136,13 +148,49 @@ class ModelRunner:
             self.vocab_size,
             self.device,
             [self._generator(s) for s in seqs],
+            guided_rows=guided,
+            guided_bitmask=bitmask,
         )
         out = self.sampler(logits, inputs)
         sampled = out.token_ids.tolist()
+        for row in guided:
+            # A rejected token sets the grammar's error: the scheduler then ends the request without emitting it.
+            seqs[row].grammar.accept(sampled[row])
         for row, i in enumerate(rows):
             token_ids[i] = sampled[row]
             logprobs[i] = out.logprobs[row] if out.logprobs is not None else None
-        return StepOutput(token_ids, logprobs)
+        return StepOutput(token_ids, logprobs, embeddings)
+
+    def _pool(self, batch: ScheduledBatch, hidden: torch.Tensor) -> list[list[float] | None]:
+        """Pool the final hidden states (hidden: [num_tokens, hidden]) of the batch's embedding sequences: a vector
+        for each whose prompt this step completes, None for the rest (the mean's running sum waits in
+        `pooled_sums` between chunks)."""
+        vectors: list[list[float] | None] = [None] * len(batch.seqs)
+        start = 0
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            end, chunk_start = start + num_new, start
+            start = end
+            if not seq.is_embedding:
+                continue
+            is_last_chunk = seq.num_computed_tokens + num_new == seq.num_tokens
+            if seq.pooling == "mean":
+                chunk_sum = hidden[chunk_start:end].sum(dim=0, dtype=torch.float32)  # [hidden]
+                # A chunk from position 0 starts the sum afresh: a preempted prompt is recomputed from scratch.
+                if seq.num_computed_tokens > 0:
+                    chunk_sum += self.pooled_sums[seq.request_id]
+                if not is_last_chunk:
+                    self.pooled_sums[seq.request_id] = chunk_sum
+                    continue
+                vector = chunk_sum / seq.num_tokens
+            elif is_last_chunk:
+                vector = hidden[end - 1].float()
+            else:
+                continue
+            self.pooled_sums.pop(seq.request_id, None)
+            if seq.normalize:
+                vector = torch.nn.functional.normalize(vector, dim=0)
+            vectors[i] = vector.tolist()
+        return vectors
 
     def _generator(self, seq) -> torch.Generator | None:
         seed = seq.gen_config.random_seed
@@ -159,6 +207,7 @@ class ModelRunner:
         """Forget per-request state once a request has finished."""
         self.generators.pop(request_id, None)
         self.bad_words_ids.pop(request_id, None)
+        self.pooled_sums.pop(request_id, None)
 
 
 def log(message: str) -> None:

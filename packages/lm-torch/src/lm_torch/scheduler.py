@@ -15,6 +15,12 @@ sequences are never admitted at the cost of a preemption, and not at all in a st
 takes the newest first, the oldest running sequence always progresses, so every request finishes: one that cannot
 fit in the whole cache even alone is finished with "error" instead of waiting forever.
 
+Embedding sequences (`seq.pooling` set) are scheduled like prompts, chunks included, but never sample: they finish
+with "stop" as soon as their last prompt token is computed, and they never take blocks from the prefix cache (the
+runner needs every token's hidden state, so no token may be skipped), though their full blocks are offered to it.
+A guided sequence finishes with "stop" once its grammar has terminated (accepted a stop token) and with "error" if
+its grammar rejected a token.
+
 Invariants (between calls): `running` is sorted by arrival, so is `waiting`, and every running sequence arrived before
 every waiting one; running sequences hold blocks and waiting ones none.
 """
@@ -62,8 +68,8 @@ class ScheduledBatch:
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
-        # The step reaches the sequence's last token: its logits give the next token.
-        self.sample.append(seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+        # The step reaches the sequence's last token: its logits give the next token (embeddings sample nothing).
+        self.sample.append(not seq.is_embedding and seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
 
 
 class Scheduler:
@@ -105,7 +111,9 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id!r} is not a fresh waiting sequence")
         seq.arrival = self._next_arrival
         self._next_arrival += 1
-        if self.session_len is not None and seq.num_prompt_tokens >= self.session_len:
+        # A generation needs room for at least one new token; an embedding may fill the whole session.
+        limit = self.session_len + 1 if seq.is_embedding and self.session_len is not None else self.session_len
+        if limit is not None and seq.num_prompt_tokens >= limit:
             seq.finish("error", f"the prompt has {seq.num_prompt_tokens} tokens; session_len is {self.session_len}")
             self._rejected.append(seq)
         elif seq.num_tokens > self._capacity:
@@ -181,14 +189,15 @@ class Scheduler:
         # Waiting sequences, first come first served; the first that does not fit stops admission (no overtaking).
         while not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            cached = bm.match_prefix(seq)
+            cached = [] if seq.is_embedding else bm.match_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             if not bm.can_allocate(cached, len(cached) * bm.block_size + num_new):
                 # With nothing running every block is free or evictable, and add() rejected what the whole cache
                 # cannot hold, so this only waits for running sequences to finish or be preempted.
                 break
             self.waiting.popleft()
-            bm.allocate_cached_prefix(seq)
+            if not seq.is_embedding:
+                bm.allocate_cached_prefix(seq)
             allocated = bm.append_slots(seq, num_new)
             assert allocated, "can_allocate promised these blocks"
             seq.status = SequenceStatus.RUNNING
@@ -212,32 +221,43 @@ class Scheduler:
                 continue  # aborted while the step ran: its blocks are gone already, drop the token
             seq.num_computed_tokens += num_new
             bm.commit(seq)
+            if seq.is_embedding and seq.num_computed_tokens == seq.num_tokens:
+                self.running.remove(seq)
+                self._finish(seq, "stop")
+                outputs.append(seq)
+                continue
             if not sample:
                 continue
             if token_id is None:
                 raise ValueError(f"the batch samples request {seq.request_id!r} but no token was given for it")
             seq.append_token(token_id)
-            reason = self._finish_reason(seq)
+            reason, error = self._finish_reason(seq)
             if reason is not None:
                 self.running.remove(seq)
-                self._finish(seq, reason, self._too_long(seq) if reason == "error" else None)
+                self._finish(seq, reason, error)
             outputs.append(seq)
         return outputs
 
     # ---- internals -----------------------------------------------------------------------------------------------
 
-    def _finish_reason(self, seq: Sequence) -> str | None:
+    def _finish_reason(self, seq: Sequence) -> tuple[str | None, str | None]:
+        """(finish reason or None, error message) after `seq` got a new token."""
         cfg = seq.gen_config
+        grammar = seq.grammar
+        if grammar is not None and grammar.error is not None:
+            return "error", grammar.error
         # Stop ids cannot end the first min_new_tokens tokens (the sampler masks them there; this checks it too).
         if seq.last_token_id in seq.stop_token_ids and seq.num_generated > cfg.min_new_tokens:
-            return "stop"
+            return "stop", None
+        if grammar is not None and grammar.is_terminated:  # the output is complete (stop token accepted)
+            return "stop", None
         if cfg.max_new_tokens is not None and seq.num_generated >= cfg.max_new_tokens:
-            return "length"
+            return "length", None
         if self.session_len is not None and seq.num_tokens >= self.session_len:
-            return "length"
+            return "length", None
         if seq.num_tokens > self._capacity:  # its next step needs more KV than the whole cache holds
-            return "error"
-        return None
+            return "error", self._too_long(seq)
+        return None, None
 
     def _too_long(self, seq: Sequence) -> str:
         bm = self.block_manager

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from lm_core.engine import POOLING_METHODS
 from lm_core.generation_config import GenerationConfig
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ class Sequence:
       `block_table` (block `i` holds tokens `[i * block_size, (i + 1) * block_size)`).
     - A WAITING or FINISHED sequence has an empty `block_table`; a preempted one also has `num_computed_tokens == 0`.
     - Between steps a RUNNING sequence has at least one uncomputed token (the last sampled token is fed next step).
+    - An embedding sequence (`pooling` set) never samples: it finishes as soon as its whole prompt is computed.
+    - A guided sequence's `grammar` has accepted exactly its generated tokens after every step (preemption keeps
+      `token_ids`, so it keeps the grammar state too).
     """
 
     request_id: str
@@ -54,6 +58,12 @@ class Sequence:
     # sets it when equal token ids do not mean equal KV (a LoRA adapter, image features behind placeholder tokens).
     cache_salt: str | None = None
     num_preemptions: int = 0
+    # Set for an embedding request: "mean" or "last" pooling of the prompt's final hidden states; nothing is sampled.
+    pooling: str | None = None
+    normalize: bool = True
+    # A guided request's grammar state (`lm_torch.guided.GrammarState`): the runner masks and advances it, the
+    # scheduler reads its `is_terminated` and `error`. Typed loosely so that this module needs no xgrammar.
+    grammar: Any = field(default=None, repr=False)
     # Block-manager bookkeeping: prefix-cache keys of the full blocks hashed so far (append-only, like token_ids), and
     # how many leading blocks of `block_table` were already offered to the prefix cache.
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
@@ -88,6 +98,10 @@ class Sequence:
             )
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise ValueError(f"Sequence.cache_salt must be a string or None, got {self.cache_salt!r}")
+        if self.pooling is not None and self.pooling not in POOLING_METHODS:
+            raise ValueError(f"Sequence.pooling must be one of {POOLING_METHODS} or None, got {self.pooling!r}")
+        if self.pooling is not None and self.grammar is not None:
+            raise ValueError("Sequence.grammar must be None for an embedding sequence: it samples nothing")
         # lm-core already merged EOS into stop_token_ids (unless ignore_eos); a set makes the per-token check O(1).
         self.stop_token_ids = frozenset(self.gen_config.stop_token_ids or ())
 
@@ -96,6 +110,10 @@ class Sequence:
         """A waiting sequence for an engine request (the prompt list is copied)."""
         prompt = request.prompt_token_ids
         return cls(request.request_id, list(prompt), len(prompt), request.gen_config, cache_salt=cache_salt)
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.pooling is not None
 
     @property
     def num_tokens(self) -> int:

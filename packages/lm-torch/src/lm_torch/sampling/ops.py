@@ -22,6 +22,27 @@ def _rows_of(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
 
 
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor, vocab_size: int
+) -> None:
+    """In place: -inf on every token a row's bitmask disallows (guided decoding).
+
+    logits: [batch, V]; rows: [G] int64 batch rows the bitmask rows belong to (None: all rows, G == batch);
+    bitmask: [G, W] int32 on the logits' device, W * 32 >= vocab_size, xgrammar's layout: token t is allowed iff bit
+    t % 32 of word t // 32 is set. Columns at or past `vocab_size` (a padded vocabulary) are disallowed.
+    """
+    width = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    # An arithmetic shift keeps the sign bit, but `& 1` reads only the shifted-down bit, so bit 31 is read right too.
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, : min(vocab_size, width)].bool()  # [G, <= V]
+    if allowed.shape[1] < width:
+        allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]), value=False)
+    if rows is None:
+        logits.masked_fill_(~allowed, NEG_INF)
+    else:
+        logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(~allowed, NEG_INF))
+
+
 def apply_penalties(
     logits: torch.Tensor,
     rows: torch.Tensor | None,
@@ -153,5 +174,6 @@ def sample_inverse_cdf(logits: torch.Tensor, threshold: torch.Tensor | None, uni
     total = cdf[:, -1:]  # [rows, 1]
     # Stay strictly below the total so the search never runs off the end onto a zero-probability tail token.
     target = torch.minimum(uniform[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
-    # The first index whose cumulative weight exceeds the target: a zero-weight token never qualifies.
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # The first index whose cumulative weight exceeds the target: a zero-weight token never qualifies. A row with no
+    # allowed token at all (NaN weights) gets some in-range id, which its grammar (the only way there) then rejects.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)

@@ -47,6 +47,9 @@ class SamplingInputs:
     ban_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows [m], tokens [m]) set to -inf
     generators: list[torch.Generator | None]  # per row; None rows share the sampler's default generator
     logprobs: list[int | None]  # per row: top-N logprobs asked for, None when not asked
+    # Guided decoding: bitmask row j holds the tokens batch row guided_rows[j] may take (see ops.apply_token_bitmask).
+    guided_rows: torch.Tensor | None = None  # [G] int64 (None: every row, when guided_bitmask is set)
+    guided_bitmask: torch.Tensor | None = None  # [G, ceil(vocab / 32)] int32; None when no row is guided
 
     @property
     def any_penalty(self) -> bool:
@@ -62,8 +65,14 @@ class SamplingInputs:
         vocab_size: int,
         device: torch.device | str,
         generators: list[torch.Generator | None],
+        *,
+        guided_rows: list[int] | None = None,
+        guided_bitmask: torch.Tensor | None = None,
     ) -> SamplingInputs:
         """Tensors for one step; row i samples the next token of a request with `configs[i]`.
+
+        `guided_bitmask` ([len(guided_rows), ceil(vocab_size / 32)] int32, on `device`) restricts rows `guided_rows`
+        to the tokens their grammars allow, before every other stage.
 
         `bad_words_ids[i]` are row i's bad words, each pre-tokenized to a token id sequence. `generators[i]` is row
         i's own generator when its request is seeded (created from the seed when the request starts, used for nothing
@@ -118,6 +127,19 @@ class SamplingInputs:
             generators=list(generators),
             logprobs=[c.logprobs for c in configs],
         )
+        if guided_bitmask is not None:
+            rows = list(range(batch)) if guided_rows is None else list(guided_rows)
+            if guided_bitmask.dim() != 2 or guided_bitmask.shape[0] != len(rows):
+                raise ValueError(
+                    f"SamplingInputs.guided_bitmask has shape {tuple(guided_bitmask.shape)} for {len(rows)} guided rows"
+                )
+            if guided_bitmask.shape[1] * 32 < vocab_size:
+                raise ValueError(
+                    f"SamplingInputs.guided_bitmask covers {guided_bitmask.shape[1] * 32} tokens, fewer than the "
+                    f"vocabulary of {vocab_size}"
+                )
+            inputs.guided_rows = _rows(rows, batch, device)
+            inputs.guided_bitmask = guided_bitmask
         inputs._build_penalties(configs, prompt_token_ids, output_token_ids, device)
         inputs._build_bias_and_bans(configs, prompt_token_ids, output_token_ids, bad_words_ids, device)
         return inputs

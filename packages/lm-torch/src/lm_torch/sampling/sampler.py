@@ -21,6 +21,8 @@ class SamplerOutput:
 class Sampler:
     """Picks each row's next token. The logits go through, in this order:
 
+    0. guided rows: -inf on every token their grammar disallows, so that penalties, logprobs and sampling all see
+       the constrained distribution;
     1. penalties: repetition (transformers' rule, over prompt + output), then frequency and presence (OpenAI's rule,
        over the output only);
     2. `logit_bias` added;
@@ -61,13 +63,15 @@ class Sampler:
         return SamplerOutput(token_ids=tokens, logprobs=logprobs.finish(tokens))
 
     def processed_logits(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
-        """Steps 1-4 on a float32 copy: the distribution logprobs report. Returns [batch, vocab]."""
+        """Steps 0-4 on a float32 copy: the distribution logprobs report. Returns [batch, vocab]."""
         if logits.dim() != 2 or logits.shape[0] != inputs.batch_size or logits.shape[1] < inputs.vocab_size:
             shape = tuple(logits.shape)
             raise ValueError(f"logits of shape {shape} don't fit {inputs.batch_size} rows x {inputs.vocab_size}")
         logits = logits.to(torch.float32, copy=True)  # every later stage works in place on this copy
         if logits.shape[1] > inputs.vocab_size:
             logits[:, inputs.vocab_size :] = ops.NEG_INF
+        if inputs.guided_bitmask is not None:
+            ops.apply_token_bitmask(logits, inputs.guided_rows, inputs.guided_bitmask, inputs.vocab_size)
         if inputs.any_penalty:
             ops.apply_penalties(
                 logits,
@@ -135,7 +139,7 @@ class _LogprobRequest:
         self.top = self.logprobs.topk(width, dim=-1) if width else None  # ([rows, width], [rows, width])
 
     def finish(self, tokens: torch.Tensor) -> list[dict[int, float] | None] | None:
-        """Per row {token id: logprob} of its top-N tokens and its sampled token (at most N + 1 entries)."""
+        """Per row {token id: logprob} of its top-N allowed tokens and its sampled token (at most N + 1 entries)."""
         if not self.rows:
             return None
         chosen = tokens if self.index is None else tokens.index_select(0, self.index)  # [rows]
@@ -146,7 +150,10 @@ class _LogprobRequest:
         result: list[dict[int, float] | None] = [None] * len(self.asked)
         for j, row in enumerate(self.rows):
             n = self.asked[row] or 0
-            entry = dict(zip(top_ids[j][:n], top_values[j][:n], strict=True)) if n else {}
+            # Masked tokens (-inf: a grammar or a ban forbids them) are not candidates: a row with fewer than N
+            # allowed tokens lists fewer.
+            top = zip(top_ids[j][:n], top_values[j][:n], strict=True)
+            entry = {token: value for token, value in top if value != ops.NEG_INF}
             entry.setdefault(chosen_list[j], chosen_lp_list[j])
             result[row] = entry
         return result
