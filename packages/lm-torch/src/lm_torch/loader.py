@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lm_torch.config import TorchEngineConfig
+from lm_torch.layers.quant import finish_loading, parse_quant_config, quantize_model
 from lm_torch.models.registry import get_model_class
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,18 +57,24 @@ def build_model(model_path: Path, config: TorchEngineConfig, hf_config, device: 
     if not architectures:
         raise ValueError(f"{model_path}/config.json names no architecture")
     model_class = get_model_class(architectures[0], config.custom_module_map)
+    quant = parse_quant_config(hf_config)  # an unsupported format fails before the model is built
     max_positions = config.session_len or hf_config.max_position_embeddings
     with torch.device(device):
         model = model_class(hf_config, max_positions=max_positions)
     model = model.to(dtype=dtype)
+    if quant is not None:
+        # After the dtype cast, which would turn float8 weights into the compute dtype.
+        quantize_model(model, quant, dtype)
     _keep_float32_buffers(model)
     if config.load_format == "dummy":
         _init_dummy(model, config.seed)
     else:
         loaded = model.load_weights(iter_checkpoint(model_path, config.load_format, device))
-        missing = {n for n, _ in model.named_parameters()} - loaded - _tied(model)
+        optional = {n for n, p in model.named_parameters() if getattr(p, "optional_in_checkpoint", False)}
+        missing = {n for n, _ in model.named_parameters()} - loaded - _tied(model) - optional
         if missing:
             raise ValueError(f"checkpoint {model_path} lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    finish_loading(model)
     return model.eval()
 
 
@@ -112,8 +119,18 @@ def _init_dummy(model, seed: int) -> None:
     Drawn on the model's device, so an 8B model initialises in seconds on a GPU.
     """
     generators: dict[torch.device, torch.Generator] = {}
+    quantized: set[int] = set()
     with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "init_dummy"):  # quantized linears: integer weights of a matching spread
+                device = next(module.parameters()).device
+                if device not in generators:
+                    generators[device] = torch.Generator(device=device).manual_seed(seed)
+                module.init_dummy(generators[device])
+                quantized.update(id(p) for p in module.parameters() if p is not module.bias)
         for name, param in model.named_parameters():
+            if id(param) in quantized:
+                continue
             if param.dim() > 1:
                 if param.device not in generators:
                     generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)

@@ -50,12 +50,38 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
 
+def output_layout(param: torch.Tensor) -> tuple[int | None, int]:
+    """(dimension of output channels, output channels per element) of a parameter: (0, 1) for dense weights;
+    quantized parameters say otherwise (`lm_torch.layers.quant.packed`), None for a tensor all shards share."""
+    return getattr(param, "output_dim", 0), getattr(param, "output_pack", 1)
+
+
 def load_fused(param: nn.Parameter, tensor: torch.Tensor, shard: int, sizes: list[int]) -> None:
-    """Copy `tensor` into rows `shard` of a parameter fused from several checkpoint tensors (sizes in rows)."""
+    """Copy `tensor` into output channels `shard` of a parameter fused from several checkpoint tensors (sizes in
+    output channels, laid along dimension 0 for dense weights, elsewhere and packed for quantized ones)."""
+    dim, pack = output_layout(param)
+    if dim is None:
+        _load_shared(param, tensor, shard)
+        return
+    if any(size % pack for size in sizes):
+        raise ValueError(f"fused output sizes {sizes} do not divide into groups of {pack} packed channels")
+    sizes = [size // pack for size in sizes]
     start = sum(sizes[:shard])
-    if tensor.shape[0] != sizes[shard] or tensor.shape[1:] != param.shape[1:]:
-        raise ValueError(
-            f"fused shard {shard} has shape {tuple(tensor.shape)}, expected ({sizes[shard]}, *{tuple(param.shape[1:])})"
-        )
+    expected = list(param.shape)
+    expected[dim] = sizes[shard]
+    if list(tensor.shape) != expected:
+        raise ValueError(f"fused shard {shard} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
     with torch.no_grad():
-        param[start : start + sizes[shard]].copy_(tensor)
+        param.narrow(dim, start, sizes[shard]).copy_(tensor)
+
+
+def _load_shared(param: nn.Parameter, tensor: torch.Tensor, shard: int) -> None:
+    # Every shard carries the whole tensor (GPTQ's g_idx); they must agree, since the fused module has one.
+    if tensor.shape != param.shape:
+        raise ValueError(f"fused shard {shard} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    seen = param.__dict__.setdefault("loaded_shards", set())
+    if seen and not torch.equal(param.data, tensor.to(param.dtype)):
+        raise ValueError("the fused projections' checkpoint tensors disagree (e.g. GPTQ g_idx of q, k and v)")
+    with torch.no_grad():
+        param.copy_(tensor)
+    seen.add(shard)

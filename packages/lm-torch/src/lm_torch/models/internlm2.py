@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
+from lm_torch.models.base import output_layout
 from lm_torch.models.llama import LlamaForCausalLM
 
 _RENAMES = {
@@ -94,15 +95,27 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
             yield name, tensor
 
     def _split_wqkv(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
-        """wqkv weight [num_kv * (q_per_kv + 2) * head_dim, hidden] (or bias, no hidden) -> q_proj, k_proj, v_proj."""
+        """wqkv weight [num_kv * (q_per_kv + 2) * head_dim, hidden] (or bias, no hidden) -> q_proj, k_proj, v_proj.
+
+        Quantized tensors hold output channels along another dimension, maybe packed (`output_layout`); tensors
+        without output channels (GPTQ's g_idx) go to all three.
+        """
         attn = self.layers[0].self_attn
         num_kv, head_dim = attn.num_kv_heads, attn.head_dim
         q_per_kv = attn.num_heads // num_kv
-        grouped = tensor.reshape(num_kv, q_per_kv + 2, head_dim, *tensor.shape[1:])
-        q = grouped[:, :q_per_kv].reshape(num_kv * q_per_kv * head_dim, *tensor.shape[1:])  # heads h*q_per_kv + j
-        k = grouped[:, q_per_kv].reshape(num_kv * head_dim, *tensor.shape[1:])
-        v = grouped[:, q_per_kv + 1].reshape(num_kv * head_dim, *tensor.shape[1:])
         prefix = name.replace(".attention.wqkv.", ".self_attn.")  # model.layers.N.self_attn.weight
         base, _, param = prefix.rpartition(".")
+        fused = self.get_parameter(f"{base.removeprefix('model.')}.qkv_proj.{param}")
+        dim, pack = output_layout(fused)
+        if dim is None:
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                yield f"{base}.{proj}.{param}", tensor
+            return
+        rows = tensor.movedim(dim, 0)
+        rest = rows.shape[1:]
+        grouped = rows.reshape(num_kv, q_per_kv + 2, head_dim // pack, *rest)
+        q = grouped[:, :q_per_kv].reshape(-1, *rest)  # heads h*q_per_kv + j
+        k = grouped[:, q_per_kv].reshape(-1, *rest)
+        v = grouped[:, q_per_kv + 1].reshape(-1, *rest)
         for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-            yield f"{base}.{proj}.{param}", part
+            yield f"{base}.{proj}.{param}", part.movedim(0, dim)

@@ -1,0 +1,72 @@
+"""W8A8 linears of SmoothQuant checkpoints (LMDeploy's `quant_method: smooth_quant` layout).
+
+Tensors: `weight` [out, in] int8 (or float8_e4m3fn with `quant_dtype: float8_e4m3fn`), `scale` [out, 1] float32 per
+output channel, optional `bias`. Activations are quantized per token and dynamically in every call:
+    s_x[t] = max_i |x[t, i]| / 127,  x_q = round(x / s_x) in int8,  y = (x_q @ W_q^T) * s_x[t] * scale[o] + bias.
+The int8 product runs in int32 with `torch._int_mm`, on the CPU as on the GPU; float8 weights are multiplied in
+float32 after the same per-token quantization of the activations to float8 (s_x = max |x| / 448).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lm_torch.layers.quant.packed import quant_param
+
+QUANT_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}
+_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, in] float -> (x_q [rows, in] in `dtype`, s_x [rows, 1] float32)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-7) / _QMAX[dtype]
+    if dtype == torch.int8:
+        return torch.round(x / scale).clamp(-128, 127).to(torch.int8), scale
+    return (x / scale).clamp(-448, 448).to(dtype), scale
+
+
+class W8A8Linear(nn.Module):
+    """int8 (or float8) weights per output channel, per-token dynamic activations."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant_dtype: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        if quant_dtype not in QUANT_DTYPES:
+            raise ValueError(f"smooth_quant quant_dtype {quant_dtype!r} is not supported ({', '.join(QUANT_DTYPES)})")
+        self.in_features, self.out_features = in_features, out_features
+        self.qdtype = QUANT_DTYPES[quant_dtype]
+        self.weight = quant_param(torch.zeros(out_features, in_features, dtype=self.qdtype), 0)
+        self.scale = quant_param(torch.ones(out_features, 1, dtype=torch.float32), 0)
+        self.bias = quant_param(torch.zeros(out_features, dtype=dtype), 0) if bias else None
+        self.weight_t: torch.Tensor | None = None
+
+    def finish_loading(self) -> None:
+        # _int_mm wants the right operand [in, out]; float8 is multiplied in float32 (no float8 matmul on the CPU).
+        weight_t = self.weight.data.t().contiguous()
+        self.weight_t = weight_t if self.qdtype == torch.int8 else weight_t.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        x_q, x_scale = quantize_per_token(flat, self.qdtype)
+        weight_t = self.weight_t if self.weight_t is not None else self.weight.t()
+        if self.qdtype == torch.int8:
+            rows = x_q.shape[0]
+            if x_q.device.type == "cuda" and rows <= 16:
+                # cuBLAS int8 GEMMs need more than 16 rows: pad, then drop the padding.
+                x_q = torch.cat([x_q, x_q.new_zeros(17 - rows, self.in_features)])
+            acc = torch._int_mm(x_q, weight_t.to(torch.int8))[:rows].float()  # exact int32 sums
+        else:
+            acc = x_q.float() @ weight_t.float()
+        out = (acc * x_scale * self.scale.t()).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def init_dummy(self, generator: torch.Generator) -> None:
+        values = torch.randint(-127, 128, self.weight.shape, generator=generator, device=self.weight.device)
+        self.weight.data.copy_(values.to(self.qdtype))
+        self.scale.data.fill_(0.02 / 73.0)  # uniform integers in [-127, 127] have a standard deviation of about 73
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant_dtype={self.qdtype}"

@@ -1,0 +1,128 @@
+"""W4A16 linears of AWQ (AutoAWQ GEMM) and GPTQ checkpoints: packed integer weights, float activations.
+
+Layouts (for a linear with in_features inputs, out_features outputs, groups of g inputs):
+    AWQ   qweight [in, out / 8]  int32, 4-bit fields in AutoAWQ's interleaved order (0, 2, 4, 6, 1, 3, 5, 7)
+          qzeros  [in / g, out / 8] int32, same packing;  scales [in / g, out]
+    GPTQ  qweight [in * bits / 32, out] int32, fields in order along the input dimension
+          qzeros  [groups, out * bits / 32] int32 holding zero - 1 (checkpoint_format "gptq"; "gptq_v2" holds zero)
+          scales  [groups, out];  g_idx [in] int32, the group of each input (act-order permutes it)
+    W[o, i] = (q[i, o] - zero[group(i), o]) * scale[group(i), o].
+On the CPU the weights are dequantized once after loading and multiplied as a dense input-major matrix
+(`SplitInputMajorLinear`): that keeps the speed of the dense model at its memory, which is what the CPU path is for
+(checking and running quantized checkpoints); `cache_dense=False` dequantizes in every call instead, saving the
+memory at a large cost in time (docs/quantization.md has the numbers). A GPU kernel can take `qweight` as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lm_torch.layers.linear import SplitInputMajorLinear
+from lm_torch.layers.quant.packed import quant_param, unpack_int32
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+class _WeightOnlyLinear(nn.Module):
+    """Shared forward: a cached dense copy on the CPU, or dequantize-and-multiply."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = in_features if group_size == -1 else group_size
+        if in_features % self.group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        self.num_groups = in_features // self.group_size
+        self.bias = quant_param(torch.zeros(out_features, dtype=dtype), 0) if bias else None
+        self.dense: SplitInputMajorLinear | None = None
+        self.cache_dense = True
+
+    def dequantize(self) -> torch.Tensor:
+        """W^T [in, out] in the scales' dtype."""
+        raise NotImplementedError
+
+    def finish_loading(self) -> None:
+        """Called once the checkpoint is loaded: on the CPU, keep the dequantized weight as a dense linear."""
+        if self.cache_dense and self.scales.device.type == "cpu":
+            linear = nn.Linear(self.in_features, self.out_features, bias=False, dtype=self.scales.dtype)
+            linear.weight = nn.Parameter(self.dequantize().t(), requires_grad=False)
+            self.dense = SplitInputMajorLinear(linear, torch.get_num_threads())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            out = self.dense(x)
+        else:
+            out = (x.reshape(-1, self.in_features) @ self.dequantize().to(x.dtype)).view(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class AWQLinear(_WeightOnlyLinear):
+    """AutoAWQ GEMM layout, 4 bits."""
+
+    bits = 4
+
+    def __init__(self, in_features, out_features, bias, group_size, dtype=torch.float16) -> None:
+        super().__init__(in_features, out_features, bias, group_size, dtype)
+        if out_features % 8:
+            raise ValueError(f"AWQ packs 8 output channels per int32; out_features {out_features} is no multiple of 8")
+        self.qweight = quant_param(torch.zeros(in_features, out_features // 8, dtype=torch.int32), 1, 8)
+        self.qzeros = quant_param(torch.zeros(self.num_groups, out_features // 8, dtype=torch.int32), 1, 8)
+        self.scales = quant_param(torch.zeros(self.num_groups, out_features, dtype=dtype), 1)
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_int32(self.qweight, 4, AWQ_ORDER)  # [in, out]
+        zeros = unpack_int32(self.qzeros, 4, AWQ_ORDER)  # [groups, out]
+        # Inputs of one group are contiguous: view [groups, group_size, out] and broadcast the group's row.
+        q = q.view(self.num_groups, self.group_size, self.out_features)
+        w = (q - zeros[:, None, :]).to(self.scales.dtype) * self.scales[:, None, :]
+        return w.view(self.in_features, self.out_features)
+
+    def init_dummy(self, generator: torch.Generator) -> None:
+        """Random 4-bit weights with the spread of normal(0, 0.02), for benchmarks."""
+        _random_words(self.qweight, generator)
+        self.qzeros.data.fill_(0x88888888 - (1 << 32))  # every 4-bit field 8, as a signed int32
+        self.scales.data.fill_(0.02 / 4.6)  # uniform integers in [-8, 7] have a standard deviation of about 4.6
+
+
+class GPTQLinear(_WeightOnlyLinear):
+    """GPTQ layout (AutoGPTQ / GPTQModel `checkpoint_format` "gptq", or "gptq_v2"), 2, 4 or 8 bits."""
+
+    def __init__(self, in_features, out_features, bias, group_size, bits=4, zero_offset=1, dtype=torch.float16):
+        super().__init__(in_features, out_features, bias, group_size, dtype)
+        if bits not in (2, 4, 8):
+            raise ValueError(f"GPTQ with {bits} bits is not supported (2, 4 or 8)")
+        self.bits, self.zero_offset = bits, zero_offset
+        per_word = 32 // bits
+        if in_features % per_word or out_features % per_word:
+            raise ValueError(f"GPTQ {bits}-bit packing needs in/out features divisible by {per_word}")
+        self.qweight = quant_param(torch.zeros(in_features // per_word, out_features, dtype=torch.int32), 1)
+        self.qzeros = quant_param(
+            torch.zeros(self.num_groups, out_features // per_word, dtype=torch.int32), 1, per_word
+        )
+        self.scales = quant_param(torch.zeros(self.num_groups, out_features, dtype=dtype), 1)
+        default = torch.arange(in_features, dtype=torch.int32) // self.group_size
+        self.g_idx = quant_param(default, None, optional=True)
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_int32(self.qweight.t(), self.bits).t()  # [in, out]
+        zeros = unpack_int32(self.qzeros, self.bits) + self.zero_offset  # [groups, out]
+        groups = self.g_idx.long()
+        return (q - zeros[groups]).to(self.scales.dtype) * self.scales[groups]
+
+    def init_dummy(self, generator: torch.Generator) -> None:
+        _random_words(self.qweight, generator)
+        middle = 1 << (self.bits - 1)
+        stored = torch.full((self.qzeros.shape[0], self.qzeros.shape[1] * 32 // self.bits), middle - 1)
+        shifts = torch.arange(32 // self.bits) * self.bits
+        words = (stored.view(stored.shape[0], -1, 32 // self.bits).long() << shifts).sum(-1)
+        self.qzeros.data.copy_(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+        self.scales.data.fill_(0.02 / (0.29 * (1 << self.bits)))  # uniform integers: std = range / sqrt(12)
+
+
+def _random_words(param: torch.Tensor, generator: torch.Generator) -> None:
+    words = torch.randint(-(2**31), 2**31 - 1, param.shape, generator=generator, device=param.device)
+    param.data.copy_(words.to(torch.int32))
