@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 
 import pytest
 import torch
 
 from lm_core import AsyncPipeline, GenerationConfig, Pipeline, Response
+from lm_core.engine import EngineRequest
 
 transformers = pytest.importorskip("transformers")
 xgr = pytest.importorskip("xgrammar")
@@ -331,3 +333,34 @@ def test_grammar_state_sync_rolls_back_and_replays(default_model_dir):
     assert torch.equal(fill_bitmasks([state], [seq], vocab, torch.device("cpu")), mask_after(tokens))
     assert state.accept(2) and state.is_terminated
     assert not state.accept(tokens[0]) and "response_format" in state.error
+
+
+def test_without_xgrammar_guided_requests_fail_clearly_and_others_run(pipe, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as on a machine without it: `import xgrammar` fails
+    response = pipe("Hello", GenerationConfig(max_new_tokens=8, response_format={"type": "json_object"}))
+    assert response.finish_reason == "error" and "needs xgrammar" in response.error
+    assert "Paris" in pipe("What is the capital of France?", GenerationConfig(max_new_tokens=16)).text
+
+
+def test_aborting_a_guided_request_while_its_grammar_compiles(pipe):
+    engine = pipe.async_pipeline.engine
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(40)}}
+    cfg = GenerationConfig(max_new_tokens=64, response_format=json_format(schema))
+    prompt_ids = pipe.async_pipeline.prompt_token_ids("Fill in the form.")
+
+    async def submit_and_abort() -> list:
+        stream = engine.generate(EngineRequest("abort-me", prompt_ids, cfg))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # one loop turn: the request is registered and waits for its compilation
+        assert "abort-me" in engine._compiling
+        await engine.abort("abort-me")
+        outputs = [await first]
+        async for output in stream:
+            outputs.append(output)
+        return outputs
+
+    outputs = asyncio.run_coroutine_threadsafe(submit_and_abort(), pipe._loop).result()
+    assert outputs[-1].finish_reason == "abort"
+    assert not engine._compiling and not engine._aborted_while_compiling
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting) == (0, 0)

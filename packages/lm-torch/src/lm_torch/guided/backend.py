@@ -16,7 +16,6 @@ does not name, the same subset of valid documents OpenAI's strict mode produces.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from typing import Any
@@ -25,8 +24,12 @@ from lm_torch.guided.state import GrammarState
 
 
 def xgrammar_available() -> bool:
-    """Whether guided decoding can run here (xgrammar is installed)."""
-    return importlib.util.find_spec("xgrammar") is not None
+    """Whether guided decoding can run here (xgrammar is installed and imports)."""
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class GrammarBackend:
