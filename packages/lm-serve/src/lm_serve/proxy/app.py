@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from lm_serve.proxy.forward import ForwardResponse, openai_error
-from lm_serve.proxy.nodes import NodeTable, ProxyConfig
+from lm_serve.proxy.nodes import NodeTable, ProxyConfig, normalize_node_url
 
 logger = logging.getLogger("lm_serve.proxy")
 
@@ -142,8 +142,6 @@ def create_app(config: ProxyConfig) -> FastAPI:
 
 async def _url_from_body(request: Request) -> str | Response:
     """The `url` field of a `/nodes/*` request body, normalised; or the 400 response explaining what is wrong."""
-    from lm_serve.proxy.nodes import normalize_node_url
-
     try:
         payload = await request.json()
     except ValueError:
