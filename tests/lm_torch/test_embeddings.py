@@ -197,3 +197,37 @@ def test_bad_embedding_input_raises_value_errors(pipe, inputs, kwargs, message):
 
 def hf_hidden_size(pipe: Pipeline) -> int:
     return pipe.async_pipeline.engine.runner.hf_config.hidden_size
+
+
+def test_the_scheduler_runs_embeddings_prefill_only_in_chunks_without_prefix_hits():
+    """No torch: an embedding sequence is chunked, never samples, ignores cached blocks and ends with its prompt."""
+    from lm_torch.block_manager import BlockManager
+    from lm_torch.scheduler import Scheduler
+    from lm_torch.sequence import Sequence
+
+    bm = BlockManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(bm, max_batch_size=4, max_num_batched_tokens=6, session_len=12)
+    prompt = list(range(100, 112))
+    generation = Sequence("gen", prompt[:9], 9, GenerationConfig(max_new_tokens=1))
+    scheduler.add(generation)
+    while not generation.is_finished:  # computes and caches the prompt's first two full blocks
+        batch = scheduler.schedule()
+        scheduler.update(batch, [1 if sample else None for sample in batch.sample])
+    assert bm.num_cached_blocks == 2
+
+    embedding = Sequence("emb", prompt, len(prompt), GenerationConfig(), pooling="mean")  # == session_len: allowed
+    scheduler.add(embedding)
+    chunks = []
+    while not embedding.is_finished:
+        batch = scheduler.schedule()
+        assert batch.seqs == [embedding] and batch.sample == [False]
+        chunks.append((embedding.num_computed_tokens, batch.num_new_tokens[0]))
+        outputs = scheduler.update(batch, [None])
+    assert chunks == [(0, 6), (6, 6)]  # from token 0 although blocks of its prefix were cached
+    assert outputs == [embedding] and embedding.finish_reason == "stop" and embedding.num_cached_tokens == 0
+    assert bm.usage() == 0.0 and scheduler.stats()["prefix_cache_hit_rate"] == 0.0
+    bm.check_invariants([])
+
+    too_long = Sequence("long", [*prompt, 1], len(prompt) + 1, GenerationConfig(), pooling="last")
+    scheduler.add(too_long)
+    assert scheduler.take_finished() == [too_long] and too_long.finish_reason == "error"

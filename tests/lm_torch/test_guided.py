@@ -364,3 +364,24 @@ def test_aborting_a_guided_request_while_its_grammar_compiles(pipe):
     assert not engine._compiling and not engine._aborted_while_compiling
     stats = engine.stats()
     assert (stats.num_running, stats.num_waiting) == (0, 0)
+
+
+@pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_a_ban_on_every_allowed_token_ends_the_request_with_an_error(pipe, default_model_dir, cfg):
+    """bad_token_ids that cover every token the grammar allows leave nothing to sample: a clear error, no crash."""
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    vocab = transformers.AutoConfig.from_pretrained(default_model_dir).vocab_size
+    fmt = {"type": "regex", "regex": r"(yes|no)"}
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab)).compile_regex(
+        fmt["regex"]
+    )
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask)
+    logits = torch.zeros(1, vocab)
+    xgr.apply_token_bitmask_inplace(logits, bitmask)
+    allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+    assert 0 < len(allowed) < 100
+    response = pipe("Is the sky blue?", cfg.replace(response_format=fmt, bad_token_ids=allowed))
+    assert response.finish_reason == "error" and response.token_ids == []
+    assert "response_format" in response.error and "nothing the grammar allows" in response.error
+    assert "Paris" in pipe("What is the capital of France?", GenerationConfig(max_new_tokens=16)).text
