@@ -25,6 +25,9 @@ N_GRID = 20
 CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
 CLIP_TOKENS = 512
+# The scale search runs its group forwards over this many tokens at a time at least (fewer, larger calls; the
+# memory is that of the activations of one group, which the search holds anyway).
+SEARCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def _search_scale(
     if len(ratios) == 1:
         return _candidate(x_mean, w_mean, ratios[0])
     kwargs = walker.layer_kwargs[index]
-    batch = walker.batch_size
+    batch = max(walker.batch_size, SEARCH_TOKENS // x.shape[1])
     reference = [_group_forward(layer, group, x[s : s + batch], kwargs) for s in range(0, x.shape[0], batch)]
     originals = [linear.weight.data.clone() for linear in linears]
     best, best_loss = None, float("inf")

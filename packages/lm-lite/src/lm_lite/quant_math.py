@@ -42,6 +42,10 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32: (q - zero) * scale, each column with its group's parameters."""
+        out_features = self.qweight.shape[0]
+        if self.g_idx is None:  # contiguous groups: broadcast over a [out, groups, group_size] view
+            q = self.qweight.float().reshape(out_features, self.scales.shape[1], -1)
+            return ((q - self.zeros.float()[..., None]) * self.scales.float()[..., None]).reshape(out_features, -1)
         groups = self.group_index()
         return (self.qweight.float() - self.zeros.float()[:, groups]) * self.scales.float()[:, groups]
 
@@ -99,9 +103,11 @@ def quantize_groups(
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> torch.Tensor:
     """w [..., in] quantized and dequantized in its own dtype (what AWQ's searches evaluate)."""
-    shape = w.shape
-    flat = w.reshape(-1, shape[-1])
-    return quantize_groups(flat, bits, group_size, sym).dequantize().to(w.dtype).reshape(shape)
+    size = w.shape[-1] if group_size == -1 else group_size
+    grouped = w.float().reshape(-1, size)
+    scale, zero = quant_params(grouped, bits, sym)
+    q = quantize_with(grouped, scale, zero, bits)
+    return ((q - zero[:, None]) * scale[:, None]).to(w.dtype).reshape(w.shape)
 
 
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ def load_hf_config(model_path: Path):
         # The multimodal checkpoint keeps the language model's config inside; its architecture names the whole.
         text_config = config.text_config
         text_config.architectures = config.architectures
+        if getattr(config, "quantization_config", None) is not None:
+            text_config.quantization_config = config.quantization_config  # it quantizes the language model
         return text_config
     return config
 

@@ -1,0 +1,148 @@
+"""Perplexity of quantized checkpoints run by lm-torch, on held-out English text (issue #7).
+
+Quantizes the model with lm-lite (RTN, AWQ, GPTQ, SmoothQuant W8A8) into --out-dir, loads every checkpoint with
+lm-torch's loader (the engine's model code, on the CPU in float32), and computes perplexity over non-overlapping
+windows of --seqlen tokens of --text (each window scored on its own, first token unscored).
+
+    python benchmarks/perplexity.py --group-size 64 --calib-samples 16 --calib-seqlen 512 \
+        --out-dir /tmp/ppl --json /tmp/ppl/results.json
+
+Prints a Markdown table. The held-out text (`tests/lm_lite/data/heldout.txt`) is not the calibration text (lm-lite's
+built-in set, or --calib-dataset). KV-cache int8/int4 rows need the engine's quant_policy (not built yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+DEFAULT_TEXT = HERE.parent / "tests" / "lm_lite" / "data" / "heldout.txt"
+VARIANTS = ("fp32", "rtn", "awq", "gptq", "w8a8")
+
+
+def heldout_ids(model_dir: Path, text_path: Path) -> list[int]:
+    """The held-out text as token ids (no special tokens)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.model_max_length = 1 << 62
+    return tokenizer(text_path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+
+
+def perplexity(model_dir: Path, ids: list[int], seqlen: int, max_windows: int | None = None) -> float:
+    """exp(mean negative log-likelihood) of lm-torch's model over windows of `seqlen` tokens."""
+    import torch
+
+    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+    from lm_torch.config import TorchEngineConfig
+    from lm_torch.loader import build_model, load_hf_config
+
+    model = build_model(model_dir, TorchEngineConfig(), load_hf_config(model_dir), torch.device("cpu"), torch.float32)
+    for layer in model.attention_layers():
+        layer.backend = TorchAttentionBackend()
+    block_size = 16
+    num_blocks = (seqlen + block_size - 1) // block_size
+    caches = [
+        (torch.zeros(num_blocks, block_size, h, d), torch.zeros(num_blocks, block_size, h, d))
+        for h, d in model.kv_cache_shape()
+    ]
+    windows = [ids[i : i + seqlen] for i in range(0, len(ids) - seqlen + 1, seqlen)][:max_windows]
+    if not windows:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    total_nll, count = 0.0, 0
+    meta = AttentionMetadata.build([seqlen], [seqlen], [list(range(num_blocks))], block_size, "cpu")
+    with torch.no_grad():
+        for window in windows:
+            tokens = torch.tensor(window)
+            logits = model.compute_logits(model(tokens, torch.arange(seqlen), caches, meta))
+            nll = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:], reduction="sum")
+            total_nll += nll.item()
+            count += seqlen - 1
+    return math.exp(total_nll / count)
+
+
+def build_variant(variant: str, model_dir: Path, out_dir: Path, args) -> Path:
+    """The checkpoint directory of one variant (quantizing it with lm-lite unless it is fp32)."""
+    import lm_lite
+
+    if variant == "fp32":
+        return model_dir
+    work = out_dir / variant
+    calib = {
+        "calib_dataset": args.calib_dataset,
+        "calib_samples": args.calib_samples,
+        "calib_seqlen": args.calib_seqlen,
+        "overwrite": True,
+    }
+    if variant == "rtn":
+        return lm_lite.rtn(model_dir, work, w_group_size=args.group_size, overwrite=True)
+    if variant == "awq":
+        return lm_lite.auto_awq(model_dir, work, w_group_size=args.group_size, **calib)
+    if variant == "gptq":
+        return lm_lite.auto_gptq(model_dir, work, w_group_size=args.group_size, **calib)
+    if variant == "w8a8":
+        return lm_lite.smooth_quant(model_dir, work, **calib)
+    raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+
+
+def run(args) -> dict[str, dict]:
+    from lm_core import resolve_model
+
+    model_dir = resolve_model(args.model)
+    ids = heldout_ids(model_dir, Path(args.text))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for variant in args.variants:
+        start = time.perf_counter()
+        checkpoint = build_variant(variant, model_dir, out_dir, args)
+        quantize_seconds = time.perf_counter() - start
+        ppl = perplexity(checkpoint, ids, args.seqlen, args.max_windows)
+        results[variant] = {"perplexity": ppl, "quantize_seconds": quantize_seconds}
+        print(f"{variant}: perplexity {ppl:.3f} (quantized in {quantize_seconds:.0f} s)", file=sys.stderr)
+    return results
+
+
+def table(results: dict[str, dict], group_size: int) -> str:
+    names = {
+        "fp32": "fp32",
+        "rtn": f"RTN w4g{group_size}",
+        "awq": f"AWQ w4g{group_size}",
+        "gptq": f"GPTQ w4g{group_size}",
+        "w8a8": "W8A8 (SmoothQuant int8)",
+    }
+    base = results.get("fp32", {}).get("perplexity")
+    lines = ["| variant | perplexity | vs fp32 |", "|---|---|---|"]
+    for variant, entry in results.items():
+        ratio = f"{100 * (entry['perplexity'] / base - 1):+.1f}%" if base else ""
+        lines.append(f"| {names[variant]} | {entry['perplexity']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="Model (default: SmolLM2-135M-Instruct).")
+    parser.add_argument("--text", default=str(DEFAULT_TEXT), help="Held-out text.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
+    parser.add_argument("--group-size", default=64, type=int, help="SmolLM2's hidden size 576 is no multiple of 128.")
+    parser.add_argument("--calib-dataset", default=None)
+    parser.add_argument("--calib-samples", default=16, type=int)
+    parser.add_argument("--calib-seqlen", default=512, type=int)
+    parser.add_argument("--seqlen", default=512, type=int, help="Tokens per scored window.")
+    parser.add_argument("--max-windows", default=None, type=int)
+    parser.add_argument("--out-dir", default="/tmp/lm-lite-perplexity")
+    parser.add_argument("--json", default=None, help="Also write the results here.")
+    args = parser.parse_args()
+    results = run(args)
+    print(table(results, args.group_size))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

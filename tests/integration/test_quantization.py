@@ -1,0 +1,203 @@
+"""lm-lite's checkpoints run in lm-torch: logits of every family against the fake-quantized reference, and the
+perplexity table's bounds on the default model.
+
+The reference is built independently of lm-torch: transformers' own model class, whose quantized linears get the
+dequantized weights unpacked from the checkpoint's tensors in plain torch (`lm_lite.packing`), or, for W8A8, a
+plain-torch emulation of per-token dynamic int8 activations times the int8 weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_lite")
+pytest.importorskip("lm_torch")
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+
+
+def _load_by_path(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_models = _load_by_path("tiny_models", ROOT / "tests" / "lm_lite" / "tiny_models.py")
+
+CALIB_TEXT = (ROOT / "packages" / "lm-lite" / "src" / "lm_lite" / "data" / "calib_builtin.txt").read_text()[:20000]
+CALIB = {"calib_samples": 2, "calib_seqlen": 64}
+# Same dequantized weights in float32 on both sides: only the order of float operations differs.
+WEIGHT_ONLY_TOLERANCE = 2e-4
+# W8A8: both sides round activations to int8 per token; an activation within float error of a rounding boundary
+# could land one level apart (none does in these cases, which agree within 1e-6).
+W8A8_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(CALIB_TEXT)
+    return str(path)
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+class _W8A8Reference(torch.nn.Module):
+    """Per-token dynamic int8 activations times per-channel int8 weights, in float64 plain torch."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.scale, self.bias = weight.double(), scale.double(), bias
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1]).double()
+        x_scale = flat.abs().amax(dim=-1, keepdim=True).clamp(min=1e-7) / 127
+        x_q = torch.round(flat / x_scale).clamp(-128, 127)
+        out = (x_q @ self.weight.t()) * x_scale * self.scale.t()
+        if self.bias is not None:
+            out = out + self.bias.double()
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def fake_quant_reference(checkpoint: Path, source: Path):
+    """transformers' model for `source`, holding the checkpoint's tensors with quantized linears dequantized."""
+    from lm_lite.model_io import INTERNLM2_RENAMES, load_model, split_internlm2_wqkv
+    from lm_lite.packing import unpack_awq, unpack_gptq
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    quant = config["quantization_config"]
+    state = _tensors(checkpoint)
+    dense: dict[str, torch.Tensor] = {}
+    w8a8: dict[str, tuple] = {}
+    for name, tensor in state.items():
+        module, _, param = name.rpartition(".")
+        if param == "qweight" and quant["quant_method"] == "awq":
+            dense[f"{module}.weight"] = unpack_awq(
+                tensor, state[f"{module}.qzeros"], state[f"{module}.scales"], quant["group_size"]
+            )
+        elif param == "qweight":
+            dense[f"{module}.weight"] = unpack_gptq(
+                tensor, state[f"{module}.qzeros"], state[f"{module}.scales"], state[f"{module}.g_idx"], quant["bits"]
+            )
+        elif param in ("qzeros", "scales", "g_idx", "scale"):
+            continue
+        elif quant["quant_method"] == "smooth_quant" and param == "weight" and f"{module}.scale" in state:
+            w8a8[module] = (tensor, state[f"{module}.scale"], state.get(f"{module}.bias"))
+        else:
+            dense[name] = tensor.float()
+    if config["architectures"][0] == "InternLM2ForCausalLM":
+        dense = _internlm2_to_llama(dense, config, INTERNLM2_RENAMES, split_internlm2_wqkv)
+        w8a8 = _internlm2_w8a8_to_llama(w8a8, config, INTERNLM2_RENAMES, split_internlm2_wqkv)
+    source_config = json.loads((source / "config.json").read_text())
+    model, _ = load_model(source, source_config, torch.float32)
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    assert not unexpected, unexpected
+    for module, (weight, scale, bias) in w8a8.items():
+        parent, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent), child, _W8A8Reference(weight, scale, bias))
+    quantized = {n.rpartition(".")[0] for n in missing}
+    assert quantized <= {"lm_head"} | set(w8a8), missing
+    return model.eval()
+
+
+def _internlm2_to_llama(dense, config, renames, split):
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig(
+        hidden_size=config["hidden_size"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"],
+    )
+    out = {}
+    for name, tensor in dense.items():
+        if ".attention.wqkv." in name:
+            out.update(split(name, tensor, llama))
+            continue
+        for old, new in renames.items():
+            if old in name:
+                name = name.replace(old, new, 1)
+                break
+        out[name] = tensor
+    return out
+
+
+def _internlm2_w8a8_to_llama(w8a8, config, renames, split):
+    """Split wqkv's int8 rows, scales and bias into q/k/v (rows are output channels); rename the rest."""
+    out = {}
+    for module, parts in w8a8.items():
+        if module.endswith(".attention.wqkv"):
+            pieces = [
+                None if part is None else _internlm2_to_llama({f"{module}.weight": part}, config, renames, split)
+                for part in parts
+            ]
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                name = module.replace(".attention.wqkv", f".self_attn.{proj}")
+                out[name] = tuple(None if p is None else p[f"{name}.weight"] for p in pieces)
+            continue
+        renamed = next(iter(_internlm2_to_llama({f"{module}.weight": parts[0]}, config, renames, split)))
+        out[renamed.removesuffix(".weight")] = parts
+    return out
+
+
+def lm_torch_logits(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
+    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+    from lm_torch.config import TorchEngineConfig
+    from lm_torch.loader import build_model, load_hf_config
+
+    hf_config = load_hf_config(checkpoint)
+    if not getattr(hf_config, "architectures", None):
+        hf_config.architectures = json.loads((checkpoint / "config.json").read_text())["architectures"]
+    model = build_model(checkpoint, TorchEngineConfig(), hf_config, torch.device("cpu"), torch.float32)
+    for layer in model.attention_layers():
+        layer.backend = TorchAttentionBackend()
+    blocks = (len(ids) + 15) // 16
+    caches = [(torch.zeros(blocks, 16, h, d), torch.zeros(blocks, 16, h, d)) for h, d in model.kv_cache_shape()]
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [list(range(blocks))], 16, "cpu")
+    with torch.no_grad():
+        return model.compute_logits(model(ids, torch.arange(len(ids)), caches, meta))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["awq", "gptq", "smooth_quant"])
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_lm_lite_checkpoint_runs_in_lm_torch_like_its_fake_quantized_reference(
+    family, method, tmp_path, default_model_dir, calib_file
+):
+    import lm_lite
+
+    source = tiny_models.make_tiny(family, tmp_path / "source", default_model_dir)
+    out = tmp_path / "out"
+    if method == "awq":
+        lm_lite.auto_awq(source, out, w_group_size=32, calib_dataset=calib_file, **CALIB)
+    elif method == "gptq":
+        lm_lite.auto_gptq(source, out, w_group_size=32, desc_act=True, calib_dataset=calib_file, **CALIB)
+    else:
+        lm_lite.smooth_quant(source, out, calib_dataset=calib_file, **CALIB)
+    ids = torch.randint(3, 40000, (40,), generator=torch.Generator().manual_seed(0))
+    reference = fake_quant_reference(out, source)
+    with torch.no_grad():
+        expected = reference(input_ids=ids[None]).logits[0].float()
+    ours = lm_torch_logits(out, ids)
+    tolerance = W8A8_TOLERANCE if method == "smooth_quant" else WEIGHT_ONLY_TOLERANCE
+    assert (ours - expected).abs().max().item() < tolerance
+    # The comparison means something: quantization moved the logits well away from the float model's.
+    from lm_lite.model_io import load_model
+
+    float_model, _ = load_model(source, json.loads((source / "config.json").read_text()), torch.float32)
+    with torch.no_grad():
+        float_logits = float_model(input_ids=ids[None]).logits[0].float()
+    assert (expected - float_logits).abs().max().item() > 10 * tolerance
