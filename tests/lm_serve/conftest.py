@@ -19,7 +19,9 @@ API_KEY = "test-key-1"
 SECOND_KEY = "test-key-2"
 READY_PREFIX = "lm-serve: ready at "
 # Small enough to start fast on a 2-core CPU; the KV cache holds two full sessions.
-LIGHT_FLAGS = ["--session-len", "512", "--num-kv-blocks", "64", "--max-batch-size", "16"]
+# One torch thread: this machine's cores are shared, and a 2-thread OpenMP team that must wait for a busy core is
+# several times slower than one thread.
+LIGHT_FLAGS = ["--session-len", "512", "--num-kv-blocks", "64", "--max-batch-size", "16", "--num-threads", "1"]
 
 
 class ServerProcess:
@@ -123,7 +125,7 @@ def hf_model(default_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     return model, tokenizer
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import struct
 
 import pytest
 
@@ -37,7 +39,8 @@ def test_embeddings_are_pooled_final_hidden_states(client, hf_model, pooling):
 
 def test_base64_encoding_carries_the_same_floats(client):
     floats = client.embeddings.create(model="smol", input=TEXTS[0], encoding_format="float").data[0].embedding
-    # The openai client decodes base64 itself (numpy or struct), as it does with OpenAI's API.
-    decoded = client.embeddings.create(model="smol", input=TEXTS[0], encoding_format="base64").data[0].embedding
+    encoded = client.embeddings.create(model="smol", input=TEXTS[0], encoding_format="base64").data[0].embedding
+    raw = base64.b64decode(encoded)
+    decoded = struct.unpack(f"<{len(raw) // 4}f", raw)  # little-endian float32, as OpenAI sends it
     assert len(decoded) == len(floats)
     assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(decoded, floats, strict=True))

@@ -38,9 +38,18 @@ def test_unknown_model_is_a_400_naming_the_model(client):
         ({"messages": MESSAGES, "logit_bias": {"999999999": 5}}, "logit_bias"),
         ({"messages": MESSAGES, "stop": [""]}, "stop"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
         ({"messages": [{"role": "tool", "content": "4", "tool_call_id": "x"}]}, "messages[0]"),
         ({"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "messages": MESSAGES,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
         ({"messages": MESSAGES, "chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
         ({"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format.type"),
     ],
@@ -105,7 +114,8 @@ def test_tokenize_and_detokenize_match_the_model_tokenizer(http, hf_model):
     assert out["tokens"] == tokenizer(text).input_ids
     assert out["count"] == len(out["tokens"]) and out["max_model_len"] == 512
     chat = http.post("/tokenize", json={"messages": MESSAGES, "return_token_strs": True}).json()
-    assert chat["tokens"] == tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert chat["tokens"] == tokenizer(rendered, add_special_tokens=False).input_ids
     assert chat["token_strs"] == tokenizer.convert_ids_to_tokens(chat["tokens"])
     back = http.post("/detokenize", json={"tokens": out["tokens"]}).json()
     assert back["prompt"] == tokenizer.decode(out["tokens"])

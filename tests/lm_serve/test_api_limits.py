@@ -11,7 +11,9 @@ MESSAGES = [{"role": "user", "content": "Count to a hundred."}]
 
 @pytest.fixture(scope="module")
 def limited_server(start_server):
-    return start_server("--session-len", "256", "--num-kv-blocks", "32", "--max-concurrent-requests", "2")
+    return start_server(
+        "--session-len", "256", "--num-kv-blocks", "32", "--max-concurrent-requests", "2", "--num-threads", "1"
+    )
 
 
 def test_requests_beyond_the_limit_get_429_and_later_ones_are_served(limited_server):

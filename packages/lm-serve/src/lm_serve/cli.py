@@ -94,6 +94,7 @@ def serve() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the engine runs.")
 @click.option("--disable-prefix-caching", is_flag=True, default=None, help="Do not reuse KV blocks across requests.")
 @click.option("--eager-mode", is_flag=True, default=None, help="No CUDA graphs.")
+@click.option("--num-threads", type=click.IntRange(min=1), help="CPU threads for torch (engine setting).")
 def api_server(
     model_name,
     server_name,

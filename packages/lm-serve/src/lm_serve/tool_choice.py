@@ -68,7 +68,8 @@ def plan_tools(
     name = choice["function"]["name"]
     if name not in functions:
         known = ", ".join(functions)
-        raise APIError(f"tool_choice names function {name!r}, which is not among the tools ({known})", "tool_choice")
+        message = f"tool_choice names function {name!r}, which is not among the tools ({known})"
+        raise APIError(message, param="tool_choice")
     schema = _parameters_schema(functions[name])
     return ToolPlan(NAMED, tools, {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}, name)
 

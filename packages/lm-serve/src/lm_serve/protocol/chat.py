@@ -12,7 +12,7 @@ from lm_serve.protocol.common import ChatTool, NamedToolChoice, OpenAIModel, Res
 class ChatMessage(OpenAIModel):
     """One message; lm-core's `validate_messages` checks the conversation as a whole (order, tool call ids)."""
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
