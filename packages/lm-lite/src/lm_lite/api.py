@@ -161,8 +161,8 @@ def calibrate(
     overwrite: bool = False,
 ) -> Path:
     """Collect per-channel input statistics of every decoder linear; returns the saved statistics file."""
-    from lm_lite.calibrate import STATS_FILE
     from lm_lite.options import CALIBRATION_DIR
+    from lm_lite.stats import STATS_FILE
 
     calib = CalibOptions(calib_dataset, calib_samples, calib_seqlen, batch_size, device, dtype)
     job = prepare_job(model, work_dir, overwrite)
@@ -241,8 +241,8 @@ def _stats(job: Job, calib: CalibOptions, reuse: bool = True):
     """(stats, model, reused?) for `calibrate` and `smooth_quant`, from the work dir when they match."""
     import torch
 
-    from lm_lite.calibrate import collect_stats, load_stats, save_stats
     from lm_lite.model_io import load_model
+    from lm_lite.stats import collect_stats, load_stats, save_stats
 
     meta = {
         "model": str(job.model_dir),
