@@ -30,7 +30,10 @@ class _Server(uvicorn.Server):
 
 def run_server(app, host: str, port: int, log_level: str = "info") -> None:
     """Serve `app` until interrupted (Ctrl-C or SIGTERM: a graceful shutdown that closes the engine)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+    # On SIGTERM, open streams get a few seconds to finish; then they are cut (and their engine requests aborted).
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_keep_alive=30, timeout_graceful_shutdown=5
+    )
     # Announce an address a client can reach: the wildcard itself is not one.
     display = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     server = _Server(config, display)

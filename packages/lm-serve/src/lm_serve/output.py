@@ -10,8 +10,9 @@ from lm_core.response import Response
 from lm_serve.parsers import DeltaMessage, ParsedMessage, ToolCallDelta
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """A unique id: `chatcmpl-<hex>` (chat and completions spell it so), or with `sep="_"` `resp_<hex>` (Responses)."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
 def now() -> int:

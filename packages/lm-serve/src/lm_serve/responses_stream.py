@@ -44,11 +44,11 @@ def output_items(parsed: ParsedMessage) -> list[dict[str, Any]]:
     """The output items of a whole (non-streamed) message."""
     items = []
     if parsed.reasoning_content is not None:
-        items.append(_reasoning_item(new_id("rs"), parsed.reasoning_content, "completed"))
+        items.append(_reasoning_item(new_id("rs", "_"), parsed.reasoning_content, "completed"))
     if parsed.content is not None or not parsed.tool_calls:
-        items.append(_message_item(new_id("msg"), parsed.content or "", "completed"))
+        items.append(_message_item(new_id("msg", "_"), parsed.content or "", "completed"))
     for call in parsed.tool_calls:
-        items.append(_call_item(new_id("fc"), call.id, call.name, call.arguments, "completed"))
+        items.append(_call_item(new_id("fc", "_"), call.id, call.name, call.arguments, "completed"))
     return items
 
 
@@ -167,7 +167,7 @@ class ResponseEventWriter:
         for call in delta.tool_calls:
             if call.id is not None or self._kind() != "function_call" or self._open["index"] != call.index:
                 events += self._close()
-                events += self._open_call(call.index, call.id or new_id("call"), call.name or "")
+                events += self._open_call(call.index, call.id or new_id("call", "_"), call.name or "")
             if call.arguments:
                 self._open["text"].append(call.arguments)
                 events.append(
@@ -189,7 +189,7 @@ class ResponseEventWriter:
         return self._event(kind, item_id=self._open["id"], output_index=at, content_index=0, delta=text, **extra)
 
     def _open_reasoning(self) -> list[str]:
-        self._open = {"kind": "reasoning", "id": new_id("rs"), "text": []}
+        self._open = {"kind": "reasoning", "id": new_id("rs", "_"), "text": []}
         item = _reasoning_item(self._open["id"], "", "in_progress")
         part = {"type": "reasoning_text", "text": ""}
         return [
@@ -204,7 +204,7 @@ class ResponseEventWriter:
         ]
 
     def _open_message(self) -> list[str]:
-        self._open = {"kind": "message", "id": new_id("msg"), "text": []}
+        self._open = {"kind": "message", "id": new_id("msg", "_"), "text": []}
         item = _message_item(self._open["id"], None, "in_progress")
         return [
             self._event("response.output_item.added", output_index=len(self.output), item=item),
@@ -220,7 +220,7 @@ class ResponseEventWriter:
     def _open_call(self, index: int, call_id: str, name: str) -> list[str]:
         self._open = {
             "kind": "function_call",
-            "id": new_id("fc"),
+            "id": new_id("fc", "_"),
             "text": [],
             "index": index,
             "call_id": call_id,

@@ -145,7 +145,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     parser = make_message_stream(prompt.plan, state, prompt.text, body.chat_template_kwargs)
     gen = await Generation(state, [PromptJob(prompt.token_ids, gen_config)]).start()
     base = {
-        "id": new_id("resp"),
+        "id": new_id("resp", "_"),
         "created_at": now(),
         "model": state.model_name,
         "request": body,
