@@ -95,3 +95,34 @@ def test_function_call_outputs_continue_a_conversation(client):
         max_output_tokens=10,
     )
     assert response.output_text
+
+
+def _literal_regex(text: str) -> str:
+    return "".join("\\" + c if c in "\\.^$*+?()[]{}|/" else c for c in text)
+
+
+def test_reasoning_and_a_parsed_call_become_their_own_items_streamed_or_not(client):
+    # Guided decoding (our regex extension of text.format) makes the model write Qwen3-style reasoning and a Hermes
+    # tool call; the shared server parses both (--reasoning-parser qwen3 --tool-call-parser hermes).
+    scripted = (
+        "<think>I need the weather.</think>"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    )
+    kwargs = {
+        "model": "smol",
+        "input": "What is the weather in Rome?",
+        "tools": [WEATHER],
+        "temperature": 0,
+        "max_output_tokens": 120,
+        "text": {"format": {"type": "regex", "regex": _literal_regex(scripted)}},
+    }
+    whole = client.responses.create(**kwargs)
+    with client.responses.stream(**kwargs) as stream:
+        streamed = stream.get_final_response()
+    for response in (whole, streamed):
+        kinds = [item.type for item in response.output]
+        assert kinds == ["reasoning", "function_call"], kinds
+        assert response.output[0].content[0].text == "I need the weather."
+        call = response.output[1]
+        assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Rome"}
+        assert response.output_text == ""
