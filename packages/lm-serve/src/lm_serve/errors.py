@@ -29,6 +29,10 @@ _PARAM_OF_FIELD = {
 }
 
 
+# How pydantic names the member of a union it tried, in an error's location ("list[str]", "NamedToolChoice", ...).
+_UNION_MEMBER = re.compile(r"str|int|float|bool|none|(list|dict|literal|function-\w+|tagged-union)\[.*\]|[A-Z]\w*")
+
+
 class APIError(Exception):
     """An error to answer with `status_code` and an OpenAI error body."""
 
@@ -78,7 +82,7 @@ def bad_request(exc: Exception, param: str | None = None) -> APIError:
 def _location(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # Pydantic names the union member it tried ("str", "list[str]", "function-after[...]"): not a user's field.
-    parts = [p for p in parts if not re.match(r"^(str|int|float|bool|list|dict|function-|tagged-union|literal)", p)]
+    parts = [p for p in parts if not _UNION_MEMBER.fullmatch(p)]
     return ".".join(parts) or None
 
 
