@@ -1,0 +1,253 @@
+"""lm-torch's quantized linears and their loading, against checkpoints packed here by the formats' definitions.
+
+The packers below are written from the layouts' specifications, one integer at a time, independently of lm-lite's
+(vectorised) ones; the reference is plain torch on the dense weights they encode.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lm_torch.config import TorchEngineConfig
+from lm_torch.layers.quant import AWQLinear, GPTQLinear, W8A8Linear, parse_quant_config
+from lm_torch.loader import build_model, load_hf_config
+
+transformers = pytest.importorskip("transformers")
+
+AWQ_NIBBLE_COLUMN = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of an AWQ word holds column 8j + AWQ_NIBBLE_COLUMN[k]
+
+
+def _word(values: list[int], bits: int) -> int:
+    word = 0
+    for k, value in enumerate(values):
+        word |= value << (bits * k)
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def awq_tensors(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """q [in, out], zeros [groups, out] ints in [0, 16); scales [groups, out] -> AutoAWQ GEMM tensors."""
+
+    def pack(matrix):
+        rows, cols = matrix.shape
+        return torch.tensor(
+            [
+                [_word([int(matrix[r, 8 * j + AWQ_NIBBLE_COLUMN[k]]) for k in range(8)], 4) for j in range(cols // 8)]
+                for r in range(rows)
+            ],
+            dtype=torch.int32,
+        )
+
+    return {"qweight": pack(q), "qzeros": pack(zeros), "scales": scales.half()}
+
+
+def gptq_tensors(q, zeros, scales, g_idx, bits) -> dict[str, torch.Tensor]:
+    """q [in, out], zeros [groups, out] -> GPTQ v1 tensors (inputs packed in order, zeros stored minus one)."""
+    per = 32 // bits
+    in_features, out_features = q.shape
+    qweight = torch.tensor(
+        [
+            [_word([int(q[per * i + k, o]) for k in range(per)], bits) for o in range(out_features)]
+            for i in range(in_features // per)
+        ],
+        dtype=torch.int32,
+    )
+    qzeros = torch.tensor(
+        [
+            [_word([int(zeros[g, per * j + k]) - 1 for k in range(per)], bits) for j in range(out_features // per)]
+            for g in range(zeros.shape[0])
+        ],
+        dtype=torch.int32,
+    )
+    return {"qweight": qweight, "qzeros": qzeros, "scales": scales.half(), "g_idx": g_idx.to(torch.int32)}
+
+
+def _random_quantized(in_features, out_features, groups, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (in_features, out_features), generator=g)
+    zeros = torch.randint(1, 2**bits, (groups, out_features), generator=g)
+    scales = (0.01 + 0.02 * torch.rand(groups, out_features, generator=g)).half().float()
+    return q, zeros, scales
+
+
+def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            getattr(module, name).copy_(tensor)
+    module.finish_loading()
+    return module
+
+
+@pytest.mark.parametrize("cache_dense", [True, False])
+def test_awq_linear_computes_with_the_weights_it_encodes(cache_dense):
+    q, zeros, scales = _random_quantized(64, 48, 2, 4, seed=0)
+    layer = AWQLinear(64, 48, bias=True, group_size=32, dtype=torch.float32)
+    layer.cache_dense = cache_dense
+    bias = torch.randn(48)
+    _load(layer, {**awq_tensors(q, zeros, scales), "bias": bias})
+    dense = (q - zeros.repeat_interleave(32, dim=0)) * scales.repeat_interleave(32, dim=0)  # [in, out]
+    assert torch.equal(layer.dequantize(), dense)
+    x = torch.randn(3, 5, 64)
+    assert torch.allclose(layer(x), x @ dense + bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gptq_linear_with_act_order_groups(bits):
+    q, zeros, scales = _random_quantized(64, 32, 4, bits, seed=bits)
+    g_idx = (torch.arange(64) // 16)[torch.randperm(64, generator=torch.Generator().manual_seed(1))]
+    layer = _load(
+        GPTQLinear(64, 32, bias=False, group_size=16, bits=bits, dtype=torch.float32),
+        gptq_tensors(q, zeros, scales, g_idx, bits),
+    )
+    dense = (q - zeros[g_idx]) * scales[g_idx]
+    assert torch.equal(layer.dequantize(), dense)
+    x = torch.randn(7, 64)
+    assert torch.allclose(layer(x), x @ dense, atol=1e-5)
+
+
+def test_w8a8_linear_matches_per_token_int8_in_float64():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (40, 64), generator=g).to(torch.int8)
+    scale = 0.001 + 0.01 * torch.rand(40, 1, generator=g)
+    layer = _load(
+        W8A8Linear(64, 40, bias=False, quant_dtype="int8", dtype=torch.float32), {"weight": weight, "scale": scale}
+    )
+    x = torch.randn(9, 64, generator=g) * (1 + 10 * (torch.arange(64) == 3))  # one outlier channel
+    x_scale = x.double().abs().amax(-1, keepdim=True) / 127
+    x_q = torch.round(x.double() / x_scale)
+    expected = (x_q @ weight.double().t()) * x_scale * scale.double().t()
+    assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-6)
+    # One token at a time (decode) gives the same rows.
+    assert torch.allclose(layer(x[:1]), layer(x)[:1])
+
+
+def test_w8a8_float8_weights():
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(16, 32, generator=g)
+    scale = dense.abs().amax(1, keepdim=True) / 448
+    weight = (dense / scale).to(torch.float8_e4m3fn)
+    layer = _load(
+        W8A8Linear(32, 16, bias=False, quant_dtype="float8_e4m3fn", dtype=torch.float32),
+        {"weight": weight, "scale": scale},
+    )
+    x = torch.randn(4, 32, generator=g)
+    x_scale = x.abs().amax(-1, keepdim=True) / 448
+    expected = ((x / x_scale).to(torch.float8_e4m3fn).float() @ weight.float().t()) * x_scale * scale.t()
+    assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- whole checkpoints ----------------------------------------------------------------------------------------------
+
+TINY = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+PROJECTIONS = {
+    "q_proj": (64, 64),
+    "k_proj": (32, 64),
+    "v_proj": (32, 64),
+    "o_proj": (64, 64),
+    "gate_proj": (128, 64),
+    "up_proj": (128, 64),
+    "down_proj": (64, 128),
+}
+
+
+def _quantized_llama(path, method: str, g_idx_per_projection=False):
+    """A tiny Llama checkpoint whose decoder linears are random AWQ or GPTQ integers; returns the transformers
+    model holding the weights they encode."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    for i in range(TINY["num_hidden_layers"]):
+        for seed, (name, (out_features, in_features)) in enumerate(PROJECTIONS.items()):
+            module = f"model.layers.{i}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
+            groups = in_features // 32
+            q, zeros, scales = _random_quantized(in_features, out_features, groups, 4, seed=100 * i + seed)
+            if method == "awq":
+                g_idx = torch.arange(in_features) // 32
+                tensors = awq_tensors(q, zeros, scales)
+            else:
+                order_seed = 100 * i + seed if g_idx_per_projection else 7
+                g_idx = (torch.arange(in_features) // 32)[
+                    torch.randperm(in_features, generator=torch.Generator().manual_seed(order_seed))
+                ]
+                tensors = gptq_tensors(q, zeros, scales, g_idx, 4)
+            del state[f"{module}.weight"]
+            state.update({f"{module}.{k}": v for k, v in tensors.items()})
+            with torch.no_grad():
+                reference.get_submodule(module).weight.copy_(((q - zeros[g_idx]) * scales[g_idx]).t())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    config = json.loads(reference.config.to_json_string())
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["quantization_config"] = (
+        {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True}
+        if method == "awq"
+        else {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False}
+    )
+    (path / "config.json").write_text(json.dumps(config))
+    return reference
+
+
+def _our_logits(path, ids, **engine):
+    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+
+    model = build_model(path, TorchEngineConfig(**engine), load_hf_config(path), torch.device("cpu"), torch.float32)
+    for layer in model.attention_layers():
+        layer.backend = TorchAttentionBackend()
+    caches = [(torch.zeros(4, 16, h, d), torch.zeros(4, 16, h, d)) for h, d in model.kv_cache_shape()]
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0, 1]], 16, "cpu")
+    with torch.no_grad():
+        return model, model.compute_logits(model(ids, torch.arange(len(ids)), caches, meta))
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_fused_projections_load_packed_columns_in_place(method, tmp_path):
+    """q/k/v and gate/up fuse along the output channels: AWQ's packed columns, GPTQ's unpacked ones."""
+    reference = _quantized_llama(tmp_path, method)
+    ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    model, ours = _our_logits(tmp_path, ids)
+    assert isinstance(model.layers[0].self_attn.qkv_proj, AWQLinear if method == "awq" else GPTQLinear)
+    assert (ours - expected).abs().max().item() < 1e-4
+
+
+def test_fused_gptq_projections_must_share_their_group_order(tmp_path):
+    _quantized_llama(tmp_path, "gptq", g_idx_per_projection=True)
+    with pytest.raises(ValueError, match="disagree"):
+        _our_logits(tmp_path, torch.arange(4))
+
+
+def test_dummy_weights_of_a_quantized_config(tmp_path):
+    _quantized_llama(tmp_path, "awq")
+    model, logits = _our_logits(tmp_path, torch.arange(10), load_format="dummy")
+    assert torch.isfinite(logits).all()
+    weight = model.layers[0].mlp.gate_up_proj.dequantize()
+    assert 0.01 < weight.std().item() < 0.04  # about the normal(0, 0.02) of dense dummy weights
+
+
+@pytest.mark.parametrize(
+    ("quantization_config", "message"),
+    [
+        ({"quant_method": "fp8"}, "quant_method 'fp8' is not supported"),
+        ({"quant_method": "awq", "version": "gemv", "bits": 4, "group_size": 128}, "version 'gemv'"),
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits=3"),
+        ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+    ],
+)
+def test_unsupported_quantization_configs_are_named(quantization_config, message):
+    config = transformers.LlamaConfig(**TINY)
+    config.quantization_config = quantization_config
+    with pytest.raises(ValueError, match=message):
+        parse_quant_config(config)
