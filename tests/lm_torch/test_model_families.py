@@ -9,6 +9,11 @@ the same position.
 
 InternLM2 has no transformers implementation: its case writes an InternLM2-layout checkpoint from a random Llama
 model and compares against that Llama.
+
+On a CUDA machine (marker `gpu`) every family also runs there the way the engine runs it on a GPU: the Triton
+attention backend and the Triton norm, rotary and activation kernels. In float32 the logits must match transformers
+on the same GPU within the same 1e-4; in bfloat16 they must stay within `BF16_TOLERANCE` of transformers' float32
+logits, or within twice transformers' own bfloat16 error where that is larger.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend
 from lm_torch.config import TorchEngineConfig
 from lm_torch.loader import build_model, load_hf_config
 from lm_torch.models import supported_architectures
@@ -32,6 +37,8 @@ PROMPT_CHUNKS = (17, 9, 14)  # 40 prompt tokens; the first chunk already crosses
 DECODE_STEPS = 32
 SEQ_LEN = sum(PROMPT_CHUNKS) + DECODE_STEPS
 TOLERANCE = 1e-4
+# bfloat16 keeps 8 bits of mantissa: logits of a few units carry errors of a few hundredths after two layers.
+BF16_TOLERANCE = 0.05
 WINDOW = 12  # sliding windows shorter than the prompt, so that tokens actually drop out of them
 
 # Shared by every tiny config: 4 query heads over 2 KV heads (GQA) of head_dim 16.
@@ -73,20 +80,28 @@ def _save_hf(model_class, config, path: Path):
     return model
 
 
-def _load_ours(path: Path, hf_config=None, engine_config: TorchEngineConfig | None = None):
+def _load_ours(
+    path: Path,
+    hf_config=None,
+    engine_config: TorchEngineConfig | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     hf_config = hf_config if hf_config is not None else load_hf_config(path)
-    model = build_model(path, engine_config or TorchEngineConfig(), hf_config, torch.device("cpu"), torch.float32)
+    model = build_model(path, engine_config or TorchEngineConfig(), hf_config, torch.device(device), dtype)
+    backend = TritonAttentionBackend() if device == "cuda" else TorchAttentionBackend()
     for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
+        layer.backend = backend
     return model
 
 
 def _paged_cache(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     # NaN-filled, so that reading a slot no step has written turns the logits into NaN.
+    param = next(model.parameters())
     return [
         (
-            torch.full((NUM_BLOCKS, BLOCK_SIZE, h, d), float("nan")),
-            torch.full((NUM_BLOCKS, BLOCK_SIZE, h, d), float("nan")),
+            torch.full((NUM_BLOCKS, BLOCK_SIZE, h, d), float("nan"), device=param.device, dtype=param.dtype),
+            torch.full((NUM_BLOCKS, BLOCK_SIZE, h, d), float("nan"), device=param.device, dtype=param.dtype),
         )
         for h, d in model.kv_cache_shape()
     ]
@@ -105,13 +120,14 @@ def _step(model, caches, tables, pieces: list[tuple[torch.Tensor, int]]) -> list
 
     Returns each sequence's logits [num_new, vocab], one row per new token.
     """
+    device = caches[0][0].device
     query_lens = [len(tokens) for tokens, _ in pieces]
     context_lens = [cached + len(tokens) for tokens, cached in pieces]
-    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, "cpu")
-    input_ids = torch.cat([tokens for tokens, _ in pieces])
-    positions = torch.cat([torch.arange(cached, cached + len(tokens)) for tokens, cached in pieces])
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, device)
+    input_ids = torch.cat([tokens for tokens, _ in pieces]).to(device)
+    positions = torch.cat([torch.arange(cached, cached + len(tokens)) for tokens, cached in pieces]).to(device)
     logits = model.compute_logits(model(input_ids, positions, caches, meta))  # [num_tokens, vocab]
-    return list(logits.split(query_lens))
+    return [rows.cpu() for rows in logits.split(query_lens)]
 
 
 def _schedule(length: int) -> list[tuple[int, int]]:
@@ -133,7 +149,8 @@ def _paged_logits(model, tokens: torch.Tensor, table_seed: int = 0) -> torch.Ten
 
 @torch.no_grad()
 def _hf_logits(reference, tokens: torch.Tensor) -> torch.Tensor:
-    return reference(input_ids=tokens[None]).logits[0].float()
+    device = next(reference.parameters()).device
+    return reference(input_ids=tokens[None].to(device)).logits[0].float().cpu()
 
 
 def _tokens(seed: int, length: int = SEQ_LEN) -> torch.Tensor:
@@ -384,6 +401,44 @@ def test_logits_match_transformers(family, tmp_path):
     assert diff < TOLERANCE, f"{family}: max abs logit difference {diff:.3g} over {SEQ_LEN} positions"
     # The comparison means something only if positions disagree with each other well beyond the tolerance.
     assert expected.std(dim=0).mean() > 1000 * TOLERANCE
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gpu_float32_logits_match_transformers_on_the_gpu(family, tmp_path):
+    """The Triton kernels and attention backend, fed the way the engine feeds them, against transformers on CUDA."""
+    pytest.importorskip("triton")
+    reference, hf_config, engine_config = FAMILIES[family](tmp_path)
+    model = _load_ours(tmp_path, hf_config, engine_config, device="cuda")
+    tokens = _tokens(seed=1)
+    expected = _hf_logits(reference.cuda(), tokens)
+    got = _paged_logits(model, tokens)
+    diff = (got - expected).abs().max().item()
+    assert diff < TOLERANCE, f"{family}: max abs logit difference {diff:.3g} on CUDA in float32"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gpu_bfloat16_logits_stay_close(family, tmp_path):
+    """bfloat16 on CUDA against transformers' float32 logits: within BF16_TOLERANCE, or within twice the error of
+    transformers' own bfloat16 forward where that is larger."""
+    import copy
+
+    pytest.importorskip("triton")
+    reference, hf_config, engine_config = FAMILIES[family](tmp_path)
+    tokens = _tokens(seed=1)
+    reference = reference.cuda()
+    expected = _hf_logits(reference, tokens)
+    hf_error = (_hf_logits(copy.deepcopy(reference).to(torch.bfloat16), tokens) - expected).abs().max().item()
+    model = _load_ours(tmp_path, hf_config, engine_config, device="cuda", dtype=torch.bfloat16)
+    error = (_paged_logits(model, tokens) - expected).abs().max().item()
+    print(f"{family}: bf16 max abs logit error {error:.4f} (transformers bf16: {hf_error:.4f})")
+    assert error <= max(BF16_TOLERANCE, 2 * hf_error), f"{family}: {error:.4f} vs transformers bf16 {hf_error:.4f}"
 
 
 @pytest.mark.parametrize("family", ["gemma2", "mistral-window", "qwen2-bias"])

@@ -15,7 +15,8 @@ class TorchEngineConfig:
     """Engine settings, named as in LMDeploy's PytorchEngineConfig where the concept is the same.
 
     KV-cache size: `num_kv_blocks` if given, else `kv_cache_gb` exactly, else `cache_max_entry_count` of the memory
-    free after the weights (on CPU: of the available RAM, capped by `cpu_kv_cache_gb`).
+    free after the weights (on CPU: of the available RAM, capped by `cpu_kv_cache_gb`). On CUDA the cache always
+    leaves free the activation reserve measured at start-up (see `lm_torch.memory`).
     """
 
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
@@ -30,7 +31,11 @@ class TorchEngineConfig:
     kv_cache_gb: float | None = None
     num_kv_blocks: int | None = None
     cpu_kv_cache_gb: float = 4.0
-    eager_mode: bool = False
+    eager_mode: bool = False  # CUDA: no CUDA graphs (decode steps launch their kernels one by one)
+    # Schedule and launch step N + 1 before step N's tokens are back (placeholders filled on the device), for
+    # requests whose next step does not depend on them (no grammar, penalties, bad words). None: on with CUDA and
+    # triton, off on the CPU (where a step's host work is a small part of it).
+    overlap_steps: bool | None = None
     seed: int = 0  # for dummy weights and unseeded sampling
     custom_module_map: dict[str, Any] = field(default_factory=dict)  # architecture name -> model class or "mod:Cls"
     num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
@@ -53,6 +58,11 @@ class TorchEngineConfig:
             )
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"TorchEngineConfig.kv_cache_gb must be positive, got {self.kv_cache_gb!r}")
+        for name in ("eager_mode",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TorchEngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.overlap_steps is not None and not isinstance(self.overlap_steps, bool):
+            raise ValueError(f"TorchEngineConfig.overlap_steps must be True, False or None, got {self.overlap_steps!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"TorchEngineConfig.num_kv_blocks must be positive, got {self.num_kv_blocks!r}")
 

@@ -1,8 +1,11 @@
 """`TorchEngine`: the asynchronous engine loop over scheduler, model runner and sampler.
 
 One background task runs steps while requests are pending: `batch = scheduler.schedule(); out = runner.run(batch);
-scheduler.update(batch, out)`. The model runs in a worker thread so the event loop keeps accepting requests and
-streaming tokens meanwhile; the scheduler is only touched from the event loop, between steps.
+scheduler.update(batch, out)`. The scheduler is only touched from the event loop, between steps. On the CPU the
+model runs in a worker thread, so the event loop keeps accepting requests and streaming tokens meanwhile. On CUDA
+a step is launched from the event loop (that only queues device work) and its tokens are awaited in the worker
+thread; with `overlap_steps` the next step is scheduled and launched before the tokens of the one running are back,
+so the GPU never waits for the host between steps (`_run_loop`).
 
 Guided requests (`response_format`) have their grammar compiled on a second worker thread before they are
 scheduled, so a slow schema delays only its own request. Embedding requests (`embed`) share the scheduler with
@@ -14,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +28,21 @@ from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest,
 from lm_core.generation_config import GenerationConfig
 from lm_torch.block_manager import BlockManager
 from lm_torch.config import TorchEngineConfig
-from lm_torch.model_runner import ModelRunner, log
-from lm_torch.scheduler import Scheduler
-from lm_torch.sequence import Sequence
+from lm_torch.model_runner import ModelRunner, StepHandle, StepOutput, log
+from lm_torch.scheduler import ScheduledBatch, Scheduler
+from lm_torch.sequence import Sequence, SequenceStatus
+
+# The token id a sequence carries while its sampled token is still on the device (never a real id).
+PLACEHOLDER = -1
+
+
+@dataclass
+class _Launched:
+    """A step handed over to the scheduler before its tokens came back (see `TorchEngine._hand_over`)."""
+
+    batch: ScheduledBatch
+    handle: StepHandle
+    slots: dict[Sequence, int]  # sampled sequence -> index of its placeholder in token_ids
 
 
 class TorchEngine(Engine):
@@ -50,6 +67,8 @@ class TorchEngine(Engine):
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending_aborts: set[str] = set()
         self._step_in_flight = False
+        self._overlap = config.overlap_steps if config.overlap_steps is not None else self.runner.fast
+        self._overlap_ok: weakref.WeakKeyDictionary[Sequence, bool] = weakref.WeakKeyDictionary()
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._tokenizer = None
@@ -280,41 +299,154 @@ class TorchEngine(Engine):
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
     async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Steps while there is work. With overlap on, step N + 1 is scheduled and launched before step N's tokens
+        are back (see `_overlappable`): its sequences carry a placeholder for the pending token, which the device
+        fills in, and the host work of one step (scheduling, input layout, streaming) hides behind the device work
+        of the other."""
+        in_flight: _Launched | None = None
         while True:
-            if not self.scheduler.has_unfinished_requests:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self.scheduler.schedule()
-            # Requests the scheduler refused outright (more KV than the whole cache) end here, with their reason.
-            self._emit_finished(self.scheduler.take_finished())
-            if batch.is_empty:
-                await asyncio.sleep(0)
-                continue
-            self._step_in_flight = True
-            try:
-                out = await loop.run_in_executor(self._executor, self.runner.run, batch)
-            except Exception as exc:  # a failed step must not hang the requests in it
-                self._step_in_flight = False
-                for seq in batch.seqs:
-                    self.scheduler.abort(seq.request_id)
-                    self.runner.release(seq.request_id)
-                    self._emit(EngineOutput(seq.request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
-                continue
-            self._step_in_flight = False
-            updated = self.scheduler.update(batch, out.token_ids)
-            logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs, strict=True)}
-            embeddings = dict(zip((s.request_id for s in batch.seqs), out.embeddings or (), strict=False))
-            for seq in updated:
-                if seq.is_embedding:
-                    self._emit_embedding(seq, embeddings.get(seq.request_id))
+            batch = None
+            if self.scheduler.has_unfinished_requests:
+                batch = self.scheduler.schedule()
+                # Requests the scheduler refused outright (more KV than the whole cache) end here, with their reason.
+                self._emit_finished(self.scheduler.take_finished())
+                if batch.is_empty:
+                    batch = None
+            if batch is None and in_flight is None:
+                if self.scheduler.has_unfinished_requests:
+                    await asyncio.sleep(0)
                 else:
-                    self._emit_sequence(seq, logprobs.get(seq.request_id))
+                    self._wake.clear()
+                    await self._wake.wait()
+                continue
+            previous, in_flight = in_flight, None
+            launched = None
+            if batch is not None:
+                launched = await self._launch(batch)
+            if previous is not None:
+                out = await self._collect(previous.handle)
+                self._complete_overlapped(previous, out)
+            if isinstance(launched, Exception):
+                self._fail(batch.seqs, launched)
+            elif launched is not None:
+                if self._overlap and all(self._overlappable(seq) for seq in batch.seqs):
+                    in_flight = self._hand_over(batch, launched)
+                else:
+                    out = await self._collect(launched)
+                    if isinstance(out, Exception):
+                        self._fail(batch.seqs, out)
+                    else:
+                        self._complete(batch, out)
             for request_id in list(self._pending_aborts):
                 self._pending_aborts.discard(request_id)
                 self._apply_abort(request_id)
-            await asyncio.sleep(0)  # let streams hand their tokens on
+            if in_flight is None:
+                await asyncio.sleep(0)  # let streams hand their tokens on
+
+    async def _launch(self, batch: ScheduledBatch) -> StepHandle | Exception:
+        """Queue a step. On CUDA in this thread (it only queues work; meanwhile the streams wait, and do their work
+        while `_collect` waits on the device), on the CPU in the step thread (it computes the whole step there)."""
+        try:
+            if self.runner.fast:
+                return self.runner.launch(batch)
+            self._step_in_flight = True
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.launch, batch)
+            finally:
+                self._step_in_flight = False
+        except Exception as exc:  # a failed step must not hang the requests in it
+            return exc
+
+    async def _collect(self, handle: StepHandle) -> StepOutput | Exception:
+        self._step_in_flight = True
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.collect, handle)
+        except Exception as exc:
+            return exc
+        finally:
+            self._step_in_flight = False
+
+    def _overlappable(self, seq: Sequence) -> bool:
+        """Whether the step after `seq`'s current one may be scheduled before its token is known: nothing the host
+        computes for that step may depend on the token's value (grammars, penalties and bad words read the output
+        ids; embeddings are not sampled)."""
+        known = self._overlap_ok.get(seq)
+        if known is None:
+            cfg = seq.gen_config
+            known = self._overlap_ok[seq] = (
+                seq.grammar is None
+                and not seq.is_embedding
+                and cfg.repetition_penalty == 1.0
+                and cfg.frequency_penalty == 0.0
+                and cfg.presence_penalty == 0.0
+                and not cfg.bad_words
+            )
+        return known
+
+    def _hand_over(self, batch: ScheduledBatch, handle: StepHandle) -> _Launched:
+        """Advance the scheduler past a launched step whose tokens are not back: each sampled sequence gets a
+        placeholder token, so the next step can be scheduled now. Outputs are emitted once the tokens arrive."""
+        slots = {
+            seq: seq.num_tokens
+            for seq, sample in zip(batch.seqs, batch.sample, strict=True)
+            if sample and seq.status is SequenceStatus.RUNNING
+        }
+        self.scheduler.update(batch, [PLACEHOLDER if sample else None for sample in batch.sample])
+        return _Launched(batch, handle, slots)
+
+    def _complete_overlapped(self, launched: _Launched, out: StepOutput | Exception) -> None:
+        """Put a handed-over step's real tokens in place of the placeholders, end the sequences that sampled a stop
+        token (the step after, already launched, computed one token too many for them: it is dropped), and emit."""
+        batch = launched.batch
+        if isinstance(out, Exception):
+            self._fail(batch.seqs, out)  # those finished at the hand-over still wait for their last output
+            return
+        for row, seq in enumerate(batch.seqs):
+            slot = launched.slots.get(seq)
+            if slot is None or slot >= seq.num_tokens or seq.token_ids[slot] != PLACEHOLDER:
+                continue  # not sampled, or aborted before the step's update
+            token = out.token_ids[row]
+            seq.token_ids[slot] = token
+            is_stop = token in seq.stop_token_ids and slot - seq.num_prompt_tokens + 1 > seq.gen_config.min_new_tokens
+            if seq.is_finished:
+                if seq.finish_reason == "abort":
+                    continue  # its stream already ended
+                if is_stop:  # the scheduler finished it for its length; a stop token outranks that
+                    seq.finish_reason, seq.error = "stop", None
+            elif is_stop:
+                self.scheduler.abort(seq.request_id)  # releases its blocks; the next step's token for it is dropped
+                seq.finish_reason = "stop"
+            tokens = [token] if seq.finish_reason != "error" else []
+            lp = out.logprobs[row]
+            self._emit(
+                EngineOutput(
+                    seq.request_id,
+                    tokens,
+                    seq.finish_reason,
+                    logprobs=[lp] if lp is not None and tokens else None,
+                    num_cached_tokens=seq.num_cached_tokens,
+                    error=seq.error,
+                )
+            )
+            if seq.is_finished:
+                self.runner.release(seq.request_id)
+
+    def _complete(self, batch: ScheduledBatch, out: StepOutput) -> None:
+        """Record a step whose tokens are back before anything else was scheduled, and emit."""
+        updated = self.scheduler.update(batch, out.token_ids)
+        logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs, strict=True)}
+        embeddings = dict(zip((s.request_id for s in batch.seqs), out.embeddings or (), strict=False))
+        for seq in updated:
+            if seq.is_embedding:
+                self._emit_embedding(seq, embeddings.get(seq.request_id))
+            else:
+                self._emit_sequence(seq, logprobs.get(seq.request_id))
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            self.scheduler.abort(seq.request_id)
+            self.runner.release(seq.request_id)
+            self._emit(EngineOutput(seq.request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
 
     def _emit_sequence(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
         # A sequence finished with "error" (it outgrew the cache) drops the token that did not fit.

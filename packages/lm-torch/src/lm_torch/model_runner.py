@@ -1,11 +1,18 @@
-"""`ModelRunner`: owns the model, the paged KV cache and the sampler; runs one scheduled batch per call."""
+"""`ModelRunner`: owns the model, the paged KV cache and the sampler; runs one scheduled batch per call.
+
+A step is `launch(batch)` then `collect(handle)`. On CUDA `launch` only queues work: the inputs go up in one
+non-blocking copy (`step_inputs`), decode batches replay a CUDA graph (`cuda_graph`), the rest run eagerly through
+the Triton kernels, greedy rows take their arg-max on the device, and the sampled ids come back through a
+non-blocking copy into pinned memory. `collect` waits for that copy. Between the two the engine schedules the next
+step, whose placeholder ids (tokens not back yet) the device fills from this step's sampled tokens. On the CPU
+`launch` computes everything at once (a second thread of torch ops would halve the speed there).
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,9 +20,11 @@ import torch
 from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
 from lm_torch.config import TorchEngineConfig
 from lm_torch.guided import fill_bitmasks
+from lm_torch.kernels import triton_available
 from lm_torch.layers.linear import use_cpu_linears
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
-from lm_torch.sampling import Sampler, SamplingInputs
+from lm_torch.memory import free_memory, plan_kv_cache
+from lm_torch.sampling import Sampler, SamplingInputs, is_plain_greedy
 from lm_torch.scheduler import ScheduledBatch
 
 
@@ -29,8 +38,22 @@ class StepOutput:
     embeddings: list[list[float] | None] | None = None
 
 
+@dataclass
+class StepHandle:
+    """A launched step. `collect` turns it into a `StepOutput` (on the CPU `output` is ready at launch)."""
+
+    batch: ScheduledBatch
+    sample_rows: list[int] = field(default_factory=list)  # batch rows that sample, in sampled-token order
+    host_tokens: torch.Tensor | None = None  # pinned [>= len(sample_rows)] int64, valid once `event` has completed
+    event: torch.cuda.Event | None = None
+    logprobs: list[dict[int, float] | None] | None = None  # per sampled row
+    embeddings: list[list[float] | None] | None = None
+    guided_rows: list[int] = field(default_factory=list)  # positions in sample_rows of guided sequences
+    output: StepOutput | None = None
+
+
 class ModelRunner:
-    """Builds the flat batch tensors for a `ScheduledBatch`, runs the model and samples."""
+    """Builds a step's tensors from a `ScheduledBatch`, runs the model and samples."""
 
     def __init__(self, model_path: Path, config: TorchEngineConfig) -> None:
         start = time.perf_counter()
@@ -44,27 +67,144 @@ class ModelRunner:
         self.model = build_model(model_path, config, self.hf_config, self.device, self.dtype)
         if self.device.type == "cpu":
             use_cpu_linears(self.model)
-        self.load_seconds = time.perf_counter() - start
+        self.session_len = config.session_len or self.hf_config.max_position_embeddings
         self.vocab_size = self.hf_config.vocab_size
         self.block_size = config.block_size
-        backend = TorchAttentionBackend()
-        for layer in self.model.attention_layers():
-            layer.backend = backend
-        self.num_blocks = self._plan_kv_blocks()
-        self.kv_caches = [
-            (
-                torch.zeros(self.num_blocks, self.block_size, heads, dim, dtype=self.dtype, device=self.device),
-                torch.zeros(self.num_blocks, self.block_size, heads, dim, dtype=self.dtype, device=self.device),
-            )
-            for heads, dim in self.model.kv_cache_shape()
-        ]
-        self.sampler = Sampler()
         # One generator per seeded request, advanced only by that request's draws: seeded output is independent of
         # whatever else shares the batch.
         self.generators: dict[str, torch.Generator] = {}
         self.bad_words_ids: dict[str, list[list[int]]] = {}
         # Mean pooling over a chunked prompt: the running float32 sum of the final hidden states computed so far.
         self.pooled_sums: dict[str, torch.Tensor] = {}
+        self._plain_greedy: dict[str, bool] = {}  # per request: greedy with no other sampling stage (cached)
+        self.sampler = Sampler()
+        # Where each request's sampled token sits among the last launched step's: placeholders of the next step
+        # are filled from there (`sampled_tokens` on CUDA, `_last_sampled` on the CPU).
+        self._previous_rows: dict[str, int] = {}
+        self._last_sampled: dict[str, int] = {}
+        self.phases: dict[str, float] = {"load": time.perf_counter() - start}
+        self.fast = self.device.type == "cuda" and triton_available()
+        self.graphs = None
+        if self.fast:
+            self._init_cuda()
+        else:
+            backend = TorchAttentionBackend()
+            for layer in self.model.attention_layers():
+                layer.backend = backend
+            self.plan = plan_kv_cache(
+                config,
+                self.kv_bytes_per_block(),
+                self.weight_bytes(),
+                self.session_len,
+                free=free_memory(self.device),
+                activation_reserve=0,
+                on_gpu=False,
+            )
+            self.kv_caches = self._allocate_kv(self.plan.num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.plan.num_blocks
+
+    # -- start-up on CUDA ------------------------------------------------------------------------------------------
+
+    def _init_cuda(self) -> None:
+        from lm_torch.attention import TritonAttentionBackend
+        from lm_torch.kernels.prefill_attention import tokens_per_tile
+        from lm_torch.step_inputs import EagerInputs, GraphInputs, PinnedStaging
+
+        cfg = self.config
+        backend = TritonAttentionBackend()
+        layers = self.model.attention_layers()
+        for layer in layers:
+            layer.backend = backend
+        self.tokens_per_tile = tokens_per_tile(layers[0].num_heads // layers[0].num_kv_heads, layers[0].head_dim)
+        max_blocks_per_seq = -(-self.session_len // self.block_size)
+        self.eager_inputs = EagerInputs(cfg.max_prefill_token_num, cfg.max_batch_size, max_blocks_per_seq, self.device)
+        self.sampled_tokens = torch.zeros(cfg.max_batch_size, dtype=torch.int64, device=self.device)
+        self.token_staging = PinnedStaging(cfg.max_batch_size, depth=3, dtype=torch.int64)
+
+        start = time.perf_counter()
+        reserve = self._measure_activation_reserve()
+        self.phases["memory profile"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.plan = plan_kv_cache(
+            cfg,
+            self.kv_bytes_per_block(),
+            self.weight_bytes(),
+            self.session_len,
+            free=free_memory(self.device),
+            activation_reserve=reserve,
+            on_gpu=True,
+        )
+        self.kv_caches = self._allocate_kv(self.plan.num_blocks)
+        torch.cuda.synchronize()
+        self.phases["KV allocation"] = time.perf_counter() - start
+        if not cfg.eager_mode:
+            from lm_torch.cuda_graph import CudaGraphRunner
+
+            self.graph_inputs = GraphInputs(cfg.max_batch_size, max_blocks_per_seq, self.device)
+            self.graphs = CudaGraphRunner(
+                self.model,
+                self.kv_caches,
+                self.graph_inputs,
+                self.sampled_tokens,
+                self.block_size,
+                self.session_len,
+                cfg.max_batch_size,
+            )
+            self.phases["graph capture"] = self.graphs.capture()
+
+    def _allocate_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Zeroed: the torch backend reads whole blocks (masking what it does not need), and 0 * NaN would be NaN.
+        return [
+            (
+                torch.zeros(num_blocks, self.block_size, heads, dim, dtype=self.dtype, device=self.device),
+                torch.zeros(num_blocks, self.block_size, heads, dim, dtype=self.dtype, device=self.device),
+            )
+            for heads, dim in self.model.kv_cache_shape()
+        ]
+
+    @torch.inference_mode()
+    def _measure_activation_reserve(self) -> int:
+        """Peak device memory of the largest steps, measured by running them: a `max_prefill_token_num`-token prompt
+        with logits and a sampler run with every stage on over `max_batch_size` rows, and a decode of
+        `max_batch_size` rows (about what the CUDA graphs' pool holds). Compiles the kernels on the way."""
+        from lm_core.generation_config import GenerationConfig
+        from lm_torch.sequence import Sequence
+
+        cfg = self.config
+        num_tokens = min(cfg.max_prefill_token_num, self.session_len)
+        num_blocks = -(-num_tokens // self.block_size) + 1
+        self.kv_caches = self._allocate_kv(num_blocks)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        worst = GenerationConfig(
+            do_sample=True, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.5, logprobs=20
+        )
+        prompt = Sequence("profile-prefill", [1] * num_tokens, num_tokens, worst)
+        prompt.block_table = list(range(num_blocks - 1))
+        rows = min(cfg.max_batch_size, num_tokens)
+        hidden, _ = self._forward_eager(ScheduledBatch([prompt], [num_tokens], [True]), [0] * rows)
+        logits = self.model.compute_logits(hidden)
+        inputs = SamplingInputs.build(
+            [worst] * rows, [[1]] * rows, [[2]] * rows, None, self.vocab_size, self.device, [None] * rows
+        )
+        self.sampler(logits, inputs)
+        del hidden, logits, inputs
+        decodes = []
+        for i in range(cfg.max_batch_size):
+            seq = Sequence(f"profile-decode-{i}", [1, 1], 1, GenerationConfig())
+            seq.num_computed_tokens, seq.block_table = 1, [i % (num_blocks - 1)]
+            decodes.append(seq)
+        n = len(decodes)
+        self._forward_eager(ScheduledBatch(decodes, [1] * n, [True] * n), list(range(n)))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del self.kv_caches
+        torch.cuda.empty_cache()
+        return peak
 
     # -- memory planning --------------------------------------------------------------------------------------------
 
@@ -75,71 +215,132 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def _plan_kv_blocks(self) -> int:
-        cfg, per_block = self.config, self.kv_bytes_per_block()
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        if cfg.kv_cache_gb is not None:
-            budget = cfg.kv_cache_gb * 1024**3
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * cfg.cache_max_entry_count
-        else:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            budget = min(available * cfg.cache_max_entry_count, cfg.cpu_kv_cache_gb * 1024**3)
-        # Never more than the blocks the longest session could use times the batch size: no point holding more.
-        session_len = cfg.session_len or self.hf_config.max_position_embeddings
-        useful = cfg.max_batch_size * (session_len // self.block_size + 1)
-        num_blocks = min(int(budget // per_block), useful)
-        if num_blocks < 2:
-            raise ValueError(f"the KV-cache budget ({budget / 1024**2:.0f} MiB) holds fewer than two blocks")
-        return num_blocks
-
     def summary(self) -> str:
-        """The start-up line: model, dtype, device, weights, KV blocks and the tokens they hold."""
-        kv_gib = self.num_blocks * self.kv_bytes_per_block() / 1024**3
-        return (
+        """The start-up lines: model, dtype, device and load time; the memory plan; each phase's seconds."""
+        lines = [
             f"lm-torch: {self.model_path.name} ({self.hf_config.architectures[0]}), "
             f"{str(self.dtype).removeprefix('torch.')} on {self.device}, "
-            f"weights {self.weight_bytes() / 1024**3:.2f} GiB loaded in {self.load_seconds:.1f} s, "
-            f"KV cache {self.num_blocks} blocks x {self.block_size} = {self.num_blocks * self.block_size} tokens "
-            f"({kv_gib:.2f} GiB)"
-        )
+            f"weights {self.weight_bytes() / 1024**3:.2f} GiB loaded in {self.phases['load']:.1f} s",
+            f"lm-torch: {self.plan.summary()}",
+        ]
+        if self.graphs is not None:
+            buckets = self.graphs.buckets
+            lines.append(f"lm-torch: CUDA graphs for {len(buckets)} decode batch sizes ({buckets[0]}-{buckets[-1]})")
+        elif self.device.type == "cuda":
+            why = "eager_mode" if self.fast else "triton is not installed: torch attention, no Triton kernels"
+            lines.append(f"lm-torch: no CUDA graphs ({why})")
+        phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
+        lines.append(f"lm-torch: start-up {sum(self.phases.values()):.1f} s ({phases})")
+        return "\n".join(lines)
 
     # -- one step ----------------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        context_lens: list[int] = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start = seq.num_computed_tokens
-            input_ids += seq.token_ids[start : start + num_new]
-            positions += range(start, start + num_new)
-            context_lens.append(start + num_new)
-        meta = AttentionMetadata.build(
-            batch.num_new_tokens, context_lens, [s.block_table for s in batch.seqs], self.block_size, self.device
-        )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)  # [num_tokens, hidden]
+        """Launch and collect one step."""
+        return self.collect(self.launch(batch))
 
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Queue `batch`'s forward pass and sampling (CUDA), or compute them (CPU)."""
+        if not self.fast:
+            return StepHandle(batch, output=self._run_plain(batch))
         rows = [i for i, sample in enumerate(batch.sample) if sample]
-        seqs = [batch.seqs[i] for i in rows]
-        guided = [row for row, s in enumerate(seqs) if s.grammar is not None]
-        # Grammar masks are filled on the CPU here, while a CUDA device still runs the forward pass queued above.
-        bitmask = None
-        if guided:
-            grammars, guided_seqs = [seqs[r].grammar for r in guided], [seqs[r] for r in guided]
-            bitmask = fill_bitmasks(grammars, guided_seqs, self.vocab_size, self.device)
-        embeddings = self._pool(batch, hidden) if any(s.is_embedding for s in batch.seqs) else None
+        bucket = None
+        embedding = any(s.is_embedding for s in batch.seqs)
+        if self.graphs is not None and not embedding and all(n == 1 for n in batch.num_new_tokens):
+            bucket = self.graphs.bucket_for(len(batch.seqs))
+        embeddings = None
+        if bucket is not None:
+            from lm_torch.step_inputs import gather_step
+
+            host = gather_step(batch, self.block_size, self._previous_rows)
+            self.graph_inputs.upload(host, bucket)
+            hidden = self.graphs.replay(bucket)[: len(batch.seqs)]  # [num_seqs, hidden]
+            if len(rows) < len(batch.seqs):
+                hidden = hidden.index_select(0, torch.tensor(rows).to(self.device, non_blocking=True))
+        else:
+            hidden, full = self._forward_eager(batch, rows)
+            if embedding:
+                embeddings = self._pool(batch, full)
+        handle = StepHandle(batch, rows, embeddings=embeddings)
+        if rows:
+            self._sample(handle, hidden)
+        self._previous_rows = {batch.seqs[i].request_id: r for r, i in enumerate(rows)}
+        return handle
+
+    def collect(self, handle: StepHandle) -> StepOutput:
+        """Wait for a launched step and return its tokens."""
+        if handle.output is not None:
+            return handle.output
+        batch, rows = handle.batch, handle.sample_rows
         token_ids: list[int | None] = [None] * len(batch.seqs)
         logprobs: list[dict[int, float] | None] = [None] * len(batch.seqs)
-        if not rows:
-            return StepOutput(token_ids, logprobs, embeddings)
-        ends = torch.tensor(batch.num_new_tokens, device=self.device).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[ends[rows]])  # [len(rows), vocab]
+        if rows:
+            handle.event.synchronize()
+            sampled = handle.host_tokens[: len(rows)].tolist()
+            for j in handle.guided_rows:
+                # A rejected token sets the grammar's error: the scheduler then ends the request without emitting it.
+                batch.seqs[rows[j]].grammar.accept(sampled[j])
+            for j, i in enumerate(rows):
+                token_ids[i] = sampled[j]
+                logprobs[i] = handle.logprobs[j] if handle.logprobs is not None else None
+        return StepOutput(token_ids, logprobs, handle.embeddings)
+
+    def _forward_eager(self, batch: ScheduledBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `batch` without a graph. Returns the final hidden states of the last token of each of `rows`
+        [len(rows), hidden], and of every token [num_tokens, hidden]."""
+        from lm_torch.attention.triton_backend import LAYOUT_KEY, StepLayout
+        from lm_torch.step_inputs import gather_step, resolve_input_ids
+
+        host = gather_step(batch, self.block_size, self._previous_rows)
+        ends = host.query_start_loc[1:] - 1
+        step = self.eager_inputs.upload(host, ends[rows].tolist(), self.tokens_per_tile)
+        input_ids = resolve_input_ids(step.input_ids, step.sources, self.sampled_tokens)
+        meta = AttentionMetadata(
+            query_lens=host.query_lens,
+            context_lens=host.context_lens_list,
+            block_tables=step.block_tables,
+            slot_mapping=step.slot_mapping,
+            block_size=self.block_size,
+            context_blocks=step.block_tables.new_empty(0),  # the torch backend's; the Triton one reads tables
+            context_block_starts=[],
+            query_start_loc=step.query_start_loc,
+            context_lens_tensor=step.context_lens,
+        )
+        decodes = [ctx for n, ctx in zip(host.query_lens, host.context_lens_list, strict=True) if n == 1]
+        meta.cache[LAYOUT_KEY] = StepLayout(
+            step.query_start_loc, step.context_lens, len(decodes), max(decodes, default=0)
+        )
+        meta.cache[("triton_prefill_tiles", self.tokens_per_tile)] = (step.tile_seq, step.tile_first)
+        hidden = self.model(input_ids, step.positions, self.kv_caches, meta)  # [num_tokens, hidden]
+        return hidden.index_select(0, step.sample_index), hidden
+
+    def _sample(self, handle: StepHandle, hidden: torch.Tensor) -> None:
+        """Sample one token per row of `hidden` [rows, hidden] into `sampled_tokens` and queue their copy to the
+        host. Greedy rows with no other stage take the arg-max alone: no host work, no synchronisation."""
+        seqs = [handle.batch.seqs[i] for i in handle.sample_rows]
+        logits = self.model.compute_logits(hidden)  # [rows, vocab] float32
+        if all(self._is_plain_greedy(s) for s in seqs):
+            tokens = logits[:, : self.vocab_size].argmax(dim=-1)
+        else:
+            out = self._sample_full(seqs, logits)
+            tokens, handle.logprobs = out.token_ids, out.logprobs
+            handle.guided_rows = [j for j, s in enumerate(seqs) if s.grammar is not None]
+        num = len(seqs)
+        self.sampled_tokens[:num].copy_(tokens)
+        host, _ = self.token_staging.acquire()
+        host[:num].copy_(tokens, non_blocking=True)
+        self.token_staging.mark_used(self.token_staging.current_index)
+        handle.host_tokens, handle.event = host, self.token_staging.events[self.token_staging.current_index]
+
+    def _sample_full(self, seqs, logits: torch.Tensor):
+        """The whole `Sampler` (grammars, penalties, biases, bans, truncation, seeded draws, logprobs)."""
+        guided = [row for row, s in enumerate(seqs) if s.grammar is not None]
+        bitmask = None
+        if guided:
+            # Filled on the CPU while the device still runs the forward pass queued above.
+            grammars, guided_seqs = [seqs[r].grammar for r in guided], [seqs[r] for r in guided]
+            bitmask = fill_bitmasks(grammars, guided_seqs, self.vocab_size, self.device)
         inputs = SamplingInputs.build(
             [s.gen_config for s in seqs],
             [s.token_ids[: s.num_prompt_tokens] for s in seqs],
@@ -151,14 +352,57 @@ class ModelRunner:
             guided_rows=guided,
             guided_bitmask=bitmask,
         )
-        out = self.sampler(logits, inputs)
+        return self.sampler(logits, inputs)
+
+    def _is_plain_greedy(self, seq) -> bool:
+        known = self._plain_greedy.get(seq.request_id)
+        if known is None:
+            known = self._plain_greedy[seq.request_id] = (
+                is_plain_greedy(seq.gen_config) and seq.grammar is None and seq.request_id not in self.bad_words_ids
+            )
+        return known
+
+    @torch.inference_mode()
+    def _run_plain(self, batch: ScheduledBatch) -> StepOutput:
+        """The step without Triton (CPU, or CUDA without triton): the torch attention backend, synchronous."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        context_lens: list[int] = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            chunk = seq.token_ids[start : start + num_new]
+            if chunk[-1] < 0:  # a placeholder: the token the previous step sampled for this sequence
+                chunk[-1] = self._last_sampled[seq.request_id]
+            input_ids += chunk
+            positions += range(start, start + num_new)
+            context_lens.append(start + num_new)
+        meta = AttentionMetadata.build(
+            batch.num_new_tokens, context_lens, [s.block_table for s in batch.seqs], self.block_size, self.device
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, pos, self.kv_caches, meta)  # [num_tokens, hidden]
+
+        rows = [i for i, sample in enumerate(batch.sample) if sample]
+        seqs = [batch.seqs[i] for i in rows]
+        embeddings = self._pool(batch, hidden) if any(s.is_embedding for s in batch.seqs) else None
+        token_ids: list[int | None] = [None] * len(batch.seqs)
+        logprobs: list[dict[int, float] | None] = [None] * len(batch.seqs)
+        self._last_sampled = {}
+        if not rows:
+            return StepOutput(token_ids, logprobs, embeddings)
+        ends = torch.tensor(batch.num_new_tokens, device=self.device).cumsum(0) - 1
+        logits = self.model.compute_logits(hidden[ends[rows]])  # [len(rows), vocab]
+        out = self._sample_full(seqs, logits)
         sampled = out.token_ids.tolist()
-        for row in guided:
-            # A rejected token sets the grammar's error: the scheduler then ends the request without emitting it.
-            seqs[row].grammar.accept(sampled[row])
+        for row, seq in enumerate(seqs):
+            if seq.grammar is not None:
+                # A rejected token sets the grammar's error: the scheduler then ends the request without emitting it.
+                seq.grammar.accept(sampled[row])
         for row, i in enumerate(rows):
             token_ids[i] = sampled[row]
             logprobs[i] = out.logprobs[row] if out.logprobs is not None else None
+        self._last_sampled = {seq.request_id: token for seq, token in zip(seqs, sampled, strict=True)}
         return StepOutput(token_ids, logprobs, embeddings)
 
     def _pool(self, batch: ScheduledBatch, hidden: torch.Tensor) -> list[list[float] | None]:
@@ -208,6 +452,7 @@ class ModelRunner:
         self.generators.pop(request_id, None)
         self.bad_words_ids.pop(request_id, None)
         self.pooled_sums.pop(request_id, None)
+        self._plain_greedy.pop(request_id, None)
 
 
 def log(message: str) -> None:

@@ -14,15 +14,23 @@ import torch
 
 from lm_torch.attention.metadata import AttentionMetadata
 
+LAYOUT_KEY = "triton_layout"
+
 
 @dataclass
-class _StepLayout:
-    """What the kernels need of a step beyond `AttentionMetadata`'s own tensors."""
+class StepLayout:
+    """What the kernels need of a step beyond `AttentionMetadata`'s own tensors.
+
+    The backend derives it from the metadata on the first layer; a caller that knows it already (the model runner,
+    which builds every step's tensors at once, and the CUDA-graph capture, which must fix the split-K) stores it in
+    `meta.cache[LAYOUT_KEY]` beforehand.
+    """
 
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     context_lens: torch.Tensor  # [num_seqs] int32
     num_decodes: int  # sequences with one new token
     max_decode_context: int  # the longest context among them (sizes the split-K)
+    num_splits: int | None = None  # the decode kernel's split-K; None: the backend's own, else the heuristic
 
 
 class TritonAttentionBackend:
@@ -70,7 +78,7 @@ class TritonAttentionBackend:
                 max_context_len=layout.max_decode_context,
                 sliding_window=sliding_window,
                 softcap=softcap,
-                num_splits=self.num_splits,
+                num_splits=layout.num_splits if layout.num_splits is not None else self.num_splits,
                 out=out,
             )
         if layout.num_decodes < meta.num_seqs:
@@ -97,9 +105,9 @@ class TritonAttentionBackend:
         return out
 
 
-def _step_layout(meta: AttentionMetadata, device: torch.device) -> _StepLayout:
+def _step_layout(meta: AttentionMetadata, device: torch.device) -> StepLayout:
     """The step's layout, from the metadata's optional tensors where `AttentionMetadata.build` made them."""
-    cached = meta.cache.get("triton_layout")
+    cached = meta.cache.get(LAYOUT_KEY)
     if cached is not None:
         return cached
     query_start_loc, context_lens = meta.query_start_loc, meta.context_lens_tensor
@@ -110,11 +118,11 @@ def _step_layout(meta: AttentionMetadata, device: torch.device) -> _StepLayout:
         query_start_loc = torch.tensor(starts, dtype=torch.int32).to(device)
         context_lens = torch.tensor(meta.context_lens, dtype=torch.int32).to(device)
     decodes = [ctx for n, ctx in zip(meta.query_lens, meta.context_lens, strict=True) if n == 1]
-    layout = _StepLayout(
+    layout = StepLayout(
         query_start_loc=query_start_loc,
         context_lens=context_lens,
         num_decodes=len(decodes),
         max_decode_context=max(decodes, default=0),
     )
-    meta.cache["triton_layout"] = layout
+    meta.cache[LAYOUT_KEY] = layout
     return layout

@@ -17,9 +17,17 @@ triton is imported runs the same kernels through triton's interpreter, which is 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 
+@functools.cache
 def triton_available() -> bool:
     """Whether triton is installed (it is a Linux x86-64 dependency of lm-torch; other platforms run without it)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def runs_triton(tensor) -> bool:
+    """Whether a layer should hand `tensor` (a torch.Tensor) to its Triton kernel: on CUDA, with triton installed.
+    Everywhere else the layers compute in plain torch."""
+    return tensor.is_cuda and triton_available()

@@ -6,8 +6,10 @@ context is cut into `num_splits` ranges so that a small batch still fills the GP
 leaves its normalised partial output and log-sum-exp, and a second kernel merges them. With one split the first
 kernel writes the output itself.
 
-Everything the kernels read is a device tensor and `num_splits` is a launch constant, so a captured CUDA graph
-replays them with new lengths and block tables. Sequences whose query length is not 1 are skipped: in a mixed
+Everything the kernels read is a device tensor, so a captured CUDA graph replays them with new lengths and block
+tables; its split count is fixed at capture. `num_splits` is a run-time argument that triton does not specialise on,
+so every split count shares one compiled kernel (an engine meets many: each CUDA-graph bucket and each eager step
+picks its own, and a compile costs about a second). Sequences whose query length is not 1 are skipped: in a mixed
 batch the prefill kernel attends them.
 """
 
@@ -33,7 +35,7 @@ MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -42,8 +44,8 @@ def _decode_kernel(
     query_start_ptr,
     context_lens_ptr,
     out_ptr,
-    partial_out_ptr,  # [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM] float32 (unused with one split)
-    partial_lse_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32, log2 domain
+    partial_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] float32 (unused with one split)
+    partial_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, log2 domain
     qk_scale,  # scale * log2(e), or scale alone with soft-capping
     softcap,
     window,
@@ -59,13 +61,13 @@ def _decode_kernel(
     stride_ot,
     stride_oh,
     num_heads,
+    num_splits,
     GROUP: tl.constexpr,  # query heads per kv head
     ROWS: tl.constexpr,  # GROUP padded to a power of two >= 16 (the smallest tile a dot takes)
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,  # keys per loop step
-    NUM_SPLITS: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact products, not tf32), else "tf32" (unused)
@@ -80,7 +82,7 @@ def _decode_kernel(
         if USE_WINDOW:
             start = tl.maximum(ctx - window, 0)
         # Splits cover whole BLOCK_N steps; trailing splits of a short context get an empty range.
-        per_split = tl.cdiv(tl.cdiv(ctx - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        per_split = tl.cdiv(tl.cdiv(ctx - start, num_splits), BLOCK_N) * BLOCK_N
         lo = start + split * per_split
         hi = tl.minimum(lo + per_split, ctx)
 
@@ -125,17 +127,17 @@ def _decode_kernel(
         # An empty range (short context, or a padded row with no context) leaves row_sum = 0: output 0, lse -inf.
         has_keys = row_sum > 0
         out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
-        if NUM_SPLITS == 1:
+        if num_splits == 1:
             dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_mask)
         else:
-            head_rows = (seq * num_heads + heads).to(tl.int64) * NUM_SPLITS + split
+            head_rows = (seq * num_heads + heads).to(tl.int64) * num_splits + split
             tl.store(partial_out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :], out, mask=row_mask)
             lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
             tl.store(partial_lse_ptr + head_rows, lse, mask=rows < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     query_start_ptr,
     partial_out_ptr,
@@ -144,10 +146,10 @@ def _merge_splits_kernel(
     stride_ot,
     stride_oh,
     num_heads,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # MAX_SPLITS rounded up to a power of two: one compiled merge for every split count
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -155,12 +157,12 @@ def _merge_splits_kernel(
     if tl.load(query_start_ptr + seq + 1) - row == 1:
         splits = tl.arange(0, SPLITS_PAD)
         dims = tl.arange(0, DIM_PAD)
-        base = (seq * num_heads + head).to(tl.int64) * NUM_SPLITS
-        lse = tl.load(partial_lse_ptr + base + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+        base = (seq * num_heads + head).to(tl.int64) * num_splits
+        lse = tl.load(partial_lse_ptr + base + splits, mask=splits < num_splits, other=float("-inf"))
         top = tl.max(lse, 0)
         top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
         weights = tl.exp2(lse - top)  # [SPLITS_PAD]
-        mask = (splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :]
+        mask = (splits < num_splits)[:, None] & (dims < HEAD_DIM)[None, :]
         parts = tl.load(partial_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
         total = tl.sum(weights, 0)
         out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
@@ -219,9 +221,13 @@ def decode_attention(
     visible = min(max_context_len, window) if window else max_context_len
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, visible, q.device)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"decode_attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     group = num_heads // num_kv_heads
     block_n = block_n or (16 if interpreting() else 64)
-    partial_out = partial_lse = out  # placeholders, never touched with one split
+    # With one split the partial buffers are never touched; float32 placeholders keep the kernel's signature (and so
+    # its compiled binary) the same as with several.
+    partial_out = partial_lse = torch.empty(1, dtype=torch.float32, device=q.device)
     if num_splits > 1:
         partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -251,13 +257,13 @@ def decode_attention(
         out.stride(0),
         out.stride(1),
         num_heads,
+        num_splits,
         GROUP=group,
         ROWS=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim,
         DIM_PAD=dim_pad,
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -273,10 +279,10 @@ def decode_attention(
             out.stride(0),
             out.stride(1),
             num_heads,
+            num_splits,
             HEAD_DIM=head_dim,
             DIM_PAD=dim_pad,
-            NUM_SPLITS=num_splits,
-            SPLITS_PAD=next_power_of_2(num_splits),
+            SPLITS_PAD=next_power_of_2(MAX_SPLITS),
             num_warps=4,
         )
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lm_torch.kernels import runs_triton
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -14,8 +16,12 @@ ACTIVATIONS = {
 
 
 def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """act(gate) * up, for gate_up: [..., 2 * intermediate]."""
+    """act(gate) * up, for gate_up: [..., 2 * intermediate]; one Triton kernel on CUDA."""
     if act not in ACTIVATIONS:
         raise ValueError(f"activation {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    if runs_triton(gate_up):
+        from lm_torch.kernels.activation import gated_activation as fused
+
+        return fused(gate_up, act)
     gate, up = gate_up.chunk(2, dim=-1)
     return ACTIVATIONS[act](gate) * up

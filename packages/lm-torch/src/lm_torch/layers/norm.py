@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lm_torch.kernels import runs_triton
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * w, computed in float32 like transformers. Gemma stores w - 1 (`offset=1.0`)."""
@@ -16,7 +18,14 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """With `residual`: returns (norm(x + residual), x + residual), the pair every pre-norm block needs."""
+        """With `residual`: returns (norm(x + residual), x + residual), the pair every pre-norm block needs.
+
+        On CUDA one Triton kernel does the add and the norm (same rounding as the torch code below)."""
+        if runs_triton(x):
+            from lm_torch.kernels.rms_norm import rms_norm
+
+            out, total = rms_norm(x, self.weight, self.eps, residual, self.offset)
+            return out if residual is None else (out, total)
         if residual is not None:
             x = x + residual
             residual = x

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lm_torch.kernels import runs_triton
+
 
 def rope_inverse_frequencies(
     config, layer_type: str | None = None, max_positions: int | None = None
@@ -64,6 +66,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
+        if runs_triton(q):
+            from lm_torch.kernels.rotary import apply_rotary
+
+            # In place, in float32 from the float32 tables (the torch code rounds cos/sin to q's dtype first, as
+            # transformers does: identical in float32, within a unit of the last place in bf16/fp16).
+            return apply_rotary(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)

@@ -205,6 +205,24 @@ class SamplingInputs:
             self.ban_index = (_ids(ban_rows, device), _ids(ban_tokens, device))
 
 
+def is_plain_greedy(config: GenerationConfig) -> bool:
+    """Whether a request's next token is the bare arg-max of its logits: greedy, and no stage of the sampler that
+    changes logits or reports them (penalties, biases, bans, min_new_tokens, grammar, logprobs). The model runner
+    samples such rows on the device with one arg-max, skipping `SamplingInputs`."""
+    return (
+        config.is_greedy
+        and config.logprobs is None
+        and config.repetition_penalty == 1.0
+        and config.frequency_penalty == 0.0
+        and config.presence_penalty == 0.0
+        and not config.logit_bias
+        and not config.bad_token_ids
+        and not config.bad_words
+        and not config.min_new_tokens
+        and config.response_format is None
+    )
+
+
 def validate_config(config: GenerationConfig, vocab_size: int) -> None:
     """Raise `ValueError` when `config` names token ids the model can't produce (call it when a request arrives)."""
     for name, ids in (("logit_bias", config.logit_bias or {}), ("bad_token_ids", config.bad_token_ids or [])):

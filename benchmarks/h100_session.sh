@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device-tool call's worth of issue #6 measurements on a CUDA machine, run from the repository root with no
+# install (PYTHONPATH over packages/*/src). Each stage has its own time limit and log under $OUT, so one that hangs
+# or fails does not take the others with it. Stages to run: the arguments (default: all, in this order).
+#   tests       GPU tests: lm-torch kernels, model families and the engine's GPU path (pytest -m gpu)
+#   latency     batch-1 decode, 128 in / 256 out, dummy Llama-3-8B, with a profile of the decode steps
+#   eager       the same with eager_mode (no CUDA graphs)
+#   tput200     ShareGPT lengths, 200 prompts at concurrency 256
+#   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$(ls -d "$PWD"/packages/*/src | tr '\n' ':')
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+MODEL="--model benchmarks/configs/llama3-8b --load-format dummy"
+stages=${*:-tests latency eager tput200 tput1000}
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+{
+  echo "commit $commit (+ working tree), $(date -u)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+run() {  # name, seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.txt"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+  grep -E '^\{|lm-torch:|passed|failed|error|Error' "$OUT/$name.log" | tail -n 25 | tee -a "$OUT/summary.txt"
+}
+
+for stage in $stages; do
+  case $stage in
+    tests) run tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider -x --timeout 200 \
+      tests/lm_torch/test_gpu_engine.py tests/lm_torch/test_model_families.py tests/lm_torch/kernels ;;
+    latency) run latency 150 python3 benchmarks/latency.py $MODEL --input-len 128 --output-len 256 \
+      --num-iters 3 --profile ;;
+    eager) run eager 120 python3 benchmarks/latency.py $MODEL --input-len 128 --output-len 256 \
+      --num-iters 2 --engine-config '{"eager_mode": true}' ;;
+    tput200) run tput200 200 python3 benchmarks/throughput.py $MODEL --num-prompts 200 --max-output-len 0 \
+      --concurrency 256 ;;
+    tput1000) run tput1000 300 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 --max-output-len 0 \
+      --concurrency 256 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done

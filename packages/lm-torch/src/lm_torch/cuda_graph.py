@@ -1,0 +1,122 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+A decode step of Llama-3-8B is about 450 kernels. Launched one by one from Python they take longer to issue than the
+GPU takes to run them at small batches, so the GPU would wait on the host. A graph captured once per bucket replays
+the whole forward pass with one launch: a batch of n decodes runs the smallest captured bucket >= n, its rows past n
+padding (`step_inputs.GraphInputs` writes them: slot -1, so no KV is written; context 0, so nothing is attended).
+
+Every graph reads the same static input buffer and returns its final hidden states [bucket, hidden]; the LM head and
+the sampler run after the replay, eagerly, since they depend on each request's settings. The decode kernel's split
+count is a launch constant a graph fixes at capture, so it is chosen per bucket for the longest context the engine
+allows. All graphs share one memory pool; capturing the largest first lets the smaller ones reuse its blocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.attention.triton_backend import LAYOUT_KEY, StepLayout
+from lm_torch.step_inputs import GraphInputs, resolve_input_ids
+
+
+def graph_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, and max_batch_size.
+
+    A padded row costs little while a step is bound by reading the weights, which is every batch up to about a
+    hundred rows here; the steps bound the padding to 7 rows up to 64 and 15 beyond, and the capture stays short
+    (23 graphs for 256)."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+    sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, max_batch_size + 1, 16)]
+    return sorted({s for s in sizes if s < max_batch_size} | {max_batch_size})
+
+
+class CudaGraphRunner:
+    """Captures and replays the decode forward pass of `model` for each bucket of `graph_buckets`."""
+
+    def __init__(
+        self,
+        model,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        inputs: GraphInputs,
+        sampled_tokens: torch.Tensor,  # [>= max batch] int64: the previous step's sampled tokens (placeholders)
+        block_size: int,
+        max_context_len: int,
+        max_batch_size: int,
+    ) -> None:
+        self.model, self.kv_caches, self.inputs = model, kv_caches, inputs
+        self.sampled_tokens = sampled_tokens
+        self.block_size, self.max_context_len = block_size, max_context_len
+        self.buckets = graph_buckets(min(max_batch_size, inputs.max_batch))
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> its graph's hidden states [bucket, hidden]
+        self.capture_seconds = 0.0
+        self.num_replays = 0
+
+    def num_splits(self, bucket: int) -> int:
+        """The decode kernel's split-K for a bucket: what the kernel's heuristic picks at the longest context."""
+        from lm_torch.kernels.decode_attention import choose_num_splits
+
+        num_kv_heads = self.kv_caches[0][0].shape[2]
+        return choose_num_splits(bucket, num_kv_heads, self.max_context_len, self.sampled_tokens.device)
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        """The smallest captured bucket holding `num_seqs` decodes, None when the batch is larger than all."""
+        for bucket in self.buckets:
+            if bucket >= num_seqs:
+                return bucket if bucket in self.graphs else None
+        return None
+
+    def forward(self, bucket: int) -> torch.Tensor:
+        """The decode forward pass over the static inputs of `bucket` (what a graph captures): [bucket, hidden]."""
+        step = self.inputs.views(bucket)
+        input_ids = resolve_input_ids(step.input_ids, step.sources, self.sampled_tokens)
+        meta = AttentionMetadata(
+            query_lens=[1] * bucket,
+            context_lens=[self.max_context_len] * bucket,  # host copies are unused: the layout below is given
+            block_tables=step.block_tables,
+            slot_mapping=step.slot_mapping,
+            block_size=self.block_size,
+            context_blocks=step.block_tables.new_empty(0),
+            context_block_starts=[],
+            query_start_loc=step.query_start_loc,
+            context_lens_tensor=step.context_lens,
+        )
+        meta.cache[LAYOUT_KEY] = StepLayout(
+            query_start_loc=step.query_start_loc,
+            context_lens=step.context_lens,
+            num_decodes=bucket,
+            max_decode_context=self.max_context_len,
+            num_splits=self.num_splits(bucket),
+        )
+        return self.model(input_ids, step.positions, self.kv_caches, meta)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every bucket's graph (largest first, one shared pool); returns the seconds it took."""
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        warmup = torch.cuda.Stream()
+        for bucket in sorted(self.buckets, reverse=True):
+            # One eager run first, on a side stream as capture wants: triton compiles, cuBLAS picks its kernels.
+            warmup.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(warmup):
+                self.forward(bucket)
+            torch.cuda.current_stream().wait_stream(warmup)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bucket] = self.forward(bucket)
+            self.graphs[bucket] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        return self.capture_seconds
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        """Run `bucket`'s graph on what `GraphInputs.upload` wrote; returns its hidden states [bucket, hidden], valid
+        until the bucket's next replay (work queued after this call on the same stream reads them safely)."""
+        self.graphs[bucket].replay()
+        self.num_replays += 1
+        return self.outputs[bucket]

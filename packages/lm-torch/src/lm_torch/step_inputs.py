@@ -1,0 +1,288 @@
+"""A step's model inputs on CUDA: laid out on the host in a pinned int32 buffer, copied to the device in one go.
+
+Every per-step tensor the forward pass reads (token ids, positions, KV slots, the kernels' lengths and block tables,
+which hidden rows are sampled, the prefill tiles) is one segment of a single int32 buffer. The host fills it with
+numpy, one non-blocking copy moves it, and the tensors are views of the device copy: no host-device synchronisation
+anywhere (a `torch.tensor(..., device="cuda")` would wait for every kernel queued before it, which is exactly the
+work the host should be overlapping).
+
+Token ids that are not known yet on the host are placeholders (negative): the engine schedules step N + 1 before
+step N's sampled tokens have come back. Each placeholder names the row of the previous step's sampled tokens that
+holds it (`sources`); `resolve_input_ids` swaps them in on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+
+from lm_torch.scheduler import ScheduledBatch
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class HostStep:
+    """One step's inputs, still on the host (numpy int32 arrays)."""
+
+    input_ids: np.ndarray  # [num_tokens]; placeholders are -1
+    sources: np.ndarray  # [num_tokens]: the previous step's sampled row holding the token, or -1
+    positions: np.ndarray  # [num_tokens]
+    slot_mapping: np.ndarray  # [num_tokens]
+    query_start_loc: np.ndarray  # [num_seqs + 1]
+    context_lens: np.ndarray  # [num_seqs]
+    block_tables: np.ndarray  # [num_seqs, width], width a multiple of 16 (one triton specialisation for strides)
+    query_lens: list[int]
+    context_lens_list: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+def gather_step(batch: ScheduledBatch, block_size: int, previous_rows: dict[str, int], width: int = 0) -> HostStep:
+    """Lay out `batch` on the host. `previous_rows` maps a request id to its row among the previous step's sampled
+    tokens (where a placeholder at the end of its token ids will be found); `width`: a minimum block-table width."""
+    seqs, num_new = batch.seqs, batch.num_new_tokens
+    num_seqs = len(seqs)
+    starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
+    lens = np.asarray(num_new, dtype=np.int64)
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(lens, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    ids = np.fromiter(
+        chain.from_iterable(s.token_ids[a : a + n] for s, a, n in zip(seqs, starts.tolist(), num_new, strict=True)),
+        dtype=np.int64,
+        count=num_tokens,
+    )
+    # Token t belongs to sequence seq_of[t] and sits at position start + (t - first token of that sequence).
+    seq_of = np.repeat(np.arange(num_seqs), lens)
+    positions = np.arange(num_tokens) + np.repeat(starts - query_start_loc[:-1], lens)
+    sources = np.full(num_tokens, -1, dtype=np.int64)
+    placeholders = np.flatnonzero(ids < 0)
+    if placeholders.size:
+        owners = seq_of[placeholders]
+        # A placeholder is always its sequence's newest token, sampled by the step before this one.
+        if (placeholders != query_start_loc[owners + 1] - 1).any():
+            raise RuntimeError("a placeholder token id sits before the end of its sequence")
+        for t, i in zip(placeholders.tolist(), owners.tolist(), strict=True):
+            row = previous_rows.get(seqs[i].request_id)
+            if row is None:
+                raise RuntimeError(f"request {seqs[i].request_id!r} waits for a token that no earlier step sampled")
+            sources[t] = row
+    context_lens = starts + lens
+    table_width = round_up(max(width, max((len(s.block_table) for s in seqs), default=1), 1), 16)
+    tables = np.zeros((num_seqs, table_width), dtype=np.int64)
+    for i, seq in enumerate(seqs):
+        tables[i, : len(seq.block_table)] = seq.block_table
+    slots = tables[seq_of, positions // block_size] * block_size + positions % block_size
+    return HostStep(
+        input_ids=ids,
+        sources=sources,
+        positions=positions,
+        slot_mapping=slots,
+        query_start_loc=query_start_loc,
+        context_lens=context_lens,
+        block_tables=tables,
+        query_lens=list(num_new),
+        context_lens_list=context_lens.tolist(),
+    )
+
+
+class Segments:
+    """Offsets of named int32 segments packed one after another (the same on the host and the device)."""
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self.offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in sizes.items():
+            self.offsets[name] = (offset, size)
+            offset += size
+        self.total = offset
+
+    def view(self, buffer, name: str):
+        start, size = self.offsets[name]
+        return buffer[start : start + size]
+
+    def end(self, name: str) -> int:
+        start, size = self.offsets[name]
+        return start + size
+
+
+class PinnedStaging:
+    """Pinned host buffers used in turn; one is rewritten only once the copy out of it has finished.
+
+    Without CUDA (tests of the layouts on a CPU machine) the buffers are ordinary memory and copies are immediate.
+    """
+
+    def __init__(self, num_elements: int, depth: int = 2, dtype: torch.dtype = torch.int32) -> None:
+        self.pinned = torch.cuda.is_available()
+        self.buffers = [torch.empty(num_elements, dtype=dtype, pin_memory=self.pinned) for _ in range(depth)]
+        self.events: list[torch.cuda.Event | None] = [None] * depth
+        self._next = 0
+        self._current = 0
+
+    def acquire(self) -> tuple[torch.Tensor, np.ndarray]:
+        """The next buffer (as a tensor and a numpy view of it), once the copy out of it queued earlier is done."""
+        index = self._next
+        self._next = (index + 1) % len(self.buffers)
+        event = self.events[index]
+        if event is not None:
+            event.synchronize()  # queued a step or two ago: in practice long finished
+        self._current = index
+        return self.buffers[index], self.buffers[index].numpy()
+
+    @property
+    def current_index(self) -> int:
+        return self._current
+
+    def upload(self, num_elements: int, destination: torch.Tensor) -> None:
+        """Copy the first `num_elements` of the acquired buffer into `destination` (on the device) without waiting."""
+        index = self._current
+        destination[:num_elements].copy_(self.buffers[index][:num_elements], non_blocking=True)
+        self.mark_used(index)
+
+    def mark_used(self, index: int) -> None:
+        """Record that copies queued so far involve buffer `index` (`acquire` waits for them before reusing it)."""
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record()
+            self.events[index] = event
+
+
+@dataclass
+class DeviceStep:
+    """A step's inputs on the device: int32 views of one buffer (see `HostStep` for the meaning of each)."""
+
+    input_ids: torch.Tensor  # [T]
+    sources: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T]
+    query_start_loc: torch.Tensor  # [S + 1]
+    context_lens: torch.Tensor  # [S]
+    block_tables: torch.Tensor  # [S, width]
+    sample_index: torch.Tensor | None = None  # [R] the token rows whose hidden states are sampled (eager steps)
+    tile_seq: torch.Tensor | None = None  # [tiles] the prefill kernel's tiles (eager steps)
+    tile_first: torch.Tensor | None = None
+
+
+def prefill_tile_arrays(query_lens: list[int], tokens_per_tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prefill kernel's tiles (as `kernels.prefill_attention.prefill_tiles`, on the host): sequences with more
+    than one new token, cut every `tokens_per_tile` tokens."""
+    seqs = [i for i, n in enumerate(query_lens) if n > 1 for _ in range(0, n, tokens_per_tile)]
+    firsts = [first for n in query_lens if n > 1 for first in range(0, n, tokens_per_tile)]
+    return np.asarray(seqs, dtype=np.int64), np.asarray(firsts, dtype=np.int64)
+
+
+class EagerInputs:
+    """Staging for steps run eagerly (prefill chunks, mixed batches, batches larger than every CUDA graph)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_width: int, device: torch.device) -> None:
+        self.max_tokens, self.max_seqs, self.max_width = max_tokens, max_seqs, round_up(max_width, 16)
+        # Tiles never outnumber tokens; sample rows never outnumber sequences.
+        capacity = 6 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_width
+        self.staging = PinnedStaging(capacity)
+        self.device_buffer = torch.zeros(capacity, dtype=torch.int32, device=device)
+
+    def upload(self, host: HostStep, sample_index: list[int], tokens_per_tile: int) -> DeviceStep:
+        if host.num_tokens > self.max_tokens or host.num_seqs > self.max_seqs:
+            raise ValueError(f"a step of {host.num_tokens} tokens / {host.num_seqs} sequences exceeds the staging size")
+        tile_seq, tile_first = prefill_tile_arrays(host.query_lens, tokens_per_tile)
+        fields = {
+            "input_ids": host.input_ids,
+            "sources": host.sources,
+            "positions": host.positions,
+            "slot_mapping": host.slot_mapping,
+            "query_start_loc": host.query_start_loc,
+            "context_lens": host.context_lens,
+            "block_tables": host.block_tables.reshape(-1),
+            "sample_index": np.asarray(sample_index, dtype=np.int64),
+            "tile_seq": tile_seq,
+            "tile_first": tile_first,
+        }
+        segments = Segments({name: len(values) for name, values in fields.items()})
+        _, array = self.staging.acquire()
+        for name, values in fields.items():
+            segments.view(array, name)[:] = values
+        self.staging.upload(segments.total, self.device_buffer)
+        views = {name: segments.view(self.device_buffer, name) for name in fields}
+        views["block_tables"] = views["block_tables"].view(host.num_seqs, -1)
+        return DeviceStep(**views)
+
+
+class GraphInputs:
+    """The static input buffer of the decode CUDA graphs, one fixed layout for every batch-size bucket: row i of a
+    bucket is a decode of one token; rows past the batch are padding (slot -1: no KV written; context 0: nothing
+    attended)."""
+
+    def __init__(self, max_batch: int, max_width: int, device: torch.device) -> None:
+        self.max_batch, self.max_width = max_batch, round_up(max_width, 16)
+        rows = max_batch
+        self.segments = Segments(
+            {
+                "input_ids": rows,
+                "sources": rows,
+                "positions": rows,
+                "slot_mapping": rows,
+                "query_start_loc": rows + 1,
+                "context_lens": rows,
+                "block_tables": rows * self.max_width,
+            }
+        )
+        self.staging = PinnedStaging(self.segments.total)
+        self.buffer = torch.zeros(self.segments.total, dtype=torch.int32, device=device)
+        # Before any step every row is padding (the capture runs on these values).
+        self.segments.view(self.buffer, "sources").fill_(-1)
+        self.segments.view(self.buffer, "slot_mapping").fill_(-1)
+        self.segments.view(self.buffer, "query_start_loc").copy_(torch.arange(rows + 1, dtype=torch.int32))
+
+    def views(self, bucket: int) -> DeviceStep:
+        """The device tensors a bucket's graph reads (fixed at capture)."""
+        seg, buf = self.segments, self.buffer
+        return DeviceStep(
+            input_ids=seg.view(buf, "input_ids")[:bucket],
+            sources=seg.view(buf, "sources")[:bucket],
+            positions=seg.view(buf, "positions")[:bucket],
+            slot_mapping=seg.view(buf, "slot_mapping")[:bucket],
+            query_start_loc=seg.view(buf, "query_start_loc")[: bucket + 1],
+            context_lens=seg.view(buf, "context_lens")[:bucket],
+            # The full width, whatever the step's: a graph keeps the strides it was captured with.
+            block_tables=seg.view(buf, "block_tables")[: bucket * self.max_width].view(bucket, self.max_width),
+        )
+
+    def upload(self, host: HostStep, bucket: int) -> None:
+        """Write a decode step of `host.num_seqs` <= `bucket` rows, padded to `bucket`, into the static buffer."""
+        num, seg = host.num_seqs, self.segments
+        if host.num_tokens != num or num > bucket or host.block_tables.shape[1] > self.max_width:
+            raise ValueError(f"not a decode step that fits bucket {bucket}: {num} sequences, {host.num_tokens} tokens")
+        _, array = self.staging.acquire()
+        for name, pad in (("input_ids", 0), ("sources", -1), ("positions", 0), ("slot_mapping", -1)):
+            view = seg.view(array, name)
+            view[:num] = getattr(host, name)
+            view[num:bucket] = pad
+        starts = seg.view(array, "query_start_loc")
+        starts[: num + 1] = host.query_start_loc
+        starts[num + 1 : bucket + 1] = np.arange(num + 1, bucket + 1)  # one token per padding row
+        lens = seg.view(array, "context_lens")
+        lens[:num] = host.context_lens
+        lens[num:bucket] = 0
+        tables = seg.view(array, "block_tables").reshape(self.max_batch, self.max_width)
+        tables[:num, : host.block_tables.shape[1]] = host.block_tables
+        # Only the rows of this bucket travel: the segments before the tables are small.
+        self.staging.upload(seg.offsets["block_tables"][0] + bucket * self.max_width, self.buffer)
+
+
+def resolve_input_ids(input_ids: torch.Tensor, sources: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """input_ids [T] int32 with placeholders, sources [T] int32 (-1: keep), sampled [R] int64: the previous step's
+    tokens. Returns [T] int64 ids, on the device, without a host round trip."""
+    from_previous = sampled.index_select(0, sources.clamp(min=0))  # [T]
+    return torch.where(sources >= 0, from_previous, input_ids.long())

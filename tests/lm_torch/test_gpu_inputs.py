@@ -1,0 +1,159 @@
+"""The host side of the CUDA path, which runs anywhere: step layouts (checked against `AttentionMetadata.build`),
+CUDA-graph buckets and their padding, placeholder tokens, and the KV-cache memory plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm_core.generation_config import GenerationConfig
+from lm_torch.attention import AttentionMetadata
+from lm_torch.config import TorchEngineConfig
+from lm_torch.cuda_graph import graph_buckets
+from lm_torch.memory import GIB, SAFETY_MARGIN, plan_kv_cache
+from lm_torch.scheduler import ScheduledBatch
+from lm_torch.sequence import Sequence
+from lm_torch.step_inputs import EagerInputs, GraphInputs, gather_step, prefill_tile_arrays, resolve_input_ids
+
+BLOCK_SIZE = 4
+
+
+def _seq(name: str, num_tokens: int, computed: int, blocks: list[int], placeholder: bool = False) -> Sequence:
+    ids = list(range(100, 100 + num_tokens))
+    if placeholder:
+        ids[-1] = -1
+    seq = Sequence(name, ids, min(num_tokens, 3), GenerationConfig())
+    seq.num_computed_tokens, seq.block_table = computed, blocks
+    return seq
+
+
+def _mixed_batch() -> ScheduledBatch:
+    # A decode, a chunk after a cached prefix, a fresh prompt, a one-token chunk mid-prompt; shuffled block ids.
+    seqs = [
+        _seq("decode", 10, 9, [7, 2, 11]),
+        _seq("chunk", 14, 6, [3, 9, 0, 5]),
+        _seq("fresh", 5, 0, [1, 8]),
+        _seq("single", 9, 4, [4, 6]),
+    ]
+    return ScheduledBatch(seqs, [1, 6, 5, 1], [True, False, True, False])
+
+
+def test_gather_step_matches_attention_metadata():
+    batch = _mixed_batch()
+    host = gather_step(batch, BLOCK_SIZE, {})
+    context_lens = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
+    meta = AttentionMetadata.build(
+        batch.num_new_tokens, context_lens, [s.block_table for s in batch.seqs], BLOCK_SIZE, "cpu"
+    )
+    assert host.slot_mapping.tolist() == meta.slot_mapping.tolist()
+    assert host.query_start_loc.tolist() == meta.query_start_loc.tolist()
+    assert host.context_lens.tolist() == meta.context_lens_tensor.tolist() == context_lens
+    assert host.block_tables.shape == (4, 16)  # widths are padded to 16: one triton specialisation
+    assert host.block_tables[:, : meta.block_tables.shape[1]].tolist() == meta.block_tables.tolist()
+    expected_ids = [
+        t
+        for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+        for t in s.token_ids[s.num_computed_tokens :][:n]
+    ]
+    assert host.input_ids.tolist() == expected_ids
+    assert host.positions.tolist() == [9, 6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 4]
+    assert (host.sources == -1).all()
+
+
+def test_placeholders_name_the_previous_steps_row():
+    batch = ScheduledBatch([_seq("a", 6, 5, [0, 1], True), _seq("b", 3, 2, [2], True)], [1, 1], [True, True])
+    host = gather_step(batch, BLOCK_SIZE, {"a": 4, "b": 0})
+    assert host.input_ids.tolist() == [-1, -1] and host.sources.tolist() == [4, 0]
+    previous = torch.tensor([50, 51, 52, 53, 54])
+    ids = resolve_input_ids(torch.tensor(host.input_ids, dtype=torch.int32), torch.tensor(host.sources), previous)
+    assert ids.tolist() == [54, 50]
+    with pytest.raises(RuntimeError, match="'b'"):
+        gather_step(batch, BLOCK_SIZE, {"a": 4})
+
+
+def test_graph_buckets():
+    buckets = graph_buckets(256)
+    assert buckets[:5] == [1, 2, 4, 8, 16] and buckets[-1] == 256 and buckets == sorted(set(buckets))
+    assert len(buckets) == 23
+    for n in range(1, 257):  # at most 7 padding rows up to 64, 15 beyond
+        bucket = next(b for b in buckets if b >= n)
+        assert bucket - n <= (7 if n <= 64 else 15)
+    assert graph_buckets(1) == [1] and graph_buckets(20) == [1, 2, 4, 8, 16, 20]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        graph_buckets(0)
+
+
+def test_graph_inputs_pad_rows_to_the_bucket():
+    inputs = GraphInputs(max_batch=16, max_width=20, device=torch.device("cpu"))
+    assert inputs.max_width == 32
+    seqs = [_seq(f"s{i}", 5 + 4 * i, 4 + 4 * i, list(range(3 * i, 3 * i + 2 + i))) for i in range(3)]
+    host = gather_step(ScheduledBatch(seqs, [1, 1, 1], [True] * 3), BLOCK_SIZE, {})
+    inputs.upload(host, bucket=8)
+    step = inputs.views(8)
+    assert step.input_ids[:3].tolist() == host.input_ids.tolist() and step.input_ids[3:].tolist() == [0] * 5
+    assert step.slot_mapping[:3].tolist() == host.slot_mapping.tolist() and step.slot_mapping[3:].eq(-1).all()
+    assert step.context_lens.tolist() == host.context_lens.tolist() + [0] * 5  # padding attends nothing
+    assert step.query_start_loc.tolist() == list(range(9))  # one token per row, padding included
+    assert step.sources.eq(-1).all()
+    assert step.block_tables.shape == (8, 32)
+    for i, seq in enumerate(seqs):
+        assert step.block_tables[i, : len(seq.block_table)].tolist() == seq.block_table
+    # A smaller step later overwrites the rows it uses and re-pads the rest.
+    inputs.upload(gather_step(ScheduledBatch(seqs[:1], [1], [True]), BLOCK_SIZE, {}), bucket=2)
+    assert inputs.views(2).slot_mapping.tolist() == [host.slot_mapping[0], -1]
+    with pytest.raises(ValueError, match="bucket"):
+        inputs.upload(host, bucket=2)
+
+
+def test_eager_inputs_hold_every_tensor_of_a_mixed_step():
+    from lm_torch.kernels.prefill_attention import prefill_tiles
+
+    batch = _mixed_batch()
+    host = gather_step(batch, BLOCK_SIZE, {})
+    inputs = EagerInputs(max_tokens=32, max_seqs=8, max_width=40, device=torch.device("cpu"))
+    ends = host.query_start_loc[1:] - 1
+    step = inputs.upload(host, ends[[0, 2]].tolist(), tokens_per_tile=2)
+    for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "context_lens"):
+        assert getattr(step, name).tolist() == getattr(host, name).tolist(), name
+    assert step.block_tables.tolist() == host.block_tables.tolist()
+    assert step.sample_index.tolist() == [0, 11]
+    tile_seq, tile_first = prefill_tiles(host.query_lens, 2, "cpu")
+    assert step.tile_seq.tolist() == tile_seq.tolist() and step.tile_first.tolist() == tile_first.tolist()
+    assert [a.tolist() for a in prefill_tile_arrays([1, 5, 1], 2)] == [[1, 1, 1], [0, 2, 4]]
+    with pytest.raises(ValueError, match="staging"):
+        inputs.upload(gather_step(ScheduledBatch([_seq("long", 40, 0, list(range(10)))], [40], [True]), 4, {}), [39], 2)
+
+
+def _plan(free_gib: float, reserve_gib: float, **config):
+    cfg = TorchEngineConfig(**{"block_size": 16, "max_batch_size": 64, **config})
+    per_block = 2 * 1024**2  # 2 MiB a block
+    return plan_kv_cache(
+        cfg, per_block, 15 * GIB, 8192, free=int(free_gib * GIB), activation_reserve=int(reserve_gib * GIB), on_gpu=True
+    )
+
+
+def test_gpu_memory_plan():
+    plan = _plan(60, 2)  # cache_max_entry_count 0.8 of 60 GiB
+    assert plan.num_blocks == int(0.8 * 60 * 1024 / 2) and plan.activation_reserve == 2 * GIB
+    summary = plan.summary()
+    for text in ("weights 15.00 GiB", "60.00 GiB free", "activation reserve 2.00 GiB", f"{plan.num_blocks} blocks"):
+        assert text in summary
+    # A high ratio is capped so that the reserve stays free.
+    capped = _plan(60, 20, cache_max_entry_count=0.9)
+    assert capped.kv_bytes <= 60 * GIB - 20 * GIB - SAFETY_MARGIN and "capped" in capped.source
+    assert _plan(60, 2, kv_cache_gb=10).num_blocks == 10 * 512
+    with pytest.raises(ValueError, match="kv_cache_gb"):
+        _plan(60, 2, kv_cache_gb=59)
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        _plan(4, 2, num_kv_blocks=4096)
+    with pytest.raises(ValueError, match="fewer than two blocks"):
+        _plan(0.6, 0, kv_cache_gb=0.001)
+    # Never more than max_batch_size sessions can use.
+    assert _plan(60, 2, max_batch_size=1).num_blocks == 8192 // 16 + 1
+
+
+def test_config_validates_new_fields():
+    with pytest.raises(ValueError, match="overlap_steps"):
+        TorchEngineConfig(overlap_steps="yes")
+    with pytest.raises(ValueError, match="eager_mode"):
+        TorchEngineConfig(eager_mode=1)
