@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import traceback
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -443,6 +444,8 @@ class TorchEngine(Engine):
                 self._emit_sequence(seq, logprobs.get(seq.request_id))
 
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        """End `seqs` with "error" after a step raised `exc` (logged with its traceback: it is a bug)."""
+        log("lm-torch: a step failed:\n" + "".join(traceback.format_exception(exc)).rstrip())
         for seq in seqs:
             self.scheduler.abort(seq.request_id)
             self.runner.release(seq.request_id)
