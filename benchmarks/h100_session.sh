@@ -8,6 +8,7 @@
 #   eager       the same with eager_mode (no CUDA graphs)
 #   tput200     ShareGPT lengths, 200 prompts at concurrency 256
 #   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
+#   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,7 +36,7 @@ run() {  # name, seconds, command...
 
 for stage in $stages; do
   case $stage in
-    tests) run tests 260 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 \
+    tests) run tests 260 python3 -m pytest -q -s -m gpu -p no:cacheprovider --timeout 120 \
       tests/lm_torch/test_gpu_engine.py tests/lm_torch/test_model_families.py \
       tests/lm_torch/kernels/test_decode_attention.py tests/lm_torch/kernels/test_triton_backend.py ;;
     kernels) run kernels 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/lm_torch/kernels ;;
@@ -47,6 +48,7 @@ for stage in $stages; do
       --concurrency 256 ;;
     tput1000) run tput1000 300 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 --max-output-len 0 \
       --concurrency 256 ;;
+    gemv) run gemv 120 python3 benchmarks/gemv.py ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

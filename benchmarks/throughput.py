@@ -175,6 +175,9 @@ def main() -> None:
         for concurrency in args.concurrency:
             elapsed, results = await run_engine(engine, requests, concurrency)
             rows.append(report(f"lm-torch, concurrency {concurrency}", elapsed, results))
+            # Where the steps went (cumulative over the runs so far, the warm-up included).
+            counters = {**engine.step_counters, **getattr(engine.runner, "counters", {})}
+            print(json.dumps({"engine_counters": {k: round(v, 2) for k, v in counters.items()}}))
         await engine.close()
         return rows
 

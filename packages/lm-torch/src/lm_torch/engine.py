@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import traceback
 import uuid
 import weakref
@@ -70,6 +71,9 @@ class TorchEngine(Engine):
         self._step_in_flight = False
         self._overlap = config.overlap_steps if config.overlap_steps is not None else self.runner.fast
         self._overlap_ok: weakref.WeakKeyDictionary[Sequence, bool] = weakref.WeakKeyDictionary()
+        # For benchmarks: steps run, those handed over before their tokens were back, and the seconds the loop
+        # waited for tokens (near the run's length when the device is the bottleneck, near 0 when the host is).
+        self.step_counters = {"steps": 0, "overlapped_steps": 0, "wait_s": 0.0}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._tokenizer = None
@@ -332,6 +336,7 @@ class TorchEngine(Engine):
             elif launched is not None:
                 if self._overlap and all(self._overlappable(seq) for seq in batch.seqs):
                     in_flight = self._hand_over(batch, launched)
+                    self.step_counters["overlapped_steps"] += 1
                 else:
                     out = await self._collect(launched)
                     if isinstance(out, Exception):
@@ -360,12 +365,15 @@ class TorchEngine(Engine):
 
     async def _collect(self, handle: StepHandle) -> StepOutput | Exception:
         self._step_in_flight = True
+        start = time.perf_counter()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.collect, handle)
         except Exception as exc:
             return exc
         finally:
             self._step_in_flight = False
+            self.step_counters["steps"] += 1
+            self.step_counters["wait_s"] += time.perf_counter() - start
 
     def _overlappable(self, seq: Sequence) -> bool:
         """Whether the step after `seq`'s current one may be scheduled before its token is known: nothing the host

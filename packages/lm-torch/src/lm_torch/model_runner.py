@@ -83,6 +83,14 @@ class ModelRunner:
         self._previous_rows: dict[str, int] = {}
         self._last_sampled: dict[str, int] = {}
         self.phases: dict[str, float] = {"load": time.perf_counter() - start}
+        # Step counts by path, for benchmarks: decode batches replayed from a graph, steps run eagerly.
+        self.counters = {
+            "graph_steps": 0,
+            "graph_rows": 0,
+            "graph_padding_rows": 0,
+            "eager_steps": 0,
+            "eager_tokens": 0,
+        }
         self.fast = self.device.type == "cuda" and triton_available()
         self.graphs = None
         if self.fast:
@@ -256,10 +264,12 @@ class ModelRunner:
             host = gather_step(batch, self.block_size, self._previous_rows)
             self.graph_inputs.upload(host, bucket)
             hidden = self.graphs.replay(bucket)[: len(batch.seqs)]  # [num_seqs, hidden]
+            self._count(graph_steps=1, graph_rows=len(batch.seqs), graph_padding_rows=bucket - len(batch.seqs))
             if len(rows) < len(batch.seqs):
                 hidden = hidden.index_select(0, torch.tensor(rows).to(self.device, non_blocking=True))
         else:
             hidden, full = self._forward_eager(batch, rows)
+            self._count(eager_steps=1, eager_tokens=batch.num_tokens)
             if embedding:
                 embeddings = self._pool(batch, full)
         handle = StepHandle(batch, rows, embeddings=embeddings)
@@ -267,6 +277,10 @@ class ModelRunner:
             self._sample(handle, hidden)
         self._previous_rows = {batch.seqs[i].request_id: r for r, i in enumerate(rows)}
         return handle
+
+    def _count(self, **increments: int) -> None:
+        for name, value in increments.items():
+            self.counters[name] += value
 
     def collect(self, handle: StepHandle) -> StepOutput:
         """Wait for a launched step and return its tokens."""

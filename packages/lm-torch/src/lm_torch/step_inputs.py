@@ -98,15 +98,21 @@ def gather_step(batch: ScheduledBatch, block_size: int, previous_rows: dict[str,
     )
 
 
+# Every segment starts at a multiple of 128 bytes: triton specialises a kernel on whether each pointer argument is
+# 16-byte aligned, so a view at an unaligned offset would compile (for about a second) another copy of the kernel.
+SEGMENT_ALIGNMENT = 32  # int32 elements
+
+
 class Segments:
-    """Offsets of named int32 segments packed one after another (the same on the host and the device)."""
+    """Offsets of named int32 segments packed one after another (the same on the host and the device), each
+    starting at an aligned offset."""
 
     def __init__(self, sizes: dict[str, int]) -> None:
         self.offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for name, size in sizes.items():
             self.offsets[name] = (offset, size)
-            offset += size
+            offset += round_up(size, SEGMENT_ALIGNMENT)
         self.total = offset
 
     def view(self, buffer, name: str):
@@ -188,8 +194,8 @@ class EagerInputs:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_width: int, device: torch.device) -> None:
         self.max_tokens, self.max_seqs, self.max_width = max_tokens, max_seqs, round_up(max_width, 16)
-        # Tiles never outnumber tokens; sample rows never outnumber sequences.
-        capacity = 6 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_width
+        # Tiles never outnumber tokens; sample rows never outnumber sequences; ten segments, each padded.
+        capacity = 6 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_width + 10 * SEGMENT_ALIGNMENT
         self.staging = PinnedStaging(capacity)
         self.device_buffer = torch.zeros(capacity, dtype=torch.int32, device=device)
 
