@@ -157,3 +157,14 @@ def test_config_validates_new_fields():
         TorchEngineConfig(overlap_steps="yes")
     with pytest.raises(ValueError, match="eager_mode"):
         TorchEngineConfig(eager_mode=1)
+
+
+@pytest.mark.parametrize("vocab", [128256, 49152, 300, 1001])
+def test_chunked_argmax_is_torch_argmax(vocab):
+    from lm_torch.sampling.ops import argmax_rows
+
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[1] = 0.0  # all tied: the first index
+    logits[2, 7] = logits[2, vocab - 1] = 100.0  # tied across chunks: the earlier one
+    logits[3] = logits[3].round()  # many ties
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))

@@ -25,6 +25,7 @@ from lm_torch.layers.linear import use_cpu_linears
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
 from lm_torch.memory import free_memory, plan_kv_cache
 from lm_torch.sampling import Sampler, SamplingInputs, is_plain_greedy
+from lm_torch.sampling.ops import argmax_rows
 from lm_torch.scheduler import ScheduledBatch
 
 
@@ -122,6 +123,9 @@ class ModelRunner:
         from lm_torch.step_inputs import EagerInputs, GraphInputs, PinnedStaging
 
         cfg = self.config
+        from lm_torch.layers.cuda_linear import use_gemv_linears
+
+        use_gemv_linears(self.model)
         backend = TritonAttentionBackend()
         layers = self.model.attention_layers()
         for layer in layers:
@@ -335,7 +339,7 @@ class ModelRunner:
         seqs = [handle.batch.seqs[i] for i in handle.sample_rows]
         logits = self.model.compute_logits(hidden)  # [rows, vocab] float32
         if all(self._is_plain_greedy(s) for s in seqs):
-            tokens = logits[:, : self.vocab_size].argmax(dim=-1)
+            tokens = argmax_rows(logits[:, : self.vocab_size])
         else:
             out = self._sample_full(seqs, logits)
             tokens, handle.logprobs = out.token_ids, out.logprobs

@@ -9,6 +9,7 @@
 | `rotary` | rotary embedding from precomputed cos/sin tables, neox and gptj layouts, in place | `rotary` |
 | `activation` | act(gate) * up for silu, gelu (erf) and gelu (tanh) | `gated_activation` |
 | `sampling` | temperature, top-k, top-p, min-p and the inverse-CDF draw, one program per row, no sort | `sample` |
+| `gemv` | y = x @ W^T for one row x (batch-1 linear layers), optional split-K | `linear` |
 
 Nothing here is imported by `import lm_torch`: the modules with kernels import triton at their top, so only code
 that runs on CUDA (the Triton attention backend, the tests) imports them. On a CPU, `TRITON_INTERPRET=1` set before

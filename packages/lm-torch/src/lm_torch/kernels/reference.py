@@ -119,6 +119,11 @@ def rotary(
     return out.to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T in float32: x [rows, K], weight [N, K] -> [rows, N] (the GEMV kernel's reference)."""
+    return x.float() @ weight.float().t()
+
+
 def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) * up in float32, x's dtype out; gate_up: [..., 2 * intermediate] (gate first)."""
     gate, up = gate_up.float().chunk(2, dim=-1)

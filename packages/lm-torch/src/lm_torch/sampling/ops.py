@@ -22,6 +22,23 @@ def _rows_of(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The first arg-max of each row of logits [rows, V] (torch.argmax's answer), [rows] int64.
+
+    A row is cut into chunks of a few hundred columns when V allows: the per-chunk maxima and then the best chunk
+    are two short parallel reductions, where one reduction over a whole 128k-column row takes a single block of the
+    GPU (26 us on an H100 against about 5). Ties keep the first index: the first chunk holding the maximum, and the
+    first position within it.
+    """
+    rows, width = logits.shape
+    chunk = next((c for c in range(1024, 255, -1) if width % c == 0), None)
+    if chunk is None or width < 4 * chunk:
+        return logits.argmax(dim=-1)
+    values, positions = logits.view(rows, width // chunk, chunk).max(dim=-1)  # [rows, chunks] each
+    best = values.argmax(dim=-1, keepdim=True)  # [rows, 1]
+    return (best * chunk + positions.gather(1, best)).squeeze(1)
+
+
 def apply_token_bitmask(
     logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor, vocab_size: int
 ) -> None:
