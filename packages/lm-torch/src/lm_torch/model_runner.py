@@ -65,7 +65,19 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_path)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
-        self.model = build_model(model_path, config, self.hf_config, self.device, self.dtype)
+        self.phases: dict[str, float] = {}
+        if self.device.type == "cuda":
+            torch.zeros(1, device=self.device)  # the CUDA context, timed on its own
+            self.phases["CUDA init"] = time.perf_counter() - start
+            start = time.perf_counter()
+        # Parameters are created in the compute dtype straight away: an 8B model would otherwise be materialised
+        # (and randomly initialised) in float32 first, twice the bytes, only to be cast.
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            self.model = build_model(model_path, config, self.hf_config, self.device, self.dtype)
+        finally:
+            torch.set_default_dtype(default_dtype)
         if self.device.type == "cpu":
             use_cpu_linears(self.model)
         self.session_len = config.session_len or self.hf_config.max_position_embeddings
@@ -83,7 +95,7 @@ class ModelRunner:
         # are filled from there (`sampled_tokens` on CUDA, `_last_sampled` on the CPU).
         self._previous_rows: dict[str, int] = {}
         self._last_sampled: dict[str, int] = {}
-        self.phases: dict[str, float] = {"load": time.perf_counter() - start}
+        self.phases["load"] = time.perf_counter() - start
         # Step counts by path, for benchmarks: decode batches replayed from a graph, steps run eagerly.
         self.counters = {
             "graph_steps": 0,

@@ -57,8 +57,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config, max_positions: int, layer_type: str | None = None) -> None:
         super().__init__()
         inv_freq, scaling = rope_inverse_frequencies(config, layer_type, max_positions)
-        # transformers' rope functions return CPU tensors; the tables belong where the model is being built.
-        inv_freq = inv_freq.to(torch.get_default_device())
+        # transformers' rope functions return CPU tensors; the tables belong where the model is being built, and
+        # stay float32 whatever the default dtype is while it is built.
+        inv_freq = inv_freq.to(torch.get_default_device(), torch.float32)
         # The same float32 arithmetic as transformers: position * inv_freq, then cos/sin, then the scaling.
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
