@@ -94,3 +94,35 @@ def test_rotary_gptj_matches_reference(case, rotary_dim):
     # gptj rotates adjacent pairs, neox halves: on the same input they differ, so the flag is honoured.
     neox = reference.rotary(positions, original_q, cos, sin, is_neox=True)
     assert not torch.allclose(neox.float(), expected_q.float(), atol=1e-2)
+
+
+@pytest.mark.parametrize(("rope_type", "is_neox"), [("llama3", True), ("longrope", True), ("default", False)])
+def test_rotary_fused_with_the_kv_store(case, rope_type, is_neox):
+    """One launch rotates q and k in place and writes the rotated k and v at each token's slot, as the rotary
+    reference followed by the KV-store reference would; padding rows (slot -1) write nothing. longrope rotates
+    16 of 32 features: the rest of k goes to the cache as it is."""
+    from lm_torch.kernels.rotary import apply_rotary
+
+    rope = RotaryEmbedding(_config(rope_type), MAX_POSITIONS).to(case.device)
+    gen = torch.Generator().manual_seed(5)
+    num_tokens, block_size, num_blocks = 6, 4, 5
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen).to(case.device)
+    qkv = case.randn(num_tokens, 8, 32, generator=gen)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    slots = torch.tensor([3, 17, -1, 0, 9, -1], device=case.device)
+    k_cache = case.randn(num_blocks, block_size, 2, 32, generator=gen)
+    v_cache = case.randn(num_blocks, block_size, 2, 32, generator=gen)
+    expected_q = reference.rotary(positions, q, rope.cos, rope.sin, is_neox)
+    expected_k = reference.rotary(positions, k, rope.cos, rope.sin, is_neox)
+    expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
+    reference.store_kv_cache(expected_k.to(case.dtype), v, expected_k_cache, expected_v_cache, slots)
+
+    apply_rotary(
+        positions, q, k, rope.cos, rope.sin, is_neox, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slots
+    )
+    case.assert_close(q, expected_q, case.elementwise_tol)
+    case.assert_close(k, expected_k, case.elementwise_tol)
+    case.assert_close(k_cache, expected_k_cache, case.elementwise_tol)
+    assert torch.equal(v_cache, expected_v_cache)  # v is copied, not computed
+    with pytest.raises(ValueError, match="slot_mapping"):
+        apply_rotary(positions, q, k, rope.cos, rope.sin, v=v, k_cache=k_cache, v_cache=v_cache)

@@ -28,12 +28,14 @@ class TorchAttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        kv_stored: bool = False,  # the caller already wrote k and v into the cache
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        if not kv_stored:
+            flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+            flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+            flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+            flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
         out = torch.empty_like(q)
         starts = [0]

@@ -40,6 +40,9 @@ class TritonAttentionBackend:
     per step from the batch size and the longest context.
     """
 
+    # `PagedAttention` may hand this backend k and v already in the cache (rotary and KV store in one kernel).
+    fuses_kv_store = True
+
     def __init__(self, num_splits: int | None = None) -> None:
         if num_splits is not None and num_splits < 1:
             raise ValueError(f"num_splits must be at least 1, got {num_splits}")
@@ -56,6 +59,7 @@ class TritonAttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        kv_stored: bool = False,  # the caller already wrote k and v into the cache (the fused rotary kernel)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         from lm_torch.kernels.decode_attention import decode_attention
         from lm_torch.kernels.kv_cache import store_kv_cache
@@ -63,7 +67,8 @@ class TritonAttentionBackend:
 
         if k_cache.shape[1] != meta.block_size:
             raise ValueError(f"cache blocks hold {k_cache.shape[1]} tokens but the metadata says {meta.block_size}")
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if not kv_stored:
+            store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         layout = _step_layout(meta, q.device)
         out = torch.empty_like(q)
         if layout.num_decodes:

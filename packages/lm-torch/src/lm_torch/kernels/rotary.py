@@ -1,4 +1,5 @@
-"""Rotary position embedding applied in place to q and k, one program per token, from precomputed tables.
+"""Rotary position embedding applied in place to q and k, one program per token, from precomputed tables; optionally
+fused with writing the step's rotated K and V into the paged cache.
 
 The tables are `lm_torch.layers.rotary.RotaryEmbedding`'s `cos`/`sin` buffers ([max_positions, rotary_dim], the
 rotary_dim / 2 frequencies written twice), which already carry every scaling type lm-torch supports (linear, dynamic
@@ -19,7 +20,18 @@ from lm_torch.kernels.common import check_cuda_or_interpreter, next_power_of_2
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, stride_h, num_heads, c, s, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, half, IS_NEOX: tl.constexpr
+    x_ptr,
+    stride_h,
+    num_heads,
+    c,
+    s,
+    HEADS_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    half,
+    IS_NEOX: tl.constexpr,
+    copy_ptr,  # where the rotated values also go (the KV cache), with stride_copy_h between heads
+    stride_copy_h,
+    COPY: tl.constexpr,
 ):
     heads = tl.arange(0, HEADS_PAD)[:, None]
     pairs = tl.arange(0, HALF_PAD)[None, :]
@@ -34,8 +46,25 @@ def _rotate_heads(
     x2 = tl.load(x_ptr + heads * stride_h + second, mask=mask, other=0.0)
     a = x1.to(tl.float32)
     b = x2.to(tl.float32)
-    tl.store(x_ptr + heads * stride_h + first, (a * c - b * s).to(x1.dtype), mask=mask)
-    tl.store(x_ptr + heads * stride_h + second, (b * c + a * s).to(x2.dtype), mask=mask)
+    y1 = (a * c - b * s).to(x1.dtype)
+    y2 = (b * c + a * s).to(x2.dtype)
+    tl.store(x_ptr + heads * stride_h + first, y1, mask=mask)
+    tl.store(x_ptr + heads * stride_h + second, y2, mask=mask)
+    if COPY:
+        tl.store(copy_ptr + heads * stride_copy_h + first, y1.to(copy_ptr.dtype.element_ty), mask=mask)
+        tl.store(copy_ptr + heads * stride_copy_h + second, y2.to(copy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _copy_heads(
+    src_ptr, stride_src_h, dst_ptr, stride_dst_h, num_heads, lo, hi, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr
+):
+    """Features [lo, hi) of every head, from a token's row to its cache slot."""
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, DIM_PAD)[None, :]
+    mask = (heads < num_heads) & (dims >= lo) & (dims < hi)
+    x = tl.load(src_ptr + heads * stride_src_h + dims, mask=mask)
+    tl.store(dst_ptr + heads * stride_dst_h + dims, x.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -45,29 +74,66 @@ def _rotary_kernel(
     k_ptr,
     cos_ptr,
     sin_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
     stride_kh,
     stride_cos,
     stride_sin,
+    stride_vt,
+    stride_vh,
+    stride_kcb,  # cache strides: block, slot within the block, kv head (the head_dim stride is 1)
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
     num_heads,
     num_kv_heads,
     half,
+    head_dim,
     Q_HEADS_PAD: tl.constexpr,
     K_HEADS_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    DIM_PAD: tl.constexpr,
     IS_NEOX: tl.constexpr,
+    STORE: tl.constexpr,  # also write the rotated k and v into the paged cache at the token's slot
+    PARTIAL: tl.constexpr,  # rotary_dim < head_dim: features past it are copied to the cache unrotated
+    BLOCK_SIZE: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     pairs = tl.arange(0, HALF_PAD)[None, :]
     c = tl.load(cos_ptr + position * stride_cos + pairs, mask=pairs < half, other=0.0).to(tl.float32)  # [1, HALF_PAD]
     s = tl.load(sin_ptr + position * stride_sin + pairs, mask=pairs < half, other=0.0).to(tl.float32)
-    q_row = q_ptr + token.to(tl.int64) * stride_qt
-    k_row = k_ptr + token.to(tl.int64) * stride_kt
-    _rotate_heads(q_row, stride_qh, num_heads, c, s, Q_HEADS_PAD, HALF_PAD, half, IS_NEOX)
-    _rotate_heads(k_row, stride_kh, num_kv_heads, c, s, K_HEADS_PAD, HALF_PAD, half, IS_NEOX)
+    q_row = q_ptr + token * stride_qt
+    k_row = k_ptr + token * stride_kt
+    _rotate_heads(q_row, stride_qh, num_heads, c, s, Q_HEADS_PAD, HALF_PAD, half, IS_NEOX, q_row, stride_qh, False)
+    if STORE:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        # Negative slots are padding rows (a CUDA graph's batch padded to its captured size): nothing to store.
+        if slot >= 0:
+            k_dst = k_cache_ptr + (slot // BLOCK_SIZE) * stride_kcb + (slot % BLOCK_SIZE) * stride_kcs
+            v_dst = v_cache_ptr + (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs
+            _rotate_heads(
+                k_row, stride_kh, num_kv_heads, c, s, K_HEADS_PAD, HALF_PAD, half, IS_NEOX, k_dst, stride_kch, True
+            )
+            if PARTIAL:
+                _copy_heads(k_row, stride_kh, k_dst, stride_kch, num_kv_heads, 2 * half, head_dim, K_HEADS_PAD, DIM_PAD)
+            v_row = v_ptr + token * stride_vt
+            _copy_heads(v_row, stride_vh, v_dst, stride_vch, num_kv_heads, 0, head_dim, K_HEADS_PAD, DIM_PAD)
+        else:
+            _rotate_heads(
+                k_row, stride_kh, num_kv_heads, c, s, K_HEADS_PAD, HALF_PAD, half, IS_NEOX, k_row, stride_kh, False
+            )
+    else:
+        _rotate_heads(
+            k_row, stride_kh, num_kv_heads, c, s, K_HEADS_PAD, HALF_PAD, half, IS_NEOX, k_row, stride_kh, False
+        )
 
 
 def apply_rotary(
@@ -77,8 +143,18 @@ def apply_rotary(
     cos: torch.Tensor,  # [max_positions, rotary_dim]
     sin: torch.Tensor,
     is_neox: bool = True,
+    *,
+    v: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim], with the caches: stored too
+    k_cache: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,  # [num_tokens] int: block * block_size + offset; negative = skip
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k in place by each token's position (float32 math) and return them."""
+    """Rotate q and k in place by each token's position (float32 math) and return them.
+
+    Given `v`, the caches and `slot_mapping`, the same launch also writes the rotated k and v at each token's slot
+    (what `kv_cache.store_kv_cache` would do next): one kernel instead of two per layer, and k read once.
+    """
+    store = k_cache is not None
     check_cuda_or_interpreter(positions, q, k, cos, sin)
     rotary_dim = cos.shape[-1]
     if rotary_dim % 2 or rotary_dim > q.shape[-1] or sin.shape != cos.shape:
@@ -87,6 +163,30 @@ def apply_rotary(
         raise ValueError("apply_rotary: q, k and positions disagree on num_tokens or head_dim")
     if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1:
         raise ValueError("apply_rotary: head_dim must be contiguous in q and k, and rotary_dim in the tables")
+    if store:
+        if v is None or v_cache is None or slot_mapping is None:
+            raise ValueError("apply_rotary: storing into the cache needs v, k_cache, v_cache and slot_mapping")
+        check_cuda_or_interpreter(v, k_cache, v_cache, slot_mapping)
+        if v.shape != k.shape or k_cache.shape[2:] != k.shape[1:] or v_cache.shape != k_cache.shape:
+            raise ValueError(f"apply_rotary: k {tuple(k.shape)}, v {tuple(v.shape)}, cache {tuple(k_cache.shape)}")
+        if v.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+            raise ValueError("apply_rotary: head_dim must be contiguous in v and the caches")
+        if slot_mapping.shape != (q.shape[0],):
+            raise ValueError(f"apply_rotary: slot_mapping {tuple(slot_mapping.shape)} for {q.shape[0]} tokens")
+    else:
+        v, k_cache, v_cache, slot_mapping = k, k, k, positions  # placeholders, never read
+    cache_strides = (
+        (
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+        )
+        if store
+        else (0,) * 6
+    )
     if q.shape[0]:
         half = rotary_dim // 2
         _rotary_kernel[(q.shape[0],)](
@@ -95,19 +195,31 @@ def apply_rotary(
             k,
             cos,
             sin,
+            v,
+            k_cache,
+            v_cache,
+            slot_mapping,
             q.stride(0),
             q.stride(1),
             k.stride(0),
             k.stride(1),
             cos.stride(0),
             sin.stride(0),
+            v.stride(0),
+            v.stride(1),
+            *cache_strides,
             q.shape[1],
             k.shape[1],
             half,
+            q.shape[2],
             Q_HEADS_PAD=next_power_of_2(q.shape[1]),
             K_HEADS_PAD=next_power_of_2(k.shape[1]),
             HALF_PAD=next_power_of_2(half),
+            DIM_PAD=next_power_of_2(q.shape[2]),
             IS_NEOX=is_neox,
+            STORE=store,
+            PARTIAL=rotary_dim < q.shape[2],
+            BLOCK_SIZE=k_cache.shape[1] if store else 1,
             num_warps=4,
         )
     return q, k

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.kernels import runs_triton
 
 
 class PagedAttention(nn.Module):
@@ -32,17 +33,22 @@ class PagedAttention(nn.Module):
         v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        rotary=None,  # a RotaryEmbedding to apply to q and k first (None: they arrive rotated)
+        positions: torch.Tensor | None = None,  # [num_tokens], with `rotary`
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        kv_stored = False
+        if rotary is not None:
+            if getattr(self.backend, "fuses_kv_store", False) and runs_triton(q):
+                # One kernel rotates q and k and writes k and v into the cache; the backend then only attends.
+                rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+                kv_stored = True
+            else:
+                q, k = rotary(positions, q, k)
         out = self.backend.forward(
-            q.view(num_tokens, self.num_heads, self.head_dim),
-            k.view(num_tokens, self.num_kv_heads, self.head_dim),
-            v.view(num_tokens, self.num_kv_heads, self.head_dim),
-            kv_cache[0],
-            kv_cache[1],
-            meta,
-            self.scale,
-            self.sliding_window,
-            self.softcap,
+            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, self.softcap, kv_stored=kv_stored
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

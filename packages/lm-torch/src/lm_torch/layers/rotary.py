@@ -79,6 +79,25 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,  # [num_tokens]
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [num_tokens]: flat cache slot of each token, negative = padding
+    ) -> torch.Tensor:
+        """Rotate q and k in place and write the rotated k and v into the paged cache: one Triton kernel (CUDA
+        only; see `kernels.rotary.apply_rotary`). Returns q."""
+        from lm_torch.kernels.rotary import apply_rotary
+
+        apply_rotary(
+            positions, q, k, self.cos, self.sin, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping
+        )
+        return q
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]

@@ -51,8 +51,8 @@ class LlamaAttention(nn.Module):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, kv_cache, meta))
+        # The attention layer applies the rotary embedding (fused with the KV-cache write on CUDA).
+        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, kv_cache, meta, self.rotary, positions))
 
 
 class LlamaMLP(nn.Module):
