@@ -4,8 +4,8 @@ Quantizes the model with lm-lite (RTN, AWQ, GPTQ, SmoothQuant W8A8) into --out-d
 lm-torch's loader (the engine's model code, on the CPU in float32), and computes perplexity over non-overlapping
 windows of --seqlen tokens of --text (each window scored on its own, first token unscored).
 
-    python benchmarks/perplexity.py --group-size 64 --calib-samples 16 --calib-seqlen 512 \
-        --out-dir /tmp/ppl --json /tmp/ppl/results.json
+    python benchmarks/perplexity.py --group-size 64 --calib-samples 16 --calib-seqlen 512 --no-gptq-sym \
+        --damp-percent 0.1 --out-dir /tmp/ppl --json /tmp/ppl/results.json
 
 Prints a Markdown table. The held-out text (`tests/lm_lite/data/heldout.txt`) is not the calibration text (lm-lite's
 built-in set, or --calib-dataset). KV-cache int8/int4 rows need the engine's quant_policy (not built yet).
@@ -84,7 +84,9 @@ def build_variant(variant: str, model_dir: Path, out_dir: Path, args) -> Path:
     if variant == "awq":
         return lm_lite.auto_awq(model_dir, work, w_group_size=args.group_size, **calib)
     if variant == "gptq":
-        return lm_lite.auto_gptq(model_dir, work, w_group_size=args.group_size, **calib)
+        return lm_lite.auto_gptq(
+            model_dir, work, w_group_size=args.group_size, sym=args.gptq_sym, damp_percent=args.damp_percent, **calib
+        )
     if variant == "w8a8":
         return lm_lite.smooth_quant(model_dir, work, **calib)
     raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
@@ -113,7 +115,7 @@ def table(results: dict[str, dict], group_size: int) -> str:
         "fp32": "fp32",
         "rtn": f"RTN w4g{group_size}",
         "awq": f"AWQ w4g{group_size}",
-        "gptq": f"GPTQ w4g{group_size}",
+        "gptq": f"GPTQ w4g{group_size} (asymmetric, damp 0.1)",
         "w8a8": "W8A8 (SmoothQuant int8)",
     }
     base = results.get("fp32", {}).get("perplexity")
@@ -133,6 +135,10 @@ def main() -> None:
     parser.add_argument("--calib-dataset", default=None)
     parser.add_argument("--calib-samples", default=16, type=int)
     parser.add_argument("--calib-seqlen", default=512, type=int)
+    parser.add_argument(
+        "--gptq-sym", action=argparse.BooleanOptionalAction, default=False, help="Symmetric GPTQ grid (RTN/AWQ: asym)."
+    )
+    parser.add_argument("--damp-percent", default=0.1, type=float, help="GPTQ damping (see docs/quantization.md).")
     parser.add_argument("--seqlen", default=512, type=int, help="Tokens per scored window.")
     parser.add_argument("--max-windows", default=None, type=int)
     parser.add_argument("--out-dir", default="/tmp/lm-lite-perplexity")

@@ -20,6 +20,14 @@ def test_round_to_nearest_error_is_at_most_half_a_step():
     assert ((w - q.dequantize()).abs() <= step / 2 + 1e-6).all()
 
 
+def test_fused_fake_quantize_is_round_to_nearest():
+    from lm_lite.quant_math import fake_quantize
+
+    w = 3 * torch.randn(96, 128, generator=torch.Generator().manual_seed(5))
+    for group_size in (32, -1):
+        assert torch.equal(fake_quantize(w, 4, group_size), quantize_groups(w, 4, group_size).dequantize())
+
+
 def _correlated_inputs(num: int, dim: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(8, dim, generator=g)

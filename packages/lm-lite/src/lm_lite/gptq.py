@@ -47,15 +47,27 @@ def quantize_layer(
     with walker.layer_on_device(index) as layer:
         for group in family.groups:
             hessian = _hessian(walker, index, layer.get_submodule(group.linears[0]))
-            # The linears of a group read the same input, so they share the Hessian and, with act-order, one
-            # column order: their g_idx agree, which lets loaders fuse them (q/k/v, gate/up).
-            for name in group.linears:
-                linear = layer.get_submodule(name)
-                q = gptq(linear.weight.data, hessian, settings)
-                q.bias = None if linear.bias is None else linear.bias.data.float().cpu()
+            # The linears of a group read the same input and GPTQ treats rows independently, so they are quantized
+            # as one matrix: one column loop, and with act-order one column order, so their g_idx agree and loaders
+            # can fuse them (q/k/v, gate/up).
+            linears = [layer.get_submodule(name) for name in group.linears]
+            stacked = gptq(torch.cat([linear.weight.data for linear in linears]), hessian, settings)
+            del hessian
+            start = 0
+            for name, linear in zip(group.linears, linears, strict=True):
+                rows = slice(start, start + linear.out_features)
+                start += linear.out_features
+                q = QuantizedWeight(
+                    qweight=stacked.qweight[rows],
+                    scales=stacked.scales[rows],
+                    zeros=stacked.zeros[rows],
+                    bits=stacked.bits,
+                    group_size=stacked.group_size,
+                    g_idx=stacked.g_idx,
+                    bias=None if linear.bias is None else linear.bias.data.float().cpu(),
+                )
                 linear.weight.data = q.dequantize().to(device=linear.weight.device, dtype=linear.weight.dtype)
                 quantized[name] = q
-            del hessian
         walker.advance(index)
     return quantized
 

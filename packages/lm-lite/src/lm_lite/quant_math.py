@@ -65,7 +65,7 @@ def quant_params(
         scale = _fp16_scale(2 * absmax / maxq)
         zero = torch.full_like(scale, float((maxq + 1) // 2))
         return scale, zero
-    wmax, wmin = w.amax(dim=1), w.amin(dim=1)
+    wmin, wmax = torch.aminmax(w, dim=1)
     if include_zero:
         wmax, wmin = wmax.clamp(min=0), wmin.clamp(max=0)
     scale = _fp16_scale((wmax - wmin).clamp(min=1e-5) / maxq)
@@ -102,12 +102,16 @@ def quantize_groups(
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> torch.Tensor:
-    """w [..., in] quantized and dequantized in its own dtype (what AWQ's searches evaluate)."""
+    """w [..., in] quantized and dequantized in its own dtype (what AWQ's searches evaluate).
+
+    The same arithmetic as `quantize_groups(...).dequantize()`, in torch's fused fake-quantize kernel: the searches
+    call this hundreds of times per layer.
+    """
     size = w.shape[-1] if group_size == -1 else group_size
     grouped = w.float().reshape(-1, size)
     scale, zero = quant_params(grouped, bits, sym)
-    q = quantize_with(grouped, scale, zero, bits)
-    return ((q - zero[:, None]) * scale[:, None]).to(w.dtype).reshape(w.shape)
+    out = torch.fake_quantize_per_channel_affine(grouped, scale, zero.to(torch.int32), 0, 0, 2**bits - 1)
+    return out.to(w.dtype).reshape(w.shape)
 
 
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
