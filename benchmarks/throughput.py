@@ -9,7 +9,8 @@ at most --concurrency at a time.
     python benchmarks/throughput.py --model benchmarks/configs/llama3-8b --load-format dummy --num-prompts 1000 \
         --concurrency 256
 
-Prints req/s, output tok/s, TTFT and TPOT (p50/p99); exits non-zero if any request ends short.
+Prints req/s, output tok/s, TTFT and TPOT (p50/p99) and the engine's step counters; exits non-zero if any request
+ends short. --profile (CUDA) also prints the GPU's busy seconds by kernel class against the run's wall time.
 """
 
 from __future__ import annotations
@@ -75,6 +76,25 @@ async def run_engine(engine, requests, concurrency: int):
     await asyncio.gather(*(one(p, n) for p, n in requests))
     bar.close()
     return time.perf_counter() - start, results
+
+
+async def profiled(run):
+    """Await `run` under the torch profiler (CUDA kernels only); print how busy the GPU was and with what."""
+    import torch
+    from latency import classify  # benchmarks/ is the script's directory, hence on sys.path
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        elapsed, results = await run
+    by_class: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            label = classify(event.name)
+            by_class[label] = by_class.get(label, 0.0) + event.device_time_total / 1e6
+    busy = sum(by_class.values())
+    row = {label: round(seconds, 2) for label, seconds in sorted(by_class.items(), key=lambda kv: -kv[1])}
+    print(json.dumps({"gpu_busy_s": round(busy, 2), "wall_s": round(elapsed, 2), "kernel_seconds": row}))
+    return elapsed, results
 
 
 def report(label: str, elapsed: float, results) -> dict:
@@ -151,6 +171,11 @@ def main() -> None:
     parser.add_argument("--engine-config", default="{}", help="extra TorchEngineConfig fields as JSON")
     parser.add_argument("--compare-transformers", default="", help="comma-separated static batch sizes, e.g. 1,16,64")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: record the timed run with the torch profiler and print GPU busy time by kernel class",
+    )
     args = parser.parse_args()
 
     from lm_core import resolve_model
@@ -173,7 +198,10 @@ def main() -> None:
         # One short warm-up so one-time costs (allocator, kernels) stay out of the numbers.
         await run_engine(engine, requests[:2], 2)
         for concurrency in args.concurrency:
-            elapsed, results = await run_engine(engine, requests, concurrency)
+            if args.profile:
+                elapsed, results = await profiled(run_engine(engine, requests, concurrency))
+            else:
+                elapsed, results = await run_engine(engine, requests, concurrency)
             rows.append(report(f"lm-torch, concurrency {concurrency}", elapsed, results))
             # Where the steps went (cumulative over the runs so far, the warm-up included).
             counters = {**engine.step_counters, **getattr(engine.runner, "counters", {})}

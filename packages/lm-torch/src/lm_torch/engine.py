@@ -364,6 +364,9 @@ class TorchEngine(Engine):
             return exc
 
     async def _collect(self, handle: StepHandle) -> StepOutput | Exception:
+        if handle.output is not None:  # computed at launch (CPU): no trip to the step thread
+            self.step_counters["steps"] += 1
+            return handle.output
         self._step_in_flight = True
         start = time.perf_counter()
         try:
