@@ -130,13 +130,14 @@ class ModelRunner:
     # -- start-up on CUDA ------------------------------------------------------------------------------------------
 
     def _init_cuda(self) -> None:
+        """The Triton path: GEMV linears and the Triton attention backend, input staging, the activation reserve
+        measured, the KV cache planned and allocated, the decode graphs captured (each phase timed)."""
         from lm_torch.attention import TritonAttentionBackend
         from lm_torch.kernels.prefill_attention import tokens_per_tile
+        from lm_torch.layers.cuda_linear import use_gemv_linears
         from lm_torch.step_inputs import EagerInputs, GraphInputs, PinnedStaging
 
         cfg = self.config
-        from lm_torch.layers.cuda_linear import use_gemv_linears
-
         use_gemv_linears(self.model)
         backend = TritonAttentionBackend()
         layers = self.model.attention_layers()
