@@ -122,6 +122,7 @@ def smooth_quant(
 
     from lm_lite import smooth
     from lm_lite.checkpoint import write_checkpoint
+    from lm_lite.model_io import decoder_layers
     from lm_lite.walker import progress
 
     if not 0 <= alpha <= 1:
@@ -132,8 +133,6 @@ def smooth_quant(
     job = prepare_job(model, work_dir, overwrite)
     stats, hf_model, _ = _stats(job, calib)
     config = _text_config(hf_model)
-    from lm_lite.model_io import decoder_layers
-
     layers_name, layers = decoder_layers(hf_model)
     quantized = {}
     with torch.no_grad():

@@ -7,7 +7,7 @@ model's weights load.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lm_lite.calib_data import check_calib_dataset
@@ -53,7 +53,6 @@ class Job:
     config: dict
     family: Family
     work_dir: Path
-    extra: dict = field(default_factory=dict)
 
 
 def check_bits(w_bits: int, allowed: tuple[int, ...], method: str) -> None:
