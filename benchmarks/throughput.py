@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -95,6 +96,30 @@ async def profiled(run):
     row = {label: round(seconds, 2) for label, seconds in sorted(by_class.items(), key=lambda kv: -kv[1])}
     print(json.dumps({"gpu_busy_s": round(busy, 2), "wall_s": round(elapsed, 2), "kernel_seconds": row}))
     return elapsed, results
+
+
+def summarize_trace(trace) -> None:
+    """Print where the loop's wall time went, by kind of step: decode-only steps by batch size, steps with
+    prefill chunks by token count. A step's time is from its predecessor's end to its own (loop iterations)."""
+    kinds: dict[str, list[float]] = {}
+    for prev, row in itertools.pairwise(trace):
+        _, _, end, rows, tokens, decodes = row
+        if rows == 0:
+            kind = "drain"
+        elif tokens == decodes:
+            kind = f"decode {min(256, 1 << (rows - 1).bit_length())}"
+        else:
+            kind = f"mixed {min(8192, 1 << (tokens - 1).bit_length())} tok"
+        kinds.setdefault(kind, []).append(end - prev[2])
+    table = {
+        kind: {
+            "steps": len(times),
+            "total_s": round(sum(times), 2),
+            "mean_ms": round(1000 * sum(times) / len(times), 2),
+        }
+        for kind, times in sorted(kinds.items(), key=lambda kv: -sum(kv[1]))
+    }
+    print(json.dumps({"step_time_by_kind": table}))
 
 
 def report(label: str, elapsed: float, results) -> dict:
@@ -176,6 +201,7 @@ def main() -> None:
         action="store_true",
         help="CUDA: record the timed run with the torch profiler and print GPU busy time by kernel class",
     )
+    parser.add_argument("--step-trace", type=Path, help="write each engine step's times and sizes here (JSON)")
     args = parser.parse_args()
 
     from lm_core import resolve_model
@@ -197,6 +223,8 @@ def main() -> None:
         rows = []
         # One short warm-up so one-time costs (allocator, kernels) stay out of the numbers.
         await run_engine(engine, requests[:2], 2)
+        if args.step_trace:
+            engine.step_trace = []
         for concurrency in args.concurrency:
             if args.profile:
                 elapsed, results = await profiled(run_engine(engine, requests, concurrency))
@@ -206,6 +234,9 @@ def main() -> None:
             # Where the steps went (cumulative over the runs so far, the warm-up included).
             counters = {**engine.step_counters, **getattr(engine.runner, "counters", {})}
             print(json.dumps({"engine_counters": {k: round(v, 2) for k, v in counters.items()}}))
+        if args.step_trace:
+            summarize_trace(engine.step_trace)
+            args.step_trace.write_text(json.dumps(engine.step_trace))
         await engine.close()
         return rows
 

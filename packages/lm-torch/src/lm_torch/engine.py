@@ -74,6 +74,8 @@ class TorchEngine(Engine):
         # For benchmarks: steps run, those handed over before their tokens were back, and the seconds the loop
         # waited for tokens (near the run's length when the device is the bottleneck, near 0 when the host is).
         self.step_counters = {"steps": 0, "overlapped_steps": 0, "wait_s": 0.0}
+        # For benchmarks: set to a list to record each loop iteration (times, rows, tokens; see `_trace`).
+        self.step_trace: list[tuple] | None = None
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._tokenizer = None
@@ -326,11 +328,15 @@ class TorchEngine(Engine):
                 continue
             previous, in_flight = in_flight, None
             launched = None
+            t_scheduled = time.perf_counter()
             if batch is not None:
                 launched = await self._launch(batch)
+            t_launched = time.perf_counter()
             if previous is not None:
                 out = await self._collect(previous.handle)
                 self._complete_overlapped(previous, out)
+            if self.step_trace is not None:
+                self._trace(batch, t_scheduled, t_launched)
             if isinstance(launched, Exception):
                 self._fail(batch.seqs, launched)
             elif launched is not None:
@@ -348,6 +354,14 @@ class TorchEngine(Engine):
                 self._apply_abort(request_id)
             if in_flight is None:
                 await asyncio.sleep(0)  # let streams hand their tokens on
+
+    def _trace(self, batch: ScheduledBatch | None, t_scheduled: float, t_launched: float) -> None:
+        """One row of `step_trace`: when the step was scheduled, launched, and its predecessor collected, with its
+        sequences, tokens and decode rows (a step with prefill chunks has tokens > decode rows)."""
+        rows = len(batch.seqs) if batch is not None else 0
+        tokens = batch.num_tokens if batch is not None else 0
+        decodes = sum(n == 1 for n in batch.num_new_tokens) if batch is not None else 0
+        self.step_trace.append((t_scheduled, t_launched, time.perf_counter(), rows, tokens, decodes))
 
     async def _launch(self, batch: ScheduledBatch) -> StepHandle | Exception:
         """Queue a step. On CUDA in this thread (it only queues work; meanwhile the streams wait, and do their work
