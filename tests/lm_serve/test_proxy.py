@@ -476,6 +476,97 @@ def test_registration_and_removal(stubs, make_proxy):
         register_with_proxy(proxy.url, "not a url")
 
 
+def test_advertised_url_for_each_listening_address():
+    from lm_serve.proxy import advertised_url
+
+    v4, v6 = socket.AF_INET, socket.AF_INET6
+    # A named listening address is what the proxy connects to, port as bound.
+    assert advertised_url("10.1.2.3", {v4: 5000}, "http://10.9.9.9:8000") == "http://10.1.2.3:5000"
+    assert advertised_url("node-7.internal", {v4: 5000}, "http://10.9.9.9:8000") == "http://node-7.internal:5000"
+    assert advertised_url("::1", {v6: 5000}, "http://[::1]:8000") == "http://[::1]:5000"
+    # A wildcard with the proxy on this host (0.0.0.0 in a proxy URL reaches this host too): the loopback address of
+    # the family the server listens on ("::" listens on IPv6 only).
+    for proxy_url in ("http://127.0.0.1:8000", "http://localhost:8000", "http://0.0.0.0:8000", "http://[::1]:8000"):
+        assert advertised_url("0.0.0.0", {v4: 5000}, proxy_url) == "http://127.0.0.1:5000"
+        assert advertised_url("::", {v6: 5001}, proxy_url) == "http://[::1]:5001"
+    assert advertised_url("", {v4: 5000, v6: 5001}, "http://127.0.0.1:8000") == "http://127.0.0.1:5000"
+    with pytest.raises(ValueError, match="proxy_url"):
+        advertised_url("0.0.0.0", {v4: 5000}, "localhost:8000")
+
+
+def test_advertised_url_for_a_remote_proxy_is_the_address_that_routes_to_it():
+    from lm_serve.proxy import advertised_url
+
+    remote = "192.0.2.77"  # TEST-NET-1: never answers, but the routing table may still name a source address for it
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((remote, 9))
+    except OSError:
+        pytest.skip("this host has no route to an outside IPv4 address")
+    url = advertised_url("0.0.0.0", {socket.AF_INET: 5000}, f"http://{remote}:8000")
+    host = re.fullmatch(r"http://([\d.]+):5000", url).group(1)
+    # Independent check: binding to an address succeeds only if it is one of this host's own.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+        own.bind((host, 0))
+    assert not host.startswith("127.") and host != "0.0.0.0"
+
+
+def run_in_thread(coroutine_function, *args):
+    """Run `coroutine_function(*args)` on its own event loop in a thread; returns (thread, result list)."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(asyncio.run(coroutine_function(*args))), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_membership_retries_until_the_proxy_comes_up(stubs, make_proxy, caplog):
+    from lm_serve.proxy import ProxyMembership, RetryPolicy
+
+    port = free_port()
+    # Enough doublings (0.05 s up to ~100 s in all) that the proxy's start-up always fits in the retry window.
+    policy = RetryPolicy(num_attempts=12, first_delay=0.05, timeout=DEADLINE_S)
+    membership = ProxyMembership(f"http://127.0.0.1:{port}", stubs["A"].url, policy)
+    caplog.set_level("INFO", logger="lm_serve.proxy")
+    thread, joined = run_in_thread(membership.join)
+    wait_until(lambda: any("retrying in" in r.getMessage() for r in caplog.records), "a first attempt fails")
+    proxy = make_proxy("--server-port", str(port))
+    thread.join(DEADLINE_S * 2)
+    assert joined == [True] and membership.is_registered
+    assert nodes_of(proxy)[stubs["A"].url]["healthy"] is True
+
+    left, removed = run_in_thread(membership.leave)
+    left.join(DEADLINE_S)
+    assert removed == [True] and nodes_of(proxy) == {}
+
+
+def test_membership_gives_up_at_once_on_a_refusal_and_leaving_a_dead_proxy_is_quiet(stubs, caplog):
+    from lm_serve.proxy import ProxyMembership, RetryPolicy
+
+    # The stub is no proxy: POST /nodes/add answers 404, which asking again will not change.
+    membership = ProxyMembership(stubs["B"].url, stubs["A"].url, RetryPolicy(num_attempts=5, first_delay=30))
+    caplog.set_level("INFO", logger="lm_serve.proxy")
+    thread, joined = run_in_thread(membership.join)
+    thread.join(DEADLINE_S)
+    assert joined == [False] and not membership.is_registered
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(messages) == 1 and "refused the registration (404)" in messages[0]
+    assert "(attempt 1 of 5). Serving anyway" in messages[0]
+
+    # Leaving a proxy that never took us sends nothing; leaving a dead one is bounded and returns False.
+    left, removed = run_in_thread(membership.leave)
+    left.join(DEADLINE_S)
+    assert removed == [False]
+    dead = ProxyMembership(f"http://127.0.0.1:{free_port()}", stubs["A"].url, RetryPolicy(leave_timeout=2))
+    dead.is_registered = True
+    left, removed = run_in_thread(dead.leave)
+    left.join(DEADLINE_S)
+    assert removed == [False]
+    with pytest.raises(ValueError, match="num_attempts"):
+        RetryPolicy(num_attempts=0)
+    with pytest.raises(ValueError, match="own_url"):
+        ProxyMembership(stubs["B"].url, "0.0.0.0:80")
+
+
 def test_no_healthy_node_is_503_in_openai_shape(make_proxy):
     proxy = make_proxy("--nodes", f"http://127.0.0.1:{free_port()}")
     response = httpx.post(f"{proxy.url}/v1/completions", json={"model": "m", "prompt": "x"}, headers=AUTH)
@@ -638,19 +729,60 @@ def test_real_api_server_behind_the_proxy(request, make_proxy):
 
 @pytest.mark.slow
 def test_real_api_server_registers_itself_with_proxy_url(request, make_proxy):
-    options = api_server_options()
-    if options is None or "--proxy-url" not in options:
-        pytest.skip("`lm serve api-server --proxy-url` does not exist yet")
+    openai = pytest.importorskip("openai")
+    assert "--proxy-url" in api_server_options()
     proxy = make_proxy()
+    # Listening on the wildcard with port 0: the server must advertise an address and the port the system chose.
     server = request.getfixturevalue("start_server")(
-        "--session-len", "512", "--num-kv-blocks", "32", "--max-batch-size", "4", "--proxy-url", proxy.url
+        *("--server-name", "0.0.0.0", "--session-len", "512", "--num-kv-blocks", "32", "--max-batch-size", "4"),
+        *("--num-threads", "1", "--proxy-url", proxy.url),
     )
     listed = wait_until(lambda: [n for n in nodes_of(proxy).values() if n["healthy"]], "the server registers")
+    # The proxy is on loopback, so the address that routes to it is 127.0.0.1 (the ready line shows the same).
     assert [node["url"] for node in listed] == [server.url]
-    answer = httpx.post(
-        f"{proxy.url}/v1/completions", json={"model": listed[0]["models"][0], "prompt": "Hi", "max_tokens": 2}
-    )
-    assert answer.status_code == 200, answer.text
-    server.stop()
-    # A graceful shutdown unregisters the node.
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", server.url) and not server.url.endswith(":0")
+    assert f"registered with the proxy at {proxy.url} as {server.url} (healthy)" in server.output()
+
+    model = listed[0]["models"][0]
+    ask = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
+    through = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="none", max_retries=0, timeout=300)
+    direct = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    answer = through.chat.completions.create(**ask)
+    expected = direct.chat.completions.create(**ask)
+    assert answer.choices[0].message.content == expected.choices[0].message.content
+    assert answer.usage.completion_tokens == expected.usage.completion_tokens > 0
+    assert nodes_of(proxy)[server.url]["num_requests"] == 1
+
+    server.stop()  # SIGTERM: a graceful shutdown unregisters the node before the process ends
+    assert server.process.returncode is not None
     assert nodes_of(proxy) == {}
+
+
+@pytest.mark.slow
+def test_api_server_keeps_serving_when_the_proxy_cannot_be_reached(request):
+    openai = pytest.importorskip("openai")
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    server = request.getfixturevalue("start_server")(
+        *("--session-len", "256", "--num-kv-blocks", "16", "--max-batch-size", "2", "--num-threads", "1"),
+        *("--proxy-url", dead_proxy),
+    )
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    ask = {"model": client.models.list().data[0].id, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    assert client.completions.create(**ask).usage.completion_tokens == 2
+    # The retries end in one warning that says what failed and that the server goes on without the proxy.
+    warning = wait_until(
+        lambda: re.search(
+            r"cannot register with the proxy at (\S+): .*\(attempt 5 of 5\)\. Serving anyway", server.output()
+        ),
+        "the server gives up registering",
+    )
+    assert warning.group(1) == dead_proxy
+    assert server.process.poll() is None
+    assert client.completions.create(**ask).usage.completion_tokens == 2
+    server.stop()
+
+
+def test_api_server_rejects_a_malformed_proxy_url_before_loading_the_model():
+    cmd = [sys.executable, "-m", "lm_serve", "api-server", "--proxy-url", "localhost:8000"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 1 and "proxy_url: expected a URL like http://HOST:PORT" in done.stderr

@@ -82,6 +82,11 @@ def serve() -> None:
 @click.option("--chat-template", help="A built-in template name or a .jinja/.json file (default: the model's own).")
 @click.option("--allow-origins", multiple=True, help="CORS origins allowed to call the API (repeatable; '*' for all).")
 @click.option(
+    "--proxy-url",
+    metavar="URL",
+    help="Register with this `lm serve proxy` once listening, unregister at shutdown (see docs/proxy.md).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option("--session-len", type=int, help="Longest prompt + generation in tokens (engine setting).")
@@ -107,6 +112,7 @@ def api_server(
     max_concurrent_requests,
     chat_template,
     allow_origins,
+    proxy_url,
     log_level,
     **engine_options,
 ) -> None:
@@ -116,9 +122,12 @@ def api_server(
     from lm_serve.app import build_app, check_parser_names
     from lm_serve.auth import api_keys_from
     from lm_serve.launch import run_server
+    from lm_serve.proxy.nodes import normalize_node_url
 
     try:
-        check_parser_names(tool_call_parser, reasoning_parser)  # before the minutes a big model takes to load
+        # Bad names and URLs fail before the minutes a big model takes to load.
+        check_parser_names(tool_call_parser, reasoning_parser)
+        proxy_url = normalize_node_url(proxy_url, "proxy_url") if proxy_url is not None else None
         pipe = AsyncPipeline.from_model(model_name, backend, engine_config(engine_options) or None, chat_template)
         app = build_app(
             pipe,
@@ -131,7 +140,7 @@ def api_server(
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    run_server(app, server_name, server_port, log_level)
+    run_server(app, server_name, server_port, log_level, proxy_url=proxy_url)
 
 
 def engine_config(options: dict) -> dict:

@@ -4,10 +4,12 @@ streams as they arrive. FastAPI and httpx load only when the proxy runs or regis
     nodes.py         node table, health checks, routing strategies (least_load, round_robin)
     forward.py       relaying one request to a node and its answer back
     app.py           the FastAPI app and the registration routes (/nodes, /nodes/add, /nodes/remove)
-    registration.py  register_with_proxy / unregister_from_proxy, for the api_server
+    registration.py  register_with_proxy / unregister_from_proxy: the /nodes calls
+    membership.py    the api_server's side of `--proxy-url`: the URL it advertises, join with retries, leave
     cli.py           the `proxy` click command
 """
 
+from lm_serve.proxy.membership import ProxyMembership, RetryPolicy, advertised_url
 from lm_serve.proxy.nodes import ROUTING_STRATEGIES, ProxyConfig
 from lm_serve.proxy.registration import (
     ProxyRegistrationError,
@@ -20,7 +22,10 @@ from lm_serve.proxy.registration import (
 __all__ = [
     "ROUTING_STRATEGIES",
     "ProxyConfig",
+    "ProxyMembership",
     "ProxyRegistrationError",
+    "RetryPolicy",
+    "advertised_url",
     "aregister_with_proxy",
     "aunregister_from_proxy",
     "register_with_proxy",

@@ -1,8 +1,9 @@
 """How an api_server joins and leaves a proxy (`lm serve api_server --proxy-url URL`).
 
-The api_server calls `register_with_proxy(proxy_url, own_url)` once it accepts connections (the proxy health-checks
-the node as it registers) and `unregister_from_proxy(proxy_url, own_url)` at shutdown. `own_url` must be the address
-the proxy can reach the api_server at (not 0.0.0.0). Async twins serve code already on an event loop.
+The api_server (through `membership.ProxyMembership`) calls `aregister_with_proxy(proxy_url, own_url)` once it accepts
+connections (the proxy health-checks the node as it registers, so the call must not block the server's own event
+loop) and `aunregister_from_proxy(proxy_url, own_url)` at shutdown. `own_url` must be the address the proxy can reach
+the api_server at (not 0.0.0.0). The blocking twins serve scripts and other processes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ logger = logging.getLogger("lm_serve.proxy")
 
 
 class ProxyRegistrationError(LMDeployError):
-    """The proxy could not be reached, or refused the registration."""
+    """The proxy could not be reached (`status_code` None), or refused the registration (`status_code` its answer's)."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 def _request(proxy_url: str, own_url: str) -> tuple[str, dict]:
@@ -27,9 +32,20 @@ def _request(proxy_url: str, own_url: str) -> tuple[str, dict]:
 def _check_registered(response, proxy_url: str) -> dict:
     if response.status_code != 200:
         raise ProxyRegistrationError(
-            f"the proxy at {proxy_url} refused the registration ({response.status_code}): {response.text[:500]}"
+            f"the proxy at {proxy_url} refused the registration ({response.status_code}): {response.text[:500]}",
+            response.status_code,
         )
-    return response.json()
+    try:
+        node = response.json()
+    except ValueError:
+        node = None
+    if not isinstance(node, dict):
+        # Something answered 200 that is not an lm-serve proxy (a wrong --proxy-url pointing at another server).
+        raise ProxyRegistrationError(
+            f"{proxy_url}/nodes/add answered 200 without the node's JSON entry: is {proxy_url} an lm-serve proxy?",
+            response.status_code,
+        )
+    return node
 
 
 def register_with_proxy(proxy_url: str, own_url: str, timeout: float = 30.0) -> dict:
