@@ -166,3 +166,44 @@ def sample(
     tokens = ops.sample_inverse_cdf(scaled, threshold, uniforms.float())
     tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     return tokens, threshold.squeeze(1)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K / 8] int32 words of the W4A16 layout -> [N, K] int64 values in [0, 16) (input 8j + t in bits 4t..)."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * 4
+    return ((packed.to(torch.int64)[..., None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+def w4a16_linear(
+    x: torch.Tensor,  # [M, K]
+    packed: torch.Tensor,  # [N, K / 8] int32
+    scales: torch.Tensor,  # [K / group_size, N]
+    zeros: torch.Tensor,  # [K / group_size, N]
+    group_size: int,
+) -> torch.Tensor:  # [M, N] float32
+    """x @ W^T with W[n, k] = (q[n, k] - zeros[k // g, n]) * scales[k // g, n], dequantized in float32."""
+    q = unpack_int4(packed).float()  # [N, K]
+    z = zeros.float().t().repeat_interleave(group_size, dim=1)  # [N, K]
+    s = scales.float().t().repeat_interleave(group_size, dim=1)
+    return x.float() @ ((q - z) * s).t()
+
+
+def quantize_per_token(x: torch.Tensor, qmax: float = 127.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (round(x / s) clamped to [-qmax, qmax] as float32 integers [M, K], s [M, 1] float32) with
+    s = max_k |x[m, k]| / qmax (at least 1e-7 / qmax), rounding half to even."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-7) / qmax
+    return torch.round(x / scale).clamp(-qmax, qmax), scale
+
+
+def w8a8_linear(
+    x_q: torch.Tensor,  # [M, K] int8
+    x_scale: torch.Tensor,  # [M, 1] float32
+    weight: torch.Tensor,  # [N, K] int8
+    weight_scale: torch.Tensor,  # [N, 1] float32
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [M, N] float32
+    """(x_q @ weight^T) in exact integer sums, times the token's and the channel's scales, plus bias."""
+    acc = (x_q.double() @ weight.double().t()).float()  # float64 holds these integer sums exactly
+    out = acc * x_scale.float() * weight_scale.float().t()
+    return out if bias is None else out + bias.float()

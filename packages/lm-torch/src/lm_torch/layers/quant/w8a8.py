@@ -3,8 +3,10 @@
 Tensors: `weight` [out, in] int8 (or float8_e4m3fn with `quant_dtype: float8_e4m3fn`), `scale` [out, 1] float32 per
 output channel, optional `bias`. Activations are quantized per token and dynamically in every call:
     s_x[t] = max_i |x[t, i]| / 127,  x_q = round(x / s_x) in int8,  y = (x_q @ W_q^T) * s_x[t] * scale[o] + bias.
-The int8 product runs in int32 with `torch._int_mm`, on the CPU as on the GPU; float8 weights are multiplied in
-float32 after the same per-token quantization of the activations to float8 (s_x = max |x| / 448).
+On the CPU the int8 product runs in int32 with `torch._int_mm`; float8 weights are multiplied in float32 after the
+same per-token quantization of the activations to float8 (s_x = max |x| / 448). On CUDA with triton the kernels of
+`kernels.w8a8` run it: a Triton per-token quantization, then a Triton int8 GEMM with the scales (and bias) applied in
+its epilogue, or for float8 `torch._scaled_mm` with row-wise scales.
 """
 
 from __future__ import annotations
@@ -42,12 +44,31 @@ class W8A8Linear(nn.Module):
         self.weight_t: torch.Tensor | None = None
 
     def finish_loading(self) -> None:
+        if self._runs_kernels():
+            return  # the kernels take `weight` [out, in] as the checkpoint holds it
         # _int_mm wants the right operand [in, out]; float8 is multiplied in float32 (no float8 matmul on the CPU).
         weight_t = self.weight.data.t().contiguous()
         self.weight_t = weight_t if self.qdtype == torch.int8 else weight_t.float()
 
+    def _runs_kernels(self) -> bool:
+        from lm_torch.kernels import runs_triton
+
+        if not runs_triton(self.weight):
+            return False
+        # torch._scaled_mm needs both matrix dimensions in multiples of 16.
+        return self.qdtype == torch.int8 or (self.in_features % 16 == 0 and self.out_features % 16 == 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if self.weight_t is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            from lm_torch.kernels import w8a8
+
+            x_q, x_scale = w8a8.quantize_per_token(flat.contiguous(), self.qdtype)
+            if self.qdtype == torch.int8:
+                out = w8a8.int8_gemm(x_q, x_scale, self.weight, self.scale, self.bias, x.dtype)
+            else:
+                out = w8a8.fp8_linear(x_q, x_scale, self.weight, self.scale, self.bias, x.dtype)
+            return out.view(*x.shape[:-1], self.out_features)
         x_q, x_scale = quantize_per_token(flat, self.qdtype)
         weight_t = self.weight_t if self.weight_t is not None else self.weight.t()
         if self.qdtype == torch.int8:

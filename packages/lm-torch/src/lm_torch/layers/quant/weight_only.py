@@ -10,7 +10,12 @@ Layouts (for a linear with in_features inputs, out_features outputs, groups of g
 On the CPU the weights are dequantized once after loading and multiplied as a dense input-major matrix
 (`SplitInputMajorLinear`): that keeps the speed of the dense model at its memory, which is what the CPU path is for
 (checking and running quantized checkpoints); `cache_dense=False` dequantizes in every call instead, saving the
-memory at a large cost in time (docs/quantization.md has the numbers). A GPU kernel can take `qweight` as it is.
+memory at a large cost in time (docs/quantization.md has the numbers).
+On CUDA (with triton, bf16/fp16 activations) 4-bit weights are repacked once into the layout of `kernels.w4a16`
+(`packed` [out, in / 8] int32, `scales` and `zeros` [groups, out]) and the checkpoint tensors are dropped; GPTQ's
+act-order is undone by permuting the weight's inputs so that each group is contiguous, and `input_perm` gathers x's
+columns the same way in every call. Other cases there (GPTQ 2/8-bit, a g_idx whose groups are not all
+`group_size` inputs, float32 activations) keep a dequantized dense weight.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from lm_torch.layers.linear import SplitInputMajorLinear
 from lm_torch.layers.quant.packed import quant_param, unpack_int32
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 class _WeightOnlyLinear(nn.Module):
@@ -35,22 +41,96 @@ class _WeightOnlyLinear(nn.Module):
             raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
         self.num_groups = in_features // self.group_size
         self.bias = quant_param(torch.zeros(out_features, dtype=dtype), 0) if bias else None
-        self.dense: SplitInputMajorLinear | None = None
+        self.dense: nn.Module | None = None
         self.cache_dense = True
+        # Set by `repack_for_kernels` on CUDA: the kernel layout, and the input permutation of act-order GPTQ.
+        self.register_parameter("packed", None)
+        self.register_parameter("zeros", None)
+        self.register_buffer("input_perm", None, persistent=False)
 
-    def dequantize(self) -> torch.Tensor:
-        """W^T [in, out] in the scales' dtype."""
+    def _dequantize_checkpoint(self) -> torch.Tensor:
+        """W^T [in, out] in the scales' dtype, from the checkpoint tensors."""
+        raise NotImplementedError
+
+    def int4_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q [in, out] ints in [0, 16), zeros [groups, out] ints, g_idx [in] or None for contiguous groups)."""
         raise NotImplementedError
 
     def finish_loading(self) -> None:
-        """Called once the checkpoint is loaded: on the CPU, keep the dequantized weight as a dense linear."""
-        if self.cache_dense and self.scales.device.type == "cpu":
-            linear = nn.Linear(self.in_features, self.out_features, bias=False, dtype=self.scales.dtype)
+        """Called once the checkpoint is loaded: on CUDA, repack 4-bit weights for the W4A16 kernels; elsewhere
+        (and for what the kernels do not take) keep the dequantized weight as a dense linear."""
+        from lm_torch.kernels import triton_available
+
+        device = self.scales.device
+        takes_kernels = device.type == "cuda" and triton_available() and self.bits == 4 and self.scales.dtype in _HALF
+        if takes_kernels and self.repack_for_kernels():
+            return
+        if not self.cache_dense:
+            return
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, dtype=self.scales.dtype, device="meta")
+        if device.type == "cpu":
             linear.weight = nn.Parameter(self.dequantize().t(), requires_grad=False)
             self.dense = SplitInputMajorLinear(linear, torch.get_num_threads())
+        else:  # a plain nn.Linear, which the CUDA runner gives the GEMV path like every dense linear
+            linear.weight = nn.Parameter(self.dequantize().t().contiguous(), requires_grad=False)
+            self.dense = linear
+            self._drop_checkpoint_tensors()
+
+    def repack_for_kernels(self) -> bool:
+        """Checkpoint tensors -> `packed`, `scales`, `zeros` (+ `input_perm`); False when the groups are uneven."""
+        from lm_torch.kernels.w4a16 import pack_int4
+
+        q, zeros, g_idx = self.int4_weights()
+        perm = None
+        if g_idx is not None:
+            perm = torch.argsort(g_idx.long(), stable=True)  # inputs ordered by group; each group contiguous
+            expected = torch.arange(self.in_features, device=g_idx.device) // self.group_size
+            if not torch.equal(g_idx.long()[perm], expected):
+                return False  # groups of other sizes than group_size: not this layout
+            if torch.equal(perm, torch.arange(self.in_features, device=perm.device)):
+                perm = None
+            else:
+                q = q[perm]
+        scales = self.scales.data
+        dtype = scales.dtype
+        self._drop_checkpoint_tensors()
+        # packed: [out, in / 8] int32; scales, zeros: [groups, out] in the activation dtype.
+        self.packed = nn.Parameter(pack_int4(q.t().contiguous()), requires_grad=False)
+        self.scales = nn.Parameter(scales.contiguous(), requires_grad=False)
+        self.zeros = nn.Parameter(zeros.to(dtype).contiguous(), requires_grad=False)
+        self.input_perm = perm
+        return True
+
+    def _drop_checkpoint_tensors(self) -> None:
+        for name in ("qweight", "qzeros", "g_idx"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def dequantize(self) -> torch.Tensor:
+        """W^T [in, out] in the scales' dtype."""
+        if self.packed is None:
+            if not hasattr(self, "qweight"):  # a CUDA dense fallback dropped the checkpoint tensors
+                return self.dense.weight.t()
+            return self._dequantize_checkpoint()
+        from lm_torch.kernels.reference import unpack_int4
+
+        q = unpack_int4(self.packed).t()  # [in, out] in the kernel's (act-order sorted) input order
+        groups = torch.arange(self.in_features, device=q.device) // self.group_size
+        w = ((q - self.zeros[groups].float()) * self.scales[groups].float()).to(self.scales.dtype)
+        if self.input_perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.input_perm, w)
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
+        if self.packed is not None and x.dtype == self.scales.dtype:
+            from lm_torch.kernels.w4a16 import w4a16_linear
+
+            flat = x.reshape(-1, self.in_features)  # [tokens, in]
+            if self.input_perm is not None:
+                flat = flat.index_select(1, self.input_perm)
+            out = w4a16_linear(flat.contiguous(), self.packed, self.scales, self.zeros, self.group_size)
+            out = out.view(*x.shape[:-1], self.out_features)
+        elif self.dense is not None:
             out = self.dense(x)
         else:
             out = (x.reshape(-1, self.in_features) @ self.dequantize().to(x.dtype)).view(*x.shape[:-1], -1)
@@ -73,7 +153,10 @@ class AWQLinear(_WeightOnlyLinear):
         self.qzeros = quant_param(torch.zeros(self.num_groups, out_features // 8, dtype=torch.int32), 1, 8)
         self.scales = quant_param(torch.zeros(self.num_groups, out_features, dtype=dtype), 1)
 
-    def dequantize(self) -> torch.Tensor:
+    def int4_weights(self):
+        return unpack_int32(self.qweight, 4, AWQ_ORDER), unpack_int32(self.qzeros, 4, AWQ_ORDER), None
+
+    def _dequantize_checkpoint(self) -> torch.Tensor:
         q = unpack_int32(self.qweight, 4, AWQ_ORDER)  # [in, out]
         zeros = unpack_int32(self.qzeros, 4, AWQ_ORDER)  # [groups, out]
         # Inputs of one group are contiguous: view [groups, group_size, out] and broadcast the group's row.
@@ -107,7 +190,11 @@ class GPTQLinear(_WeightOnlyLinear):
         default = torch.arange(in_features, dtype=torch.int32) // self.group_size
         self.g_idx = quant_param(default, None, optional=True)
 
-    def dequantize(self) -> torch.Tensor:
+    def int4_weights(self):
+        q = unpack_int32(self.qweight.t(), 4).t()  # [in, out]
+        return q, unpack_int32(self.qzeros, 4) + self.zero_offset, self.g_idx
+
+    def _dequantize_checkpoint(self) -> torch.Tensor:
         q = unpack_int32(self.qweight.t(), self.bits).t()  # [in, out]
         zeros = unpack_int32(self.qzeros, self.bits) + self.zero_offset  # [groups, out]
         groups = self.g_idx.long()

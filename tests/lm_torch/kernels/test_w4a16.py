@@ -1,0 +1,135 @@
+"""W4A16 kernels (GEMV and dequantizing GEMM) against the float32 dequantize-and-multiply reference, and the AWQ and
+GPTQ layers' repacking into the kernel layout against the layers' own checkpoint dequantization (which
+tests/lm_torch/test_quant_layers.py checks against independently packed checkpoints)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm_torch.kernels import reference
+
+# (N, K, group_size): N not a multiple of the tile; groups smaller than, equal to and larger than a K step.
+CPU_SHAPES = [(48, 256, 32), (40, 256, 64), (33, 512, 128), (24, 384, 384)]
+GPU_SHAPES = [(1000, 4096, 128), (4096, 14336, 128), (520, 1024, 64), (256, 512, 32)]
+
+
+def _weights(case, n, k, group, seed):
+    """Random packed 4-bit weights with zeros in [0, 16] and scales that keep outputs of order one."""
+    from lm_torch.kernels.w4a16 import pack_int4
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scales = (0.5 + torch.rand(k // group, n, generator=gen)) / (4.6 * k**0.5)
+    zeros = torch.randint(0, 17, (k // group, n), generator=gen).float()
+    return pack_int4(q).to(case.device), scales.to(case.device, case.dtype), zeros.to(case.device, case.dtype), gen
+
+
+def _shapes(case):
+    return CPU_SHAPES if case.device == "cpu" else GPU_SHAPES
+
+
+def test_pack_int4_round_trips():
+    from lm_torch.kernels.w4a16 import pack_int4
+
+    q = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(0))
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (5, 8)
+    assert torch.equal(reference.unpack_int4(packed), q)
+    # Input 8j + t sits in bits 4t .. 4t + 3 of word j (the layout the kernels read).
+    assert int(packed[0, 0]) & 0xF == int(q[0, 0]) and (int(packed[0, 0]) >> 4) & 0xF == int(q[0, 1])
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemv_matches_reference(case, split_k):
+    from lm_torch.kernels.w4a16 import w4a16_gemv
+
+    for index, (n, k, group) in enumerate(_shapes(case)):
+        packed, scales, zeros, gen = _weights(case, n, k, group, seed=index)
+        x = case.randn(1, k, generator=gen)
+        expected = reference.w4a16_linear(x, packed, scales, zeros, group)
+        for block_k in (64, 256) if case.device == "cpu" else (128, 512):
+            if block_k % group and group % block_k:
+                continue
+            out = w4a16_gemv(x, packed, scales, zeros, group, block_k=block_k, split_k=split_k)
+            assert out.shape == (1, n) and out.dtype == x.dtype
+            case.assert_close(out, expected, case.elementwise_tol)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 70])
+def test_gemm_matches_reference(case, rows):
+    from lm_torch.kernels.w4a16 import w4a16_gemm, w4a16_linear
+
+    # The tile's weights enter the tensor-core product rounded to x's dtype, as in any dequantizing GEMM.
+    tol = 2 * case.elementwise_tol
+    for index, (n, k, group) in enumerate(_shapes(case)):
+        packed, scales, zeros, gen = _weights(case, n, k, group, seed=10 + index)
+        x = case.randn(rows, k, generator=gen)
+        expected = reference.w4a16_linear(x, packed, scales, zeros, group)
+        block_k = min(group, 64 if case.device == "cpu" else 128)
+        for split_k in (1, 2):
+            out = w4a16_gemm(x, packed, scales, zeros, group, block_m=16, block_n=32, block_k=block_k, split_k=split_k)
+            case.assert_close(out, expected, tol)
+        case.assert_close(w4a16_linear(x, packed, scales, zeros, group), expected, tol)
+
+
+def test_bad_shapes_are_refused(case):
+    from lm_torch.kernels.w4a16 import w4a16_gemm, w4a16_gemv
+
+    packed, scales, zeros, gen = _weights(case, 16, 128, 32, seed=0)
+    x = case.randn(2, 128, generator=gen)
+    with pytest.raises(ValueError, match="1"):
+        w4a16_gemv(x, packed, scales, zeros, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        w4a16_gemm(x, packed, scales, zeros, 48)
+    with pytest.raises(ValueError, match="scales"):
+        w4a16_gemm(x, packed, scales[:2], zeros, 32)
+    with pytest.raises(ValueError, match="block_k"):
+        w4a16_gemm(x, packed, scales, zeros, 32, block_k=48)
+
+
+def _random_layer(kind: str, case, in_features=256, out_features=96, group=32, act_order=False):
+    from lm_torch.layers.quant import AWQLinear, GPTQLinear
+
+    gen = torch.Generator().manual_seed(3)
+    if kind == "awq":
+        layer = AWQLinear(in_features, out_features, bias=True, group_size=group, dtype=case.dtype)
+    else:
+        layer = GPTQLinear(in_features, out_features, bias=True, group_size=group, bits=4, dtype=case.dtype)
+    with torch.no_grad():
+        layer.qweight.copy_(torch.randint(-(2**31), 2**31 - 1, layer.qweight.shape, generator=gen).to(torch.int32))
+        layer.qzeros.copy_(torch.randint(-(2**31), 2**31 - 1, layer.qzeros.shape, generator=gen).to(torch.int32))
+        layer.scales.copy_((0.5 + torch.rand(layer.scales.shape, generator=gen)) / (4.6 * in_features**0.5))
+        layer.bias.copy_(torch.randn(out_features, generator=gen))
+        if act_order:
+            order = torch.randperm(in_features, generator=gen)
+            layer.g_idx.copy_((torch.arange(in_features) // group)[order].to(torch.int32))
+    return layer.to(case.device)
+
+
+@pytest.mark.parametrize(("kind", "act_order"), [("awq", False), ("gptq", False), ("gptq", True)])
+def test_layers_repack_into_the_kernel_layout(case, kind, act_order):
+    layer = _random_layer(kind, case, act_order=act_order)
+    dense = layer.dequantize().float()  # [in, out] from the checkpoint tensors
+    gen = torch.Generator().manual_seed(5)
+    inputs = [case.randn(1, 256, generator=gen), case.randn(2, 7, 256, generator=gen)]
+    expected = [x.float() @ dense + layer.bias.float() for x in inputs]
+    if case.device == "cpu":
+        assert layer.repack_for_kernels()
+    else:
+        layer.finish_loading()  # CUDA: repacked at load time
+    assert layer.packed is not None and not hasattr(layer, "qweight") and not hasattr(layer, "g_idx")
+    assert (layer.input_perm is not None) == act_order
+    assert torch.equal(layer.dequantize().float(), dense)
+    for x, want in zip(inputs, expected, strict=True):
+        got = layer(x)
+        assert got.shape == want.shape and got.dtype == x.dtype
+        case.assert_close(got, want, 2 * case.elementwise_tol)
+
+
+def test_uneven_gptq_groups_keep_the_dense_path(case):
+    layer = _random_layer("gptq", case, act_order=True)
+    with torch.no_grad():
+        layer.g_idx.copy_(torch.zeros_like(layer.g_idx))  # one group of all inputs: not group_size of them
+    assert not layer.repack_for_kernels()
+    assert layer.packed is None and hasattr(layer, "qweight")
