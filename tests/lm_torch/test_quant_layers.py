@@ -251,3 +251,120 @@ def test_unsupported_quantization_configs_are_named(quantization_config, message
     config.quantization_config = quantization_config
     with pytest.raises(ValueError, match=message):
         parse_quant_config(config)
+
+
+# -- the CUDA path: repacked W4A16 kernels and the W8A8 kernels, against the CPU path and transformers ---------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _w8a8_llama(path):
+    """A tiny Llama checkpoint in SmoothQuant's layout (int8 weights per output channel); returns the transformers
+    model holding the weights they encode (activations are quantized at run time, which no dense model does)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    for i in range(TINY["num_hidden_layers"]):
+        for name, (out_features, in_features) in PROJECTIONS.items():
+            module = f"model.layers.{i}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
+            weight = torch.randint(-127, 128, (out_features, in_features), generator=gen).to(torch.int8)
+            scale = (0.0005 + 0.001 * torch.rand(out_features, 1, generator=gen)) * 8 / in_features**0.5
+            state[f"{module}.weight"] = weight
+            state[f"{module}.scale"] = scale
+            with torch.no_grad():
+                reference.get_submodule(module).weight.copy_(weight.float() * scale)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    config = json.loads(reference.config.to_json_string())
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["quantization_config"] = {"quant_method": "smooth_quant", "quant_dtype": "int8"}
+    (path / "config.json").write_text(json.dumps(config))
+    return reference
+
+
+def _cuda_logits(path, ids, dtype):
+    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+
+    device = torch.device("cuda")
+    model = build_model(path, TorchEngineConfig(), load_hf_config(path), device, dtype)
+    for layer in model.attention_layers():
+        layer.backend = TorchAttentionBackend()
+    caches = [
+        (torch.zeros(4, 16, h, d, device=device, dtype=dtype), torch.zeros(4, 16, h, d, device=device, dtype=dtype))
+        for h, d in model.kv_cache_shape()
+    ]
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0, 1]], 16, "cuda")
+    with torch.no_grad():
+        hidden = model(ids.cuda(), torch.arange(len(ids), device=device), caches, meta)
+        return model, model.compute_logits(hidden).float().cpu()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["awq", "gptq", "w8a8"])
+def test_cuda_kernels_give_the_logits_of_the_cpu_path(method, dtype, tmp_path):
+    """Prefill (20 tokens: the tensor-core kernels) and one token (the W4A16 GEMV, the skinny int8 GEMM): the CUDA
+    model's logits equal the CPU float32 path's within 2% (fp16) / 5% (bf16) of the largest logit."""
+    pytest.importorskip("triton")
+    _w8a8_llama(tmp_path) if method == "w8a8" else _quantized_llama(tmp_path, method)
+    tolerance = 0.02 if dtype == torch.float16 else 0.05
+    for length in (20, 1):
+        ids = torch.randint(0, 128, (length,), generator=torch.Generator().manual_seed(length))
+        _, expected = _our_logits(tmp_path, ids)
+        model, got = _cuda_logits(tmp_path, ids, dtype)
+        proj = model.layers[0].mlp.gate_up_proj
+        if method == "w8a8":
+            assert proj.weight_t is None  # the Triton kernels, not the CPU's transposed copy
+        else:
+            assert proj.packed is not None and not hasattr(proj, "qweight")
+            assert (proj.input_perm is not None) == (method == "gptq")  # act-order undone by a permutation
+        error = (got - expected).abs().max().item()
+        scale = expected.abs().max().item()
+        print(f"{method} {dtype} {length} tokens: max |logit error| {error:.4f} of max |logit| {scale:.3f}")
+        assert error <= tolerance * scale
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["awq", "gptq", "w8a8"])
+def test_engine_decodes_a_quantized_checkpoint_with_cuda_graphs(method, tmp_path):
+    """Greedy decoding through the engine (decode steps replayed from CUDA graphs) follows transformers running the
+    fake-quantized weights in float32, up to steps whose two best logits are closer than fp16 can tell apart."""
+    pytest.importorskip("triton")
+    import asyncio
+
+    from lm_core.engine import EngineRequest
+    from lm_core.generation_config import GenerationConfig
+    from lm_torch.engine import TorchEngine
+
+    reference = _w8a8_llama(tmp_path) if method == "w8a8" else _quantized_llama(tmp_path, method)
+    engine = TorchEngine.from_pretrained(
+        tmp_path, {"device": "cuda", "dtype": "float16", "max_batch_size": 4, "num_kv_blocks": 32}
+    )
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 125, (n,), generator=gen).tolist() for n in (5, 17, 30)]
+
+    async def generate(prompt):
+        ids = []
+        cfg = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+        async for out in engine.generate(EngineRequest(f"r{len(prompt)}", prompt, cfg)):
+            ids += out.token_ids
+        return ids
+
+    for prompt in prompts:
+        ours = asyncio.run(generate(prompt))
+        ids = torch.tensor([prompt])
+        for step, token in enumerate(ours):
+            with torch.no_grad():
+                logits = reference(ids).logits[0, -1]
+            top2 = torch.topk(logits, 2)
+            if token != top2.indices[0].item():
+                gap = (top2.values[0] - top2.values[1]).item()
+                assert gap < 0.05 * logits.abs().max().item(), f"step {step}: {token} != {top2.indices[0].item()}"
+                break  # a near tie: the continuations may rightly differ from here
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
+    asyncio.run(engine.close())
