@@ -20,11 +20,20 @@ import torch
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 GROUP = 128
 L2_BYTES = 50 * 1024**2
-# (block_n, block_k, num_warps, split_k) of the one-row GEMV.
-GEMV_SHAPES = [(16, 512, 4, 1), (8, 512, 4, 1), (32, 256, 4, 1), (16, 256, 4, 1), (32, 512, 8, 1), (16, 1024, 8, 1)]
-# (block_m, block_n, block_k, num_warps, num_stages, split_k) of the tensor-core kernel for a few rows.
-SKINNY_SHAPES = [(16, 64, 128, 4, 3, 1), (16, 64, 128, 4, 3, 4), (16, 32, 128, 4, 4, 2), (16, 128, 128, 4, 3, 2)]
-PREFILL_SHAPES = [(128, 128, 128, 8, 3, 1), (128, 64, 128, 4, 4, 1), (64, 128, 128, 4, 4, 1), (128, 256, 64, 8, 3, 1)]
+# (block_n, unroll, num_warps, num_stages, split_k) of the one-row GEMV.
+GEMV_SHAPES = [
+    (16, 4, 1, 1, 1),
+    (32, 4, 1, 1, 1),
+    (32, 4, 2, 1, 1),
+    (64, 2, 2, 1, 1),
+    (16, 2, 1, 3, 1),
+    (64, 4, 4, 1, 1),
+    (128, 2, 4, 1, 4),
+    (32, 8, 1, 1, 1),
+]
+# (block_m, block_n, unroll, num_warps, num_stages, split_k) of the tensor-core kernel.
+SKINNY_SHAPES = [(16, 64, 1, 4, 3, 1), (16, 64, 1, 4, 3, 4), (16, 32, 1, 4, 4, 2), (16, 128, 1, 4, 3, 2)]
+PREFILL_SHAPES = [(128, 128, 1, 8, 3, 1), (128, 64, 1, 4, 4, 1), (64, 128, 1, 4, 4, 1), (128, 256, 1, 8, 3, 1)]
 
 
 def time_us(fn, operands, x, rep: int) -> float:
@@ -45,7 +54,7 @@ def make_weights(n: int, k: int, copies: int):
         q = torch.randint(0, 16, (n, k), device="cuda")
         scales = (torch.rand(k // GROUP, n, device="cuda") * 0.002 + 0.001).to(torch.bfloat16)
         zeros = torch.full((k // GROUP, n), 8.0, device="cuda", dtype=torch.bfloat16)
-        out.append((pack_int4(q), scales, zeros))
+        out.append((pack_int4(q, GROUP), scales, zeros))
     return out
 
 
@@ -67,7 +76,9 @@ def main() -> None:
         packed, scales, zeros = weights[0]
         zero_cols = zeros.float().t().repeat_interleave(GROUP, 1)  # [N, K]
         scale_cols = scales.float().t().repeat_interleave(GROUP, 1)
-        w = ((reference.unpack_int4(packed).float() - zero_cols) * scale_cols).to(torch.bfloat16)  # the same weight
+        w = ((reference.unpack_int4(packed, GROUP).float() - zero_cols) * scale_cols).to(
+            torch.bfloat16
+        )  # the same weight
         dense = [w.clone() for _ in range(max(2, -(-4 * L2_BYTES // (n * k * 2))))]
         del zero_cols, scale_cols
         for m in [int(r) for r in args.rows.split(",")]:
@@ -76,15 +87,15 @@ def main() -> None:
             row = {"shape": name, "n": n, "k": k, "m": m}
             candidates = {"dispatch": lambda a, w: w4a16_linear(a, *w, GROUP)}
             if m == 1:
-                for bn, bk, nw, sk in GEMV_SHAPES[: 3 if args.quick else None]:
-                    candidates[f"gemv_{bn}x{bk}w{nw}s{sk}"] = lambda a, w, bn=bn, bk=bk, nw=nw, sk=sk: w4a16_gemv(
-                        a, *w, GROUP, block_n=bn, block_k=bk, num_warps=nw, split_k=sk
+                for bn, un, nw, ns, sk in GEMV_SHAPES:
+                    candidates[f"gemv_{bn}u{un}w{nw}n{ns}s{sk}"] = lambda a, w, bn=bn, un=un, nw=nw, ns=ns, sk=sk: (
+                        w4a16_gemv(a, *w, GROUP, block_n=bn, unroll=un, num_warps=nw, num_stages=ns, split_k=sk)
                     )
             shapes = SKINNY_SHAPES if m <= 16 else PREFILL_SHAPES
-            for bm, bn, bk, nw, ns, sk in shapes[: 2 if args.quick else None]:
-                candidates[f"gemm_{bm}x{bn}x{bk}w{nw}n{ns}s{sk}"] = (
-                    lambda a, w, bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, sk=sk: w4a16_gemm(
-                        a, *w, GROUP, block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_k=sk
+            for bm, bn, un, nw, ns, sk in shapes[: 2 if args.quick else None]:
+                candidates[f"gemm_{bm}x{bn}u{un}w{nw}n{ns}s{sk}"] = (
+                    lambda a, w, bm=bm, bn=bn, un=un, nw=nw, ns=ns, sk=sk: w4a16_gemm(
+                        a, *w, GROUP, block_m=bm, block_n=bn, unroll=un, num_warps=nw, num_stages=ns, split_k=sk
                     )
                 )
             for label, fn in candidates.items():

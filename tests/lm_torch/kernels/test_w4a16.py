@@ -10,7 +10,7 @@ import torch
 from lm_torch.kernels import reference
 
 # (N, K, group_size): N not a multiple of the tile; groups smaller than, equal to and larger than a K step.
-CPU_SHAPES = [(48, 256, 32), (40, 256, 64), (33, 512, 128), (24, 384, 384)]
+CPU_SHAPES = [(48, 256, 32), (40, 256, 64), (33, 512, 128), (24, 384, 384), (16, 64, 16)]
 GPU_SHAPES = [(1000, 4096, 128), (4096, 14336, 128), (520, 1024, 64), (256, 512, 32)]
 
 
@@ -22,22 +22,39 @@ def _weights(case, n, k, group, seed):
     q = torch.randint(0, 16, (n, k), generator=gen)
     scales = (0.5 + torch.rand(k // group, n, generator=gen)) / (4.6 * k**0.5)
     zeros = torch.randint(0, 17, (k // group, n), generator=gen).float()
-    return pack_int4(q).to(case.device), scales.to(case.device, case.dtype), zeros.to(case.device, case.dtype), gen
+    return (
+        pack_int4(q, group).to(case.device),
+        scales.to(case.device, case.dtype),
+        zeros.to(case.device, case.dtype),
+        gen,
+    )
 
 
 def _shapes(case):
     return CPU_SHAPES if case.device == "cpu" else GPU_SHAPES
 
 
-def test_pack_int4_round_trips():
+@pytest.mark.parametrize("group", [16, 64, 128, 256])
+def test_pack_int4_round_trips(group):
     from lm_torch.kernels.w4a16 import pack_int4
 
-    q = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(0))
-    packed = pack_int4(q)
-    assert packed.dtype == torch.int32 and packed.shape == (5, 8)
-    assert torch.equal(reference.unpack_int4(packed), q)
-    # Input 8j + t sits in bits 4t .. 4t + 3 of word j (the layout the kernels read).
-    assert int(packed[0, 0]) & 0xF == int(q[0, 0]) and (int(packed[0, 0]) >> 4) & 0xF == int(q[0, 1])
+    q = torch.randint(0, 16, (5, 512), generator=torch.Generator().manual_seed(0))
+    packed = pack_int4(q, group)
+    assert packed.dtype == torch.int32 and packed.shape == (5, 64)
+    assert torch.equal(reference.unpack_int4(packed, group), q)
+    # Word j of a block of B = min(group, 128) inputs holds inputs t * B / 8 + j in bits 4t .. 4t + 3.
+    step = min(group, 128) // 8
+    word = int(packed[0, 1])
+    assert [(word >> (4 * t)) & 0xF for t in range(8)] == [int(q[0, 1 + t * step]) for t in range(8)]
+
+
+def test_group_sizes_the_layout_cannot_block_are_refused():
+    from lm_torch.kernels.w4a16 import pack_int4
+
+    with pytest.raises(ValueError, match="group_size"):
+        pack_int4(torch.zeros(4, 96, dtype=torch.int64), 24)
+    with pytest.raises(ValueError, match="group_size"):
+        pack_int4(torch.zeros(4, 384, dtype=torch.int64), 192)
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -48,10 +65,11 @@ def test_gemv_matches_reference(case, split_k):
         packed, scales, zeros, gen = _weights(case, n, k, group, seed=index)
         x = case.randn(1, k, generator=gen)
         expected = reference.w4a16_linear(x, packed, scales, zeros, group)
-        for block_k in (64, 256) if case.device == "cpu" else (128, 512):
-            if block_k % group and group % block_k:
+        num_blocks = k // min(group, 128)
+        for unroll in (1, 2, 4):
+            if num_blocks % unroll:
                 continue
-            out = w4a16_gemv(x, packed, scales, zeros, group, block_k=block_k, split_k=split_k)
+            out = w4a16_gemv(x, packed, scales, zeros, group, unroll=unroll, split_k=split_k)
             assert out.shape == (1, n) and out.dtype == x.dtype
             case.assert_close(out, expected, case.elementwise_tol)
 
@@ -66,9 +84,10 @@ def test_gemm_matches_reference(case, rows):
         packed, scales, zeros, gen = _weights(case, n, k, group, seed=10 + index)
         x = case.randn(rows, k, generator=gen)
         expected = reference.w4a16_linear(x, packed, scales, zeros, group)
-        block_k = min(group, 64 if case.device == "cpu" else 128)
-        for split_k in (1, 2):
-            out = w4a16_gemm(x, packed, scales, zeros, group, block_m=16, block_n=32, block_k=block_k, split_k=split_k)
+        for split_k, unroll in ((1, 1), (2, 1), (1, 2)):
+            if (k // min(group, 128)) % unroll:
+                continue
+            out = w4a16_gemm(x, packed, scales, zeros, group, block_m=16, block_n=32, unroll=unroll, split_k=split_k)
             case.assert_close(out, expected, tol)
         case.assert_close(w4a16_linear(x, packed, scales, zeros, group), expected, tol)
 
@@ -84,8 +103,8 @@ def test_bad_shapes_are_refused(case):
         w4a16_gemm(x, packed, scales, zeros, 48)
     with pytest.raises(ValueError, match="scales"):
         w4a16_gemm(x, packed, scales[:2], zeros, 32)
-    with pytest.raises(ValueError, match="block_k"):
-        w4a16_gemm(x, packed, scales, zeros, 32, block_k=48)
+    with pytest.raises(ValueError, match="unroll"):
+        w4a16_gemm(x, packed, scales, zeros, 32, unroll=3)
 
 
 def _random_layer(kind: str, case, in_features=256, out_features=96, group=32, act_order=False):

@@ -168,10 +168,14 @@ def sample(
     return tokens, threshold.squeeze(1)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[N, K / 8] int32 words of the W4A16 layout -> [N, K] int64 values in [0, 16) (input 8j + t in bits 4t..)."""
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K / 8] int32 words of the W4A16 layout -> [N, K] int64 values in [0, 16): in blocks of B = min(group_size,
+    128) inputs, word j of a block holds input t * (B / 8) + j of the block in bits 4t .. 4t + 3."""
+    block = min(group_size, 128)
+    n, num_words = packed.shape
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * 4
-    return ((packed.to(torch.int64)[..., None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
+    fields = (packed.to(torch.int64)[..., None] >> shifts) & 0xF  # [N, K / 8, 8]: [row, word, t]
+    return fields.view(n, num_words * 8 // block, block // 8, 8).transpose(2, 3).reshape(n, num_words * 8)
 
 
 def w4a16_linear(
@@ -182,7 +186,7 @@ def w4a16_linear(
     group_size: int,
 ) -> torch.Tensor:  # [M, N] float32
     """x @ W^T with W[n, k] = (q[n, k] - zeros[k // g, n]) * scales[k // g, n], dequantized in float32."""
-    q = unpack_int4(packed).float()  # [N, K]
+    q = unpack_int4(packed, group_size).float()  # [N, K]
     z = zeros.float().t().repeat_interleave(group_size, dim=1)  # [N, K]
     s = scales.float().t().repeat_interleave(group_size, dim=1)
     return x.float() @ ((q - z) * s).t()

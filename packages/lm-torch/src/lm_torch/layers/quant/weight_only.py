@@ -78,8 +78,12 @@ class _WeightOnlyLinear(nn.Module):
 
     def repack_for_kernels(self) -> bool:
         """Checkpoint tensors -> `packed`, `scales`, `zeros` (+ `input_perm`); False when the groups are uneven."""
-        from lm_torch.kernels.w4a16 import pack_int4
+        from lm_torch.kernels.w4a16 import block_inputs, pack_int4
 
+        try:
+            block_inputs(self.group_size)
+        except ValueError:
+            return False  # a group size the layout cannot block (not a multiple of 16)
         q, zeros, g_idx = self.int4_weights()
         perm = None
         if g_idx is not None:
@@ -95,7 +99,7 @@ class _WeightOnlyLinear(nn.Module):
         dtype = scales.dtype
         self._drop_checkpoint_tensors()
         # packed: [out, in / 8] int32; scales, zeros: [groups, out] in the activation dtype.
-        self.packed = nn.Parameter(pack_int4(q.t().contiguous()), requires_grad=False)
+        self.packed = nn.Parameter(pack_int4(q.t().contiguous(), self.group_size), requires_grad=False)
         self.scales = nn.Parameter(scales.contiguous(), requires_grad=False)
         self.zeros = nn.Parameter(zeros.to(dtype).contiguous(), requires_grad=False)
         self.input_perm = perm
@@ -114,7 +118,7 @@ class _WeightOnlyLinear(nn.Module):
             return self._dequantize_checkpoint()
         from lm_torch.kernels.reference import unpack_int4
 
-        q = unpack_int4(self.packed).t()  # [in, out] in the kernel's (act-order sorted) input order
+        q = unpack_int4(self.packed, self.group_size).t()  # [in, out] in the kernel's (act-order sorted) input order
         groups = torch.arange(self.in_features, device=q.device) // self.group_size
         w = ((q - self.zeros[groups].float()) * self.scales[groups].float()).to(self.scales.dtype)
         if self.input_perm is not None:
