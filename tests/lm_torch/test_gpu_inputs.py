@@ -13,7 +13,15 @@ from lm_torch.cuda_graph import graph_buckets
 from lm_torch.memory import GIB, SAFETY_MARGIN, plan_kv_cache
 from lm_torch.scheduler import ScheduledBatch
 from lm_torch.sequence import Sequence
-from lm_torch.step_inputs import EagerInputs, GraphInputs, gather_step, prefill_tile_arrays, resolve_input_ids
+from lm_torch.step_inputs import (
+    EagerInputs,
+    GraphInputs,
+    eager_token_bucket,
+    gather_step,
+    pad_host_step,
+    prefill_tile_arrays,
+    resolve_input_ids,
+)
 
 BLOCK_SIZE = 4
 
@@ -124,6 +132,27 @@ def test_eager_inputs_hold_every_tensor_of_a_mixed_step():
         inputs.upload(gather_step(ScheduledBatch([_seq("long", 40, 0, list(range(10)))], [40], [True]), 4, {}), [39], 2)
 
 
+def test_eager_steps_are_padded_to_few_token_counts():
+    buckets = [eager_token_bucket(n) for n in range(1, 4097)]
+    assert all(b >= n and b - n < max(16, n // 4) for n, b in enumerate(buckets, start=1))
+    assert len(set(buckets)) <= 44 and buckets == sorted(buckets)
+    host = gather_step(_mixed_batch(), BLOCK_SIZE, {})
+    padded = pad_host_step(host, eager_token_bucket(host.num_tokens))
+    n, total = host.num_tokens, padded.num_tokens
+    assert total == 16 and n < total
+    # The real tokens are unchanged; the padding belongs to no sequence, writes no KV and reads no earlier token.
+    for name in ("input_ids", "sources", "positions", "slot_mapping"):
+        assert getattr(padded, name)[:n].tolist() == getattr(host, name).tolist(), name
+    assert padded.input_ids[n:].tolist() == [0] * (total - n) and padded.positions[n:].tolist() == [0] * (total - n)
+    assert padded.slot_mapping[n:].tolist() == [-1] * (total - n) and padded.sources[n:].tolist() == [-1] * (total - n)
+    assert padded.query_start_loc.tolist() == host.query_start_loc.tolist() and padded.query_start_loc[-1] == n
+    inputs = EagerInputs(max_tokens=30, max_seqs=8, max_width=40, device=torch.device("cpu"))
+    step = inputs.upload(padded, [0], tokens_per_tile=2)  # room for the padding of a 30-token budget
+    assert step.input_ids.shape[0] == total and step.query_start_loc[-1].item() == n
+    with pytest.raises(ValueError, match="pad"):
+        pad_host_step(host, n - 1)
+
+
 def _plan(free_gib: float, reserve_gib: float, **config):
     cfg = TorchEngineConfig(**{"block_size": 16, "max_batch_size": 64, **config})
     per_block = 2 * 1024**2  # 2 MiB a block
@@ -157,6 +186,8 @@ def test_config_validates_new_fields():
         TorchEngineConfig(overlap_steps="yes")
     with pytest.raises(ValueError, match="eager_mode"):
         TorchEngineConfig(eager_mode=1)
+    with pytest.raises(ValueError, match="prefill_interval"):
+        TorchEngineConfig(prefill_interval=-1)
 
 
 @pytest.mark.parametrize("vocab", [128256, 49152, 300, 1001])

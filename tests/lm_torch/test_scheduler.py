@@ -133,6 +133,7 @@ def test_no_torch_import():
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"max_num_batched_tokens": 1.5}, "max_num_batched_tokens"),
         ({"session_len": 0}, "session_len"),
+        ({"prefill_interval": -1}, "prefill_interval"),
     ],
 )
 def test_validation_names_the_field(kwargs, field):
@@ -158,6 +159,43 @@ def test_decodes_first_then_chunked_prefill_within_the_budget():
         chunks.append((batch.num_new_tokens[1], batch.sample[1]))
         sched.update(batch, model.run(batch))
     assert chunks == [(7, False), (7, False), (6, True)]
+
+
+def _decoding(sched: Scheduler, model: FakeModel, n: int) -> list[Sequence]:
+    seqs = [make_seq(f"d{i}", [i, 1, 2], max_new_tokens=100) for i in range(n)]
+    for seq in seqs:
+        sched.add(seq)
+    batch = sched.schedule()
+    sched.update(batch, model.run(batch))
+    return seqs
+
+
+def test_prefill_interval_gathers_new_prompts_while_the_batch_is_full():
+    sched = Scheduler(BlockManager(256, 4), max_batch_size=8, max_num_batched_tokens=64, prefill_interval=4)
+    model = FakeModel(sched.block_manager)
+    running = _decoding(sched, model, 4)  # half of max_batch_size decoding
+    sched.add(new := make_seq("new", [5, 6, 7], max_new_tokens=2))
+    steps = 0
+    while new.status is SequenceStatus.WAITING:
+        batch = sched.schedule()
+        assert batch.seqs[:4] == running and all(n == 1 for n in batch.num_new_tokens[:4])
+        sched.update(batch, model.run(batch))
+        steps += 1
+    assert steps == 4  # waited 3 decode-only steps, admitted with the 4th
+    # Prompts that fill half the token budget go in at once.
+    sched.add(big := make_seq("big", list(range(40)), max_new_tokens=2))
+    batch = sched.schedule()
+    assert big in batch.seqs
+    sched.update(batch, model.run(batch))
+
+
+def test_prefill_interval_admits_at_once_below_half_a_batch_or_when_off():
+    for running, interval in ((3, 4), (4, 0)):
+        sched = Scheduler(BlockManager(256, 4), max_batch_size=8, max_num_batched_tokens=64, prefill_interval=interval)
+        model = FakeModel(sched.block_manager)
+        _decoding(sched, model, running)
+        sched.add(new := make_seq("new", [5, 6, 7], max_new_tokens=2))
+        assert new in sched.schedule().seqs
 
 
 def test_max_batch_size_counts_running_sequences():
@@ -300,6 +338,7 @@ def workloads(draw):
         "max_batch_size": draw(st.integers(1, 8)),
         "max_num_batched_tokens": draw(st.integers(1, 64)),
         "session_len": draw(st.none() | st.integers(8, 100)),
+        "prefill_interval": draw(st.sampled_from([0, 0, 2, 5])),
         "requests": requests,
     }
 
@@ -308,7 +347,9 @@ def workloads(draw):
 @given(workloads())
 def test_random_workloads_finish_with_the_outputs_of_running_alone(w):
     bm = w["block_manager"]
-    sched = Scheduler(bm, w["max_batch_size"], w["max_num_batched_tokens"], w["session_len"])
+    sched = Scheduler(
+        bm, w["max_batch_size"], w["max_num_batched_tokens"], w["session_len"], prefill_interval=w["prefill_interval"]
+    )
     arrivals, aborts, seqs = {}, {}, []
     for request_id, prompt, cfg, arrival, abort in w["requests"]:
         seqs.append(Sequence(request_id, prompt, len(prompt), cfg))

@@ -32,6 +32,9 @@ class TorchEngineConfig:
     num_kv_blocks: int | None = None
     cpu_kv_cache_gb: float = 4.0
     eager_mode: bool = False  # CUDA: no CUDA graphs (decode steps launch their kernels one by one)
+    # CUDA: while at least half of max_batch_size sequences decode, new prompts gather for up to this many steps (or
+    # half the token budget) and are prefilled together: fewer eager steps. 0: admit at once. CPU: always 0.
+    prefill_interval: int = 8
     # Schedule and launch step N + 1 before step N's tokens are back (placeholders filled on the device), for
     # requests whose next step does not depend on them (no grammar, penalties, bad words). None: on with CUDA and
     # triton, off on the CPU (where a step's host work is a small part of it).
@@ -46,6 +49,14 @@ class TorchEngineConfig:
                 raise ValueError(
                     f"TorchEngineConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
+        if (
+            isinstance(self.prefill_interval, bool)
+            or not isinstance(self.prefill_interval, int)
+            or self.prefill_interval < 0
+        ):
+            raise ValueError(
+                f"TorchEngineConfig.prefill_interval must be an integer >= 0, got {self.prefill_interval!r}"
+            )
         for name in ("block_size", "max_batch_size", "max_prefill_token_num"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -65,6 +65,7 @@ class TorchEngine(Engine):
             max_batch_size=config.max_batch_size,
             max_num_batched_tokens=config.max_prefill_token_num,
             session_len=self._session_len,
+            prefill_interval=config.prefill_interval if self.runner.fast else 0,
         )
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending_aborts: set[str] = set()

@@ -134,8 +134,8 @@ class ModelRunner:
         measured, the KV cache planned and allocated, the decode graphs captured (each phase timed)."""
         from lm_torch.attention import TritonAttentionBackend
         from lm_torch.kernels.prefill_attention import tokens_per_tile
-        from lm_torch.layers.cuda_linear import use_gemv_linears
-        from lm_torch.step_inputs import EagerInputs, GraphInputs, PinnedStaging
+        from lm_torch.layers.cuda_linear import use_gemv_linears, warm_up_gemms
+        from lm_torch.step_inputs import EagerInputs, GraphInputs, PinnedStaging, eager_token_bucket
 
         cfg = self.config
         use_gemv_linears(self.model)
@@ -152,6 +152,10 @@ class ModelRunner:
         start = time.perf_counter()
         reserve = self._measure_activation_reserve()
         self.phases["memory profile"] = time.perf_counter() - start
+        start = time.perf_counter()
+        buckets = sorted({eager_token_bucket(n) for n in range(1, cfg.max_prefill_token_num + 1)})
+        warm_up_gemms(self.model, buckets)
+        self.phases["GEMM warm-up"] = time.perf_counter() - start
         start = time.perf_counter()
         self.plan = plan_kv_cache(
             cfg,
@@ -321,10 +325,11 @@ class ModelRunner:
         """Run `batch` without a graph. Returns the final hidden states of the last token of each of `rows`
         [len(rows), hidden], and of every token [num_tokens, hidden]."""
         from lm_torch.attention.triton_backend import LAYOUT_KEY, StepLayout
-        from lm_torch.step_inputs import gather_step, resolve_input_ids
+        from lm_torch.step_inputs import eager_token_bucket, gather_step, pad_host_step, resolve_input_ids
 
         host = gather_step(batch, self.block_size, self._previous_rows)
         ends = host.query_start_loc[1:] - 1
+        host = pad_host_step(host, eager_token_bucket(host.num_tokens))  # few GEMM shapes (see the function)
         step = self.eager_inputs.upload(host, ends[rows].tolist(), self.tokens_per_tile)
         input_ids = resolve_input_ids(step.input_ids, step.sources, self.sampled_tokens)
         meta = AttentionMetadata(

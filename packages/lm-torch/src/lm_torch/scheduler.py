@@ -79,6 +79,7 @@ class Scheduler:
         max_batch_size: int = 256,
         max_num_batched_tokens: int = 4096,
         session_len: int | None = None,
+        prefill_interval: int = 0,
     ) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -87,6 +88,10 @@ class Scheduler:
             isinstance(session_len, bool) or not isinstance(session_len, int) or session_len < 1
         ):
             raise ValueError(f"Scheduler.session_len must be an integer >= 1 or None, got {session_len!r}")
+        if isinstance(prefill_interval, bool) or not isinstance(prefill_interval, int) or prefill_interval < 0:
+            raise ValueError(f"Scheduler.prefill_interval must be an integer >= 0, got {prefill_interval!r}")
+        self.prefill_interval = prefill_interval
+        self._steps_since_admission = 0
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -187,7 +192,9 @@ class Scheduler:
                 i += 1
 
         # Waiting sequences, first come first served; the first that does not fit stops admission (no overtaking).
-        while not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        admit = not self._defer_admission(batch, budget)
+        self._steps_since_admission = 0 if admit or not self.waiting else self._steps_since_admission + 1
+        while admit and not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             cached = [] if seq.is_embedding else bm.match_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
@@ -239,6 +246,27 @@ class Scheduler:
         return outputs
 
     # ---- internals -----------------------------------------------------------------------------------------------
+
+    def _defer_admission(self, batch: ScheduledBatch, budget: int) -> bool:
+        """Whether new prompts wait for a later step. A step that prefills costs more than a decode-only one beyond
+        its tokens (on CUDA it runs eagerly: ~30 ms of launches where a decode step replays a graph), so while at
+        least half of `max_batch_size` sequences are decoding, and this step has no prefill of its own, new prompts
+        gather for up to `prefill_interval` steps or until they fill half the step's token budget, then go in
+        together. Below half a batch, or with `prefill_interval` 0, they go in at once (time to first token first)."""
+        if not self.prefill_interval or not self.waiting or not batch.seqs:
+            return False
+        if len(self.running) < max(1, self.max_batch_size // 2):
+            return False
+        if any(n > 1 for n in batch.num_new_tokens):
+            return False  # this step prefills anyway
+        if self._steps_since_admission + 1 >= self.prefill_interval:
+            return False
+        waiting_tokens = 0
+        for seq in self.waiting:
+            waiting_tokens += seq.num_tokens
+            if waiting_tokens * 2 >= budget:
+                return False
+        return True
 
     def _finish_reason(self, seq: Sequence) -> tuple[str | None, str | None]:
         """(finish reason or None, error message) after `seq` got a new token."""

@@ -45,3 +45,22 @@ def use_gemv_linears(model: nn.Module) -> int:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
         count += 1
     return count
+
+
+@torch.inference_mode()
+def warm_up_gemms(model: nn.Module, token_counts: list[int]) -> int:
+    """Run every distinct (weight shape, dtype) of the model's CUDA linear layers once for each of `token_counts`
+    rows, so that cuBLAS has chosen its kernels before the first request (a new shape costs ~1.6 ms of host time
+    on an H100: see `step_inputs.eager_token_bucket`). Returns the number of products run."""
+    shapes = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.is_cuda:
+            key = (tuple(module.weight.shape), module.weight.dtype, module.bias is not None)
+            shapes.setdefault(key, module)
+    count = 0
+    for module in shapes.values():
+        x = torch.zeros(max(token_counts), module.in_features, dtype=module.weight.dtype, device=module.weight.device)
+        for n in token_counts:
+            F.linear(x[:n], module.weight, module.bias)
+            count += 1
+    return count
