@@ -20,20 +20,21 @@ import torch
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 GROUP = 128
 L2_BYTES = 50 * 1024**2
-# (block_n, unroll, num_warps, num_stages, split_k) of the one-row GEMV.
+# (block_n, blocks per step, num_warps, num_stages, split_k) of the one-row GEMV.
 GEMV_SHAPES = [
-    (16, 4, 1, 1, 1),
-    (32, 4, 1, 1, 1),
-    (32, 4, 2, 1, 1),
-    (64, 2, 2, 1, 1),
-    (16, 2, 1, 3, 1),
-    (64, 4, 4, 1, 1),
-    (128, 2, 4, 1, 4),
-    (32, 8, 1, 1, 1),
+    (16, 16, 4, 1, 1),
+    (16, 8, 4, 1, 1),
+    (32, 8, 4, 1, 1),
+    (8, 16, 4, 1, 1),
+    (16, 16, 8, 1, 1),
+    (32, 16, 8, 1, 1),
+    (16, 8, 4, 1, 2),
+    (64, 4, 4, 1, 4),
+    (16, 16, 4, 2, 1),
 ]
-# (block_m, block_n, unroll, num_warps, num_stages, split_k) of the tensor-core kernel.
-SKINNY_SHAPES = [(16, 64, 1, 4, 3, 1), (16, 64, 1, 4, 3, 4), (16, 32, 1, 4, 4, 2), (16, 128, 1, 4, 3, 2)]
-PREFILL_SHAPES = [(128, 128, 1, 8, 3, 1), (128, 64, 1, 4, 4, 1), (64, 128, 1, 4, 4, 1), (128, 256, 1, 8, 3, 1)]
+# (block_m, block_n, num_warps, num_stages, split_k) of the tensor-core kernel.
+SKINNY_SHAPES = [(16, 64, 4, 3, 1), (16, 64, 4, 3, 4), (16, 32, 4, 4, 4), (16, 128, 4, 3, 2)]
+PREFILL_SHAPES = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 1), (64, 128, 4, 4, 1), (128, 256, 8, 3, 1)]
 
 
 def time_us(fn, operands, x, rep: int) -> float:
@@ -87,16 +88,14 @@ def main() -> None:
             row = {"shape": name, "n": n, "k": k, "m": m}
             candidates = {"dispatch": lambda a, w: w4a16_linear(a, *w, GROUP)}
             if m == 1:
-                for bn, un, nw, ns, sk in GEMV_SHAPES:
-                    candidates[f"gemv_{bn}u{un}w{nw}n{ns}s{sk}"] = lambda a, w, bn=bn, un=un, nw=nw, ns=ns, sk=sk: (
-                        w4a16_gemv(a, *w, GROUP, block_n=bn, unroll=un, num_warps=nw, num_stages=ns, split_k=sk)
+                for bn, nb, nw, ns, sk in GEMV_SHAPES:
+                    candidates[f"gemv_{bn}b{nb}w{nw}n{ns}s{sk}"] = lambda a, w, bn=bn, nb=nb, nw=nw, ns=ns, sk=sk: (
+                        w4a16_gemv(a, *w, GROUP, block_n=bn, blocks=nb, num_warps=nw, num_stages=ns, split_k=sk)
                     )
             shapes = SKINNY_SHAPES if m <= 16 else PREFILL_SHAPES
-            for bm, bn, un, nw, ns, sk in shapes[: 2 if args.quick else None]:
-                candidates[f"gemm_{bm}x{bn}u{un}w{nw}n{ns}s{sk}"] = (
-                    lambda a, w, bm=bm, bn=bn, un=un, nw=nw, ns=ns, sk=sk: w4a16_gemm(
-                        a, *w, GROUP, block_m=bm, block_n=bn, unroll=un, num_warps=nw, num_stages=ns, split_k=sk
-                    )
+            for bm, bn, nw, ns, sk in shapes[: 2 if args.quick else None]:
+                candidates[f"gemm_{bm}x{bn}w{nw}n{ns}s{sk}"] = lambda a, w, bm=bm, bn=bn, nw=nw, ns=ns, sk=sk: (
+                    w4a16_gemm(a, *w, GROUP, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, split_k=sk)
                 )
             for label, fn in candidates.items():
                 try:

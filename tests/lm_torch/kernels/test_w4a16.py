@@ -66,10 +66,10 @@ def test_gemv_matches_reference(case, split_k):
         x = case.randn(1, k, generator=gen)
         expected = reference.w4a16_linear(x, packed, scales, zeros, group)
         num_blocks = k // min(group, 128)
-        for unroll in (1, 2, 4):
-            if num_blocks % unroll:
+        for blocks in (1, 2, 4):
+            if num_blocks % blocks:
                 continue
-            out = w4a16_gemv(x, packed, scales, zeros, group, unroll=unroll, split_k=split_k)
+            out = w4a16_gemv(x, packed, scales, zeros, group, blocks=blocks, split_k=split_k)
             assert out.shape == (1, n) and out.dtype == x.dtype
             case.assert_close(out, expected, case.elementwise_tol)
 
@@ -84,10 +84,8 @@ def test_gemm_matches_reference(case, rows):
         packed, scales, zeros, gen = _weights(case, n, k, group, seed=10 + index)
         x = case.randn(rows, k, generator=gen)
         expected = reference.w4a16_linear(x, packed, scales, zeros, group)
-        for split_k, unroll in ((1, 1), (2, 1), (1, 2)):
-            if (k // min(group, 128)) % unroll:
-                continue
-            out = w4a16_gemm(x, packed, scales, zeros, group, block_m=16, block_n=32, unroll=unroll, split_k=split_k)
+        for split_k in (1, 2):
+            out = w4a16_gemm(x, packed, scales, zeros, group, block_m=16, block_n=32, split_k=split_k)
             case.assert_close(out, expected, tol)
         case.assert_close(w4a16_linear(x, packed, scales, zeros, group), expected, tol)
 
@@ -103,8 +101,8 @@ def test_bad_shapes_are_refused(case):
         w4a16_gemm(x, packed, scales, zeros, 48)
     with pytest.raises(ValueError, match="scales"):
         w4a16_gemm(x, packed, scales[:2], zeros, 32)
-    with pytest.raises(ValueError, match="unroll"):
-        w4a16_gemm(x, packed, scales, zeros, 32, unroll=3)
+    with pytest.raises(ValueError, match="per step"):
+        w4a16_gemv(x[:1], packed, scales, zeros, 32, blocks=3)
 
 
 def _random_layer(kind: str, case, in_features=256, out_features=96, group=32, act_order=False):

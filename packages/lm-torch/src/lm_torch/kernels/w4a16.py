@@ -14,11 +14,13 @@ Two kernels:
 - `_w4a16_gemv_kernel`, one input row (batch-1 decode), bound by reading the packed weight (a quarter of the bf16
   bytes) as long as the dequantization stays cheap: a nibble becomes the float 1 + q / 16 by a shift and one
   AND-OR into the mantissa of 1.0 (`_plane`; an integer-to-float conversion runs at a quarter of the rate), one FMA
-  with x, and the zero and scale are applied once per word and block. UNROLL blocks per loop step keep more loads in
-  flight; a thread holding several rows reuses each x value it loads for all of them.
-- `_w4a16_gemm_kernel`, more rows: each plane is dequantized in registers into the activation dtype and multiplied
-  by BLOCK_M rows on the tensor cores (`tl.dot` over the block's B / 8 inputs of that plane); small M runs
-  BLOCK_M = 16 with split-K so that enough programs stream the weight, large M (prefill) big tiles.
+  with x, and the zero and scale are applied once per word and block. A loop step reads BLOCKS blocks side by side
+  (a [BLOCK_N, BLOCKS, B / 8] tile of words), enough bytes in flight to hide memory latency, and each thread holds
+  several rows, reusing every x value it loads for all of them.
+- `_w4a16_gemm_kernel`, more rows: a block's [BLOCK_N, 8, B / 8] planes are dequantized in registers into the
+  activation dtype, viewed [BLOCK_N, B] (plane t, word j is input t * B / 8 + j: x's own order) and multiplied by
+  BLOCK_M rows on the tensor cores; small M runs BLOCK_M = 16 with split-K so that enough programs stream the
+  weight, large M (prefill) big tiles.
 Split-K programs add float32 partial sums atomically; without split the result is stored directly (one launch).
 """
 
@@ -66,7 +68,7 @@ def _w4a16_gemv_kernel(
     GROUP: tl.constexpr,
     BLOCK: tl.constexpr,  # inputs of an interleaved block
     BLOCK_N: tl.constexpr,
-    UNROLL: tl.constexpr,  # blocks per loop step (blocks_per_split is a multiple)
+    BLOCKS: tl.constexpr,  # blocks per loop step, side by side in the tile (blocks_per_split is a multiple)
     EVEN_N: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
@@ -75,32 +77,34 @@ def _w4a16_gemv_kernel(
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     row_mask = rows < n
-    wi = tl.arange(0, WORDS)  # [W]
-    row_ptrs = w_ptr + rows[:, None].to(tl.int64) * words_per_row + wi[None, :]  # [BN, W]
+    bi = tl.arange(0, BLOCKS)
+    wi = tl.arange(0, WORDS)
+    # A step reads BLOCKS consecutive blocks: BLOCKS * W contiguous words of each row.
+    w_ptrs = w_ptr + rows[:, None, None].to(tl.int64) * words_per_row + (bi[:, None] * WORDS + wi[None, :])[None]
+    x_offsets = bi[:, None] * BLOCK + wi[None, :]  # [BLOCKS, W]: plane t of block b meets x[b * B + t * W + j]
     first = pid_k * blocks_per_split
-    acc = tl.zeros([BLOCK_N, WORDS], tl.float32)
     last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)  # the last split may be shorter
-    for b0 in range(first, last, UNROLL):
-        for u in tl.static_range(UNROLL):
-            block = b0 + u
-            group = block * BLOCK // GROUP
-            if EVEN_N:
-                words = tl.load(row_ptrs + block * WORDS)  # [BN, W] int32
-                s = tl.load(s_ptr + group * n + rows).to(tl.float32)  # [BN]
-                z = tl.load(z_ptr + group * n + rows).to(tl.float32)
-            else:
-                words = tl.load(row_ptrs + block * WORDS, mask=row_mask[:, None], other=0)
-                s = tl.load(s_ptr + group * n + rows, mask=row_mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + group * n + rows, mask=row_mask, other=0.0).to(tl.float32)
-            x_block = x_ptr + block * BLOCK + wi  # plane t meets x[block * B + t * W + j]
-            a = tl.zeros([BLOCK_N, WORDS], tl.float32)  # sum over planes of (1 + q / 16) x
-            x_sum = tl.zeros([WORDS], tl.float32)
-            for t in tl.static_range(8):
-                x_t = tl.load(x_block + t * WORDS).to(tl.float32)  # [W]
-                a += _plane(words, t) * x_t[None, :]
-                x_sum += x_t
-            acc += a * (16.0 * s)[:, None] - x_sum[None, :] * ((16.0 + z) * s)[:, None]
-    total = tl.sum(acc, 1)  # [BN]
+    acc = tl.zeros([BLOCK_N, BLOCKS, WORDS], tl.float32)
+    for b0 in range(first, last, BLOCKS):
+        groups = (b0 + bi) * BLOCK // GROUP  # [BLOCKS]
+        sz_offsets = groups[None, :] * n + rows[:, None]  # [BN, BLOCKS]
+        if EVEN_N:
+            words = tl.load(w_ptrs + b0 * WORDS)  # [BN, BLOCKS, W] int32
+            s = tl.load(s_ptr + sz_offsets).to(tl.float32)  # [BN, BLOCKS]
+            z = tl.load(z_ptr + sz_offsets).to(tl.float32)
+        else:
+            words = tl.load(w_ptrs + b0 * WORDS, mask=row_mask[:, None, None], other=0)
+            s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+        x_step = x_ptr + b0 * BLOCK + x_offsets
+        a = tl.zeros([BLOCK_N, BLOCKS, WORDS], tl.float32)  # sum over planes of (1 + q / 16) x
+        x_sum = tl.zeros([BLOCKS, WORDS], tl.float32)
+        for t in tl.static_range(8):
+            x_t = tl.load(x_step + t * WORDS).to(tl.float32)  # [BLOCKS, W]
+            a += _plane(words, t) * x_t[None, :, :]
+            x_sum += x_t
+        acc += a * (16.0 * s)[:, :, None] - x_sum[None, :, :] * ((16.0 + z) * s)[:, :, None]
+    total = tl.sum(tl.sum(acc, 2), 1)  # [BN]
     if ATOMIC:
         tl.atomic_add(out_ptr + rows, total, mask=row_mask)
     else:
@@ -124,7 +128,6 @@ def _w4a16_gemm_kernel(
     BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    UNROLL: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
     WORDS: tl.constexpr = BLOCK // 8
@@ -136,24 +139,27 @@ def _w4a16_gemm_kernel(
     m_mask = rows_m < m
     n_mask = rows_n < n
     wi = tl.arange(0, WORDS)
+    # Bits 4t .. 4t + 3 of word j move to the top of the mantissa: [1, 8, 1] shifts, left for t < 5, right after.
+    ti = tl.arange(0, 8)[None, :, None]
+    left = tl.maximum(19 - 4 * ti, 0)
+    right = tl.maximum(4 * ti - 19, 0)
     w_ptrs = w_ptr + rows_n[:, None].to(tl.int64) * words_per_row + wi[None, :]  # [BN, W]
-    x_ptrs = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm + wi[None, :]  # [BM, W]
+    x_ptrs = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK)[None, :]  # [BM, B]
     first = pid_k * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)  # the last split may be shorter
-    for b0 in range(first, last, UNROLL):
-        for u in tl.static_range(UNROLL):
-            block = b0 + u
-            words = tl.load(w_ptrs + block * WORDS, mask=n_mask[:, None], other=0)  # [BN, W] int32
-            group = block * BLOCK // GROUP
-            s = tl.load(s_ptr + group * n + rows_n, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + group * n + rows_n, mask=n_mask, other=0.0).to(tl.float32)
-            s16 = (16.0 * s)[:, None]
-            zs = ((16.0 + z) * s)[:, None]
-            for t in tl.static_range(8):
-                w_t = (_plane(words, t) * s16 - zs).to(x_ptr.dtype.element_ty)  # (q - z) * s: [BN, W]
-                x_t = tl.load(x_ptrs + block * BLOCK + t * WORDS, mask=m_mask[:, None], other=0.0)  # [BM, W]
-                acc = tl.dot(x_t, tl.trans(w_t), acc)
+    for block in range(first, last):
+        words = tl.load(w_ptrs + block * WORDS, mask=n_mask[:, None], other=0)  # [BN, W] int32
+        group = block * BLOCK // GROUP
+        s = tl.load(s_ptr + group * n + rows_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + group * n + rows_n, mask=n_mask, other=0.0).to(tl.float32)
+        moved = (words[:, None, :] << left) >> right  # [BN, 8, W]: nibble t of each word at bits 19 .. 22
+        v = ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+        w = v * (16.0 * s)[:, None, None] - ((16.0 + z) * s)[:, None, None]  # (q - z) * s
+        # [BN, 8, W] -> [BN, B]: plane t, word j is input t * W + j of the block, x's own order.
+        w = tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_N, BLOCK))
+        x = tl.load(x_ptrs + block * BLOCK, mask=m_mask[:, None], other=0.0)  # [BM, B]
+        acc = tl.dot(x, tl.trans(w), acc)
     out_ptrs = out_ptr + rows_m[:, None].to(tl.int64) * stride_om + rows_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
@@ -180,11 +186,11 @@ def _check(x, packed, scales, zeros, group_size) -> tuple[int, int, int, int]:
     return m, n, k, block
 
 
-def _splits(num_blocks: int, unroll: int, split_k: int) -> tuple[int, int]:
-    """(blocks per split, a multiple of unroll, and the number of splits)."""
-    if num_blocks % unroll:
-        raise ValueError(f"w4a16: unroll {unroll} does not divide the {num_blocks} blocks of K")
-    per_split = triton.cdiv(triton.cdiv(num_blocks, split_k), unroll) * unroll
+def _splits(num_blocks: int, step: int, split_k: int) -> tuple[int, int]:
+    """(blocks per split, a multiple of the blocks a loop step takes, and the number of splits)."""
+    if num_blocks % step:
+        raise ValueError(f"w4a16: blocks {step} per step do not divide the {num_blocks} blocks of K")
+    per_split = triton.cdiv(triton.cdiv(num_blocks, split_k), step) * step
     return per_split, triton.cdiv(num_blocks, per_split)
 
 
@@ -196,7 +202,7 @@ def w4a16_gemv(
     group_size: int,
     *,
     block_n: int = 16,
-    unroll: int = 4,
+    blocks: int = 4,
     num_warps: int = 4,
     num_stages: int = 1,
     split_k: int = 1,
@@ -205,7 +211,7 @@ def w4a16_gemv(
     m, n, k, block = _check(x, packed, scales, zeros, group_size)
     if m != 1:
         raise ValueError(f"w4a16_gemv: x has {m} rows, expected 1 (w4a16_gemm takes more)")
-    per_split, splits = _splits(k // block, unroll, split_k)
+    per_split, splits = _splits(k // block, blocks, split_k)
     out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((1, n))
     _w4a16_gemv_kernel[(triton.cdiv(n, block_n), splits)](
         x,
@@ -219,7 +225,7 @@ def w4a16_gemv(
         GROUP=group_size,
         BLOCK=block,
         BLOCK_N=block_n,
-        UNROLL=unroll,
+        BLOCKS=blocks,
         EVEN_N=n % block_n == 0,
         ATOMIC=splits > 1,
         num_warps=num_warps,
@@ -237,14 +243,13 @@ def w4a16_gemm(
     *,
     block_m: int = 16,
     block_n: int = 64,
-    unroll: int = 1,
     num_warps: int = 4,
     num_stages: int = 3,
     split_k: int = 1,
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ W^T with each weight plane dequantized in registers and multiplied on the tensor cores."""
     m, n, k, block = _check(x, packed, scales, zeros, group_size)
-    per_split, splits = _splits(k // block, unroll, split_k)
+    per_split, splits = _splits(k // block, 1, split_k)
     out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((m, n))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
     _w4a16_gemm_kernel[grid](
@@ -263,7 +268,6 @@ def w4a16_gemm(
         BLOCK=block,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        UNROLL=unroll,
         ATOMIC=splits > 1,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -278,8 +282,8 @@ def w4a16_linear(x, packed, scales, zeros, group_size: int) -> torch.Tensor:
     n = packed.shape[0]
     num_blocks = k // block_inputs(group_size)
     if m == 1:
-        unroll = 4 if num_blocks % 4 == 0 else 2 if num_blocks % 2 == 0 else 1
-        return w4a16_gemv(x, packed, scales, zeros, group_size, block_n=16, unroll=unroll, num_warps=1)
+        blocks = next(b for b in (16, 8, 4, 2, 1) if num_blocks % b == 0)
+        return w4a16_gemv(x, packed, scales, zeros, group_size, block_n=16, blocks=blocks)
     if m <= 16:
         # Enough programs to cover the SMs twice: split K when N alone gives too few tiles (4+ blocks a split).
         tiles = triton.cdiv(n, 64)
