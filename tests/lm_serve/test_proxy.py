@@ -741,12 +741,16 @@ def test_real_api_server_registers_itself_with_proxy_url(request, make_proxy):
     # The proxy is on loopback, so the address that routes to it is 127.0.0.1 (the ready line shows the same).
     assert [node["url"] for node in listed] == [server.url]
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", server.url) and not server.url.endswith(":0")
-    assert f"registered with the proxy at {proxy.url} as {server.url} (healthy)" in server.output()
+    # The proxy lists the node before its answer to the registration reaches the server, which then prints this.
+    line = f"registered with the proxy at {proxy.url} as {server.url} (healthy)"
+    wait_until(lambda: line in server.output(), "the server reports its registration")
 
-    model = listed[0]["models"][0]
-    ask = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
     through = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="none", max_retries=0, timeout=300)
     direct = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    model = direct.models.list().data[0].id
+    # By the time the proxy answered the registration, it had also learnt the node's models.
+    assert nodes_of(proxy)[server.url]["models"] == [model]
+    ask = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
     answer = through.chat.completions.create(**ask)
     expected = direct.chat.completions.create(**ask)
     assert answer.choices[0].message.content == expected.choices[0].message.content
