@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import uvicorn
@@ -34,7 +35,8 @@ class _Server(uvicorn.Server):
             from lm_serve.proxy.membership import ProxyMembership, advertised_url
 
             # Only now: the proxy health-checks this server as it registers, so it must already accept connections.
-            own_url = advertised_url(self.config.host, ports, self.proxy_url)
+            # In a thread: finding the address may resolve the proxy's host name, which must not stall the event loop.
+            own_url = await asyncio.to_thread(advertised_url, self.config.host, ports, self.proxy_url)
             self.membership = ProxyMembership(self.proxy_url, own_url)
             self.membership.start()
 
