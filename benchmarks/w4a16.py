@@ -22,15 +22,15 @@ GROUP = 128
 L2_BYTES = 50 * 1024**2
 # (block_n, blocks per step, num_warps, num_stages, split_k) of the one-row GEMV.
 GEMV_SHAPES = [
+    (8, 16, 2, 1, 1),
+    (16, 16, 2, 1, 1),
+    (4, 16, 2, 1, 1),
+    (8, 16, 2, 1, 2),
     (16, 16, 4, 1, 1),
-    (16, 8, 4, 1, 1),
-    (32, 8, 4, 1, 1),
     (8, 16, 4, 1, 1),
-    (16, 16, 8, 1, 1),
-    (32, 16, 8, 1, 1),
+    (32, 16, 4, 1, 1),
     (16, 8, 4, 1, 2),
     (64, 4, 4, 1, 4),
-    (16, 16, 4, 2, 1),
 ]
 # (block_m, block_n, num_warps, num_stages, split_k) of the tensor-core kernel.
 SKINNY_SHAPES = [(16, 64, 4, 3, 1), (16, 64, 4, 3, 4), (16, 32, 4, 4, 4), (16, 128, 4, 3, 2)]

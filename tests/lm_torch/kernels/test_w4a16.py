@@ -10,7 +10,7 @@ import torch
 from lm_torch.kernels import reference
 
 # (N, K, group_size): N not a multiple of the tile; groups smaller than, equal to and larger than a K step.
-CPU_SHAPES = [(48, 256, 32), (40, 256, 64), (33, 512, 128), (24, 384, 384), (16, 64, 16)]
+CPU_SHAPES = [(48, 256, 32), (40, 256, 64), (33, 512, 128), (24, 384, 384), (16, 64, 16), (24, 512, 32)]
 GPU_SHAPES = [(1000, 4096, 128), (4096, 14336, 128), (520, 1024, 64), (256, 512, 32)]
 
 

@@ -81,7 +81,10 @@ def _w4a16_gemv_kernel(
     wi = tl.arange(0, WORDS)
     # A step reads BLOCKS consecutive blocks: BLOCKS * W contiguous words of each row.
     w_ptrs = w_ptr + rows[:, None, None].to(tl.int64) * words_per_row + (bi[:, None] * WORDS + wi[None, :])[None]
-    x_offsets = bi[:, None] * BLOCK + wi[None, :]  # [BLOCKS, W]: plane t of block b meets x[b * B + t * W + j]
+    # [BLOCKS, W]: plane t of block b meets x[b * B + t * W + j]. Written with runs of 4 so that triton loads x in
+    # 4-wide vectors, the layout the word tile already has along its last two dimensions (no shuffle through
+    # shared memory per plane).
+    x_offsets = bi[:, None] * BLOCK + ((wi // 4) * 4)[None, :] + (wi % 4)[None, :]
     first = pid_k * blocks_per_split
     last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)  # the last split may be shorter
     acc = tl.zeros([BLOCK_N, BLOCKS, WORDS], tl.float32)
@@ -282,7 +285,10 @@ def w4a16_linear(x, packed, scales, zeros, group_size: int) -> torch.Tensor:
     n = packed.shape[0]
     num_blocks = k // block_inputs(group_size)
     if m == 1:
-        blocks = next(b for b in (16, 8, 4, 2, 1) if num_blocks % b == 0)
+        if num_blocks % 16 == 0:
+            # Two warps side by side along the 16 blocks: x's loads land in the tile's own layout (see the kernel).
+            return w4a16_gemv(x, packed, scales, zeros, group_size, block_n=8, blocks=16, num_warps=2)
+        blocks = next(b for b in (8, 4, 2, 1) if num_blocks % b == 0)
         return w4a16_gemv(x, packed, scales, zeros, group_size, block_n=16, blocks=blocks)
     if m <= 16:
         # Enough programs to cover the SMs twice: split K when N alone gives too few tiles (4+ blocks a split).
