@@ -8,7 +8,8 @@ windows of --seqlen tokens of --text (each window scored on its own, first token
         --damp-percent 0.1 --out-dir /tmp/ppl --json /tmp/ppl/results.json
 
 Prints a Markdown table. The held-out text (`tests/lm_lite/data/heldout.txt`) is not the calibration text (lm-lite's
-built-in set, or --calib-dataset). KV-cache int8/int4 rows need the engine's quant_policy (not built yet).
+built-in set, or --calib-dataset). `--quant-policy 8` (int8) or `4` (int4) runs every variant with the KV cache
+quantized online (lm-torch's `quant_policy`): `--variants fp32 --quant-policy 8` gives the "KV int8" row.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ def heldout_ids(model_dir: Path, text_path: Path) -> list[int]:
     return tokenizer(text_path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
 
 
-def perplexity(model_dir: Path, ids: list[int], seqlen: int, max_windows: int | None = None) -> float:
-    """exp(mean negative log-likelihood) of lm-torch's model over windows of `seqlen` tokens."""
+def perplexity(
+    model_dir: Path, ids: list[int], seqlen: int, max_windows: int | None = None, quant_policy: int = 0
+) -> float:
+    """exp(mean negative log-likelihood) of lm-torch's model over windows of `seqlen` tokens (the KV cache
+    quantized as `quant_policy` says: 0 off, 8 int8, 4 int4)."""
     import torch
 
     from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
     from lm_torch.config import TorchEngineConfig
+    from lm_torch.kv_quant import allocate_kv_cache
     from lm_torch.loader import build_model, load_hf_config
 
     model = build_model(model_dir, TorchEngineConfig(), load_hf_config(model_dir), torch.device("cpu"), torch.float32)
@@ -48,7 +53,7 @@ def perplexity(model_dir: Path, ids: list[int], seqlen: int, max_windows: int | 
     block_size = 16
     num_blocks = (seqlen + block_size - 1) // block_size
     caches = [
-        (torch.zeros(num_blocks, block_size, h, d), torch.zeros(num_blocks, block_size, h, d))
+        allocate_kv_cache(num_blocks, block_size, h, d, quant_policy, torch.float32, "cpu")
         for h, d in model.kv_cache_shape()
     ]
     windows = [ids[i : i + seqlen] for i in range(0, len(ids) - seqlen + 1, seqlen)][:max_windows]
@@ -104,8 +109,8 @@ def run(args) -> dict[str, dict]:
         start = time.perf_counter()
         checkpoint = build_variant(variant, model_dir, out_dir, args)
         quantize_seconds = time.perf_counter() - start
-        ppl = perplexity(checkpoint, ids, args.seqlen, args.max_windows)
-        results[variant] = {"perplexity": ppl, "quantize_seconds": quantize_seconds}
+        ppl = perplexity(checkpoint, ids, args.seqlen, args.max_windows, args.quant_policy)
+        results[variant] = {"perplexity": ppl, "quantize_seconds": quantize_seconds, "quant_policy": args.quant_policy}
         print(f"{variant}: perplexity {ppl:.3f} (quantized in {quantize_seconds:.0f} s)", file=sys.stderr)
     return results
 
@@ -122,7 +127,8 @@ def table(results: dict[str, dict], group_size: int) -> str:
     lines = ["| variant | perplexity | vs fp32 |", "|---|---|---|"]
     for variant, entry in results.items():
         ratio = f"{100 * (entry['perplexity'] / base - 1):+.1f}%" if base else ""
-        lines.append(f"| {names[variant]} | {entry['perplexity']:.3f} | {ratio} |")
+        kv = f", KV int{entry['quant_policy']}" if entry.get("quant_policy") else ""
+        lines.append(f"| {names[variant]}{kv} | {entry['perplexity']:.3f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -141,6 +147,9 @@ def main() -> None:
     parser.add_argument("--damp-percent", default=0.1, type=float, help="GPTQ damping (see docs/quantization.md).")
     parser.add_argument("--seqlen", default=512, type=int, help="Tokens per scored window.")
     parser.add_argument("--max-windows", default=None, type=int)
+    parser.add_argument(
+        "--quant-policy", default=0, type=int, choices=(0, 4, 8), help="KV cache: 0 as the model, 8 int8, 4 int4."
+    )
     parser.add_argument("--out-dir", default="/tmp/lm-lite-perplexity")
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args()

@@ -42,6 +42,9 @@ class TorchEngineConfig:
     seed: int = 0  # for dummy weights and unseeded sampling
     custom_module_map: dict[str, Any] = field(default_factory=dict)  # architecture name -> model class or "mod:Cls"
     num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
+    # Online KV-cache quantization, as in LMDeploy: 0 off, 8 int8, 4 int4 (asymmetric, a scale and a zero per token
+    # and KV head; see `lm_torch.kv_quant`).
+    quant_policy: int = 0
 
     def __post_init__(self) -> None:
         for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("load_format", LOAD_FORMATS)):
@@ -74,6 +77,10 @@ class TorchEngineConfig:
                 raise ValueError(f"TorchEngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.overlap_steps is not None and not isinstance(self.overlap_steps, bool):
             raise ValueError(f"TorchEngineConfig.overlap_steps must be True, False or None, got {self.overlap_steps!r}")
+        if isinstance(self.quant_policy, bool) or self.quant_policy not in (0, 4, 8):
+            raise ValueError(
+                f"TorchEngineConfig.quant_policy must be 0 (off), 4 (int4) or 8 (int8), got {self.quant_policy!r}"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"TorchEngineConfig.num_kv_blocks must be positive, got {self.num_kv_blocks!r}")
 

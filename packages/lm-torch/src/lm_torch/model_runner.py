@@ -21,6 +21,7 @@ from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
 from lm_torch.config import TorchEngineConfig
 from lm_torch.guided import fill_bitmasks
 from lm_torch.kernels import triton_available
+from lm_torch.kv_quant import KVCache, allocate_kv_cache, bytes_per_token, kv_dtype_name
 from lm_torch.layers.linear import use_cpu_linears
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
 from lm_torch.memory import free_memory, plan_kv_cache
@@ -184,13 +185,11 @@ class ModelRunner:
             )
             self.phases["graph capture"] = self.graphs.capture()
 
-    def _allocate_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _allocate_kv(self, num_blocks: int) -> list[KVCache]:
         # Zeroed: the torch backend reads whole blocks (masking what it does not need), and 0 * NaN would be NaN.
+        policy = self.config.quant_policy
         return [
-            (
-                torch.zeros(num_blocks, self.block_size, heads, dim, dtype=self.dtype, device=self.device),
-                torch.zeros(num_blocks, self.block_size, heads, dim, dtype=self.dtype, device=self.device),
-            )
+            allocate_kv_cache(num_blocks, self.block_size, heads, dim, policy, self.dtype, self.device)
             for heads, dim in self.model.kv_cache_shape()
         ]
 
@@ -238,8 +237,11 @@ class ModelRunner:
     # -- memory planning --------------------------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(2 * self.block_size * heads * dim * element for heads, dim in self.model.kv_cache_shape())
+        policy = self.config.quant_policy
+        return sum(
+            self.block_size * bytes_per_token(heads, dim, policy, self.dtype)
+            for heads, dim in self.model.kv_cache_shape()
+        )
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -250,7 +252,7 @@ class ModelRunner:
             f"lm-torch: {self.model_path.name} ({self.hf_config.architectures[0]}), "
             f"{str(self.dtype).removeprefix('torch.')} on {self.device}, "
             f"weights {self.weight_bytes() / 1024**3:.2f} GiB loaded in {self.phases['load']:.1f} s",
-            f"lm-torch: {self.plan.summary()}",
+            f"lm-torch: {self.plan.summary()}, KV {kv_dtype_name(self.config.quant_policy, self.dtype)}",
         ]
         if self.graphs is not None:
             buckets = self.graphs.buckets

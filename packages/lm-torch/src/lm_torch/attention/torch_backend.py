@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.kv_quant import cache_quant_policy, dequantize_kv, quantize_kv
 
 
 class TorchAttentionBackend:
@@ -29,13 +30,15 @@ class TorchAttentionBackend:
         sliding_window: int | None = None,
         softcap: float | None = None,
         kv_stored: bool = False,  # the caller already wrote k and v into the cache
+        k_scales_zeros: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads, 2]: a quantized cache
+        v_scales_zeros: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        num_kv_heads = k_cache.shape[2]
+        policy = cache_quant_policy(k_cache, k_scales_zeros, q.shape[2])
         if not kv_stored:
-            flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-            flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-            flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-            flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+            self._store(k, v, k_cache, v_cache, k_scales_zeros, v_scales_zeros, meta.slot_mapping, policy)
+        # Reads the cache as [.., head_dim] in q's dtype: dequantized after the gather when the cache is quantized.
+        read = _CacheReader(k_cache, v_cache, k_scales_zeros, v_scales_zeros, policy, q.dtype)
 
         out = torch.empty_like(q)
         starts = [0]
@@ -45,12 +48,13 @@ class TorchAttentionBackend:
         if softcap is None:
             decodes = [i for i in per_sequence if meta.query_lens[i] == 1]
             per_sequence = [i for i in per_sequence if meta.query_lens[i] != 1]
-            self._decode_by_bucket(q, k_cache, v_cache, meta, decodes, starts, scale, sliding_window, out)
+            self._decode_by_bucket(q, read, meta, decodes, starts, scale, sliding_window, out)
         if not per_sequence:
             return out
         # One gather per layer for the remaining sequences; each reads its slice (a view, no copy).
-        batch_keys = k_cache.index_select(0, meta.context_blocks).view(-1, num_kv_heads, head_dim)
-        batch_values = v_cache.index_select(0, meta.context_blocks).view(-1, num_kv_heads, head_dim)
+        batch_keys, batch_values = read(meta.context_blocks)
+        batch_keys = batch_keys.view(-1, num_kv_heads, q.shape[2])
+        batch_values = batch_values.view(-1, num_kv_heads, q.shape[2])
         for i in per_sequence:
             num_new, ctx = meta.query_lens[i], meta.context_lens[i]
             first = meta.context_block_starts[i] * meta.block_size
@@ -65,17 +69,32 @@ class TorchAttentionBackend:
         return out
 
     @staticmethod
-    def _decode_by_bucket(q, k_cache, v_cache, meta, rows, starts, scale, sliding_window, out) -> None:
+    def _store(k, v, k_cache, v_cache, k_scales_zeros, v_scales_zeros, slot_mapping, policy) -> None:
+        """Write the step's k and v [num_tokens, num_kv_heads, head_dim] at their slots (quantized first if the
+        cache is)."""
+        num_kv_heads = k_cache.shape[2]
+        if policy:
+            for x, cache, params in ((k, k_cache, k_scales_zeros), (v, v_cache, v_scales_zeros)):
+                codes, scales_zeros = quantize_kv(x, policy, params.dtype)
+                cache.view(-1, num_kv_heads, cache.shape[3]).index_copy_(0, slot_mapping, codes)
+                params.view(-1, num_kv_heads, 2).index_copy_(0, slot_mapping, scales_zeros)
+            return
+        k_cache.view(-1, num_kv_heads, k_cache.shape[3]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, num_kv_heads, v_cache.shape[3]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+    @staticmethod
+    def _decode_by_bucket(q, read, meta, rows, starts, scale, sliding_window, out) -> None:
         """Decode rows attend in groups padded to a power-of-two number of blocks, one SDPA call per group.
 
         A row's padded length depends on its own context only, never on the batch, and each (row, head) is computed
         independently inside SDPA: a sequence decodes to the same bits alone or in any batch.
         """
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        num_kv_heads, head_dim = read.num_kv_heads, q.shape[2]
         for group in decode_groups(meta, rows, starts, sliding_window, q.device):
             size, length = len(group.token_rows), group.length
-            keys = k_cache[group.tables].view(size * length, num_kv_heads, head_dim)
-            values = v_cache[group.tables].view(size * length, num_kv_heads, head_dim)
+            keys, values = read(group.tables)
+            keys = keys.reshape(size * length, num_kv_heads, head_dim)
+            values = values.reshape(size * length, num_kv_heads, head_dim)
             # Slots past a row's context hold whatever the block held before (never NaN in practice, but a masked
             # score only zeroes a value's weight, and 0 * NaN is NaN): clear them in the gathered copy.
             if group.padding is not None:
@@ -88,6 +107,31 @@ class TorchAttentionBackend:
                 queries, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
             )  # [group, num_heads, 1, head_dim]
             out[group.token_rows] = attended.squeeze(2).to(out.dtype)
+
+
+@dataclass
+class _CacheReader:
+    """Gathers blocks of the K and V caches: `read(blocks)` -> (keys, values), [*blocks.shape, block_size,
+    num_kv_heads, head_dim] each, dequantized into `dtype` when the cache is quantized (a copy either way)."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k_scales_zeros: torch.Tensor | None
+    v_scales_zeros: torch.Tensor | None
+    policy: int
+    dtype: torch.dtype
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_cache.shape[2]
+
+    def __call__(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.policy:
+            return self.k_cache[blocks], self.v_cache[blocks]
+        return (
+            dequantize_kv(self.k_cache[blocks], self.k_scales_zeros[blocks], self.policy, self.dtype),
+            dequantize_kv(self.v_cache[blocks], self.v_scales_zeros[blocks], self.policy, self.dtype),
+        )
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 A step's one-token sequences (decodes, or a prompt's last uncached token) go to the decode kernel, split-K over long
 contexts; the others go to the prefill kernel in tiles of new tokens. Both read the cache the KV-store kernel has
-just written, so a prefill chunk sees its cached prefix and itself. The per-step device tensors (query start
-offsets, context lengths, the prefill tile list) are built once per step and shared by every layer.
+just written, so a prefill chunk sees its cached prefix and itself. A quantized cache (`lm_torch.kv_quant`) comes
+with its scales and zeros: the store kernel quantizes, the attention kernels dequantize. The per-step device tensors
+(query start offsets, context lengths, the prefill tile list) are built once per step and shared by every layer.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class TritonAttentionBackend:
         sliding_window: int | None = None,
         softcap: float | None = None,
         kv_stored: bool = False,  # the caller already wrote k and v into the cache (the fused rotary kernel)
+        k_scales_zeros: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads, 2]: a quantized cache
+        v_scales_zeros: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         from lm_torch.kernels.decode_attention import decode_attention
         from lm_torch.kernels.kv_cache import store_kv_cache
@@ -68,7 +71,8 @@ class TritonAttentionBackend:
         if k_cache.shape[1] != meta.block_size:
             raise ValueError(f"cache blocks hold {k_cache.shape[1]} tokens but the metadata says {meta.block_size}")
         if not kv_stored:
-            store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scales_zeros, v_scales_zeros)
+        scales_zeros = {"k_scales_zeros": k_scales_zeros, "v_scales_zeros": v_scales_zeros}
         layout = _step_layout(meta, q.device)
         out = torch.empty_like(q)
         if layout.num_decodes:
@@ -85,6 +89,7 @@ class TritonAttentionBackend:
                 softcap=softcap,
                 num_splits=layout.num_splits if layout.num_splits is not None else self.num_splits,
                 out=out,
+                **scales_zeros,
             )
         if layout.num_decodes < meta.num_seqs:
             per_tile = tokens_per_tile(q.shape[1] // k_cache.shape[2], q.shape[2])
@@ -106,6 +111,7 @@ class TritonAttentionBackend:
                 sliding_window=sliding_window,
                 softcap=softcap,
                 out=out,
+                **scales_zeros,
             )
         return out
 

@@ -6,6 +6,10 @@ context is cut into `num_splits` ranges so that a small batch still fills the GP
 leaves its normalised partial output and log-sum-exp, and a second kernel merges them. With one split the first
 kernel writes the output itself.
 
+A quantized cache (`quant_policy` 8 or 4, see `lm_torch.kv_quant`) is dequantized tile by tile right after loading;
+int4 tiles are the two halves of head_dim, each its own dot. The policy is a constexpr: the unquantized kernel is
+compiled as before.
+
 Everything the kernels read is a device tensor, so a captured CUDA graph replays them with new lengths and block
 tables; its split count is fixed at capture. `num_splits` is a run-time argument that triton does not specialise on,
 so every split count shares one compiled kernel (an engine meets many: each CUDA-graph bucket and each eager step
@@ -29,6 +33,7 @@ from lm_torch.kernels.common import (
     next_power_of_2,
     tanh,
 )
+from lm_torch.kernels.kv_cache import dequantize_tile, quantized_cache_args
 
 # A split covers at least this many tokens: fewer would spend more on merging than they save.
 MIN_TOKENS_PER_SPLIT = 64
@@ -62,15 +67,22 @@ def _decode_kernel(
     stride_oh,
     num_heads,
     num_splits,
+    k_sz_ptr,  # quantized caches: [num_blocks, block_size, num_kv_heads, 2] (scale, zero); unused otherwise
+    v_sz_ptr,
+    stride_szb,
+    stride_szs,
+    stride_szh,
     GROUP: tl.constexpr,  # query heads per kv head
     ROWS: tl.constexpr,  # GROUP padded to a power of two >= 16 (the smallest tile a dot takes)
     HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,  # keys per loop step
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact products, not tf32), else "tf32" (unused)
+    QUANT_POLICY: tl.constexpr,  # 0: the cache holds q's dtype; 8: int8 codes; 4: int4 codes, two per byte
+    FEAT: tl.constexpr,  # features per loaded tile: HEAD_DIM, or HEAD_DIM / 2 with int4 (one tile per half)
+    FEAT_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,32 +100,49 @@ def _decode_kernel(
 
         rows = tl.arange(0, ROWS)
         heads = kv_head * GROUP + rows
-        dims = tl.arange(0, DIM_PAD)
-        row_mask = (rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
-        q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=row_mask, other=0.0)
-        q = q.to(k_cache_ptr.dtype.element_ty)  # [ROWS, DIM_PAD]
+        # Features of one tile: all of head_dim, or for int4 the low half (the high half is a second tile, + FEAT).
+        dims = tl.arange(0, FEAT_PAD)
+        row_mask = (rows < GROUP)[:, None] & (dims < FEAT)[None, :]
+        q_src = q_ptr + row * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_src, mask=row_mask, other=0.0)
+        if QUANT_POLICY == 0:
+            q = q.to(k_cache_ptr.dtype.element_ty)  # [ROWS, FEAT_PAD]
+        q_hi = q
+        if QUANT_POLICY == 4:
+            q_hi = tl.load(q_src + FEAT, mask=row_mask, other=0.0)
 
         m = tl.full([ROWS], float("-inf"), tl.float32)  # running max of the scores (log2 domain)
         row_sum = tl.zeros([ROWS], tl.float32)  # running sum of exp2(score - m)
-        acc = tl.zeros([ROWS, DIM_PAD], tl.float32)
+        acc = tl.zeros([ROWS, FEAT_PAD], tl.float32)
+        acc_hi = tl.zeros([ROWS, FEAT_PAD], tl.float32)  # int4 only: the high half's output
         table = block_tables_ptr + seq.to(tl.int64) * stride_table
         for first in range(lo, hi, BLOCK_N):
             positions = first + tl.arange(0, BLOCK_N)
             valid = positions < hi
             blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             slots = positions % BLOCK_SIZE
-            kv_mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
+            kv_mask = valid[:, None] & (dims < FEAT)[None, :]
             k = tl.load(
                 k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
                 mask=kv_mask,
-                other=0.0,
-            )  # [BLOCK_N, DIM_PAD]
+                other=0,
+            )  # [BLOCK_N, FEAT_PAD]
             v = tl.load(
                 v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
                 mask=kv_mask,
-                other=0.0,
+                other=0,
             )
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] float32
+            if QUANT_POLICY != 0:
+                sz = blocks * stride_szb + slots * stride_szs + kv_head * stride_szh
+                k, k_hi = dequantize_tile(k, k_sz_ptr + sz, valid, QUANT_POLICY)
+                v, v_hi = dequantize_tile(v, v_sz_ptr + sz, valid, QUANT_POLICY)
+                k, k_hi, v, v_hi = k.to(q.dtype), k_hi.to(q.dtype), v.to(q.dtype), v_hi.to(q.dtype)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                if QUANT_POLICY == 4:
+                    s += tl.dot(q_hi, tl.trans(k_hi), input_precision=DOT_PRECISION)
+            else:
+                v_hi = v
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] float32
             # Soft-capping works on natural-log scores; the softmax below runs on exp2, hence log2(e) after it.
             s = softcap * tanh(s * qk_scale / softcap) * 1.4426950408889634 if USE_SOFTCAP else s * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -122,17 +151,25 @@ def _decode_kernel(
             p = tl.exp2(s - m_new[:, None])
             row_sum = row_sum * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            if QUANT_POLICY == 4:
+                acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v_hi.dtype), v_hi, input_precision=DOT_PRECISION)
             m = m_new
 
         # An empty range (short context, or a padded row with no context) leaves row_sum = 0: output 0, lse -inf.
         has_keys = row_sum > 0
         out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+        out_hi = acc_hi / tl.where(has_keys, row_sum, 1.0)[:, None]
         if num_splits == 1:
             dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+            if QUANT_POLICY == 4:
+                tl.store(dst + FEAT, out_hi.to(out_ptr.dtype.element_ty), mask=row_mask)
         else:
             head_rows = (seq * num_heads + heads).to(tl.int64) * num_splits + split
-            tl.store(partial_out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :], out, mask=row_mask)
+            dst = partial_out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :]
+            tl.store(dst, out, mask=row_mask)
+            if QUANT_POLICY == 4:
+                tl.store(dst + FEAT, out_hi, mask=row_mask)
             lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
             tl.store(partial_lse_ptr + head_rows, lse, mask=rows < GROUP)
 
@@ -196,11 +233,15 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
+    v_scales_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows of one-token sequences
     """Attend each one-token sequence's query to its cached context (the last `sliding_window` tokens of it).
 
     `max_context_len` (a host int, at least every context length) sizes the split-K; `num_splits` overrides it (a
-    CUDA graph fixes it at capture). Rows of sequences with more than one new token are left untouched.
+    CUDA graph fixes it at capture). Rows of sequences with more than one new token are left untouched. With
+    `*_scales_zeros` the caches hold int8 or int4 codes (`lm_torch.kv_quant`), dequantized tile by tile into q's
+    dtype after loading.
     """
     check_cuda_or_interpreter(q, k_cache, v_cache, block_tables, query_start_loc, context_lens)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -210,8 +251,12 @@ def decode_attention(
         raise ValueError(f"decode_attention: {num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
     if head_dim < 16:
         raise ValueError(f"decode_attention: head_dim {head_dim} is below 16, the smallest tile a dot takes")
-    if k_cache.shape[3] != head_dim or q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+    policy, sz_args = quantized_cache_args(k_cache, v_cache, k_scales_zeros, v_scales_zeros, head_dim)
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("decode_attention: head_dim must match and be contiguous in q and the caches")
+    feat = head_dim // 2 if policy == 4 else head_dim
+    if feat < 16:
+        raise ValueError(f"decode_attention: int4 caches need head_dim >= 32 (two tiles of 16), got {head_dim}")
     if query_start_loc.shape != (num_seqs + 1,) or block_tables.shape[0] != num_seqs:
         raise ValueError("decode_attention: query_start_loc, block_tables and context_lens disagree on num_seqs")
     out = torch.empty_like(q) if out is None else out
@@ -258,15 +303,18 @@ def decode_attention(
         out.stride(1),
         num_heads,
         num_splits,
+        *sz_args,
         GROUP=group,
         ROWS=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim,
-        DIM_PAD=dim_pad,
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        QUANT_POLICY=policy,
+        FEAT=feat,
+        FEAT_PAD=next_power_of_2(feat),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -6,6 +6,9 @@ of `tokens_per_tile`; one program takes one (tile, kv head) and stacks the tile'
 heads into the rows of one matrix, so each K/V block it reads serves the whole group (GQA/MQA). The causal mask,
 the sliding window and soft-capping are applied per row; keys outside every row's window are never loaded.
 
+A quantized cache (`quant_policy` 8 or 4, see `lm_torch.kv_quant`) is dequantized tile by tile right after loading,
+int4 as two half-width tiles with a dot each; the policy is a constexpr, so the unquantized kernel is unchanged.
+
 The tile list (which sequence and which first token each program takes) is built on the host from the query lengths
 the scheduler already knows, once per step (`prefill_tiles`).
 """
@@ -17,6 +20,7 @@ import triton
 import triton.language as tl
 
 from lm_torch.kernels.common import LOG2E, check_cuda_or_interpreter, interpreting, next_power_of_2, tanh
+from lm_torch.kernels.kv_cache import dequantize_tile, quantized_cache_args
 
 
 @triton.jit
@@ -44,16 +48,22 @@ def _prefill_kernel(
     stride_table,
     stride_ot,
     stride_oh,
+    k_sz_ptr,  # quantized caches: [num_blocks, block_size, num_kv_heads, 2] (scale, zero); unused otherwise
+    v_sz_ptr,
+    stride_szb,
+    stride_szs,
+    stride_szh,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     TOKENS: tl.constexpr,  # query tokens per tile; rows = TOKENS * GROUP_PAD
-    HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT_POLICY: tl.constexpr,  # 0: the cache holds q's dtype; 8: int8 codes; 4: int4 codes, two per byte
+    FEAT: tl.constexpr,  # features per loaded tile: head_dim, or head_dim / 2 with int4 (one tile per half)
+    FEAT_PAD: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -69,11 +79,16 @@ def _prefill_kernel(
     group_heads = rows % GROUP_PAD
     row_valid = (tokens < q_len) & (group_heads < GROUP)
     query_pos = ctx - q_len + tokens  # [ROWS] position of each row's token in its sequence
-    dims = tl.arange(0, DIM_PAD)
-    q_mask = row_valid[:, None] & (dims < HEAD_DIM)[None, :]
+    # Features of one tile: all of head_dim, or for int4 the low half (the high half is a second tile, + FEAT).
+    dims = tl.arange(0, FEAT_PAD)
+    q_mask = row_valid[:, None] & (dims < FEAT)[None, :]
     q_rows = (q_start + tokens) * stride_qt + (kv_head * GROUP + group_heads) * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=q_mask, other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if QUANT_POLICY == 0:
+        q = q.to(k_cache_ptr.dtype.element_ty)
+    q_hi = q
+    if QUANT_POLICY == 4:
+        q_hi = tl.load(q_ptr + q_rows[:, None] + FEAT + dims[None, :], mask=q_mask, other=0.0)
 
     last_token = tl.minimum(first_token + TOKENS, q_len) - 1
     last_pos = ctx - q_len + last_token
@@ -85,25 +100,36 @@ def _prefill_kernel(
 
     m = tl.full([TOKENS * GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([TOKENS * GROUP_PAD], tl.float32)
-    acc = tl.zeros([TOKENS * GROUP_PAD, DIM_PAD], tl.float32)
+    acc = tl.zeros([TOKENS * GROUP_PAD, FEAT_PAD], tl.float32)
+    acc_hi = tl.zeros([TOKENS * GROUP_PAD, FEAT_PAD], tl.float32)  # int4 only: the high half's output
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
     for first in range(lo, hi, BLOCK_N):
         positions = first + tl.arange(0, BLOCK_N)
         valid = positions < hi
         blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         slots = positions % BLOCK_SIZE
-        kv_mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
+        kv_mask = valid[:, None] & (dims < FEAT)[None, :]
         k = tl.load(
             k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
             mask=kv_mask,
-            other=0.0,
-        )  # [BLOCK_N, DIM_PAD]
+            other=0,
+        )  # [BLOCK_N, FEAT_PAD]
         v = tl.load(
             v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
             mask=kv_mask,
-            other=0.0,
+            other=0,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] float32
+        if QUANT_POLICY != 0:
+            sz = blocks * stride_szb + slots * stride_szs + kv_head * stride_szh
+            k, k_hi = dequantize_tile(k, k_sz_ptr + sz, valid, QUANT_POLICY)
+            v, v_hi = dequantize_tile(v, v_sz_ptr + sz, valid, QUANT_POLICY)
+            k, k_hi, v, v_hi = k.to(q.dtype), k_hi.to(q.dtype), v.to(q.dtype), v_hi.to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if QUANT_POLICY == 4:
+                s += tl.dot(q_hi, tl.trans(k_hi), input_precision=DOT_PRECISION)
+        else:
+            v_hi = v
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] float32
         # Soft-capping works on natural-log scores; the softmax below runs on exp2, hence log2(e) after it.
         s = softcap * tanh(s * qk_scale / softcap) * 1.4426950408889634 if USE_SOFTCAP else s * qk_scale
         # Steps wholly before the tile's first query (and inside every row's window) need no mask.
@@ -123,11 +149,16 @@ def _prefill_kernel(
         p = tl.exp2(s - shift[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if QUANT_POLICY == 4:
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v_hi.dtype), v_hi, input_precision=DOT_PRECISION)
         m = m_new
 
-    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    denominator = tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     out_rows = (q_start + tokens) * stride_ot + (kv_head * GROUP + group_heads) * stride_oh
-    tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    dst = out_ptr + out_rows[:, None] + dims[None, :]
+    tl.store(dst, (acc / denominator).to(out_ptr.dtype.element_ty), mask=q_mask)
+    if QUANT_POLICY == 4:
+        tl.store(dst + FEAT, (acc_hi / denominator).to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 def tokens_per_tile(group: int, head_dim: int = 128, rows: int | None = None) -> int:
@@ -178,8 +209,11 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
+    v_scales_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows the tiles cover
-    """Causal attention of the tiled sequences' new tokens over their whole cached context.
+    """Causal attention of the tiled sequences' new tokens over their whole cached context (int8 or int4 codes,
+    dequantized tile by tile, when `*_scales_zeros` are given; see `lm_torch.kv_quant`).
 
     `block_n` (keys per step), `num_warps` and `num_stages` override the launch shape; the defaults were the
     fastest of those `benchmarks/kernels.py --tune` tried for head_dim 128 on an H100.
@@ -189,8 +223,12 @@ def prefill_attention(
     num_kv_heads = k_cache.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"prefill_attention: {num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
-    if k_cache.shape[3] != head_dim or q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+    policy, sz_args = quantized_cache_args(k_cache, v_cache, k_scales_zeros, v_scales_zeros, head_dim)
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("prefill_attention: head_dim must match and be contiguous in q and the caches")
+    feat = head_dim // 2 if policy == 4 else head_dim
+    if feat < 16:
+        raise ValueError(f"prefill_attention: int4 caches need head_dim >= 32 (two tiles of 16), got {head_dim}")
     if tile_seq.shape != tile_first.shape:
         raise ValueError("prefill_attention: tile_seq and tile_first differ in length")
     out = torch.empty_like(q) if out is None else out
@@ -225,16 +263,18 @@ def prefill_attention(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        *sz_args,
         GROUP=group,
         GROUP_PAD=next_power_of_2(group),
         TOKENS=tokens_per_tile,
-        HEAD_DIM=head_dim,
-        DIM_PAD=next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n or (16 if interpreting() else (128 if head_dim <= 128 else 32)),
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        QUANT_POLICY=policy,
+        FEAT=feat,
+        FEAT_PAD=next_power_of_2(feat),
         num_warps=num_warps or 8,
         num_stages=num_stages or (3 if head_dim <= 128 else 2),
     )

@@ -211,3 +211,37 @@ def w8a8_linear(
     acc = (x_q.double() @ weight.double().t()).float()  # float64 holds these integer sums exactly
     out = acc * x_scale.float() * weight_scale.float().t()
     return out if bias is None else out + bias.float()
+
+
+def store_kv_cache_quantized(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, packed_dim] uint8, written in place
+    v_cache: torch.Tensor,
+    k_scales_zeros: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, 2], written in place
+    v_scales_zeros: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int; negative = padding, not written
+    quant_policy: int,
+) -> None:
+    """Quantize token t's K/V (`lm_torch.kv_quant.quantize_kv`: int8 or int4, a scale and zero per head) into flat
+    slot `slot_mapping[t]` of the caches."""
+    from lm_torch.kv_quant import quantize_kv
+
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    for x, cache, params in ((k, k_cache, k_scales_zeros), (v, v_cache, v_scales_zeros)):
+        codes, scales_zeros = quantize_kv(x[keep], quant_policy, params.dtype)
+        cache.view(-1, *cache.shape[2:])[slots] = codes
+        params.view(-1, *params.shape[2:])[slots] = scales_zeros
+
+
+def dequantize_cache(
+    cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, packed_dim] uint8
+    scales_zeros: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, 2]
+    quant_policy: int,
+) -> torch.Tensor:  # [num_blocks, block_size, num_kv_heads, head_dim] float32
+    """A whole quantized cache as float32 values (`paged_attention` over it is what the kernels must compute from
+    the codes)."""
+    from lm_torch.kv_quant import dequantize_kv
+
+    return dequantize_kv(cache, scales_zeros, quant_policy, torch.float32)

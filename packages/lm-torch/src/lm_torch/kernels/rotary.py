@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from lm_torch.kernels.common import check_cuda_or_interpreter, next_power_of_2
+from lm_torch.kernels.kv_cache import quantize_store_heads, quantized_cache_args
 
 
 @triton.jit
@@ -68,6 +69,95 @@ def _copy_heads(
 
 
 @triton.jit
+def _rotated_features(
+    x_row, stride_h, heads, features, mask, cos_row, sin_row, half, IS_NEOX: tl.constexpr
+):  # [HEADS_PAD, F] float32
+    """Features `features` [1, F] of heads `heads` [HEADS_PAD, 1] of a token's row after rotary, computed in
+    registers for any set of features (each loads its rotation partner): the quantized store needs a head's halves
+    [0, head_dim / 2) and [head_dim / 2, head_dim), which are not the pairs rotary works in. Rounded to x's dtype,
+    as the unquantized cache would hold them."""
+    if IS_NEOX:
+        is_first = features < half
+        partner = tl.where(is_first, features + half, features - half)
+        pair = tl.where(is_first, features, features - half)
+    else:
+        is_first = (features % 2) == 0
+        partner = tl.where(is_first, features + 1, features - 1)
+        pair = features // 2
+    rotated = features < 2 * half  # features past rotary_dim (partial rotary) pass through
+    x = tl.load(x_row + heads * stride_h + features, mask=mask, other=0.0)
+    other = tl.load(x_row + heads * stride_h + partner, mask=mask & rotated, other=0.0).to(tl.float32)
+    c = tl.load(cos_row + pair, mask=rotated, other=1.0).to(tl.float32)
+    s = tl.load(sin_row + pair, mask=rotated, other=0.0).to(tl.float32)
+    a = x.to(tl.float32)
+    y = tl.where(is_first, a * c - other * s, a * c + other * s).to(x.dtype)
+    return tl.where(rotated, y, x).to(tl.float32)
+
+
+@triton.jit
+def _store_quantized(
+    k_row,
+    stride_kh,
+    v_row,
+    stride_vh,
+    cos_row,
+    sin_row,
+    half,
+    head_dim,
+    num_kv_heads,
+    k_dst,  # the token's slot in the uint8 caches
+    v_dst,
+    stride_kch,
+    stride_vch,
+    sz_offset,  # the token's slot in the scales_zeros tensors
+    k_sz_ptr,
+    v_sz_ptr,
+    stride_szh,
+    K_HEADS_PAD: tl.constexpr,
+    HEAD_HALF_PAD: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    QUANT_POLICY: tl.constexpr,
+):
+    """Rotate a token's k, then quantize it and its v into their cache slot (k's own row is left as it was)."""
+    head_half = head_dim // 2
+    heads = tl.arange(0, K_HEADS_PAD)
+    pairs = tl.arange(0, HEAD_HALF_PAD)
+    mask = (heads < num_kv_heads)[:, None] & (pairs < head_half)[None, :]
+    lo = pairs[None, :]
+    k_lo = _rotated_features(k_row, stride_kh, heads[:, None], lo, mask, cos_row, sin_row, half, IS_NEOX)
+    k_hi = _rotated_features(k_row, stride_kh, heads[:, None], lo + head_half, mask, cos_row, sin_row, half, IS_NEOX)
+    quantize_store_heads(
+        k_lo,
+        k_hi,
+        heads,
+        pairs,
+        num_kv_heads,
+        head_half,
+        k_dst,
+        stride_kch,
+        k_sz_ptr + sz_offset,
+        stride_szh,
+        QUANT_POLICY,
+    )
+    v_src = v_row + heads[:, None] * stride_vh + lo
+    v_lo = tl.load(v_src, mask=mask, other=0.0).to(tl.float32)
+    v_hi = tl.load(v_src + head_half, mask=mask, other=0.0).to(tl.float32)
+    quantize_store_heads(
+        v_lo,
+        v_hi,
+        heads,
+        pairs,
+        num_kv_heads,
+        head_half,
+        v_dst,
+        stride_vch,
+        v_sz_ptr + sz_offset,
+        stride_szh,
+        QUANT_POLICY,
+    )
+
+
+@triton.jit
 def _rotary_kernel(
     positions_ptr,
     q_ptr,
@@ -92,6 +182,11 @@ def _rotary_kernel(
     stride_vcb,
     stride_vcs,
     stride_vch,
+    k_sz_ptr,  # quantized caches: [num_blocks, block_size, num_kv_heads, 2] (scale, zero); unused otherwise
+    v_sz_ptr,
+    stride_szb,
+    stride_szs,
+    stride_szh,
     num_heads,
     num_kv_heads,
     half,
@@ -104,6 +199,8 @@ def _rotary_kernel(
     STORE: tl.constexpr,  # also write the rotated k and v into the paged cache at the token's slot
     PARTIAL: tl.constexpr,  # rotary_dim < head_dim: features past it are copied to the cache unrotated
     BLOCK_SIZE: tl.constexpr,
+    QUANT_POLICY: tl.constexpr,  # with STORE: 0 copies into the cache's dtype, 8/4 quantize to int8/int4
+    HEAD_HALF_PAD: tl.constexpr,  # head_dim / 2 padded to a power of two (quantized caches)
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
@@ -116,7 +213,36 @@ def _rotary_kernel(
     if STORE:
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         # Negative slots are padding rows (a CUDA graph's batch padded to its captured size): nothing to store.
-        if slot >= 0:
+        if QUANT_POLICY != 0:
+            if slot >= 0:
+                _store_quantized(
+                    k_row,
+                    stride_kh,
+                    v_ptr + token * stride_vt,
+                    stride_vh,
+                    cos_ptr + position * stride_cos,
+                    sin_ptr + position * stride_sin,
+                    half,
+                    head_dim,
+                    num_kv_heads,
+                    k_cache_ptr + (slot // BLOCK_SIZE) * stride_kcb + (slot % BLOCK_SIZE) * stride_kcs,
+                    v_cache_ptr + (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs,
+                    stride_kch,
+                    stride_vch,
+                    (slot // BLOCK_SIZE) * stride_szb + (slot % BLOCK_SIZE) * stride_szs,
+                    k_sz_ptr,
+                    v_sz_ptr,
+                    stride_szh,
+                    K_HEADS_PAD,
+                    HEAD_HALF_PAD,
+                    IS_NEOX,
+                    QUANT_POLICY,
+                )
+            else:
+                _rotate_heads(
+                    k_row, stride_kh, num_kv_heads, c, s, K_HEADS_PAD, HALF_PAD, half, IS_NEOX, k_row, stride_kh, False
+                )
+        elif slot >= 0:
             k_dst = k_cache_ptr + (slot // BLOCK_SIZE) * stride_kcb + (slot % BLOCK_SIZE) * stride_kcs
             v_dst = v_cache_ptr + (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs
             _rotate_heads(
@@ -148,11 +274,15 @@ def apply_rotary(
     k_cache: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,  # [num_tokens] int: block * block_size + offset; negative = skip
+    k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
+    v_scales_zeros: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k in place by each token's position (float32 math) and return them.
 
     Given `v`, the caches and `slot_mapping`, the same launch also writes the rotated k and v at each token's slot
-    (what `kv_cache.store_kv_cache` would do next): one kernel instead of two per layer, and k read once.
+    (what `kv_cache.store_kv_cache` would do next): one kernel instead of two per layer, and k read once. With
+    `*_scales_zeros` the caches are quantized (`lm_torch.kv_quant`): the slot then gets the codes of the rotated k
+    (rounded to k's dtype first) and of v, and k itself is not rotated in place (only the cache gets it).
     """
     store = k_cache is not None
     check_cuda_or_interpreter(positions, q, k, cos, sin)
@@ -167,7 +297,8 @@ def apply_rotary(
         if v is None or v_cache is None or slot_mapping is None:
             raise ValueError("apply_rotary: storing into the cache needs v, k_cache, v_cache and slot_mapping")
         check_cuda_or_interpreter(v, k_cache, v_cache, slot_mapping)
-        if v.shape != k.shape or k_cache.shape[2:] != k.shape[1:] or v_cache.shape != k_cache.shape:
+        policy, sz_args = quantized_cache_args(k_cache, v_cache, k_scales_zeros, v_scales_zeros, k.shape[2])
+        if v.shape != k.shape or k_cache.shape[2] != k.shape[1] or v_cache.shape != k_cache.shape:
             raise ValueError(f"apply_rotary: k {tuple(k.shape)}, v {tuple(v.shape)}, cache {tuple(k_cache.shape)}")
         if v.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
             raise ValueError("apply_rotary: head_dim must be contiguous in v and the caches")
@@ -175,6 +306,7 @@ def apply_rotary(
             raise ValueError(f"apply_rotary: slot_mapping {tuple(slot_mapping.shape)} for {q.shape[0]} tokens")
     else:
         v, k_cache, v_cache, slot_mapping = k, k, k, positions  # placeholders, never read
+        policy, sz_args = 0, (k, k, 0, 0, 0)
     cache_strides = (
         (
             k_cache.stride(0),
@@ -208,6 +340,7 @@ def apply_rotary(
             v.stride(0),
             v.stride(1),
             *cache_strides,
+            *sz_args,
             q.shape[1],
             k.shape[1],
             half,
@@ -220,6 +353,8 @@ def apply_rotary(
             STORE=store,
             PARTIAL=rotary_dim < q.shape[2],
             BLOCK_SIZE=k_cache.shape[1] if store else 1,
+            QUANT_POLICY=policy,
+            HEAD_HALF_PAD=next_power_of_2(q.shape[2] // 2),
             num_warps=4,
         )
     return q, k

@@ -31,7 +31,7 @@ class PagedAttention(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads * head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, ...],  # (k, v) or a quantized `kv_quant.KVCache` (k, v, scales/zeros of each)
         meta: AttentionMetadata,
         rotary=None,  # a RotaryEmbedding to apply to q and k first (None: they arrive rotated)
         positions: torch.Tensor | None = None,  # [num_tokens], with `rotary`
@@ -41,14 +41,26 @@ class PagedAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         kv_stored = False
+        scales_zeros = tuple(kv_cache[2:4]) if len(kv_cache) > 2 else (None, None)
         if rotary is not None:
             if getattr(self.backend, "fuses_kv_store", False) and runs_triton(q):
                 # One kernel rotates q and k and writes k and v into the cache; the backend then only attends.
-                rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+                rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, *scales_zeros)
                 kv_stored = True
             else:
                 q, k = rotary(positions, q, k)
         out = self.backend.forward(
-            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, self.softcap, kv_stored=kv_stored
+            q,
+            k,
+            v,
+            kv_cache[0],
+            kv_cache[1],
+            meta,
+            self.scale,
+            self.sliding_window,
+            self.softcap,
+            kv_stored=kv_stored,
+            k_scales_zeros=scales_zeros[0],
+            v_scales_zeros=scales_zeros[1],
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

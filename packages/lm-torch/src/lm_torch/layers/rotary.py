@@ -88,13 +88,25 @@ class RotaryEmbedding(nn.Module):
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,  # [num_tokens]: flat cache slot of each token, negative = padding
+        k_scales_zeros: torch.Tensor | None = None,  # a quantized cache's (scale, zero) per slot and head
+        v_scales_zeros: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Rotate q and k in place and write the rotated k and v into the paged cache: one Triton kernel (CUDA
-        only; see `kernels.rotary.apply_rotary`). Returns q."""
+        """Rotate q and k in place and write the rotated k and v into the paged cache (quantized if it is): one
+        Triton kernel (CUDA only; see `kernels.rotary.apply_rotary`). Returns q."""
         from lm_torch.kernels.rotary import apply_rotary
 
         apply_rotary(
-            positions, q, k, self.cos, self.sin, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping
+            positions,
+            q,
+            k,
+            self.cos,
+            self.sin,
+            v=v,
+            k_cache=k_cache,
+            v_cache=v_cache,
+            slot_mapping=slot_mapping,
+            k_scales_zeros=k_scales_zeros,
+            v_scales_zeros=v_scales_zeros,
         )
         return q
 
