@@ -94,6 +94,7 @@ def serve() -> None:
 @click.option("--cache-max-entry-count", type=float, help="Fraction of free memory for the KV cache.")
 @click.option("--num-kv-blocks", type=int, help="Exact number of KV-cache blocks (overrides the fraction).")
 @click.option("--block-size", type=int, help="Tokens per KV-cache block.")
+@click.option("--quant-policy", type=int, help="KV cache quantized online: 0 off, 8 int8, 4 int4 (engine setting).")
 @click.option("--max-prefill-token-num", type=int, help="Token budget of one engine step.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Weights and compute.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the engine runs.")
