@@ -18,53 +18,15 @@ HALF_TYPES = (torch.bfloat16, torch.float16)
 class SingleRowLinear(nn.Linear):
     """nn.Linear whose one-row half-precision CUDA inputs go through `kernels.gemv.gemv`."""
 
-    def takes_row(self, x: torch.Tensor, width: int | None = None) -> bool:
-        """Whether `x` is one row (of `width` elements, default in_features) for the GEMV."""
-        width = self.in_features if width is None else width
-        return x.numel() == width and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.takes_row(x):
+        if x.numel() == self.in_features and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
             from lm_torch.kernels.gemv import gemv
 
-            return self._finish(gemv(x.reshape(1, self.in_features).contiguous(), self.weight), x.shape)
+            y = gemv(x.reshape(1, self.in_features).contiguous(), self.weight)  # [1, out]
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
-
-    def _finish(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
-
-
-def norm_then_linear(norm, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
-    """(linear(norm(x + residual)), x + residual): a pre-norm block's opening, as `norm.pre_norm` then `linear`
-    (the first layer, `residual` None, starts the residual stream with x). A one-row CUDA input runs as one GEMV
-    with the add and the norm folded in (`kernels.gemv`): a batch-1 decode step saves a launch per norm."""
-    if isinstance(linear, SingleRowLinear) and linear.takes_row(x) and norm.weight.dtype == x.dtype:
-        from lm_torch.kernels.gemv import gemv
-
-        row = x.reshape(1, -1)
-        res = residual.reshape(1, -1) if residual is not None else None
-        result = gemv(row, linear.weight, norm_weight=norm.weight, residual=res, eps=norm.eps, offset=norm.offset)
-        y, total = result if res is not None else (result, x)
-        return linear._finish(y, x.shape), total.view(x.shape)
-    hidden, residual = norm.pre_norm(x, residual)
-    return linear(hidden), residual
-
-
-def act_then_linear(linear: nn.Module, gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """linear(act(gate) * up) of a fused [gate | up] projection; one GEMV with the activation folded in for a
-    one-row CUDA input."""
-    if isinstance(linear, SingleRowLinear) and linear.takes_row(gate_up, 2 * linear.in_features):
-        from lm_torch.kernels.activation import ACTIVATION_CODES
-
-        if act in ACTIVATION_CODES:
-            from lm_torch.kernels.gemv import gemv
-
-            return linear._finish(gemv(gate_up.reshape(1, -1), linear.weight, act=act), gate_up.shape)
-    from lm_torch.layers.activation import gated_activation
-
-    return linear(gated_activation(gate_up, act))
 
 
 def use_gemv_linears(model: nn.Module) -> int:

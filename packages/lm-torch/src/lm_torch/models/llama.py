@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.layers.activation import gated_activation
 from lm_torch.layers.attention import PagedAttention
-from lm_torch.layers.cuda_linear import act_then_linear, norm_then_linear
 from lm_torch.layers.norm import RMSNorm
 from lm_torch.layers.rotary import RotaryEmbedding
 from lm_torch.models.base import CausalLM, load_fused
@@ -45,10 +45,7 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata):
-        return self.attend(positions, self.qkv_proj(x), kv_cache, meta)
-
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata):
-        """The layer from its q/k/v projection on: qkv [num_tokens, q_size + 2 * kv_size]."""
+        qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -67,11 +64,7 @@ class LlamaMLP(nn.Module):
         self.act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.gate_up_proj(x))
-
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The block from its [gate | up] projection on."""
-        return act_then_linear(self.down_proj, gate_up, self.act)
+        return self.down_proj(gated_activation(self.gate_up_proj(x), self.act))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -83,11 +76,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionMetadata):
-        # Each norm goes with the projection after it (one kernel for a one-row CUDA step: `norm_then_linear`).
-        qkv, residual = norm_then_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)
-        hidden = self.self_attn.attend(positions, qkv, kv_cache, meta)
-        gate_up, residual = norm_then_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual)
-        return self.mlp.down(gate_up), residual
+        hidden, residual = self.input_layernorm.pre_norm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(CausalLM):
