@@ -7,7 +7,10 @@ weight copies that none stays in L2. It prints one JSON line per (shape, M): mic
 effective bandwidth of the best W4A16 one (int4 weight + bf16 scales and zeros, read once) and its largest error
 against the float32 dequantize-and-multiply reference. W8A8 lines time the per-token quantization + int8 GEMM.
 
-    python benchmarks/w4a16.py [--quick]
+    python benchmarks/w4a16.py [--quick] [--rows 1,4,16,2048] [--write-tuning FILE]
+
+--write-tuning writes the fastest launch shape of each (rows bucket, N, K, group) as the JSON table
+`kernels.w4a16.tuned_configs` reads (from $LM_TORCH_W4A16_TUNING, else `kernels/w4a16_tuning.json`).
 """
 
 from __future__ import annotations
@@ -20,21 +23,46 @@ import torch
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 GROUP = 128
 L2_BYTES = 50 * 1024**2
-# (block_n, blocks per step, num_warps, num_stages, split_k) of the one-row GEMV.
-GEMV_SHAPES = [
-    (8, 16, 2, 1, 1),
-    (16, 16, 2, 1, 1),
-    (4, 16, 2, 1, 1),
-    (8, 16, 2, 1, 2),
-    (16, 16, 4, 1, 1),
-    (8, 16, 4, 1, 1),
-    (32, 16, 4, 1, 1),
-    (16, 8, 4, 1, 2),
-    (64, 4, 4, 1, 4),
+# Launch shapes tried: (block_n, blocks per step, num_warps, split_k, prefetch, prefetch_x) of the one-row GEMV.
+GEMV = [
+    (4, 16, 2, 1, True, True),
+    (4, 16, 2, 1, True, False),
+    (4, 16, 2, 1, False, False),
+    (2, 16, 2, 1, True, True),
+    (8, 16, 2, 1, True, True),
+    (4, 8, 1, 1, True, True),
+    (8, 8, 1, 1, True, True),
+    (2, 8, 1, 1, True, True),
+    (4, 16, 2, 2, True, True),
+    (8, 16, 2, 4, True, True),
+    (16, 16, 4, 1, True, True),
+    (64, 4, 4, 4, False, False),
 ]
-# (block_m, block_n, num_warps, num_stages, split_k) of the tensor-core kernel.
-SKINNY_SHAPES = [(16, 64, 4, 3, 1), (16, 64, 4, 3, 4), (16, 32, 4, 4, 4), (16, 128, 4, 3, 2)]
-PREFILL_SHAPES = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 1), (64, 128, 4, 4, 1), (128, 256, 8, 3, 1)]
+GEMV_CONFIGS = [
+    dict(zip(("block_n", "blocks", "num_warps", "split_k", "prefetch", "prefetch_x"), c, strict=True)) for c in GEMV
+]
+# (block_m, block_n, num_warps, num_stages, split_k, prefetch) of the tensor-core kernel: a few rows, and prefill.
+_GEMM_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "split_k", "prefetch")
+SKINNY_CONFIGS = [
+    dict(zip(_GEMM_KEYS, c, strict=True))
+    for c in [
+        (16, 64, 4, 3, 4, False),
+        (16, 64, 4, 3, 4, True),
+        (16, 32, 4, 3, 4, True),
+        (16, 64, 4, 3, 2, True),
+        (16, 128, 4, 3, 2, True),
+        (16, 64, 4, 3, 8, True),
+    ]
+]
+PREFILL_CONFIGS = [
+    dict(zip(_GEMM_KEYS, c, strict=True))
+    for c in [
+        (128, 64, 4, 4, 1, False),
+        (128, 128, 8, 3, 1, False),
+        (64, 128, 4, 4, 1, False),
+        (128, 64, 4, 3, 1, True),
+    ]
+]
 
 
 def time_us(fn, operands, x, rep: int) -> float:
@@ -61,12 +89,15 @@ def make_weights(n: int, k: int, copies: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer launch shapes and a shorter timing per shape")
+    parser.add_argument("--quick", action="store_true", help="a shorter timing per launch shape")
     parser.add_argument("--rows", default="1,2,4,8,16,2048")
+    parser.add_argument("--write-tuning", default=None, help="write the fastest launch shapes here (JSON)")
     args = parser.parse_args()
     from lm_torch.kernels import reference
     from lm_torch.kernels.gemv import gemv
-    from lm_torch.kernels.w4a16 import w4a16_gemm, w4a16_gemv, w4a16_linear
+    from lm_torch.kernels.w4a16 import rows_bucket, w4a16_gemm, w4a16_gemv, w4a16_linear
+
+    table: dict[str, dict] = {}
 
     rep = 60 if args.quick else 150
     torch.manual_seed(0)
@@ -86,24 +117,35 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             expected = reference.w4a16_linear(x, *weights[0], GROUP)
             row = {"shape": name, "n": n, "k": k, "m": m}
-            candidates = {"dispatch": lambda a, w: w4a16_linear(a, *w, GROUP)}
+            candidates = {"dispatch": (None, lambda a, w: w4a16_linear(a, *w, GROUP))}
             if m == 1:
-                for bn, nb, nw, ns, sk in GEMV_SHAPES:
-                    candidates[f"gemv_{bn}b{nb}w{nw}n{ns}s{sk}"] = lambda a, w, bn=bn, nb=nb, nw=nw, ns=ns, sk=sk: (
-                        w4a16_gemv(a, *w, GROUP, block_n=bn, blocks=nb, num_warps=nw, num_stages=ns, split_k=sk)
-                    )
-            shapes = SKINNY_SHAPES if m <= 16 else PREFILL_SHAPES
-            for bm, bn, nw, ns, sk in shapes[: 2 if args.quick else None]:
-                candidates[f"gemm_{bm}x{bn}w{nw}n{ns}s{sk}"] = lambda a, w, bm=bm, bn=bn, nw=nw, ns=ns, sk=sk: (
-                    w4a16_gemm(a, *w, GROUP, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, split_k=sk)
-                )
-            for label, fn in candidates.items():
+                for cfg in GEMV_CONFIGS:
+                    label = "gemv_" + "_".join(f"{key}{int(value)}" for key, value in cfg.items())
+                    candidates[label] = ({"kernel": "gemv", **cfg}, lambda a, w, c=cfg: w4a16_gemv(a, *w, GROUP, **c))
+            for cfg in (SKINNY_CONFIGS if m <= 16 else PREFILL_CONFIGS)[: 2 if m == 1 else None]:
+                label = "gemm_" + "_".join(f"{key}{int(value)}" for key, value in cfg.items())
+                candidates[label] = ({"kernel": "gemm", **cfg}, lambda a, w, c=cfg: w4a16_gemm(a, *w, GROUP, **c))
+            for label, (_, fn) in candidates.items():
                 try:
                     error = (fn(x, weights[0]).float() - expected).abs().max().item()
                     row[f"{label}_us"] = round(time_us(fn, weights, x, rep), 2)
                     row[f"{label}_err"] = round(error, 4)
                 except Exception as exc:  # a launch shape that does not compile is a result too
                     row[f"{label}_failed"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            # Only launch shapes that computed the right numbers (bf16 output rounding is ~0.01 here) may be chosen.
+            tuned = {
+                key: v
+                for key, v in row.items()
+                if key.endswith("_us") and key != "dispatch_us" and row[key.replace("_us", "_err")] < 0.1
+            }
+            if tuned:
+                label = min(tuned, key=tuned.get).removesuffix("_us")
+                # Later row counts of a bucket overwrite earlier ones: the bucket's largest M decides.
+                table[f"{rows_bucket(m)}:{n}:{k}:{GROUP}"] = candidates[label][0]
+                if args.write_tuning:  # after every row: a sweep cut short still leaves its table
+                    with open(args.write_tuning, "w") as f:
+                        device = torch.cuda.get_device_name()
+                        json.dump({"device": device, "torch": torch.__version__, "configs": table}, f, indent=1)
             row["cublas_bf16_us"] = round(time_us(torch.nn.functional.linear, dense, x, rep), 2)
             if m == 1:
                 row["gemv_bf16_us"] = round(time_us(lambda a, w: gemv(a, w), dense, x, rep), 2)

@@ -69,9 +69,20 @@ def test_gemv_matches_reference(case, split_k):
         for blocks in (1, 2, 4):
             if num_blocks % blocks:
                 continue
-            out = w4a16_gemv(x, packed, scales, zeros, group, blocks=blocks, split_k=split_k)
-            assert out.shape == (1, n) and out.dtype == x.dtype
-            case.assert_close(out, expected, case.elementwise_tol)
+            for prefetch, prefetch_x in ((True, True), (True, False), (False, False)):
+                out = w4a16_gemv(
+                    x,
+                    packed,
+                    scales,
+                    zeros,
+                    group,
+                    blocks=blocks,
+                    split_k=split_k,
+                    prefetch=prefetch,
+                    prefetch_x=prefetch_x,
+                )
+                assert out.shape == (1, n) and out.dtype == x.dtype
+                case.assert_close(out, expected, case.elementwise_tol)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 16, 70])
@@ -84,8 +95,10 @@ def test_gemm_matches_reference(case, rows):
         packed, scales, zeros, gen = _weights(case, n, k, group, seed=10 + index)
         x = case.randn(rows, k, generator=gen)
         expected = reference.w4a16_linear(x, packed, scales, zeros, group)
-        for split_k in (1, 2):
-            out = w4a16_gemm(x, packed, scales, zeros, group, block_m=16, block_n=32, split_k=split_k)
+        for split_k, prefetch in ((1, False), (2, False), (1, True), (3, True)):
+            out = w4a16_gemm(
+                x, packed, scales, zeros, group, block_m=16, block_n=32, split_k=split_k, prefetch=prefetch
+            )
             case.assert_close(out, expected, tol)
         case.assert_close(w4a16_linear(x, packed, scales, zeros, group), expected, tol)
 
@@ -150,3 +163,30 @@ def test_uneven_gptq_groups_keep_the_dense_path(case):
         layer.g_idx.copy_(torch.zeros_like(layer.g_idx))  # one group of all inputs: not group_size of them
     assert not layer.repack_for_kernels()
     assert layer.packed is None and hasattr(layer, "qweight")
+
+
+def test_tuned_launch_shapes_are_used(case, tmp_path, monkeypatch):
+    """`w4a16_linear` takes a shape's launch parameters from the tuning table (here one naming kernels and
+    parameters the defaults would not pick) and computes the same product."""
+    import json
+
+    from lm_torch.kernels import w4a16
+
+    n, k, group = 40, 256, 64
+    table = {
+        f"1:{n}:{k}:{group}": {"kernel": "gemv", "block_n": 8, "blocks": 2, "num_warps": 1, "split_k": 2},
+        f"16:{n}:{k}:{group}": {"kernel": "gemm", "block_m": 16, "block_n": 16, "split_k": 3, "prefetch": True},
+    }
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"device": "test", "configs": table}))
+    monkeypatch.setenv(w4a16.TUNING_ENV, str(path))
+    w4a16.tuned_configs.cache_clear()
+    try:
+        assert w4a16.tuned_configs() == table
+        packed, scales, zeros, gen = _weights(case, n, k, group, seed=7)
+        for rows in (1, 5):
+            x = case.randn(rows, k, generator=gen)
+            expected = reference.w4a16_linear(x, packed, scales, zeros, group)
+            case.assert_close(w4a16.w4a16_linear(x, packed, scales, zeros, group), expected, 2 * case.elementwise_tol)
+    finally:
+        w4a16.tuned_configs.cache_clear()

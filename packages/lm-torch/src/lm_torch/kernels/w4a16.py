@@ -26,6 +26,11 @@ Split-K programs add float32 partial sums atomically; without split the result i
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
@@ -56,6 +61,37 @@ def _plane(words, t: tl.constexpr):
 
 
 @triton.jit
+def _gemv_step(w_ptrs, s_ptr, z_ptr, rows, row_mask, bi, n, b0, WORDS, BLOCK, GROUP, EVEN_N: tl.constexpr):
+    """The words [BN, BLOCKS, W] and float32 scales and zeros [BN, BLOCKS] of the step starting at block b0."""
+    groups = (b0 + bi) * BLOCK // GROUP  # [BLOCKS]
+    sz_offsets = groups[None, :] * n + rows[:, None]  # [BN, BLOCKS]
+    if EVEN_N:
+        words = tl.load(w_ptrs + b0 * WORDS)
+        s = tl.load(s_ptr + sz_offsets)
+        z = tl.load(z_ptr + sz_offsets)
+    else:
+        words = tl.load(w_ptrs + b0 * WORDS, mask=row_mask[:, None, None], other=0)
+        s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0)
+        z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0)
+    return words, s.to(tl.float32), z.to(tl.float32)
+
+
+@triton.jit
+def _x_planes(ptrs, WORDS: tl.constexpr):
+    """The 8 slices of x [BLOCKS, W] that planes 0..7 of a step meet (x[b * B + t * W + j] for plane t)."""
+    return (
+        tl.load(ptrs),
+        tl.load(ptrs + WORDS),
+        tl.load(ptrs + 2 * WORDS),
+        tl.load(ptrs + 3 * WORDS),
+        tl.load(ptrs + 4 * WORDS),
+        tl.load(ptrs + 5 * WORDS),
+        tl.load(ptrs + 6 * WORDS),
+        tl.load(ptrs + 7 * WORDS),
+    )
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr,
     w_ptr,
@@ -70,6 +106,8 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCKS: tl.constexpr,  # blocks per loop step, side by side in the tile (blocks_per_split is a multiple)
     EVEN_N: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load step i + 1's words, scales and zeros while computing step i
+    PREFETCH_X: tl.constexpr,  # and its slices of x
     ATOMIC: tl.constexpr,
 ):
     WORDS: tl.constexpr = BLOCK // 8  # words of a block per row
@@ -88,30 +126,50 @@ def _w4a16_gemv_kernel(
     first = pid_k * blocks_per_split
     last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)  # the last split may be shorter
     acc = tl.zeros([BLOCK_N, BLOCKS, WORDS], tl.float32)
+    if PREFETCH:
+        words, s, z = _gemv_step(w_ptrs, s_ptr, z_ptr, rows, row_mask, bi, n, first, WORDS, BLOCK, GROUP, EVEN_N)
+    if PREFETCH_X:
+        xs = _x_planes(x_ptr + first * BLOCK + x_offsets, WORDS)
     for b0 in range(first, last, BLOCKS):
-        groups = (b0 + bi) * BLOCK // GROUP  # [BLOCKS]
-        sz_offsets = groups[None, :] * n + rows[:, None]  # [BN, BLOCKS]
-        if EVEN_N:
-            words = tl.load(w_ptrs + b0 * WORDS)  # [BN, BLOCKS, W] int32
-            s = tl.load(s_ptr + sz_offsets).to(tl.float32)  # [BN, BLOCKS]
-            z = tl.load(z_ptr + sz_offsets).to(tl.float32)
+        # The next step's operands are requested before this step's arithmetic, so that their latency hides behind
+        # it (the last step fetches its own blocks again: in bounds, and unused).
+        following = tl.minimum(b0 + BLOCKS, last - BLOCKS)
+        if PREFETCH:
+            cur_words, cur_s, cur_z = words, s, z
+            words, s, z = _gemv_step(
+                w_ptrs, s_ptr, z_ptr, rows, row_mask, bi, n, following, WORDS, BLOCK, GROUP, EVEN_N
+            )
         else:
-            words = tl.load(w_ptrs + b0 * WORDS, mask=row_mask[:, None, None], other=0)
-            s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
-        x_step = x_ptr + b0 * BLOCK + x_offsets
+            cur_words, cur_s, cur_z = _gemv_step(
+                w_ptrs, s_ptr, z_ptr, rows, row_mask, bi, n, b0, WORDS, BLOCK, GROUP, EVEN_N
+            )
+        if PREFETCH_X:
+            cur_xs = xs
+            xs = _x_planes(x_ptr + following * BLOCK + x_offsets, WORDS)
+        else:
+            cur_xs = _x_planes(x_ptr + b0 * BLOCK + x_offsets, WORDS)
         a = tl.zeros([BLOCK_N, BLOCKS, WORDS], tl.float32)  # sum over planes of (1 + q / 16) x
         x_sum = tl.zeros([BLOCKS, WORDS], tl.float32)
         for t in tl.static_range(8):
-            x_t = tl.load(x_step + t * WORDS).to(tl.float32)  # [BLOCKS, W]
-            a += _plane(words, t) * x_t[None, :, :]
+            x_t = cur_xs[t].to(tl.float32)  # [BLOCKS, W]
+            a += _plane(cur_words, t) * x_t[None, :, :]
             x_sum += x_t
-        acc += a * (16.0 * s)[:, :, None] - x_sum[None, :, :] * ((16.0 + z) * s)[:, :, None]
+        acc += a * (16.0 * cur_s)[:, :, None] - x_sum[None, :, :] * ((16.0 + cur_z) * cur_s)[:, :, None]
     total = tl.sum(tl.sum(acc, 2), 1)  # [BN]
     if ATOMIC:
         tl.atomic_add(out_ptr + rows, total, mask=row_mask)
     else:
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _gemm_block(w_ptrs, s_ptr, z_ptr, rows_n, n_mask, n, block, WORDS, BLOCK, GROUP):
+    """Words [BN, W] and float32 scales and zeros [BN] of one block."""
+    group = block * BLOCK // GROUP
+    words = tl.load(w_ptrs + block * WORDS, mask=n_mask[:, None], other=0)
+    s = tl.load(s_ptr + group * n + rows_n, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + group * n + rows_n, mask=n_mask, other=0.0).to(tl.float32)
+    return words, s, z
 
 
 @triton.jit
@@ -131,6 +189,7 @@ def _w4a16_gemm_kernel(
     BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
     WORDS: tl.constexpr = BLOCK // 8
@@ -151,14 +210,18 @@ def _w4a16_gemm_kernel(
     first = pid_k * blocks_per_split
     last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if PREFETCH:
+        words, s, z = _gemm_block(w_ptrs, s_ptr, z_ptr, rows_n, n_mask, n, first, WORDS, BLOCK, GROUP)
     for block in range(first, last):
-        words = tl.load(w_ptrs + block * WORDS, mask=n_mask[:, None], other=0)  # [BN, W] int32
-        group = block * BLOCK // GROUP
-        s = tl.load(s_ptr + group * n + rows_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + group * n + rows_n, mask=n_mask, other=0.0).to(tl.float32)
-        moved = (words[:, None, :] << left) >> right  # [BN, 8, W]: nibble t of each word at bits 19 .. 22
+        if PREFETCH:  # the next block's weights are requested before this block's arithmetic
+            cur_words, cur_s, cur_z = words, s, z
+            following = tl.minimum(block + 1, last - 1)
+            words, s, z = _gemm_block(w_ptrs, s_ptr, z_ptr, rows_n, n_mask, n, following, WORDS, BLOCK, GROUP)
+        else:
+            cur_words, cur_s, cur_z = _gemm_block(w_ptrs, s_ptr, z_ptr, rows_n, n_mask, n, block, WORDS, BLOCK, GROUP)
+        moved = (cur_words[:, None, :] << left) >> right  # [BN, 8, W]: nibble t of each word at bits 19 .. 22
         v = ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
-        w = v * (16.0 * s)[:, None, None] - ((16.0 + z) * s)[:, None, None]  # (q - z) * s
+        w = v * (16.0 * cur_s)[:, None, None] - ((16.0 + cur_z) * cur_s)[:, None, None]  # (q - z) * s
         # [BN, 8, W] -> [BN, B]: plane t, word j is input t * W + j of the block, x's own order.
         w = tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_N, BLOCK))
         x = tl.load(x_ptrs + block * BLOCK, mask=m_mask[:, None], other=0.0)  # [BM, B]
@@ -209,6 +272,8 @@ def w4a16_gemv(
     num_warps: int = 4,
     num_stages: int = 1,
     split_k: int = 1,
+    prefetch: bool = True,
+    prefetch_x: bool = False,
 ) -> torch.Tensor:  # [1, N] in x's dtype
     """x @ W^T for one row x and a 4-bit grouped weight (float32 accumulation)."""
     m, n, k, block = _check(x, packed, scales, zeros, group_size)
@@ -230,6 +295,8 @@ def w4a16_gemv(
         BLOCK_N=block_n,
         BLOCKS=blocks,
         EVEN_N=n % block_n == 0,
+        PREFETCH=prefetch,
+        PREFETCH_X=prefetch_x,
         ATOMIC=splits > 1,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -249,6 +316,7 @@ def w4a16_gemm(
     num_warps: int = 4,
     num_stages: int = 3,
     split_k: int = 1,
+    prefetch: bool = False,
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ W^T with each weight plane dequantized in registers and multiplied on the tensor cores."""
     m, n, k, block = _check(x, packed, scales, zeros, group_size)
@@ -271,6 +339,7 @@ def w4a16_gemm(
         BLOCK=block,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        PREFETCH=prefetch,
         ATOMIC=splits > 1,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -278,16 +347,45 @@ def w4a16_gemm(
     return out.to(x.dtype) if splits > 1 else out
 
 
+TUNING_ENV = "LM_TORCH_W4A16_TUNING"
+
+
+@functools.cache
+def tuned_configs() -> dict[str, dict]:
+    """Launch shapes by "rows bucket:N:K:group_size" (buckets 1, 16, 64, 2048 for M = 1, <= 16, <= 64, more), from
+    the JSON `benchmarks/w4a16.py --write-tuning` writes: the file named by $LM_TORCH_W4A16_TUNING, else the one
+    shipped next to this module (measured on an H100 at Llama-3-8B's shapes). Shapes absent from it get
+    `w4a16_linear`'s defaults."""
+    path = os.environ.get(TUNING_ENV) or Path(__file__).with_name("w4a16_tuning.json")
+    try:
+        return json.loads(Path(path).read_text())["configs"]
+    except FileNotFoundError:
+        return {}
+
+
+def rows_bucket(m: int) -> int:
+    """The tuning table's bucket of a row count."""
+    return 1 if m == 1 else 16 if m <= 16 else 64 if m <= 64 else 2048
+
+
 def w4a16_linear(x, packed, scales, zeros, group_size: int) -> torch.Tensor:
-    """x [M, K] @ W^T -> [M, N] with the launch shape `benchmarks/w4a16.py` found fastest for M on an H100:
-    the GEMV for one row, the split-K tensor-core kernel for a few rows, large tiles for prefill."""
+    """x [M, K] @ W^T -> [M, N]: the launch shape of `tuned_configs` for (M's bucket, N, K, group_size), else the
+    GEMV for one row, the split-K tensor-core kernel for a few rows, large tiles for prefill."""
     m, k = x.shape
     n = packed.shape[0]
+    config = tuned_configs().get(f"{rows_bucket(m)}:{n}:{k}:{group_size}")
+    if config is not None:
+        params = dict(config)
+        kernel = params.pop("kernel")
+        if kernel == "gemv" and m == 1:
+            return w4a16_gemv(x, packed, scales, zeros, group_size, **params)
+        if kernel == "gemm":
+            return w4a16_gemm(x, packed, scales, zeros, group_size, **params)
     num_blocks = k // block_inputs(group_size)
     if m == 1:
         if num_blocks % 16 == 0:
             # Two warps side by side along the 16 blocks: x's loads land in the tile's own layout (see the kernel).
-            return w4a16_gemv(x, packed, scales, zeros, group_size, block_n=8, blocks=16, num_warps=2)
+            return w4a16_gemv(x, packed, scales, zeros, group_size, block_n=4, blocks=16, num_warps=2)
         blocks = next(b for b in (8, 4, 2, 1) if num_blocks % b == 0)
         return w4a16_gemv(x, packed, scales, zeros, group_size, block_n=16, blocks=blocks)
     if m <= 16:
@@ -297,7 +395,7 @@ def w4a16_linear(x, packed, scales, zeros, group_size: int) -> torch.Tensor:
         return w4a16_gemm(x, packed, scales, zeros, group_size, block_m=16, block_n=64, split_k=split)
     if m <= 64:
         return w4a16_gemm(x, packed, scales, zeros, group_size, block_m=64, block_n=64)
-    return w4a16_gemm(x, packed, scales, zeros, group_size, block_m=128, block_n=128, num_warps=8)
+    return w4a16_gemm(x, packed, scales, zeros, group_size, block_m=128, block_n=64, num_stages=4)
 
 
 def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
