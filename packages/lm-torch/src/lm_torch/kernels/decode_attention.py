@@ -166,10 +166,11 @@ def _decode_kernel(
                 tl.store(dst + FEAT, out_hi.to(out_ptr.dtype.element_ty), mask=row_mask)
         else:
             head_rows = (seq * num_heads + heads).to(tl.int64) * num_splits + split
-            dst = partial_out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :]
-            tl.store(dst, out, mask=row_mask)
+            # (Not `dst`: a variable assigned in both branches of a run-time `if` must keep one type.)
+            partial_dst = partial_out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :]
+            tl.store(partial_dst, out, mask=row_mask)
             if QUANT_POLICY == 4:
-                tl.store(dst + FEAT, out_hi, mask=row_mask)
+                tl.store(partial_dst + FEAT, out_hi, mask=row_mask)
             lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
             tl.store(partial_lse_ptr + head_rows, lse, mask=rows < GROUP)
 

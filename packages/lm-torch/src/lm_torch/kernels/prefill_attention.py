@@ -153,12 +153,13 @@ def _prefill_kernel(
             acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v_hi.dtype), v_hi, input_precision=DOT_PRECISION)
         m = m_new
 
-    denominator = tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     out_rows = (q_start + tokens) * stride_ot + (kv_head * GROUP + group_heads) * stride_oh
-    dst = out_ptr + out_rows[:, None] + dims[None, :]
-    tl.store(dst, (acc / denominator).to(out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
     if QUANT_POLICY == 4:
-        tl.store(dst + FEAT, (acc_hi / denominator).to(out_ptr.dtype.element_ty), mask=q_mask)
+        out_hi = acc_hi / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+        dst = out_ptr + out_rows[:, None] + FEAT + dims[None, :]
+        tl.store(dst, out_hi.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 def tokens_per_tile(group: int, head_dim: int = 128, rows: int | None = None) -> int:
