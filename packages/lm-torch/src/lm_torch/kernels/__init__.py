@@ -10,6 +10,8 @@
 | `activation` | act(gate) * up for silu, gelu (erf) and gelu (tanh) | `gated_activation` |
 | `sampling` | temperature, top-k, top-p, min-p and the inverse-CDF draw, one program per row, no sort | `sample` |
 | `gemv` | y = x @ W^T for one row x (batch-1 linear layers), optional split-K | `linear` |
+| `w4a16` | 4-bit grouped weights (AWQ/GPTQ): one-row GEMV, dequantizing tensor-core GEMM | `w4a16_linear` |
+| `w8a8` | per-token int8/fp8 activation quantization, int8 GEMM with a scale epilogue | `w8a8_linear` |
 
 Nothing here is imported by `import lm_torch`: the modules with kernels import triton at their top, so only code
 that runs on CUDA (the Triton attention backend, the tests) imports them. On a CPU, `TRITON_INTERPRET=1` set before
