@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     from lm_torch.kernels import reference
     from lm_torch.kernels.gemv import gemv
-    from lm_torch.kernels.w4a16 import rows_bucket, w4a16_gemm, w4a16_gemv, w4a16_linear
+    from lm_torch.kernels.w4a16 import rows_bucket, w4a16_dequantize, w4a16_gemm, w4a16_gemv, w4a16_linear
 
     table: dict[str, dict] = {}
 
@@ -125,6 +125,11 @@ def main() -> None:
             for cfg in (SKINNY_CONFIGS if m <= 16 else PREFILL_CONFIGS)[: 2 if m == 1 else None]:
                 label = "gemm_" + "_".join(f"{key}{int(value)}" for key, value in cfg.items())
                 candidates[label] = ({"kernel": "gemm", **cfg}, lambda a, w, c=cfg: w4a16_gemm(a, *w, GROUP, **c))
+            if m > 64:
+                candidates["dequant_cublas"] = (
+                    {"kernel": "dequant"},
+                    lambda a, w: torch.nn.functional.linear(a, w4a16_dequantize(*w, GROUP)),
+                )
             for label, (_, fn) in candidates.items():
                 try:
                     error = (fn(x, weights[0]).float() - expected).abs().max().item()

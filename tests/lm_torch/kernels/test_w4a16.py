@@ -103,6 +103,19 @@ def test_gemm_matches_reference(case, rows):
         case.assert_close(w4a16_linear(x, packed, scales, zeros, group), expected, tol)
 
 
+def test_dequantize_matches_reference(case):
+    from lm_torch.kernels.w4a16 import w4a16_dequantize
+
+    for index, (n, k, group) in enumerate(_shapes(case)):
+        packed, scales, zeros, _ = _weights(case, n, k, group, seed=20 + index)
+        q = reference.unpack_int4(packed, group).float()
+        z = zeros.float().t().repeat_interleave(group, dim=1)
+        s = scales.float().t().repeat_interleave(group, dim=1)
+        dense = w4a16_dequantize(packed, scales, zeros, group, block_n=16)
+        assert dense.dtype == scales.dtype and dense.shape == (n, k)
+        assert torch.equal(dense, ((q - z) * s).to(scales.dtype))  # one rounding of the exact product, as here
+
+
 def test_bad_shapes_are_refused(case):
     from lm_torch.kernels.w4a16 import w4a16_gemm, w4a16_gemv
 
@@ -176,6 +189,7 @@ def test_tuned_launch_shapes_are_used(case, tmp_path, monkeypatch):
     table = {
         f"1:{n}:{k}:{group}": {"kernel": "gemv", "block_n": 8, "blocks": 2, "num_warps": 1, "split_k": 2},
         f"16:{n}:{k}:{group}": {"kernel": "gemm", "block_m": 16, "block_n": 16, "split_k": 3, "prefetch": True},
+        f"2048:{n}:{k}:{group}": {"kernel": "dequant", "block_n": 8},
     }
     path = tmp_path / "tuning.json"
     path.write_text(json.dumps({"device": "test", "configs": table}))
@@ -184,7 +198,7 @@ def test_tuned_launch_shapes_are_used(case, tmp_path, monkeypatch):
     try:
         assert w4a16.tuned_configs() == table
         packed, scales, zeros, gen = _weights(case, n, k, group, seed=7)
-        for rows in (1, 5):
+        for rows in (1, 5, 70):
             x = case.randn(rows, k, generator=gen)
             expected = reference.w4a16_linear(x, packed, scales, zeros, group)
             case.assert_close(w4a16.w4a16_linear(x, packed, scales, zeros, group), expected, 2 * case.elementwise_tol)

@@ -236,6 +236,25 @@ def _w4a16_gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _w4a16_dequant_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, n, k, GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    WORDS: tl.constexpr = BLOCK // 8
+    block = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    row_mask = rows < n
+    wi = tl.arange(0, WORDS)
+    words = tl.load(w_ptr + rows[:, None].to(tl.int64) * (k // 8) + block * WORDS + wi[None, :], mask=row_mask[:, None])
+    group = block * BLOCK // GROUP
+    s = tl.load(s_ptr + group * n + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    z = tl.load(z_ptr + group * n + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * k + block * BLOCK + wi[None, :]
+    for t in tl.static_range(8):
+        q = _plane(words, t) * 16.0 - 16.0  # exact: 16 (1 + q / 16) - 16
+        tl.store(out_ptrs + t * WORDS, ((q - z) * s).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
 def _check(x, packed, scales, zeros, group_size) -> tuple[int, int, int, int]:
     """(M, N, K, B) of a call, or a ValueError naming what does not fit."""
     check_cuda_or_interpreter(x, packed, scales, zeros)
@@ -349,6 +368,27 @@ def w4a16_gemm(
     return out.to(x.dtype) if splits > 1 else out
 
 
+def w4a16_dequantize(
+    packed: torch.Tensor,  # [N, K / 8] int32 in the `pack_int4` layout
+    scales: torch.Tensor,  # [K / group_size, N]
+    zeros: torch.Tensor,  # [K / group_size, N]
+    group_size: int,
+    *,
+    block_n: int = 64,
+) -> torch.Tensor:  # [N, K] in the scales' dtype
+    """The dense weight W [N, K], (q - zero) * scale rounded once to the scales' dtype: for large M (long prefills),
+    where writing W once and multiplying with cuBLAS beats dequantizing every tile for every block of rows."""
+    n = packed.shape[0]
+    k = packed.shape[1] * 8
+    _check(packed.new_empty((0, k), dtype=scales.dtype), packed, scales, zeros, group_size)
+    block = block_inputs(group_size)
+    out = torch.empty((n, k), dtype=scales.dtype, device=packed.device)
+    _w4a16_dequant_kernel[(triton.cdiv(n, block_n), k // block)](
+        packed, scales, zeros, out, n, k, GROUP=group_size, BLOCK=block, BLOCK_N=block_n
+    )
+    return out
+
+
 TUNING_ENV = "LM_TORCH_W4A16_TUNING"
 
 
@@ -383,6 +423,8 @@ def w4a16_linear(x, packed, scales, zeros, group_size: int) -> torch.Tensor:
             return w4a16_gemv(x, packed, scales, zeros, group_size, **params)
         if kernel == "gemm":
             return w4a16_gemm(x, packed, scales, zeros, group_size, **params)
+        if kernel == "dequant":
+            return torch.nn.functional.linear(x, w4a16_dequantize(packed, scales, zeros, group_size, **params))
     num_blocks = k // block_inputs(group_size)
     if m == 1:
         if num_blocks % 16 == 0:
