@@ -37,6 +37,9 @@ GEMV = [
     (8, 16, 2, 4, True, True),
     (16, 16, 4, 1, True, True),
     (64, 4, 4, 4, False, False),
+    (4, 4, 1, 1, True, True),
+    (4, 8, 1, 2, True, True),
+    (8, 4, 1, 1, True, True),
 ]
 GEMV_CONFIGS = [
     dict(zip(("block_n", "blocks", "num_warps", "split_k", "prefetch", "prefetch_x"), c, strict=True)) for c in GEMV
