@@ -2,7 +2,7 @@
 
 | module | kernel | reference (`kernels.reference`) |
 |---|---|---|
-| `kv_cache` | write the step's K/V into the paged cache at `slot_mapping` | `store_kv_cache` |
+| `kv_cache` | write the step's K/V (or their int8/int4 codes) into the paged cache | `store_kv_cache(_quantized)` |
 | `decode_attention` | one new token per sequence over its paged context, split-K | `paged_attention` |
 | `prefill_attention` | chunks of new tokens over a cached prefix + themselves (causal) | `paged_attention` |
 | `rms_norm` | residual add fused with RMSNorm (Llama and Gemma weights) | `rms_norm` |
