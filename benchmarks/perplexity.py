@@ -123,7 +123,9 @@ def table(results: dict[str, dict], group_size: int) -> str:
         "gptq": f"GPTQ w4g{group_size} (asymmetric, damp 0.1)",
         "w8a8": "W8A8 (SmoothQuant int8)",
     }
-    base = results.get("fp32", {}).get("perplexity")
+    fp32 = results.get("fp32", {})
+    # A ratio against fp32 only where fp32 ran with a float KV cache (with --quant-policy, every row is quantized).
+    base = fp32.get("perplexity") if not fp32.get("quant_policy") else None
     lines = ["| variant | perplexity | vs fp32 |", "|---|---|---|"]
     for variant, entry in results.items():
         ratio = f"{100 * (entry['perplexity'] / base - 1):+.1f}%" if base else ""
