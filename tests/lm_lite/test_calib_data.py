@@ -15,6 +15,9 @@ def test_builtin_text_is_a_few_hundred_kb_of_documents():
     assert load_texts("builtin") == docs
     assert len(docs) > 50
     assert 200_000 < sum(len(d) for d in docs) < 400_000
+    # English prose first (four public-domain excerpts), then the Python Language Reference.
+    assert docs[0].startswith("Emma Woodhouse, handsome, clever, and rich")
+    assert sum(len(d) for d in docs[:4]) > 50_000
 
 
 def test_jsonl_records_and_their_errors(tmp_path):
@@ -57,11 +60,13 @@ def test_token_windows(default_model_dir):
     docs = load_texts(None)[:5]
     samples = token_samples(tokenizer, docs, num_samples=4, seqlen=32)
     assert samples.shape == (4, 32)
-    # Non-overlapping consecutive windows of the joined documents (EOS between them).
+    # Windows of the joined documents (EOS between them), spread evenly from its start to its end, not overlapping.
     joined = []
     for doc in docs:
         joined += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert samples.flatten().tolist() == joined[:128]
+    assert len(joined) > 4 * 32 * 3  # so that the spread windows are not simply consecutive ones
+    starts = [0, (len(joined) - 32) // 3, 2 * (len(joined) - 32) // 3, len(joined) - 32]
+    assert samples.tolist() == [joined[start : start + 32] for start in starts]
     with pytest.warns(UserWarning, match="windows overlap"):
         overlapping = token_samples(tokenizer, ["a short text " * 20], num_samples=8, seqlen=32)
     assert overlapping.shape == (8, 32)

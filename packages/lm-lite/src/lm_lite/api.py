@@ -60,7 +60,7 @@ def auto_gptq(
     work_dir: PathLike = "./work_dir",
     w_bits: int = 4,
     w_group_size: int = 128,
-    desc_act: bool = False,
+    desc_act: bool = True,
     sym: bool = True,
     damp_percent: float = 0.01,
     calib_dataset: str | None = None,
@@ -71,7 +71,8 @@ def auto_gptq(
     dtype: str = "auto",
     overwrite: bool = False,
 ) -> Path:
-    """GPTQ with lazy batched updates, optional act-order (`desc_act`) and damping; writes the GPTQ (v1) layout."""
+    """GPTQ with lazy batched updates, act-order (`desc_act`, on by default: it generalises much better beyond the
+    calibration text, docs/quantization.md) and damping; writes the GPTQ (v1) layout."""
     from lm_lite import gptq
 
     check_bits(w_bits, (2, 4, 8), "GPTQ")

@@ -1,7 +1,8 @@
 """Calibration text: where it comes from, and how it becomes `calib_samples` sequences of `calib_seqlen` tokens.
 
 `calib_dataset` is one of
-- None or "builtin": the text shipped in this package (`lm_lite/data/calib_builtin.txt`, see its NOTICE);
+- None or "builtin": the set shipped in this package (`lm_lite/data/`, see its NOTICE): public-domain English prose
+  (`calib_english.txt`) followed by the Python Language Reference (`calib_builtin.txt`);
 - a local file: `.jsonl` (one JSON object per line, its "text" field) or any other file read as UTF-8 text;
 - a Hugging Face datasets name, when the `datasets` package is installed and the hub is reachable: one of the
   aliases in `HF_DATASETS` (LMDeploy's names) or "org/name" with a "text" column.
@@ -15,6 +16,9 @@ from importlib import resources
 from pathlib import Path
 
 BUILTIN = "builtin"
+# The built-in set: documents separated by two blank lines. English prose first: GPTQ calibrated on the language
+# reference alone fits its code and grammar notation and loses to round-to-nearest on prose (docs/quantization.md).
+BUILTIN_FILES = ("calib_english.txt", "calib_builtin.txt")
 # alias -> (datasets path, config name, split, text column)
 HF_DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
@@ -46,8 +50,11 @@ def load_texts(spec: str | None) -> list[str]:
     """The documents of a calibration source (see the module docstring)."""
     check_calib_dataset(spec)
     if spec is None or spec == BUILTIN:
-        text = resources.files("lm_lite").joinpath("data/calib_builtin.txt").read_text(encoding="utf-8")
-        return [doc for doc in text.split("\n\n\n") if doc.strip()]
+        docs = []
+        for name in BUILTIN_FILES:
+            text = resources.files("lm_lite").joinpath(f"data/{name}").read_text(encoding="utf-8")
+            docs += [doc for doc in text.split("\n\n\n") if doc.strip()]
+        return docs
     path = Path(spec).expanduser()
     if path.is_file():
         return _file_texts(path)
@@ -97,8 +104,10 @@ def _hf_texts(name: str) -> list[str]:
 def token_samples(tokenizer, texts: list[str], num_samples: int, seqlen: int):
     """[num_samples, seqlen] token ids cut from the documents joined end to end (EOS between documents).
 
-    Windows do not overlap while the text is long enough; a shorter text gives evenly spaced overlapping windows
-    (with a warning), and a text shorter than one window is an error.
+    The windows are spread evenly over the whole text, so that a few samples still see every part of a mixed
+    source (the built-in set's prose and its language reference), not only its first documents. They do not
+    overlap while the text is long enough; a shorter text gives overlapping windows (with a warning), and a text
+    shorter than one window is an error.
     """
     import torch
 
@@ -117,8 +126,7 @@ def token_samples(tokenizer, texts: list[str], num_samples: int, seqlen: int):
             stacklevel=2,
         )
     last_start = len(ids) - seqlen
-    starts = [round(i * last_start / max(num_samples - 1, 1)) for i in range(num_samples)]
-    if len(ids) >= num_samples * seqlen:
-        starts = [i * seqlen for i in range(num_samples)]
+    # Evenly spaced starts: at least seqlen apart (no overlap) when the text holds num_samples windows.
+    starts = [(i * last_start) // max(num_samples - 1, 1) for i in range(num_samples)]
     tensor = torch.tensor(ids, dtype=torch.long)
     return torch.stack([tensor[s : s + seqlen] for s in starts])

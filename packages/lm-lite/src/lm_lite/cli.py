@@ -73,7 +73,7 @@ def auto_awq_command(model, **kwargs) -> None:
 @_common
 @click.option("--w-bits", default=4, show_default=True, type=int, help="Weight bits: 2, 4 or 8.")
 @click.option("--w-group-size", default=128, show_default=True, type=int, help="Inputs per group (-1: per channel).")
-@click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="Act-order column order.")
+@click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="Act-order column order.")
 @click.option("--sym/--no-sym", default=True, show_default=True, help="Symmetric integer grid.")
 @click.option("--damp-percent", default=0.01, show_default=True, type=float, help="Hessian damping.")
 def auto_gptq_command(model, **kwargs) -> None:
