@@ -4,8 +4,8 @@ Quantizes the model with lm-lite (RTN, AWQ, GPTQ, SmoothQuant W8A8) into --out-d
 lm-torch's loader (the engine's model code, on the CPU in float32), and computes perplexity over non-overlapping
 windows of --seqlen tokens of --text (each window scored on its own, first token unscored).
 
-    python benchmarks/perplexity.py --group-size 64 --calib-samples 16 --calib-seqlen 512 --no-gptq-sym \
-        --damp-percent 0.1 --out-dir /tmp/ppl --json /tmp/ppl/results.json
+    python benchmarks/perplexity.py --group-size 64 --calib-samples 16 --calib-seqlen 512 \
+        --out-dir /tmp/ppl --json /tmp/ppl/results.json
 
 Prints a Markdown table. The held-out text (`tests/lm_lite/data/heldout.txt`) is not the calibration text (lm-lite's
 built-in set, or --calib-dataset). `--quant-policy 8` (int8) or `4` (int4) runs every variant with the KV cache
@@ -90,7 +90,13 @@ def build_variant(variant: str, model_dir: Path, out_dir: Path, args) -> Path:
         return lm_lite.auto_awq(model_dir, work, w_group_size=args.group_size, **calib)
     if variant == "gptq":
         return lm_lite.auto_gptq(
-            model_dir, work, w_group_size=args.group_size, sym=args.gptq_sym, damp_percent=args.damp_percent, **calib
+            model_dir,
+            work,
+            w_group_size=args.group_size,
+            desc_act=args.desc_act,
+            sym=args.gptq_sym,
+            damp_percent=args.damp_percent,
+            **calib,
         )
     if variant == "w8a8":
         return lm_lite.smooth_quant(model_dir, work, **calib)
@@ -115,12 +121,17 @@ def run(args) -> dict[str, dict]:
     return results
 
 
-def table(results: dict[str, dict], group_size: int) -> str:
+def table(results: dict[str, dict], args) -> str:
+    group_size = args.group_size
+    gptq = ", ".join(
+        (["act-order"] if args.desc_act else [])
+        + ["symmetric" if args.gptq_sym else "asymmetric", f"damp {args.damp_percent:g}"]
+    )
     names = {
         "fp32": "fp32",
         "rtn": f"RTN w4g{group_size}",
         "awq": f"AWQ w4g{group_size}",
-        "gptq": f"GPTQ w4g{group_size} (asymmetric, damp 0.1)",
+        "gptq": f"GPTQ w4g{group_size} ({gptq})",
         "w8a8": "W8A8 (SmoothQuant int8)",
     }
     fp32 = results.get("fp32", {})
@@ -146,7 +157,10 @@ def main() -> None:
     parser.add_argument(
         "--gptq-sym", action=argparse.BooleanOptionalAction, default=False, help="Symmetric GPTQ grid (RTN/AWQ: asym)."
     )
-    parser.add_argument("--damp-percent", default=0.1, type=float, help="GPTQ damping (see docs/quantization.md).")
+    parser.add_argument(
+        "--desc-act", action=argparse.BooleanOptionalAction, default=True, help="GPTQ act-order (lm-lite's default)."
+    )
+    parser.add_argument("--damp-percent", default=0.01, type=float, help="GPTQ damping (see docs/quantization.md).")
     parser.add_argument("--seqlen", default=512, type=int, help="Tokens per scored window.")
     parser.add_argument("--max-windows", default=None, type=int)
     parser.add_argument(
@@ -156,7 +170,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args()
     results = run(args)
-    print(table(results, args.group_size))
+    print(table(results, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
 
