@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -214,18 +213,24 @@ def test_lm_lite_checkpoint_runs_in_lm_torch_like_its_fake_quantized_reference(
 
 # -- the perplexity table's bounds ------------------------------------------------------------------------------------
 
-# A smaller run than benchmarks/perplexity.py's (docs/quantization.md): 16 calibration samples of 256 tokens (GPTQ
-# overfits fewer: see the docs), the whole held-out text in windows of 512. Group size 64: SmolLM2's hidden size 576
-# is no multiple of 128. GPTQ asymmetric with damping 0.1, as in the table.
-SMALL_RUN = {"calib_samples": 16, "calib_seqlen": 256}
+# A cheaper version of benchmarks/perplexity.py's table (docs/quantization.md): AWQ and SmoothQuant calibrate on 8
+# samples of 256 tokens of lm-lite's built-in set, GPTQ on the table's 16 x 512 (its cost is the column loop, nearly
+# independent of the token count, and with 8 x 256 tokens it overfits: 40.5 against RTN's 39.1 on three windows), and
+# every variant is scored on the whole held-out text in windows of 512 (scoring is cheap next to quantizing; on the
+# first three windows alone GPTQ's margin over RTN shrank to 2.8%). Group size 64: SmolLM2's hidden size 576 is no
+# multiple of 128. GPTQ: act-order, asymmetric grid, damping 0.01, as in the table.
+SMALL_RUN = {"calib_samples": 8, "calib_seqlen": 256}
+GPTQ_RUN = {"calib_samples": 16, "calib_seqlen": 512, "sym": False}
 WINDOWS, WINDOW_LEN = None, 512
+# Bounds, below what was measured (docs/quantization.md): AWQ and GPTQ at least 3% below RTN (measured with the
+# table's calibration: 8.5% and 5.1%), W8A8 and KV int8 within 2% of fp32 (issue #7; measured 1.5% and 0.0%), KV
+# int4 within 25% (measured 14.2%: one scale per 64-feature head is coarse at 4 bits).
+BEATS_RTN = 0.97
+WITHIN_FP32 = 1.02
+KV_INT4_BOUND = 1.25
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("LM_DEPLOY_PERPLEXITY_TEST") != "1",
-    reason="quantizes the default model four ways (many CPU minutes): set LM_DEPLOY_PERPLEXITY_TEST=1 to run it",
-)
 def test_perplexity_bounds_on_the_default_model(default_model_dir, tmp_path):
     import lm_lite
 
@@ -235,17 +240,16 @@ def test_perplexity_bounds_on_the_default_model(default_model_dir, tmp_path):
         "fp32": default_model_dir,
         "rtn": lm_lite.rtn(default_model_dir, tmp_path / "rtn", w_group_size=64),
         "awq": lm_lite.auto_awq(default_model_dir, tmp_path / "awq", w_group_size=64, **SMALL_RUN),
-        "gptq": lm_lite.auto_gptq(
-            default_model_dir, tmp_path / "gptq", w_group_size=64, sym=False, damp_percent=0.1, **SMALL_RUN
-        ),
+        "gptq": lm_lite.auto_gptq(default_model_dir, tmp_path / "gptq", w_group_size=64, **GPTQ_RUN),
         "w8a8": lm_lite.smooth_quant(default_model_dir, tmp_path / "w8a8", **SMALL_RUN),
     }
     ppl = {name: perplexity.perplexity(path, ids, WINDOW_LEN, WINDOWS) for name, path in checkpoints.items()}
-    print(ppl)
+    for name, policy in (("kv_int8", 8), ("kv_int4", 4)):
+        ppl[name] = perplexity.perplexity(default_model_dir, ids, WINDOW_LEN, WINDOWS, quant_policy=policy)
+    print({name: round(value, 3) for name, value in ppl.items()})
     assert ppl["rtn"] > 1.05 * ppl["fp32"]  # 4-bit round-to-nearest visibly hurts: the bounds below mean something
-    assert ppl["awq"] < ppl["rtn"]
-    assert ppl["w8a8"] < 1.02 * ppl["fp32"]
-    # NOTE: GPTQ does not beat RTN on this held-out prose when calibrated on the built-in text (a programming-language
-    # reference): it overfits the calibration activations (docs/quantization.md has the numbers and the layer-level
-    # measurements). This bound only catches a broken GPTQ or packing, which gives perplexities in the hundreds.
-    assert ppl["gptq"] < 2 * ppl["fp32"]
+    assert ppl["awq"] < BEATS_RTN * ppl["rtn"]
+    assert ppl["gptq"] < BEATS_RTN * ppl["rtn"]
+    assert ppl["w8a8"] < WITHIN_FP32 * ppl["fp32"]
+    assert ppl["kv_int8"] < WITHIN_FP32 * ppl["fp32"]
+    assert ppl["kv_int4"] < KV_INT4_BOUND * ppl["fp32"]
