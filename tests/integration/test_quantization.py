@@ -35,9 +35,14 @@ CALIB_TEXT = (ROOT / "packages" / "lm-lite" / "src" / "lm_lite" / "data" / "cali
 CALIB = {"calib_samples": 2, "calib_seqlen": 64}
 # Same dequantized weights in float32 on both sides: only the order of float operations differs.
 WEIGHT_ONLY_TOLERANCE = 2e-4
-# W8A8: both sides round activations to int8 per token; an activation within float error of a rounding boundary
-# could land one level apart (none does in these cases, which agree within 1e-6).
-W8A8_TOLERANCE = 1e-3
+# W8A8: both sides round activations to int8 per token, so the logits agree to float precision (below 1e-5) until an
+# activation lies within float error of a rounding boundary and lands one level apart on the two sides; that token
+# and the later ones (through attention) then move by up to a few 1e-3 (measured: internlm2 from position 16 of 40,
+# 3.7e-3 at most, where quantization itself moved that tiny model's logits by 0.017). The test asks for float
+# precision at a quarter of the positions at least (a wrong scale, layout or smoothing shifts every position) and,
+# everywhere, for a difference under half the quantization's own effect on the logits.
+W8A8_EXACT = 1e-5
+W8A8_SHARE_OF_EFFECT = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -200,15 +205,20 @@ def test_lm_lite_checkpoint_runs_in_lm_torch_like_its_fake_quantized_reference(
     with torch.no_grad():
         expected = reference(input_ids=ids[None]).logits[0].float()
     ours = lm_torch_logits(out, ids)
-    tolerance = W8A8_TOLERANCE if method == "smooth_quant" else WEIGHT_ONLY_TOLERANCE
-    assert (ours - expected).abs().max().item() < tolerance
-    # The comparison means something: quantization moved the logits well away from the float model's.
     from lm_lite.model_io import load_model
 
     float_model, _ = load_model(source, json.loads((source / "config.json").read_text()), torch.float32)
     with torch.no_grad():
         float_logits = float_model(input_ids=ids[None]).logits[0].float()
-    assert (expected - float_logits).abs().max().item() > 10 * tolerance
+    effect = (expected - float_logits).abs().max().item()  # what quantization did to the logits
+    per_position = (ours - expected).abs().amax(-1)  # [positions]
+    if method == "smooth_quant":
+        assert (per_position < W8A8_EXACT).float().mean().item() >= 0.25, per_position.tolist()
+        assert per_position.max().item() < W8A8_SHARE_OF_EFFECT * effect, (per_position.max().item(), effect)
+    else:
+        assert per_position.max().item() < WEIGHT_ONLY_TOLERANCE
+        # The comparison means something: quantization moved the logits well away from the float model's.
+        assert effect > 10 * WEIGHT_ONLY_TOLERANCE
 
 
 # -- the perplexity table's bounds ------------------------------------------------------------------------------------
