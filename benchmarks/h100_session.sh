@@ -8,6 +8,7 @@
 #   tput200     ShareGPT lengths, 200 prompts at concurrency 256
 #   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
 #   tput1000q8  the same with the int8 KV cache (quant_policy 8)
+#   ltests      lm-lite on CUDA, the quantized layers and the KV-cache quantization through the engine
 #   ktests      the GPU kernel tests of the attention and W4A16 kernels only (a quick check after kernel changes)
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
 # Issue #7's quantized kernels (not in the default list):
@@ -58,6 +59,8 @@ for stage in $stages; do
     ktests) run ktests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
       tests/lm_torch/kernels/test_decode_attention.py tests/lm_torch/kernels/test_triton_backend.py \
       tests/lm_torch/kernels/test_kv_quant_kernels.py tests/lm_torch/kernels/test_w4a16.py ;;
+    ltests) run ltests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
+      tests/lm_lite/test_gpu.py tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
     sweep) run sweep 130 python3 benchmarks/w4a16.py --quick --rows 1,16,2048 --write-tuning "$OUT/w4a16_tuning.json" ;;
     awq) [ -f "$OUT/w4a16_tuning.json" ] && export LM_TORCH_W4A16_TUNING="$OUT/w4a16_tuning.json"  # the sweep's
