@@ -108,7 +108,8 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         warmup = torch.cuda.Stream()
         for bucket in sorted(self.buckets, reverse=True):
-            # One eager run first, on a side stream as capture wants: triton compiles, cuBLAS picks its kernels.
+            # One eager run first, on a side stream as capture wants: triton compiles, cuBLAS picks its kernels, and
+            # the decode kernel's split counters are allocated (a capture cannot; largest bucket first: enough for all).
             warmup.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(warmup):
                 self.forward(bucket)

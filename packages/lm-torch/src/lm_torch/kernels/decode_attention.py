@@ -3,8 +3,9 @@
 One program takes one (sequence, kv head, split). The query heads that share the kv head are the rows of one tile,
 so each K/V block is read once for its whole group (GQA and MQA; MHA has groups of one). A sequence's visible
 context is cut into `num_splits` ranges so that a small batch still fills the GPU (flash-decoding); each range
-leaves its normalised partial output and log-sum-exp, and a second kernel merges them. With one split the first
-kernel writes the output itself.
+leaves its normalised partial output and log-sum-exp, and the last split program of a (sequence, kv head) to finish
+merges them, found by an atomic counter per (sequence, kv head): one launch, no second merge kernel. With one split
+the program writes the output itself.
 
 A quantized cache (`quant_policy` 8 or 4, see `lm_torch.kv_quant`) is dequantized tile by tile right after loading;
 int4 tiles are the two halves of head_dim, each its own dot. The policy is a constexpr: the unquantized kernel is
@@ -38,6 +39,30 @@ from lm_torch.kernels.kv_cache import dequantize_tile, quantized_cache_args
 # A split covers at least this many tokens: fewer would spend more on merging than they save.
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
+# Split programs' arrival counters per device, the current buffer last. Retired buffers are never freed: a CUDA graph
+# captured before a growth still points at its buffer, so its memory must not go back to the allocator.
+_SPLIT_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+MIN_SPLIT_COUNTERS = 4096  # 16 KiB: 512 sequences of 8 kv heads before the first growth
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least `needed` counters that every call on `device` shares.
+
+    The kernel leaves its counters at zero, so the buffer is zeroed only when allocated (no memset per call), and
+    calls on one stream (every layer, every graph replay) run in order and may share it. It must exist before a
+    CUDA graph is captured (an eager run first, as `CudaGraphRunner` does): a capture cannot allocate and zero it.
+    """
+    buffers = _SPLIT_COUNTERS.setdefault(device, [])
+    if buffers and buffers[-1].numel() >= needed:
+        return buffers[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"decode_attention: {needed} split counters needed while capturing a CUDA graph; run the same call once "
+            "eagerly before capturing"
+        )
+    size = next_power_of_2(max(needed, MIN_SPLIT_COUNTERS, 2 * buffers[-1].numel() if buffers else 0))
+    buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -51,6 +76,7 @@ def _decode_kernel(
     out_ptr,
     partial_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] float32 (unused with one split)
     partial_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, log2 domain
+    counters_ptr,  # [>= num_seqs * num_kv_heads] int32, zero on entry and on exit (`_split_counters`)
     qk_scale,  # scale * log2(e), or scale alone with soft-capping
     softcap,
     window,
@@ -83,6 +109,8 @@ def _decode_kernel(
     QUANT_POLICY: tl.constexpr,  # 0: the cache holds q's dtype; 8: int8 codes; 4: int4 codes, two per byte
     FEAT: tl.constexpr,  # features per loaded tile: HEAD_DIM, or HEAD_DIM / 2 with int4 (one tile per half)
     FEAT_PAD: tl.constexpr,
+    DIM_PAD: tl.constexpr,  # HEAD_DIM padded to a power of two (the merge's tile)
+    SPLITS_PAD: tl.constexpr,  # MAX_SPLITS padded to a power of two: one compiled kernel for every split count
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -173,40 +201,44 @@ def _decode_kernel(
                 tl.store(partial_dst + FEAT, out_hi, mask=row_mask)
             lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
             tl.store(partial_lse_ptr + head_rows, lse, mask=rows < GROUP)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits_kernel(
-    query_start_ptr,
-    partial_out_ptr,
-    partial_lse_ptr,
-    out_ptr,
-    stride_ot,
-    stride_oh,
-    num_heads,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # MAX_SPLITS rounded up to a power of two: one compiled merge for every split count
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = tl.load(query_start_ptr + seq)
-    if tl.load(query_start_ptr + seq + 1) - row == 1:
-        splits = tl.arange(0, SPLITS_PAD)
-        dims = tl.arange(0, DIM_PAD)
-        base = (seq * num_heads + head).to(tl.int64) * num_splits
-        lse = tl.load(partial_lse_ptr + base + splits, mask=splits < num_splits, other=float("-inf"))
-        top = tl.max(lse, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
-        weights = tl.exp2(lse - top)  # [SPLITS_PAD]
-        mask = (splits < num_splits)[:, None] & (dims < HEAD_DIM)[None, :]
-        parts = tl.load(partial_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
-        total = tl.sum(weights, 0)
-        out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
-        tl.store(
-            out_ptr + row * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM
-        )
+            # NOTE: the last of a (sequence, kv head)'s split programs to arrive merges all its splits. On the GPU:
+            # every thread's partial stores precede the barrier, and the barrier the one thread's acq_rel atomic
+            # (release is cumulative: it publishes what the barrier ordered before it); the program that reads
+            # num_splits - 1 has acquired every other program's release, and the barrier after the atomic orders its
+            # threads' loads after that acquire. The loads bypass L1 (".cg"), which is not coherent across SMs.
+            # Nothing spins, so no order of the programs can deadlock. (The interpreter runs programs one by one.)
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                tl.debug_barrier()
+                splits = tl.arange(0, SPLITS_PAD)
+                all_dims = tl.arange(0, DIM_PAD)
+                split_mask = splits < num_splits
+                merge_mask = split_mask[:, None] & (all_dims < HEAD_DIM)[None, :]
+                for h in range(GROUP):
+                    head = kv_head * GROUP + h
+                    base = (seq * num_heads + head).to(tl.int64) * num_splits
+                    split_lse = tl.load(
+                        partial_lse_ptr + base + splits, mask=split_mask, other=float("-inf"), cache_modifier=".cg"
+                    )  # [SPLITS_PAD]
+                    top = tl.max(split_lse, 0)
+                    top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
+                    weights = tl.exp2(split_lse - top)
+                    parts = tl.load(
+                        partial_out_ptr + (base + splits)[:, None] * HEAD_DIM + all_dims[None, :],
+                        mask=merge_mask,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )  # [SPLITS_PAD, DIM_PAD]
+                    total = tl.sum(weights, 0)
+                    merged = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+                    tl.store(
+                        out_ptr + row * stride_ot + head * stride_oh + all_dims,
+                        merged.to(out_ptr.dtype.element_ty),
+                        mask=all_dims < HEAD_DIM,
+                    )
+                # The next launch (next layer, next graph replay) counts from zero again; every split has arrived.
+                tl.store(counter, 0)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
@@ -271,13 +303,13 @@ def decode_attention(
         raise ValueError(f"decode_attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     group = num_heads // num_kv_heads
     block_n = block_n or (16 if interpreting() else 64)
-    # With one split the partial buffers are never touched; float32 placeholders keep the kernel's signature (and so
-    # its compiled binary) the same as with several.
+    # With one split the partial buffers and counters are never touched; placeholders of the same dtypes keep the
+    # kernel's signature (and so its compiled binary) the same as with several.
     partial_out = partial_lse = torch.empty(1, dtype=torch.float32, device=q.device)
+    counters = _split_counters(q.device, num_seqs * num_kv_heads if num_splits > 1 else 1)
     if num_splits > 1:
         partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    dim_pad = next_power_of_2(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -288,6 +320,7 @@ def decode_attention(
         out,
         partial_out,
         partial_lse,
+        counters,
         scale if softcap else scale * LOG2E,
         softcap or 1.0,
         window,
@@ -316,22 +349,9 @@ def decode_attention(
         QUANT_POLICY=policy,
         FEAT=feat,
         FEAT_PAD=next_power_of_2(feat),
+        DIM_PAD=next_power_of_2(head_dim),
+        SPLITS_PAD=next_power_of_2(MAX_SPLITS),
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            query_start_loc,
-            partial_out,
-            partial_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            num_heads,
-            num_splits,
-            HEAD_DIM=head_dim,
-            DIM_PAD=dim_pad,
-            SPLITS_PAD=next_power_of_2(MAX_SPLITS),
-            num_warps=4,
-        )
     return out
