@@ -4,10 +4,14 @@ tests/lm_torch/test_quant_layers.py checks against independently packed checkpoi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from lm_torch.kernels import reference
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # set by conftest.py without CUDA
 
 # (N, K, group_size): N not a multiple of the tile; groups smaller than, equal to and larger than a K step.
 CPU_SHAPES = [(48, 256, 32), (40, 256, 64), (33, 512, 128), (24, 384, 384), (16, 64, 16), (24, 512, 32)]
@@ -85,6 +89,47 @@ def test_gemv_matches_reference(case, split_k):
                 case.assert_close(out, expected, case.elementwise_tol)
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemv_tc_matches_reference(case, split_k):
+    """The tensor-core GEMV: groups of 64 and more, N not a multiple of the tile, 1-4 blocks a step, split-K."""
+    from lm_torch.kernels.w4a16 import w4a16_gemv_tc
+
+    for index, (n, k, group) in enumerate(s for s in _shapes(case) if s[2] >= 64):
+        packed, scales, zeros, gen = _weights(case, n, k, group, seed=30 + index)
+        x = case.randn(1, k, generator=gen)
+        expected = reference.w4a16_linear(x, packed, scales, zeros, group)
+        num_blocks = k // min(group, 128)
+        for block_n, blocks, prefetch in ((16, 1, True), (32, 2, True), (16, 4, True), (64, 1, False), (16, 2, False)):
+            if num_blocks % blocks:
+                continue
+            out = w4a16_gemv_tc(
+                x, packed, scales, zeros, group, block_n=block_n, blocks=blocks, split_k=split_k, prefetch=prefetch
+            )
+            assert out.shape == (1, n) and out.dtype == x.dtype
+            case.assert_close(out, expected, case.elementwise_tol)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the 16-bit path of the interpreter (GPU cases test it compiled)")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
+def test_gemv_tc_magic_halves_in_the_interpreter(dtype, tol):
+    """The bf16 / fp16 path (nibbles ORed into the halves of MAGIC, the offset taken out per block) on the CPU: the
+    same operands as on the GPU, but plain AND-OR for the inline PTX and, for bf16, the products in float32."""
+    pytest.importorskip("triton")
+    from lm_torch.kernels.w4a16 import pack_int4, w4a16_gemv_tc
+
+    gen = torch.Generator().manual_seed(4)
+    for n, k, group in ((33, 512, 128), (40, 512, 64), (24, 768, 384)):
+        q = torch.randint(0, 16, (n, k), generator=gen)
+        scales = ((0.5 + torch.rand(k // group, n, generator=gen)) / (4.6 * k**0.5)).to(dtype)
+        zeros = torch.randint(0, 17, (k // group, n), generator=gen).to(dtype)
+        packed = pack_int4(q, group)
+        x = torch.randn(1, k, generator=gen).to(dtype)
+        expected = reference.w4a16_linear(x, packed, scales, zeros, group)
+        for split_k in (1, 2):
+            out = w4a16_gemv_tc(x, packed, scales, zeros, group, block_n=16, split_k=split_k)
+            torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 16, 70])
 def test_gemm_matches_reference(case, rows):
     from lm_torch.kernels.w4a16 import w4a16_gemm, w4a16_linear
@@ -117,7 +162,7 @@ def test_dequantize_matches_reference(case):
 
 
 def test_bad_shapes_are_refused(case):
-    from lm_torch.kernels.w4a16 import w4a16_gemm, w4a16_gemv
+    from lm_torch.kernels.w4a16 import w4a16_gemm, w4a16_gemv, w4a16_gemv_tc
 
     packed, scales, zeros, gen = _weights(case, 16, 128, 32, seed=0)
     x = case.randn(2, 128, generator=gen)
@@ -129,6 +174,8 @@ def test_bad_shapes_are_refused(case):
         w4a16_gemm(x, packed, scales[:2], zeros, 32)
     with pytest.raises(ValueError, match="per step"):
         w4a16_gemv(x[:1], packed, scales, zeros, 32, blocks=3)
+    with pytest.raises(ValueError, match="group_size 32"):  # blocks of 32 inputs: too few for its mma operand
+        w4a16_gemv_tc(x[:1], packed, scales, zeros, 32)
 
 
 def _random_layer(kind: str, case, in_features=256, out_features=96, group=32, act_order=False):
@@ -186,8 +233,10 @@ def test_tuned_launch_shapes_are_used(case, tmp_path, monkeypatch):
     from lm_torch.kernels import w4a16
 
     n, k, group = 40, 256, 64
+    n_tc = 48  # a second shape for the tensor-core GEMV
     table = {
         f"1:{n}:{k}:{group}": {"kernel": "gemv", "block_n": 8, "blocks": 2, "num_warps": 1, "split_k": 2},
+        f"1:{n_tc}:{k}:{group}": {"kernel": "gemv_tc", "block_n": 32, "blocks": 2, "num_warps": 1, "split_k": 2},
         f"16:{n}:{k}:{group}": {"kernel": "gemm", "block_m": 16, "block_n": 16, "split_k": 3, "prefetch": True},
         f"2048:{n}:{k}:{group}": {"kernel": "dequant", "block_n": 8},
     }
@@ -202,5 +251,9 @@ def test_tuned_launch_shapes_are_used(case, tmp_path, monkeypatch):
             x = case.randn(rows, k, generator=gen)
             expected = reference.w4a16_linear(x, packed, scales, zeros, group)
             case.assert_close(w4a16.w4a16_linear(x, packed, scales, zeros, group), expected, 2 * case.elementwise_tol)
+        packed, scales, zeros, gen = _weights(case, n_tc, k, group, seed=8)
+        x = case.randn(1, k, generator=gen)
+        expected = reference.w4a16_linear(x, packed, scales, zeros, group)
+        case.assert_close(w4a16.w4a16_linear(x, packed, scales, zeros, group), expected, case.elementwise_tol)
     finally:
         w4a16.tuned_configs.cache_clear()

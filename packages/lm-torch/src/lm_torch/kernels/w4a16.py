@@ -10,7 +10,7 @@ the weights of inputs b * B + t * (B / 8) + j for the tile's words j, which is a
 meets a contiguous slice of x in the tile's own register layout (no shuffles between threads, 16-byte loads of both
 operands), and a word never straddles two groups, so a block needs one scale and one zero per row.
 
-Two kernels:
+Three kernels (the tuning table picks one per shape, `w4a16_linear`):
 - `_w4a16_gemv_kernel`, one input row (batch-1 decode), meant to be bound by reading the packed weight (a quarter
   of the bf16 bytes) with cheap dequantization: a nibble becomes the float 1 + q / 16 by a shift and one AND-OR
   into the mantissa of 1.0 (`_plane`; an integer-to-float conversion runs at a quarter of the rate), one FMA with
@@ -19,6 +19,13 @@ Two kernels:
   next step's operands are requested before this step's arithmetic. On an H100 it reaches 1.0-1.5 TB/s at
   Llama-3-8B's shapes, 1.6-1.9x faster than the bf16 GEMV (`benchmarks/RESULTS.md`): with ~5 instructions per
   weight in the loop (SASS), issue limits it about as much as memory does.
+- `_w4a16_gemv_tc_kernel`, one input row on the tensor cores: the halves of a word shifted by 4p, ANDed with
+  0x000F000F and ORed with 0x43004300 (one LOP3 per two weights) are the bf16 numbers 128 + q of planes p and p + 4
+  (fp16: 0x6400, 1024 + q), already paired as an mma operand register. A [BN, 2 W] tile of them times x (as an
+  8-column operand of equal columns) accumulates sum (128 + q) x in float32 on the tensor cores, a second product
+  with ones gives sum x, and each block adds (sum (128 + q) x - (128 + z) sum x) s. The dot's input order is chosen
+  so that the words' own load (16 bytes per thread) is already the operand layout: no shared memory, no shuffles.
+  ~1.5-2.5 SASS instructions per weight (64 to 16 rows a program) against ~5 for the GEMV above.
 - `_w4a16_gemm_kernel`, more rows: a block's [BLOCK_N, 8, B / 8] planes are dequantized in registers into the
   activation dtype, viewed [BLOCK_N, B] (plane t, word j is input t * B / 8 + j: x's own order) and multiplied by
   BLOCK_M rows on the tensor cores; small M runs BLOCK_M = 16 with split-K so that enough programs stream the
@@ -37,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import check_cuda_or_interpreter, multiprocessor_count
+from lm_torch.kernels.common import check_cuda_or_interpreter, interpreting, multiprocessor_count
 
 MAX_BLOCK = 128  # inputs of one interleaved block (fewer when the groups are smaller)
 
@@ -158,6 +165,166 @@ def _w4a16_gemv_kernel(
             x_sum += x_t
         acc += a * (16.0 * cur_s)[:, :, None] - x_sum[None, :, :] * ((16.0 + cur_z) * cur_s)[:, :, None]
     total = tl.sum(tl.sum(acc, 2), 1)  # [BN]
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rows, total, mask=row_mask)
+    else:
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _tc_magic(words, p: tl.constexpr, MAGIC_BITS: tl.constexpr, ASM: tl.constexpr):
+    """[.., C] int32 words -> nibble p of each 16-bit half ORed into MAGIC_BITS (both halves): in bf16 / fp16 each
+    half reads MAGIC + q exactly. The AND-OR is one LOP3 in inline PTX; written in triton, LLVM splits it per half."""
+    if p == 0:  # noqa: SIM108 - a compile-time branch
+        moved = words
+    else:
+        moved = words >> (4 * p)  # the bits an arithmetic shift brings in are masked off below
+    if ASM:
+        if MAGIC_BITS == 0x43004300:
+            return tl.inline_asm_elementwise(
+                "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r", [moved], dtype=tl.int32, is_pure=True, pack=1
+            )
+        return tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;", "=r,r", [moved], dtype=tl.int32, is_pure=True, pack=1
+        )
+    return (moved & 0x000F000F) | MAGIC_BITS
+
+
+@triton.jit
+def _tc_operand(words, p: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr, MAGIC_BITS: tl.constexpr, ASM):
+    """Planes p and p + 4 of one block's words [4, BN, C] (word a * C + c of each row) as the dot's left operand
+    [BN, 8 C], dot input kk = h + 2 (c % 2) + 4 a + 16 (c // 2) for plane p + 4 h of word a * C + c.
+    Why this order: it is the register order of the words' own load (4 lanes along a, 8 along the rows, c and h in
+    registers), read as the mma operand layout (kWidth 4: 4 consecutive kk per thread, the next 4 lanes' kk after),
+    so the reshapes below move no data between threads, and no shared memory is used."""
+    if MAGIC_BITS == 0:  # float32 (the interpreter): q itself, exact
+        if p == 0:  # noqa: SIM108 - a compile-time branch
+            moved = words
+        else:
+            moved = words >> (4 * p)
+        pair = tl.join((moved & 0xF).to(tl.float32), ((moved >> 16) & 0xF).to(tl.float32))
+    else:
+        v = _tc_magic(words, p, MAGIC_BITS, ASM)  # [4, BN, C] int32: two halves MAGIC + q
+        pair = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16))  # [4, BN, C, 2]: h = 0 the low half
+        if MAGIC_BITS == 0x43004300:  # noqa: SIM108 - a compile-time branch
+            pair = pair.to(tl.bfloat16, bitcast=True)
+        else:
+            pair = pair.to(tl.float16, bitcast=True)
+    pair = tl.permute(tl.reshape(pair, (4, BLOCK_N, C // 2, 2, 2)), (1, 2, 0, 3, 4))  # [BN, C/2, 4, 2, 2]
+    return tl.reshape(pair, (BLOCK_N, 8 * C))
+
+
+@triton.jit
+def _tc_x(x_ptr, offsets, b, p: tl.constexpr, NCOL: tl.constexpr, C: tl.constexpr):
+    """x for planes p, p + 4 of block b as the dot's right operand [8 C, NCOL] in `_tc_operand`'s input order, the
+    same in every column (the product's columns are copies: N = 8 is the smallest mma tile)."""
+    xs = tl.load(x_ptr + b * (32 * C) + p * (4 * C) + offsets)  # [4 (a), NCOL, 2 (h), C]
+    xs = tl.permute(tl.reshape(xs, (4, NCOL, 2, C // 2, 2)), (3, 0, 4, 2, 1))  # [C/2, 4, 2 (c % 2), 2 (h), NCOL]
+    return tl.reshape(xs, (8 * C, NCOL))
+
+
+@triton.jit
+def _tc_block_words(tile, bb: tl.constexpr, BLOCKS: tl.constexpr):
+    """Block bb's words [4, BN, C] of a step's tile [4, BN, C, BLOCKS] (BLOCKS 1, 2 or 4: splits in registers)."""
+    if BLOCKS == 1:
+        return tl.reshape(tile, (tile.shape[0], tile.shape[1], tile.shape[2]))
+    elif BLOCKS == 2:
+        first, second = tl.split(tile)
+        return first if bb == 0 else second
+    else:
+        evens, odds = tl.split(tl.reshape(tile, (tile.shape[0], tile.shape[1], tile.shape[2], 2, 2)))
+        first, second = tl.split(evens if bb % 2 == 0 else odds)  # bb = 2 * (the second split) + (the first)
+        return first if bb < 2 else second
+
+
+@triton.jit
+def _tc_step(w_ptrs, s_ptr, z_ptr, rows, bi, n, b0, WORDS: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """The words [4, BN, C, BLOCKS] and float32 scales and zeros [BN, BLOCKS] of the step starting at block b0."""
+    groups = (b0 + bi) * BLOCK // GROUP  # [BLOCKS]
+    sz_offsets = groups[None, :] * n + rows[:, None]  # [BN, BLOCKS]
+    words = tl.load(w_ptrs + b0 * WORDS)
+    return words, tl.load(s_ptr + sz_offsets).to(tl.float32), tl.load(z_ptr + sz_offsets).to(tl.float32)
+
+
+@triton.jit
+def _w4a16_gemv_tc_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    n,
+    words_per_row,
+    blocks_per_split,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,  # inputs of an interleaved block, 64 or 128
+    BLOCK_N: tl.constexpr,
+    BLOCKS: tl.constexpr,  # blocks per loop step (blocks_per_split is a multiple)
+    PREFETCH: tl.constexpr,  # load step i + 1's words, scales and zeros while computing step i
+    ATOMIC: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,  # 0x43004300 (bf16), 0x64006400 (fp16), 0 (float32: the interpreter)
+    MAGIC: tl.constexpr,  # the value of the magic half alone: 128.0, 1024.0, 0.0
+    ASM: tl.constexpr,  # inline PTX for the dequantizing LOP3 (compiled on CUDA)
+    UPCAST: tl.constexpr,  # 16-bit operands multiplied in float32 (the interpreter's bf16 dot is wrong)
+):
+    WORDS: tl.constexpr = BLOCK // 8
+    C: tl.constexpr = WORDS // 4  # words of a row per lane and block
+    NCOL: tl.constexpr = 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    # Rows past N read row N - 1 (loads stay unmasked and vectorized); their sums are not stored.
+    safe_rows = tl.minimum(rows, n - 1)
+    bi = tl.arange(0, BLOCKS)
+    ai = tl.arange(0, 4)
+    ci = tl.arange(0, C)
+    # [4 (a), BN, C, BLOCKS]: word a * C + c of block bb of the step. a before the rows, c last (contiguous) and bb
+    # after the rows: triton then gives the lanes a and the rows, and each thread C contiguous words per block.
+    word_offsets = ai[:, None, None, None] * C + ci[None, None, :, None] + bi[None, None, None, :] * WORDS
+    w_ptrs = w_ptr + safe_rows[None, :, None, None].to(tl.int64) * words_per_row + word_offsets
+    # [4 (a), NCOL, 2 (h), C]: x of plane p + 4 h of word a * C + c is x[b * B + (p + 4 h) * W + a * C + c].
+    x_offsets = (
+        ai[:, None, None, None] * C
+        + (tl.arange(0, 2) * (4 * WORDS))[None, None, :, None]
+        + ci[None, None, None, :]
+        + tl.zeros([4, NCOL, 2, C], tl.int32)
+    )
+    one = tl.full([BLOCK_N, 4 * C], 1.0, tl.float32).to(x_ptr.dtype.element_ty)  # (the interpreter has no bf16 full)
+    # Joined like the weight operand so that both dots use the same operand layout for x (kWidth 4).
+    ones = tl.reshape(tl.join(one, one), (BLOCK_N, 8 * C))
+    first = pid_k * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)
+    acc = tl.zeros([BLOCK_N, NCOL], tl.float32)
+    if PREFETCH:
+        words, s, z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, first, WORDS, BLOCK, GROUP)
+    for b0 in range(first, last, BLOCKS):
+        if PREFETCH:
+            cur_words, cur_s, cur_z = words, s, z
+            following = tl.minimum(b0 + BLOCKS, last - BLOCKS)  # the last step fetches its own blocks again
+            words, s, z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, following, WORDS, BLOCK, GROUP)
+        else:
+            cur_words, cur_s, cur_z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, b0, WORDS, BLOCK, GROUP)
+        for bb in tl.static_range(BLOCKS):
+            block_words = _tc_block_words(cur_words, bb, BLOCKS)  # [4, BN, C]
+            part = tl.zeros([BLOCK_N, NCOL], tl.float32)  # sum over the block of (MAGIC + q) x
+            x_sum = tl.zeros([BLOCK_N, NCOL], tl.float32)  # sum of the block's x, from the tensor cores too
+            for p in tl.static_range(4):
+                xs = _tc_x(x_ptr, x_offsets, b0 + bb, p, NCOL, C)
+                w = _tc_operand(block_words, p, BLOCK_N, C, MAGIC_BITS, ASM)
+                if UPCAST:  # exact: the products of two 16-bit floats are float32 numbers
+                    part = tl.dot(w.to(tl.float32), xs.to(tl.float32), part)
+                    x_sum = tl.dot(ones.to(tl.float32), xs.to(tl.float32), x_sum)
+                else:
+                    part = tl.dot(w, xs, part)
+                    x_sum = tl.dot(ones, xs, x_sum)
+            # [BN] scale and zero of this block: one-hot selection over the step's BLOCKS (compile-time).
+            s_b = tl.sum(tl.where(bi[None, :] == bb, cur_s, 0.0), 1)
+            z_b = tl.sum(tl.where(bi[None, :] == bb, cur_z, 0.0), 1)
+            # sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z) sum x, in float32 (MAGIC x is exact in the products).
+            acc += (part - (MAGIC + z_b)[:, None] * x_sum) * s_b[:, None]
+    # The NCOL columns are copies of one sum (x is the same in every column): max picks one exactly.
+    total = tl.max(acc, 1)  # [BN]
+    row_mask = rows < n
     if ATOMIC:
         tl.atomic_add(out_ptr + rows, total, mask=row_mask)
     else:
@@ -325,6 +492,63 @@ def w4a16_gemv(
     return out.to(x.dtype) if splits > 1 else out
 
 
+# The halves MAGIC + q of `_tc_magic` by activation dtype: (both halves' bits, MAGIC). float32 takes q directly.
+_TC_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0), torch.float32: (0, 0.0)}
+
+
+def w4a16_gemv_tc(
+    x: torch.Tensor,  # [1, K] bf16 / fp16 (float32 under the interpreter)
+    packed: torch.Tensor,  # [N, K / 8] int32 in the `pack_int4` layout
+    scales: torch.Tensor,  # [K / group_size, N]
+    zeros: torch.Tensor,  # [K / group_size, N]
+    group_size: int,
+    *,
+    block_n: int = 32,
+    blocks: int = 1,
+    num_warps: int = 1,
+    split_k: int = 1,
+    prefetch: bool = True,
+) -> torch.Tensor:  # [1, N] in x's dtype
+    """x @ W^T for one row x on the tensor cores: each block's nibbles become MAGIC + q in x's dtype (one LOP3 per
+    two weights) and multiply x in mma tiles; per block, float32 sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z)
+    sum x, times the scale. Groups of 64 inputs or more (blocks of 64 or 128)."""
+    m, n, k, block = _check(x, packed, scales, zeros, group_size)
+    if m != 1:
+        raise ValueError(f"w4a16_gemv_tc: x has {m} rows, expected 1 (w4a16_gemm takes more)")
+    if block < 64:
+        raise ValueError(f"w4a16_gemv_tc: group_size {group_size} < 64 (blocks of 64 or 128 inputs only)")
+    if blocks not in (1, 2, 4) or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"w4a16_gemv_tc: blocks {blocks} must be 1, 2 or 4, block_n {block_n} a power of 2 >= 16")
+    if x.dtype not in _TC_MAGIC:
+        raise ValueError(f"w4a16_gemv_tc: x dtype {x.dtype} is not bf16, fp16 or float32")
+    magic_bits, magic = _TC_MAGIC[x.dtype]
+    per_split, splits = _splits(k // block, blocks, split_k)
+    out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((1, n))
+    _w4a16_gemv_tc_kernel[(triton.cdiv(n, block_n), splits)](
+        x,
+        packed,
+        scales,
+        zeros,
+        out,
+        n,
+        k // 8,
+        per_split,
+        GROUP=group_size,
+        BLOCK=block,
+        BLOCK_N=block_n,
+        BLOCKS=blocks,
+        PREFETCH=prefetch,
+        ATOMIC=splits > 1,
+        MAGIC_BITS=magic_bits,
+        MAGIC=magic,
+        ASM=not interpreting(),
+        UPCAST=interpreting() and x.dtype == torch.bfloat16,
+        num_warps=num_warps,
+        num_stages=1,
+    )
+    return out.to(x.dtype) if splits > 1 else out
+
+
 def w4a16_gemm(
     x: torch.Tensor,  # [M, K]
     packed: torch.Tensor,  # [N, K / 8] int32 in the `pack_int4` layout
@@ -421,6 +645,8 @@ def w4a16_linear(x, packed, scales, zeros, group_size: int) -> torch.Tensor:
         kernel = params.pop("kernel")
         if kernel == "gemv" and m == 1:
             return w4a16_gemv(x, packed, scales, zeros, group_size, **params)
+        if kernel == "gemv_tc" and m == 1:
+            return w4a16_gemv_tc(x, packed, scales, zeros, group_size, **params)
         if kernel == "gemm":
             return w4a16_gemm(x, packed, scales, zeros, group_size, **params)
         if kernel == "dequant":
