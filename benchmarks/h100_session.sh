@@ -62,7 +62,7 @@ for stage in $stages; do
     ltests) run ltests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
       tests/lm_lite/test_gpu.py tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
-    sweep) run sweep 130 python3 benchmarks/w4a16.py --quick --rows 1,16,2048 --write-tuning "$OUT/w4a16_tuning.json" ;;
+    sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows 1,16,2048 --write-tuning "$OUT/w4a16_tuning.json" ;;
     awq) [ -f "$OUT/w4a16_tuning.json" ] && export LM_TORCH_W4A16_TUNING="$OUT/w4a16_tuning.json"  # the sweep's
       run awq 120 python3 benchmarks/latency.py --model benchmarks/configs/llama3-8b-awq --load-format dummy \
       --input-len 128 --output-len 256 --num-iters 2 --profile ;;
