@@ -109,6 +109,22 @@ def test_gemv_tc_matches_reference(case, split_k):
             case.assert_close(out, expected, case.elementwise_tol)
 
 
+def test_gemv_tc_split_k_calls_in_a_row(case):
+    """Split-K reduces in the kernel: the last split of a row block writes the output and resets its counter, so calls
+    in a row (other split counts, other inputs, a wider N that needs more counters) each get their own result."""
+    from lm_torch.kernels.w4a16 import w4a16_gemv_tc
+
+    n, k, group = (40, 512, 64) if case.device == "cpu" else (4096, 4096, 128)
+    packed, scales, zeros, gen = _weights(case, n, k, group, seed=50)
+    wide = _weights(case, 4 * n, k, group, seed=51)
+    for split_k in (2, 4, 2, 3):
+        for weights in ((packed, scales, zeros), wide[:3]):
+            x = case.randn(1, k, generator=gen)
+            expected = reference.w4a16_linear(x, *weights, group)
+            out = w4a16_gemv_tc(x, *weights, group, block_n=16, split_k=split_k)
+            case.assert_close(out, expected, case.elementwise_tol)
+
+
 @pytest.mark.skipif(not INTERPRETING, reason="the 16-bit path of the interpreter (GPU cases test it compiled)")
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
 def test_gemv_tc_magic_halves_in_the_interpreter(dtype, tol):

@@ -49,3 +49,30 @@ def tanh(x):
     e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|) = 2^(-2 log2(e) |x|), in (0, 1]: never overflows
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
+
+
+# Zero-filled device buffers that kernels leave zeroed again (arrival counters of "the last program finishes the
+# work" reductions), by (device, name), the current buffer last. Buffers are never freed: a CUDA graph captured
+# before a growth still points at the older one.
+_PERSISTENT_ZEROS: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
+
+
+def persistent_zeros(device: torch.device, name: str, numel: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """A buffer of at least `numel` zeros shared by every call of one kernel family on `device`.
+
+    The kernels restore the zeros before they end, so the buffer is zeroed once, when allocated (no memset launch per
+    call), and launches on one stream (every layer, every graph replay) run in order and may share it. It must exist
+    before a CUDA graph that uses it is captured (capture cannot allocate and zero it): run the same call once eagerly
+    first, as `CudaGraphRunner` does.
+    """
+    buffers = _PERSISTENT_ZEROS.setdefault((torch.device(device), name), [])
+    if buffers and buffers[-1].numel() >= numel and buffers[-1].dtype == dtype:
+        return buffers[-1]
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{name}: a buffer of {numel} zeros is needed while capturing a CUDA graph; run the same call once "
+            "eagerly before capturing"
+        )
+    size = next_power_of_2(max(numel, 1024, 2 * buffers[-1].numel() if buffers else 0))
+    buffers.append(torch.zeros(size, dtype=dtype, device=device))
+    return buffers[-1]

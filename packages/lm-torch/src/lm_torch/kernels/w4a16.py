@@ -30,7 +30,9 @@ Three kernels (the tuning table picks one per shape, `w4a16_linear`):
   activation dtype, viewed [BLOCK_N, B] (plane t, word j is input t * B / 8 + j: x's own order) and multiplied by
   BLOCK_M rows on the tensor cores; small M runs BLOCK_M = 16 with split-K so that enough programs stream the
   weight, large M (prefill) big tiles.
-Split-K programs add float32 partial sums atomically; without split the result is stored directly (one launch).
+Split-K programs of `gemv` and `gemm` add float32 partial sums atomically (a zeroing and a cast launch around the
+kernel); `gemv_tc`'s store theirs and the last split of a row block adds them up and writes the output (one launch,
+deterministic order). Without split the result is stored directly (one launch).
 """
 
 from __future__ import annotations
@@ -44,7 +46,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import check_cuda_or_interpreter, interpreting, multiprocessor_count
+from lm_torch.kernels.common import (
+    check_cuda_or_interpreter,
+    interpreting,
+    multiprocessor_count,
+    next_power_of_2,
+    persistent_zeros,
+)
 
 MAX_BLOCK = 128  # inputs of one interleaved block (fewer when the groups are smaller)
 
@@ -253,6 +261,8 @@ def _w4a16_gemv_tc_kernel(
     s_ptr,
     z_ptr,
     out_ptr,
+    partial_ptr,  # [splits, N] float32: each split's sums (split-K only)
+    counters_ptr,  # [>= cdiv(N, BLOCK_N)] int32, zero on entry and on exit (split-K only)
     n,
     words_per_row,
     blocks_per_split,
@@ -261,7 +271,7 @@ def _w4a16_gemv_tc_kernel(
     BLOCK_N: tl.constexpr,
     BLOCKS: tl.constexpr,  # blocks per loop step (blocks_per_split is a multiple)
     PREFETCH: tl.constexpr,  # load step i + 1's words, scales and zeros while computing step i
-    ATOMIC: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # the split count padded to a power of two; 1: no split-K
     MAGIC_BITS: tl.constexpr,  # 0x43004300 (bf16), 0x64006400 (fp16), 0 (float32: the interpreter)
     MAGIC: tl.constexpr,  # the value of the magic half alone: 128.0, 1024.0, 0.0
     ASM: tl.constexpr,  # inline PTX for the dequantizing LOP3 (compiled on CUDA)
@@ -325,10 +335,29 @@ def _w4a16_gemv_tc_kernel(
     # The NCOL columns are copies of one sum (x is the same in every column): max picks one exactly.
     total = tl.max(acc, 1)  # [BN]
     row_mask = rows < n
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, total, mask=row_mask)
-    else:
+    if SPLITS_PAD == 1:
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        # Split-K in one launch: each split stores its sums; the last of a row block's splits to arrive adds them
+        # in split order (deterministic) and writes the output. No zeroing or cast launches, no float atomics.
+        # NOTE: ordering on the GPU as in `decode_attention`'s merge: the barrier puts every thread's stores before
+        # the acq_rel atomic (release is cumulative), the last arrival acquires every other split's release, and its
+        # loads bypass L1 (".cg", not coherent across SMs). Nothing spins: no order of the programs can deadlock.
+        num_splits = tl.num_programs(1)
+        tl.store(partial_ptr + pid_k * n + rows, total, mask=row_mask)
+        tl.debug_barrier()
+        counter = counters_ptr + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+            tl.debug_barrier()
+            splits = tl.arange(0, SPLITS_PAD)
+            parts = tl.load(
+                partial_ptr + splits[:, None] * n + rows[None, :],
+                mask=(splits < num_splits)[:, None] & row_mask[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )  # [SPLITS_PAD, BN]
+            tl.store(out_ptr + rows, tl.sum(parts, 0).to(out_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(counter, 0)  # the next launch (next layer, next graph replay) counts from zero again
 
 
 @triton.jit
@@ -523,13 +552,19 @@ def w4a16_gemv_tc(
         raise ValueError(f"w4a16_gemv_tc: x dtype {x.dtype} is not bf16, fp16 or float32")
     magic_bits, magic = _TC_MAGIC[x.dtype]
     per_split, splits = _splits(k // block, blocks, split_k)
-    out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((1, n))
-    _w4a16_gemv_tc_kernel[(triton.cdiv(n, block_n), splits)](
+    row_blocks = triton.cdiv(n, block_n)
+    out = x.new_empty((1, n))
+    # Split-K partial sums and arrival counters; one split touches neither (placeholders of the same dtypes).
+    partials = persistent_zeros(x.device, "w4a16_gemv_tc partials", splits * n if splits > 1 else 1, torch.float32)
+    counters = persistent_zeros(x.device, "w4a16_gemv_tc counters", row_blocks if splits > 1 else 1)
+    _w4a16_gemv_tc_kernel[(row_blocks, splits)](
         x,
         packed,
         scales,
         zeros,
         out,
+        partials,
+        counters,
         n,
         k // 8,
         per_split,
@@ -538,7 +573,7 @@ def w4a16_gemv_tc(
         BLOCK_N=block_n,
         BLOCKS=blocks,
         PREFETCH=prefetch,
-        ATOMIC=splits > 1,
+        SPLITS_PAD=next_power_of_2(splits) if splits > 1 else 1,
         MAGIC_BITS=magic_bits,
         MAGIC=magic,
         ASM=not interpreting(),
@@ -546,7 +581,7 @@ def w4a16_gemv_tc(
         num_warps=num_warps,
         num_stages=1,
     )
-    return out.to(x.dtype) if splits > 1 else out
+    return out
 
 
 def w4a16_gemm(
