@@ -14,6 +14,21 @@ from lm_torch.kv_quant import allocate_kv_cache, scales_dtype
 
 POLICIES = [pytest.param(8, id="int8"), pytest.param(4, id="int4")]
 
+try:  # without triton every test here skips (conftest's `case`); a kernel of the tests' own needs it at import
+    import triton
+    import triton.language as tl
+
+    from lm_torch.kernels.kv_cache import codes_to
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _codes_to_kernel(src, dst, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(dst + i, codes_to(tl.load(src + i), dst.dtype.element_ty))
+
 
 def _assert_codes_match(case, cache, scales_zeros, expected_cache, expected_scales_zeros, policy):
     """Scales and zeros equal the reference's up to the last bit; codes may differ by one where a value sits on a
@@ -210,6 +225,55 @@ def test_decode_over_quantized_cache(case, paged_batch, policy, num_heads, num_k
         batch.q, batch.k_cache, batch.v_cache, batch.query_lens, batch.context_lens, batch.block_tables, scale
     )
     case.assert_close(out, expected, case.attention_tol)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(("sliding_window", "softcap"), [(None, None), (20, None), (7, 10.0)])
+def test_decode_over_quantized_cache_far_from_zero(case, paged_batch, policy, sliding_window, softcap):
+    """Values offset from 0 give large zeros: the kernel's zero * sum(q) and sum(p * zero) terms carry most of each
+    score and output, and soft-capping and the window act on the rebuilt scores."""
+    from lm_torch.kernels.decode_attention import decode_attention
+
+    context_lens = [45, 6, 70]
+    batch = paged_batch(case, 40 + policy, [1] * 3, context_lens, 8, 2, 32, q_scale=2.0)
+    num_blocks, block_size = batch.k_cache.shape[:2]
+    cache = allocate_kv_cache(num_blocks, block_size, 2, 32, policy, case.dtype, case.device)
+    flat = (num_blocks * block_size, 2, 32)
+    k, v = (batch.k_cache * 0.5 + 3.0).view(flat), (batch.v_cache - 4.0).view(flat)
+    slots = torch.arange(num_blocks * block_size, device=case.device)
+    reference.store_kv_cache_quantized(k, v, *cache, slots, policy)
+    k_values = reference.dequantize_cache(cache.k, cache.k_scales_zeros, policy)
+    v_values = reference.dequantize_cache(cache.v, cache.v_scales_zeros, policy)
+    scale = 1 / math.sqrt(32)
+    out = decode_attention(
+        batch.q,
+        cache.k,
+        cache.v,
+        batch.block_tables,
+        batch.query_start_loc,
+        batch.context_lens_tensor,
+        scale,
+        max_context_len=max(context_lens),
+        sliding_window=sliding_window,
+        softcap=softcap,
+        num_splits=2,
+        out=torch.full_like(batch.q, float("nan")),
+        k_scales_zeros=cache.k_scales_zeros,
+        v_scales_zeros=cache.v_scales_zeros,
+    )
+    expected = reference.paged_attention(
+        batch.q, k_values, v_values, [1] * 3, context_lens, batch.block_tables, scale, sliding_window, softcap
+    )
+    case.assert_close(out, expected, case.attention_tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_codes_to_is_exact(case, dtype):
+    """Every code 0..255 comes out of `codes_to`'s bit tricks as the same integer in bf16, fp16 and float32."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(case.device)
+    out = torch.empty(256, dtype=dtype, device=case.device)
+    _codes_to_kernel[(1,)](codes, out, N=256)
+    assert torch.equal(out.cpu(), torch.arange(256, dtype=dtype))
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -55,6 +55,33 @@ def quantize_store_heads(
 
 
 @triton.jit
+def unpack_codes(codes, QUANT_POLICY: tl.constexpr):
+    """A loaded tile of cache codes [BLOCK_N, F] (uint8) as (codes of features j, codes of features j + F): an int4
+    byte holds both, low nibble first; for int8 the second is the first again."""
+    if QUANT_POLICY == 4:
+        return codes & 15, codes >> 4
+    else:
+        return codes, codes
+
+
+@triton.jit
+def codes_to(codes, dtype: tl.constexpr):
+    """Integer codes 0..255 (a tile of any integer type) as `dtype`, exactly. For bf16 and fp16 with bit tricks on
+    the fast integer and float pipes: a GPU's integer-to-float conversion runs at a quarter of their rate or less,
+    and a cache tile is one conversion per element."""
+    if dtype == tl.bfloat16:
+        # The float32 of bits 0x4B000000 | c is 2^23 + c; minus 2^23 it is c exactly, with its low 16 bits zero, so
+        # its high half is c in bf16.
+        exact = (codes.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return (exact.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif dtype == tl.float16:
+        # The fp16 of bits 0x6400 | c is 1024 + c (exact: fp16 holds integers to 2048).
+        return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return codes.to(dtype)
+
+
+@triton.jit
 def dequantize_tile(codes, sz_ptrs, valid, QUANT_POLICY: tl.constexpr):
     """A loaded tile of cache codes [BLOCK_N, F] (uint8) back to float32 values with each row's (scale, zero) at
     `sz_ptrs` [BLOCK_N]: (values, values of the high half) for int4, whose bytes hold features j and j + F; for int8
