@@ -97,7 +97,8 @@ def test_decode_real_shapes(case, paged_batch, num_heads, num_kv_heads, head_dim
 def test_decode_calls_in_a_row_reset_the_counters(case, paged_batch):
     """The last split program of each (sequence, kv head) merges and zeroes its counter, so the next call (another
     layer, another batch, another split count) finds them all at zero: a stale count would leave rows unmerged."""
-    from lm_torch.kernels import decode_attention as module
+    from lm_torch.kernels.common import persistent_zeros
+    from lm_torch.kernels.decode_attention import SPLIT_COUNTERS
 
     scale = 0.2
     # Context 0 is a CUDA graph's padding row: every split empty, output 0.
@@ -106,22 +107,22 @@ def test_decode_calls_in_a_row_reset_the_counters(case, paged_batch):
         batch = paged_batch(case, 20 + seed, [1] * len(context_lens), context_lens, 8, 2, 32)
         out = _run(batch, scale, num_splits=num_splits)
         case.assert_close(out, _expected(batch, scale), case.attention_tol)
-        assert not module._split_counters(batch.q.device, 0).any()
+        assert not persistent_zeros(batch.q.device, SPLIT_COUNTERS, 1).any()
 
 
 def test_decode_grows_the_counter_buffer(case, paged_batch, monkeypatch):
     """More (sequence, kv head) pairs than the shared counters hold: a larger zeroed buffer replaces it, and the
     old one stays referenced (a captured CUDA graph may still point at it)."""
-    from lm_torch.kernels import decode_attention as module
+    from lm_torch.kernels import common
+    from lm_torch.kernels.decode_attention import SPLIT_COUNTERS
 
     device = torch.device(case.device)
     small = torch.zeros(2, dtype=torch.int32, device=device)
-    monkeypatch.setattr(module, "_SPLIT_COUNTERS", {device: [small]})
-    monkeypatch.setattr(module, "MIN_SPLIT_COUNTERS", 2)
+    monkeypatch.setattr(common, "_PERSISTENT_ZEROS", {(device, SPLIT_COUNTERS): [small]})
     for seed, context_lens in enumerate([[5, 40, 21], [33, 1, 12, 64, 7]]):
         batch = paged_batch(case, 30 + seed, [1] * len(context_lens), context_lens, 4, 2, 16)
         out = _run(batch, 0.25, num_splits=2)
         case.assert_close(out, _expected(batch, 0.25), case.attention_tol)
-    buffers = module._SPLIT_COUNTERS[device]
-    assert buffers[0] is small and [b.numel() for b in buffers] == [2, 8, 16]
+    buffers = common._PERSISTENT_ZEROS[(device, SPLIT_COUNTERS)]
+    assert buffers[0] is small and [b.numel() for b in buffers] == [2, 1024]
     assert not any(b.any() for b in buffers)

@@ -34,6 +34,7 @@ from lm_torch.kernels.common import (
     interpreting,
     multiprocessor_count,
     next_power_of_2,
+    persistent_zeros,
     tanh,
 )
 from lm_torch.kernels.kv_cache import codes_to, quantized_cache_args, unpack_codes
@@ -41,30 +42,7 @@ from lm_torch.kernels.kv_cache import codes_to, quantized_cache_args, unpack_cod
 # A split covers at least this many tokens: fewer would spend more on merging than they save.
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
-# Split programs' arrival counters per device, the current buffer last. Retired buffers are never freed: a CUDA graph
-# captured before a growth still points at its buffer, so its memory must not go back to the allocator.
-_SPLIT_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-MIN_SPLIT_COUNTERS = 4096  # 16 KiB: 512 sequences of 8 kv heads before the first growth
-
-
-def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least `needed` counters that every call on `device` shares.
-
-    The kernel leaves its counters at zero, so the buffer is zeroed only when allocated (no memset per call), and
-    calls on one stream (every layer, every graph replay) run in order and may share it. It must exist before a
-    CUDA graph is captured (an eager run first, as `CudaGraphRunner` does): a capture cannot allocate and zero it.
-    """
-    buffers = _SPLIT_COUNTERS.setdefault(device, [])
-    if buffers and buffers[-1].numel() >= needed:
-        return buffers[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"decode_attention: {needed} split counters needed while capturing a CUDA graph; run the same call once "
-            "eagerly before capturing"
-        )
-    size = next_power_of_2(max(needed, MIN_SPLIT_COUNTERS, 2 * buffers[-1].numel() if buffers else 0))
-    buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return buffers[-1]
+SPLIT_COUNTERS = "decode_attention split counters"  # the `persistent_zeros` buffer's name
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -78,7 +56,7 @@ def _decode_kernel(
     out_ptr,
     partial_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] float32 (unused with one split)
     partial_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, log2 domain
-    counters_ptr,  # [>= num_seqs * num_kv_heads] int32, zero on entry and on exit (`_split_counters`)
+    counters_ptr,  # [>= num_seqs * num_kv_heads] int32, zero on entry and on exit (`persistent_zeros`)
     qk_scale,  # scale * log2(e), or scale alone with soft-capping
     softcap,
     window,
@@ -330,7 +308,8 @@ def decode_attention(
     # With one split the partial buffers and counters are never touched; placeholders of the same dtypes keep the
     # kernel's signature (and so its compiled binary) the same as with several.
     partial_out = partial_lse = torch.empty(1, dtype=torch.float32, device=q.device)
-    counters = _split_counters(q.device, num_seqs * num_kv_heads if num_splits > 1 else 1)
+    # Arrival counters of the split programs, one per (sequence, kv head): the kernel leaves them at zero.
+    counters = persistent_zeros(q.device, SPLIT_COUNTERS, num_seqs * num_kv_heads if num_splits > 1 else 1)
     if num_splits > 1:
         partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
