@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 # Kernel name fragments -> class, first match wins (cuBLAS/CUTLASS GEMMs have many names).
 KERNEL_CLASSES = [
-    ("attention (Triton decode + split merge)", ("_decode_kernel", "_merge_splits_kernel")),
+    ("attention (Triton decode, splits merged in the kernel)", ("_decode_kernel",)),
     ("attention (Triton prefill)", ("_prefill_kernel",)),
     ("KV-cache store", ("_store_kv_kernel",)),
     ("add + RMSNorm", ("_rms_norm_kernel",)),
