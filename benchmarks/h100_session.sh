@@ -12,7 +12,8 @@
 #   ktests      the GPU kernel tests of the attention and W4A16 kernels only (a quick check after kernel changes)
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
 # Issue #7's quantized kernels (not in the default list):
-#   sweep       W4A16 launch shapes at the 8B shapes against cuBLAS bf16 (benchmarks/w4a16.py); the fastest go to
+#   sweep       W4A16 launch shapes at the 8B shapes against cuBLAS bf16 (benchmarks/w4a16.py; rows $SWEEP_ROWS, default
+#               1,16,2048); the fastest go to
 #               $OUT/w4a16_tuning.json, which the awq stage then runs with (run sweep first)
 #   awq         batch-1 decode as `latency`, dummy Llama-3-8B in AWQ w4g128 (compare with `latency` in the same call)
 #   qtests      the W4A16 / W8A8 kernel tests and the quantized model path on CUDA (AWQ, GPTQ, W8A8), the KV-cache
@@ -62,7 +63,7 @@ for stage in $stages; do
     ltests) run ltests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
       tests/lm_lite/test_gpu.py tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
-    sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows 1,16,2048 --write-tuning "$OUT/w4a16_tuning.json" ;;
+    sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows "${SWEEP_ROWS:-1,16,2048}" --write-tuning "$OUT/w4a16_tuning.json" ;;
     awq) [ -f "$OUT/w4a16_tuning.json" ] && export LM_TORCH_W4A16_TUNING="$OUT/w4a16_tuning.json"  # the sweep's
       run awq 120 python3 benchmarks/latency.py --model benchmarks/configs/llama3-8b-awq --load-format dummy \
       --input-len 128 --output-len 256 --num-iters 2 --profile ;;
