@@ -90,7 +90,8 @@ def _decode_kernel(
     FEAT: tl.constexpr,  # features per loaded tile: HEAD_DIM, or HEAD_DIM / 2 with int4 (one tile per half)
     FEAT_PAD: tl.constexpr,
     DIM_PAD: tl.constexpr,  # HEAD_DIM padded to a power of two (the merge's tile)
-    SPLITS_PAD: tl.constexpr,  # MAX_SPLITS padded to a power of two: one compiled kernel for every split count
+    SPLITS_PAD: tl.constexpr,  # splits the merge reads: 16, or 32 above 16 (two compiled kernels at most)
+    GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two (the merge's heads)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -213,32 +214,33 @@ def _decode_kernel(
             counter = counters_ptr + seq * tl.num_programs(1) + kv_head
             if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
                 tl.debug_barrier()
+                # Every head of the group at once, so the merge costs one round trip to L2, not one per head.
+                group_heads = tl.arange(0, GROUP_PAD)
                 splits = tl.arange(0, SPLITS_PAD)
                 all_dims = tl.arange(0, DIM_PAD)
-                split_mask = splits < num_splits
-                merge_mask = split_mask[:, None] & (all_dims < HEAD_DIM)[None, :]
-                for h in range(GROUP):
-                    head = kv_head * GROUP + h
-                    base = (seq * num_heads + head).to(tl.int64) * num_splits
-                    split_lse = tl.load(
-                        partial_lse_ptr + base + splits, mask=split_mask, other=float("-inf"), cache_modifier=".cg"
-                    )  # [SPLITS_PAD]
-                    top = tl.max(split_lse, 0)
-                    top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
-                    weights = tl.exp2(split_lse - top)
-                    parts = tl.load(
-                        partial_out_ptr + (base + splits)[:, None] * HEAD_DIM + all_dims[None, :],
-                        mask=merge_mask,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )  # [SPLITS_PAD, DIM_PAD]
-                    total = tl.sum(weights, 0)
-                    merged = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
-                    tl.store(
-                        out_ptr + row * stride_ot + head * stride_oh + all_dims,
-                        merged.to(out_ptr.dtype.element_ty),
-                        mask=all_dims < HEAD_DIM,
-                    )
+                bases = (seq * num_heads + kv_head * GROUP + group_heads).to(tl.int64) * num_splits  # [GP]
+                lse_mask = (group_heads < GROUP)[:, None] & (splits < num_splits)[None, :]  # [GP, SP]
+                split_rows = bases[:, None] + splits[None, :]  # [GP, SP]
+                split_lse = tl.load(
+                    partial_lse_ptr + split_rows, mask=lse_mask, other=float("-inf"), cache_modifier=".cg"
+                )
+                parts = tl.load(
+                    partial_out_ptr + split_rows[:, :, None] * HEAD_DIM + all_dims[None, None, :],
+                    mask=lse_mask[:, :, None] & (all_dims < HEAD_DIM)[None, None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )  # [GP, SP, DIM_PAD]
+                top = tl.max(split_lse, 1)
+                top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
+                weights = tl.exp2(split_lse - top[:, None])  # [GP, SP]
+                total = tl.sum(weights, 1)
+                merged = tl.sum(parts * weights[:, :, None], 1) / tl.where(total > 0, total, 1.0)[:, None]
+                merged_heads = kv_head * GROUP + group_heads
+                tl.store(
+                    out_ptr + row * stride_ot + merged_heads[:, None] * stride_oh + all_dims[None, :],
+                    merged.to(out_ptr.dtype.element_ty),
+                    mask=(group_heads < GROUP)[:, None] & (all_dims < HEAD_DIM)[None, :],
+                )  # [GP, DIM_PAD]
                 # The next launch (next layer, next graph replay) counts from zero again; every split has arrived.
                 tl.store(counter, 0)
 
@@ -353,7 +355,8 @@ def decode_attention(
         FEAT=feat,
         FEAT_PAD=next_power_of_2(feat),
         DIM_PAD=next_power_of_2(head_dim),
-        SPLITS_PAD=next_power_of_2(MAX_SPLITS),
+        SPLITS_PAD=16 if num_splits <= 16 else next_power_of_2(MAX_SPLITS),
+        GROUP_PAD=next_power_of_2(group),
         num_warps=num_warps,
         num_stages=num_stages,
     )
