@@ -116,7 +116,7 @@ def test_decode_grows_the_counter_buffer(case, paged_batch, monkeypatch):
     from lm_torch.kernels import common
     from lm_torch.kernels.decode_attention import SPLIT_COUNTERS
 
-    device = torch.device(case.device)
+    device = torch.empty(0, device=case.device).device  # with its index on CUDA, as the kernel's tensors have it
     small = torch.zeros(2, dtype=torch.int32, device=device)
     monkeypatch.setattr(common, "_PERSISTENT_ZEROS", {(device, SPLIT_COUNTERS): [small]})
     for seed, context_lens in enumerate([[5, 40, 21], [33, 1, 12, 64, 7]]):

@@ -65,10 +65,13 @@ def persistent_zeros(device: torch.device, name: str, numel: int, dtype: torch.d
     before a CUDA graph that uses it is captured (capture cannot allocate and zero it): run the same call once eagerly
     first, as `CudaGraphRunner` does.
     """
-    buffers = _PERSISTENT_ZEROS.setdefault((torch.device(device), name), [])
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one key per card: "cuda" and "cuda:0" are the same buffer
+        device = torch.device("cuda", torch.cuda.current_device())
+    buffers = _PERSISTENT_ZEROS.setdefault((device, name), [])
     if buffers and buffers[-1].numel() >= numel and buffers[-1].dtype == dtype:
         return buffers[-1]
-    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"{name}: a buffer of {numel} zeros is needed while capturing a CUDA graph; run the same call once "
             "eagerly before capturing"
