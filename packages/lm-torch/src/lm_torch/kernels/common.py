@@ -51,6 +51,23 @@ def tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
+@triton.jit
+def arrives_last(counter_ptr, arrivals):
+    """Whether this program is the last of `arrivals` programs to count itself in at `counter_ptr` (an int32 that
+    starts at zero; the last arrival stores 0 there again once its work is done). What every program stored before
+    the call is visible to the last one, whose loads of it must bypass L1 (cache_modifier=".cg").
+
+    NOTE: on the GPU the barrier puts every thread's stores before the one thread's acq_rel atomic (release is
+    cumulative: it publishes what the barrier ordered before it); the program that reads arrivals - 1 has acquired
+    every other program's release, and the barrier after the atomic orders its threads' loads after that acquire.
+    L1 is not coherent across SMs, hence ".cg". Nothing spins, so no order of the programs can deadlock. (The
+    interpreter runs programs one by one.)"""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == arrivals - 1
+    tl.debug_barrier()
+    return last
+
+
 # Zero-filled device buffers that kernels leave zeroed again (arrival counters of "the last program finishes the
 # work" reductions), by (device, name), the current buffer last. Buffers are never freed: a CUDA graph captured
 # before a growth still points at the older one.

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from lm_torch.kernels.common import (
     LOG2E,
+    arrives_last,
     check_cuda_or_interpreter,
     interpreting,
     multiprocessor_count,
@@ -204,16 +205,9 @@ def _decode_kernel(
                 tl.store(partial_dst + FEAT, out_hi, mask=row_mask)
             lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
             tl.store(partial_lse_ptr + head_rows, lse, mask=rows < GROUP)
-            # NOTE: the last of a (sequence, kv head)'s split programs to arrive merges all its splits. On the GPU:
-            # every thread's partial stores precede the barrier, and the barrier the one thread's acq_rel atomic
-            # (release is cumulative: it publishes what the barrier ordered before it); the program that reads
-            # num_splits - 1 has acquired every other program's release, and the barrier after the atomic orders its
-            # threads' loads after that acquire. The loads bypass L1 (".cg"), which is not coherent across SMs.
-            # Nothing spins, so no order of the programs can deadlock. (The interpreter runs programs one by one.)
-            tl.debug_barrier()
+            # The last of a (sequence, kv head)'s split programs to arrive merges all its splits.
             counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-                tl.debug_barrier()
+            if arrives_last(counter, num_splits):
                 # Every head of the group at once, so the merge costs one round trip to L2, not one per head.
                 group_heads = tl.arange(0, GROUP_PAD)
                 splits = tl.arange(0, SPLITS_PAD)

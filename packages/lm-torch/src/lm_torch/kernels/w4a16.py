@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from lm_torch.kernels.common import (
+    arrives_last,
     check_cuda_or_interpreter,
     interpreting,
     multiprocessor_count,
@@ -340,15 +341,10 @@ def _w4a16_gemv_tc_kernel(
     else:
         # Split-K in one launch: each split stores its sums; the last of a row block's splits to arrive adds them
         # in split order (deterministic) and writes the output. No zeroing or cast launches, no float atomics.
-        # NOTE: ordering on the GPU as in `decode_attention`'s merge: the barrier puts every thread's stores before
-        # the acq_rel atomic (release is cumulative), the last arrival acquires every other split's release, and its
-        # loads bypass L1 (".cg", not coherent across SMs). Nothing spins: no order of the programs can deadlock.
         num_splits = tl.num_programs(1)
         tl.store(partial_ptr + pid_k * n + rows, total, mask=row_mask)
-        tl.debug_barrier()
         counter = counters_ptr + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-            tl.debug_barrier()
+        if arrives_last(counter, num_splits):
             splits = tl.arange(0, SPLITS_PAD)
             parts = tl.load(
                 partial_ptr + splits[:, None] * n + rows[None, :],
