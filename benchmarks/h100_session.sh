@@ -9,6 +9,8 @@
 #   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
 #   tput1000q8  the same with the int8 KV cache (quant_policy 8)
 #   ltests      lm-lite on CUDA, the quantized layers and the KV-cache quantization through the engine
+#   alltests    every GPU test of the repository (engine, families, kernels, KV quantization, quantized layers,
+#               lm-lite on CUDA) in $PYTEST_WORKERS (default 12) pytest-xdist processes sharing the GPU
 #   ktests      the GPU kernel tests of the attention and W4A16 kernels only (a quick check after kernel changes)
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
 # Issue #7's quantized kernels (not in the default list):
@@ -57,6 +59,9 @@ for stage in $stages; do
       --concurrency 256 ;;
     tput1000q8) run tput1000q8 200 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 --max-output-len 0 \
       --concurrency 256 --engine-config '{"quant_policy": 8}' ;;
+    alltests) run alltests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 -n "${PYTEST_WORKERS:-12}" \
+      tests/lm_torch/test_gpu_engine.py tests/lm_torch/test_model_families.py tests/lm_torch/kernels \
+      tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py tests/lm_lite/test_gpu.py ;;
     ktests) run ktests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
       tests/lm_torch/kernels/test_decode_attention.py tests/lm_torch/kernels/test_triton_backend.py \
       tests/lm_torch/kernels/test_kv_quant_kernels.py tests/lm_torch/kernels/test_w4a16.py ;;
