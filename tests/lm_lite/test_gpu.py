@@ -85,8 +85,13 @@ CALIB = {"calib_samples": 8, "calib_seqlen": 64}
 MAX_CODE_MISMATCH = 0.01
 # Max |logits(CUDA checkpoint) - logits(CPU checkpoint)| relative to max |logits(CPU checkpoint) - float logits|,
 # both fake-quantized in plain torch: the devices' difference is a small part of the quantization's own effect.
-# Measured: 1e-4 / 0 / 2e-4 against 0.23 / 0.24 / 0.019 (AWQ / GPTQ / SmoothQuant).
+# Measured: 1e-4 / 0 / 2e-4 against 0.23 / 0.24 / 0.019 (AWQ / GPTQ / SmoothQuant). AWQ and SmoothQuant only:
+# GPTQ feeds each rounding's error into the columns after it, so one code that rounds the other way changes the
+# rest of its row (an H100 run of 2026-12-06: 174 of 73,728 codes differed, and the logits by 0.022 against 0.24).
 MAX_LOGIT_RATIO = 0.05
+# GPTQ instead: the CUDA checkpoint's mean logit error against the float model at most this multiple of the CPU
+# checkpoint's (two equally good quantizations).
+MAX_ERROR_RATIO_GPTQ = 1.15
 # bfloat16 walk: its quantization's mean logit error at most this multiple of the float32 CPU run's (measured:
 # 1.02 / 0.82 / 1.21).
 MAX_ERROR_RATIO_BF16 = 1.5
@@ -217,7 +222,13 @@ def test_cuda_quantization_matches_the_cpu_run(method, tiny_llama, tmp_path):
     device_effect = (on_cuda - on_cpu).abs().max().item()
     print(f"{method}: logits move {quant_effect:.4g} by quantization, {device_effect:.4g} between devices")
     assert quant_effect > 1e-3  # quantization visibly moved the logits: the comparison means something
-    assert device_effect <= MAX_LOGIT_RATIO * quant_effect
+    if method == "gptq":
+        cpu_error = (on_cpu - reference).abs().mean().item()
+        cuda_error = (on_cuda - reference).abs().mean().item()
+        print(f"gptq: mean logit error {cuda_error:.4g} (CUDA) against {cpu_error:.4g} (CPU)")
+        assert cuda_error <= MAX_ERROR_RATIO_GPTQ * cpu_error
+    else:
+        assert device_effect <= MAX_LOGIT_RATIO * quant_effect
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq", "smooth_quant"])

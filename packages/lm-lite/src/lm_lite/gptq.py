@@ -105,7 +105,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQSettings) ->
     dead = torch.diag(h) == 0  # inputs that are always zero: any value works, choose 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    perm = torch.argsort(torch.diag(h), descending=True) if settings.desc_act else None
+    # Stable: equal diagonals (dead inputs, repeated features) keep their order on every device.
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if settings.desc_act else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     h_inv = _inverse_cholesky(h, settings.damp_percent)

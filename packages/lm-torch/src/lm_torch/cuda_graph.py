@@ -104,9 +104,16 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture(self) -> float:
         """Capture every bucket's graph (largest first, one shared pool); returns the seconds it took."""
+        from lm_torch.kernels.common import compile_ahead
+
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         warmup = torch.cuda.Stream()
+        # Every bucket's Triton kernels compiled at once first (batch sizes 1, 2, 16... specialize them differently).
+        warmup.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warmup), compile_ahead():
+            for bucket in self.buckets:
+                self.forward(bucket)
         for bucket in sorted(self.buckets, reverse=True):
             # One eager run first, on a side stream as capture wants: triton compiles, cuBLAS picks its kernels, and
             # the decode kernel's split counters are allocated (a capture cannot; largest bucket first: enough for all).

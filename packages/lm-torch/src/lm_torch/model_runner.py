@@ -199,6 +199,7 @@ class ModelRunner:
         with logits and a sampler run with every stage on over `max_batch_size` rows, and a decode of
         `max_batch_size` rows (about what the CUDA graphs' pool holds). Compiles the kernels on the way."""
         from lm_core.generation_config import GenerationConfig
+        from lm_torch.kernels.common import compile_ahead
         from lm_torch.sequence import Sequence
 
         cfg = self.config
@@ -213,21 +214,26 @@ class ModelRunner:
         )
         prompt = Sequence("profile-prefill", [1] * num_tokens, num_tokens, worst)
         prompt.block_table = list(range(num_blocks - 1))
+        prefill = ScheduledBatch([prompt], [num_tokens], [True])
         rows = min(cfg.max_batch_size, num_tokens)
-        hidden, _ = self._forward_eager(ScheduledBatch([prompt], [num_tokens], [True]), [0] * rows)
-        logits = self.model.compute_logits(hidden)
-        inputs = SamplingInputs.build(
-            [worst] * rows, [[1]] * rows, [[2]] * rows, None, self.vocab_size, self.device, [None] * rows
-        )
-        self.sampler(logits, inputs)
-        del hidden, logits, inputs
         decodes = []
         for i in range(cfg.max_batch_size):
             seq = Sequence(f"profile-decode-{i}", [1, 1], 1, GenerationConfig())
             seq.num_computed_tokens, seq.block_table = 1, [i % (num_blocks - 1)]
             decodes.append(seq)
         n = len(decodes)
-        self._forward_eager(ScheduledBatch(decodes, [1] * n, [True] * n), list(range(n)))
+        decode = ScheduledBatch(decodes, [1] * n, [True] * n)
+        with compile_ahead():  # both steps' Triton kernels compiled at once, not one by one as the runs meet them
+            self._forward_eager(prefill, [0] * rows)
+            self._forward_eager(decode, list(range(n)))
+        hidden, _ = self._forward_eager(prefill, [0] * rows)
+        logits = self.model.compute_logits(hidden)
+        inputs = SamplingInputs.build(
+            [worst] * rows, [[1]] * rows, [[2]] * rows, None, self.vocab_size, self.device, [None] * rows
+        )
+        self.sampler(logits, inputs)
+        del hidden, logits, inputs
+        self._forward_eager(decode, list(range(n)))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         del self.kv_caches

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import os
 
@@ -96,3 +98,37 @@ def persistent_zeros(device: torch.device, name: str, numel: int, dtype: torch.d
     size = next_power_of_2(max(numel, 1024, 2 * buffers[-1].numel() if buffers else 0))
     buffers.append(torch.zeros(size, dtype=dtype, device=device))
     return buffers[-1]
+
+
+@contextlib.contextmanager
+def compile_ahead(workers: int | None = None):
+    """Inside the block, every Triton launch compiles its kernel on a pool of threads and returns without running
+    it (its outputs are left as they were); on leaving, every compile has finished and sits in triton's in-memory
+    cache, so the same launches afterwards run at once. For start-up: run a step once inside (on inputs whose
+    indices are valid: what the skipped kernels would have written is garbage), then for real.
+
+    Triton compiles mostly outside the GIL (MLIR and LLVM passes, ptxas), so N threads compile about N kernels at
+    once; one by one, as a plain first run does, a fresh machine spends several seconds here. Nothing happens under
+    the interpreter, or with a triton that has no asynchronous compile mode (it is a private module)."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        yield
+        return
+    if interpreting():
+        yield
+        return
+    launch = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+
+    workers = workers or min(16, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool:
+        JITFunction.run = compile_only
+        try:
+            with AsyncCompileMode(pool):
+                yield
+        finally:
+            JITFunction.run = launch
