@@ -4,6 +4,7 @@
 # or fails does not take the others with it. Stages to run: the arguments (default: all, in this order).
 #   tests       every GPU test: the engine's GPU path, the model families, the kernels (bf16 and fp16)
 #   latency     batch-1 decode, 128 in / 256 out, dummy Llama-3-8B, with a profile of the decode steps
+#   latency0    the same without programmatic dependent launch (LM_TORCH_PDL=0), no profile
 #   eager       the same with eager_mode (no CUDA graphs)
 #   tput200     ShareGPT lengths, 200 prompts at concurrency 256
 #   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
@@ -18,6 +19,7 @@
 #               1,16,2048); the fastest go to
 #               $OUT/w4a16_tuning.json, which the awq stage then runs with (run sweep first)
 #   awq         batch-1 decode as `latency`, dummy Llama-3-8B in AWQ w4g128 (compare with `latency` in the same call)
+#   awq0        the awq stage without programmatic dependent launch (LM_TORCH_PDL=0), no profile
 #   qtests      the W4A16 / W8A8 kernel tests and the quantized model path on CUDA (AWQ, GPTQ, W8A8), the KV-cache
 #               quantization tests, lm-lite on CUDA
 set -u
@@ -51,6 +53,8 @@ for stage in $stages; do
       tests/lm_torch/test_gpu_engine.py tests/lm_torch/test_model_families.py tests/lm_torch/kernels ;;
     latency) run latency 130 python3 benchmarks/latency.py $MODEL --input-len 128 --output-len 256 \
       --num-iters 3 --profile ;;
+    latency0) LM_TORCH_PDL=0 run latency0 130 python3 benchmarks/latency.py $MODEL --input-len 128 --output-len 256 \
+      --num-iters 3 ;;
     eager) run eager 120 python3 benchmarks/latency.py $MODEL --input-len 128 --output-len 256 \
       --num-iters 2 --engine-config '{"eager_mode": true}' ;;
     tput200) run tput200 170 python3 benchmarks/throughput.py $MODEL --num-prompts 200 --max-output-len 0 \
@@ -72,6 +76,8 @@ for stage in $stages; do
     awq) [ -f "$OUT/w4a16_tuning.json" ] && export LM_TORCH_W4A16_TUNING="$OUT/w4a16_tuning.json"  # the sweep's
       run awq 120 python3 benchmarks/latency.py --model benchmarks/configs/llama3-8b-awq --load-format dummy \
       --input-len 128 --output-len 256 --num-iters 2 --profile ;;
+    awq0) LM_TORCH_PDL=0 run awq0 120 python3 benchmarks/latency.py --model benchmarks/configs/llama3-8b-awq \
+      --load-format dummy --input-len 128 --output-len 256 --num-iters 2 ;;
     qtests) run qtests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
       tests/lm_torch/kernels/test_w4a16.py tests/lm_torch/kernels/test_w8a8.py tests/lm_torch/test_quant_layers.py \
       tests/lm_torch/kernels/test_kv_quant_kernels.py tests/lm_torch/test_kv_quant.py tests/lm_lite/test_gpu.py ;;

@@ -109,6 +109,35 @@ def test_gemv_tc_matches_reference(case, split_k):
             case.assert_close(out, expected, case.elementwise_tol)
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gemv_tc_gated_matches_gemv_then_activation(case, act, split_k):
+    """A fused [gate | up] projection with the activation in the GEMV's last step: act(gate) * up of the reference
+    product, with gate and up rounded to the activation dtype first (what the two separate kernels compute).
+    Intermediate sizes that fill the last block of outputs partly (N / 2 = 40, 1000) and exactly (4096)."""
+    from lm_torch.kernels.w4a16 import w4a16_gemv_tc, w4a16_linear
+
+    sizes = ((80, 512, 64), (64, 512, 128)) if case.device == "cpu" else ((2000, 4096, 128), (8192, 4096, 128))
+    for index, (n, k, group) in enumerate(sizes):
+        packed, scales, zeros, gen = _weights(case, n, k, group, seed=70 + index)
+        x = case.randn(1, k, generator=gen)
+        product = reference.w4a16_linear(x, packed, scales, zeros, group).to(case.dtype)  # the GEMV's output
+        expected = reference.gated_activation(product, act)
+        for block_n, blocks in ((32, 2), (16, 1), (64, 1)):
+            out = w4a16_gemv_tc(
+                x, packed, scales, zeros, group, block_n=block_n, blocks=blocks, split_k=split_k, activation=act
+            )
+            assert out.shape == (1, n // 2) and out.dtype == x.dtype
+            # The product's own rounding error is carried through act(gate) * up: twice the elementwise tolerance.
+            case.assert_close(out, expected, 2 * case.elementwise_tol)
+        # Through the dispatcher: the tuned GEMV where there is one, else the GEMV then the activation kernel.
+        case.assert_close(
+            w4a16_linear(x, packed, scales, zeros, group, activation=act), expected, 2 * case.elementwise_tol
+        )
+    with pytest.raises(ValueError, match="activation"):
+        w4a16_gemv_tc(x, packed, scales, zeros, group, activation="relu")
+
+
 def test_gemv_tc_split_k_calls_in_a_row(case):
     """Split-K reduces in the kernel: the last split of a row block writes the output and resets its counter, so calls
     in a row (other split counts, other inputs, a wider N that needs more counters) each get their own result."""

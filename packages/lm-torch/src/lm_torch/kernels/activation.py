@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import check_cuda_or_interpreter, tanh
+from lm_torch.kernels.common import check_cuda_or_interpreter, pdl_enabled, pdl_trigger, pdl_wait, tanh
 
 # Names as `lm_torch.layers.activation.ACTIVATIONS` (HF configs' `hidden_act`) -> the kernel's ACT code.
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}
@@ -21,12 +21,21 @@ def _gated_activation_kernel(
     stride_o,
     ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh approximation)
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch; lets the next kernel (a GEMV) start early
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (activate(gate, ACT) * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def activate(gate, ACT: tl.constexpr):
+    """act(gate) in float32 for an ACT code of `ACTIVATION_CODES` (also the W4A16 GEMV's gated epilogue)."""
     if ACT == 0:
         activated = gate / (1.0 + tl.exp(-gate))
     elif ACT == 1:
@@ -34,7 +43,7 @@ def _gated_activation_kernel(
     else:
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2 / pi) * (x + 0.044715 x^3)
         activated = 0.5 * gate * (1.0 + tanh(inner))
-    tl.store(out_ptr + row * stride_o + cols, (activated * up).to(out_ptr.dtype.element_ty), mask=mask)
+    return activated
 
 
 def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
@@ -51,7 +60,17 @@ def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     out = torch.empty((x.shape[0], intermediate), dtype=gate_up.dtype, device=gate_up.device)
     if x.shape[0] and intermediate:
         block = min(1024, triton.next_power_of_2(intermediate))
+        pdl = pdl_enabled(x.device)
         _gated_activation_kernel[(x.shape[0], triton.cdiv(intermediate, block))](
-            x, out, intermediate, x.stride(0), out.stride(0), ACT=ACTIVATION_CODES[act], BLOCK=block, num_warps=4
+            x,
+            out,
+            intermediate,
+            x.stride(0),
+            out.stride(0),
+            ACT=ACTIVATION_CODES[act],
+            BLOCK=block,
+            PDL=pdl,
+            num_warps=4,
+            **({"launch_pdl": True} if pdl else {}),
         )
     return out.view(*gate_up.shape[:-1], intermediate)

@@ -132,3 +132,38 @@ def compile_ahead(workers: int | None = None):
                 yield
         finally:
             JITFunction.run = launch
+
+
+# Programmatic dependent launch (sm_90+): a kernel launched with `launch_pdl=True` may start while the kernel before
+# it on the stream is still running, once every program of that one has called `pdl_trigger` (or ended). It must
+# call `pdl_wait` before it reads anything the earlier kernel writes and before it writes anything at all; what it
+# does before (loading weights, which nothing writes) overlaps the earlier kernel. LM_TORCH_PDL=0 turns it off.
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` use programmatic dependent launch: a compiled sm_90+ GPU, not switched off."""
+    if device.type != "cuda" or interpreting() or os.environ.get("LM_TORCH_PDL", "1") == "0":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@triton.jit
+def pdl_wait(ENABLED: tl.constexpr):
+    """Wait until the kernel before this one on the stream has finished and its writes are visible (a no-op for a
+    kernel launched without `launch_pdl`)."""
+    if ENABLED:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def pdl_trigger(ENABLED: tl.constexpr):
+    """Let the next kernel on the stream, if launched with `launch_pdl`, start once every program got here."""
+    if ENABLED:
+        tl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )

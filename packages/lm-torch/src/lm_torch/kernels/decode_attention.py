@@ -35,6 +35,8 @@ from lm_torch.kernels.common import (
     interpreting,
     multiprocessor_count,
     next_power_of_2,
+    pdl_enabled,
+    pdl_trigger,
     persistent_zeros,
     tanh,
 )
@@ -93,10 +95,12 @@ def _decode_kernel(
     DIM_PAD: tl.constexpr,  # HEAD_DIM padded to a power of two (the merge's tile)
     SPLITS_PAD: tl.constexpr,  # splits the merge reads: 16, or 32 above 16 (two compiled kernels at most)
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two (the merge's heads)
+    PDL: tl.constexpr,  # let the next kernel (o_proj's GEMV) start loading its weights while this runs
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    pdl_trigger(PDL)
     row = tl.load(query_start_ptr + seq)
     if tl.load(query_start_ptr + seq + 1) - row == 1:
         ctx = tl.load(context_lens_ptr + seq)
@@ -351,6 +355,7 @@ def decode_attention(
         DIM_PAD=next_power_of_2(head_dim),
         SPLITS_PAD=16 if num_splits <= 16 else next_power_of_2(MAX_SPLITS),
         GROUP_PAD=next_power_of_2(group),
+        PDL=pdl_enabled(q.device),
         num_warps=num_warps,
         num_stages=num_stages,
     )

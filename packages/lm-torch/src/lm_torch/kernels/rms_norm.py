@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import check_cuda_or_interpreter, next_power_of_2
+from lm_torch.kernels.common import check_cuda_or_interpreter, next_power_of_2, pdl_enabled, pdl_trigger, pdl_wait
 
 
 @triton.jit
@@ -32,10 +32,13 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     WEIGHT_IN_FLOAT32: tl.constexpr,  # Gemma-style: (1 + w) multiplies the float32 value
+    PDL: tl.constexpr,  # launched with programmatic dependent launch; lets the next kernel (a GEMV) start early
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    pdl_trigger(PDL)  # the next GEMV may start loading its weights while this runs
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -75,6 +78,7 @@ def rms_norm(
     residual_out = torch.empty_like(x2) if residual is not None else out
     if x2.shape[0]:
         block = next_power_of_2(hidden)
+        pdl = pdl_enabled(x2.device)
         _rms_norm_kernel[(x2.shape[0],)](
             x2,
             r2,
@@ -91,7 +95,9 @@ def rms_norm(
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
             WEIGHT_IN_FLOAT32=offset != 0.0,
+            PDL=pdl,
             num_warps=min(16, max(1, block // 512)),
+            **({"launch_pdl": True} if pdl else {}),
         )
     out = out.view(x.shape)
     return out, (residual_out.view(x.shape) if residual is not None else None)

@@ -46,12 +46,16 @@ import torch
 import triton
 import triton.language as tl
 
+from lm_torch.kernels.activation import ACTIVATION_CODES, activate
 from lm_torch.kernels.common import (
     arrives_last,
     check_cuda_or_interpreter,
     interpreting,
     multiprocessor_count,
     next_power_of_2,
+    pdl_enabled,
+    pdl_trigger,
+    pdl_wait,
     persistent_zeros,
 )
 
@@ -277,13 +281,21 @@ def _w4a16_gemv_tc_kernel(
     MAGIC: tl.constexpr,  # the value of the magic half alone: 128.0, 1024.0, 0.0
     ASM: tl.constexpr,  # inline PTX for the dequantizing LOP3 (compiled on CUDA)
     UPCAST: tl.constexpr,  # 16-bit operands multiplied in float32 (the interpreter's bf16 dot is wrong)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: the first weights load before the wait
+    GATED: tl.constexpr,  # -1: plain; else W is [gate | up] (N / 2 rows each) and out gets act(gate) * up, ACT code
 ):
     WORDS: tl.constexpr = BLOCK // 8
     C: tl.constexpr = WORDS // 4  # words of a row per lane and block
     NCOL: tl.constexpr = 8
+    HALF: tl.constexpr = BLOCK_N // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    if GATED >= 0:
+        # The first half of the block's rows are gate rows, the second the up rows of the same outputs.
+        r = tl.arange(0, BLOCK_N)
+        rows = pid_n * HALF + r % HALF + (r >= HALF).to(tl.int32) * (n // 2)  # [BN]
+    else:
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     # Rows past N read row N - 1 (loads stay unmasked and vectorized); their sums are not stored.
     safe_rows = tl.minimum(rows, n - 1)
     bi = tl.arange(0, BLOCKS)
@@ -308,6 +320,10 @@ def _w4a16_gemv_tc_kernel(
     acc = tl.zeros([BLOCK_N, NCOL], tl.float32)
     if PREFETCH:
         words, s, z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, first, WORDS, BLOCK, GROUP)
+    # Weights, scales and zeros are never written: the first step's load above may overlap the kernel before this
+    # one (programmatic dependent launch). x, the outputs and the split-K buffers only after it has finished.
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     for b0 in range(first, last, BLOCKS):
         if PREFETCH:
             cur_words, cur_s, cur_z = words, s, z
@@ -335,9 +351,12 @@ def _w4a16_gemv_tc_kernel(
             acc += (part - (MAGIC + z_b)[:, None] * x_sum) * s_b[:, None]
     # The NCOL columns are copies of one sum (x is the same in every column): max picks one exactly.
     total = tl.max(acc, 1)  # [BN]
-    row_mask = rows < n
+    if GATED >= 0:  # noqa: SIM108 - a compile-time branch
+        row_mask = (pid_n * HALF + tl.arange(0, BLOCK_N) % HALF) < n // 2
+    else:
+        row_mask = rows < n
     if SPLITS_PAD == 1:
-        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
+        _tc_store(out_ptr, total, rows, row_mask, pid_n, n, HALF, GATED)
     else:
         # Split-K in one launch: each split stores its sums; the last of a row block's splits to arrive adds them
         # in split order (deterministic) and writes the output. No zeroing or cast launches, no float atomics.
@@ -352,8 +371,22 @@ def _w4a16_gemv_tc_kernel(
                 other=0.0,
                 cache_modifier=".cg",
             )  # [SPLITS_PAD, BN]
-            tl.store(out_ptr + rows, tl.sum(parts, 0).to(out_ptr.dtype.element_ty), mask=row_mask)
+            _tc_store(out_ptr, tl.sum(parts, 0), rows, row_mask, pid_n, n, HALF, GATED)
             tl.store(counter, 0)  # the next launch (next layer, next graph replay) counts from zero again
+
+
+@triton.jit
+def _tc_store(out_ptr, total, rows, row_mask, pid_n, n, HALF: tl.constexpr, GATED: tl.constexpr):
+    """Store a row block's float32 sums [BN]; gated, act(gate) * up of its HALF outputs, each rounded to the
+    output dtype first as the separate GEMV and activation kernels would (same numbers)."""
+    if GATED >= 0:
+        gate, up = tl.split(tl.permute(tl.reshape(total, (2, HALF)), (1, 0)))  # [HALF] each
+        gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+        outs = pid_n * HALF + tl.arange(0, HALF)
+        tl.store(out_ptr + outs, (activate(gate, GATED) * up).to(out_ptr.dtype.element_ty), mask=outs < n // 2)
+    else:
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -533,10 +566,14 @@ def w4a16_gemv_tc(
     num_warps: int = 1,
     split_k: int = 1,
     prefetch: bool = True,
-) -> torch.Tensor:  # [1, N] in x's dtype
+    activation: str | None = None,
+) -> torch.Tensor:  # [1, N] in x's dtype ([1, N / 2] with an activation)
     """x @ W^T for one row x on the tensor cores: each block's nibbles become MAGIC + q in x's dtype (one LOP3 per
     two weights) and multiply x in mma tiles; per block, float32 sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z)
-    sum x, times the scale. Groups of 64 inputs or more (blocks of 64 or 128)."""
+    sum x, times the scale. Groups of 64 inputs or more (blocks of 64 or 128).
+
+    `activation` (a name of `kernels.activation.ACTIVATION_CODES`): W is a fused [gate | up] projection and the
+    result is act(gate) * up, computed as the last step of the same kernel (no activation launch)."""
     m, n, k, block = _check(x, packed, scales, zeros, group_size)
     if m != 1:
         raise ValueError(f"w4a16_gemv_tc: x has {m} rows, expected 1 (w4a16_gemm takes more)")
@@ -546,10 +583,19 @@ def w4a16_gemv_tc(
         raise ValueError(f"w4a16_gemv_tc: blocks {blocks} must be 1, 2 or 4, block_n {block_n} a power of 2 >= 16")
     if x.dtype not in _TC_MAGIC:
         raise ValueError(f"w4a16_gemv_tc: x dtype {x.dtype} is not bf16, fp16 or float32")
+    gated = -1
+    if activation is not None:
+        if activation not in ACTIVATION_CODES:
+            raise ValueError(f"w4a16_gemv_tc: activation {activation!r} is not one of {', '.join(ACTIVATION_CODES)}")
+        if n % 2:
+            raise ValueError(f"w4a16_gemv_tc: a gated projection needs an even N ([gate | up]), got {n}")
+        gated = ACTIVATION_CODES[activation]
     magic_bits, magic = _TC_MAGIC[x.dtype]
+    pdl = pdl_enabled(x.device)
     per_split, splits = _splits(k // block, blocks, split_k)
-    row_blocks = triton.cdiv(n, block_n)
-    out = x.new_empty((1, n))
+    # Gated: a block of block_n rows makes block_n / 2 outputs.
+    row_blocks = triton.cdiv(n // 2, block_n // 2) if gated >= 0 else triton.cdiv(n, block_n)
+    out = x.new_empty((1, n // 2 if gated >= 0 else n))
     # Split-K partial sums and arrival counters; one split touches neither (placeholders of the same dtypes).
     partials = persistent_zeros(x.device, "w4a16_gemv_tc partials", splits * n if splits > 1 else 1, torch.float32)
     counters = persistent_zeros(x.device, "w4a16_gemv_tc counters", row_blocks if splits > 1 else 1)
@@ -574,8 +620,11 @@ def w4a16_gemv_tc(
         MAGIC=magic,
         ASM=not interpreting(),
         UPCAST=interpreting() and x.dtype == torch.bfloat16,
+        PDL=pdl,
+        GATED=gated,
         num_warps=num_warps,
         num_stages=1,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
@@ -665,12 +714,24 @@ def rows_bucket(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 64 if m <= 64 else 2048
 
 
-def w4a16_linear(x, packed, scales, zeros, group_size: int) -> torch.Tensor:
+def w4a16_linear(x, packed, scales, zeros, group_size: int, activation: str | None = None) -> torch.Tensor:
     """x [M, K] @ W^T -> [M, N]: the launch shape of `tuned_configs` for (M's bucket, N, K, group_size), else the
-    GEMV for one row, the split-K tensor-core kernel for a few rows, large tiles for prefill."""
+    GEMV for one row, the split-K tensor-core kernel for a few rows, large tiles for prefill.
+
+    `activation`: W is a fused [gate | up] projection; returns act(gate) * up [M, N / 2], inside the GEMV where it
+    runs on the tensor cores (one row), else by the activation kernel after the product."""
     m, k = x.shape
     n = packed.shape[0]
     config = tuned_configs().get(f"{rows_bucket(m)}:{n}:{k}:{group_size}")
+    if m == 1 and config is None and block_inputs(group_size) >= 64:
+        config = _gemv_tc_default(x.device, n // 2 if activation else n, k // block_inputs(group_size))
+    if activation is not None:
+        if m == 1 and config is not None and config["kernel"] == "gemv_tc":
+            params = {key: value for key, value in config.items() if key != "kernel"}
+            return w4a16_gemv_tc(x, packed, scales, zeros, group_size, activation=activation, **params)
+        from lm_torch.kernels.activation import gated_activation
+
+        return gated_activation(w4a16_linear(x, packed, scales, zeros, group_size), activation)
     if config is not None:
         params = dict(config)
         kernel = params.pop("kernel")
@@ -697,6 +758,16 @@ def w4a16_linear(x, packed, scales, zeros, group_size: int) -> torch.Tensor:
     if m <= 64:
         return w4a16_gemm(x, packed, scales, zeros, group_size, block_m=64, block_n=64)
     return w4a16_gemm(x, packed, scales, zeros, group_size, block_m=128, block_n=64, num_stages=4)
+
+
+def _gemv_tc_default(device: torch.device, outputs: int, num_blocks: int) -> dict:
+    """The one-row launch of a shape the tuning table lacks, after the H100's winners (benchmarks/w4a16_notes.md):
+    the tensor-core GEMV, 32 rows and 2 blocks a step, K split until about 16 programs per SM are in flight (at
+    most 8 ways: qkv and o of Llama-3-8B get 8, gate_up 4, as tuned)."""
+    blocks = 2 if num_blocks % 2 == 0 else 1
+    row_blocks = triton.cdiv(outputs, 32)
+    split = min(8, num_blocks // blocks, next_power_of_2(triton.cdiv(16 * multiprocessor_count(device), row_blocks)))
+    return {"kernel": "gemv_tc", "block_n": 32, "blocks": blocks, "num_warps": 1, "split_k": max(1, split)}
 
 
 def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -25,3 +25,14 @@ def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
         return fused(gate_up, act)
     gate, up = gate_up.chunk(2, dim=-1)
     return ACTIVATIONS[act](gate) * up
+
+
+def gated_projection(linear, x: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up of a fused [gate | up] linear layer applied to x. A quantized layer whose kernel can fold the
+    activation into its last step (`forward_gated`, the one-row W4A16 GEMV) does so: one launch instead of two."""
+    fused = getattr(linear, "forward_gated", None)
+    if fused is not None:
+        out = fused(x, act)
+        if out is not None:
+            return out
+    return gated_activation(linear(x), act)

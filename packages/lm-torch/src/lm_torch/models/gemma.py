@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lm_torch.attention.metadata import AttentionMetadata
-from lm_torch.layers.activation import gated_activation
+from lm_torch.layers.activation import gated_projection
 from lm_torch.layers.attention import PagedAttention
 from lm_torch.layers.norm import RMSNorm
 from lm_torch.layers.rotary import RotaryEmbedding
@@ -62,7 +62,7 @@ class GemmaMLP(nn.Module):
         self.act = config.hidden_act if config.model_type == "gemma" else config.hidden_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_activation(self.gate_up_proj(x), self.act))
+        return self.down_proj(gated_projection(self.gate_up_proj, x, self.act))
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lm_torch.attention.metadata import AttentionMetadata
-from lm_torch.layers.activation import gated_activation
+from lm_torch.layers.activation import gated_projection
 from lm_torch.layers.attention import PagedAttention
 from lm_torch.layers.norm import RMSNorm
 from lm_torch.layers.rotary import RotaryEmbedding
@@ -64,7 +64,7 @@ class LlamaMLP(nn.Module):
         self.act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_activation(self.gate_up_proj(x), self.act))
+        return self.down_proj(gated_projection(self.gate_up_proj, x, self.act))
 
 
 class LlamaDecoderLayer(nn.Module):

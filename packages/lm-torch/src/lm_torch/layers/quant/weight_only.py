@@ -140,6 +140,26 @@ class _WeightOnlyLinear(nn.Module):
             out = (x.reshape(-1, self.in_features) @ self.dequantize().to(x.dtype)).view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
+    def forward_gated(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
+        """act(gate) * up of this [gate | up] layer for one row on CUDA, the activation inside the W4A16 GEMV;
+        None where that does not apply (the caller then runs the layer and the activation apart)."""
+        if (
+            self.packed is None
+            or x.dtype != self.scales.dtype
+            or x.device.type != "cuda"
+            or x.numel() != self.in_features
+            or self.bias is not None
+            or self.input_perm is not None
+        ):
+            return None
+        from lm_torch.kernels.activation import ACTIVATION_CODES
+        from lm_torch.kernels.w4a16 import w4a16_linear
+
+        if act not in ACTIVATION_CODES:
+            return None
+        out = w4a16_linear(x.reshape(1, -1).contiguous(), self.packed, self.scales, self.zeros, self.group_size, act)
+        return out.view(*x.shape[:-1], self.out_features // 2)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
