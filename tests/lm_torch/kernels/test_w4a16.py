@@ -107,6 +107,9 @@ def test_gemv_tc_matches_reference(case, split_k):
             )
             assert out.shape == (1, n) and out.dtype == x.dtype
             case.assert_close(out, expected, case.elementwise_tol)
+        # One step of weights loaded ahead instead of two.
+        out = w4a16_gemv_tc(x, packed, scales, zeros, group, block_n=32, split_k=split_k, preload=1)
+        case.assert_close(out, expected, case.elementwise_tol)
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])

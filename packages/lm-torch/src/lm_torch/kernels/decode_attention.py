@@ -37,6 +37,7 @@ from lm_torch.kernels.common import (
     next_power_of_2,
     pdl_enabled,
     pdl_trigger,
+    pdl_wait,
     persistent_zeros,
     tanh,
 )
@@ -95,12 +96,13 @@ def _decode_kernel(
     DIM_PAD: tl.constexpr,  # HEAD_DIM padded to a power of two (the merge's tile)
     SPLITS_PAD: tl.constexpr,  # splits the merge reads: 16, or 32 above 16 (two compiled kernels at most)
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two (the merge's heads)
-    PDL: tl.constexpr,  # let the next kernel (o_proj's GEMV) start loading its weights while this runs
+    PDL: tl.constexpr,  # launched with programmatic dependent launch, and lets o_proj's GEMV start loading early
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.load(query_start_ptr + seq)
     if tl.load(query_start_ptr + seq + 1) - row == 1:
         ctx = tl.load(context_lens_ptr + seq)
@@ -313,6 +315,7 @@ def decode_attention(
     if num_splits > 1:
         partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    pdl = pdl_enabled(q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -355,8 +358,9 @@ def decode_attention(
         DIM_PAD=next_power_of_2(head_dim),
         SPLITS_PAD=16 if num_splits <= 16 else next_power_of_2(MAX_SPLITS),
         GROUP_PAD=next_power_of_2(group),
-        PDL=pdl_enabled(q.device),
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import check_cuda_or_interpreter
+from lm_torch.kernels.common import check_cuda_or_interpreter, pdl_enabled, pdl_trigger
 
 
 @triton.jit
@@ -31,9 +31,11 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PDL: tl.constexpr,  # let the next kernel (launched with programmatic dependent launch) start early
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pdl_trigger(PDL)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     first = pid_k * k_per_split
@@ -84,6 +86,7 @@ def gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         ATOMIC=splits > 1,
+        PDL=pdl_enabled(x.device),
         num_warps=num_warps,
     )
     return out.to(x.dtype) if splits > 1 else out

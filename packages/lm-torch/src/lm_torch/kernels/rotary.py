@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import check_cuda_or_interpreter, next_power_of_2
+from lm_torch.kernels.common import check_cuda_or_interpreter, next_power_of_2, pdl_enabled, pdl_trigger, pdl_wait
 from lm_torch.kernels.kv_cache import quantize_store_heads, quantized_cache_args
 
 
@@ -201,7 +201,10 @@ def _rotary_kernel(
     BLOCK_SIZE: tl.constexpr,
     QUANT_POLICY: tl.constexpr,  # with STORE: 0 copies into the cache's dtype, 8/4 quantize to int8/int4
     HEAD_HALF_PAD: tl.constexpr,  # head_dim / 2 padded to a power of two (quantized caches)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: starts early, waits before any load
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     pairs = tl.arange(0, HALF_PAD)[None, :]
@@ -321,6 +324,7 @@ def apply_rotary(
     )
     if q.shape[0]:
         half = rotary_dim // 2
+        pdl = pdl_enabled(q.device)
         _rotary_kernel[(q.shape[0],)](
             positions,
             q,
@@ -355,6 +359,8 @@ def apply_rotary(
             BLOCK_SIZE=k_cache.shape[1] if store else 1,
             QUANT_POLICY=policy,
             HEAD_HALF_PAD=next_power_of_2(q.shape[2] // 2),
+            PDL=pdl,
             num_warps=4,
+            **({"launch_pdl": True} if pdl else {}),
         )
     return q, k

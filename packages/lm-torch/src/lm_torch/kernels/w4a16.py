@@ -260,6 +260,48 @@ def _tc_step(w_ptrs, s_ptr, z_ptr, rows, bi, n, b0, WORDS: tl.constexpr, BLOCK: 
 
 
 @triton.jit
+def _tc_accumulate(
+    acc,
+    cur_words,
+    cur_s,
+    cur_z,
+    b0,
+    x_ptr,
+    x_offsets,
+    ones,
+    bi,
+    BLOCK_N: tl.constexpr,
+    C: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,
+    MAGIC: tl.constexpr,
+    ASM,
+    UPCAST: tl.constexpr,
+):
+    """acc [BN, NCOL] + the step at block b0: its words [4, BN, C, BLOCKS], scales and zeros [BN, BLOCKS]."""
+    NCOL: tl.constexpr = 8
+    for bb in tl.static_range(BLOCKS):
+        block_words = _tc_block_words(cur_words, bb, BLOCKS)  # [4, BN, C]
+        part = tl.zeros([BLOCK_N, NCOL], tl.float32)  # sum over the block of (MAGIC + q) x
+        x_sum = tl.zeros([BLOCK_N, NCOL], tl.float32)  # sum of the block's x, from the tensor cores too
+        for p in tl.static_range(4):
+            xs = _tc_x(x_ptr, x_offsets, b0 + bb, p, NCOL, C)
+            w = _tc_operand(block_words, p, BLOCK_N, C, MAGIC_BITS, ASM)
+            if UPCAST:  # exact: the products of two 16-bit floats are float32 numbers
+                part = tl.dot(w.to(tl.float32), xs.to(tl.float32), part)
+                x_sum = tl.dot(ones.to(tl.float32), xs.to(tl.float32), x_sum)
+            else:
+                part = tl.dot(w, xs, part)
+                x_sum = tl.dot(ones, xs, x_sum)
+        # [BN] scale and zero of this block: one-hot selection over the step's BLOCKS (compile-time).
+        s_b = tl.sum(tl.where(bi[None, :] == bb, cur_s, 0.0), 1)
+        z_b = tl.sum(tl.where(bi[None, :] == bb, cur_z, 0.0), 1)
+        # sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z) sum x, in float32 (MAGIC x is exact in the products).
+        acc += (part - (MAGIC + z_b)[:, None] * x_sum) * s_b[:, None]
+    return acc
+
+
+@triton.jit
 def _w4a16_gemv_tc_kernel(
     x_ptr,
     w_ptr,
@@ -283,6 +325,7 @@ def _w4a16_gemv_tc_kernel(
     UPCAST: tl.constexpr,  # 16-bit operands multiplied in float32 (the interpreter's bf16 dot is wrong)
     PDL: tl.constexpr,  # launched with programmatic dependent launch: the first weights load before the wait
     GATED: tl.constexpr,  # -1: plain; else W is [gate | up] (N / 2 rows each) and out gets act(gate) * up, ACT code
+    PRELOAD: tl.constexpr,  # steps loaded before the PDL wait: 1, or 2 (with PREFETCH)
 ):
     WORDS: tl.constexpr = BLOCK // 8
     C: tl.constexpr = WORDS // 4  # words of a row per lane and block
@@ -318,37 +361,70 @@ def _w4a16_gemv_tc_kernel(
     first = pid_k * blocks_per_split
     last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)
     acc = tl.zeros([BLOCK_N, NCOL], tl.float32)
+    start = first
     if PREFETCH:
         words, s, z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, first, WORDS, BLOCK, GROUP)
-    # Weights, scales and zeros are never written: the first step's load above may overlap the kernel before this
-    # one (programmatic dependent launch). x, the outputs and the split-K buffers only after it has finished.
+        if PRELOAD == 2:  # the second step too (a one-step split loads its own blocks again: unused)
+            words2, s2, z2 = _tc_step(
+                w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, tl.minimum(first + BLOCKS, last - BLOCKS), WORDS, BLOCK, GROUP
+            )
+    # Weights, scales and zeros are never written: the loads above may overlap the kernel before this one
+    # (programmatic dependent launch). x, the outputs and the split-K buffers only after it has finished.
     pdl_wait(PDL)
     pdl_trigger(PDL)
-    for b0 in range(first, last, BLOCKS):
+    if PREFETCH and PRELOAD == 2:
+        acc = _tc_accumulate(
+            acc, words, s, z, first, x_ptr, x_offsets, ones, bi, BLOCK_N, C, BLOCKS, MAGIC_BITS, MAGIC, ASM, UPCAST
+        )
+        start = first + 2 * BLOCKS
+        # The first step of the loop below (past the end when there is none: in bounds, unused).
+        words, s, z = _tc_step(
+            w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, tl.minimum(start, last - BLOCKS), WORDS, BLOCK, GROUP
+        )
+        if first + BLOCKS < last:
+            acc = _tc_accumulate(
+                acc,
+                words2,
+                s2,
+                z2,
+                first + BLOCKS,
+                x_ptr,
+                x_offsets,
+                ones,
+                bi,
+                BLOCK_N,
+                C,
+                BLOCKS,
+                MAGIC_BITS,
+                MAGIC,
+                ASM,
+                UPCAST,
+            )
+    for b0 in range(start, last, BLOCKS):
         if PREFETCH:
             cur_words, cur_s, cur_z = words, s, z
             following = tl.minimum(b0 + BLOCKS, last - BLOCKS)  # the last step fetches its own blocks again
             words, s, z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, following, WORDS, BLOCK, GROUP)
         else:
             cur_words, cur_s, cur_z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, b0, WORDS, BLOCK, GROUP)
-        for bb in tl.static_range(BLOCKS):
-            block_words = _tc_block_words(cur_words, bb, BLOCKS)  # [4, BN, C]
-            part = tl.zeros([BLOCK_N, NCOL], tl.float32)  # sum over the block of (MAGIC + q) x
-            x_sum = tl.zeros([BLOCK_N, NCOL], tl.float32)  # sum of the block's x, from the tensor cores too
-            for p in tl.static_range(4):
-                xs = _tc_x(x_ptr, x_offsets, b0 + bb, p, NCOL, C)
-                w = _tc_operand(block_words, p, BLOCK_N, C, MAGIC_BITS, ASM)
-                if UPCAST:  # exact: the products of two 16-bit floats are float32 numbers
-                    part = tl.dot(w.to(tl.float32), xs.to(tl.float32), part)
-                    x_sum = tl.dot(ones.to(tl.float32), xs.to(tl.float32), x_sum)
-                else:
-                    part = tl.dot(w, xs, part)
-                    x_sum = tl.dot(ones, xs, x_sum)
-            # [BN] scale and zero of this block: one-hot selection over the step's BLOCKS (compile-time).
-            s_b = tl.sum(tl.where(bi[None, :] == bb, cur_s, 0.0), 1)
-            z_b = tl.sum(tl.where(bi[None, :] == bb, cur_z, 0.0), 1)
-            # sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z) sum x, in float32 (MAGIC x is exact in the products).
-            acc += (part - (MAGIC + z_b)[:, None] * x_sum) * s_b[:, None]
+        acc = _tc_accumulate(
+            acc,
+            cur_words,
+            cur_s,
+            cur_z,
+            b0,
+            x_ptr,
+            x_offsets,
+            ones,
+            bi,
+            BLOCK_N,
+            C,
+            BLOCKS,
+            MAGIC_BITS,
+            MAGIC,
+            ASM,
+            UPCAST,
+        )
     # The NCOL columns are copies of one sum (x is the same in every column): max picks one exactly.
     total = tl.max(acc, 1)  # [BN]
     if GATED >= 0:  # noqa: SIM108 - a compile-time branch
@@ -567,18 +643,24 @@ def w4a16_gemv_tc(
     split_k: int = 1,
     prefetch: bool = True,
     activation: str | None = None,
+    preload: int = 2,
 ) -> torch.Tensor:  # [1, N] in x's dtype ([1, N / 2] with an activation)
     """x @ W^T for one row x on the tensor cores: each block's nibbles become MAGIC + q in x's dtype (one LOP3 per
     two weights) and multiply x in mma tiles; per block, float32 sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z)
     sum x, times the scale. Groups of 64 inputs or more (blocks of 64 or 128).
 
     `activation` (a name of `kernels.activation.ACTIVATION_CODES`): W is a fused [gate | up] projection and the
-    result is act(gate) * up, computed as the last step of the same kernel (no activation launch)."""
+    result is act(gate) * up, computed as the last step of the same kernel (no activation launch).
+
+    `preload`: steps of weights a program loads before it waits for the kernel before it (1 or 2; programmatic
+    dependent launch on sm_90+: those loads overlap the earlier kernel)."""
     m, n, k, block = _check(x, packed, scales, zeros, group_size)
     if m != 1:
         raise ValueError(f"w4a16_gemv_tc: x has {m} rows, expected 1 (w4a16_gemm takes more)")
     if block < 64:
         raise ValueError(f"w4a16_gemv_tc: group_size {group_size} < 64 (blocks of 64 or 128 inputs only)")
+    if preload not in (1, 2):
+        raise ValueError(f"w4a16_gemv_tc: preload {preload} must be 1 or 2")
     if blocks not in (1, 2, 4) or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"w4a16_gemv_tc: blocks {blocks} must be 1, 2 or 4, block_n {block_n} a power of 2 >= 16")
     if x.dtype not in _TC_MAGIC:
@@ -622,6 +704,7 @@ def w4a16_gemv_tc(
         UPCAST=interpreting() and x.dtype == torch.bfloat16,
         PDL=pdl,
         GATED=gated,
+        PRELOAD=2 if preload == 2 and prefetch and per_split >= 2 * blocks else 1,
         num_warps=num_warps,
         num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
