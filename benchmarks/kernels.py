@@ -6,7 +6,7 @@ contiguous tensors (the cost of attention alone) and on K/V gathered from the pa
 backend pays). Every kernel is timed as CUDA-graph replays (`triton.testing.do_bench_cudagraph`, median), which also
 checks that it captures. Also: prefill attention and the sampling kernel.
 
-Usage: python benchmarks/kernels.py [--batches 1 64 256] [--contexts 512 2048] [--splits 0 4 8 16]
+Usage: python benchmarks/kernels.py [--batches 1 64 256] [--contexts 512 2048] [--splits 0 4 8 16] [--kv-quant 0 8 4]
 """
 
 from __future__ import annotations
@@ -42,19 +42,39 @@ def _paged_cache(batch: int, context: int, dtype, gen):
     return k_cache, v_cache, tables
 
 
-def _decode_row(batch: int, context: int, split_choices, dtype, gen) -> str:
+def _decode_row(batch: int, context: int, split_choices, dtype, gen, quant_policy: int = 0) -> str:
     from lm_torch.kernels.decode_attention import choose_num_splits, decode_attention
+    from lm_torch.kv_quant import dequantize_kv, quantize_kv, scales_dtype
 
     scale = 1 / math.sqrt(HEAD_DIM)
     k_cache, v_cache, tables = _paged_cache(batch, context, dtype, gen)
+    quantized = {}
+    if quant_policy:
+        # int8 / int4 codes with per-token, per-head scales and zeros; the reference attends the values they encode.
+        k_codes, k_sz = quantize_kv(k_cache, quant_policy, scales_dtype(dtype))
+        v_codes, v_sz = quantize_kv(v_cache, quant_policy, scales_dtype(dtype))
+        k_cache = dequantize_kv(k_codes, k_sz, quant_policy, dtype)
+        v_cache = dequantize_kv(v_codes, v_sz, quant_policy, dtype)
+        quantized = {"k_scales_zeros": k_sz, "v_scales_zeros": v_sz}
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=dtype, generator=gen)
     starts = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
     lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
+    kernel_k, kernel_v = (k_codes, v_codes) if quant_policy else (k_cache, v_cache)
 
     def triton_decode(splits):
         return lambda: decode_attention(
-            q, k_cache, v_cache, tables, starts, lens, scale, max_context_len=context, num_splits=splits, out=out
+            q,
+            kernel_k,
+            kernel_v,
+            tables,
+            starts,
+            lens,
+            scale,
+            max_context_len=context,
+            num_splits=splits,
+            out=out,
+            **quantized,
         )
 
     # SDPA on contiguous K/V: [batch, kv heads, context, head_dim].
@@ -73,28 +93,36 @@ def _decode_row(batch: int, context: int, split_choices, dtype, gen) -> str:
     default_splits = choose_num_splits(batch, NUM_KV_HEADS, context, q.device)
     triton_decode(default_splits)()
     error = (out.float() - sdpa().squeeze(2).float()).abs().max().item()
-    bytes_read = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+    per_token = kernel_k[0, 0].numel() * kernel_k.element_size()
+    if quant_policy:
+        per_token += quantized["k_scales_zeros"][0, 0].numel() * quantized["k_scales_zeros"].element_size()
+    bytes_read = 2 * batch * context * per_token  # K and V, scales and zeros included
     default = _bench(triton_decode(default_splits))
     others = " ".join(f"{n}:{_bench(triton_decode(n)):.1f}" for n in split_choices if n and n != default_splits)
     t_sdpa, t_gather = _bench(sdpa), _bench(gather_sdpa)
+    label = f"int{quant_policy}" if quant_policy else str(dtype).removeprefix("torch.")
     return (
-        f"| {batch} | {context} | {default_splits} | {default:.1f} | {bytes_read / default / 1e3:.0f} | "
+        f"| {label} | {batch} | {context} | {default_splits} | {default:.1f} | "
+        f"{bytes_read / default / 1e3:.0f} | "
         f"{others or '-'} | {t_sdpa:.1f} | {t_gather:.1f} | {t_sdpa / default:.2f}x | {error:.1e} |"
     )
 
 
-def decode_table(batches, contexts, split_choices, dtype=torch.bfloat16) -> list[str]:
+def decode_table(batches, contexts, split_choices, dtype=torch.bfloat16, quant_policies=(0,)) -> list[str]:
+    """One row per (KV cache policy, batch, context). With a quantized cache, "SDPA" attends the dequantized values
+    (what the codes encode), and GB/s counts the codes and their scales and zeros."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = [
-        "| batch | context | splits | Triton decode (us) | GB/s | other splits (us) | SDPA, K/V contiguous (us) | "
-        "gather + SDPA (us) | SDPA / Triton | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| KV cache | batch | context | splits | Triton decode (us) | GB/s | other splits (us) | "
+        "SDPA, K/V contiguous (us) | gather + SDPA (us) | SDPA / Triton | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for batch in batches:
-        for context in contexts:
-            rows.append(_decode_row(batch, context, split_choices, dtype, gen))
-            torch.cuda.empty_cache()
-            print(rows[-1], flush=True)
+    for policy in quant_policies:
+        for batch in batches:
+            for context in contexts:
+                rows.append(_decode_row(batch, context, split_choices, dtype, gen, policy))
+                torch.cuda.empty_cache()
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -252,6 +280,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--splits", type=int, nargs="*", default=[1, 4, 8, 16, 32], help="split-K variants to time")
+    parser.add_argument(
+        "--kv-quant", type=int, nargs="+", default=[0], choices=[0, 4, 8], help="decode with these KV cache policies"
+    )
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--skip-sampling", action="store_true")
     parser.add_argument("--tune", action="store_true", help="also time launch shapes of prefill and sampling")
@@ -261,7 +292,12 @@ def main() -> None:
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    tables = [("Decode attention, Llama-3-8B shape, bf16", decode_table(args.batches, args.contexts, args.splits))]
+    tables = [
+        (
+            "Decode attention, Llama-3-8B shape, bf16",
+            decode_table(args.batches, args.contexts, args.splits, quant_policies=args.kv_quant),
+        )
+    ]
     if not args.skip_prefill:
         tables.append(("Prefill attention (causal), Llama-3-8B shape, bf16", prefill_table()))
     if not args.skip_sampling:
