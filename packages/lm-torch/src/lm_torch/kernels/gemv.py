@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import check_cuda_or_interpreter, pdl_enabled, pdl_trigger
+from lm_torch.kernels.common import check_cuda_or_interpreter, pdl_enabled, pdl_trigger, pdl_wait
 
 
 @triton.jit
@@ -31,22 +31,25 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr,
-    PDL: tl.constexpr,  # let the next kernel (launched with programmatic dependent launch) start early
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: the first tile of W loads before the wait
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pdl_trigger(PDL)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     first = pid_k * k_per_split
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for start in range(first, first + k_per_split, BLOCK_K):
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    # W is never written: its first tile may load while the kernel before this one still runs. x (its output) and
+    # everything else only after that kernel has finished.
+    ks = first + cols
+    w = tl.load(w_rows + ks[None, :], mask=(rows[:, None] < n) & (ks[None, :] < k), other=0.0)
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
+    x = tl.load(x_ptr + ks, mask=ks < k, other=0.0)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for start in range(first + BLOCK_K, first + k_per_split, BLOCK_K):
         ks = start + cols
-        w = tl.load(
-            w_ptr + rows[:, None].to(tl.int64) * stride_wn + ks[None, :],
-            mask=(rows[:, None] < n) & (ks[None, :] < k),
-            other=0.0,
-        )
+        w = tl.load(w_rows + ks[None, :], mask=(rows[:, None] < n) & (ks[None, :] < k), other=0.0)
         x = tl.load(x_ptr + ks, mask=ks < k, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     total = tl.sum(acc, 1)  # [BLOCK_N]
@@ -75,6 +78,8 @@ def gemv(
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
     out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((1, n))
+    # With split-K the kernel adds into the zeroed buffer: the zeroing launch comes between (no early start).
+    pdl = pdl_enabled(x.device) and splits == 1
     _gemv_kernel[(triton.cdiv(n, block_n), splits)](
         x,
         weight,
@@ -86,7 +91,8 @@ def gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         ATOMIC=splits > 1,
-        PDL=pdl_enabled(x.device),
+        PDL=pdl,
         num_warps=num_warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype) if splits > 1 else out
