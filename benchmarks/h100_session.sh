@@ -29,7 +29,8 @@ export PYTHONPATH=$(ls -d "$PWD"/packages/*/src | tr '\n' ':')
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 MODEL="--model benchmarks/configs/llama3-8b --load-format dummy"
 stages=${*:-latency tput1000 tests eager gemv}
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# The device machine may hold an older .git than the working tree it was sent: pass COMMIT=<hash> to record the right one.
+commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 {
   echo "commit $commit (+ working tree), $(date -u)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
