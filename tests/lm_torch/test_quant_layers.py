@@ -150,36 +150,46 @@ TINY = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 64,
 }
-PROJECTIONS = {
-    "q_proj": (64, 64),
-    "k_proj": (32, 64),
-    "v_proj": (32, 64),
-    "o_proj": (64, 64),
-    "gate_proj": (128, 64),
-    "up_proj": (128, 64),
-    "down_proj": (64, 128),
-}
+# Wide enough for the one-row tensor-core W4A16 GEMV (groups of 64) and its folded steps: the MLP's activation and,
+# with head_dim 64, rotary + KV store (what a Llama-3-8B decode step runs).
+WIDE = {**TINY, "hidden_size": 256, "intermediate_size": 512}
 
 
-def _quantized_llama(path, method: str, g_idx_per_projection=False):
-    """A tiny Llama checkpoint whose decoder linears are random AWQ or GPTQ integers; returns the transformers
-    model holding the weights they encode."""
+def _projections(config: dict) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each decoder linear of a Llama config."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
+    return {
+        "q_proj": (hidden, hidden),
+        "k_proj": (kv, hidden),
+        "v_proj": (kv, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }
+
+
+def _quantized_llama(path, method: str, g_idx_per_projection=False, wide=False):
+    """A tiny Llama checkpoint whose decoder linears are random AWQ or GPTQ integers (groups of 32; `wide`: the
+    WIDE shape, groups of 64); returns the transformers model holding the weights they encode."""
     from safetensors.torch import save_file
 
+    config, group = (WIDE, 64) if wide else (TINY, 32)
     torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
     state = {k: v.clone() for k, v in reference.state_dict().items()}
-    for i in range(TINY["num_hidden_layers"]):
-        for seed, (name, (out_features, in_features)) in enumerate(PROJECTIONS.items()):
+    for i in range(config["num_hidden_layers"]):
+        for seed, (name, (out_features, in_features)) in enumerate(_projections(config).items()):
             module = f"model.layers.{i}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
-            groups = in_features // 32
+            groups = in_features // group
             q, zeros, scales = _random_quantized(in_features, out_features, groups, 4, seed=100 * i + seed)
             if method == "awq":
-                g_idx = torch.arange(in_features) // 32
+                g_idx = torch.arange(in_features) // group
                 tensors = awq_tensors(q, zeros, scales)
             else:
                 order_seed = 100 * i + seed if g_idx_per_projection else 7
-                g_idx = (torch.arange(in_features) // 32)[
+                g_idx = (torch.arange(in_features) // group)[
                     torch.randperm(in_features, generator=torch.Generator().manual_seed(order_seed))
                 ]
                 tensors = gptq_tensors(q, zeros, scales, g_idx, 4)
@@ -188,14 +198,14 @@ def _quantized_llama(path, method: str, g_idx_per_projection=False):
             with torch.no_grad():
                 reference.get_submodule(module).weight.copy_(((q - zeros[g_idx]) * scales[g_idx]).t())
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
-    config = json.loads(reference.config.to_json_string())
-    config["architectures"] = ["LlamaForCausalLM"]
-    config["quantization_config"] = (
-        {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True}
+    saved = json.loads(reference.config.to_json_string())
+    saved["architectures"] = ["LlamaForCausalLM"]
+    saved["quantization_config"] = (
+        {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True}
         if method == "awq"
-        else {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False}
+        else {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": False}
     )
-    (path / "config.json").write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps(saved))
     return reference
 
 
@@ -211,15 +221,15 @@ def _our_logits(path, ids, **engine):
         return model, model.compute_logits(model(ids, torch.arange(len(ids)), caches, meta))
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "awq-wide"])
 def test_fused_projections_load_packed_columns_in_place(method, tmp_path):
     """q/k/v and gate/up fuse along the output channels: AWQ's packed columns, GPTQ's unpacked ones."""
-    reference = _quantized_llama(tmp_path, method)
+    reference = _quantized_llama(tmp_path, method.removesuffix("-wide"), wide=method.endswith("-wide"))
     ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
     model, ours = _our_logits(tmp_path, ids)
-    assert isinstance(model.layers[0].self_attn.qkv_proj, AWQLinear if method == "awq" else GPTQLinear)
+    assert isinstance(model.layers[0].self_attn.qkv_proj, GPTQLinear if method == "gptq" else AWQLinear)
     assert (ours - expected).abs().max().item() < 1e-4
 
 
@@ -268,7 +278,7 @@ def _w8a8_llama(path):
     state = {k: v.clone() for k, v in reference.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     for i in range(TINY["num_hidden_layers"]):
-        for name, (out_features, in_features) in PROJECTIONS.items():
+        for name, (out_features, in_features) in _projections(TINY).items():
             module = f"model.layers.{i}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
             weight = torch.randint(-127, 128, (out_features, in_features), generator=gen).to(torch.int8)
             scale = (0.0005 + 0.001 * torch.rand(out_features, 1, generator=gen)) * 8 / in_features**0.5
@@ -329,10 +339,12 @@ def test_cuda_kernels_give_the_logits_of_the_cpu_path(method, dtype, tmp_path):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("method", ["awq", "gptq", "w8a8"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "w8a8", "awq-wide"])
 def test_engine_decodes_a_quantized_checkpoint_with_cuda_graphs(method, tmp_path):
     """Greedy decoding through the engine (decode steps replayed from CUDA graphs) follows transformers running the
-    fake-quantized weights in float32, up to steps whose two best logits are closer than fp16 can tell apart."""
+    fake-quantized weights in float32, up to steps whose two best logits are closer than fp16 can tell apart.
+    awq-wide: groups of 64 and head_dim 64, so decode steps run the tensor-core GEMV with the activation folded into
+    gate_up and rotary + KV store folded into qkv."""
     pytest.importorskip("triton")
     import asyncio
 
@@ -340,7 +352,10 @@ def test_engine_decodes_a_quantized_checkpoint_with_cuda_graphs(method, tmp_path
     from lm_core.generation_config import GenerationConfig
     from lm_torch.engine import TorchEngine
 
-    reference = _w8a8_llama(tmp_path) if method == "w8a8" else _quantized_llama(tmp_path, method)
+    if method == "w8a8":
+        reference = _w8a8_llama(tmp_path)
+    else:
+        reference = _quantized_llama(tmp_path, method.removesuffix("-wide"), wide=method.endswith("-wide"))
     engine = TorchEngine.from_pretrained(
         tmp_path, {"device": "cuda", "dtype": "float16", "max_batch_size": 4, "num_kv_blocks": 32}
     )

@@ -141,6 +141,57 @@ def test_gemv_tc_gated_matches_gemv_then_activation(case, act, split_k):
         w4a16_gemv_tc(x, packed, scales, zeros, group, activation="relu")
 
 
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gemv_tc_rotary_matches_gemv_then_rotary(case, split_k):
+    """A [q | k | v] projection of one token whose last step rotates q and k and writes k and v into the cache:
+    the reference product rounded to the activation dtype (the GEMV's output), then rotary and the cache store of
+    `kernels.reference`. A negative slot (a padding row) writes nothing; the dispatcher gives the same result."""
+    from lm_torch.kernels.w4a16 import QKVRotary, w4a16_gemv_tc, w4a16_linear
+
+    heads, kv_heads, dim, k, group = (4, 2, 32, 512, 64) if case.device == "cpu" else (32, 8, 128, 4096, 128)
+    n = (heads + 2 * kv_heads) * dim
+    packed, scales, zeros, gen = _weights(case, n, k, group, seed=90 + split_k)
+    x = case.randn(1, k, generator=gen)
+    angles = torch.rand(40, dim // 2, generator=gen) * 6.0
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(case.device)  # [positions, head_dim], halves repeated
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1).to(case.device)
+    positions = torch.tensor([29], device=case.device)
+    qkv = reference.w4a16_linear(x, packed, scales, zeros, group).to(case.dtype).view(1, -1, dim)
+    q, key, value = qkv.split([heads, kv_heads, kv_heads], dim=1)
+    expected_q = reference.rotary(positions, q, cos, sin)
+    expected_k = reference.rotary(positions, key, cos, sin)
+    for slot in (21, -1):
+        slots = torch.tensor([slot], device=case.device)
+        caches = [torch.zeros(4, 16, kv_heads, dim, device=case.device, dtype=case.dtype) for _ in range(2)]
+        expected_caches = [c.clone() for c in caches]
+        reference.store_kv_cache(expected_k, value, *expected_caches, slots)
+        rope = QKVRotary(positions, cos, sin, caches[0], caches[1], slots, heads, kv_heads, dim)
+        for block_n in (32, 16):
+            for c in caches:
+                c.zero_()
+            out = w4a16_gemv_tc(
+                x, packed, scales, zeros, group, block_n=block_n, blocks=2, split_k=split_k, rotary=rope
+            )
+            assert out.shape == (1, n) and out.dtype == x.dtype
+            rows = out.view(1, -1, dim)
+            case.assert_close(rows[:, :heads], expected_q, 2 * case.elementwise_tol)
+            case.assert_close(rows[:, heads : heads + kv_heads], expected_k, 2 * case.elementwise_tol)
+            case.assert_close(rows[:, heads + kv_heads :], value, case.elementwise_tol)
+            for cache, expected in zip(caches, expected_caches, strict=True):
+                case.assert_close(cache, expected, 2 * case.elementwise_tol)
+        for c in caches:
+            c.zero_()
+        case.assert_close(
+            w4a16_linear(x, packed, scales, zeros, group, rotary=rope).view(1, -1, dim)[:, :heads],
+            expected_q,
+            2 * case.elementwise_tol,
+        )
+        for cache, expected in zip(caches, expected_caches, strict=True):
+            case.assert_close(cache, expected, 2 * case.elementwise_tol)
+    with pytest.raises(ValueError, match="head_dim"):
+        w4a16_gemv_tc(x, packed, scales, zeros, group, block_n=64 if dim == 32 else 256, rotary=rope)
+
+
 def test_gemv_tc_split_k_calls_in_a_row(case):
     """Split-K reduces in the kernel: the last split of a row block writes the output and resets its counter, so calls
     in a row (other split counts, other inputs, a wider N that needs more counters) each get their own result."""

@@ -41,6 +41,7 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -313,6 +314,21 @@ def _w4a16_gemv_tc_kernel(
     n,
     words_per_row,
     blocks_per_split,
+    # ROTARY only (else placeholders): the token's position and cache slot, the cos / sin tables [positions,
+    # head_dim] and their row stride, the k and v caches [blocks, BLOCK_SIZE, kv heads, head_dim] and their
+    # block, slot and head strides, the numbers of query and kv heads.
+    positions_ptr,
+    slot_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_cos,
+    k_cache_ptr,
+    v_cache_ptr,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    num_heads,
+    num_kv_heads,
     GROUP: tl.constexpr,
     BLOCK: tl.constexpr,  # inputs of an interleaved block, 64 or 128
     BLOCK_N: tl.constexpr,
@@ -326,6 +342,9 @@ def _w4a16_gemv_tc_kernel(
     PDL: tl.constexpr,  # launched with programmatic dependent launch: the first weights load before the wait
     GATED: tl.constexpr,  # -1: plain; else W is [gate | up] (N / 2 rows each) and out gets act(gate) * up, ACT code
     PRELOAD: tl.constexpr,  # steps loaded before the PDL wait: 1, or 2 (with PREFETCH)
+    ROTARY: tl.constexpr,  # W is a [q | k | v] projection: rotate q and k (neox pairs) and store k and v in the cache
+    HEAD_DIM: tl.constexpr,  # with ROTARY
+    BLOCK_SIZE: tl.constexpr,  # with ROTARY: the cache's tokens per block
 ):
     WORDS: tl.constexpr = BLOCK // 8
     C: tl.constexpr = WORDS // 4  # words of a row per lane and block
@@ -337,6 +356,13 @@ def _w4a16_gemv_tc_kernel(
         # The first half of the block's rows are gate rows, the second the up rows of the same outputs.
         r = tl.arange(0, BLOCK_N)
         rows = pid_n * HALF + r % HALF + (r >= HALF).to(tl.int32) * (n // 2)  # [BN]
+    elif ROTARY:
+        # HALF features d of one head and their rotary partners d + HEAD_DIM / 2 (a head takes HEAD_DIM / BLOCK_N
+        # row blocks, in order).
+        r = tl.arange(0, BLOCK_N)
+        per_head: tl.constexpr = HEAD_DIM // BLOCK_N
+        first_row = (pid_n // per_head) * HEAD_DIM + (pid_n % per_head) * HALF
+        rows = first_row + r % HALF + (r >= HALF).to(tl.int32) * (HEAD_DIM // 2)  # [BN]
     else:
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     # Rows past N read row N - 1 (loads stay unmasked and vectorized); their sums are not stored.
@@ -432,7 +458,31 @@ def _w4a16_gemv_tc_kernel(
     else:
         row_mask = rows < n
     if SPLITS_PAD == 1:
-        _tc_store(out_ptr, total, rows, row_mask, pid_n, n, HALF, GATED)
+        _tc_finish(
+            out_ptr,
+            total,
+            rows,
+            row_mask,
+            pid_n,
+            n,
+            HALF,
+            GATED,
+            ROTARY,
+            positions_ptr,
+            slot_ptr,
+            cos_ptr,
+            sin_ptr,
+            stride_cos,
+            k_cache_ptr,
+            v_cache_ptr,
+            stride_cb,
+            stride_cs,
+            stride_ch,
+            num_heads,
+            num_kv_heads,
+            HEAD_DIM,
+            BLOCK_SIZE,
+        )
     else:
         # Split-K in one launch: each split stores its sums; the last of a row block's splits to arrive adds them
         # in split order (deterministic) and writes the output. No zeroing or cast launches, no float atomics.
@@ -447,8 +497,135 @@ def _w4a16_gemv_tc_kernel(
                 other=0.0,
                 cache_modifier=".cg",
             )  # [SPLITS_PAD, BN]
-            _tc_store(out_ptr, tl.sum(parts, 0), rows, row_mask, pid_n, n, HALF, GATED)
+            _tc_finish(
+                out_ptr,
+                tl.sum(parts, 0),
+                rows,
+                row_mask,
+                pid_n,
+                n,
+                HALF,
+                GATED,
+                ROTARY,
+                positions_ptr,
+                slot_ptr,
+                cos_ptr,
+                sin_ptr,
+                stride_cos,
+                k_cache_ptr,
+                v_cache_ptr,
+                stride_cb,
+                stride_cs,
+                stride_ch,
+                num_heads,
+                num_kv_heads,
+                HEAD_DIM,
+                BLOCK_SIZE,
+            )
             tl.store(counter, 0)  # the next launch (next layer, next graph replay) counts from zero again
+
+
+@triton.jit
+def _tc_finish(
+    out_ptr,
+    total,
+    rows,
+    row_mask,
+    pid_n,
+    n,
+    HALF: tl.constexpr,
+    GATED: tl.constexpr,
+    ROTARY: tl.constexpr,
+    positions_ptr,
+    slot_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_cos,
+    k_cache_ptr,
+    v_cache_ptr,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    num_heads,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """A row block's float32 sums [BN] to their outputs: plain, gated, or rotated and stored into the cache."""
+    if ROTARY:
+        _tc_store_rotary(
+            out_ptr,
+            total,
+            pid_n,
+            HALF,
+            positions_ptr,
+            slot_ptr,
+            cos_ptr,
+            sin_ptr,
+            stride_cos,
+            k_cache_ptr,
+            v_cache_ptr,
+            stride_cb,
+            stride_cs,
+            stride_ch,
+            num_heads,
+            num_kv_heads,
+            HEAD_DIM,
+            BLOCK_SIZE,
+        )
+    else:
+        _tc_store(out_ptr, total, rows, row_mask, pid_n, n, HALF, GATED)
+
+
+@triton.jit
+def _tc_store_rotary(
+    out_ptr,
+    total,
+    pid_n,
+    HALF: tl.constexpr,
+    positions_ptr,
+    slot_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_cos,
+    k_cache_ptr,
+    v_cache_ptr,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    num_heads,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Features d and d + HEAD_DIM / 2 (d in this block's HALF) of one head of the [q | k | v] row: rounded to the
+    output dtype (what the GEMV alone would write), rotated in float32 if a q or k head (what `kernels.rotary`
+    computes, same rounding), stored to the output and, for k and v heads, into the cache at the token's slot
+    (negative: a padding row, nothing stored)."""
+    first, second = tl.split(tl.permute(tl.reshape(total, (2, HALF)), (1, 0)))  # [HALF] each
+    a = first.to(out_ptr.dtype.element_ty).to(tl.float32)
+    b = second.to(out_ptr.dtype.element_ty).to(tl.float32)
+    per_head: tl.constexpr = HEAD_DIM // (2 * HALF)
+    head = pid_n // per_head
+    d = (pid_n % per_head) * HALF + tl.arange(0, HALF)
+    position = tl.load(positions_ptr).to(tl.int64)
+    c = tl.load(cos_ptr + position * stride_cos + d).to(tl.float32)
+    s = tl.load(sin_ptr + position * stride_cos + d).to(tl.float32)
+    is_v = head >= num_heads + num_kv_heads
+    y1 = tl.where(is_v, a, a * c - b * s).to(out_ptr.dtype.element_ty)
+    y2 = tl.where(is_v, b, b * c + a * s).to(out_ptr.dtype.element_ty)
+    row = out_ptr + head * HEAD_DIM + d
+    tl.store(row, y1)
+    tl.store(row + HEAD_DIM // 2, y2)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    kv_head = (head - num_heads) % num_kv_heads  # (meaningless for a q head: masked off)
+    is_k = (head >= num_heads) & (head < num_heads + num_kv_heads)
+    at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch + d
+    keep = (tl.zeros([HALF], tl.int32) + slot) >= 0
+    tl.store(k_cache_ptr + at, y1.to(k_cache_ptr.dtype.element_ty), mask=keep & is_k)
+    tl.store(k_cache_ptr + at + HEAD_DIM // 2, y2.to(k_cache_ptr.dtype.element_ty), mask=keep & is_k)
+    tl.store(v_cache_ptr + at, y1.to(v_cache_ptr.dtype.element_ty), mask=keep & is_v)
+    tl.store(v_cache_ptr + at + HEAD_DIM // 2, y2.to(v_cache_ptr.dtype.element_ty), mask=keep & is_v)
 
 
 @triton.jit
@@ -626,6 +803,47 @@ def w4a16_gemv(
     return out.to(x.dtype) if splits > 1 else out
 
 
+class QKVRotary(NamedTuple):
+    """What a [q | k | v] projection of one token needs to finish the token's rotary and KV-cache write itself:
+    rotate q and k (neox pairs, the full head) by `positions[0]` with the tables `cos`, `sin` [positions, head_dim],
+    and write the rotated k and v at cache slot `slot_mapping[0]` (negative: none) of the unquantized caches."""
+
+    positions: torch.Tensor  # [1]
+    cos: torch.Tensor  # [max_positions, head_dim]
+    sin: torch.Tensor
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor  # [1]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def _check_rotary(rotary: QKVRotary, n: int, block_n: int) -> None:
+    heads, kv_heads, dim = rotary.num_heads, rotary.num_kv_heads, rotary.head_dim
+    if n != (heads + 2 * kv_heads) * dim:
+        raise ValueError(
+            f"w4a16_gemv_tc: N={n} is not (num_heads + 2 num_kv_heads) x head_dim ({heads}, {kv_heads}, {dim})"
+        )
+    if dim % block_n:
+        raise ValueError(f"w4a16_gemv_tc: head_dim {dim} is no multiple of block_n {block_n} (rotary pairs)")
+    if (
+        rotary.cos.shape[-1] != dim
+        or rotary.sin.shape != rotary.cos.shape
+        or rotary.cos.stride() != rotary.sin.stride()
+    ):
+        raise ValueError(f"w4a16_gemv_tc: rotary tables {tuple(rotary.cos.shape)} are not [positions, {dim}]")
+    caches = (rotary.k_cache, rotary.v_cache)
+    if any(c.dim() != 4 or tuple(c.shape[2:]) != (kv_heads, dim) or c.stride(3) != 1 for c in caches):
+        raise ValueError(
+            f"w4a16_gemv_tc: caches {tuple(rotary.k_cache.shape)} are not [blocks, size, {kv_heads}, {dim}]"
+        )
+    if rotary.k_cache.stride() != rotary.v_cache.stride() or rotary.k_cache.dtype == torch.uint8:
+        raise ValueError("w4a16_gemv_tc: the k and v caches must be unquantized and laid out alike")
+    if rotary.positions.numel() != 1 or rotary.slot_mapping.numel() != 1:
+        raise ValueError("w4a16_gemv_tc: one token's position and slot")
+
+
 # The halves MAGIC + q of `_tc_magic` by activation dtype: (both halves' bits, MAGIC). float32 takes q directly.
 _TC_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0), torch.float32: (0, 0.0)}
 
@@ -644,6 +862,7 @@ def w4a16_gemv_tc(
     prefetch: bool = True,
     activation: str | None = None,
     preload: int = 2,
+    rotary: QKVRotary | None = None,
 ) -> torch.Tensor:  # [1, N] in x's dtype ([1, N / 2] with an activation)
     """x @ W^T for one row x on the tensor cores: each block's nibbles become MAGIC + q in x's dtype (one LOP3 per
     two weights) and multiply x in mma tiles; per block, float32 sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z)
@@ -653,7 +872,10 @@ def w4a16_gemv_tc(
     result is act(gate) * up, computed as the last step of the same kernel (no activation launch).
 
     `preload`: steps of weights a program loads before it waits for the kernel before it (1 or 2; programmatic
-    dependent launch on sm_90+: those loads overlap the earlier kernel)."""
+    dependent launch on sm_90+: those loads overlap the earlier kernel).
+
+    `rotary`: W is a [q | k | v] projection; the kernel's last step rotates q and k and writes k and v into the
+    cache (what `kernels.rotary.apply_rotary` with the caches does next, same numbers), and returns the rotated row."""
     m, n, k, block = _check(x, packed, scales, zeros, group_size)
     if m != 1:
         raise ValueError(f"w4a16_gemv_tc: x has {m} rows, expected 1 (w4a16_gemm takes more)")
@@ -672,6 +894,10 @@ def w4a16_gemv_tc(
         if n % 2:
             raise ValueError(f"w4a16_gemv_tc: a gated projection needs an even N ([gate | up]), got {n}")
         gated = ACTIVATION_CODES[activation]
+    if rotary is not None:
+        if gated >= 0:
+            raise ValueError("w4a16_gemv_tc: a projection is gated or rotary, not both")
+        _check_rotary(rotary, n, block_n)
     magic_bits, magic = _TC_MAGIC[x.dtype]
     pdl = pdl_enabled(x.device)
     per_split, splits = _splits(k // block, blocks, split_k)
@@ -692,6 +918,7 @@ def w4a16_gemv_tc(
         n,
         k // 8,
         per_split,
+        *_rotary_args(rotary, out),
         GROUP=group_size,
         BLOCK=block,
         BLOCK_N=block_n,
@@ -705,11 +932,35 @@ def w4a16_gemv_tc(
         PDL=pdl,
         GATED=gated,
         PRELOAD=2 if preload == 2 and prefetch and per_split >= 2 * blocks else 1,
+        ROTARY=rotary is not None,
+        HEAD_DIM=rotary.head_dim if rotary is not None else 1,
+        BLOCK_SIZE=rotary.k_cache.shape[1] if rotary is not None else 1,
         num_warps=num_warps,
         num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
     )
     return out
+
+
+def _rotary_args(rotary: QKVRotary | None, placeholder: torch.Tensor) -> tuple:
+    """The kernel's ROTARY arguments (placeholders without: never read)."""
+    if rotary is None:
+        return (placeholder, placeholder, placeholder, placeholder, 0, placeholder, placeholder, 0, 0, 0, 0, 1)
+    cache = rotary.k_cache
+    return (
+        rotary.positions,
+        rotary.slot_mapping,
+        rotary.cos,
+        rotary.sin,
+        rotary.cos.stride(0),
+        rotary.k_cache,
+        rotary.v_cache,
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        rotary.num_heads,
+        rotary.num_kv_heads,
+    )
 
 
 def w4a16_gemm(
@@ -797,17 +1048,45 @@ def rows_bucket(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 64 if m <= 64 else 2048
 
 
-def w4a16_linear(x, packed, scales, zeros, group_size: int, activation: str | None = None) -> torch.Tensor:
+def w4a16_linear(
+    x, packed, scales, zeros, group_size: int, activation: str | None = None, rotary: QKVRotary | None = None
+) -> torch.Tensor:
     """x [M, K] @ W^T -> [M, N]: the launch shape of `tuned_configs` for (M's bucket, N, K, group_size), else the
     GEMV for one row, the split-K tensor-core kernel for a few rows, large tiles for prefill.
 
     `activation`: W is a fused [gate | up] projection; returns act(gate) * up [M, N / 2], inside the GEMV where it
-    runs on the tensor cores (one row), else by the activation kernel after the product."""
+    runs on the tensor cores (one row), else by the activation kernel after the product.
+
+    `rotary` (one row): W is a [q | k | v] projection; returns the row with q and k rotated, k and v written into
+    the cache: in the GEMV's last step where it runs on the tensor cores, else by `apply_rotary` after the product."""
     m, k = x.shape
     n = packed.shape[0]
     config = tuned_configs().get(f"{rows_bucket(m)}:{n}:{k}:{group_size}")
     if m == 1 and config is None and block_inputs(group_size) >= 64:
         config = _gemv_tc_default(x.device, n // 2 if activation else n, k // block_inputs(group_size))
+    if rotary is not None:
+        if m != 1:
+            raise ValueError(f"w4a16_linear: the rotary epilogue takes one row, got {m}")
+        if config is not None and config["kernel"] == "gemv_tc" and rotary.head_dim % config["block_n"] == 0:
+            params = {key: value for key, value in config.items() if key != "kernel"}
+            return w4a16_gemv_tc(x, packed, scales, zeros, group_size, rotary=rotary, **params)
+        from lm_torch.kernels.rotary import apply_rotary
+
+        out = w4a16_linear(x, packed, scales, zeros, group_size)
+        heads, kv_heads, dim = rotary.num_heads, rotary.num_kv_heads, rotary.head_dim
+        q, k, v = out.view(1, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
+        apply_rotary(
+            rotary.positions,
+            q,
+            k,
+            rotary.cos,
+            rotary.sin,
+            v=v,
+            k_cache=rotary.k_cache,
+            v_cache=rotary.v_cache,
+            slot_mapping=rotary.slot_mapping,
+        )
+        return out
     if activation is not None:
         if m == 1 and config is not None and config["kernel"] == "gemv_tc":
             params = {key: value for key, value in config.items() if key != "kernel"}

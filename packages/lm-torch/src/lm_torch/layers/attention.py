@@ -35,14 +35,14 @@ class PagedAttention(nn.Module):
         meta: AttentionMetadata,
         rotary=None,  # a RotaryEmbedding to apply to q and k first (None: they arrive rotated)
         positions: torch.Tensor | None = None,  # [num_tokens], with `rotary`
+        kv_stored: bool = False,  # q arrives rotated and k, v are already in the cache (`project_rotate_store`)
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        kv_stored = False
         scales_zeros = tuple(kv_cache[2:4]) if len(kv_cache) > 2 else (None, None)
-        if rotary is not None:
+        if rotary is not None and not kv_stored:
             if getattr(self.backend, "fuses_kv_store", False) and runs_triton(q):
                 # One kernel rotates q and k and writes k and v into the cache; the backend then only attends.
                 rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, *scales_zeros)
@@ -64,3 +64,30 @@ class PagedAttention(nn.Module):
             v_scales_zeros=scales_zeros[1],
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def project_rotate_store(self, qkv_proj, x, rotary, positions, kv_cache, meta) -> torch.Tensor | None:
+        """The [q | k | v] projection of a one-token step with the rotary embedding and the KV-cache write folded
+        into its kernel, where it can be (a W4A16 layer's one-row GEMV on CUDA, the Triton backend, an unquantized
+        cache, rotary over the whole head): the row with q and k rotated and k, v in the cache, for `forward(...,
+        kv_stored=True)`. None where it cannot: the caller runs the projection, then `forward` with the rotary."""
+        fused = getattr(qkv_proj, "forward_qkv_rotary", None)
+        if fused is None or rotary is None or x.shape[0] != 1 or rotary.rotary_dim != self.head_dim:
+            return None
+        if not getattr(self.backend, "fuses_kv_store", False) or not runs_triton(x):
+            return None
+        if len(kv_cache) > 2 and kv_cache[2] is not None:  # a quantized cache: its scales need whole heads
+            return None
+        from lm_torch.kernels.w4a16 import QKVRotary
+
+        rope = QKVRotary(
+            positions,
+            rotary.cos,
+            rotary.sin,
+            kv_cache[0],
+            kv_cache[1],
+            meta.slot_mapping,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
+        return fused(x, rope)

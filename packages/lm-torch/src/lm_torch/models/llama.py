@@ -45,6 +45,12 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata):
+        if self.q_norm is None:
+            # One token of a W4A16 model on CUDA: the projection's kernel also rotates and stores k and v.
+            qkv = self.attn.project_rotate_store(self.qkv_proj, x, self.rotary, positions, kv_cache, meta)
+            if qkv is not None:
+                q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                return self.o_proj(self.attn(q, k, v, kv_cache, meta, kv_stored=True))
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)

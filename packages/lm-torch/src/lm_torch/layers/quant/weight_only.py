@@ -140,17 +140,34 @@ class _WeightOnlyLinear(nn.Module):
             out = (x.reshape(-1, self.in_features) @ self.dequantize().to(x.dtype)).view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
+    def _one_row_kernel(self, x: torch.Tensor) -> bool:
+        """Whether x is one row this layer's W4A16 kernels take as it is (CUDA, packed weights in x's dtype, no bias
+        or input permutation): where the one-row GEMV can fold the next operation into its last step."""
+        return (
+            self.packed is not None
+            and x.dtype == self.scales.dtype
+            and x.device.type == "cuda"
+            and x.numel() == self.in_features
+            and self.bias is None
+            and self.input_perm is None
+        )
+
+    def forward_qkv_rotary(self, x: torch.Tensor, rope) -> torch.Tensor | None:
+        """This [q | k | v] layer for one token with the rotary embedding and the KV-cache write folded in
+        (`kernels.w4a16.QKVRotary`): the row with q and k rotated, k and v stored. None where that does not apply."""
+        if not self._one_row_kernel(x):
+            return None
+        from lm_torch.kernels.w4a16 import w4a16_linear
+
+        out = w4a16_linear(
+            x.reshape(1, -1).contiguous(), self.packed, self.scales, self.zeros, self.group_size, rotary=rope
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
     def forward_gated(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
         """act(gate) * up of this [gate | up] layer for one row on CUDA, the activation inside the W4A16 GEMV;
         None where that does not apply (the caller then runs the layer and the activation apart)."""
-        if (
-            self.packed is None
-            or x.dtype != self.scales.dtype
-            or x.device.type != "cuda"
-            or x.numel() != self.in_features
-            or self.bias is not None
-            or self.input_perm is not None
-        ):
+        if not self._one_row_kernel(x):
             return None
         from lm_torch.kernels.activation import ACTIVATION_CODES
         from lm_torch.kernels.w4a16 import w4a16_linear
