@@ -4,6 +4,11 @@ Every session installs only what it needs into a fresh virtualenv: `tests-<packa
 siblings it declares and the test tools, so a dependency missing from a pyproject.toml fails there first.
 torch is always installed first and pinned to the CPU build this project's machines carry on disk; any other torch
 spec may pull a multi-GB CUDA build.
+
+Speed (CI is a 2-core machine): pip installs with --no-compile (it would byte-compile every module of torch,
+transformers, ...; Python writes the .pyc of the modules actually imported, on first import), the long test folders
+run in pytest-xdist workers (`PYTEST_WORKERS`; pass `-- -n 0` to run one in a single process), and the build session
+builds and checks its packages two at a time.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import nox
@@ -28,7 +36,7 @@ nox.options.error_on_missing_interpreters = True
 ROOT = Path(__file__).parent
 TORCH = os.environ.get("LM_DEPLOY_TORCH_SPEC", "torch==2.13.0")
 RUFF = "ruff==0.17.6"
-TEST_TOOLS = ["pytest>=8", "hypothesis>=6", "packaging"]
+TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "packaging"]
 # Independent references the tests compare against (transformers, and accelerate for transformers' GGUF loader).
 REFERENCES = ["transformers>=4.46", "accelerate>=1.0"]
 PACKAGES = {
@@ -44,6 +52,13 @@ PACKAGES = {
 PACKAGE_TEST_TOOLS = {"lm-serve": ["openai>=1.40", "httpx>=0.27", "schemathesis>=4", "jsonschema-rs>=0.20"]}
 # Console scripts each wheel installs, checked with --help by the build session.
 SCRIPTS = {"lm-deploy": ["lm"], "lm-serve": ["lm-serve"], "lm-lite": ["lm-lite"]}
+# pytest-xdist workers for the test folders that take minutes (CI has 2 cores); the others run in one process.
+PYTEST_WORKERS = {"lm-core": 2, "lm-torch": 2, "lm-serve": 2, "integration": 2}
+# Lets Python cache the .pyc of what the tests import (a shell may set PYTHONDONTWRITEBYTECODE; with --no-compile
+# every process, every server and test subprocess included, would then compile torch and transformers again).
+RUN_ENV = {"PYTHONDONTWRITEBYTECODE": None}
+# The build session's builds and per-wheel checks run this many at a time.
+BUILD_JOBS = 2
 
 
 def _pyproject(path: Path) -> dict:
@@ -71,8 +86,14 @@ def _package_dir(dist: str) -> Path:
 
 
 def _install_with_torch(session: nox.Session, *args: str) -> None:
-    session.install(TORCH)
-    session.install(*args)
+    session.install("--no-compile", TORCH)
+    session.install("--no-compile", *args)
+
+
+def _pytest(session: nox.Session, folder: str, workers: int) -> None:
+    """pytest over `folder`, in `workers` pytest-xdist processes (0: in this one); posargs come last and win."""
+    parallel = ["-n", str(workers)] if workers else []
+    session.run("pytest", folder, *parallel, *session.posargs, env=RUN_ENV)
 
 
 def _make_package_session(dist: str, import_name: str) -> None:
@@ -80,7 +101,7 @@ def _make_package_session(dist: str, import_name: str) -> None:
     def tests_package(session: nox.Session) -> None:
         local = [str(_package_dir(name)) for name in _sibling_closure(dist)]
         _install_with_torch(session, *local, *TEST_TOOLS, *REFERENCES, *PACKAGE_TEST_TOOLS.get(dist, []))
-        session.run("pytest", f"tests/{import_name}", *session.posargs)
+        _pytest(session, f"tests/{import_name}", PYTEST_WORKERS.get(dist, 0))
 
     tests_package.__doc__ = f"Run tests/{import_name} against {dist} installed alone with the test tools."
 
@@ -94,13 +115,13 @@ def integration(session: nox.Session) -> None:
     """The whole toolkit installed through the meta-package, lm-turbomind included."""
     local = [str(_package_dir(name)) for name in PACKAGES]
     _install_with_torch(session, *local, ".", *TEST_TOOLS, *REFERENCES)
-    session.run("pytest", "tests/integration", *session.posargs)
+    _pytest(session, "tests/integration", PYTEST_WORKERS["integration"])
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the whole repository."""
-    session.install(RUFF)
+    session.install("--no-compile", RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -108,36 +129,76 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def build(session: nox.Session) -> None:
     """Build every wheel and sdist, then install each wheel alone into a fresh venv, import it and run its CLI."""
-    session.install("build>=1.2")
+    session.install("--no-compile", "build>=1.2")
+    names = [*PACKAGES, "lm-deploy"]
     dist_dir = ROOT / "dist"
     shutil.rmtree(dist_dir, ignore_errors=True)
-    for name in [*PACKAGES, "lm-deploy"]:
-        session.run("python", "-m", "build", "--outdir", str(dist_dir), str(_package_dir(name)))
-    wheels = {name: next(dist_dir.glob(f"{name.replace('-', '_')}-*.whl")) for name in [*PACKAGES, "lm-deploy"]}
-    sdists = {name: next(dist_dir.glob(f"{name.replace('-', '_')}-*.tar.gz")) for name in [*PACKAGES, "lm-deploy"]}
+    python = str(Path(session.bin) / "python")
+    _run_jobs(
+        session,
+        {name: [Cmd([python, "-m", "build", "--outdir", str(dist_dir), str(_package_dir(name))])] for name in names},
+    )
+    wheels = {name: next(dist_dir.glob(f"{name.replace('-', '_')}-*.whl")) for name in names}
+    sdists = {name: next(dist_dir.glob(f"{name.replace('-', '_')}-*.tar.gz")) for name in names}
     session.log(f"built {len(wheels)} wheels and {len(sdists)} sdists in {dist_dir}")
 
+    checks = {}
     for name, wheel in wheels.items():
         venv = Path(session.create_tmp()) / f"alone-{name}"
         shutil.rmtree(venv, ignore_errors=True)
-        session.run(sys.executable, "-m", "venv", str(venv), external=True)
         bindir = venv / ("Scripts" if os.name == "nt" else "bin")
         python = str(bindir / "python")
-        pip = [python, "-m", "pip", "install", "--quiet", "--find-links", str(dist_dir)]
-        needs_torch = "torch" in " ".join(_all_requirements(name))
-        if needs_torch:
-            session.run(*pip, TORCH, external=True)
-        session.run(*pip, str(wheel), external=True)
+        pip = [python, "-m", "pip", "install", "--no-compile", "--quiet", "--find-links", str(dist_dir)]
+        commands = [Cmd([sys.executable, "-m", "venv", str(venv)])]
+        if "torch" in " ".join(_all_requirements(name)):
+            commands.append(Cmd([*pip, TORCH]))
+        commands.append(Cmd([*pip, str(wheel)]))
         import_name = PACKAGES.get(name, "lm_deploy")
-        session.run(
-            python,
-            "-c",
-            f"import {import_name}; print({import_name}.__name__, {import_name}.__version__)",
-            external=True,
-        )
-        session.run(python, "-m", "lm_core", "--help", external=True, silent=True)
-        for script in SCRIPTS.get(name, []):
-            session.run(str(bindir / script), "--help", external=True, silent=True)
+        version = f"import {import_name}; print({import_name}.__name__, {import_name}.__version__)"
+        commands.append(Cmd([python, "-c", version]))
+        commands.append(Cmd([python, "-m", "lm_core", "--help"], silent=True))
+        commands += [Cmd([str(bindir / script), "--help"], silent=True) for script in SCRIPTS.get(name, [])]
+        checks[name] = commands
+    _run_jobs(session, checks)
+
+
+@dataclass
+class Cmd:
+    """One command of a build-session job; a silent one's output is shown only if it fails."""
+
+    argv: list[str]
+    silent: bool = False
+
+
+def _run_jobs(session: nox.Session, jobs: dict[str, list[Cmd]]) -> None:
+    """Run each job's commands in order, `BUILD_JOBS` jobs at a time (a job stops at its first failing command).
+
+    Each job's commands and output are logged once it has ended; the session fails, after every job has ended,
+    naming each job that failed.
+    """
+    env = {**os.environ}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # see RUN_ENV
+
+    def run_job(commands: list[Cmd]) -> tuple[bool, list[str]]:
+        lines = []
+        for cmd in commands:
+            lines.append("$ " + " ".join(cmd.argv))
+            done = subprocess.run(cmd.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            if done.stdout.strip() and (done.returncode != 0 or not cmd.silent):
+                lines.append(done.stdout.rstrip())
+            if done.returncode != 0:
+                lines.append(f"Command {cmd.argv[0]} failed with exit code {done.returncode}")
+                return False, lines
+        return True, lines
+
+    with ThreadPoolExecutor(max_workers=BUILD_JOBS) as pool:
+        results = dict(zip(jobs, pool.map(run_job, jobs.values()), strict=True))
+    for name, (ok, lines) in results.items():
+        session.log(f"{name}: {'ok' if ok else 'FAILED'}")
+        print("\n".join(lines), flush=True)
+    failed = [name for name, (ok, _) in results.items() if not ok]
+    if failed:
+        session.error(f"failed: {', '.join(failed)}")
 
 
 def _all_requirements(dist: str) -> list[str]:
