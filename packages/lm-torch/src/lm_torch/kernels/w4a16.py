@@ -619,13 +619,16 @@ def _tc_store_rotary(
     tl.store(row + HEAD_DIM // 2, y2)
     slot = tl.load(slot_ptr).to(tl.int64)
     kv_head = (head - num_heads) % num_kv_heads  # (meaningless for a q head: masked off)
-    is_k = (head >= num_heads) & (head < num_heads + num_kv_heads)
     at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch + d
-    keep = (tl.zeros([HALF], tl.int32) + slot) >= 0
-    tl.store(k_cache_ptr + at, y1.to(k_cache_ptr.dtype.element_ty), mask=keep & is_k)
-    tl.store(k_cache_ptr + at + HEAD_DIM // 2, y2.to(k_cache_ptr.dtype.element_ty), mask=keep & is_k)
-    tl.store(v_cache_ptr + at, y1.to(v_cache_ptr.dtype.element_ty), mask=keep & is_v)
-    tl.store(v_cache_ptr + at + HEAD_DIM // 2, y2.to(v_cache_ptr.dtype.element_ty), mask=keep & is_v)
+    # Masks as comparisons of [HALF] vectors (boolean on every backend, the interpreter included).
+    heads = tl.zeros([HALF], tl.int64) + head
+    slots = tl.zeros([HALF], tl.int64) + slot
+    store_k = (slots >= 0) & (heads >= num_heads) & (heads < num_heads + num_kv_heads)
+    store_v = (slots >= 0) & (heads >= num_heads + num_kv_heads)
+    tl.store(k_cache_ptr + at, y1.to(k_cache_ptr.dtype.element_ty), mask=store_k)
+    tl.store(k_cache_ptr + at + HEAD_DIM // 2, y2.to(k_cache_ptr.dtype.element_ty), mask=store_k)
+    tl.store(v_cache_ptr + at, y1.to(v_cache_ptr.dtype.element_ty), mask=store_v)
+    tl.store(v_cache_ptr + at + HEAD_DIM // 2, y2.to(v_cache_ptr.dtype.element_ty), mask=store_v)
 
 
 @triton.jit
