@@ -47,12 +47,15 @@ def _expected(batch, scale, sliding_window=None, softcap=None):
 
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEADS[:3], ids=HEAD_IDS[:3])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_matches_reference(case, paged_batch, num_heads, num_kv_heads, num_splits):
-    # Contexts of 1 token, under a block, across blocks, not multiples of the block size.
+@pytest.mark.parametrize("ordered", [False, True], ids=["in-order", "seq-order"])
+def test_decode_matches_reference(case, paged_batch, num_heads, num_kv_heads, num_splits, ordered):
+    # Contexts of 1 token, under a block, across blocks, not multiples of the block size. `ordered`: the programs
+    # take the sequences in a given permutation (the backend's longest-first order).
     context_lens = [1, 17, 50, 33]
     batch = paged_batch(case, num_heads + num_splits, [1] * 4, context_lens, num_heads, num_kv_heads, 32)
     scale = 1 / math.sqrt(32)
-    out = _run(batch, scale, num_splits=num_splits)
+    order = torch.tensor([2, 0, 3, 1], dtype=torch.int32, device=case.device) if ordered else None
+    out = _run(batch, scale, num_splits=num_splits, seq_order=order)
     case.assert_close(out, _expected(batch, scale), case.attention_tol)
 
 

@@ -18,6 +18,7 @@ try:  # without triton every test here skips (conftest's `case`); a kernel of th
     import triton
     import triton.language as tl
 
+    from lm_torch.kernels.decode_attention import _codes_operand
     from lm_torch.kernels.kv_cache import codes_to
 except ImportError:
     triton = None
@@ -28,6 +29,11 @@ if triton is not None:
     def _codes_to_kernel(src, dst, N: tl.constexpr):
         i = tl.arange(0, N)
         tl.store(dst + i, codes_to(tl.load(src + i), dst.dtype.element_ty))
+
+    @triton.jit
+    def _codes_operand_kernel(src, dst, N: tl.constexpr, PART: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(dst + i, _codes_operand(tl.load(src + i), dst.dtype.element_ty, PART))
 
 
 def _assert_codes_match(case, cache, scales_zeros, expected_cache, expected_scales_zeros, policy):
@@ -199,7 +205,10 @@ def _attention_inputs(case, paged_batch, seed, query_lens, context_lens, num_hea
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 32), (6, 2, 48)])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_over_quantized_cache(case, paged_batch, policy, num_heads, num_kv_heads, head_dim, num_splits):
+@pytest.mark.parametrize("convert", [0, 1, 2])
+def test_decode_over_quantized_cache(case, paged_batch, policy, num_heads, num_kv_heads, head_dim, num_splits, convert):
+    # `convert`: how the codes become dot operands (arithmetic after the shared-memory trip, or PTX before it for
+    # V, or for K and V); on the CPU all three are the plain conversion.
     from lm_torch.kernels.decode_attention import decode_attention
 
     context_lens = [1, 17, 50, 33]
@@ -220,6 +229,7 @@ def test_decode_over_quantized_cache(case, paged_batch, policy, num_heads, num_k
         out=torch.full_like(batch.q, float("nan")),
         k_scales_zeros=cache.k_scales_zeros,
         v_scales_zeros=cache.v_scales_zeros,
+        convert=convert,
     )
     expected = reference.paged_attention(
         batch.q, batch.k_cache, batch.v_cache, batch.query_lens, batch.context_lens, batch.block_tables, scale
@@ -274,6 +284,20 @@ def test_codes_to_is_exact(case, dtype):
     out = torch.empty(256, dtype=dtype, device=case.device)
     _codes_to_kernel[(1,)](codes, out, N=256)
     assert torch.equal(out.cpu(), torch.arange(256, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("part", [0, 1, 2], ids=["byte", "low-nibble", "high-nibble"])
+def test_codes_operand_is_exact(case, dtype, part):
+    """The decode kernel's PTX conversion (bf16, fp16 on the GPU; plain on the CPU) gives every byte, or its low or
+    high nibble, as the same integer, each in its own place."""
+    if dtype != torch.float32 and case.device != "cuda":
+        pytest.skip("the bf16 and fp16 conversions are PTX: GPU only")
+    codes = torch.arange(256, dtype=torch.int32)
+    want = codes if part == 0 else codes & 15 if part == 1 else codes >> 4
+    out = torch.empty(256, dtype=dtype, device=case.device)
+    _codes_operand_kernel[(1,)](codes.to(torch.uint8).to(case.device), out, N=256, PART=part)
+    assert torch.equal(out.cpu(), want.to(dtype))
 
 
 @pytest.mark.parametrize("policy", POLICIES)

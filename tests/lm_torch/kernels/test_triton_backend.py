@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend
+from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend, triton_backend
 
 BLOCK_SIZE = 16
 
@@ -55,7 +55,10 @@ def test_mixed_step_matches_torch_backend(case, sliding_window, softcap, heads):
     case.assert_close(out, expected, 2 * case.attention_tol)
 
 
-def test_decode_step_matches_torch_backend(case):
+@pytest.mark.parametrize("sort", [False, True], ids=["arrival-order", "longest-first"])
+def test_decode_step_matches_torch_backend(case, sort, monkeypatch):
+    # `sort`: the decode programs start longest context first (what batches of 32 and more do).
+    monkeypatch.setattr(triton_backend, "SORT_MIN_DECODES", 1 if sort else 1 << 30)
     query_lens = [1] * 6
     context_lens = [1, 16, 17, 64, 100, 47]
     (out, caches), (expected, expected_caches) = _step(case, 2, query_lens, context_lens, 8, 2, 32, None, None)

@@ -16,6 +16,10 @@ import torch
 from lm_torch.attention.metadata import AttentionMetadata
 
 LAYOUT_KEY = "triton_layout"
+# From this many one-token sequences on, the decode kernel's programs start longest context first (one sort per
+# step): a batch mixes contexts of a few tokens with thousands, and the long ones starting last would leave the GPU
+# waiting on them. Below it the programs all start at once anyway.
+SORT_MIN_DECODES = 32
 
 
 @dataclass
@@ -32,6 +36,7 @@ class StepLayout:
     num_decodes: int  # sequences with one new token
     max_decode_context: int  # the longest context among them (sizes the split-K)
     num_splits: int | None = None  # the decode kernel's split-K; None: the backend's own, else the heuristic
+    decode_order: torch.Tensor | None = None  # the sequences by context length, longest first (the backend sorts)
 
 
 class TritonAttentionBackend:
@@ -76,6 +81,9 @@ class TritonAttentionBackend:
         layout = _step_layout(meta, q.device)
         out = torch.empty_like(q)
         if layout.num_decodes:
+            if layout.num_decodes >= SORT_MIN_DECODES and layout.decode_order is None:
+                # Once per step (the first layer's call; inside a CUDA graph it is captured with the step).
+                layout.decode_order = torch.argsort(layout.context_lens, descending=True).to(torch.int32)
             decode_attention(
                 q,
                 k_cache,
@@ -89,6 +97,7 @@ class TritonAttentionBackend:
                 softcap=softcap,
                 num_splits=layout.num_splits if layout.num_splits is not None else self.num_splits,
                 out=out,
+                seq_order=layout.decode_order,
                 **scales_zeros,
             )
         if layout.num_decodes < meta.num_seqs:

@@ -49,6 +49,112 @@ MAX_SPLITS = 32
 SPLIT_COUNTERS = "decode_attention split counters"  # the `persistent_zeros` buffer's name
 
 
+@triton.jit
+def _kv_tile(
+    first,
+    hi,
+    kv_args,
+    kv_strides,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FEAT: tl.constexpr,
+    QUANT_POLICY: tl.constexpr,
+):
+    """The K and V tiles of positions [first, first + BLOCK_N) below `hi` (rows past it 0), with a quantized
+    cache's per-token scales and zeros as float32 [BLOCK_N] (zeros of no meaning otherwise), and the valid mask."""
+    table, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, kv_head, dims = kv_args
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_szb, stride_szs, stride_szh = kv_strides
+    positions = first + tl.arange(0, BLOCK_N)
+    valid = positions < hi
+    blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    slots = positions % BLOCK_SIZE
+    kv_mask = valid[:, None] & (dims < FEAT)[None, :]
+    k = tl.load(
+        k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
+        mask=kv_mask,
+        other=0,
+    )  # [BLOCK_N, FEAT_PAD]
+    v = tl.load(
+        v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
+        mask=kv_mask,
+        other=0,
+    )
+    if QUANT_POLICY != 0:
+        # (scale, zero) side by side: one load of the pair per token, split in registers.
+        pair = (blocks * stride_szb + slots * stride_szs + kv_head * stride_szh)[:, None] + tl.arange(0, 2)[None, :]
+        k_scale, k_zero = tl.split(tl.load(k_sz_ptr + pair, mask=valid[:, None], other=0.0).to(tl.float32))
+        v_scale, v_zero = tl.split(tl.load(v_sz_ptr + pair, mask=valid[:, None], other=0.0).to(tl.float32))
+    else:
+        k_scale = tl.zeros([BLOCK_N], tl.float32)
+        k_zero = k_scale
+        v_scale = k_scale
+        v_zero = k_scale
+    return k, v, k_scale, k_zero, v_scale, v_zero, valid
+
+
+@triton.jit
+def _codes_operand(codes, dtype: tl.constexpr, PART: tl.constexpr):
+    """A tile of cache codes (uint8) as a dot operand of `dtype`, exactly: PART 0 the bytes (int8), 1 their low and
+    2 their high nibbles (int4). For bf16 and fp16 in inline PTX, four codes at a time (byte permutes into magic
+    floats, one subtraction); the asm is marked impure so that triton keeps the conversion where it is, in the
+    load's coalesced layout, and the tile goes to shared memory as 16-bit values: left as arithmetic, triton moves
+    it after a shared-memory round trip of the bytes into the dot's operand layout, which for the V operand (tokens
+    along the reduction) reads the bytes one at a time. Other dtypes (float32) convert plainly."""
+    if dtype == tl.bfloat16:
+        if PART == 0:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a0, a1, a2, a3;\n"
+                "prmt.b32 a0, $2, 0x4B000000, 0x7540; prmt.b32 a1, $2, 0x4B000000, 0x7541;\n"
+                "prmt.b32 a2, $2, 0x4B000000, 0x7542; prmt.b32 a3, $2, 0x4B000000, 0x7543;\n"
+                "sub.f32 a0, a0, 0f4B000000; sub.f32 a1, a1, 0f4B000000;\n"
+                "sub.f32 a2, a2, 0f4B000000; sub.f32 a3, a3, 0f4B000000;\n"
+                "prmt.b32 $0, a0, a1, 0x7632; prmt.b32 $1, a2, a3, 0x7632; }",
+                "=r,=r,r",
+                [codes],
+                dtype=tl.bfloat16,
+                is_pure=False,
+                pack=4,
+            )
+        else:
+            # A nibble is at most 15: the bf16 of bits 0x4300 | c is 128 + c, exact; two codes per permute.
+            if PART == 1:  # noqa: SIM108 - a compile-time branch
+                nibbles = codes & 15
+            else:
+                nibbles = codes >> 4
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 m; mov.b32 m, 0x43004300;\n"
+                "prmt.b32 $0, $2, 0x43434343, 0x4140; prmt.b32 $1, $2, 0x43434343, 0x4342;\n"
+                "sub.bf16x2 $0, $0, m; sub.bf16x2 $1, $1, m; }",
+                "=r,=r,r",
+                [nibbles],
+                dtype=tl.bfloat16,
+                is_pure=False,
+                pack=4,
+            )
+    elif dtype == tl.float16:
+        # The fp16 of bits 0x6400 | c is 1024 + c, exact for every byte; two codes per permute.
+        if PART == 1:
+            codes = codes & 15
+        elif PART == 2:
+            codes = codes >> 4
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 m; mov.b32 m, 0x64006400;\n"
+            "prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;\n"
+            "sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m; }",
+            "=r,=r,r",
+            [codes],
+            dtype=tl.float16,
+            is_pure=False,
+            pack=4,
+        )
+    else:
+        if PART == 1:
+            codes = codes & 15
+        elif PART == 2:
+            codes = codes >> 4
+        return codes.to(dtype)
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr,
@@ -61,6 +167,7 @@ def _decode_kernel(
     partial_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] float32 (unused with one split)
     partial_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, log2 domain
     counters_ptr,  # [>= num_seqs * num_kv_heads] int32, zero on entry and on exit (`persistent_zeros`)
+    order_ptr,  # [num_seqs] int32: a permutation of the sequences (SORTED)
     qk_scale,  # scale * log2(e), or scale alone with soft-capping
     softcap,
     window,
@@ -97,12 +204,18 @@ def _decode_kernel(
     SPLITS_PAD: tl.constexpr,  # splits the merge reads: 16, or 32 above 16 (two compiled kernels at most)
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two (the merge's heads)
     PDL: tl.constexpr,  # launched with programmatic dependent launch, and lets o_proj's GEMV start loading early
+    SORTED: tl.constexpr,  # `order_ptr` [num_seqs] gives the sequences in the order their programs start
+    CONVERT: tl.constexpr,  # quantized caches: 0 codes_to for K and V, 1 `_codes_operand` for V, 2 for K and V
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # The GPU starts programs in the order of the grid's first axis, then the second: every kv head of one sequence,
+    # then the next sequence, longest context first where `order_ptr` sorts them (the long ones do not start last).
+    kv_head = tl.program_id(0)
     split = tl.program_id(2)
     pdl_trigger(PDL)
     pdl_wait(PDL)
+    seq = tl.program_id(1)
+    if SORTED:
+        seq = tl.load(order_ptr + seq)
     row = tl.load(query_start_ptr + seq)
     if tl.load(query_start_ptr + seq + 1) - row == 1:
         ctx = tl.load(context_lens_ptr + seq)
@@ -136,21 +249,21 @@ def _decode_kernel(
         acc = tl.zeros([ROWS, FEAT_PAD], tl.float32)
         acc_hi = tl.zeros([ROWS, FEAT_PAD], tl.float32)  # int4 only: the high half's output
         table = block_tables_ptr + seq.to(tl.int64) * stride_table
+        kv_args = (table, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, kv_head, dims)
+        kv_strides = (
+            stride_kb,
+            stride_ks,
+            stride_kh,
+            stride_vb,
+            stride_vs,
+            stride_vh,
+            stride_szb,
+            stride_szs,
+            stride_szh,
+        )
         for first in range(lo, hi, BLOCK_N):
-            positions = first + tl.arange(0, BLOCK_N)
-            valid = positions < hi
-            blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            slots = positions % BLOCK_SIZE
-            kv_mask = valid[:, None] & (dims < FEAT)[None, :]
-            k = tl.load(
-                k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
-                mask=kv_mask,
-                other=0,
-            )  # [BLOCK_N, FEAT_PAD]
-            v = tl.load(
-                v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
-                mask=kv_mask,
-                other=0,
+            k, v, k_scale, k_zero, v_scale, v_zero, valid = _kv_tile(
+                first, hi, kv_args, kv_strides, BLOCK_SIZE, BLOCK_N, FEAT, QUANT_POLICY
             )
             if QUANT_POLICY != 0:
                 # NOTE: value = code * scale + zero per (token, kv head), so the scale and zero go onto the small
@@ -158,13 +271,16 @@ def _decode_kernel(
                 # in bf16, fp16 and float32) enter the dot as they are, and their products with q sum in float32.
                 # Cheaper than dequantizing (no integer-to-float conversion, no FMA per element; about half the
                 # registers for int4) and more exact (k is never rounded to q's dtype).
-                sz = blocks * stride_szb + slots * stride_szs + kv_head * stride_szh
-                k_scale = tl.load(k_sz_ptr + sz, mask=valid, other=0.0).to(tl.float32)  # [BLOCK_N]
-                k_zero = tl.load(k_sz_ptr + sz + 1, mask=valid, other=0.0).to(tl.float32)
-                k, k_hi = unpack_codes(k, QUANT_POLICY)
-                s = tl.dot(q, tl.trans(codes_to(k, q.dtype)), input_precision=DOT_PRECISION)
+                if CONVERT == 2:
+                    k_lo = _codes_operand(k, q.dtype, 0 if QUANT_POLICY == 8 else 1)
+                    k_hi = _codes_operand(k, q.dtype, 2) if QUANT_POLICY == 4 else k_lo
+                else:
+                    k_lo, k_hi = unpack_codes(k, QUANT_POLICY)
+                    k_lo = codes_to(k_lo, q.dtype)
+                    k_hi = codes_to(k_hi, q.dtype)
+                s = tl.dot(q, tl.trans(k_lo), input_precision=DOT_PRECISION)
                 if QUANT_POLICY == 4:
-                    s += tl.dot(q_hi, tl.trans(codes_to(k_hi, q.dtype)), input_precision=DOT_PRECISION)
+                    s += tl.dot(q_hi, tl.trans(k_hi), input_precision=DOT_PRECISION)
                 s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
             else:
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] float32
@@ -179,15 +295,19 @@ def _decode_kernel(
                 # sum_n p[n] * (code[n] * scale[n] + zero[n]): the dot takes p * scale rounded to q's dtype (one
                 # rounding, where dequantizing rounds both p and v); the zeros' share, the same for every feature,
                 # stays float32.
-                v_scale = tl.load(v_sz_ptr + sz, mask=valid, other=0.0).to(tl.float32)  # [BLOCK_N]
-                v_zero = tl.load(v_sz_ptr + sz + 1, mask=valid, other=0.0).to(tl.float32)
                 p_scaled = (p * v_scale[None, :]).to(q.dtype)  # [ROWS, BLOCK_N]
                 p_zero = tl.sum(p * v_zero[None, :], 1)[:, None]  # [ROWS, 1]
-                v, v_hi = unpack_codes(v, QUANT_POLICY)
-                pv = tl.dot(p_scaled, codes_to(v, q.dtype), input_precision=DOT_PRECISION)  # [ROWS, FEAT_PAD]
+                if CONVERT >= 1:
+                    v_lo = _codes_operand(v, q.dtype, 0 if QUANT_POLICY == 8 else 1)
+                    v_hi = _codes_operand(v, q.dtype, 2) if QUANT_POLICY == 4 else v_lo
+                else:
+                    v_lo, v_hi = unpack_codes(v, QUANT_POLICY)
+                    v_lo = codes_to(v_lo, q.dtype)
+                    v_hi = codes_to(v_hi, q.dtype)
+                pv = tl.dot(p_scaled, v_lo, input_precision=DOT_PRECISION)  # [ROWS, FEAT_PAD]
                 acc = acc * alpha[:, None] + p_zero + pv
                 if QUANT_POLICY == 4:
-                    pv_hi = tl.dot(p_scaled, codes_to(v_hi, q.dtype), input_precision=DOT_PRECISION)
+                    pv_hi = tl.dot(p_scaled, v_hi, input_precision=DOT_PRECISION)
                     acc_hi = acc_hi * alpha[:, None] + p_zero + pv_hi
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -212,7 +332,7 @@ def _decode_kernel(
             lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
             tl.store(partial_lse_ptr + head_rows, lse, mask=rows < GROUP)
             # The last of a (sequence, kv head)'s split programs to arrive merges all its splits.
-            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            counter = counters_ptr + seq * tl.num_programs(0) + kv_head
             if arrives_last(counter, num_splits):
                 # Every head of the group at once, so the merge costs one round trip to L2, not one per head.
                 group_heads = tl.arange(0, GROUP_PAD)
@@ -270,6 +390,8 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    convert: int | None = None,
+    seq_order: torch.Tensor | None = None,  # [num_seqs] int32, a permutation: programs start in this order
     k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
     v_scales_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows of one-token sequences
@@ -305,6 +427,10 @@ def decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, visible, q.device)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"decode_attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if seq_order is not None and (seq_order.shape != (num_seqs,) or seq_order.dtype != torch.int32):
+        raise ValueError(
+            f"decode_attention: seq_order must be [{num_seqs}] int32, got {list(seq_order.shape)} {seq_order.dtype}"
+        )
     group = num_heads // num_kv_heads
     block_n = block_n or (16 if interpreting() else 64)
     # With one split the partial buffers and counters are never touched; placeholders of the same dtypes keep the
@@ -316,7 +442,7 @@ def decode_attention(
         partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     pdl = pdl_enabled(q.device)
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -327,6 +453,7 @@ def decode_attention(
         partial_out,
         partial_lse,
         counters,
+        seq_order if seq_order is not None else counters,
         scale if softcap else scale * LOG2E,
         softcap or 1.0,
         window,
@@ -359,6 +486,9 @@ def decode_attention(
         SPLITS_PAD=16 if num_splits <= 16 else next_power_of_2(MAX_SPLITS),
         GROUP_PAD=next_power_of_2(group),
         PDL=pdl,
+        SORTED=seq_order is not None,
+        # The interpreter runs no PTX: it converts plainly whatever `convert` says.
+        CONVERT=0 if interpreting() else 1 if convert is None else convert,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),

@@ -1,0 +1,155 @@
+"""Decode attention on the context lengths of real throughput steps (ragged batches), with launch-shape sweeps.
+
+`benchmarks/kernels.py` times equal contexts; a ShareGPT step mixes contexts of a few tokens with ones of 2,000.
+This takes a decode-only step of the throughput workload replayed through the scheduler
+(`schedule_replay.decode_contexts`) at each batch size, builds a shuffled paged cache of the Llama-3-8B attention
+shape (32 query heads, 8 kv heads, head_dim 128, 16-token blocks) and times `decode_attention` as CUDA-graph replays:
+the sequences in arrival order and longest context first (the engine's order from 32 decodes on), the same batch
+with every context at the mean (what the imbalance costs), and with --sweep every (block_n, num_warps, num_stages,
+conversion of quantized codes) and split count. GB/s counts the cache bytes read (codes,
+scales and zeros).
+
+    python benchmarks/decode_ragged.py [--batches 64 256] [--kv-quant 0 8] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+
+import torch
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+
+
+def _inputs(contexts: list[int], policy: int, gen):
+    from lm_torch.kv_quant import quantize_kv, scales_dtype
+
+    blocks_per_seq = [-(-c // BLOCK_SIZE) for c in contexts]
+    num_blocks = sum(blocks_per_seq)
+    k = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(k.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    extra = {}
+    if policy:
+        k, k_sz = quantize_kv(k, policy, scales_dtype(torch.bfloat16))
+        v, v_sz = quantize_kv(v, policy, scales_dtype(torch.bfloat16))
+        extra = {"k_scales_zeros": k_sz, "v_scales_zeros": v_sz}
+    order = torch.randperm(num_blocks, device="cuda", generator=gen)
+    tables = torch.zeros(len(contexts), max(blocks_per_seq), dtype=torch.int32, device="cuda")
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = order[used : used + n]
+        used += n
+    per_token = k[0, 0].numel() * k.element_size()
+    if policy:
+        per_token += extra["k_scales_zeros"][0, 0].numel() * extra["k_scales_zeros"].element_size()
+    return k, v, tables, extra, 2 * per_token * sum(contexts)
+
+
+def _time(contexts: list[int], policy: int, gen, **launch) -> tuple[float, float, torch.Tensor]:
+    """(microseconds, GB/s, output) of one decode_attention call over `contexts` (the same inputs for the same
+    contexts and generator state)."""
+    import triton.testing
+
+    from lm_torch.kernels.decode_attention import decode_attention
+
+    k, v, tables, extra, nbytes = _inputs(contexts, policy, gen)
+    batch = len(contexts)
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    starts = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
+    lens = torch.tensor(contexts, device="cuda", dtype=torch.int32)
+    out = torch.empty_like(q)
+    if launch.pop("sort", False):  # what the engine does from 32 decodes on, once per step (not timed here)
+        launch["seq_order"] = torch.argsort(lens, descending=True).to(torch.int32)
+
+    def call():
+        decode_attention(
+            q,
+            k,
+            v,
+            tables,
+            starts,
+            lens,
+            1 / math.sqrt(HEAD_DIM),
+            max_context_len=max(contexts),
+            out=out,
+            **extra,
+            **launch,
+        )
+
+    call()
+    torch.cuda.synchronize()
+    result = out.clone()
+    us = triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") * 1000.0
+    return us, nbytes / us / 1e3, result
+
+
+class _Rows:
+    """The rows of one (cache policy, batch): every call sees the same cache and queries (one seed), so each output
+    is compared with the first row's."""
+
+    def __init__(self, contexts: list[int], policy: int) -> None:
+        self.contexts, self.policy = contexts, policy
+        mean = round(sum(contexts) / len(contexts))
+        label = f"int{policy}" if policy else "bf16"
+        self.head = f"| {label} | {len(contexts)} | {mean} / {max(contexts)}"
+        self.first: torch.Tensor | None = None
+
+    def row(self, name: str, lens: list[int] | None = None, **launch) -> float:
+        gen = torch.Generator(device="cuda").manual_seed(len(self.contexts))
+        us, gbs, out = _time(lens or self.contexts, self.policy, gen, **launch)
+        diff = 0.0
+        if lens is None:
+            if self.first is None:
+                self.first = out
+            diff = (out.float() - self.first.float()).abs().max().item()
+        print(f"{self.head} | {name} | {us:.1f} | {gbs:.0f} | {diff:.1e} |", flush=True)
+        return us
+
+
+def _table(contexts: list[int], policy: int, sweep: bool) -> None:
+    from lm_torch.kernels.decode_attention import choose_num_splits
+
+    rows = _Rows(contexts, policy)
+    batch, mean = len(contexts), round(sum(contexts) / len(contexts))
+    splits = choose_num_splits(batch, NUM_KV_HEADS, 1024, torch.device("cuda"))  # what a graph bucket takes
+    if policy:  # the plain conversion is the reference of the others
+        rows.row(f"convert 0 (splits {splits})", num_splits=splits, convert=0)
+    rows.row(f"arrival order (splits {splits})", num_splits=splits)
+    rows.row(f"engine: longest context first (splits {splits})", num_splits=splits, sort=True)
+    rows.row(f"every context {mean}", [mean] * batch, num_splits=splits)
+    if not sweep:
+        return
+    results = []
+    converts = (0, 1, 2) if policy else (0,)
+    for block_n, warps, stages, convert in itertools.product((32, 64), (4, 8), (1, 2, 3), converts):
+        launch = dict(block_n=block_n, num_warps=warps, num_stages=stages, convert=convert)
+        try:
+            results.append((rows.row(str(launch), num_splits=splits, **launch), launch))
+        except Exception as exc:  # a shape that does not compile (shared memory): skip it
+            print(f"{rows.head} | {launch} | failed: {type(exc).__name__} |", flush=True)
+    _, best = min(results, key=lambda r: r[0])
+    for n in (1, 2, 4):
+        rows.row(f"{best}, longest first, splits {n}", num_splits=n, sort=True, **best)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--kv-quant", type=int, nargs="+", default=[0, 8], choices=[0, 4, 8])
+    parser.add_argument("--sweep", action="store_true", help="every launch shape (and conversion) and split count")
+    args = parser.parse_args()
+
+    from schedule_replay import decode_contexts, replay
+
+    steps = replay()
+    print(f"device: {torch.cuda.get_device_name()}")
+    print("| KV cache | batch | contexts (mean / max) | launch | us | GB/s | max abs diff to the first row |")
+    print("|---|---|---|---|---|---|---|")
+    for policy, batch in itertools.product(args.kv_quant, args.batches):
+        _table(decode_contexts(batch, steps), policy, args.sweep)
+
+
+if __name__ == "__main__":
+    main()
