@@ -416,10 +416,16 @@ def test_decode_over_quantized_cache_in_a_cuda_graph(case, paged_batch, policy):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(("sliding_window", "softcap"), [(None, None), (10, 8.0)])
-def test_triton_backend_matches_torch_backend_on_quantized_cache(case, policy, sliding_window, softcap):
+@pytest.mark.parametrize("sort", [False, True], ids=["arrival-order", "longest-first"])
+def test_triton_backend_matches_torch_backend_on_quantized_cache(
+    case, policy, sliding_window, softcap, sort, monkeypatch
+):
     """A whole mixed step (decodes, a chunk after a cached prefix, a fresh prompt) through both backends from the
-    same quantized cache: the Triton kernels store what the torch backend stores and attend alike."""
-    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend
+    same quantized cache: the Triton kernels store what the torch backend stores and attend alike, whether the
+    decode programs take the sequences in order or longest context first (what large batches do)."""
+    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend, triton_backend
+
+    monkeypatch.setattr(triton_backend, "SORT_MIN_DECODES_QUANTIZED", 1 if sort else 1 << 30)
 
     gen = torch.Generator().manual_seed(policy)
     query_lens, context_lens = [1, 9, 1, 20, 1], [37, 30, 5, 20, 18]

@@ -57,7 +57,7 @@ def test_mixed_step_matches_torch_backend(case, sliding_window, softcap, heads):
 
 @pytest.mark.parametrize("sort", [False, True], ids=["arrival-order", "longest-first"])
 def test_decode_step_matches_torch_backend(case, sort, monkeypatch):
-    # `sort`: the decode programs start longest context first (what batches of 32 and more do).
+    # `sort`: the decode programs start longest context first (what large batches do).
     monkeypatch.setattr(triton_backend, "SORT_MIN_DECODES", 1 if sort else 1 << 30)
     query_lens = [1] * 6
     context_lens = [1, 16, 17, 64, 100, 47]

@@ -17,9 +17,12 @@ from lm_torch.attention.metadata import AttentionMetadata
 
 LAYOUT_KEY = "triton_layout"
 # From this many one-token sequences on, the decode kernel's programs start longest context first (one sort per
-# step): a batch mixes contexts of a few tokens with thousands, and the long ones starting last would leave the GPU
-# waiting on them. Below it the programs all start at once anyway.
-SORT_MIN_DECODES = 32
+# step): a batch mixes contexts of a few tokens with thousands, and the long ones starting last leave the GPU waiting
+# on them. Measured on the H100 (benchmarks/decode_ragged.py, contexts of real ShareGPT steps, RESULTS.md): at 256
+# decodes the sort saves 9% (bf16) to 25-30% (int8, int4) of the kernel's time; at 128 it saves 10% with int8 but
+# costs 4% with bf16, at 64 it costs bf16 6%. Hence two thresholds.
+SORT_MIN_DECODES = 192
+SORT_MIN_DECODES_QUANTIZED = 128
 
 
 @dataclass
@@ -81,7 +84,8 @@ class TritonAttentionBackend:
         layout = _step_layout(meta, q.device)
         out = torch.empty_like(q)
         if layout.num_decodes:
-            if layout.num_decodes >= SORT_MIN_DECODES and layout.decode_order is None:
+            threshold = SORT_MIN_DECODES if k_scales_zeros is None else SORT_MIN_DECODES_QUANTIZED
+            if layout.num_decodes >= threshold and layout.decode_order is None:
                 # Once per step (the first layer's call; inside a CUDA graph it is captured with the step).
                 layout.decode_order = torch.argsort(layout.context_lens, descending=True).to(torch.int32)
             decode_attention(
