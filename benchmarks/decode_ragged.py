@@ -9,7 +9,7 @@ with every context at the mean (what the imbalance costs), and with --sweep ever
 conversion of quantized codes) and split count. GB/s counts the cache bytes read (codes,
 scales and zeros).
 
-    python benchmarks/decode_ragged.py [--batches 64 256] [--kv-quant 0 8] [--sweep]
+    python benchmarks/decode_ragged.py [--batches 64 256] [--kv-quant 0 8] [--sweep | --splits-sweep]
 """
 
 from __future__ import annotations
@@ -108,6 +108,21 @@ class _Rows:
         return us
 
 
+def _splits_table(contexts: list[int], policy: int) -> None:
+    """Split counts against the fewest tokens a split covers (each sequence takes min(splits, context / that)),
+    longest context first: one compiled kernel for all of them (neither is a compile-time constant)."""
+    rows = _Rows(contexts, policy)
+    for splits, split_tokens in itertools.product((1, 2, 4, 8), (64, 128, 256, 512)):
+        if splits == 1 and split_tokens > 64:
+            continue  # one split whatever the length
+        rows.row(
+            f"splits {splits}, split_tokens {split_tokens}, longest first",
+            num_splits=splits,
+            split_tokens=split_tokens,
+            sort=True,
+        )
+
+
 def _table(contexts: list[int], policy: int, sweep: bool) -> None:
     from lm_torch.kernels.decode_attention import choose_num_splits
 
@@ -139,6 +154,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--kv-quant", type=int, nargs="+", default=[0, 8], choices=[0, 4, 8])
     parser.add_argument("--sweep", action="store_true", help="every launch shape (and conversion) and split count")
+    parser.add_argument(
+        "--splits-sweep", action="store_true", help="only split counts x split_tokens (longest first), nothing else"
+    )
     args = parser.parse_args()
 
     from schedule_replay import decode_contexts, replay
@@ -148,7 +166,10 @@ def main() -> None:
     print("| KV cache | batch | contexts (mean / max) | launch | us | GB/s | max abs diff to the first row |")
     print("|---|---|---|---|---|---|---|")
     for policy, batch in itertools.product(args.kv_quant, args.batches):
-        _table(decode_contexts(batch, steps), policy, args.sweep)
+        if args.splits_sweep:
+            _splits_table(decode_contexts(batch, steps), policy)
+        else:
+            _table(decode_contexts(batch, steps), policy, args.sweep)
 
 
 if __name__ == "__main__":

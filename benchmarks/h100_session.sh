@@ -14,7 +14,8 @@
 #               lm-lite on CUDA) in $PYTEST_WORKERS (default 12) pytest-xdist processes sharing the GPU
 #   ktests      the GPU kernel tests of the attention and W4A16 kernels only (a quick check after kernel changes)
 #   ragged      decode attention on the context lengths of real throughput steps (benchmarks/decode_ragged.py), bf16,
-#               int8 and int4 caches; raggedsweep: the int8 cache through every launch shape and conversion
+#               int8 and int4 caches; raggedsweep: the int8 cache through every launch shape and conversion;
+#               splitsweep: split counts x split_tokens at batches 16-256, bf16 and int8
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
 # Issue #7's quantized kernels (not in the default list):
 #   sweep       W4A16 launch shapes at the 8B shapes against cuBLAS bf16 (benchmarks/w4a16.py; rows $SWEEP_ROWS, default
@@ -76,6 +77,8 @@ for stage in $stages; do
       tests/lm_lite/test_gpu.py tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py ;;
     ragged) run ragged 120 python3 benchmarks/decode_ragged.py --kv-quant 0 8 4 ;;
     raggedsweep) run raggedsweep 330 python3 benchmarks/decode_ragged.py --kv-quant 8 --sweep ;;
+    splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
+      --splits-sweep ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
     sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows "${SWEEP_ROWS:-1,16,2048}" --write-tuning "$OUT/w4a16_tuning.json" ;;
     awq) [ -f "$OUT/w4a16_tuning.json" ] && export LM_TORCH_W4A16_TUNING="$OUT/w4a16_tuning.json"  # the sweep's

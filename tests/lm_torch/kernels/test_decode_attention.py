@@ -59,6 +59,20 @@ def test_decode_matches_reference(case, paged_batch, num_heads, num_kv_heads, nu
     case.assert_close(out, _expected(batch, scale), case.attention_tol)
 
 
+@pytest.mark.parametrize("split_tokens", [1, 20, 40, 1000])
+def test_decode_splits_each_sequence_by_its_length(case, paged_batch, split_tokens):
+    """Each sequence takes min(num_splits, ceil(context / split_tokens)) splits (one: it writes its output itself;
+    several: partials merged by the last), so one batch mixes sequences of 1, 2, 3 and 4 splits and the grid's
+    unused split programs return at once; with a sliding window the visible part decides."""
+    context_lens = [1, 17, 50, 33, 130, 0]
+    batch = paged_batch(case, 11, [1] * 6, context_lens, 8, 2, 32)
+    scale = 1 / math.sqrt(32)
+    out = _run(batch, scale, num_splits=4, split_tokens=split_tokens)
+    case.assert_close(out, _expected(batch, scale), case.attention_tol)
+    out = _run(batch, scale, num_splits=4, split_tokens=split_tokens, sliding_window=40)
+    case.assert_close(out, _expected(batch, scale, sliding_window=40), case.attention_tol)
+
+
 @pytest.mark.parametrize(("sliding_window", "softcap"), [(20, None), (None, 5.0), (7, 10.0)])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [HEADS[1], HEADS[3]], ids=[HEAD_IDS[1], HEAD_IDS[3]])
 def test_decode_window_and_softcap(case, paged_batch, sliding_window, softcap, num_heads, num_kv_heads):

@@ -155,7 +155,7 @@ def _codes_operand(codes, dtype: tl.constexpr, PART: tl.constexpr):
         return codes.to(dtype)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "split_tokens"])
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -184,6 +184,7 @@ def _decode_kernel(
     stride_oh,
     num_heads,
     num_splits,
+    split_tokens,  # the fewest tokens a split of a sequence covers (its split count follows from its length)
     k_sz_ptr,  # quantized caches: [num_blocks, block_size, num_kv_heads, 2] (scale, zero); unused otherwise
     v_sz_ptr,
     stride_szb,
@@ -217,13 +218,17 @@ def _decode_kernel(
     if SORTED:
         seq = tl.load(order_ptr + seq)
     row = tl.load(query_start_ptr + seq)
-    if tl.load(query_start_ptr + seq + 1) - row == 1:
-        ctx = tl.load(context_lens_ptr + seq)
-        start = 0
-        if USE_WINDOW:
-            start = tl.maximum(ctx - window, 0)
-        # Splits cover whole BLOCK_N steps; trailing splits of a short context get an empty range.
-        per_split = tl.cdiv(tl.cdiv(ctx - start, num_splits), BLOCK_N) * BLOCK_N
+    ctx = tl.load(context_lens_ptr + seq)
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(ctx - window, 0)
+    # The sequence's own split count: at most num_splits, each split at least `split_tokens` tokens and whole BLOCK_N
+    # steps, so a short context in a batch of long ones is one program that writes its output itself (no partials,
+    # no merge), and the grid's other splits of it return at once. At least one split, even with no keys.
+    used = tl.minimum(num_splits, tl.maximum(tl.cdiv(ctx - start, split_tokens), 1))
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(ctx - start, used), BLOCK_N), 1) * BLOCK_N
+    used = tl.maximum(tl.cdiv(ctx - start, per_split), 1)
+    if (tl.load(query_start_ptr + seq + 1) - row == 1) & (split < used):
         lo = start + split * per_split
         hi = tl.minimum(lo + per_split, ctx)
 
@@ -317,7 +322,7 @@ def _decode_kernel(
         has_keys = row_sum > 0
         out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
         out_hi = acc_hi / tl.where(has_keys, row_sum, 1.0)[:, None]
-        if num_splits == 1:
+        if used == 1:
             dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_mask)
             if QUANT_POLICY == 4:
@@ -333,13 +338,13 @@ def _decode_kernel(
             tl.store(partial_lse_ptr + head_rows, lse, mask=rows < GROUP)
             # The last of a (sequence, kv head)'s split programs to arrive merges all its splits.
             counter = counters_ptr + seq * tl.num_programs(0) + kv_head
-            if arrives_last(counter, num_splits):
+            if arrives_last(counter, used):
                 # Every head of the group at once, so the merge costs one round trip to L2, not one per head.
                 group_heads = tl.arange(0, GROUP_PAD)
                 splits = tl.arange(0, SPLITS_PAD)
                 all_dims = tl.arange(0, DIM_PAD)
                 bases = (seq * num_heads + kv_head * GROUP + group_heads).to(tl.int64) * num_splits  # [GP]
-                lse_mask = (group_heads < GROUP)[:, None] & (splits < num_splits)[None, :]  # [GP, SP]
+                lse_mask = (group_heads < GROUP)[:, None] & (splits < used)[None, :]  # [GP, SP]
                 split_rows = bases[:, None] + splits[None, :]  # [GP, SP]
                 split_lse = tl.load(
                     partial_lse_ptr + split_rows, mask=lse_mask, other=float("-inf"), cache_modifier=".cg"
@@ -392,6 +397,7 @@ def decode_attention(
     num_stages: int = 2,
     convert: int | None = None,
     seq_order: torch.Tensor | None = None,  # [num_seqs] int32, a permutation: programs start in this order
+    split_tokens: int = MIN_TOKENS_PER_SPLIT,  # each sequence takes min(num_splits, ceil(context / this)) splits
     k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
     v_scales_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows of one-token sequences
@@ -427,6 +433,8 @@ def decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, visible, q.device)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"decode_attention: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if split_tokens < 1:
+        raise ValueError(f"decode_attention: split_tokens must be at least 1, got {split_tokens}")
     if seq_order is not None and (seq_order.shape != (num_seqs,) or seq_order.dtype != torch.int32):
         raise ValueError(
             f"decode_attention: seq_order must be [{num_seqs}] int32, got {list(seq_order.shape)} {seq_order.dtype}"
@@ -470,6 +478,7 @@ def decode_attention(
         out.stride(1),
         num_heads,
         num_splits,
+        split_tokens,
         *sz_args,
         GROUP=group,
         ROWS=max(16, next_power_of_2(group)),
