@@ -1,11 +1,13 @@
 """Decode attention over the paged KV cache: one new token per sequence, split-K for long contexts.
 
-One program takes one (sequence, kv head, split). The query heads that share the kv head are the rows of one tile,
+One program takes one (kv head, sequence, split). The query heads that share the kv head are the rows of one tile,
 so each K/V block is read once for its whole group (GQA and MQA; MHA has groups of one). A sequence's visible
-context is cut into `num_splits` ranges so that a small batch still fills the GPU (flash-decoding); each range
-leaves its normalised partial output and log-sum-exp, and the last split program of a (sequence, kv head) to finish
-merges them, found by an atomic counter per (sequence, kv head): one launch, no second merge kernel. With one split
-the program writes the output itself.
+context is cut into up to `num_splits` ranges of at least `split_tokens` tokens, so that a small batch still fills
+the GPU (flash-decoding) while short sequences stay whole; each range leaves its normalised partial output and
+log-sum-exp, and the last split program of a (sequence, kv head) to finish merges them, found by an atomic counter
+per (sequence, kv head): one launch, no second merge kernel. A sequence of one range writes its output itself, and
+the grid's split programs beyond a sequence's ranges return at once. With `seq_order` the programs take the
+sequences in that order (the backend's longest context first).
 
 A quantized cache (`quant_policy` 8 or 4, see `lm_torch.kv_quant`) holds value = code * scale + zero per (token, kv
 head). Its tiles are never dequantized: the codes enter the dots as integers in q's dtype, and the scales and zeros
@@ -14,8 +16,8 @@ sum(p * zero)). int4 tiles are the two halves of head_dim, each its own dot. The
 unquantized kernel is compiled as before.
 
 Everything the kernels read is a device tensor, so a captured CUDA graph replays them with new lengths and block
-tables; its split count is fixed at capture. `num_splits` is a run-time argument that triton does not specialise on,
-so every split count shares one compiled kernel (an engine meets many: each CUDA-graph bucket and each eager step
+tables; its split count is fixed at capture. `num_splits` and `split_tokens` are run-time arguments that triton does
+not specialise on, so every split count shares one compiled kernel (an engine meets many: each CUDA-graph bucket and each eager step
 picks its own, and a compile costs about a second). Sequences whose query length is not 1 are skipped: in a mixed
 batch the prefill kernel attends them.
 """
