@@ -17,9 +17,9 @@ unquantized kernel is compiled as before.
 
 Everything the kernels read is a device tensor, so a captured CUDA graph replays them with new lengths and block
 tables; its split count is fixed at capture. `num_splits` and `split_tokens` are run-time arguments that triton does
-not specialise on, so every split count shares one compiled kernel (an engine meets many: each CUDA-graph bucket and each eager step
-picks its own, and a compile costs about a second). Sequences whose query length is not 1 are skipped: in a mixed
-batch the prefill kernel attends them.
+not specialise on, so every split count shares one compiled kernel (an engine meets many: each CUDA-graph bucket
+and each eager step picks its own, and a compile costs about a second). Sequences whose query length is not 1 are
+skipped: in a mixed batch the prefill kernel attends them.
 """
 
 from __future__ import annotations
@@ -43,55 +43,12 @@ from lm_torch.kernels.common import (
     persistent_zeros,
     tanh,
 )
-from lm_torch.kernels.kv_cache import codes_to, quantized_cache_args, unpack_codes
+from lm_torch.kernels.kv_cache import codes_to, load_kv_tile, quantized_cache_args, unpack_codes
 
 # A split covers at least this many tokens: fewer would spend more on merging than they save.
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
 SPLIT_COUNTERS = "decode_attention split counters"  # the `persistent_zeros` buffer's name
-
-
-@triton.jit
-def _kv_tile(
-    first,
-    hi,
-    kv_args,
-    kv_strides,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    FEAT: tl.constexpr,
-    QUANT_POLICY: tl.constexpr,
-):
-    """The K and V tiles of positions [first, first + BLOCK_N) below `hi` (rows past it 0), with a quantized
-    cache's per-token scales and zeros as float32 [BLOCK_N] (zeros of no meaning otherwise), and the valid mask."""
-    table, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, kv_head, dims = kv_args
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_szb, stride_szs, stride_szh = kv_strides
-    positions = first + tl.arange(0, BLOCK_N)
-    valid = positions < hi
-    blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    slots = positions % BLOCK_SIZE
-    kv_mask = valid[:, None] & (dims < FEAT)[None, :]
-    k = tl.load(
-        k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
-        mask=kv_mask,
-        other=0,
-    )  # [BLOCK_N, FEAT_PAD]
-    v = tl.load(
-        v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
-        mask=kv_mask,
-        other=0,
-    )
-    if QUANT_POLICY != 0:
-        # (scale, zero) side by side: one load of the pair per token, split in registers.
-        pair = (blocks * stride_szb + slots * stride_szs + kv_head * stride_szh)[:, None] + tl.arange(0, 2)[None, :]
-        k_scale, k_zero = tl.split(tl.load(k_sz_ptr + pair, mask=valid[:, None], other=0.0).to(tl.float32))
-        v_scale, v_zero = tl.split(tl.load(v_sz_ptr + pair, mask=valid[:, None], other=0.0).to(tl.float32))
-    else:
-        k_scale = tl.zeros([BLOCK_N], tl.float32)
-        k_zero = k_scale
-        v_scale = k_scale
-        v_zero = k_scale
-    return k, v, k_scale, k_zero, v_scale, v_zero, valid
 
 
 @triton.jit
@@ -269,7 +226,7 @@ def _decode_kernel(
             stride_szh,
         )
         for first in range(lo, hi, BLOCK_N):
-            k, v, k_scale, k_zero, v_scale, v_zero, valid = _kv_tile(
+            k, v, k_scale, k_zero, v_scale, v_zero, valid = load_kv_tile(
                 first, hi, kv_args, kv_strides, BLOCK_SIZE, BLOCK_N, FEAT, QUANT_POLICY
             )
             if QUANT_POLICY != 0:

@@ -82,12 +82,58 @@ def codes_to(codes, dtype: tl.constexpr):
 
 
 @triton.jit
-def dequantize_tile(codes, sz_ptrs, valid, QUANT_POLICY: tl.constexpr):
-    """A loaded tile of cache codes [BLOCK_N, F] (uint8) back to float32 values with each row's (scale, zero) at
-    `sz_ptrs` [BLOCK_N]: (values, values of the high half) for int4, whose bytes hold features j and j + F; for int8
-    the second is the first again. Rows not `valid` come out 0."""
-    scale = tl.load(sz_ptrs, mask=valid, other=0.0).to(tl.float32)[:, None]
-    zero = tl.load(sz_ptrs + 1, mask=valid, other=0.0).to(tl.float32)[:, None]
+def load_kv_tile(
+    first,
+    hi,
+    kv_args,
+    kv_strides,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FEAT: tl.constexpr,
+    QUANT_POLICY: tl.constexpr,
+):
+    """The K and V tiles [BLOCK_N, FEAT_PAD] of one sequence's positions [first, first + BLOCK_N) below `hi` (rows past
+    it 0) through its block table, with a quantized cache's per-token scales and zeros as float32 [BLOCK_N] (zeros of
+    no meaning otherwise) and the mask of the valid rows. `kv_args`: (block table row, k cache, v cache, k and v
+    (scale, zero) pointers, kv head, feature offsets [FEAT_PAD]); `kv_strides`: the caches' block, slot and head
+    strides, then the scales'. Shared by the decode and prefill kernels."""
+    table, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, kv_head, dims = kv_args
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_szb, stride_szs, stride_szh = kv_strides
+    positions = first + tl.arange(0, BLOCK_N)
+    valid = positions < hi
+    blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    slots = positions % BLOCK_SIZE
+    kv_mask = valid[:, None] & (dims < FEAT)[None, :]
+    k = tl.load(
+        k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
+        mask=kv_mask,
+        other=0,
+    )  # [BLOCK_N, FEAT_PAD]
+    v = tl.load(
+        v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
+        mask=kv_mask,
+        other=0,
+    )
+    if QUANT_POLICY != 0:
+        # (scale, zero) side by side: one load of the pair per token, split in registers.
+        pair = (blocks * stride_szb + slots * stride_szs + kv_head * stride_szh)[:, None] + tl.arange(0, 2)[None, :]
+        k_scale, k_zero = tl.split(tl.load(k_sz_ptr + pair, mask=valid[:, None], other=0.0).to(tl.float32))
+        v_scale, v_zero = tl.split(tl.load(v_sz_ptr + pair, mask=valid[:, None], other=0.0).to(tl.float32))
+    else:
+        k_scale = tl.zeros([BLOCK_N], tl.float32)
+        k_zero = k_scale
+        v_scale = k_scale
+        v_zero = k_scale
+    return k, v, k_scale, k_zero, v_scale, v_zero, valid
+
+
+@triton.jit
+def dequantize_tile(codes, scale, zero, QUANT_POLICY: tl.constexpr):
+    """A loaded tile of cache codes [BLOCK_N, F] (uint8) back to float32 values with each row's scale and zero
+    [BLOCK_N] (float32): (values, values of the high half) for int4, whose bytes hold features j and j + F; for int8
+    the second is the first again. Rows whose scale and zero are 0 come out 0."""
+    scale = scale[:, None]
+    zero = zero[:, None]
     if QUANT_POLICY == 4:
         low = (codes & 15).to(tl.float32) * scale + zero
         high = (codes >> 4).to(tl.float32) * scale + zero

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from lm_torch.kernels.common import LOG2E, check_cuda_or_interpreter, interpreting, next_power_of_2, tanh
-from lm_torch.kernels.kv_cache import dequantize_tile, quantized_cache_args
+from lm_torch.kernels.kv_cache import dequantize_tile, load_kv_tile, quantized_cache_args
 
 
 @triton.jit
@@ -103,26 +103,16 @@ def _prefill_kernel(
     acc = tl.zeros([TOKENS * GROUP_PAD, FEAT_PAD], tl.float32)
     acc_hi = tl.zeros([TOKENS * GROUP_PAD, FEAT_PAD], tl.float32)  # int4 only: the high half's output
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
+    kv_args = (table, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, kv_head, dims)
+    kv_strides = (stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_szb, stride_szs, stride_szh)
     for first in range(lo, hi, BLOCK_N):
         positions = first + tl.arange(0, BLOCK_N)
-        valid = positions < hi
-        blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        slots = positions % BLOCK_SIZE
-        kv_mask = valid[:, None] & (dims < FEAT)[None, :]
-        k = tl.load(
-            k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims,
-            mask=kv_mask,
-            other=0,
-        )  # [BLOCK_N, FEAT_PAD]
-        v = tl.load(
-            v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims,
-            mask=kv_mask,
-            other=0,
+        k, v, k_scale, k_zero, v_scale, v_zero, valid = load_kv_tile(
+            first, hi, kv_args, kv_strides, BLOCK_SIZE, BLOCK_N, FEAT, QUANT_POLICY
         )
         if QUANT_POLICY != 0:
-            sz = blocks * stride_szb + slots * stride_szs + kv_head * stride_szh
-            k, k_hi = dequantize_tile(k, k_sz_ptr + sz, valid, QUANT_POLICY)
-            v, v_hi = dequantize_tile(v, v_sz_ptr + sz, valid, QUANT_POLICY)
+            k, k_hi = dequantize_tile(k, k_scale, k_zero, QUANT_POLICY)
+            v, v_hi = dequantize_tile(v, v_scale, v_zero, QUANT_POLICY)
             k, k_hi, v, v_hi = k.to(q.dtype), k_hi.to(q.dtype), v.to(q.dtype), v_hi.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if QUANT_POLICY == 4:
