@@ -114,14 +114,9 @@ def _tc_step(w_ptrs, s_ptr, z_ptr, rows, bi, n, b0, WORDS: tl.constexpr, BLOCK: 
 @triton.jit
 def _tc_accumulate(
     acc,
-    cur_words,
-    cur_s,
-    cur_z,
+    step,
     b0,
-    x_ptr,
-    x_offsets,
-    ones,
-    bi,
+    x_operands,
     BLOCK_N: tl.constexpr,
     C: tl.constexpr,
     BLOCKS: tl.constexpr,
@@ -130,8 +125,11 @@ def _tc_accumulate(
     ASM,
     UPCAST: tl.constexpr,
 ):
-    """acc [BN, NCOL] + the step at block b0: its words [4, BN, C, BLOCKS], scales and zeros [BN, BLOCKS]."""
+    """acc [BN, NCOL] + the step at block b0: `step` is its words [4, BN, C, BLOCKS], scales and zeros [BN, BLOCKS]
+    (`_tc_step`), `x_operands` (x_ptr, x's offsets, the ones operand, the step's block indices)."""
     NCOL: tl.constexpr = 8
+    cur_words, cur_s, cur_z = step
+    x_ptr, x_offsets, ones, bi = x_operands
     for bb in tl.static_range(BLOCKS):
         block_words = _tc_block_words(cur_words, bb, BLOCKS)  # [4, BN, C]
         part = tl.zeros([BLOCK_N, NCOL], tl.float32)  # sum over the block of (MAGIC + q) x
@@ -238,6 +236,7 @@ def _w4a16_gemv_tc_kernel(
     first = pid_k * blocks_per_split
     last = tl.minimum(first + blocks_per_split, words_per_row // WORDS)
     acc = tl.zeros([BLOCK_N, NCOL], tl.float32)
+    x_operands = (x_ptr, x_offsets, ones, bi)
     start = first
     if PREFETCH:
         words, s, z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, first, WORDS, BLOCK, GROUP)
@@ -250,9 +249,7 @@ def _w4a16_gemv_tc_kernel(
     pdl_wait(PDL)
     pdl_trigger(PDL)
     if PREFETCH and PRELOAD == 2:
-        acc = _tc_accumulate(
-            acc, words, s, z, first, x_ptr, x_offsets, ones, bi, BLOCK_N, C, BLOCKS, MAGIC_BITS, MAGIC, ASM, UPCAST
-        )
+        acc = _tc_accumulate(acc, (words, s, z), first, x_operands, BLOCK_N, C, BLOCKS, MAGIC_BITS, MAGIC, ASM, UPCAST)
         start = first + 2 * BLOCKS
         # The first step of the loop below (past the end when there is none: in bounds, unused).
         words, s, z = _tc_step(
@@ -260,22 +257,7 @@ def _w4a16_gemv_tc_kernel(
         )
         if first + BLOCKS < last:
             acc = _tc_accumulate(
-                acc,
-                words2,
-                s2,
-                z2,
-                first + BLOCKS,
-                x_ptr,
-                x_offsets,
-                ones,
-                bi,
-                BLOCK_N,
-                C,
-                BLOCKS,
-                MAGIC_BITS,
-                MAGIC,
-                ASM,
-                UPCAST,
+                acc, (words2, s2, z2), first + BLOCKS, x_operands, BLOCK_N, C, BLOCKS, MAGIC_BITS, MAGIC, ASM, UPCAST
             )
     for b0 in range(start, last, BLOCKS):
         if PREFETCH:
@@ -285,22 +267,7 @@ def _w4a16_gemv_tc_kernel(
         else:
             cur_words, cur_s, cur_z = _tc_step(w_ptrs, s_ptr, z_ptr, safe_rows, bi, n, b0, WORDS, BLOCK, GROUP)
         acc = _tc_accumulate(
-            acc,
-            cur_words,
-            cur_s,
-            cur_z,
-            b0,
-            x_ptr,
-            x_offsets,
-            ones,
-            bi,
-            BLOCK_N,
-            C,
-            BLOCKS,
-            MAGIC_BITS,
-            MAGIC,
-            ASM,
-            UPCAST,
+            acc, (cur_words, cur_s, cur_z), b0, x_operands, BLOCK_N, C, BLOCKS, MAGIC_BITS, MAGIC, ASM, UPCAST
         )
     # The NCOL columns are copies of one sum (x is the same in every column): max picks one exactly.
     total = tl.max(acc, 1)  # [BN]
@@ -308,6 +275,20 @@ def _w4a16_gemv_tc_kernel(
         row_mask = (pid_n * HALF + tl.arange(0, BLOCK_N) % HALF) < n // 2
     else:
         row_mask = rows < n
+    rotary_args = (
+        positions_ptr,
+        slot_ptr,
+        cos_ptr,
+        sin_ptr,
+        stride_cos,
+        k_cache_ptr,
+        v_cache_ptr,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        num_heads,
+        num_kv_heads,
+    )
     if SPLITS_PAD == 1:
         _tc_finish(
             out_ptr,
@@ -319,18 +300,7 @@ def _w4a16_gemv_tc_kernel(
             HALF,
             GATED,
             ROTARY,
-            positions_ptr,
-            slot_ptr,
-            cos_ptr,
-            sin_ptr,
-            stride_cos,
-            k_cache_ptr,
-            v_cache_ptr,
-            stride_cb,
-            stride_cs,
-            stride_ch,
-            num_heads,
-            num_kv_heads,
+            rotary_args,
             HEAD_DIM,
             BLOCK_SIZE,
         )
@@ -358,18 +328,7 @@ def _w4a16_gemv_tc_kernel(
                 HALF,
                 GATED,
                 ROTARY,
-                positions_ptr,
-                slot_ptr,
-                cos_ptr,
-                sin_ptr,
-                stride_cos,
-                k_cache_ptr,
-                v_cache_ptr,
-                stride_cb,
-                stride_cs,
-                stride_ch,
-                num_heads,
-                num_kv_heads,
+                rotary_args,
                 HEAD_DIM,
                 BLOCK_SIZE,
             )
@@ -387,72 +346,40 @@ def _tc_finish(
     HALF: tl.constexpr,
     GATED: tl.constexpr,
     ROTARY: tl.constexpr,
-    positions_ptr,
-    slot_ptr,
-    cos_ptr,
-    sin_ptr,
-    stride_cos,
-    k_cache_ptr,
-    v_cache_ptr,
-    stride_cb,
-    stride_cs,
-    stride_ch,
-    num_heads,
-    num_kv_heads,
+    rotary_args,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """A row block's float32 sums [BN] to their outputs: plain, gated, or rotated and stored into the cache."""
+    """A row block's float32 sums [BN] to their outputs: plain, gated, or rotated and stored into the cache
+    (`rotary_args`: the kernel's rotary pointers, strides and head counts, in its order)."""
     if ROTARY:
-        _tc_store_rotary(
-            out_ptr,
-            total,
-            pid_n,
-            HALF,
-            positions_ptr,
-            slot_ptr,
-            cos_ptr,
-            sin_ptr,
-            stride_cos,
-            k_cache_ptr,
-            v_cache_ptr,
-            stride_cb,
-            stride_cs,
-            stride_ch,
-            num_heads,
-            num_kv_heads,
-            HEAD_DIM,
-            BLOCK_SIZE,
-        )
+        _tc_store_rotary(out_ptr, total, pid_n, HALF, rotary_args, HEAD_DIM, BLOCK_SIZE)
     else:
         _tc_store(out_ptr, total, rows, row_mask, pid_n, n, HALF, GATED)
 
 
 @triton.jit
 def _tc_store_rotary(
-    out_ptr,
-    total,
-    pid_n,
-    HALF: tl.constexpr,
-    positions_ptr,
-    slot_ptr,
-    cos_ptr,
-    sin_ptr,
-    stride_cos,
-    k_cache_ptr,
-    v_cache_ptr,
-    stride_cb,
-    stride_cs,
-    stride_ch,
-    num_heads,
-    num_kv_heads,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    out_ptr, total, pid_n, HALF: tl.constexpr, rotary_args, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr
 ):
     """Features d and d + HEAD_DIM / 2 (d in this block's HALF) of one head of the [q | k | v] row: rounded to the
     output dtype (what the GEMV alone would write), rotated in float32 if a q or k head (what `kernels.rotary`
     computes, same rounding), stored to the output and, for k and v heads, into the cache at the token's slot
     (negative: a padding row, nothing stored)."""
+    (
+        positions_ptr,
+        slot_ptr,
+        cos_ptr,
+        sin_ptr,
+        stride_cos,
+        k_cache_ptr,
+        v_cache_ptr,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        num_heads,
+        num_kv_heads,
+    ) = rotary_args
     first, second = tl.split(tl.permute(tl.reshape(total, (2, HALF)), (1, 0)))  # [HALF] each
     a = first.to(out_ptr.dtype.element_ty).to(tl.float32)
     b = second.to(out_ptr.dtype.element_ty).to(tl.float32)
