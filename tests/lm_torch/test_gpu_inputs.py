@@ -9,7 +9,7 @@ import torch
 from lm_core.generation_config import GenerationConfig
 from lm_torch.attention import AttentionMetadata
 from lm_torch.config import TorchEngineConfig
-from lm_torch.cuda_graph import graph_buckets
+from lm_torch.cuda_graph import SPLITS_ENV, graph_buckets, graph_split_plan
 from lm_torch.memory import GIB, SAFETY_MARGIN, plan_kv_cache
 from lm_torch.scheduler import ScheduledBatch
 from lm_torch.sequence import Sequence
@@ -89,6 +89,23 @@ def test_graph_buckets():
     assert graph_buckets(1) == [1] and graph_buckets(20) == [1, 2, 4, 8, 16, 20]
     with pytest.raises(ValueError, match="max_batch_size"):
         graph_buckets(0)
+
+
+def test_graph_split_plan():
+    """A bucket's decode split-K is the kernel's heuristic for a 1k context (the CPU counts 8 multiprocessors: 2
+    waves of 16 programs), splits of at least 64 tokens; an "S:T" override raises the buckets below S to S splits of
+    at least T tokens, and a malformed one is a ValueError naming the variable."""
+    cpu = torch.device("cpu")
+    assert graph_split_plan(1, 8, 4096, cpu) == (2, 64)  # 16 programs wanted, 8 kv heads
+    assert graph_split_plan(1, 1, 4096, cpu) == (16, 64)
+    assert graph_split_plan(1, 1, 100, cpu) == (1, 64)  # no split when the engine's contexts are short
+    assert graph_split_plan(64, 8, 4096, cpu) == (1, 64)
+    assert graph_split_plan(64, 8, 4096, cpu, "4:256") == (4, 256)
+    assert graph_split_plan(1, 1, 4096, cpu, "4:256") == (16, 256)  # more splits already: kept
+    assert graph_split_plan(1, 1, 4096, cpu, "64:64") == (32, 64)  # at most MAX_SPLITS
+    for bad in ("4", "a:b", "0:64", "4:0", "4:64:1"):
+        with pytest.raises(ValueError, match=SPLITS_ENV):
+            graph_split_plan(64, 8, 4096, cpu, bad)
 
 
 def test_graph_inputs_pad_rows_to_the_bucket():

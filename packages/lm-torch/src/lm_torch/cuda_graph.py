@@ -13,6 +13,7 @@ All graphs share one memory pool; capturing the largest first lets the smaller o
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -21,8 +22,36 @@ from lm_torch.attention.metadata import AttentionMetadata
 from lm_torch.attention.triton_backend import LAYOUT_KEY, StepLayout
 from lm_torch.step_inputs import GraphInputs, resolve_input_ids
 
-# The context length a graph's split-K is chosen for (see `CudaGraphRunner.num_splits`).
+# The context length a graph's split-K is chosen for (see `graph_split_plan`).
 SPLIT_CONTEXT = 1024
+# "S:T": graph buckets whose split-K comes out below S take S splits of at least T tokens each (so only sequences
+# longer than T split); for measuring other plans end to end without a code change (benchmarks/h100_session.sh).
+SPLITS_ENV = "LM_TORCH_DECODE_SPLITS"
+
+
+def graph_split_plan(
+    bucket: int, num_kv_heads: int, max_context_len: int, device: torch.device, override: str | None = None
+) -> tuple[int, int]:
+    """(num_splits, split_tokens) of the decode kernel in a bucket's graph, both fixed at capture. By default what
+    the kernel's heuristic picks for a context of `SPLIT_CONTEXT` tokens (or the longest the engine allows, if
+    shorter), splits of at least `MIN_TOKENS_PER_SPLIT` tokens: longer contexts run with a few too few splits (16
+    instead of 32 at batch 1: about 3 us more per layer at 8k tokens); each sequence uses only the splits its own
+    length needs. `override` ("S:T", the `LM_TORCH_DECODE_SPLITS` variable's format) raises the buckets below S
+    splits to S and makes every split at least T tokens."""
+    from lm_torch.kernels.decode_attention import MIN_TOKENS_PER_SPLIT, choose_num_splits
+
+    splits = choose_num_splits(bucket, num_kv_heads, min(max_context_len, SPLIT_CONTEXT), device)
+    if not override:
+        return splits, MIN_TOKENS_PER_SPLIT
+    try:
+        wanted, tokens = (int(part) for part in override.split(":"))
+    except ValueError:
+        raise ValueError(f"{SPLITS_ENV} must be 'S:T' (two integers), got {override!r}") from None
+    if wanted < 1 or tokens < 1:
+        raise ValueError(f"{SPLITS_ENV} must be 'S:T' with S and T at least 1, got {override!r}")
+    from lm_torch.kernels.decode_attention import MAX_SPLITS
+
+    return min(max(splits, wanted), MAX_SPLITS), tokens
 
 
 def graph_buckets(max_batch_size: int) -> list[int]:
@@ -59,16 +88,11 @@ class CudaGraphRunner:
         self.capture_seconds = 0.0
         self.num_replays = 0
 
-    def num_splits(self, bucket: int) -> int:
-        """The decode kernel's split-K for a bucket: what the kernel's heuristic picks for a context of
-        `SPLIT_CONTEXT` tokens (or the longest the engine allows, if shorter). Longer contexts run with a few too few
-        splits (16 instead of 32 at batch 1: about 3 us more per layer at 8k tokens); shorter ones, the common case,
-        with fewer empty splits to write and merge."""
-        from lm_torch.kernels.decode_attention import choose_num_splits
-
+    def split_plan(self, bucket: int) -> tuple[int, int]:
+        """(num_splits, split_tokens) of the decode kernel in `bucket`'s graph (`graph_split_plan`)."""
         num_kv_heads = self.kv_caches[0][0].shape[2]
-        context = min(self.max_context_len, SPLIT_CONTEXT)
-        return choose_num_splits(bucket, num_kv_heads, context, self.sampled_tokens.device)
+        device = self.sampled_tokens.device
+        return graph_split_plan(bucket, num_kv_heads, self.max_context_len, device, os.environ.get(SPLITS_ENV))
 
     def bucket_for(self, num_seqs: int) -> int | None:
         """The smallest captured bucket holding `num_seqs` decodes, None when the batch is larger than all."""
@@ -92,12 +116,14 @@ class CudaGraphRunner:
             query_start_loc=step.query_start_loc,
             context_lens_tensor=step.context_lens,
         )
+        splits, split_tokens = self.split_plan(bucket)
         meta.cache[LAYOUT_KEY] = StepLayout(
             query_start_loc=step.query_start_loc,
             context_lens=step.context_lens,
             num_decodes=bucket,
             max_decode_context=self.max_context_len,
-            num_splits=self.num_splits(bucket),
+            num_splits=splits,
+            split_tokens=split_tokens,
         )
         return self.model(input_ids, step.positions, self.kv_caches, meta)
 

@@ -40,6 +40,7 @@ class StepLayout:
     max_decode_context: int  # the longest context among them (sizes the split-K)
     num_splits: int | None = None  # the decode kernel's split-K; None: the backend's own, else the heuristic
     decode_order: torch.Tensor | None = None  # the sequences by context length, longest first (the backend sorts)
+    split_tokens: int | None = None  # the fewest tokens a decode split covers; None: the kernel's default
 
 
 class TritonAttentionBackend:
@@ -102,6 +103,7 @@ class TritonAttentionBackend:
                 num_splits=layout.num_splits if layout.num_splits is not None else self.num_splits,
                 out=out,
                 seq_order=layout.decode_order,
+                **({"split_tokens": layout.split_tokens} if layout.split_tokens else {}),
                 **scales_zeros,
             )
         if layout.num_decodes < meta.num_seqs:
