@@ -23,9 +23,11 @@ import torch
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 
 
-def _inputs(contexts: list[int], policy: int, gen):
+def _inputs(contexts: list[int], policy: int, seed: int) -> dict:
+    """A shuffled paged cache holding `contexts`, its queries and the call's other arguments, from one seed."""
     from lm_torch.kv_quant import quantize_kv, scales_dtype
 
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = [-(-c // BLOCK_SIZE) for c in contexts]
     num_blocks = sum(blocks_per_seq)
     k = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -44,49 +46,45 @@ def _inputs(contexts: list[int], policy: int, gen):
     per_token = k[0, 0].numel() * k.element_size()
     if policy:
         per_token += extra["k_scales_zeros"][0, 0].numel() * extra["k_scales_zeros"].element_size()
-    return k, v, tables, extra, 2 * per_token * sum(contexts)
+    batch = len(contexts)
+    return {
+        "args": (
+            torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen),
+            k,
+            v,
+            tables,
+            torch.arange(batch + 1, device="cuda", dtype=torch.int32),
+            torch.tensor(contexts, device="cuda", dtype=torch.int32),
+            1 / math.sqrt(HEAD_DIM),
+        ),
+        "kwargs": {"max_context_len": max(contexts), **extra},
+        "bytes": 2 * per_token * sum(contexts),
+    }
 
 
-def _time(contexts: list[int], policy: int, gen, **launch) -> tuple[float, float, torch.Tensor]:
-    """(microseconds, GB/s, output) of one decode_attention call over `contexts` (the same inputs for the same
-    contexts and generator state)."""
+def _time(inputs: dict, **launch) -> tuple[float, float, torch.Tensor]:
+    """(microseconds, GB/s, output) of one decode_attention call on `_inputs`."""
     import triton.testing
 
     from lm_torch.kernels.decode_attention import decode_attention
 
-    k, v, tables, extra, nbytes = _inputs(contexts, policy, gen)
-    batch = len(contexts)
-    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-    starts = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
-    lens = torch.tensor(contexts, device="cuda", dtype=torch.int32)
+    q, lens = inputs["args"][0], inputs["args"][5]
     out = torch.empty_like(q)
-    if launch.pop("sort", False):  # what the engine does from 32 decodes on, once per step (not timed here)
+    if launch.pop("sort", False):  # what the engine does for large batches, once per step (not timed here)
         launch["seq_order"] = torch.argsort(lens, descending=True).to(torch.int32)
 
     def call():
-        decode_attention(
-            q,
-            k,
-            v,
-            tables,
-            starts,
-            lens,
-            1 / math.sqrt(HEAD_DIM),
-            max_context_len=max(contexts),
-            out=out,
-            **extra,
-            **launch,
-        )
+        decode_attention(*inputs["args"], out=out, **inputs["kwargs"], **launch)
 
     call()
     torch.cuda.synchronize()
     result = out.clone()
     us = triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") * 1000.0
-    return us, nbytes / us / 1e3, result
+    return us, inputs["bytes"] / us / 1e3, result
 
 
 class _Rows:
-    """The rows of one (cache policy, batch): every call sees the same cache and queries (one seed), so each output
+    """The rows of one (cache policy, batch): every call sees the same cache and queries (built once), so each output
     is compared with the first row's."""
 
     def __init__(self, contexts: list[int], policy: int) -> None:
@@ -94,11 +92,13 @@ class _Rows:
         mean = round(sum(contexts) / len(contexts))
         label = f"int{policy}" if policy else "bf16"
         self.head = f"| {label} | {len(contexts)} | {mean} / {max(contexts)}"
+        self.inputs = _inputs(contexts, policy, seed=len(contexts))
         self.first: torch.Tensor | None = None
 
     def row(self, name: str, lens: list[int] | None = None, **launch) -> float:
-        gen = torch.Generator(device="cuda").manual_seed(len(self.contexts))
-        us, gbs, out = _time(lens or self.contexts, self.policy, gen, **launch)
+        """Time one launch over the step's contexts, or over `lens` (other inputs, not compared)."""
+        inputs = self.inputs if lens is None else _inputs(lens, self.policy, seed=len(lens))
+        us, gbs, out = _time(inputs, **launch)
         diff = 0.0
         if lens is None:
             if self.first is None:
