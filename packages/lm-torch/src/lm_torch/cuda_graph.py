@@ -38,7 +38,7 @@ def graph_split_plan(
     instead of 32 at batch 1: about 3 us more per layer at 8k tokens); each sequence uses only the splits its own
     length needs. `override` ("S:T", the `LM_TORCH_DECODE_SPLITS` variable's format) raises the buckets below S
     splits to S and makes every split at least T tokens."""
-    from lm_torch.kernels.decode_attention import MIN_TOKENS_PER_SPLIT, choose_num_splits
+    from lm_torch.kernels.decode_attention import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, choose_num_splits
 
     splits = choose_num_splits(bucket, num_kv_heads, min(max_context_len, SPLIT_CONTEXT), device)
     if not override:
@@ -49,8 +49,6 @@ def graph_split_plan(
         raise ValueError(f"{SPLITS_ENV} must be 'S:T' (two integers), got {override!r}") from None
     if wanted < 1 or tokens < 1:
         raise ValueError(f"{SPLITS_ENV} must be 'S:T' with S and T at least 1, got {override!r}")
-    from lm_torch.kernels.decode_attention import MAX_SPLITS
-
     return min(max(splits, wanted), MAX_SPLITS), tokens
 
 

@@ -73,7 +73,7 @@ class TritonAttentionBackend:
         k_scales_zeros: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads, 2]: a quantized cache
         v_scales_zeros: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        from lm_torch.kernels.decode_attention import decode_attention
+        from lm_torch.kernels.decode_attention import MIN_TOKENS_PER_SPLIT, decode_attention
         from lm_torch.kernels.kv_cache import store_kv_cache
         from lm_torch.kernels.prefill_attention import prefill_attention, prefill_tiles, tokens_per_tile
 
@@ -103,7 +103,7 @@ class TritonAttentionBackend:
                 num_splits=layout.num_splits if layout.num_splits is not None else self.num_splits,
                 out=out,
                 seq_order=layout.decode_order,
-                **({"split_tokens": layout.split_tokens} if layout.split_tokens else {}),
+                split_tokens=layout.split_tokens or MIN_TOKENS_PER_SPLIT,
                 **scales_zeros,
             )
         if layout.num_decodes < meta.num_seqs:

@@ -43,7 +43,7 @@ class PagedAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         scales_zeros = tuple(kv_cache[2:4]) if len(kv_cache) > 2 else (None, None)
         if rotary is not None and not kv_stored:
-            if getattr(self.backend, "fuses_kv_store", False) and runs_triton(q):
+            if self._fuses_kv_store(q):
                 # One kernel rotates q and k and writes k and v into the cache; the backend then only attends.
                 rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, *scales_zeros)
                 kv_stored = True
@@ -65,6 +65,11 @@ class PagedAttention(nn.Module):
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
+    def _fuses_kv_store(self, t: torch.Tensor) -> bool:
+        """Whether this step's K/V write can happen in the kernel that computes them (the Triton backend takes k and v
+        already in the cache, and `t` is where Triton runs)."""
+        return getattr(self.backend, "fuses_kv_store", False) and runs_triton(t)
+
     def project_rotate_store(self, qkv_proj, x, rotary, positions, kv_cache, meta) -> torch.Tensor | None:
         """The [q | k | v] projection of a one-token step with the rotary embedding and the KV-cache write folded
         into its kernel, where it can be (a W4A16 layer's one-row GEMV on CUDA, the Triton backend, an unquantized
@@ -73,7 +78,7 @@ class PagedAttention(nn.Module):
         fused = getattr(qkv_proj, "forward_qkv_rotary", None)
         if fused is None or rotary is None or x.shape[0] != 1 or rotary.rotary_dim != self.head_dim:
             return None
-        if not getattr(self.backend, "fuses_kv_store", False) or not runs_triton(x):
+        if not self._fuses_kv_store(x):
             return None
         if len(kv_cache) > 2 and kv_cache[2] is not None:  # a quantized cache: its scales need whole heads
             return None
