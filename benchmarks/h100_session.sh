@@ -9,6 +9,7 @@
 #   tput200     ShareGPT lengths, 200 prompts at concurrency 256
 #   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
 #   tput1000q8  the same with the int8 KV cache (quant_policy 8)
+#   tput1000p   tput1000 under the torch profiler (PDL off, so kernel times exclude PDL waits) with a step trace
 #   tput1000s   tput1000 with the graphs' decode split plan LM_TORCH_DECODE_SPLITS=$DECODE_SPLITS (default 4:256)
 #   ltests      lm-lite on CUDA, the quantized layers and the KV-cache quantization through the engine
 #   alltests    every GPU test of the repository (engine, families, kernels, KV quantization, quantized layers,
@@ -68,6 +69,8 @@ for stage in $stages; do
       --concurrency 256 ;;
     tput1000s) LM_TORCH_DECODE_SPLITS=${DECODE_SPLITS:-4:256} run tput1000s 200 python3 benchmarks/throughput.py $MODEL \
       --num-prompts 1000 --max-output-len 0 --concurrency 256 ;;
+    tput1000p) LM_TORCH_PDL=0 run tput1000p 220 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 \
+      --max-output-len 0 --concurrency 256 --profile --step-trace "$OUT/step_trace.json" ;;
     tput1000q8) run tput1000q8 200 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 --max-output-len 0 \
       --concurrency 256 --engine-config '{"quant_policy": 8}' ;;
     alltests) run alltests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 -n "${PYTEST_WORKERS:-12}" \

@@ -88,13 +88,20 @@ async def profiled(run):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         elapsed, results = await run
     by_class: dict[str, float] = {}
+    by_name: dict[str, list] = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             label = classify(event.name)
             by_class[label] = by_class.get(label, 0.0) + event.device_time_total / 1e6
+            entry = by_name.setdefault(event.name[:100], [0.0, 0])
+            entry[0] += event.device_time_total / 1e6
+            entry[1] += 1
     busy = sum(by_class.values())
     row = {label: round(seconds, 2) for label, seconds in sorted(by_class.items(), key=lambda kv: -kv[1])}
     print(json.dumps({"gpu_busy_s": round(busy, 2), "wall_s": round(elapsed, 2), "kernel_seconds": row}))
+    # The kernels themselves (seconds, launches): which GEMM shapes and which small kernels the classes hold.
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
+    print(json.dumps({"top_kernels": [[name, round(s, 3), n] for name, (s, n) in top]}))
     return elapsed, results
 
 
