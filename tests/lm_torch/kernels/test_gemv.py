@@ -47,3 +47,28 @@ def test_single_row_linear_replaces_plain_linears(dtype):
     for x, want in zip(inputs, expected, strict=True):  # one row: the GEMV; five rows: cuBLAS as before
         got = model(x).float()
         torch.testing.assert_close(got, want, atol=2e-2 * (1 + want.abs().max().item()), rtol=0)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(2, 70, 300), (5, 128, 256), (16, 96, 512), (33, 64, 128)])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_skinny_gemm_matches_reference(case, m, n, k, split_k):
+    from lm_torch.kernels.gemv import skinny_gemm
+
+    gen = torch.Generator().manual_seed(m * n * k + split_k)
+    x = case.randn(m, k, generator=gen)
+    weight = case.randn(n, k, generator=gen, scale=0.05)
+    # On the CPU small tiles (the interpreter's time); N and K not multiples of them take the masked loads.
+    block_n, block_k = (32, 64) if case.device == "cpu" else (64, 128)
+    out = skinny_gemm(x, weight, block_n=block_n, block_k=block_k, split_k=split_k)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    case.assert_close(out, reference.linear(x, weight), case.elementwise_tol)
+
+
+def test_skinny_gemm_rejects_bad_shapes(case):
+    from lm_torch.kernels.gemv import skinny_gemm
+
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match="skinny_gemm"):
+        skinny_gemm(case.randn(2, 8, generator=gen), case.randn(4, 9, generator=gen))
+    with pytest.raises(ValueError, match="skinny_gemm"):
+        skinny_gemm(case.randn(8, generator=gen), case.randn(4, 8, generator=gen))

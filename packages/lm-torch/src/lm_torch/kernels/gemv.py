@@ -96,3 +96,105 @@ def gemv(
         **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype) if splits > 1 else out
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    m,
+    n,
+    k,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    k_per_split,
+    BLOCK_M: tl.constexpr,  # the rows, padded to a power of two >= 16 (a dot's smallest operand)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,  # N a multiple of BLOCK_N and K of BLOCK_K: no masks on W
+    ATOMIC: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # W is the dot's first operand ([BLOCK_N, BLOCK_K] from memory, the features along the MMA's M) and the few rows
+    # of x its second: the tensor cores take a tile of 64+ features, so padding x's rows costs no extra weight reads.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    features = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    first = pid_k * k_per_split
+    w_rows = w_ptr + features[:, None].to(tl.int64) * stride_wn
+    x_rows = x_ptr + rows[None, :] * stride_xm
+    ks = first + cols
+    if EVEN:
+        w = tl.load(w_rows + ks[None, :])
+    else:
+        w = tl.load(w_rows + ks[None, :], mask=(features[:, None] < n) & (ks[None, :] < k), other=0.0)
+    pdl_wait(PDL)  # W is never written, so its first tile loads before the kernel before this one has finished
+    pdl_trigger(PDL)
+    x_t = tl.load(x_rows + ks[:, None], mask=(rows[None, :] < m) & (ks[:, None] < k), other=0.0)  # [BLOCK_K, BLOCK_M]
+    acc = tl.dot(w, x_t)  # [BLOCK_N, BLOCK_M] float32
+    for start in range(first + BLOCK_K, first + k_per_split, BLOCK_K):
+        ks = start + cols
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=(features[:, None] < n) & (ks[None, :] < k), other=0.0)
+        x_t = tl.load(x_rows + ks[:, None], mask=(rows[None, :] < m) & (ks[:, None] < k), other=0.0)
+        acc = tl.dot(w, x_t, acc)
+    dst = out_ptr + rows[None, :] * stride_om + features[:, None]
+    mask = (rows[None, :] < m) & (features[:, None] < n)
+    if ATOMIC:
+        tl.atomic_add(dst, acc, mask=mask)
+    else:
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def skinny_gemm(
+    x: torch.Tensor,  # [M, K], M small (a decode step's rows)
+    weight: torch.Tensor,  # [N, K], K contiguous
+    *,
+    block_n: int = 64,
+    block_k: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    split_k: int = 1,
+) -> torch.Tensor:  # [M, N] in x's dtype
+    """x @ weight^T for a few rows on the tensor cores, streaming W once (float32 accumulation)."""
+    check_cuda_or_interpreter(x, weight)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
+        raise ValueError(f"skinny_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]")
+    if weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("skinny_gemm: K must be the contiguous dimension of x and weight")
+    m, k = x.shape
+    n = weight.shape[0]
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    even = n % block_n == 0 and k % k_per_split == 0
+    # With split-K the programs add into a zeroed float32 buffer.
+    out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((m, n))
+    pdl = pdl_enabled(x.device) and splits == 1
+    _skinny_kernel[(triton.cdiv(n, block_n), splits)](
+        x,
+        weight,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        k_per_split,
+        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN=even,
+        ATOMIC=splits > 1,
+        PDL=pdl,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return out.to(x.dtype) if splits > 1 else out
