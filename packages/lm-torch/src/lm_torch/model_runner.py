@@ -135,11 +135,11 @@ class ModelRunner:
         measured, the KV cache planned and allocated, the decode graphs captured (each phase timed)."""
         from lm_torch.attention import TritonAttentionBackend
         from lm_torch.kernels.prefill_attention import tokens_per_tile
-        from lm_torch.layers.cuda_linear import use_gemv_linears, warm_up_gemms
+        from lm_torch.layers.cuda_linear import use_small_batch_linears, warm_up_gemms
         from lm_torch.step_inputs import EagerInputs, GraphInputs, PinnedStaging, eager_token_bucket
 
         cfg = self.config
-        use_gemv_linears(self.model)
+        use_small_batch_linears(self.model)
         backend = TritonAttentionBackend()
         layers = self.model.attention_layers()
         for layer in layers:

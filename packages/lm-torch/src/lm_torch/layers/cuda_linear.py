@@ -1,9 +1,10 @@
-"""Linear layers that take the Triton GEMV for one-row inputs on CUDA: the projections of a batch-1 decode step.
+"""Linear layers that take Triton kernels for the few-row inputs of decode steps on CUDA.
 
-A batch-1 step reads every weight once for a single row, so its linear layers are matrix-vector products bound by
-memory bandwidth. cuBLASLt runs them at 2.1-2.9 TB/s on an H100 (split-K kernels and a reduction for the square and
-tall-K shapes); `kernels.gemv` at 2.4-3.1 TB/s (`benchmarks/RESULTS.md`). Inputs of more rows, other dtypes and
-other devices go to `torch.nn.functional.linear` as before.
+A small-batch step reads every weight once for a few rows, so its linear layers are bound by memory bandwidth.
+cuBLASLt runs one row at 2.1-2.9 TB/s on an H100 (split-K kernels and a reduction for the square and tall-K shapes);
+`kernels.gemv.gemv` at 2.4-3.1 TB/s (`benchmarks/RESULTS.md`). From 2 to `SKINNY_MAX_ROWS` rows,
+`kernels.gemv.skinny_gemm` runs the shapes its tuning table has a launch for (`skinny_config`). Everything else
+(more rows, shapes the table leaves to cuBLAS, other dtypes and devices) goes to `torch.nn.functional.linear`.
 """
 
 from __future__ import annotations
@@ -13,32 +14,42 @@ import torch.nn.functional as F
 from torch import nn
 
 HALF_TYPES = (torch.bfloat16, torch.float16)
+# The most rows the Triton kernels take (decode graphs of up to this many rows); cuBLAS above.
+SKINNY_MAX_ROWS = 64
 
 
-class SingleRowLinear(nn.Linear):
-    """nn.Linear whose one-row half-precision CUDA inputs go through `kernels.gemv.gemv`."""
+class SmallBatchLinear(nn.Linear):
+    """nn.Linear whose one-row half-precision CUDA inputs go through `kernels.gemv.gemv`, and inputs of a few rows
+    through `kernels.gemv.skinny_gemm` where its tuning table has the shape."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
-            from lm_torch.kernels.gemv import gemv
+        rows = x.numel() // self.in_features
+        if rows <= SKINNY_MAX_ROWS and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
+            from lm_torch.kernels.gemv import gemv, skinny_config, skinny_gemm
 
-            y = gemv(x.reshape(1, self.in_features).contiguous(), self.weight)  # [1, out]
+            flat = x.reshape(rows, self.in_features).contiguous()
+            if rows == 1:
+                y = gemv(flat, self.weight)  # [1, out]
+            elif (launch := skinny_config(rows, self.out_features, self.in_features)) is not None:
+                y = skinny_gemm(flat, self.weight, **launch)
+            else:
+                return F.linear(x, self.weight, self.bias)
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
-def use_gemv_linears(model: nn.Module) -> int:
-    """Give every plain half-precision nn.Linear of a loaded CUDA model the GEMV path (same parameters, shared ties
-    included); returns how many. Quantized and other linear modules are left as they are."""
+def use_small_batch_linears(model: nn.Module) -> int:
+    """Give every plain half-precision nn.Linear of a loaded CUDA model the small-batch path (same parameters, shared
+    ties included); returns how many. Quantized and other linear modules are left as they are."""
     count = 0
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.weight.dtype not in HALF_TYPES or not module.weight.is_cuda:
             continue
         if module.weight.stride(1) != 1:
             continue
-        replacement = SingleRowLinear(module.in_features, module.out_features, bias=False, device="meta")
+        replacement = SmallBatchLinear(module.in_features, module.out_features, bias=False, device="meta")
         replacement.weight = module.weight
         replacement.bias = module.bias
         parent_name, _, child = name.rpartition(".")
