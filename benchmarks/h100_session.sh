@@ -19,8 +19,8 @@
 #               int8 and int4 caches; raggedsweep: the int8 cache through every launch shape and conversion;
 #               splitsweep: split counts x split_tokens at batches 16-256, bf16 and int8
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
-#   skinny      linear layers at 2-64 rows: cuBLASLt against the Triton skinny GEMM's launch shapes; the fastest go
-#               to $OUT/skinny_tuning.json, which tput1000k (tput1000 with it) then runs with (run skinny first)
+#   gemm        linear layers at 2-256 rows: cuBLASLt against the Triton skinny and tiled GEMMs' launch shapes; the
+#               fastest go to $OUT/gemm_tuning.json, which tput1000k (tput1000 with it) then runs with (gemm first)
 # Issue #7's quantized kernels (not in the default list):
 #   sweep       W4A16 launch shapes at the 8B shapes against cuBLAS bf16 (benchmarks/w4a16.py; rows $SWEEP_ROWS, default
 #               1,16,2048); the fastest go to
@@ -88,8 +88,8 @@ for stage in $stages; do
     splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
       --splits-sweep ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
-    skinny) run skinny 240 python3 benchmarks/gemv.py --rows 2 8 16 32 64 --write-tuning "$OUT/skinny_tuning.json" ;;
-    tput1000k) LM_TORCH_SKINNY_TUNING="$OUT/skinny_tuning.json" run tput1000k 200 python3 benchmarks/throughput.py \
+    gemm) run gemm 300 python3 benchmarks/gemm.py --rows 2 8 16 32 64 128 192 256 --write-tuning "$OUT/gemm_tuning.json" ;;
+    tput1000k) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run tput1000k 200 python3 benchmarks/throughput.py \
       $MODEL --num-prompts 1000 --max-output-len 0 --concurrency 256 ;;
     sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows "${SWEEP_ROWS:-1,16,2048}" --write-tuning "$OUT/w4a16_tuning.json" ;;
     awq) [ -f "$OUT/w4a16_tuning.json" ] && export LM_TORCH_W4A16_TUNING="$OUT/w4a16_tuning.json"  # the sweep's

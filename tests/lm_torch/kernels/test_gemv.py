@@ -38,31 +38,38 @@ def test_gemv_rejects_bad_shapes(case):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_small_batch_linear_replaces_plain_linears(dtype, tmp_path, monkeypatch):
-    from lm_torch.kernels import gemv
+    from lm_torch.kernels import gemm, gemv
     from lm_torch.layers.cuda_linear import SmallBatchLinear, use_small_batch_linears
 
-    # A tuning table with a launch for up to 8 rows of the first layer's shape and cuBLAS for the second's.
-    launch = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "split_k": 1}
-    (tmp_path / "t.json").write_text(json.dumps({"configs": {"8:520:256": launch, "8:64:520": None}}))
-    monkeypatch.setenv(gemv.SKINNY_TUNING_ENV, str(tmp_path / "t.json"))
-    calls, skinny_gemm = [], gemv.skinny_gemm
+    # A tuning table: the skinny GEMM for up to 8 rows of the first layer's shape, the tiled one up to 16 rows of
+    # the second's, cuBLAS beyond.
+    skinny = {"kernel": "skinny", "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "split_k": 1}
+    tiled = {"kernel": "tiled", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
+    table = {"8:520:256": skinny, "16:64:520": tiled, "32:64:520": None}
+    (tmp_path / "t.json").write_text(json.dumps({"configs": table}))
+    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(tmp_path / "t.json"))
+    calls = []
 
-    def recorded(*args, **kwargs):  # the real kernel, its launches noted
-        calls.append(kwargs)
-        return skinny_gemm(*args, **kwargs)
+    def recorded(kernel, label):  # the real kernel, its launches noted
+        def run(*args, **kwargs):
+            calls.append(label)
+            return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(gemv, "skinny_gemm", recorded)
+        return run
+
+    monkeypatch.setattr(gemv, "skinny_gemm", recorded(gemv.skinny_gemm, "skinny_gemm"))
+    monkeypatch.setattr(gemm, "tiled_gemm", recorded(gemm.tiled_gemm, "tiled_gemm"))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 520, bias=True), torch.nn.Linear(520, 64, bias=False))
     model = model.to("cuda", dtype)
-    inputs = [torch.randn(rows, 256, device="cuda", dtype=dtype) for rows in (1, 5, 9)]
+    inputs = [torch.randn(rows, 256, device="cuda", dtype=dtype) for rows in (1, 5, 9, 20)]
     expected = [model(x).float() for x in inputs]
     assert use_small_batch_linears(model) == 2 and all(isinstance(m, SmallBatchLinear) for m in model)
-    # One row: the GEMV; five rows: the skinny GEMM in the first layer, cuBLAS in the second; nine: cuBLAS.
+    # One row: the GEMV; 5 rows: skinny, tiled; 9: cuBLAS, tiled; 20: cuBLAS in both.
     for x, want in zip(inputs, expected, strict=True):
         got = model(x).float()
         torch.testing.assert_close(got, want, atol=2e-2 * (1 + want.abs().max().item()), rtol=0)
-    assert calls == [launch]
+    assert calls == ["skinny_gemm", "tiled_gemm", "tiled_gemm"]
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(2, 70, 300), (5, 128, 256), (16, 96, 512), (33, 64, 128)])
@@ -88,26 +95,3 @@ def test_skinny_gemm_rejects_bad_shapes(case):
         skinny_gemm(case.randn(2, 8, generator=gen), case.randn(4, 9, generator=gen))
     with pytest.raises(ValueError, match="skinny_gemm"):
         skinny_gemm(case.randn(8, generator=gen), case.randn(4, 8, generator=gen))
-
-
-def test_skinny_config_reads_the_tuning_table(tmp_path, monkeypatch):
-    from lm_torch.kernels import gemv
-
-    launch = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4, "split_k": 1}
-    table = {"configs": {"8:4096:1024": launch, "32:4096:1024": None, "64:4096:1024": dict(launch, split_k=2)}}
-    path = tmp_path / "skinny.json"
-    path.write_text(json.dumps(table))
-    monkeypatch.setenv(gemv.SKINNY_TUNING_ENV, str(path))
-    assert gemv.skinny_config(2, 4096, 1024) == launch  # the fewest measured rows at or above
-    assert gemv.skinny_config(8, 4096, 1024) == launch
-    assert gemv.skinny_config(9, 4096, 1024) is None  # cuBLAS won at 32 rows
-    assert gemv.skinny_config(40, 4096, 1024)["split_k"] == 2
-    assert gemv.skinny_config(65, 4096, 1024) is None  # more rows than measured
-    assert gemv.skinny_config(8, 4096, 2048) is None  # a shape the table lacks
-    monkeypatch.setenv(gemv.SKINNY_TUNING_ENV, "none")
-    assert gemv.skinny_config(8, 4096, 1024) is None
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"configs": {"8:4096:1024": {"block_n": 64}}}))
-    monkeypatch.setenv(gemv.SKINNY_TUNING_ENV, str(bad))
-    with pytest.raises(ValueError, match="block_k"):
-        gemv.skinny_config(8, 4096, 1024)

@@ -12,11 +12,6 @@ reduction for the square and the tall-K shapes): `layers.cuda_linear.SingleRowLi
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-from pathlib import Path
-
 import torch
 import triton
 import triton.language as tl
@@ -203,37 +198,3 @@ def skinny_gemm(
         **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype) if splits > 1 else out
-
-
-# The skinny GEMM's launch per (rows, N, K): the JSON `benchmarks/gemv.py --rows ... --write-tuning` writes, from
-# $LM_TORCH_SKINNY_TUNING, else kernels/skinny_tuning.json; "none" turns the kernel off (cuBLAS for every shape).
-SKINNY_TUNING_ENV = "LM_TORCH_SKINNY_TUNING"
-SKINNY_LAUNCH_KEYS = ("block_n", "block_k", "num_warps", "num_stages", "split_k")
-
-
-@functools.cache
-def _skinny_table(path: str) -> dict[tuple[int, int], list[tuple[int, dict | None]]]:
-    """(N, K) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the tuning file at `path`."""
-    if path == "none" or not Path(path).is_file():
-        return {}
-    configs = json.loads(Path(path).read_text())["configs"]
-    table: dict[tuple[int, int], list[tuple[int, dict | None]]] = {}
-    for key, launch in configs.items():
-        try:
-            rows, n, k = (int(part) for part in key.split(":"))
-        except ValueError:
-            raise ValueError(f"{path}: skinny tuning keys are 'rows:N:K', got {key!r}") from None
-        if launch is not None and sorted(launch) != sorted(SKINNY_LAUNCH_KEYS):
-            raise ValueError(f"{path}: the launch of {key!r} must name {', '.join(SKINNY_LAUNCH_KEYS)} (or be null)")
-        table.setdefault((n, k), []).append((rows, launch))
-    return {shape: sorted(entries, key=lambda e: e[0]) for shape, entries in table.items()}
-
-
-def skinny_config(rows: int, n: int, k: int) -> dict | None:
-    """`skinny_gemm`'s keyword launch arguments for `rows` rows of an N x K weight: the entry of the fewest rows
-    measured at or above `rows`; None (cuBLAS) where the table has no such entry or measured cuBLAS faster."""
-    path = os.environ.get(SKINNY_TUNING_ENV) or str(Path(__file__).with_name("skinny_tuning.json"))
-    for measured, launch in _skinny_table(path).get((n, k), []):
-        if measured >= rows:
-            return launch
-    return None

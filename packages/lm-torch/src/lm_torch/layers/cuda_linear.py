@@ -2,9 +2,10 @@
 
 A small-batch step reads every weight once for a few rows, so its linear layers are bound by memory bandwidth.
 cuBLASLt runs one row at 2.1-2.9 TB/s on an H100 (split-K kernels and a reduction for the square and tall-K shapes);
-`kernels.gemv.gemv` at 2.4-3.1 TB/s (`benchmarks/RESULTS.md`). From 2 to `SKINNY_MAX_ROWS` rows,
-`kernels.gemv.skinny_gemm` runs the shapes its tuning table has a launch for (`skinny_config`). Everything else
-(more rows, shapes the table leaves to cuBLAS, other dtypes and devices) goes to `torch.nn.functional.linear`.
+`kernels.gemv.gemv` at 2.4-3.1 TB/s (`benchmarks/RESULTS.md`). From 2 to `SMALL_BATCH_MAX_ROWS` rows the kernel
+of the GEMM tuning table runs (`kernels.gemm.gemm_launch`: the skinny or the tiled Triton GEMM), where it has one
+for the shape. Everything else (more rows, shapes the table leaves to cuBLAS, other dtypes and devices) goes to
+`torch.nn.functional.linear`.
 """
 
 from __future__ import annotations
@@ -14,24 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 
 HALF_TYPES = (torch.bfloat16, torch.float16)
-# The most rows the Triton kernels take (decode graphs of up to this many rows); cuBLAS above.
-SKINNY_MAX_ROWS = 64
+# The most rows the Triton kernels take (a decode graph's largest bucket by default); cuBLAS above.
+SMALL_BATCH_MAX_ROWS = 256
 
 
 class SmallBatchLinear(nn.Linear):
-    """nn.Linear whose one-row half-precision CUDA inputs go through `kernels.gemv.gemv`, and inputs of a few rows
-    through `kernels.gemv.skinny_gemm` where its tuning table has the shape."""
+    """nn.Linear whose one-row half-precision CUDA inputs go through `kernels.gemv.gemv`, and inputs of up to
+    `SMALL_BATCH_MAX_ROWS` rows through the Triton GEMM the tuning table names for the shape, if any."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= SKINNY_MAX_ROWS and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
-            from lm_torch.kernels.gemv import gemv, skinny_config, skinny_gemm
+        if rows <= SMALL_BATCH_MAX_ROWS and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
+            from lm_torch.kernels.gemm import gemm_launch
+            from lm_torch.kernels.gemv import gemv
 
             flat = x.reshape(rows, self.in_features).contiguous()
             if rows == 1:
                 y = gemv(flat, self.weight)  # [1, out]
-            elif (launch := skinny_config(rows, self.out_features, self.in_features)) is not None:
-                y = skinny_gemm(flat, self.weight, **launch)
+            elif (launch := gemm_launch(rows, self.out_features, self.in_features)) is not None:
+                kernel, kwargs = launch
+                y = kernel(flat, self.weight, **kwargs)
             else:
                 return F.linear(x, self.weight, self.bias)
             if self.bias is not None:

@@ -1,0 +1,121 @@
+"""Linear layers of Llama-3-8B at decode-step row counts on a GPU: cuBLASLt against lm-torch's Triton GEMMs.
+
+Times y = x @ W^T (bf16) for each projection shape and row count as CUDA-graph replays over enough weight copies
+that none stays in L2, for cuBLASLt (torch's default), `kernels.gemv.skinny_gemm` (up to 64 rows) and
+`kernels.gemm.tiled_gemm` at a few launch shapes each, checks every candidate against a float32 product, and prints
+the time, the read bandwidth and the FLOP rate of the fastest. With --write-tuning the fastest launch of each
+(rows, shape) goes to the table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won).
+
+    python benchmarks/gemm.py [--rows 2 8 16 32 64 96 128 192 256] [--write-tuning FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+# (name, out_features, in_features) of Llama-3-8B's projections (q/k/v and gate/up fused, as lm-torch runs them).
+SHAPES = [
+    ("qkv", 6144, 4096),
+    ("o", 4096, 4096),
+    ("gate_up", 28672, 4096),
+    ("down", 4096, 14336),
+    ("lm_head", 128256, 4096),
+]
+L2_BYTES = 50 * 1024**2
+SKINNY_MAX_ROWS = 64
+SKINNY = [  # (block_n, block_k, num_warps, num_stages, split_k)
+    (64, 256, 4, 3, 1),
+    (64, 128, 4, 4, 1),
+    (32, 128, 4, 4, 1),
+    (128, 128, 8, 4, 1),
+    (64, 128, 4, 4, 2),
+]
+TILED_MIN_ROWS = 32
+TILED = [  # (block_m, block_n, block_k, num_warps, num_stages)
+    (64, 128, 64, 4, 4),
+    (64, 256, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (64, 64, 128, 4, 4),
+    (128, 64, 128, 4, 3),
+]
+
+
+def time_us(fn, weights, x) -> float:
+    import triton.testing
+
+    def run():
+        for w in weights:
+            fn(x, w)
+
+    return triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median") * 1000 / len(weights)
+
+
+def candidates(rows: int):
+    """(label, table entry, function) of every Triton launch tried at `rows` rows."""
+    from lm_torch.kernels.gemm import LAUNCH_KEYS, tiled_gemm
+    from lm_torch.kernels.gemv import skinny_gemm
+
+    if rows <= SKINNY_MAX_ROWS:
+        for launch in SKINNY:
+            kwargs = dict(zip(LAUNCH_KEYS["skinny"], launch, strict=True))
+            yield "skinny " + "/".join(map(str, launch)), {"kernel": "skinny", **kwargs}, skinny_gemm, kwargs
+    if rows >= TILED_MIN_ROWS:
+        for launch in TILED:
+            kwargs = dict(zip(LAUNCH_KEYS["tiled"], launch, strict=True))
+            yield "tiled " + "/".join(map(str, launch)), {"kernel": "tiled", **kwargs}, tiled_gemm, kwargs
+
+
+def main() -> None:
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[2, 8, 16, 32, 64, 96, 128, 192, 256])
+    parser.add_argument("--write-tuning", default=None, help="write the fastest launches here (JSON)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    table: dict[str, dict | None] = {}
+    for name, n, k in SHAPES:
+        copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in args.rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            reference = torch.nn.functional.linear(x.float(), weights[0].float())
+            tolerance = 0.02 * (1 + reference.abs().max().item())
+            row = {"shape": name, "rows": m, "cublaslt": round(time_us(torch.nn.functional.linear, weights, x), 2)}
+            best = ("cublaslt", row["cublaslt"], None)
+            for label, entry, kernel, kwargs in candidates(m):
+
+                def run(a, w, kernel=kernel, kwargs=kwargs):
+                    return kernel(a, w, **kwargs)
+
+                try:
+                    error = (run(x, weights[0]).float() - reference).abs().max().item()
+                except triton.runtime.errors.OutOfResources:
+                    row[label] = "too large"
+                    continue
+                if error > tolerance:
+                    row[label] = f"wrong (max error {error:.3g})"
+                    continue
+                row[label] = round(time_us(run, weights, x), 2)
+                if row[label] < best[1]:
+                    best = (label, row[label], entry)
+            seconds = best[1] * 1e-6
+            row["best"] = best[0]
+            row["best_TBps"] = round(n * k * 2 / seconds / 1e12, 2)
+            row["best_TFLOPs"] = round(2 * m * n * k / seconds / 1e12, 1)
+            row["vs_cublaslt"] = round(row["cublaslt"] / best[1], 3)
+            print(json.dumps(row), flush=True)
+            table[f"{m}:{n}:{k}"] = best[2]
+            if args.write_tuning:  # after every row: a sweep cut short still leaves its table
+                with open(args.write_tuning, "w") as f:
+                    device = torch.cuda.get_device_name()
+                    json.dump({"device": device, "torch": torch.__version__, "configs": table}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

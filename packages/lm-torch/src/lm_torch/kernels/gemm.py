@@ -1,0 +1,164 @@
+"""y = x @ W^T for the row counts of decode steps (2 to a few hundred rows), and the table that picks its kernel.
+
+A decode step of 2-256 rows multiplies every weight by few rows: up to ~64 rows the product is bound by reading W,
+beyond that by the tensor cores, and in between both matter. cuBLAS's choices there leave time on the table on an
+H100 (`benchmarks/gemm.py`): at ~225 rows Llama-3-8B's gate_up product ran at about half of what either limit
+allows. Two Triton kernels:
+
+- `kernels.gemv.skinny_gemm` (up to 64 rows): W the dot's first operand, the rows padded to 16; one program per
+  block of output features streams its rows of W once.
+- `tiled_gemm` (any rows): output tiles of block_m rows x block_n features, numbered row tile fastest, so the
+  programs that need the same tile of W run side by side and all but the first find it in L2: W comes from memory
+  about once however many row tiles there are.
+
+`gemm_launch(rows, N, K)` looks the shape up in the tuning table `benchmarks/gemm.py --write-tuning` writes
+($LM_TORCH_GEMM_TUNING, else kernels/gemm_tuning.json; "none": cuBLAS everywhere); `layers.cuda_linear` calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from lm_torch.kernels.common import check_cuda_or_interpreter, pdl_enabled, pdl_trigger, pdl_wait
+
+
+@triton.jit
+def _tiled_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    m,
+    n,
+    k,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,  # N a multiple of BLOCK_N and K of BLOCK_K: no masks on W
+    PDL: tl.constexpr,
+):
+    # Row tiles fastest: the row tiles of one feature tile are consecutive programs, which the GPU runs together.
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(m, BLOCK_M)
+    pid_m = pid % row_tiles
+    pid_n = pid // row_tiles
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    features = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + features[:, None].to(tl.int64) * stride_wn
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    row_mask = rows[:, None] < m
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, k, BLOCK_K):
+        ks = start + cols
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])
+            x = tl.load(x_rows + ks[None, :], mask=row_mask, other=0.0)
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=(features[:, None] < n) & (ks[None, :] < k), other=0.0)
+            x = tl.load(x_rows + ks[None, :], mask=row_mask & (ks[None, :] < k), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    dst = out_ptr + rows[:, None].to(tl.int64) * stride_om + features[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_mask & (features[None, :] < n))
+
+
+def tiled_gemm(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K], K contiguous
+    *,
+    block_m: int = 128,
+    block_n: int = 128,
+    block_k: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> torch.Tensor:  # [M, N] in x's dtype
+    """x @ weight^T in output tiles whose programs sharing a tile of W run together (float32 accumulation)."""
+    check_cuda_or_interpreter(x, weight)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
+        raise ValueError(f"tiled_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]")
+    if weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("tiled_gemm: K must be the contiguous dimension of x and weight")
+    m, k = x.shape
+    n = weight.shape[0]
+    out = x.new_empty((m, n))
+    pdl = pdl_enabled(x.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _tiled_kernel[grid](
+        x,
+        weight,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN=n % block_n == 0 and k % block_k == 0,
+        PDL=pdl,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+GEMM_TUNING_ENV = "LM_TORCH_GEMM_TUNING"
+# Each kernel's launch arguments, as the tuning table names them.
+LAUNCH_KEYS = {
+    "skinny": ("block_n", "block_k", "num_warps", "num_stages", "split_k"),
+    "tiled": ("block_m", "block_n", "block_k", "num_warps", "num_stages"),
+}
+
+
+@functools.cache
+def _tuning_table(path: str) -> dict[tuple[int, int], list[tuple[int, dict | None]]]:
+    """(N, K) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the tuning file at `path`."""
+    if path == "none" or not Path(path).is_file():
+        return {}
+    configs = json.loads(Path(path).read_text())["configs"]
+    table: dict[tuple[int, int], list[tuple[int, dict | None]]] = {}
+    for key, launch in configs.items():
+        try:
+            rows, n, k = (int(part) for part in key.split(":"))
+        except ValueError:
+            raise ValueError(f"{path}: GEMM tuning keys are 'rows:N:K', got {key!r}") from None
+        if launch is not None:
+            names = LAUNCH_KEYS.get(launch.get("kernel"))
+            if names is None or sorted(launch) != sorted(("kernel", *names)):
+                raise ValueError(
+                    f"{path}: the launch of {key!r} must be null or name a kernel ({', '.join(LAUNCH_KEYS)}) and "
+                    f"exactly its arguments ({'; '.join(', '.join(v) for v in LAUNCH_KEYS.values())})"
+                )
+        table.setdefault((n, k), []).append((rows, launch))
+    return {shape: sorted(entries, key=lambda e: e[0]) for shape, entries in table.items()}
+
+
+def gemm_launch(rows: int, n: int, k: int):
+    """(kernel function, its keyword arguments) for `rows` rows of an N x K weight: the table's entry of the fewest
+    rows measured at or above `rows`; None (cuBLAS) where there is no such entry or cuBLAS measured fastest."""
+    path = os.environ.get(GEMM_TUNING_ENV) or str(Path(__file__).with_name("gemm_tuning.json"))
+    for measured, launch in _tuning_table(path).get((n, k), []):
+        if measured >= rows:
+            if launch is None:
+                return None
+            args = {name: value for name, value in launch.items() if name != "kernel"}
+            if launch["kernel"] == "skinny":
+                from lm_torch.kernels.gemv import skinny_gemm
+
+                return skinny_gemm, args
+            return tiled_gemm, args
+    return None

@@ -1,0 +1,67 @@
+"""The tiled GEMM against the float32 reference, and the tuning table that picks the small-batch kernels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lm_torch.kernels import reference
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(2, 70, 300), (40, 128, 256), (130, 96, 512)])
+def test_tiled_gemm_matches_reference(case, m, n, k):
+    from lm_torch.kernels.gemm import tiled_gemm
+
+    gen = torch.Generator().manual_seed(m * n * k)
+    x = case.randn(m, k, generator=gen)
+    weight = case.randn(n, k, generator=gen, scale=0.05)
+    # Several row and feature tiles, with partial ones (masked rows, features and K) at these sizes.
+    tiles = {"block_m": 32, "block_n": 32, "block_k": 32} if case.device == "cpu" else {"block_m": 64, "block_n": 64}
+    out = tiled_gemm(x, weight, **tiles)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    case.assert_close(out, reference.linear(x, weight), case.elementwise_tol)
+
+
+def test_tiled_gemm_rejects_bad_shapes(case):
+    from lm_torch.kernels.gemm import tiled_gemm
+
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match="tiled_gemm"):
+        tiled_gemm(case.randn(2, 8, generator=gen), case.randn(4, 9, generator=gen))
+    with pytest.raises(ValueError, match="tiled_gemm"):
+        tiled_gemm(case.randn(8, generator=gen), case.randn(4, 8, generator=gen))
+
+
+def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
+    from lm_torch.kernels import gemm
+    from lm_torch.kernels.gemv import skinny_gemm
+
+    skinny = {"kernel": "skinny", "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4, "split_k": 1}
+    tiled = {"kernel": "tiled", "block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}
+    table = {"8:4096:1024": skinny, "32:4096:1024": None, "256:4096:1024": tiled}
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps({"configs": table}))
+    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(path))
+    skinny_args = {key: value for key, value in skinny.items() if key != "kernel"}
+    assert gemm.gemm_launch(2, 4096, 1024) == (skinny_gemm, skinny_args)  # the fewest measured rows at or above
+    assert gemm.gemm_launch(8, 4096, 1024) == (skinny_gemm, skinny_args)
+    assert gemm.gemm_launch(9, 4096, 1024) is None  # cuBLAS won at 32 rows
+    kernel, args = gemm.gemm_launch(200, 4096, 1024)
+    assert kernel is gemm.tiled_gemm and args["block_m"] == 128 and "kernel" not in args
+    assert gemm.gemm_launch(257, 4096, 1024) is None  # more rows than measured
+    assert gemm.gemm_launch(8, 4096, 2048) is None  # a shape the table lacks
+    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, "none")
+    assert gemm.gemm_launch(8, 4096, 1024) is None
+    for bad in ({"kernel": "tiled", "block_m": 64}, {"kernel": "mystery"}, {**skinny, "block_m": 1}):
+        bad_path = tmp_path / "bad.json"
+        bad_path.write_text(json.dumps({"configs": {"8:4096:1024": bad}}))
+        gemm._tuning_table.cache_clear()
+        monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(bad_path))
+        with pytest.raises(ValueError, match="must be null or name a kernel"):
+            gemm.gemm_launch(8, 4096, 1024)
+    bad_path.write_text(json.dumps({"configs": {"8x4096": None}}))
+    gemm._tuning_table.cache_clear()
+    with pytest.raises(ValueError, match="rows:N:K"):
+        gemm.gemm_launch(8, 4096, 1024)
