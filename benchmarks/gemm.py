@@ -6,7 +6,7 @@ that none stays in L2, for cuBLASLt (torch's default), `kernels.gemv.skinny_gemm
 the time, the read bandwidth and the FLOP rate of the fastest. With --write-tuning the fastest launch of each
 (rows, shape) goes to the table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won).
 
-    python benchmarks/gemm.py [--rows 2 8 16 32 64 96 128 192 256] [--write-tuning FILE]
+    python benchmarks/gemm.py [--rows 2 16 64 128 192 256] [--write-tuning FILE]
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ SKINNY_MAX_ROWS = 64
 SKINNY = [  # (block_n, block_k, num_warps, num_stages, split_k)
     (64, 256, 4, 3, 1),
     (64, 128, 4, 4, 1),
-    (32, 128, 4, 4, 1),
     (128, 128, 8, 4, 1),
-    (64, 128, 4, 4, 2),
 ]
 TILED_MIN_ROWS = 32
 TILED = [  # (block_m, block_n, block_k, num_warps, num_stages)
@@ -40,8 +38,6 @@ TILED = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (128, 128, 64, 4, 4),
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
-    (64, 64, 128, 4, 4),
-    (128, 64, 128, 4, 3),
 ]
 
 
@@ -74,7 +70,7 @@ def main() -> None:
     import triton
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[2, 8, 16, 32, 64, 96, 128, 192, 256])
+    parser.add_argument("--rows", type=int, nargs="+", default=[2, 16, 64, 128, 192, 256])
     parser.add_argument("--write-tuning", default=None, help="write the fastest launches here (JSON)")
     args = parser.parse_args()
     torch.manual_seed(0)

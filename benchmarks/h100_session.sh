@@ -13,7 +13,8 @@
 #   tput1000s   tput1000 with the graphs' decode split plan LM_TORCH_DECODE_SPLITS=$DECODE_SPLITS (default 4:256)
 #   ltests      lm-lite on CUDA, the quantized layers and the KV-cache quantization through the engine
 #   alltests    every GPU test of the repository (engine, families, kernels, KV quantization, quantized layers,
-#               lm-lite on CUDA) in $PYTEST_WORKERS (default 12) pytest-xdist processes sharing the GPU
+#               lm-lite on CUDA) in $PYTEST_WORKERS (default 12) pytest-xdist processes sharing the GPU;
+#               alltestsk: the same with the gemm stage's tuning table
 #   ktests      the GPU kernel tests of the attention and W4A16 kernels only (a quick check after kernel changes)
 #   ragged      decode attention on the context lengths of real throughput steps (benchmarks/decode_ragged.py), bf16,
 #               int8 and int4 caches; raggedsweep: the int8 cache through every launch shape and conversion;
@@ -55,6 +56,10 @@ run() {  # name, seconds, command...
   grep -E '^\{|lm-torch:|passed|failed|error|Error' "$OUT/$name.log" | tail -n 25 | tee -a "$OUT/summary.txt"
 }
 
+ALLTESTS=(python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 -n "${PYTEST_WORKERS:-12}"
+  tests/lm_torch/test_gpu_engine.py tests/lm_torch/test_model_families.py tests/lm_torch/kernels
+  tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py tests/lm_lite/test_gpu.py)
+
 for stage in $stages; do
   case $stage in
     tests) run tests 240 python3 -m pytest -q -s -m gpu -p no:cacheprovider --timeout 120 \
@@ -75,9 +80,8 @@ for stage in $stages; do
       --max-output-len 0 --concurrency 256 --profile --step-trace "$OUT/step_trace.json" ;;
     tput1000q8) run tput1000q8 200 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 --max-output-len 0 \
       --concurrency 256 --engine-config '{"quant_policy": 8}' ;;
-    alltests) run alltests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 -n "${PYTEST_WORKERS:-12}" \
-      tests/lm_torch/test_gpu_engine.py tests/lm_torch/test_model_families.py tests/lm_torch/kernels \
-      tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py tests/lm_lite/test_gpu.py ;;
+    alltests) run alltests 300 "${ALLTESTS[@]}" ;;
+    alltestsk) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run alltestsk 300 "${ALLTESTS[@]}" ;;
     ktests) run ktests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
       tests/lm_torch/kernels/test_decode_attention.py tests/lm_torch/kernels/test_triton_backend.py \
       tests/lm_torch/kernels/test_kv_quant_kernels.py tests/lm_torch/kernels/test_w4a16.py ;;
@@ -88,7 +92,7 @@ for stage in $stages; do
     splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
       --splits-sweep ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
-    gemm) run gemm 300 python3 benchmarks/gemm.py --rows 2 8 16 32 64 128 192 256 --write-tuning "$OUT/gemm_tuning.json" ;;
+    gemm) run gemm 240 python3 benchmarks/gemm.py --write-tuning "$OUT/gemm_tuning.json" ;;
     tput1000k) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run tput1000k 200 python3 benchmarks/throughput.py \
       $MODEL --num-prompts 1000 --max-output-len 0 --concurrency 256 ;;
     sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows "${SWEEP_ROWS:-1,16,2048}" --write-tuning "$OUT/w4a16_tuning.json" ;;
