@@ -92,11 +92,11 @@ def test_graph_buckets():
 
 
 def test_graph_split_plan():
-    """A bucket's decode split-K is the kernel's heuristic for a 1k context (the CPU counts 8 multiprocessors: 2
-    waves of 16 programs), splits of at least 64 tokens; an "S:T" override raises the buckets below S to S splits of
+    """A bucket's decode split-K is the kernel's heuristic for a 1k context (the CPU counts 8 multiprocessors: 4
+    waves, 32 programs), splits of at least 64 tokens; an "S:T" override raises the buckets below S to S splits of
     at least T tokens, and a malformed one is a ValueError naming the variable."""
     cpu = torch.device("cpu")
-    assert graph_split_plan(1, 8, 4096, cpu) == (2, 64)  # 16 programs wanted, 8 kv heads
+    assert graph_split_plan(1, 8, 4096, cpu) == (4, 64)  # 32 programs wanted, 8 kv heads
     assert graph_split_plan(1, 1, 4096, cpu) == (16, 64)
     assert graph_split_plan(1, 1, 100, cpu) == (1, 64)  # no split when the engine's contexts are short
     assert graph_split_plan(64, 8, 4096, cpu) == (1, 64)

@@ -48,6 +48,11 @@ from lm_torch.kernels.kv_cache import codes_to, load_kv_tile, quantized_cache_ar
 # A split covers at least this many tokens: fewer would spend more on merging than they save.
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
+# Programs per multiprocessor the split count aims at. Four rather than two (graph buckets of 16, 32, 64 decodes
+# then take 5, 3, 2 splits instead of 3, 2, 1): on an H100 with real steps' ragged contexts
+# (benchmarks/decode_ragged.py --splits-sweep, bf16) 16 decodes took 47.8 us with 2 splits, 37.5 with 4, 33-35 with
+# 8; 32 decodes 55.5 with 2, 48.8 with 4; 64 decodes 96.5 with 1, 71.3 with 2; 256 decodes still 1 (89.6 us).
+SPLIT_WAVES = 4
 SPLIT_COUNTERS = "decode_attention split counters"  # the `persistent_zeros` buffer's name
 
 
@@ -330,9 +335,9 @@ def _decode_kernel(
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Splits per sequence so that about two waves of programs fill the GPU, each covering enough tokens."""
+    """Splits per sequence so that about `SPLIT_WAVES` waves of programs fill the GPU, each covering enough tokens."""
     programs = num_seqs * num_kv_heads
-    wanted = math.ceil(2 * multiprocessor_count(device) / max(programs, 1))
+    wanted = math.ceil(SPLIT_WAVES * multiprocessor_count(device) / max(programs, 1))
     by_length = max(1, max_context_len // MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
