@@ -14,7 +14,8 @@
 #   ltests      lm-lite on CUDA, the quantized layers and the KV-cache quantization through the engine
 #   alltests    every GPU test of the repository (engine, families, kernels, KV quantization, quantized layers,
 #               lm-lite on CUDA) in $PYTEST_WORKERS (default 12) pytest-xdist processes sharing the GPU;
-#               alltestsk: the same with the gemm stage's tuning table
+#               alltestsk: the same with the gemm stage's tuning table; gtestsk: with it, the GEMM and decode
+#               attention kernel tests and the engine's GPU tests only
 #   ktests      the GPU kernel tests of the attention and W4A16 kernels only (a quick check after kernel changes)
 #   ragged      decode attention on the context lengths of real throughput steps (benchmarks/decode_ragged.py), bf16,
 #               int8 and int4 caches; raggedsweep: the int8 cache through every launch shape and conversion;
@@ -82,6 +83,9 @@ for stage in $stages; do
       --concurrency 256 --engine-config '{"quant_policy": 8}' ;;
     alltests) run alltests 300 "${ALLTESTS[@]}" ;;
     alltestsk) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run alltestsk 300 "${ALLTESTS[@]}" ;;
+    gtestsk) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run gtestsk 150 python3 -m pytest -q -m gpu \
+      -p no:cacheprovider --timeout 100 -n 8 tests/lm_torch/kernels/test_gemm.py tests/lm_torch/kernels/test_gemv.py \
+      tests/lm_torch/kernels/test_decode_attention.py tests/lm_torch/test_gpu_engine.py ;;
     ktests) run ktests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
       tests/lm_torch/kernels/test_decode_attention.py tests/lm_torch/kernels/test_triton_backend.py \
       tests/lm_torch/kernels/test_kv_quant_kernels.py tests/lm_torch/kernels/test_w4a16.py ;;
