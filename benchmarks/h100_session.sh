@@ -96,7 +96,8 @@ for stage in $stages; do
     splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
       --splits-sweep ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
-    gemm) run gemm 240 python3 benchmarks/gemm.py --write-tuning "$OUT/gemm_tuning.json" ;;
+    gemm) run gemm 240 python3 benchmarks/gemm.py --rows ${GEMM_ROWS:-2 16 64 128 192 256} \
+      --write-tuning "$OUT/gemm_tuning.json" ;;
     tput1000k) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run tput1000k 200 python3 benchmarks/throughput.py \
       $MODEL --num-prompts 1000 --max-output-len 0 --concurrency 256 ;;
     sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows "${SWEEP_ROWS:-1,16,2048}" --write-tuning "$OUT/w4a16_tuning.json" ;;
