@@ -3,8 +3,10 @@
 Times y = x @ W^T (bf16) for each projection shape and row count as CUDA-graph replays over enough weight copies
 that none stays in L2, for cuBLASLt (torch's default), `kernels.gemv.skinny_gemm` (up to 64 rows) and
 `kernels.gemm.tiled_gemm` at a few launch shapes each, checks every candidate against a float32 product, and prints
-the time, the read bandwidth and the FLOP rate of the fastest. With --write-tuning the fastest launch of each
-(rows, shape) goes to the table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won).
+the time, the read bandwidth and the FLOP rate of the fastest. The gate_up shape is also timed with the SiLU
+and product after it: cuBLASLt followed by the engine's activation kernel against the tiled GEMM with the
+activation fused (key `rows:N:K:silu`). With --write-tuning the fastest launch of each (rows, shape) goes to the
+table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won).
 
     python benchmarks/gemm.py [--rows 2 16 64 128 192 256] [--write-tuning FILE]
 """
@@ -40,6 +42,12 @@ TILED = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
 ]
+GATED = [  # tiled launches with the activation fused (two accumulators: narrower feature tiles)
+    (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+]
 
 
 def time_us(fn, weights, x) -> float:
@@ -52,11 +60,17 @@ def time_us(fn, weights, x) -> float:
     return triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median") * 1000 / len(weights)
 
 
-def candidates(rows: int):
-    """(label, table entry, function) of every Triton launch tried at `rows` rows."""
+def candidates(rows: int, gated: bool):
+    """(label, table entry, function, keyword arguments) of every Triton launch tried at `rows` rows."""
     from lm_torch.kernels.gemm import LAUNCH_KEYS, tiled_gemm
     from lm_torch.kernels.gemv import skinny_gemm
 
+    if gated:
+        for launch in GATED:
+            kwargs = dict(zip(LAUNCH_KEYS["tiled"], launch, strict=True))
+            entry = {"kernel": "tiled", **kwargs}
+            yield "tiled+silu " + "/".join(map(str, launch)), entry, tiled_gemm, {**kwargs, "activation": "silu"}
+        return
     if rows <= SKINNY_MAX_ROWS:
         for launch in SKINNY:
             kwargs = dict(zip(LAUNCH_KEYS["skinny"], launch, strict=True))
@@ -65,6 +79,12 @@ def candidates(rows: int):
         for launch in TILED:
             kwargs = dict(zip(LAUNCH_KEYS["tiled"], launch, strict=True))
             yield "tiled " + "/".join(map(str, launch)), {"kernel": "tiled", **kwargs}, tiled_gemm, kwargs
+
+
+def cublas_then_silu(x, w):
+    from lm_torch.kernels.activation import gated_activation
+
+    return gated_activation(torch.nn.functional.linear(x, w), "silu")
 
 
 def main() -> None:
@@ -76,16 +96,29 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     table: dict[str, dict | None] = {}
+    runs = []
     for name, n, k in SHAPES:
-        copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        runs.append((name, n, k, False))
+        if name == "gate_up":  # then the same weights with the activation after the product
+            runs.append(("gate_up+silu", n, k, True))
+    weights_of: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for name, n, k, gated in runs:
+        if (n, k) not in weights_of:
+            weights_of.clear()  # one shape's copies at a time (lm_head's are 2 GB)
+            copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
+            weights_of[(n, k)] = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        weights = weights_of[(n, k)]
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             reference = torch.nn.functional.linear(x.float(), weights[0].float())
+            baseline = torch.nn.functional.linear
+            if gated:
+                reference = cublas_then_silu(x, weights[0]).float()
+                baseline = cublas_then_silu
             tolerance = 0.02 * (1 + reference.abs().max().item())
-            row = {"shape": name, "rows": m, "cublaslt": round(time_us(torch.nn.functional.linear, weights, x), 2)}
+            row = {"shape": name, "rows": m, "cublaslt": round(time_us(baseline, weights, x), 2)}
             best = ("cublaslt", row["cublaslt"], None)
-            for label, entry, kernel, kwargs in candidates(m):
+            for label, entry, kernel, kwargs in candidates(m, gated):
 
                 def run(a, w, kernel=kernel, kwargs=kwargs):
                     return kernel(a, w, **kwargs)
@@ -107,7 +140,7 @@ def main() -> None:
             row["best_TFLOPs"] = round(2 * m * n * k / seconds / 1e12, 1)
             row["vs_cublaslt"] = round(row["cublaslt"] / best[1], 3)
             print(json.dumps(row), flush=True)
-            table[f"{m}:{n}:{k}"] = best[2]
+            table[f"{m}:{n}:{k}" + (":silu" if gated else "")] = best[2]
             if args.write_tuning:  # after every row: a sweep cut short still leaves its table
                 with open(args.write_tuning, "w") as f:
                     device = torch.cuda.get_device_name()

@@ -61,7 +61,76 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
         monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(bad_path))
         with pytest.raises(ValueError, match="must be null or name a kernel"):
             gemm.gemm_launch(8, 4096, 1024)
-    bad_path.write_text(json.dumps({"configs": {"8x4096": None}}))
+    for bad_key in ("8x4096", "8:4096:1024:relu", "8:4096:1024:silu:1"):
+        bad_path.write_text(json.dumps({"configs": {bad_key: None}}))
+        gemm._tuning_table.cache_clear()
+        with pytest.raises(ValueError, match="rows:N:K"):
+            gemm.gemm_launch(8, 4096, 1024)
+    bad_path.write_text(json.dumps({"configs": {"8:4096:1024:silu": skinny}}))
     gemm._tuning_table.cache_clear()
-    with pytest.raises(ValueError, match="rows:N:K"):
-        gemm.gemm_launch(8, 4096, 1024)
+    with pytest.raises(ValueError, match="only the tiled kernel"):
+        gemm.gemm_launch(8, 4096, 1024, "silu")
+
+
+def test_gemm_launch_gated_entries(tmp_path, monkeypatch):
+    from lm_torch.kernels import gemm
+
+    tiled = {"kernel": "tiled", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps({"configs": {"64:8192:1024:silu": tiled, "64:8192:1024": None}}))
+    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(path))
+    kernel, args = gemm.gemm_launch(40, 8192, 1024, "silu")
+    assert kernel is gemm.tiled_gemm and args["activation"] == "silu" and args["block_m"] == 64
+    assert gemm.gemm_launch(40, 8192, 1024) is None  # the plain product: cuBLAS
+    assert gemm.gemm_launch(40, 8192, 1024, "gelu") is None  # another activation: not measured
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_batch_linear_gated_projection(dtype, tmp_path, monkeypatch):
+    from lm_torch.kernels import gemm
+    from lm_torch.layers.activation import gated_projection
+    from lm_torch.layers.cuda_linear import use_small_batch_linears
+
+    tiled = {"kernel": "tiled", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps({"configs": {"64:384:256:silu": tiled}}))
+    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(path))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 384, bias=False)).to("cuda", dtype)
+    inputs = [torch.randn(rows, 256, device="cuda", dtype=dtype) for rows in (1, 37, 100)]
+    expected = [reference.gated_activation(model(x), "silu").float() for x in inputs]
+    use_small_batch_linears(model)
+    assert model[0].forward_gated(inputs[0], "silu") is None  # one row: the GEMV, then the activation
+    assert model[0].forward_gated(inputs[1], "silu") is not None  # 37 rows: the tiled kernel, fused
+    assert model[0].forward_gated(inputs[2], "silu") is None  # more rows than the table measured: cuBLAS
+    for x, want in zip(inputs, expected, strict=True):
+        got = gated_projection(model[0], x, "silu").float()
+        torch.testing.assert_close(got, want, atol=2e-2 * (1 + want.abs().max().item()), rtol=0)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize(("m", "intermediate", "k"), [(3, 40, 96), (70, 64, 128)])
+def test_tiled_gemm_gated_matches_projection_then_activation(case, act, m, intermediate, k):
+    from lm_torch.kernels.gemm import tiled_gemm
+
+    gen = torch.Generator().manual_seed(m * intermediate + k)
+    x = case.randn(m, k, generator=gen)
+    weight = case.randn(2 * intermediate, k, generator=gen, scale=0.1)  # [gate | up]
+    tiles = {"block_m": 32, "block_n": 32, "block_k": 32} if case.device == "cpu" else {"block_m": 64, "block_n": 64}
+    out = tiled_gemm(x, weight, activation=act, **tiles)
+    assert out.shape == (m, intermediate) and out.dtype == x.dtype
+    # The unfused path: the projection rounded to the activation dtype, then the activation's own reference.
+    gate_up = reference.linear(x, weight).to(x.dtype)
+    case.assert_close(out, reference.gated_activation(gate_up, act), case.elementwise_tol)
+
+
+def test_tiled_gemm_gated_rejects_bad_input(case):
+    from lm_torch.kernels.gemm import tiled_gemm
+
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        tiled_gemm(case.randn(2, 8, generator=gen), case.randn(4, 8, generator=gen), activation="relu")
+    with pytest.raises(ValueError, match=r"\[gate \| up\]"):
+        tiled_gemm(case.randn(2, 8, generator=gen), case.randn(5, 8, generator=gen), activation="silu")

@@ -11,8 +11,13 @@ allows. Two Triton kernels:
   programs that need the same tile of W run side by side and all but the first find it in L2: W comes from memory
   about once however many row tiles there are.
 
-`gemm_launch(rows, N, K)` looks the shape up in the tuning table `benchmarks/gemm.py --write-tuning` writes
-($LM_TORCH_GEMM_TUNING, else kernels/gemm_tuning.json; "none": cuBLAS everywhere); `layers.cuda_linear` calls it.
+With `activation`, the tiled GEMM takes a fused [gate | up] weight and writes act(gate) * up: each program
+multiplies the matching tiles of both halves (an MLP's gate_up product and its activation in one launch, the
+[rows, 2 x intermediate] product never written).
+
+`gemm_launch(rows, N, K[, activation])` looks the shape up in the tuning table `benchmarks/gemm.py
+--write-tuning` writes ($LM_TORCH_GEMM_TUNING, else kernels/gemm_tuning.json; "none": cuBLAS everywhere);
+`layers.cuda_linear` calls it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lm_torch.kernels.activation import ACTIVATION_CODES, activate
 from lm_torch.kernels.common import check_cuda_or_interpreter, pdl_enabled, pdl_trigger, pdl_wait
 
 
@@ -35,7 +41,7 @@ def _tiled_kernel(
     w_ptr,
     out_ptr,
     m,
-    n,
+    n,  # output features (with ACT: the intermediate size; W has 2n rows, [gate | up])
     k,
     stride_xm,
     stride_wn,
@@ -44,6 +50,7 @@ def _tiled_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,  # N a multiple of BLOCK_N and K of BLOCK_K: no masks on W
+    ACT: tl.constexpr,  # -1: plain product; else an `ACTIVATION_CODES` code: write act(gate) * up
     PDL: tl.constexpr,
 ):
     # Row tiles fastest: the row tiles of one feature tile are consecutive programs, which the GPU runs together.
@@ -55,42 +62,64 @@ def _tiled_kernel(
     features = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + features[:, None].to(tl.int64) * stride_wn
+    up_rows = w_ptr + (features + n)[:, None].to(tl.int64) * stride_wn  # with ACT: the matching up rows
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     row_mask = rows[:, None] < m
     pdl_wait(PDL)
     pdl_trigger(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for start in range(0, k, BLOCK_K):
         ks = start + cols
         if EVEN:
-            w = tl.load(w_rows + ks[None, :])
             x = tl.load(x_rows + ks[None, :], mask=row_mask, other=0.0)
+            w = tl.load(w_rows + ks[None, :])
         else:
-            w = tl.load(w_rows + ks[None, :], mask=(features[:, None] < n) & (ks[None, :] < k), other=0.0)
+            w_mask = (features[:, None] < n) & (ks[None, :] < k)
             x = tl.load(x_rows + ks[None, :], mask=row_mask & (ks[None, :] < k), other=0.0)
+            w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+        if ACT >= 0:
+            if EVEN:  # noqa: SIM108 - a compile-time branch
+                w_up = tl.load(up_rows + ks[None, :])
+            else:
+                w_up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+    out_type = out_ptr.dtype.element_ty
+    if ACT >= 0:
+        # Rounded as the unfused path rounds: gate and up to the output dtype first, act(gate) * up in float32.
+        gate = acc.to(out_type).to(tl.float32)
+        result = (activate(gate, ACT) * acc_up.to(out_type).to(tl.float32)).to(out_type)
+    else:
+        result = acc.to(out_type)
     dst = out_ptr + rows[:, None].to(tl.int64) * stride_om + features[None, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_mask & (features[None, :] < n))
+    tl.store(dst, result, mask=row_mask & (features[None, :] < n))
 
 
 def tiled_gemm(
     x: torch.Tensor,  # [M, K]
-    weight: torch.Tensor,  # [N, K], K contiguous
+    weight: torch.Tensor,  # [N, K], K contiguous; with `activation`, [2 * I, K]: the gate rows, then the up rows
     *,
     block_m: int = 128,
     block_n: int = 128,
     block_k: int = 64,
     num_warps: int = 8,
     num_stages: int = 3,
-) -> torch.Tensor:  # [M, N] in x's dtype
-    """x @ weight^T in output tiles whose programs sharing a tile of W run together (float32 accumulation)."""
+    activation: str | None = None,
+) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]: act(x @ gate^T) * (x @ up^T)
+    """x @ weight^T in output tiles whose programs sharing a tile of W run together (float32 accumulation). With
+    `activation` (a fused [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
     check_cuda_or_interpreter(x, weight)
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
         raise ValueError(f"tiled_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]")
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("tiled_gemm: K must be the contiguous dimension of x and weight")
+    if activation is not None and activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATION_CODES)})")
+    if activation is not None and weight.shape[0] % 2:
+        raise ValueError(f"tiled_gemm: a gated weight needs [gate | up] rows, got {weight.shape[0]}")
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if activation is not None else weight.shape[0]
     out = x.new_empty((m, n))
     pdl = pdl_enabled(x.device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
@@ -108,6 +137,7 @@ def tiled_gemm(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EVEN=n % block_n == 0 and k % block_k == 0,
+        ACT=-1 if activation is None else ACTIVATION_CODES[activation],
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -125,17 +155,21 @@ LAUNCH_KEYS = {
 
 
 @functools.cache
-def _tuning_table(path: str) -> dict[tuple[int, int], list[tuple[int, dict | None]]]:
-    """(N, K) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the tuning file at `path`."""
+def _tuning_table(path: str) -> dict[tuple, list[tuple[int, dict | None]]]:
+    """(N, K, activation or None) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the file at `path`."""
     if path == "none" or not Path(path).is_file():
         return {}
     configs = json.loads(Path(path).read_text())["configs"]
-    table: dict[tuple[int, int], list[tuple[int, dict | None]]] = {}
+    table: dict[tuple, list[tuple[int, dict | None]]] = {}
     for key, launch in configs.items():
+        parts = key.split(":")
         try:
-            rows, n, k = (int(part) for part in key.split(":"))
+            rows, n, k = (int(part) for part in parts[:3])
         except ValueError:
-            raise ValueError(f"{path}: GEMM tuning keys are 'rows:N:K', got {key!r}") from None
+            rows = None
+        activation = parts[3] if len(parts) == 4 else None
+        if rows is None or len(parts) not in (3, 4) or (activation is not None and activation not in ACTIVATION_CODES):
+            raise ValueError(f"{path}: GEMM tuning keys are 'rows:N:K' or 'rows:N:K:activation', got {key!r}")
         if launch is not None:
             names = LAUNCH_KEYS.get(launch.get("kernel"))
             if names is None or sorted(launch) != sorted(("kernel", *names)):
@@ -143,15 +177,19 @@ def _tuning_table(path: str) -> dict[tuple[int, int], list[tuple[int, dict | Non
                     f"{path}: the launch of {key!r} must be null or name a kernel ({', '.join(LAUNCH_KEYS)}) and "
                     f"exactly its arguments ({'; '.join(', '.join(v) for v in LAUNCH_KEYS.values())})"
                 )
-        table.setdefault((n, k), []).append((rows, launch))
+            if activation is not None and launch["kernel"] != "tiled":
+                raise ValueError(f"{path}: {key!r}: only the tiled kernel applies an activation")
+        table.setdefault((n, k, activation), []).append((rows, launch))
     return {shape: sorted(entries, key=lambda e: e[0]) for shape, entries in table.items()}
 
 
-def gemm_launch(rows: int, n: int, k: int):
-    """(kernel function, its keyword arguments) for `rows` rows of an N x K weight: the table's entry of the fewest
-    rows measured at or above `rows`; None (cuBLAS) where there is no such entry or cuBLAS measured fastest."""
+def gemm_launch(rows: int, n: int, k: int, activation: str | None = None):
+    """(kernel function, its keyword arguments) for `rows` rows of an N x K weight (with `activation`: a fused
+    [gate | up] weight of N rows whose product is followed by act(gate) * up): the table's entry of the fewest rows
+    measured at or above `rows`; None (cuBLAS, then the activation kernel) where there is no such entry or cuBLAS
+    measured fastest."""
     path = os.environ.get(GEMM_TUNING_ENV) or str(Path(__file__).with_name("gemm_tuning.json"))
-    for measured, launch in _tuning_table(path).get((n, k), []):
+    for measured, launch in _tuning_table(path).get((n, k, activation), []):
         if measured >= rows:
             if launch is None:
                 return None
@@ -160,5 +198,7 @@ def gemm_launch(rows: int, n: int, k: int):
                 from lm_torch.kernels.gemv import skinny_gemm
 
                 return skinny_gemm, args
+            if activation is not None:
+                args["activation"] = activation
             return tiled_gemm, args
     return None

@@ -42,6 +42,23 @@ class SmallBatchLinear(nn.Linear):
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
+    def forward_gated(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
+        """act(gate) * up of this fused [gate | up] layer in one launch, where the tuning table has the tiled GEMM
+        with the activation for this many rows (`layers.activation.gated_projection` asks); None elsewhere."""
+        rows = x.numel() // self.in_features
+        if rows < 2 or rows > SMALL_BATCH_MAX_ROWS or self.bias is not None or not x.is_cuda:
+            return None
+        if x.dtype not in HALF_TYPES or self.weight.dtype != x.dtype:
+            return None
+        from lm_torch.kernels.gemm import gemm_launch
+
+        launch = gemm_launch(rows, self.out_features, self.in_features, act)
+        if launch is None:
+            return None
+        kernel, kwargs = launch
+        y = kernel(x.reshape(rows, self.in_features).contiguous(), self.weight, **kwargs)
+        return y.view(*x.shape[:-1], self.out_features // 2)
+
 
 def use_small_batch_linears(model: nn.Module) -> int:
     """Give every plain half-precision nn.Linear of a loaded CUDA model the small-batch path (same parameters, shared
