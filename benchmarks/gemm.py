@@ -17,16 +17,8 @@ import argparse
 import json
 
 import torch
+from gemv import L2_BYTES, SHAPES, time_us  # benchmarks/ is the script's directory, hence on sys.path
 
-# (name, out_features, in_features) of Llama-3-8B's projections (q/k/v and gate/up fused, as lm-torch runs them).
-SHAPES = [
-    ("qkv", 6144, 4096),
-    ("o", 4096, 4096),
-    ("gate_up", 28672, 4096),
-    ("down", 4096, 14336),
-    ("lm_head", 128256, 4096),
-]
-L2_BYTES = 50 * 1024**2
 SKINNY_MAX_ROWS = 64
 SKINNY = [  # (block_n, block_k, num_warps, num_stages, split_k)
     (64, 256, 4, 3, 1),
@@ -48,16 +40,6 @@ GATED = [  # tiled launches with the activation fused (two accumulators: narrowe
     (128, 64, 64, 8, 3),
     (128, 128, 64, 8, 3),
 ]
-
-
-def time_us(fn, weights, x) -> float:
-    import triton.testing
-
-    def run():
-        for w in weights:
-            fn(x, w)
-
-    return triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median") * 1000 / len(weights)
 
 
 def candidates(rows: int, gated: bool):
@@ -116,7 +98,7 @@ def main() -> None:
                 reference = cublas_then_silu(x, weights[0]).float()
                 baseline = cublas_then_silu
             tolerance = 0.02 * (1 + reference.abs().max().item())
-            row = {"shape": name, "rows": m, "cublaslt": round(time_us(baseline, weights, x), 2)}
+            row = {"shape": name, "rows": m, "cublaslt": round(time_us(baseline, weights, x, rep=100), 2)}
             best = ("cublaslt", row["cublaslt"], None)
             for label, entry, kernel, kwargs in candidates(m, gated):
 
@@ -131,7 +113,7 @@ def main() -> None:
                 if error > tolerance:
                     row[label] = f"wrong (max error {error:.3g})"
                     continue
-                row[label] = round(time_us(run, weights, x), 2)
+                row[label] = round(time_us(run, weights, x, rep=100), 2)
                 if row[label] < best[1]:
                     best = (label, row[label], entry)
             seconds = best[1] * 1e-6

@@ -25,14 +25,15 @@ SHAPES = [
 L2_BYTES = 50 * 1024**2
 
 
-def time_us(fn, weights, x) -> float:
+def time_us(fn, weights, x, rep: int = 200) -> float:
+    """Median microseconds of fn(x, w) per weight copy, as CUDA-graph replays over all the copies."""
     import triton.testing
 
     def run():
         for w in weights:
             fn(x, w)
 
-    return triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median") * 1000 / len(weights)
+    return triton.testing.do_bench_cudagraph(run, rep=rep, return_mode="median") * 1000 / len(weights)
 
 
 def main() -> None:
