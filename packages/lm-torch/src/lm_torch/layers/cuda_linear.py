@@ -25,7 +25,7 @@ class SmallBatchLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= SMALL_BATCH_MAX_ROWS and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
+        if 1 <= rows <= SMALL_BATCH_MAX_ROWS and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
             from lm_torch.kernels.gemm import gemm_launch
             from lm_torch.kernels.gemv import gemv
 
