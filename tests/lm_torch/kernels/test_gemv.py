@@ -62,14 +62,16 @@ def test_small_batch_linear_replaces_plain_linears(dtype, tmp_path, monkeypatch)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 520, bias=True), torch.nn.Linear(520, 64, bias=False))
     model = model.to("cuda", dtype)
-    inputs = [torch.randn(rows, 256, device="cuda", dtype=dtype) for rows in (1, 5, 9, 20, 0)]
+    inputs = [torch.randn(rows, 256, device="cuda", dtype=dtype) for rows in (1, 5, 9, 20)]
     expected = [model(x).float() for x in inputs]
     assert use_small_batch_linears(model) == 2 and all(isinstance(m, SmallBatchLinear) for m in model)
-    # One row: the GEMV; 5 rows: skinny, tiled; 9: cuBLAS, tiled; 20 and none: cuBLAS in both.
+    # One row: the GEMV; 5 rows: skinny, tiled; 9: cuBLAS, tiled; 20: cuBLAS in both.
     for x, want in zip(inputs, expected, strict=True):
         got = model(x).float()
         torch.testing.assert_close(got, want, atol=2e-2 * (1 + want.abs().max().item()), rtol=0)
     assert calls == ["skinny_gemm", "tiled_gemm", "tiled_gemm"]
+    assert model(torch.empty(0, 256, device="cuda", dtype=dtype)).shape == (0, 64)  # no rows: cuBLAS, no launch
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(2, 70, 300), (5, 128, 256), (16, 96, 512), (33, 64, 128)])
