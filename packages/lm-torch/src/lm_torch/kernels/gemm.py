@@ -2,8 +2,9 @@
 
 A decode step of 2-256 rows multiplies every weight by few rows: up to ~64 rows the product is bound by reading W,
 beyond that by the tensor cores, and in between both matter. cuBLAS's choices there leave time on the table on an
-H100 (`benchmarks/gemm.py`): at ~225 rows Llama-3-8B's gate_up product ran at about half of what either limit
-allows. Two Triton kernels:
+H100: in a ShareGPT throughput profile (benchmarks/RESULTS.md, seventh session) the gate_up product of the
+129-256-row decode steps took 172 us a call, about twice what reading its weight or its FLOPs at 700 TFLOP/s
+need. Two Triton kernels (`benchmarks/gemm.py` times them against cuBLASLt):
 
 - `kernels.gemv.skinny_gemm` (up to 64 rows): W the dot's first operand, the rows padded to 16; one program per
   block of output features streams its rows of W once.
