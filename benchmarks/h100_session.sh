@@ -57,6 +57,8 @@ run() {  # name, seconds, command...
   grep -E '^\{|lm-torch:|passed|failed|error|Error' "$OUT/$name.log" | tail -n 25 | tee -a "$OUT/summary.txt"
 }
 
+# The ShareGPT workload of issue #6: all 1000 prompts at concurrency 256 ($MODEL split into its words on purpose).
+SHAREGPT=(python3 benchmarks/throughput.py $MODEL --num-prompts 1000 --max-output-len 0 --concurrency 256)
 ALLTESTS=(python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 -n "${PYTEST_WORKERS:-12}"
   tests/lm_torch/test_gpu_engine.py tests/lm_torch/test_model_families.py tests/lm_torch/kernels
   tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py tests/lm_lite/test_gpu.py)
@@ -73,14 +75,10 @@ for stage in $stages; do
       --num-iters 2 --engine-config '{"eager_mode": true}' ;;
     tput200) run tput200 170 python3 benchmarks/throughput.py $MODEL --num-prompts 200 --max-output-len 0 \
       --concurrency 256 ;;
-    tput1000) run tput1000 200 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 --max-output-len 0 \
-      --concurrency 256 ;;
-    tput1000s) LM_TORCH_DECODE_SPLITS=${DECODE_SPLITS:-4:256} run tput1000s 200 python3 benchmarks/throughput.py $MODEL \
-      --num-prompts 1000 --max-output-len 0 --concurrency 256 ;;
-    tput1000p) LM_TORCH_PDL=0 run tput1000p 220 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 \
-      --max-output-len 0 --concurrency 256 --profile --step-trace "$OUT/step_trace.json" ;;
-    tput1000q8) run tput1000q8 200 python3 benchmarks/throughput.py $MODEL --num-prompts 1000 --max-output-len 0 \
-      --concurrency 256 --engine-config '{"quant_policy": 8}' ;;
+    tput1000) run tput1000 200 "${SHAREGPT[@]}" ;;
+    tput1000s) LM_TORCH_DECODE_SPLITS=${DECODE_SPLITS:-4:256} run tput1000s 200 "${SHAREGPT[@]}" ;;
+    tput1000p) LM_TORCH_PDL=0 run tput1000p 220 "${SHAREGPT[@]}" --profile --step-trace "$OUT/step_trace.json" ;;
+    tput1000q8) run tput1000q8 200 "${SHAREGPT[@]}" --engine-config '{"quant_policy": 8}' ;;
     alltests) run alltests 300 "${ALLTESTS[@]}" ;;
     alltestsk) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run alltestsk 300 "${ALLTESTS[@]}" ;;
     gtestsk) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run gtestsk 150 python3 -m pytest -q -m gpu \
@@ -98,8 +96,7 @@ for stage in $stages; do
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
     gemm) run gemm 240 python3 benchmarks/gemm.py --rows ${GEMM_ROWS:-2 16 64 128 192 256} \
       --write-tuning "$OUT/gemm_tuning.json" ;;
-    tput1000k) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run tput1000k 200 python3 benchmarks/throughput.py \
-      $MODEL --num-prompts 1000 --max-output-len 0 --concurrency 256 ;;
+    tput1000k) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run tput1000k 200 "${SHAREGPT[@]}" ;;
     sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows "${SWEEP_ROWS:-1,16,2048}" --write-tuning "$OUT/w4a16_tuning.json" ;;
     awq) [ -f "$OUT/w4a16_tuning.json" ] && export LM_TORCH_W4A16_TUNING="$OUT/w4a16_tuning.json"  # the sweep's
       run awq 120 python3 benchmarks/latency.py --model benchmarks/configs/llama3-8b-awq --load-format dummy \

@@ -38,7 +38,7 @@ def test_gemv_rejects_bad_shapes(case):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_small_batch_linear_replaces_plain_linears(dtype, tmp_path, monkeypatch):
-    from lm_torch.kernels import gemm, gemv
+    from lm_torch.kernels import gemm
     from lm_torch.layers.cuda_linear import SmallBatchLinear, use_small_batch_linears
 
     # A tuning table: the skinny GEMM for up to 8 rows of the first layer's shape, the tiled one up to 16 rows of
@@ -57,7 +57,7 @@ def test_small_batch_linear_replaces_plain_linears(dtype, tmp_path, monkeypatch)
 
         return run
 
-    monkeypatch.setattr(gemv, "skinny_gemm", recorded(gemv.skinny_gemm, "skinny_gemm"))
+    monkeypatch.setattr(gemm, "skinny_gemm", recorded(gemm.skinny_gemm, "skinny_gemm"))
     monkeypatch.setattr(gemm, "tiled_gemm", recorded(gemm.tiled_gemm, "tiled_gemm"))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 520, bias=True), torch.nn.Linear(520, 64, bias=False))

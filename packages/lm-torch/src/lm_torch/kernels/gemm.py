@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from lm_torch.kernels.activation import ACTIVATION_CODES, activate
-from lm_torch.kernels.common import check_cuda_or_interpreter, pdl_enabled, pdl_trigger, pdl_wait
+from lm_torch.kernels.common import pdl_enabled, pdl_trigger, pdl_wait
+from lm_torch.kernels.gemv import check_rows_and_weight, skinny_gemm
 
 
 @triton.jit
@@ -110,11 +111,7 @@ def tiled_gemm(
 ) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]: act(x @ gate^T) * (x @ up^T)
     """x @ weight^T in output tiles whose programs sharing a tile of W run together (float32 accumulation). With
     `activation` (a fused [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
-    check_cuda_or_interpreter(x, weight)
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
-        raise ValueError(f"tiled_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]")
-    if weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError("tiled_gemm: K must be the contiguous dimension of x and weight")
+    check_rows_and_weight("tiled_gemm", x, weight)
     if activation is not None and activation not in ACTIVATION_CODES:
         raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATION_CODES)})")
     if activation is not None and weight.shape[0] % 2:
@@ -148,6 +145,7 @@ def tiled_gemm(
 
 
 GEMM_TUNING_ENV = "LM_TORCH_GEMM_TUNING"
+DEFAULT_TUNING = str(Path(__file__).with_name("gemm_tuning.json"))
 # Each kernel's launch arguments, as the tuning table names them.
 LAUNCH_KEYS = {
     "skinny": ("block_n", "block_k", "num_warps", "num_stages", "split_k"),
@@ -189,15 +187,13 @@ def gemm_launch(rows: int, n: int, k: int, activation: str | None = None):
     [gate | up] weight of N rows whose product is followed by act(gate) * up): the table's entry of the fewest rows
     measured at or above `rows`; None (cuBLAS, then the activation kernel) where there is no such entry or cuBLAS
     measured fastest."""
-    path = os.environ.get(GEMM_TUNING_ENV) or str(Path(__file__).with_name("gemm_tuning.json"))
+    path = os.environ.get(GEMM_TUNING_ENV) or DEFAULT_TUNING
     for measured, launch in _tuning_table(path).get((n, k, activation), []):
         if measured >= rows:
             if launch is None:
                 return None
             args = {name: value for name, value in launch.items() if name != "kernel"}
             if launch["kernel"] == "skinny":
-                from lm_torch.kernels.gemv import skinny_gemm
-
                 return skinny_gemm, args
             if activation is not None:
                 args["activation"] = activation

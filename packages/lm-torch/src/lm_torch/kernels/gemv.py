@@ -152,6 +152,16 @@ def _skinny_kernel(
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def check_rows_and_weight(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The operands of a few-row product x @ W^T (`skinny_gemm`, `gemm.tiled_gemm`): [M >= 1, K] and [N, K], K
+    contiguous in both, on CUDA or under the interpreter; a ValueError naming the kernel otherwise."""
+    check_cuda_or_interpreter(x, weight)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
+        raise ValueError(f"{name}: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]")
+    if weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"{name}: K must be the contiguous dimension of x and weight")
+
+
 def skinny_gemm(
     x: torch.Tensor,  # [M, K], M small (a decode step's rows)
     weight: torch.Tensor,  # [N, K], K contiguous
@@ -163,11 +173,7 @@ def skinny_gemm(
     split_k: int = 1,
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ weight^T for a few rows on the tensor cores, streaming W once (float32 accumulation)."""
-    check_cuda_or_interpreter(x, weight)
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
-        raise ValueError(f"skinny_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]")
-    if weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError("skinny_gemm: K must be the contiguous dimension of x and weight")
+    check_rows_and_weight("skinny_gemm", x, weight)
     m, k = x.shape
     n = weight.shape[0]
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k

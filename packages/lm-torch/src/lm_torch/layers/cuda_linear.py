@@ -23,9 +23,17 @@ class SmallBatchLinear(nn.Linear):
     """nn.Linear whose one-row half-precision CUDA inputs go through `kernels.gemv.gemv`, and inputs of up to
     `SMALL_BATCH_MAX_ROWS` rows through the Triton GEMM the tuning table names for the shape, if any."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _small_rows(self, x: torch.Tensor) -> int:
+        """x's row count where the Triton kernels may take it (1 to `SMALL_BATCH_MAX_ROWS` half-precision rows on
+        CUDA, in the weight's dtype), else 0."""
         rows = x.numel() // self.in_features
-        if 1 <= rows <= SMALL_BATCH_MAX_ROWS and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
+        if rows <= SMALL_BATCH_MAX_ROWS and x.is_cuda and x.dtype in HALF_TYPES and self.weight.dtype == x.dtype:
+            return rows
+        return 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._small_rows(x)
+        if rows:
             from lm_torch.kernels.gemm import gemm_launch
             from lm_torch.kernels.gemv import gemv
 
@@ -45,10 +53,8 @@ class SmallBatchLinear(nn.Linear):
     def forward_gated(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
         """act(gate) * up of this fused [gate | up] layer in one launch, where the tuning table has the tiled GEMM
         with the activation for this many rows (`layers.activation.gated_projection` asks); None elsewhere."""
-        rows = x.numel() // self.in_features
-        if rows < 2 or rows > SMALL_BATCH_MAX_ROWS or self.bias is not None or not x.is_cuda:
-            return None
-        if x.dtype not in HALF_TYPES or self.weight.dtype != x.dtype:
+        rows = self._small_rows(x)
+        if rows < 2 or self.bias is not None:
             return None
         from lm_torch.kernels.gemm import gemm_launch
 
