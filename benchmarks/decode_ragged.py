@@ -1,6 +1,6 @@
 """Decode attention on the context lengths of real throughput steps (ragged batches), with launch-shape sweeps.
 
-`benchmarks/kernels.py` times equal contexts; a ShareGPT step mixes contexts of a few tokens with ones of 2,000.
+`benchmarks/kernel_times.py` times equal contexts; a ShareGPT step mixes contexts of a few tokens with ones of 2,000.
 This takes a decode-only step of the throughput workload replayed through the scheduler
 (`schedule_replay.decode_contexts`) at each batch size, builds a shuffled paged cache of the Llama-3-8B attention
 shape (32 query heads, 8 kv heads, head_dim 128, 16-token blocks) and times `decode_attention` as CUDA-graph replays:

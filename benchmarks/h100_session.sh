@@ -6,6 +6,7 @@
 #   latency     batch-1 decode, 128 in / 256 out, dummy Llama-3-8B, with a profile of the decode steps
 #   latency0    the same without programmatic dependent launch (LM_TORCH_PDL=0), no profile
 #   eager       the same with eager_mode (no CUDA graphs)
+#   latency256  256 requests together, 200 in / 64 out, with the profile's per-kernel times (the 256-row steps)
 #   tput200     ShareGPT lengths, 200 prompts at concurrency 256
 #   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
 #   tput1000q8  the same with the int8 KV cache (quant_policy 8)
@@ -51,9 +52,21 @@ run() {  # name, seconds, command...
   shift 2
   echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.txt"
   local start=$SECONDS
+  # The card's clocks, power and slow-down reasons every 0.5 s while the stage runs (one summary line after it).
+  nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv,noheader,nounits -lms 500 >"$OUT/.smi.csv" 2>/dev/null &
+  local smi=$!
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
+  kill "$smi" 2>/dev/null
+  wait "$smi" 2>/dev/null
   echo "=== $name rc=$rc in $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+  awk -F', *' '$1 ~ /^[0-9]+$/ { n++; c += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1; p += $3
+    if ($3 > pm) pm = $3; if ($4 > t) t = $4; r[$5]++ }
+    END { if (n) { printf "gpu: SM clock min %d / mean %d / max %d MHz, power mean %.0f / max %.0f W, %d C max,", \
+      lo, c / n, hi, p / n, pm, t; for (k in r) printf " reasons %s x%d", k, r[k]; print "" } }' \
+    "$OUT/.smi.csv" | tee -a "$OUT/summary.txt" "$OUT/$name.log"
+  rm -f "$OUT/.smi.csv"
   grep -E '^\{|lm-torch:|passed|failed|error|Error' "$OUT/$name.log" | tail -n 25 | tee -a "$OUT/summary.txt"
 }
 
@@ -71,6 +84,8 @@ for stage in $stages; do
       --num-iters 3 --profile ;;
     latency0) LM_TORCH_PDL=0 run latency0 130 python3 benchmarks/latency.py $MODEL --input-len 128 --output-len 256 \
       --num-iters 3 ;;
+    latency256) run latency256 200 python3 benchmarks/latency.py $MODEL --batch-size 256 --input-len 200 \
+      --output-len 64 --num-iters 2 --profile ;;
     eager) run eager 120 python3 benchmarks/latency.py $MODEL --input-len 128 --output-len 256 \
       --num-iters 2 --engine-config '{"eager_mode": true}' ;;
     tput200) run tput200 170 python3 benchmarks/throughput.py $MODEL --num-prompts 200 --max-output-len 0 \

@@ -1,12 +1,13 @@
-"""Batch-1 latency of lm-torch: one request at a time, fixed input and output lengths (ignore_eos, greedy).
+"""Decode latency of lm-torch: a batch of requests at a time (default one), fixed input and output lengths.
 
     python benchmarks/latency.py --model benchmarks/configs/llama3-8b --load-format dummy --input-len 128 \\
-        --output-len 256 --num-iters 5 --profile
+        --output-len 256 --num-iters 5 --profile [--batch-size 1]
 
 Prints the start-up time (process start to a ready engine, and the engine's own), then per iteration TTFT, the
-decode rate (tokens after the first over the time after the first: what "batch-1 decode tok/s" means) and the
-end-to-end rate; medians last as one JSON line. --profile adds a torch-profiler trace of whole requests and a table
-of where one decode step's GPU time goes, by kernel class, against the step's wall time.
+decode rate (tokens after the first over the time after the first: what "batch-1 decode tok/s" means; with
+--batch-size B, B requests of random prompts sent together, and the rate counts all B) and the end-to-end rate;
+medians last as one JSON line (ignore_eos, greedy). --profile adds a torch-profiler trace of one more batch and a
+table of where one decode step's GPU time goes, by kernel class and by kernel, against the step's wall time.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ async def one_request(engine, prompt: list[int], output_len: int) -> tuple[float
     return start, first, end, count
 
 
+async def batch_requests(engine, prompts: list[list[int]], output_len: int) -> tuple[float, float, float, int]:
+    """Send the prompts together: (start, last first token, last end, tokens per request).
+
+    The decode rate of a batch is taken from the moment every request has its first token, so the batch's decode
+    steps are all full ones."""
+    results = await asyncio.gather(*(one_request(engine, p, output_len) for p in prompts))
+    start = min(r[0] for r in results)
+    return start, max(r[1] for r in results), max(r[2] for r in results), output_len
+
+
+def run_batch(engine, prompts: list[list[int]], output_len: int) -> tuple[float, float, float, int]:
+    return asyncio.run(batch_requests(engine, prompts, output_len))
+
+
 def classify(name: str) -> str:
     lowered = name.lower()
     for label, fragments in KERNEL_CLASSES:
@@ -63,24 +78,24 @@ def classify(name: str) -> str:
     return "other"
 
 
-def profile_decode(engine, prompt: list[int], output_len: int, trace_path: Path | None) -> dict:
-    """Profile `output_len` decode steps of one request; GPU time per step by kernel class."""
+def profile_decode(engine, prompts: list[list[int]], output_len: int, trace_path: Path | None) -> dict:
+    """Profile `output_len` steps of one batch; GPU time per step by kernel class and by kernel."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        _, first, end, count = asyncio.run(one_request(engine, prompt, output_len))
+        _, first, end, count = run_batch(engine, prompts, output_len)
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
     by_class: dict[str, float] = {}
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     for event in kernels:
         by_class[classify(event.name)] = by_class.get(classify(event.name), 0.0) + event.device_time_total
-    steps = count  # one prefill step and count - 1 decode steps; the prefill's share is small at short prompts
+    steps = count  # prefill steps and count - 1 decode steps; the prefill's share is small at short prompts
     total_us = sum(by_class.values())
     wall_step_ms = (end - first) * 1000 / (count - 1)
     rows = sorted(by_class.items(), key=lambda kv: -kv[1])
-    print(f"\nprofile of one request ({count} tokens; times per step, mean over {steps} steps):")
+    print(f"\nprofile of one batch of {len(prompts)} ({count} tokens each; times per step, mean over {steps} steps):")
     print(f"{'kernel class':42} {'ms/step':>8} {'share':>7}")
     for label, us in rows:
         print(f"{label:42} {us / steps / 1000:8.3f} {us / total_us:7.1%}")
@@ -94,8 +109,8 @@ def profile_decode(engine, prompt: list[int], output_len: int, trace_path: Path 
         names[event.name][0] += event.device_time_total
         names[event.name][1] += 1
     print("\ntop kernels (us per step, launches per step):")
-    for name, (us, calls) in sorted(names.items(), key=lambda kv: -kv[1][0])[:15]:
-        print(f"  {us / steps:9.1f} us {calls / steps:6.1f}x  {name[:110]}")
+    for name, (us, calls) in sorted(names.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"  {us / steps:9.1f} us {calls / steps:6.1f}x {us / calls:8.1f} us/launch  {name[:100]}")
     return {label: round(us / steps / 1000, 4) for label, us in rows} | {
         "gpu_ms_per_step": round(gpu_step_ms, 4),
         "wall_ms_per_decode_step": round(wall_step_ms, 4),
@@ -110,6 +125,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--num-iters", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=1, help="requests sent together (default 1)")
     parser.add_argument("--engine-config", default="{}", help="extra TorchEngineConfig fields as JSON")
     parser.add_argument("--profile", action="store_true", help="profile one more request (torch profiler)")
     parser.add_argument("--trace", type=Path, default=None, help="with --profile: write a Chrome trace here")
@@ -124,7 +140,11 @@ def main() -> None:
     model_path = resolve_model(args.model)
     engine_start = time.perf_counter()
     config = {"load_format": args.load_format, "dtype": args.dtype, **json.loads(args.engine_config)}
-    config.setdefault("max_batch_size", 8)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if args.profile and not torch.cuda.is_available():
+        parser.error("--profile times CUDA kernels: it needs a CUDA GPU")
+    config.setdefault("max_batch_size", max(8, args.batch_size))
     engine = TorchEngine.from_pretrained(model_path, config)
     ready = time.perf_counter()
     print(
@@ -135,29 +155,30 @@ def main() -> None:
     )
     vocab = engine.runner.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(100, vocab - 100, (args.input_len,), generator=gen).tolist()
+    prompts = torch.randint(100, vocab - 100, (args.batch_size, args.input_len), generator=gen).tolist()
 
-    asyncio.run(one_request(engine, prompt, min(args.output_len, 16)))  # warm-up
+    run_batch(engine, prompts, min(args.output_len, 16))  # warm-up
     rows = []
+    batch = args.batch_size
     for i in range(args.num_iters):
-        start, first, end, count = asyncio.run(one_request(engine, prompt, args.output_len))
+        start, first, end, count = run_batch(engine, prompts, args.output_len)
         row = {
             "iter": i,
             "ttft_ms": round((first - start) * 1000, 2),
             "tpot_ms": round((end - first) * 1000 / (count - 1), 3),
-            "decode_tok_per_s": round((count - 1) / (end - first), 1),
-            "e2e_tok_per_s": round(count / (end - start), 1),
+            "decode_tok_per_s": round(batch * (count - 1) / (end - first), 1),
+            "e2e_tok_per_s": round(batch * count / (end - start), 1),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
     summary = {
-        "label": f"lm-torch batch 1, {args.input_len} in, {args.output_len} out",
+        "label": f"lm-torch batch {batch}, {args.input_len} in, {args.output_len} out",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         **{f"median_{k}": statistics.median(r[k] for r in rows) for k in rows[0] if k != "iter"},
     }
     print(json.dumps(summary), flush=True)
     if args.profile:
-        print(json.dumps({"profile": profile_decode(engine, prompt, args.output_len, args.trace)}), flush=True)
+        print(json.dumps({"profile": profile_decode(engine, prompts, args.output_len, args.trace)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,41 @@ async def profiled(run):
     # The kernels themselves (seconds, launches): which GEMM shapes and which small kernels the classes hold.
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
     print(json.dumps({"top_kernels": [[name, round(s, 3), n] for name, (s, n) in top]}))
+    print(json.dumps({"idle": idle_gaps(prof)}))
     return elapsed, results
+
+
+def idle_gaps(prof) -> dict:
+    """Where the GPU waited between kernels: the gaps of the device timeline by length, and the kernels that ran
+    before and after the longest-summing kinds of gap (the kernel after a gap is the one the host launched late)."""
+    import torch
+
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name[:60])
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    by_length = {"<10us": [0.0, 0], "10-100us": [0.0, 0], "0.1-1ms": [0.0, 0], ">=1ms": [0.0, 0]}
+    by_pair: dict[str, list] = {}
+    busy_until = spans[0][1] if spans else 0.0
+    before = spans[0][2] if spans else ""
+    for start, end, name in spans[1:]:
+        gap = start - busy_until
+        if gap > 0:
+            label = "<10us" if gap < 10 else "10-100us" if gap < 100 else "0.1-1ms" if gap < 1000 else ">=1ms"
+            by_length[label][0] += gap / 1e6
+            by_length[label][1] += 1
+            if gap >= 100:
+                entry = by_pair.setdefault(f"{before} -> {name}", [0.0, 0])
+                entry[0] += gap / 1e6
+                entry[1] += 1
+        if end > busy_until:
+            busy_until, before = end, name
+    pairs = sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:12]
+    return {
+        "gaps_s_and_count": {k: [round(v[0], 3), v[1]] for k, v in by_length.items()},
+        "gaps_over_100us_by_neighbours": [[pair, round(s, 3), n] for pair, (s, n) in pairs],
+    }
 
 
 def summarize_trace(trace) -> None:

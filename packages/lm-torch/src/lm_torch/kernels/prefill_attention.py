@@ -156,7 +156,7 @@ def tokens_per_tile(group: int, head_dim: int = 128, rows: int | None = None) ->
     """Query tokens per program for `group` query heads per kv head: `rows` rows in all (at least one token).
 
     128 rows by default (64 for head_dim above 128, whose accumulator would not fit the registers); tuned on an H100
-    with `benchmarks/kernels.py --tune`.
+    with `benchmarks/kernel_times.py --tune`.
     """
     if rows is None:
         rows = 32 if interpreting() else (128 if head_dim <= 128 else 64)
@@ -207,7 +207,7 @@ def prefill_attention(
     dequantized tile by tile, when `*_scales_zeros` are given; see `lm_torch.kv_quant`).
 
     `block_n` (keys per step), `num_warps` and `num_stages` override the launch shape; the defaults were the
-    fastest of those `benchmarks/kernels.py --tune` tried for head_dim 128 on an H100.
+    fastest of those `benchmarks/kernel_times.py --tune` tried for head_dim 128 on an H100.
     """
     check_cuda_or_interpreter(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, tile_seq)
     num_heads, head_dim = q.shape[1], q.shape[2]

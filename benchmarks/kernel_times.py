@@ -6,7 +6,8 @@ contiguous tensors (the cost of attention alone) and on K/V gathered from the pa
 backend pays). Every kernel is timed as CUDA-graph replays (`triton.testing.do_bench_cudagraph`, median), which also
 checks that it captures. Also: prefill attention and the sampling kernel.
 
-Usage: python benchmarks/kernels.py [--batches 1 64 256] [--contexts 512 2048] [--splits 0 4 8 16] [--kv-quant 0 8 4]
+Usage: python benchmarks/kernel_times.py [--batches 1 64 256] [--contexts 512 2048] [--splits 0 4 8 16]
+    [--kv-quant 0 8 4]
 """
 
 from __future__ import annotations
@@ -288,7 +289,7 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="also time launch shapes of prefill and sampling")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+        raise SystemExit("benchmarks/kernel_times.py needs a CUDA GPU")
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
