@@ -10,6 +10,7 @@
 #   tput200     ShareGPT lengths, 200 prompts at concurrency 256
 #   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
 #   tput1000q8  the same with the int8 KV cache (quant_policy 8)
+#   tput1000e   tput1000 once per engine config in $ENGINE_CONFIGS ('|'-separated JSON objects), as tput1000e1, e2, ...
 #   tput1000p   tput1000 under the torch profiler (PDL off, so kernel times exclude PDL waits) with a step trace
 #   tput1000s   tput1000 with the graphs' decode split plan LM_TORCH_DECODE_SPLITS=$DECODE_SPLITS (default 4:256)
 #   ltests      lm-lite on CUDA, the quantized layers and the KV-cache quantization through the engine
@@ -94,6 +95,8 @@ for stage in $stages; do
     tput1000s) LM_TORCH_DECODE_SPLITS=${DECODE_SPLITS:-4:256} run tput1000s 200 "${SHAREGPT[@]}" ;;
     tput1000p) LM_TORCH_PDL=0 run tput1000p 220 "${SHAREGPT[@]}" --profile --step-trace "$OUT/step_trace.json" ;;
     tput1000q8) run tput1000q8 200 "${SHAREGPT[@]}" --engine-config '{"quant_policy": 8}' ;;
+    tput1000e) IFS='|' read -ra configs <<<"${ENGINE_CONFIGS:-}"
+      for i in "${!configs[@]}"; do run "tput1000e$((i + 1))" 200 "${SHAREGPT[@]}" --engine-config "${configs[$i]}"; done ;;
     alltests) run alltests 300 "${ALLTESTS[@]}" ;;
     alltestsk) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run alltestsk 300 "${ALLTESTS[@]}" ;;
     gtestsk) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run gtestsk 150 python3 -m pytest -q -m gpu \
