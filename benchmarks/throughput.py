@@ -42,6 +42,11 @@ def load_requests(path: Path, num_prompts: int, max_output_len: int | None, voca
     return requests
 
 
+def engine_counters(engine) -> dict:
+    """The engine's cumulative step counters (steps, overlapped steps, graph and eager steps and rows)."""
+    return {**engine.step_counters, **getattr(engine.runner, "counters", {})}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -267,14 +272,15 @@ def main() -> None:
         if args.step_trace:
             engine.step_trace = []
         for concurrency in args.concurrency:
+            before = engine_counters(engine)
             if args.profile:
                 elapsed, results = await profiled(run_engine(engine, requests, concurrency))
             else:
                 elapsed, results = await run_engine(engine, requests, concurrency)
             rows.append(report(f"lm-torch, concurrency {concurrency}", elapsed, results))
-            # Where the steps went (cumulative over the runs so far, the warm-up included).
-            counters = {**engine.step_counters, **getattr(engine.runner, "counters", {})}
-            print(json.dumps({"engine_counters": {k: round(v, 2) for k, v in counters.items()}}))
+            # Where this run's steps went.
+            counters = {k: round(v - before.get(k, 0), 2) for k, v in engine_counters(engine).items()}
+            print(json.dumps({"engine_counters": counters}))
         if args.step_trace:
             summarize_trace(engine.step_trace)
             args.step_trace.write_text(json.dumps(engine.step_trace))
