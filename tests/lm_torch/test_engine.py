@@ -204,3 +204,27 @@ def test_unknown_architecture_lists_supported_ones(tmp_path, default_model_dir):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"MambaForCausalLM.*not supported.*LlamaForCausalLM"):
         TorchEngine.from_pretrained(tmp_path, {"load_format": "dummy"})
+
+
+def test_output_stream_keeps_order_wakes_its_reader_and_survives_cancellation():
+    from lm_torch.engine import OutputStream
+
+    async def scenario():
+        stream = OutputStream()
+        stream.put("a")
+        stream.put("b")  # put before anyone reads: both kept, in order
+        assert [await stream.get(), await stream.get()] == ["a", "b"]
+        reader = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0)
+        assert not reader.done()  # nothing to read: it waits
+        stream.put("c")
+        assert await asyncio.wait_for(reader, 1) == "c"
+        waiting = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0)
+        waiting.cancel()  # a consumer that goes away mid-wait
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        stream.put("d")  # the stream still works for the next reader
+        assert await asyncio.wait_for(stream.get(), 1) == "d"
+
+    asyncio.run(scenario())

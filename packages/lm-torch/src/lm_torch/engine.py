@@ -20,6 +20,7 @@ import time
 import traceback
 import uuid
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,33 @@ from lm_torch.sequence import Sequence, SequenceStatus
 
 # The token id a sequence carries while its sampled token is still on the device (never a real id).
 PLACEHOLDER = -1
+
+
+class OutputStream:
+    """One request's outputs in order: the engine loop puts, the request's coroutine gets. A deque and at most one
+    waiting future: asyncio.Queue's bounds and getter/putter bookkeeping cost more than the rest of a token's
+    streaming, and a step streams one output to every sequence in it."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 @dataclass
@@ -67,7 +95,7 @@ class TorchEngine(Engine):
             session_len=self._session_len,
             prefill_interval=config.prefill_interval if self.runner.fast else 0,
         )
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._pending_aborts: set[str] = set()
         self._step_in_flight = False
         self._overlap = config.overlap_steps if config.overlap_steps is not None else self.runner.fast
@@ -118,8 +146,7 @@ class TorchEngine(Engine):
             yield EngineOutput(request.request_id, [], "error", error=f"request id {request.request_id!r} is in use")
             return
         self._ensure_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = queue
+        queue = self._streams[request.request_id] = OutputStream()
         seq = Sequence.from_request(request)
         finished = False
         try:
@@ -226,8 +253,7 @@ class TorchEngine(Engine):
             raise ValueError(error)
         request_id = f"embed-{uuid.uuid4().hex}"
         self._ensure_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        queue = self._streams[request_id] = OutputStream()
         seq = Sequence(request_id, ids, len(ids), GenerationConfig(), pooling=pooling, normalize=normalize)
         done = False
         try:
@@ -499,7 +525,7 @@ class TorchEngine(Engine):
             return
         if vector is None:  # cannot happen while runner and scheduler agree on when a prompt is complete
             vector = EngineOutput(seq.request_id, [], "error", error="the engine finished the prompt without a vector")
-        queue.put_nowait(vector)
+        queue.put(vector)
 
     def _emit_finished(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -508,4 +534,4 @@ class TorchEngine(Engine):
     def _emit(self, output: EngineOutput) -> None:
         queue = self._streams.get(output.request_id)
         if queue is not None:
-            queue.put_nowait(output)
+            queue.put(output)
