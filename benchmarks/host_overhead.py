@@ -7,7 +7,11 @@ sizes are the GPU run's: they follow from the scheduler alone), where the model'
 thread, and reports the main thread's CPU time per step and per streamed token: the host cost a GPU step of the same
 size must hide.
 
-    python benchmarks/host_overhead.py [--num-prompts 1000] [--concurrency 256] [--repeats 3]
+    python benchmarks/host_overhead.py [--num-prompts 1000] [--concurrency 256] [--repeats 3] \\
+        [--engine-config '{"overlap_steps": true}']
+
+`overlap_steps` true runs the GPU's loop on the CPU: each step handed over with placeholder tokens before its
+tokens are back, and completed after the next one is launched (`TorchEngine._run_loop`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="runs, each on a fresh engine; the median is last")
+    parser.add_argument("--engine-config", default="{}", help="extra TorchEngineConfig fields as JSON")
     args = parser.parse_args()
 
     from lm_torch.engine import TorchEngine
@@ -74,7 +79,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = tiny_llama(Path(tmp))
         for i in range(args.repeats):
-            engine = TorchEngine.from_pretrained(model, {"load_format": "dummy", "max_batch_size": args.concurrency})
+            config = {"load_format": "dummy", "max_batch_size": args.concurrency, **json.loads(args.engine_config)}
+            engine = TorchEngine.from_pretrained(model, config)
             requests = load_requests(args.dataset, args.num_prompts, None, engine.runner.vocab_size, seed=0)
 
             async def run(engine=engine, requests=requests):

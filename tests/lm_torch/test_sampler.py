@@ -274,3 +274,42 @@ def test_stages_no_row_uses_are_skipped():
 def test_an_empty_batch_samples_nothing():
     out = Sampler()(torch.zeros(0, VOCAB), build([]))
     assert out.token_ids.shape == (0,) and out.logprobs is None
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_logits_for_argmax_pick_the_float32_logits_token(softcap):
+    """Greedy steps take the arg-max of the lm_head's own bf16 output: the same token as of the float32 logits, ties
+    (first index) included; soft-capped logits stay float32."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    from lm_torch.models.gemma import GemmaForCausalLM
+    from lm_torch.models.llama import LlamaForCausalLM
+    from lm_torch.sampling.ops import argmax_rows
+
+    torch.manual_seed(0)
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=2048,
+    )
+    if softcap is None:
+        model = LlamaForCausalLM(LlamaConfig(**common), max_positions=64)
+    else:
+        model = GemmaForCausalLM(Gemma2Config(**common, final_logit_softcapping=softcap), max_positions=64)
+    model = model.to(torch.bfloat16)
+    # Rows 1-2 of the weight repeated further on: hidden states meeting them tie, and the first copy must win.
+    with torch.no_grad():
+        model.lm_head.weight[1500:1502] = model.lm_head.weight[1:3]
+    hidden = torch.randn(64, 32, dtype=torch.bfloat16)
+    hidden[:8] = model.lm_head.weight[1:3].repeat(4, 1) * 50
+    fast = model.compute_logits(hidden, for_argmax=True)
+    exact = model.compute_logits(hidden)
+    assert exact.dtype == torch.float32
+    assert fast.dtype == (torch.bfloat16 if softcap is None else torch.float32)
+    assert torch.equal(argmax_rows(fast), argmax_rows(exact))
+    assert torch.equal(argmax_rows(exact), exact.argmax(dim=-1))
+    assert (argmax_rows(exact)[:8] < 3).all()  # the ties went to the first copies

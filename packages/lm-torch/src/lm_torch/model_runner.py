@@ -365,10 +365,10 @@ class ModelRunner:
         """Sample one token per row of `hidden` [rows, hidden] into `sampled_tokens` and queue their copy to the
         host. Greedy rows with no other stage take the arg-max alone: no host work, no synchronisation."""
         seqs = [handle.batch.seqs[i] for i in handle.sample_rows]
-        logits = self.model.compute_logits(hidden)  # [rows, vocab] float32
         if all(self._is_plain_greedy(s) for s in seqs):
-            tokens = argmax_rows(logits[:, : self.vocab_size])
+            tokens = argmax_rows(self.model.compute_logits(hidden, for_argmax=True)[:, : self.vocab_size])
         else:
+            logits = self.model.compute_logits(hidden)  # [rows, vocab] float32
             out = self._sample_full(seqs, logits)
             tokens, handle.logprobs = out.token_ids, out.logprobs
             handle.guided_rows = [j for j, s in enumerate(seqs) if s.grammar is not None]

@@ -19,11 +19,18 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [num_rows, hidden] -> logits: [num_rows, vocab] in float32."""
-        logits = self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, for_argmax: bool = False) -> torch.Tensor:
+        """hidden: [num_rows, hidden] -> logits: [num_rows, vocab] in float32.
+
+        `for_argmax`: the caller only takes each row's arg-max. Without soft-capping the lm_head's own output (bf16
+        in a bf16 model) is returned as it is: widening to float32 is exact, so the arg-max, first index on ties
+        included, is the same, and a 256-row step skips writing and reading 128k float32 logits a row."""
+        logits = self.lm_head(hidden)
         cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap:
+        if for_argmax and not cap:
+            return logits
+        logits = logits.float()
+        if cap:  # tanh can map distinct bf16 values to one float32 value: capped logits are always float32
             logits = cap * torch.tanh(logits / cap)
         return logits
 
