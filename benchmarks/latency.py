@@ -91,7 +91,9 @@ def profile_decode(engine, prompts: list[list[int]], output_len: int, trace_path
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     for event in kernels:
         by_class[classify(event.name)] = by_class.get(classify(event.name), 0.0) + event.device_time_total
-    steps = count  # prefill steps and count - 1 decode steps; the prefill's share is small at short prompts
+    # Means over the request's count tokens: count - 1 decode steps, and the prefill steps, whose GEMMs weigh in
+    # (little for one short prompt; a lot for --batch-size 256: read the per-launch times there).
+    steps = count
     total_us = sum(by_class.values())
     wall_step_ms = (end - first) * 1000 / (count - 1)
     rows = sorted(by_class.items(), key=lambda kv: -kv[1])

@@ -20,7 +20,7 @@ class CausalLM(nn.Module):
         self.config = config
 
     def compute_logits(self, hidden: torch.Tensor, for_argmax: bool = False) -> torch.Tensor:
-        """hidden: [num_rows, hidden] -> logits: [num_rows, vocab] in float32.
+        """hidden: [num_rows, hidden] -> logits: [num_rows, vocab] in float32 (unless `for_argmax`).
 
         `for_argmax`: the caller only takes each row's arg-max. Without soft-capping the lm_head's own output (bf16
         in a bf16 model) is returned as it is: widening to float32 is exact, so the arg-max, first index on ties
