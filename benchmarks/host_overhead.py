@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from throughput import DEFAULT_DATASET, load_requests, run_engine  # benchmarks/ is the script's directory
+from throughput import DEFAULT_DATASET, GcPauses, load_requests, run_engine  # benchmarks/ is the script's directory
 
 
 def tiny_llama(path: Path) -> Path:
@@ -49,7 +49,8 @@ async def measure(engine, requests, concurrency: int) -> dict:
     await run_engine(engine, requests[:2], 2)  # warm-up
     steps_before = engine.step_counters["steps"]
     cpu_before, wall_before = time.thread_time(), time.perf_counter()
-    _, results = await run_engine(engine, requests, concurrency)
+    with GcPauses() as gc_pauses:
+        _, results = await run_engine(engine, requests, concurrency)
     cpu = time.thread_time() - cpu_before
     wall = time.perf_counter() - wall_before
     steps = engine.step_counters["steps"] - steps_before
@@ -61,6 +62,7 @@ async def measure(engine, requests, concurrency: int) -> dict:
         "main_thread_cpu_s": round(cpu, 2),
         "host_ms_per_step": round(cpu * 1000 / steps, 3),
         "host_us_per_token": round(cpu * 1e6 / tokens, 2),
+        "gc_pauses": gc_pauses.summary(),
     }
 
 

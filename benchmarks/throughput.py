@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import statistics
@@ -168,6 +169,32 @@ def summarize_trace(trace) -> None:
     print(json.dumps({"step_time_by_kind": table}))
 
 
+class GcPauses:
+    """The garbage collector's pauses while the block runs, by generation: the engine's loop stops for each (the
+    engine's `gc_tuning` is meant to make them rare and short)."""
+
+    def __enter__(self) -> GcPauses:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._start)
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return {
+            f"gen{g}": {"n": len(p), "total_ms": round(1000 * sum(p), 1), "max_ms": round(1000 * max(p, default=0), 1)}
+            for g, p in self.pauses.items()
+        }
+
+
 def report(label: str, elapsed: float, results) -> dict:
     short = [r for r in results if r[3] != r[4]]
     if short:
@@ -273,11 +300,13 @@ def main() -> None:
             engine.step_trace = []
         for concurrency in args.concurrency:
             before = engine_counters(engine)
-            if args.profile:
-                elapsed, results = await profiled(run_engine(engine, requests, concurrency))
-            else:
-                elapsed, results = await run_engine(engine, requests, concurrency)
+            with GcPauses() as gc_pauses:
+                if args.profile:
+                    elapsed, results = await profiled(run_engine(engine, requests, concurrency))
+                else:
+                    elapsed, results = await run_engine(engine, requests, concurrency)
             rows.append(report(f"lm-torch, concurrency {concurrency}", elapsed, results))
+            print(json.dumps({"gc_pauses": gc_pauses.summary()}))
             # Where this run's steps went.
             counters = {k: round(v - before.get(k, 0), 2) for k, v in engine_counters(engine).items()}
             print(json.dumps({"engine_counters": counters}))

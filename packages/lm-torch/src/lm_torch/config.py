@@ -39,6 +39,11 @@ class TorchEngineConfig:
     # requests whose next step does not depend on them (no grammar, penalties, bad words). None: on with CUDA and
     # triton, off on the CPU (where a step's host work is a small part of it).
     overlap_steps: bool | None = None
+    # Once started, freeze the heap built so far (gc.freeze: weights, modules, imports, never garbage) and raise the
+    # collector's first threshold to GC_GEN0_THRESHOLD allocations: with CPython's defaults a full collection walks
+    # that whole heap (0.15-0.27 s stalls on the H100, several per ShareGPT run) and the young ones run every few
+    # hundred allocations. Process-wide; undone when the last engine that did it closes. See `lm_torch.gc_tuning`.
+    gc_tuning: bool = True
     seed: int = 0  # for dummy weights and unseeded sampling
     custom_module_map: dict[str, Any] = field(default_factory=dict)  # architecture name -> model class or "mod:Cls"
     num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
@@ -72,7 +77,7 @@ class TorchEngineConfig:
             )
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"TorchEngineConfig.kv_cache_gb must be positive, got {self.kv_cache_gb!r}")
-        for name in ("eager_mode",):
+        for name in ("eager_mode", "gc_tuning"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TorchEngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.overlap_steps is not None and not isinstance(self.overlap_steps, bool):

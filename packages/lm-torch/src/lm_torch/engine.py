@@ -29,6 +29,7 @@ from typing import Any
 
 from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest, EngineStats
 from lm_core.generation_config import GenerationConfig
+from lm_torch import gc_tuning
 from lm_torch.block_manager import BlockManager
 from lm_torch.config import TorchEngineConfig
 from lm_torch.model_runner import ModelRunner, StepHandle, StepOutput, log
@@ -114,6 +115,9 @@ class TorchEngine(Engine):
         self._compiling: set[str] = set()  # request ids whose grammar is being compiled
         self._aborted_while_compiling: set[str] = set()
         log(self.runner.summary())
+        self._gc_tuned = config.gc_tuning
+        if self._gc_tuned:
+            gc_tuning.tune()
 
     @classmethod
     def from_pretrained(cls, model_path: str | os.PathLike[str], config: Any = None) -> TorchEngine:
@@ -324,6 +328,9 @@ class TorchEngine(Engine):
         self._executor.shutdown(wait=True)
         if self._grammar_executor is not None:
             self._grammar_executor.shutdown(wait=True)
+        if self._gc_tuned:
+            self._gc_tuned = False
+            gc_tuning.release()
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
