@@ -220,10 +220,14 @@ def test_logprobs_include_the_sampled_token_outside_the_top_n():
 
 
 def test_padded_vocab_columns_are_never_picked():
-    configs = [GenerationConfig(), GenerationConfig(do_sample=True, logprobs=3)]
-    logits = torch.zeros(2, VOCAB + 8)
+    configs = [
+        GenerationConfig(),
+        GenerationConfig(do_sample=True, logprobs=3),
+        GenerationConfig(do_sample=True, repetition_penalty=1.3, frequency_penalty=0.5),  # [rows, vocab] stages
+    ]
+    logits = torch.zeros(3, VOCAB + 8)
     logits[:, VOCAB:] = 100.0
-    out = Sampler()(logits, build(configs))
+    out = Sampler()(logits, build(configs, [[1, 2]] * 3, [[3]] * 3))
     assert all(t < VOCAB for t in out.token_ids.tolist())
     assert all(t < VOCAB for t in out.logprobs[1])
 
@@ -313,3 +317,37 @@ def test_logits_for_argmax_pick_the_float32_logits_token(softcap):
     assert torch.equal(argmax_rows(fast), argmax_rows(exact))
     assert torch.equal(argmax_rows(exact), exact.argmax(dim=-1))
     assert (argmax_rows(exact)[:8] < 3).all()  # the ties went to the first copies
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_building_inputs_and_sampling_on_cuda_never_wait_for_the_stream():
+    """With overlapped steps the host builds step N + 1's sampling inputs while the GPU runs step N: no stage but
+    top-p's fallback and logprobs may synchronise. torch's sync debug mode raises on every synchronising call."""
+    vocab, device = 300, torch.device("cuda")
+    configs = [
+        GenerationConfig(do_sample=True, temperature=0.7, top_k=20, min_p=0.05),
+        GenerationConfig(do_sample=True, temperature=1.3, repetition_penalty=1.2, presence_penalty=0.5),
+        GenerationConfig(do_sample=True, frequency_penalty=0.4, logit_bias={5: 3.0}, bad_token_ids=[7, 8]),
+        GenerationConfig(max_new_tokens=4, min_new_tokens=2, stop_token_ids=[9], bad_words=["x"]),
+    ]
+    prompts = [[1, 2, 3], [4, 5, 5], [6], [10, 11, 12]]
+    outputs = [[13], [5, 14], [15, 15], [16]]
+    bad_words = [None, None, None, [[16, 7]]]  # row 3 ends with 16: its next token may not be 7
+    generators = [torch.Generator().manual_seed(11), None, torch.Generator().manual_seed(3), None]
+    logits = torch.randn(len(configs), vocab + 12, device=device)  # a padded LM head
+    logits[2, [7, 8]] = 30.0  # banned: without the ban they would be drawn
+    logits[3, 9], logits[3, 7] = 50.0, 40.0  # row 3 is greedy: the stop id, then the bad word's last token
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        inputs = SamplingInputs.build(configs, prompts, outputs, bad_words, vocab, device, generators)
+        tokens = Sampler()(logits, inputs).token_ids
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    tokens = tokens.tolist()
+    assert all(0 <= t < vocab for t in tokens)
+    assert tokens[0] in logits[0, :vocab].topk(20).indices.tolist()  # top-k
+    assert tokens[2] not in (7, 8)  # bans
+    assert tokens[3] not in (9, 7)  # min_new_tokens holds back the stop id; the bad word's last token is banned

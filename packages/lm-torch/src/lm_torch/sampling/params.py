@@ -90,7 +90,7 @@ class SamplingInputs:
         device = torch.device(device)
 
         def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return host_tensor(values, torch.float32, device)
 
         greedy = [c.is_greedy for c in configs]
         sampling = [c for c, g in zip(configs, greedy, strict=True) if not g]
@@ -110,7 +110,7 @@ class SamplingInputs:
             all_greedy=not sampling,
             any_greedy=len(sampling) < batch,
             temperature=floats(temperature) if any(t != 1.0 for t in temperature) else None,
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device) if any(top_k) else None,
+            top_k=host_tensor(top_k, torch.int64, device) if any(top_k) else None,
             top_p=floats(top_p) if any(p < 1.0 for p in top_p) else None,
             truncate_rows=_rows(truncate_rows, batch, device),
             candidate_width=ops.candidate_width(max(top_k, default=0), top_p_without_top_k, vocab_size),
@@ -157,15 +157,15 @@ class SamplingInputs:
         # Row p of the penalty tensors is batch row rows[p].
         rep = [configs[i].repetition_penalty for i in rows]
         if any(r != 1.0 for r in rep):
-            self.repetition_penalty = torch.tensor(rep, dtype=torch.float32, device=device)
+            self.repetition_penalty = host_tensor(rep, torch.float32, device)
             # Like transformers, the repetition penalty covers the prompt as well as the output.
             pairs = [(p, ids) for p, i in enumerate(rows) if rep[p] != 1.0 for ids in (prompts[i], outputs[i])]
             self.seen_mask = _scatter_tokens(pairs, len(rows), self.vocab_size, torch.bool, device)
         freq = [configs[i].frequency_penalty for i in rows]
         pres = [configs[i].presence_penalty for i in rows]
         if any(freq) or any(pres):
-            self.frequency_penalty = torch.tensor(freq, dtype=torch.float32, device=device)
-            self.presence_penalty = torch.tensor(pres, dtype=torch.float32, device=device)
+            self.frequency_penalty = host_tensor(freq, torch.float32, device)
+            self.presence_penalty = host_tensor(pres, torch.float32, device)
             # Presence and frequency penalties count the generated tokens only (OpenAI's definition).
             pairs = [(p, outputs[i]) for p, i in enumerate(rows) if freq[p] or pres[p]]
             self.output_counts = _scatter_tokens(pairs, len(rows), self.vocab_size, torch.float32, device)
@@ -200,7 +200,7 @@ class SamplingInputs:
             ban_tokens += banned
         if bias_rows:
             self.bias_index = (_ids(bias_rows, device), _ids(bias_tokens, device))
-            self.bias_values = torch.tensor(bias_values, dtype=torch.float32, device=device)
+            self.bias_values = host_tensor(bias_values, torch.float32, device)
         if ban_rows:
             self.ban_index = (_ids(ban_rows, device), _ids(ban_tokens, device))
 
@@ -231,8 +231,18 @@ def validate_config(config: GenerationConfig, vocab_size: int) -> None:
             raise ValueError(f"GenerationConfig.{name} has token ids {bad} outside the vocabulary of {vocab_size}")
 
 
+def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on `device`. On CUDA through pinned memory and a copy that does not block:
+    `torch.tensor(..., device="cuda")` copies from pageable memory and then waits for the stream, i.e. for every
+    kernel already queued (the step before, with overlapped steps), so the host could not run ahead. The pinned
+    block is not reused before the copy has run (torch's caching host allocator records it)."""
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _ids(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    return host_tensor(values, torch.int64, device)
 
 
 def _rows(rows: list[int], batch: int, device: torch.device) -> torch.Tensor | None:
@@ -250,7 +260,8 @@ def _scatter_tokens(
     lengths = [len(ids) for _, ids in lists] + [ids.numel() for _, ids in tensors]
     # Lists are joined on the host (numpy reads Python ints faster than torch.tensor) and copied once.
     joined = np.fromiter(chain.from_iterable(ids for _, ids in lists), dtype=np.int64, count=sum(lengths[: len(lists)]))
-    parts = [torch.from_numpy(joined).to(device)]
+    host = torch.from_numpy(joined)
+    parts = [host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)]
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, ids in tensors:
         by_device.setdefault(ids.device, []).append(ids.reshape(-1).to(torch.int64))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lm_torch.sampling import ops
-from lm_torch.sampling.params import SamplingInputs
+from lm_torch.sampling.params import SamplingInputs, host_tensor
 
 
 @dataclass
@@ -63,13 +63,12 @@ class Sampler:
         return SamplerOutput(token_ids=tokens, logprobs=logprobs.finish(tokens))
 
     def processed_logits(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
-        """Steps 0-4 on a float32 copy: the distribution logprobs report. Returns [batch, vocab]."""
+        """Steps 0-4 on a float32 copy: the distribution logprobs report. Returns [batch, vocab_size]."""
         if logits.dim() != 2 or logits.shape[0] != inputs.batch_size or logits.shape[1] < inputs.vocab_size:
             shape = tuple(logits.shape)
             raise ValueError(f"logits of shape {shape} don't fit {inputs.batch_size} rows x {inputs.vocab_size}")
-        logits = logits.to(torch.float32, copy=True)  # every later stage works in place on this copy
-        if logits.shape[1] > inputs.vocab_size:
-            logits[:, inputs.vocab_size :] = ops.NEG_INF
+        # Every later stage works in place on this copy, of the vocabulary's columns only (a padded LM head has more).
+        logits = logits[:, : inputs.vocab_size].to(torch.float32, copy=True)
         if inputs.guided_bitmask is not None:
             ops.apply_token_bitmask(logits, inputs.guided_rows, inputs.guided_bitmask, inputs.vocab_size)
         if inputs.any_penalty:
@@ -85,7 +84,7 @@ class Sampler:
         if inputs.bias_index is not None and inputs.bias_values is not None:
             logits.index_put_(inputs.bias_index, inputs.bias_values, accumulate=True)
         if inputs.ban_index is not None:
-            logits.index_put_(inputs.ban_index, torch.tensor(ops.NEG_INF, device=logits.device))
+            logits.index_put_(inputs.ban_index, logits.new_full((), ops.NEG_INF))  # no host copy
         if inputs.temperature is not None:
             logits.div_(inputs.temperature[:, None])
         return logits
@@ -114,12 +113,18 @@ class Sampler:
             # CPU generators are cheapest (a few microseconds each, then one copy); CUDA ones launch a kernel each.
             draws = [torch.rand(1, generator=generators[i], device=generators[i].device) for i in seeded]
             same_device = len({d.device for d in draws}) == 1
-            seeded_draws = torch.cat(draws).to(device) if same_device else torch.cat([d.to(device) for d in draws])
+            if same_device:
+                joined = torch.cat(draws)
+                if joined.device.type == "cpu" and device.type == "cuda":
+                    joined = joined.pin_memory()  # a non-blocking copy: a pageable one waits for the stream
+                seeded_draws = joined.to(device, non_blocking=True)
+            else:
+                seeded_draws = torch.cat([d.to(device) for d in draws])
         if seeded_draws is None or shared_draws is None:
             return seeded_draws if shared_draws is None else shared_draws
         uniforms = torch.empty(len(generators), dtype=torch.float32, device=device)
-        uniforms[shared] = shared_draws
-        uniforms[seeded] = seeded_draws
+        uniforms.index_copy_(0, host_tensor(shared, torch.int64, device), shared_draws)
+        uniforms.index_copy_(0, host_tensor(seeded, torch.int64, device), seeded_draws)
         return uniforms
 
 
