@@ -12,6 +12,8 @@
 #   tput1000q8  the same with the int8 KV cache (quant_policy 8)
 #   tput1000e   tput1000 once per engine config in $ENGINE_CONFIGS ('|'-separated JSON objects), as tput1000e1, e2, ...
 #   tput1000p   tput1000 under the torch profiler (PDL off, so kernel times exclude PDL waits) with a step trace
+#   tput1000t   tput1000 with sampling (temperature 0.8, top-k 50: no host sync); tput1000tp: temperature 0.8 and
+#               top-p 0.95 (one host sync per step, top-p's fallback check)
 #   tput1000s   tput1000 with the graphs' decode split plan LM_TORCH_DECODE_SPLITS=$DECODE_SPLITS (default 4:256)
 #   ltests      lm-lite on CUDA, the quantized layers and the KV-cache quantization through the engine
 #   alltests    every GPU test of the repository (engine, families, kernels, KV quantization, quantized layers,
@@ -92,6 +94,8 @@ for stage in $stages; do
     tput200) run tput200 170 python3 benchmarks/throughput.py $MODEL --num-prompts 200 --max-output-len 0 \
       --concurrency 256 ;;
     tput1000) run tput1000 200 "${SHAREGPT[@]}" ;;
+    tput1000t) run tput1000t 200 "${SHAREGPT[@]}" --sampling '{"do_sample": true, "temperature": 0.8, "top_k": 50}' ;;
+    tput1000tp) run tput1000tp 200 "${SHAREGPT[@]}" --sampling '{"do_sample": true, "temperature": 0.8, "top_p": 0.95}' ;;
     tput1000s) LM_TORCH_DECODE_SPLITS=${DECODE_SPLITS:-4:256} run tput1000s 200 "${SHAREGPT[@]}" ;;
     tput1000p) LM_TORCH_PDL=0 run tput1000p 220 "${SHAREGPT[@]}" --profile --step-trace "$OUT/step_trace.json" ;;
     tput1000q8) run tput1000q8 200 "${SHAREGPT[@]}" --engine-config '{"quant_policy": 8}' ;;

@@ -1,8 +1,8 @@
 """Offline throughput of lm-torch on ShareGPT lengths, optionally against transformers' `generate`.
 
 Each request is a random prompt of the pair's input length and generates exactly the pair's output length
-(ignore_eos, greedy), capped by --max-output-len. Requests go straight to the engine (token ids, no chat template),
-at most --concurrency at a time.
+(ignore_eos; greedy, or as --sampling says), capped by --max-output-len. Requests go straight to the engine (token
+ids, no chat template), at most --concurrency at a time.
 
     python benchmarks/throughput.py --num-prompts 64 --max-output-len 128 --concurrency 64 1 \
         --compare-transformers 1,16,64
@@ -53,7 +53,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def run_engine(engine, requests, concurrency: int):
+async def run_engine(engine, requests, concurrency: int, sampling: dict | None = None):
+    """Every request through `engine`, `concurrency` at a time, each to its full output length (ignore_eos);
+    greedy unless `sampling` gives GenerationConfig fields (temperature, top_p, ...)."""
     from tqdm.auto import tqdm
 
     from lm_core import GenerationConfig
@@ -65,7 +67,7 @@ async def run_engine(engine, requests, concurrency: int):
 
     async def one(prompt, output_len):
         async with semaphore:
-            cfg = GenerationConfig(max_new_tokens=output_len, ignore_eos=True)
+            cfg = GenerationConfig(max_new_tokens=output_len, ignore_eos=True, **(sampling or {}))
             start = time.perf_counter()
             first = None
             num_tokens = 0
@@ -267,6 +269,12 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto", help="'dummy' for random weights from config.json")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--engine-config", default="{}", help="extra TorchEngineConfig fields as JSON")
+    parser.add_argument(
+        "--sampling",
+        default="{}",
+        help='GenerationConfig fields for every request as JSON, e.g. \'{"do_sample": true, "temperature": 0.8, '
+        '"top_p": 0.95}\' (default: greedy)',
+    )
     parser.add_argument("--compare-transformers", default="", help="comma-separated static batch sizes, e.g. 1,16,64")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -291,6 +299,7 @@ def main() -> None:
     engine = TorchEngine.from_pretrained(model_path, config)
     print(json.dumps({"startup_s": round(time.perf_counter() - start, 2)}))
     requests = load_requests(args.dataset, args.num_prompts, args.max_output_len, engine.runner.vocab_size, args.seed)
+    sampling = json.loads(args.sampling)
 
     async def all_runs():
         rows = []
@@ -302,10 +311,11 @@ def main() -> None:
             before = engine_counters(engine)
             with GcPauses() as gc_pauses:
                 if args.profile:
-                    elapsed, results = await profiled(run_engine(engine, requests, concurrency))
+                    elapsed, results = await profiled(run_engine(engine, requests, concurrency, sampling))
                 else:
-                    elapsed, results = await run_engine(engine, requests, concurrency)
-            rows.append(report(f"lm-torch, concurrency {concurrency}", elapsed, results))
+                    elapsed, results = await run_engine(engine, requests, concurrency, sampling)
+            label = f"lm-torch, concurrency {concurrency}" + "".join(f", {k}={v}" for k, v in sampling.items())
+            rows.append(report(label, elapsed, results))
             print(json.dumps({"gc_pauses": gc_pauses.summary()}))
             # Where this run's steps went.
             counters = {k: round(v - before.get(k, 0), 2) for k, v in engine_counters(engine).items()}
