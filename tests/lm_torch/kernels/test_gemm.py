@@ -54,6 +54,14 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
     assert gemm.gemm_launch(8, 4096, 2048) is None  # a shape the table lacks
     monkeypatch.setenv(gemm.GEMM_TUNING_ENV, "none")
     assert gemm.gemm_launch(8, 4096, 1024) is None
+    # A table that names the card it was measured on applies to that card only.
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "configs": table}))
+    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(measured))
+    monkeypatch.setattr(gemm, "_current_device_name", lambda: "NVIDIA A100-SXM4-80GB")
+    assert gemm.gemm_launch(8, 4096, 1024) is None
+    monkeypatch.setattr(gemm, "_current_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    assert gemm.gemm_launch(8, 4096, 1024) == (skinny_gemm, skinny_args)
     for bad in ({"kernel": "tiled", "block_m": 64}, {"kernel": "mystery"}, {**skinny, "block_m": 1}):
         bad_path = tmp_path / "bad.json"
         bad_path.write_text(json.dumps({"configs": {"8:4096:1024": bad}}))

@@ -41,7 +41,7 @@ class TorchEngineConfig:
     overlap_steps: bool | None = None
     # Once started, freeze the heap built so far (gc.freeze: weights, modules, imports, never garbage) and raise the
     # collector's first threshold to GC_GEN0_THRESHOLD allocations: with CPython's defaults a full collection walks
-    # that whole heap (0.15-0.27 s stalls on the H100, several per ShareGPT run) and the young ones run every few
+    # that whole heap (stalls of up to 0.36 s on the H100; 0.74 s of a ShareGPT run) and the young ones run every few
     # hundred allocations. Process-wide; undone when the last engine that did it closes. See `lm_torch.gc_tuning`.
     gc_tuning: bool = True
     seed: int = 0  # for dummy weights and unseeded sampling

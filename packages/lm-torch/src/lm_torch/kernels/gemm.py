@@ -154,11 +154,26 @@ LAUNCH_KEYS = {
 
 
 @functools.cache
-def _tuning_table(path: str) -> dict[tuple, list[tuple[int, dict | None]]]:
-    """(N, K, activation or None) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the file at `path`."""
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _current_device_name() -> str | None:
+    """The current CUDA device's name (None without CUDA: the interpreter's tests)."""
+    return _device_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+@functools.cache
+def _tuning_table(path: str, device_name: str | None = None) -> dict[tuple, list[tuple[int, dict | None]]]:
+    """(N, K, activation or None) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the file at `path`;
+    empty when the file names the card it was measured on and `device_name` is another (its winners were that
+    card's: another one runs cuBLAS until a sweep of its own)."""
     if path == "none" or not Path(path).is_file():
         return {}
-    configs = json.loads(Path(path).read_text())["configs"]
+    data = json.loads(Path(path).read_text())
+    if device_name is not None and data.get("device") not in (None, device_name):
+        return {}
+    configs = data["configs"]
     table: dict[tuple, list[tuple[int, dict | None]]] = {}
     for key, launch in configs.items():
         parts = key.split(":")
@@ -188,7 +203,7 @@ def gemm_launch(rows: int, n: int, k: int, activation: str | None = None):
     measured at or above `rows`; None (cuBLAS, then the activation kernel) where there is no such entry or cuBLAS
     measured fastest."""
     path = os.environ.get(GEMM_TUNING_ENV) or DEFAULT_TUNING
-    for measured, launch in _tuning_table(path).get((n, k, activation), []):
+    for measured, launch in _tuning_table(path, _current_device_name()).get((n, k, activation), []):
         if measured >= rows:
             if launch is None:
                 return None
