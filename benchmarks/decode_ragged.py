@@ -138,7 +138,9 @@ def _table(contexts: list[int], policy: int, sweep: bool) -> None:
         return
     results = []
     converts = (0, 1, 2) if policy else (0,)
-    for block_n, warps, stages, convert in itertools.product((32, 64), (4, 8), (1, 2, 3), converts):
+    # bf16 tiles also at 128 keys and 4 stages (the int8 sweep, three conversions each, keeps its earlier grid).
+    block_ns, stage_counts = ((32, 64), (1, 2, 3)) if policy else ((32, 64, 128), (1, 2, 3, 4))
+    for block_n, warps, stages, convert in itertools.product(block_ns, (4, 8), stage_counts, converts):
         launch = dict(block_n=block_n, num_warps=warps, num_stages=stages, convert=convert)
         try:
             results.append((rows.row(str(launch), num_splits=splits, **launch), launch))

@@ -23,6 +23,7 @@
 #   ktests      the GPU kernel tests of the attention and W4A16 kernels only (a quick check after kernel changes)
 #   ragged      decode attention on the context lengths of real throughput steps (benchmarks/decode_ragged.py), bf16,
 #               int8 and int4 caches; raggedsweep: the int8 cache through every launch shape and conversion;
+#               raggedsweep0: the bf16 cache's launch shapes at 128 and 256 decodes (the ShareGPT run's full steps);
 #               splitsweep: split counts x split_tokens at batches 16-256, bf16 and int8
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
 #   gemm        linear layers at 2-256 rows: cuBLASLt against the Triton skinny and tiled GEMMs' launch shapes; the
@@ -112,6 +113,7 @@ for stage in $stages; do
     ltests) run ltests 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 100 \
       tests/lm_lite/test_gpu.py tests/lm_torch/test_quant_layers.py tests/lm_torch/test_kv_quant.py ;;
     ragged) run ragged 120 python3 benchmarks/decode_ragged.py --kv-quant 0 8 4 ;;
+    raggedsweep0) run raggedsweep0 300 python3 benchmarks/decode_ragged.py --kv-quant 0 --batches 128 256 --sweep ;;
     raggedsweep) run raggedsweep 330 python3 benchmarks/decode_ragged.py --kv-quant 8 --sweep ;;
     splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
       --splits-sweep ;;
