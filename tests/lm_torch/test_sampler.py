@@ -323,11 +323,12 @@ def test_logits_for_argmax_pick_the_float32_logits_token(softcap):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_building_inputs_and_sampling_on_cuda_never_wait_for_the_stream():
     """With overlapped steps the host builds step N + 1's sampling inputs while the GPU runs step N: no stage but
-    top-p's fallback and logprobs may synchronise. torch's sync debug mode raises on every synchronising call."""
+    top-p's fallback may synchronise (logprobs are read later, from pinned copies). torch's sync debug mode raises on
+    every synchronising call."""
     vocab, device = 300, torch.device("cuda")
     configs = [
         GenerationConfig(do_sample=True, temperature=0.7, top_k=20, min_p=0.05),
-        GenerationConfig(do_sample=True, temperature=1.3, repetition_penalty=1.2, presence_penalty=0.5),
+        GenerationConfig(do_sample=True, temperature=1.3, repetition_penalty=1.2, presence_penalty=0.5, logprobs=3),
         GenerationConfig(do_sample=True, frequency_penalty=0.4, logit_bias={5: 3.0}, bad_token_ids=[7, 8]),
         GenerationConfig(max_new_tokens=4, min_new_tokens=2, stop_token_ids=[9], bad_words=["x"]),
     ]
@@ -343,10 +344,16 @@ def test_building_inputs_and_sampling_on_cuda_never_wait_for_the_stream():
     torch.cuda.set_sync_debug_mode("error")
     try:
         inputs = SamplingInputs.build(configs, prompts, outputs, bad_words, vocab, device, generators)
-        tokens = Sampler()(logits, inputs).token_ids
+        out = Sampler()(logits, inputs)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    tokens = tokens.tolist()
+    tokens = out.token_ids.tolist()
+    reference = Sampler().processed_logits(logits, inputs)[1].log_softmax(-1)  # row 1's distribution, float32
+    logprobs = out.logprobs  # read now, from the pinned copies
+    assert [row is None for row in logprobs] == [True, False, True, True]
+    assert tokens[1] in logprobs[1] and len(logprobs[1]) in (3, 4)  # the top 3 and the sampled token
+    for token, value in logprobs[1].items():
+        assert abs(value - reference[token].item()) < 1e-5
     assert all(0 <= t < vocab for t in tokens)
     assert tokens[0] in logits[0, :vocab].topk(20).indices.tolist()  # top-k
     assert tokens[2] not in (7, 8)  # bans

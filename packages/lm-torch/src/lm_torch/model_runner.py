@@ -25,7 +25,7 @@ from lm_torch.kv_quant import KVCache, allocate_kv_cache, bytes_per_token, kv_dt
 from lm_torch.layers.linear import use_cpu_linears
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
 from lm_torch.memory import free_memory, plan_kv_cache
-from lm_torch.sampling import Sampler, SamplingInputs, is_plain_greedy
+from lm_torch.sampling import PendingLogprobs, Sampler, SamplingInputs, is_plain_greedy
 from lm_torch.sampling.ops import argmax_rows
 from lm_torch.scheduler import ScheduledBatch
 
@@ -48,7 +48,7 @@ class StepHandle:
     sample_rows: list[int] = field(default_factory=list)  # batch rows that sample, in sampled-token order
     host_tokens: torch.Tensor | None = None  # pinned [>= len(sample_rows)] int64, valid once `event` has completed
     event: torch.cuda.Event | None = None
-    logprobs: list[dict[int, float] | None] | None = None  # per sampled row
+    logprobs: PendingLogprobs | None = None  # per sampled row, read once the step is done
     embeddings: list[list[float] | None] | None = None
     guided_rows: list[int] = field(default_factory=list)  # positions in sample_rows of guided sequences
     output: StepOutput | None = None
@@ -326,9 +326,10 @@ class ModelRunner:
             for j in handle.guided_rows:
                 # A rejected token sets the grammar's error: the scheduler then ends the request without emitting it.
                 batch.seqs[rows[j]].grammar.accept(sampled[j])
+            row_logprobs = handle.logprobs.resolve() if handle.logprobs is not None else None
             for j, i in enumerate(rows):
                 token_ids[i] = sampled[j]
-                logprobs[i] = handle.logprobs[j] if handle.logprobs is not None else None
+                logprobs[i] = row_logprobs[j] if row_logprobs is not None else None
         return StepOutput(token_ids, logprobs, handle.embeddings)
 
     def _forward_eager(self, batch: ScheduledBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,7 +371,7 @@ class ModelRunner:
         else:
             logits = self.model.compute_logits(hidden)  # [rows, vocab] float32
             out = self._sample_full(seqs, logits)
-            tokens, handle.logprobs = out.token_ids, out.logprobs
+            tokens, handle.logprobs = out.token_ids, out.pending_logprobs  # read in `collect`
             handle.guided_rows = [j for j, s in enumerate(seqs) if s.grammar is not None]
         num = len(seqs)
         self.sampled_tokens[:num].copy_(tokens)

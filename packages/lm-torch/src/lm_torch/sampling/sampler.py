@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from lm_torch.sampling import ops
 from lm_torch.sampling.params import SamplingInputs, host_tensor
 
 
-@dataclass
 class SamplerOutput:
-    """One step's result: `token_ids` [batch] int64, and per row the asked-for logprobs (None rows: not asked)."""
+    """One step's result: `token_ids` [batch] int64, and per row the asked-for logprobs (None rows: not asked).
 
-    token_ids: torch.Tensor
-    logprobs: list[dict[int, float] | None] | None
+    The logprobs are read from the device when first asked for (`logprobs`), not when the step is sampled: on CUDA
+    their copies to pinned memory are queued behind the step, so sampling never waits for the GPU, and the engine
+    reads them once it has waited for the step's tokens anyway (`pending_logprobs`).
+    """
+
+    def __init__(self, token_ids: torch.Tensor, pending_logprobs: PendingLogprobs | None = None) -> None:
+        self.token_ids = token_ids
+        self.pending_logprobs = pending_logprobs
+
+    @property
+    def logprobs(self) -> list[dict[int, float] | None] | None:
+        return None if self.pending_logprobs is None else self.pending_logprobs.resolve()
 
 
 class Sampler:
@@ -60,7 +67,7 @@ class Sampler:
                 tokens = tokens.index_copy(0, rows, sampled)
             else:
                 tokens = ops.sample_inverse_cdf(logits, threshold, uniforms)
-        return SamplerOutput(token_ids=tokens, logprobs=logprobs.finish(tokens))
+        return SamplerOutput(tokens, logprobs.finish(tokens))
 
     def processed_logits(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         """Steps 0-4 on a float32 copy: the distribution logprobs report. Returns [batch, vocab_size]."""
@@ -136,29 +143,58 @@ class _LogprobRequest:
         self.rows = [i for i, n in enumerate(asked) if n is not None]
         if not self.rows:
             return
-        index = torch.tensor(self.rows, dtype=torch.int64, device=logits.device)
+        index = host_tensor(self.rows, torch.int64, logits.device)
         self.index = None if len(self.rows) == len(asked) else index
         source = logits if self.index is None else logits.index_select(0, index)
         self.logprobs = torch.log_softmax(source, dim=-1)  # [rows, vocab]
         width = max(asked[i] or 0 for i in self.rows)
         self.top = self.logprobs.topk(width, dim=-1) if width else None  # ([rows, width], [rows, width])
 
-    def finish(self, tokens: torch.Tensor) -> list[dict[int, float] | None] | None:
-        """Per row {token id: logprob} of its top-N allowed tokens and its sampled token (at most N + 1 entries)."""
+    def finish(self, tokens: torch.Tensor) -> PendingLogprobs | None:
+        """The sampled tokens' logprobs and each row's top N, on their way to the host (None: no row asked)."""
         if not self.rows:
             return None
         chosen = tokens if self.index is None else tokens.index_select(0, self.index)  # [rows]
         chosen_lp = self.logprobs.gather(1, chosen[:, None]).squeeze(1)  # [rows]
-        # One host copy per tensor, then plain Python.
-        chosen_list, chosen_lp_list = chosen.tolist(), chosen_lp.tolist()
-        top_ids, top_values = (self.top.indices.tolist(), self.top.values.tolist()) if self.top else ([], [])
+        tensors = [chosen, chosen_lp] + ([self.top.indices, self.top.values] if self.top else [])
+        return PendingLogprobs(self.asked, self.rows, tensors)
+
+
+class PendingLogprobs:
+    """A step's logprobs on their way to the host: on CUDA copied without blocking into pinned memory, behind the
+    step's kernels on the same stream, with an event after them; `resolve()` waits for that event (free once the
+    caller has waited for the step's tokens) and builds each row's {token id: logprob}."""
+
+    def __init__(self, asked: list[int | None], rows: list[int], tensors: list[torch.Tensor]) -> None:
+        self.asked, self.rows = asked, rows
+        self._event = None
+        if tensors[0].is_cuda:
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for destination, source in zip(host, tensors, strict=True):
+                destination.copy_(source, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            tensors = host
+        self._tensors: list[torch.Tensor] | None = tensors
+        self._result: list[dict[int, float] | None] | None = None
+
+    def resolve(self) -> list[dict[int, float] | None]:
+        """Per row {token id: logprob} of its top-N allowed tokens and its sampled token (at most N + 1 entries)."""
+        if self._tensors is None:
+            return self._result
+        if self._event is not None:
+            self._event.synchronize()
+        # One host conversion per tensor, then plain Python.
+        chosen_list, chosen_lp_list, *top = (t.tolist() for t in self._tensors)
+        top_ids, top_values = top if top else ([], [])
         result: list[dict[int, float] | None] = [None] * len(self.asked)
         for j, row in enumerate(self.rows):
             n = self.asked[row] or 0
             # Masked tokens (-inf: a grammar or a ban forbids them) are not candidates: a row with fewer than N
             # allowed tokens lists fewer.
-            top = zip(top_ids[j][:n], top_values[j][:n], strict=True)
-            entry = {token: value for token, value in top if value != ops.NEG_INF}
+            pairs = zip(top_ids[j][:n], top_values[j][:n], strict=True) if top else ()
+            entry = {token: value for token, value in pairs if value != ops.NEG_INF}
             entry.setdefault(chosen_list[j], chosen_lp_list[j])
             result[row] = entry
+        self._result, self._tensors = result, None
         return result
