@@ -231,14 +231,19 @@ def validate_config(config: GenerationConfig, vocab_size: int) -> None:
             raise ValueError(f"GenerationConfig.{name} has token ids {bad} outside the vocabulary of {vocab_size}")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`. A host tensor bound for CUDA goes through pinned memory and a copy that does not block:
+    a copy from pageable memory waits for the stream, i.e. for every kernel already queued (the step before, with
+    overlapped steps), so the host could not run ahead. The pinned block is not reused before the copy has run
+    (torch's caching host allocator records it)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host values as a tensor on `device`. On CUDA through pinned memory and a copy that does not block:
-    `torch.tensor(..., device="cuda")` copies from pageable memory and then waits for the stream, i.e. for every
-    kernel already queued (the step before, with overlapped steps), so the host could not run ahead. The pinned
-    block is not reused before the copy has run (torch's caching host allocator records it)."""
-    if device.type == "cuda":
-        return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
-    return torch.tensor(values, dtype=dtype, device=device)
+    """Host values as a tensor on `device` (`to_device`)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _ids(values: list[int], device: torch.device) -> torch.Tensor:
@@ -260,8 +265,7 @@ def _scatter_tokens(
     lengths = [len(ids) for _, ids in lists] + [ids.numel() for _, ids in tensors]
     # Lists are joined on the host (numpy reads Python ints faster than torch.tensor) and copied once.
     joined = np.fromiter(chain.from_iterable(ids for _, ids in lists), dtype=np.int64, count=sum(lengths[: len(lists)]))
-    host = torch.from_numpy(joined)
-    parts = [host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)]
+    parts = [to_device(torch.from_numpy(joined), device)]
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, ids in tensors:
         by_device.setdefault(ids.device, []).append(ids.reshape(-1).to(torch.int64))

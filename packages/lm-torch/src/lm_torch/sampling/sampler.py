@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lm_torch.sampling import ops
-from lm_torch.sampling.params import SamplingInputs, host_tensor
+from lm_torch.sampling.params import SamplingInputs, host_tensor, to_device
 
 
 class SamplerOutput:
@@ -114,19 +114,16 @@ class Sampler:
         shared_draws = seeded_draws = None
         if shared:
             gen_device = self.generator.device if self.generator is not None else device
-            shared_draws = torch.rand(len(shared), generator=self.generator, device=gen_device).to(device)
+            shared_draws = to_device(torch.rand(len(shared), generator=self.generator, device=gen_device), device)
         if seeded:
             # One scalar per seeded row from its own generator: the only per-row loop, and it does no math.
             # CPU generators are cheapest (a few microseconds each, then one copy); CUDA ones launch a kernel each.
             draws = [torch.rand(1, generator=generators[i], device=generators[i].device) for i in seeded]
             same_device = len({d.device for d in draws}) == 1
             if same_device:
-                joined = torch.cat(draws)
-                if joined.device.type == "cpu" and device.type == "cuda":
-                    joined = joined.pin_memory()  # a non-blocking copy: a pageable one waits for the stream
-                seeded_draws = joined.to(device, non_blocking=True)
+                seeded_draws = to_device(torch.cat(draws), device)
             else:
-                seeded_draws = torch.cat([d.to(device) for d in draws])
+                seeded_draws = torch.cat([to_device(d, device) for d in draws])
         if seeded_draws is None or shared_draws is None:
             return seeded_draws if shared_draws is None else shared_draws
         uniforms = torch.empty(len(generators), dtype=torch.float32, device=device)
