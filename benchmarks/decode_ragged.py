@@ -10,6 +10,11 @@ conversion of quantized codes) and split count. GB/s counts the cache bytes read
 scales and zeros).
 
     python benchmarks/decode_ragged.py [--batches 64 256] [--kv-quant 0 8] [--sweep | --splits-sweep]
+    python benchmarks/decode_ragged.py --tune FILE [--batches ...]   # the engine's per-batch plans (bf16 cache)
+
+With --tune each batch's calls rotate over copies of its cache (small batches' contexts would stay in L2 between
+calls otherwise), and the fastest plan (launch shape, split-K, order) goes to the table
+`lm_torch.kernels.decode_attention.tuned_decode_plan` reads.
 """
 
 from __future__ import annotations
@@ -62,25 +67,32 @@ def _inputs(contexts: list[int], policy: int, seed: int) -> dict:
     }
 
 
-def _time(inputs: dict, **launch) -> tuple[float, float, torch.Tensor]:
-    """(microseconds, GB/s, output) of one decode_attention call on `_inputs`."""
+def _time(inputs: dict | list[dict], rep: int = 100, **launch) -> tuple[float, float, torch.Tensor]:
+    """(microseconds, GB/s, output of the first) of one decode_attention call on `_inputs`; given several (copies of
+    one step's cache, so that a small batch's context does not stay in L2 from one call to the next), the calls
+    take them in turn and the time is per call."""
     import triton.testing
 
     from lm_torch.kernels.decode_attention import decode_attention
 
-    q, lens = inputs["args"][0], inputs["args"][5]
-    out = torch.empty_like(q)
-    if launch.pop("sort", False):  # what the engine does for large batches, once per step (not timed here)
-        launch["seq_order"] = torch.argsort(lens, descending=True).to(torch.int32)
+    copies = inputs if isinstance(inputs, list) else [inputs]
+    calls = []
+    for each in copies:
+        q, lens = each["args"][0], each["args"][5]
+        kwargs = dict(launch)
+        if kwargs.pop("sort", False):  # what the engine does for large batches, once per step (not timed here)
+            kwargs["seq_order"] = torch.argsort(lens, descending=True).to(torch.int32)
+        calls.append((each, torch.empty_like(q), kwargs))
 
     def call():
-        decode_attention(*inputs["args"], out=out, **inputs["kwargs"], **launch)
+        for each, out, kwargs in calls:
+            decode_attention(*each["args"], out=out, **each["kwargs"], **kwargs)
 
     call()
     torch.cuda.synchronize()
-    result = out.clone()
-    us = triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") * 1000.0
-    return us, inputs["bytes"] / us / 1e3, result
+    result = calls[0][1].clone()
+    us = triton.testing.do_bench_cudagraph(call, rep=rep, return_mode="median") * 1000.0 / len(calls)
+    return us, copies[0]["bytes"] / us / 1e3, result
 
 
 class _Rows:
@@ -151,6 +163,76 @@ def _table(contexts: list[int], policy: int, sweep: bool) -> None:
         rows.row(f"{best}, longest first, splits {n}", num_splits=n, sort=True, **best)
 
 
+L2_BYTES = 50 * 2**20  # the H100's L2
+
+
+def _tune(steps, path: str, batches: list[int]) -> None:
+    """For each batch (default: every CUDA-graph bucket of a 256-sequence engine), the fastest decode plan on that
+    batch's real contexts: first the launch shape (block_n x warps x stages, in arrival order and longest first) at
+    the engine's split count, then split counts x split_tokens with the winner. A plan enters the table only where it
+    beats the engine's default plan by 2% (else the default is written): the table `tuned_decode_plan` reads."""
+    import json
+    import os
+
+    from schedule_replay import decode_contexts
+
+    from lm_torch.cuda_graph import SPLIT_CONTEXT, graph_buckets
+    from lm_torch.kernels.decode_attention import DECODE_TUNING_ENV, MIN_TOKENS_PER_SPLIT, choose_num_splits
+
+    os.environ[DECODE_TUNING_ENV] = "none"  # the defaults below are the kernel's own, not an older table's
+    launches = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
+    table: dict[str, dict] = {}
+    for batch in batches or graph_buckets(256):
+        contexts = decode_contexts(batch, steps)
+        per_copy = sum(contexts) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
+        copies = min(16, max(1, -(-3 * L2_BYTES // per_copy)))
+        inputs = [_inputs(contexts, 0, seed=batch + i) for i in range(copies)]
+        splits0 = choose_num_splits(batch, NUM_KV_HEADS, SPLIT_CONTEXT, torch.device("cuda"))
+        default = dict(block_n=64, num_warps=4, num_stages=2, num_splits=splits0, split_tokens=MIN_TOKENS_PER_SPLIT)
+        default["sort"] = batch >= 192
+        reference = None
+
+        def measure(plan: dict, inputs: list[dict] = inputs, batch: int = batch) -> float:
+            nonlocal reference
+            try:
+                us, _, out = _time(inputs, rep=40, **plan)
+            except Exception as exc:  # a shape that does not compile (shared memory): never chosen
+                print(f"| {batch} | {plan} | failed: {type(exc).__name__} |", flush=True)
+                return float("inf")
+            if reference is None:
+                reference = out.float()
+            elif (out.float() - reference).abs().max().item() > 2e-2:
+                raise AssertionError(f"{plan} disagrees with the default plan at batch {batch}")
+            return us
+
+        base = measure(default)
+        best, best_us = default, base
+        for (block_n, warps, stages), sort in itertools.product(launches, (False, True) if batch >= 16 else (False,)):
+            plan = {**default, "block_n": block_n, "num_warps": warps, "num_stages": stages, "sort": sort}
+            us = measure(plan)
+            if us < best_us:
+                best, best_us = plan, us
+        split_counts = sorted({max(1, splits0 // 4), max(1, splits0 // 2), splits0, 2 * splits0, 4 * splits0})
+        for splits, tokens in itertools.product(split_counts, (32, 64, 128, 256)):
+            if splits > 32 or (splits == 1 and tokens != MIN_TOKENS_PER_SPLIT):
+                continue
+            plan = {**best, "num_splits": splits, "split_tokens": tokens}
+            us = measure(plan)
+            if us < best_us:
+                best, best_us = plan, us
+        chosen = best if best_us < 0.98 * base else default
+        table[str(batch)] = chosen
+        mean = round(sum(contexts) / batch)
+        print(
+            f"| {batch} | {mean} / {max(contexts)} | {copies} | {base:.1f} | {best_us:.1f} | {base / best_us:.3f} | "
+            f"{json.dumps(chosen)} |",
+            flush=True,
+        )
+        with open(path, "w") as f:  # after every batch: a sweep cut short still leaves its table
+            device = torch.cuda.get_device_name()
+            json.dump({"device": device, "torch": torch.__version__, "configs": table}, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
@@ -159,12 +241,23 @@ def main() -> None:
     parser.add_argument(
         "--splits-sweep", action="store_true", help="only split counts x split_tokens (longest first), nothing else"
     )
+    parser.add_argument(
+        "--tune",
+        metavar="FILE",
+        help="write the fastest plan of each batch (every graph bucket unless --batches is given) to FILE",
+    )
     args = parser.parse_args()
 
     from schedule_replay import decode_contexts, replay
 
     steps = replay()
     print(f"device: {torch.cuda.get_device_name()}")
+    if args.tune:
+        print("| batch | contexts (mean / max) | cache copies | default us | best us | speed-up | plan written |")
+        print("|---|---|---|---|---|---|---|")
+        batches = [] if args.batches == parser.get_default("batches") else args.batches
+        _tune(steps, args.tune, batches)
+        return
     print("| KV cache | batch | contexts (mean / max) | launch | us | GB/s | max abs diff to the first row |")
     print("|---|---|---|---|---|---|---|")
     for policy, batch in itertools.product(args.kv_quant, args.batches):

@@ -24,7 +24,9 @@
 #   ragged      decode attention on the context lengths of real throughput steps (benchmarks/decode_ragged.py), bf16,
 #               int8 and int4 caches; raggedsweep: the int8 cache through every launch shape and conversion;
 #               raggedsweep0: the bf16 cache's launch shapes at 128 and 256 decodes (the ShareGPT run's full steps);
-#               splitsweep: split counts x split_tokens at batches 16-256, bf16 and int8
+#               splitsweep: split counts x split_tokens at batches 16-256, bf16 and int8; raggedtune: the fastest
+#               plan (launch shape, split-K, order) of every graph bucket, bf16, written to $OUT/decode_tuning.json,
+#               which tput1000d (tput1000 with it) then runs with (raggedtune first)
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
 #   gemm        linear layers at 2-256 rows: cuBLASLt against the Triton skinny and tiled GEMMs' launch shapes; the
 #               fastest go to $OUT/gemm_tuning.json, which tput1000k (tput1000 with it) then runs with (gemm first)
@@ -70,6 +72,7 @@ run() {  # name, seconds, command...
     END { if (n) { printf "gpu: SM clock min %d / mean %d / max %d MHz, power mean %.0f / max %.0f W, %d C max,", \
       lo, c / n, hi, p / n, pm, t; for (k in r) printf " reasons %s x%d", k, r[k]; print "" } }' \
     "$OUT/.smi.csv" | tee -a "$OUT/summary.txt" "$OUT/$name.log"
+  sed 's/^/smi: /' "$OUT/.smi.csv" >>"$OUT/$name.log"  # every sample, for the clocks over the stage
   rm -f "$OUT/.smi.csv"
   grep -E '^\{|lm-torch:|passed|failed|error|Error' "$OUT/$name.log" | tail -n 25 | tee -a "$OUT/summary.txt"
 }
@@ -115,6 +118,8 @@ for stage in $stages; do
     ragged) run ragged 120 python3 benchmarks/decode_ragged.py --kv-quant 0 8 4 ;;
     raggedsweep0) run raggedsweep0 300 python3 benchmarks/decode_ragged.py --kv-quant 0 --batches 128 256 --sweep ;;
     raggedsweep) run raggedsweep 330 python3 benchmarks/decode_ragged.py --kv-quant 8 --sweep ;;
+    raggedtune) run raggedtune 420 python3 benchmarks/decode_ragged.py --tune "$OUT/decode_tuning.json" ;;
+    tput1000d) LM_TORCH_DECODE_TUNING="$OUT/decode_tuning.json" run tput1000d 200 "${SHAREGPT[@]}" ;;
     splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
       --splits-sweep ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;

@@ -73,3 +73,81 @@ def test_backend_rejects_block_size_mismatch(case):
     cache = torch.ones(2, 16, 2, 16, device=case.device, dtype=case.dtype)
     with pytest.raises(ValueError, match="block"):
         TritonAttentionBackend().forward(x, x, x, cache, cache, meta, 1.0)
+
+
+def _write_table(path, configs, device=None):
+    import json
+
+    path.write_text(json.dumps({"device": device, "configs": configs}))
+    return str(path)
+
+
+def _plan(block_n, splits, split_tokens, sort):
+    return {
+        "block_n": block_n,
+        "num_warps": 4,
+        "num_stages": 2,
+        "num_splits": splits,
+        "split_tokens": split_tokens,
+        "sort": sort,
+    }
+
+
+def test_decode_step_follows_the_tuning_table(case, tmp_path, monkeypatch):
+    # A table row for 8 decodes serves a step of 6: its launch shape, split-K and order reach the kernel, and the
+    # output still matches the torch backend.
+    from lm_torch.kernels import decode_attention as module
+
+    table = {"4": _plan(16, 1, 64, False), "8": _plan(32, 3, 16, True)}
+    monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "t.json", table))
+    calls = []
+    real = module.decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "decode_attention", spy)
+    context_lens = [1, 16, 17, 64, 100, 47]
+    (out, _), (expected, _) = _step(case, 3, [1] * 6, context_lens, 8, 2, 32, None, None)
+    case.assert_close(out, expected, 2 * case.attention_tol)
+    (kwargs,) = calls
+    assert (kwargs["block_n"], kwargs["num_warps"], kwargs["num_stages"]) == (32, 4, 2)
+    assert (kwargs["num_splits"], kwargs["split_tokens"]) == (3, 16)
+    assert kwargs["seq_order"].tolist() == sorted(range(6), key=lambda i: -context_lens[i])
+
+
+def test_tuning_table_lookup_and_validation(tmp_path, monkeypatch):
+    from lm_torch.kernels import decode_attention as module
+
+    cpu = torch.device("cpu")
+    table = {"16": _plan(64, 5, 64, False), "1": _plan(64, 16, 64, False), "256": _plan(128, 1, 64, True)}
+    monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "h100.json", table, "NVIDIA H100 80GB HBM3"))
+    assert module.tuned_decode_plan(3, cpu) is None  # the table names a card; the CPU is not it
+    monkeypatch.setattr(module, "cuda_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    assert module.tuned_decode_plan(1, cpu)["num_splits"] == 16
+    assert module.tuned_decode_plan(2, cpu)["num_splits"] == 5  # the fewest decodes measured at or above
+    assert module.tuned_decode_plan(200, cpu)["block_n"] == 128
+    assert module.tuned_decode_plan(257, cpu) is None  # beyond the table: the kernel's defaults
+    monkeypatch.setattr(module, "cuda_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    assert module.tuned_decode_plan(1, cpu) is None
+    monkeypatch.setenv(module.DECODE_TUNING_ENV, "none")
+    assert module.tuned_decode_plan(1, cpu) is None
+    bad = {"x": _plan(64, 1, 64, False)}, {"4": {"block_n": 64}}, {"4": _plan(64, 99, 64, False)}
+    for i, configs in enumerate(bad):
+        monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / f"bad{i}.json", configs))
+        with pytest.raises(ValueError, match=r"decode tuning|plan of"):
+            module.tuned_decode_plan(1, cpu)
+
+
+def test_graph_split_plan_takes_the_table(tmp_path, monkeypatch):
+    from lm_torch.cuda_graph import graph_split_plan
+    from lm_torch.kernels import decode_attention as module
+
+    cpu = torch.device("cpu")
+    heuristic = {bucket: graph_split_plan(bucket, 8, 4096, cpu) for bucket in (16, 32)}  # no table on the CPU
+    monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "t.json", {"16": _plan(64, 6, 128, False)}))
+    assert graph_split_plan(16, 8, 4096, cpu) == (6, 128)
+    assert graph_split_plan(16, 8, 4096, cpu, quantized=True) == heuristic[16]  # quantized caches: the heuristic
+    assert graph_split_plan(16, 8, 4096, cpu, "2:256") == (max(2, heuristic[16][0]), 256)  # the variable wins
+    assert graph_split_plan(32, 8, 4096, cpu) == heuristic[32]  # no row at or above 32

@@ -30,16 +30,30 @@ SPLITS_ENV = "LM_TORCH_DECODE_SPLITS"
 
 
 def graph_split_plan(
-    bucket: int, num_kv_heads: int, max_context_len: int, device: torch.device, override: str | None = None
+    bucket: int,
+    num_kv_heads: int,
+    max_context_len: int,
+    device: torch.device,
+    override: str | None = None,
+    quantized: bool = False,
 ) -> tuple[int, int]:
-    """(num_splits, split_tokens) of the decode kernel in a bucket's graph, both fixed at capture. By default what
+    """(num_splits, split_tokens) of the decode kernel in a bucket's graph, both fixed at capture. A 16-bit cache
+    on a card with a decode tuning table takes the table's plan for the bucket. Otherwise what
     the kernel's heuristic picks for a context of `SPLIT_CONTEXT` tokens (or the longest the engine allows, if
     shorter), splits of at least `MIN_TOKENS_PER_SPLIT` tokens: longer contexts run with a few too few splits (16
     instead of 32 at batch 1: about 3 us more per layer at 8k tokens); each sequence uses only the splits its own
     length needs. `override` ("S:T", the `LM_TORCH_DECODE_SPLITS` variable's format) raises the buckets below S
     splits to S and makes every split at least T tokens."""
-    from lm_torch.kernels.decode_attention import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, choose_num_splits
+    from lm_torch.kernels.decode_attention import (
+        MAX_SPLITS,
+        MIN_TOKENS_PER_SPLIT,
+        choose_num_splits,
+        tuned_decode_plan,
+    )
 
+    plan = None if override or quantized else tuned_decode_plan(bucket, device)
+    if plan is not None:
+        return plan["num_splits"], plan["split_tokens"]
     splits = choose_num_splits(bucket, num_kv_heads, min(max_context_len, SPLIT_CONTEXT), device)
     if not override:
         return splits, MIN_TOKENS_PER_SPLIT
@@ -90,7 +104,10 @@ class CudaGraphRunner:
         """(num_splits, split_tokens) of the decode kernel in `bucket`'s graph (`graph_split_plan`)."""
         num_kv_heads = self.kv_caches[0][0].shape[2]
         device = self.sampled_tokens.device
-        return graph_split_plan(bucket, num_kv_heads, self.max_context_len, device, os.environ.get(SPLITS_ENV))
+        quantized = self.kv_caches[0][0].dtype == torch.uint8  # codes; scales and zeros ride beside them
+        return graph_split_plan(
+            bucket, num_kv_heads, self.max_context_len, device, os.environ.get(SPLITS_ENV), quantized
+        )
 
     def bucket_for(self, num_seqs: int) -> int | None:
         """The smallest captured bucket holding `num_seqs` decodes, None when the batch is larger than all."""

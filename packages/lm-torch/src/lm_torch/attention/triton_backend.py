@@ -73,7 +73,12 @@ class TritonAttentionBackend:
         k_scales_zeros: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads, 2]: a quantized cache
         v_scales_zeros: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        from lm_torch.kernels.decode_attention import MIN_TOKENS_PER_SPLIT, decode_attention
+        from lm_torch.kernels.decode_attention import (
+            LAUNCH_KEYS,
+            MIN_TOKENS_PER_SPLIT,
+            decode_attention,
+            tuned_decode_plan,
+        )
         from lm_torch.kernels.kv_cache import store_kv_cache
         from lm_torch.kernels.prefill_attention import prefill_attention, prefill_tiles, tokens_per_tile
 
@@ -85,10 +90,19 @@ class TritonAttentionBackend:
         layout = _step_layout(meta, q.device)
         out = torch.empty_like(q)
         if layout.num_decodes:
+            # A 16-bit cache on a card with a tuning table takes the plan measured for this many decodes (launch
+            # shape, split-K, order); otherwise the kernel's defaults and the thresholds above.
+            plan = tuned_decode_plan(layout.num_decodes, q.device) if k_scales_zeros is None else None
             threshold = SORT_MIN_DECODES if k_scales_zeros is None else SORT_MIN_DECODES_QUANTIZED
-            if layout.num_decodes >= threshold and layout.decode_order is None:
+            sort = plan["sort"] if plan is not None else layout.num_decodes >= threshold
+            if sort and layout.decode_order is None:
                 # Once per step (the first layer's call; inside a CUDA graph it is captured with the step).
                 layout.decode_order = torch.argsort(layout.context_lens, descending=True).to(torch.int32)
+            num_splits, split_tokens = layout.num_splits, layout.split_tokens
+            if num_splits is None:
+                num_splits = self.num_splits
+                if num_splits is None and plan is not None:
+                    num_splits, split_tokens = plan["num_splits"], plan["split_tokens"]
             decode_attention(
                 q,
                 k_cache,
@@ -100,10 +114,11 @@ class TritonAttentionBackend:
                 max_context_len=layout.max_decode_context,
                 sliding_window=sliding_window,
                 softcap=softcap,
-                num_splits=layout.num_splits if layout.num_splits is not None else self.num_splits,
+                num_splits=num_splits,
                 out=out,
                 seq_order=layout.decode_order,
-                split_tokens=layout.split_tokens or MIN_TOKENS_PER_SPLIT,
+                split_tokens=split_tokens or MIN_TOKENS_PER_SPLIT,
+                **({key: plan[key] for key in LAUNCH_KEYS} if plan is not None else {}),
                 **scales_zeros,
             )
         if layout.num_decodes < meta.num_seqs:

@@ -36,6 +36,19 @@ def multiprocessor_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.cache
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def cuda_device_name(device: torch.device) -> str | None:
+    """The name of `device` if it is a CUDA device (a tuning table applies only on the card it was measured on),
+    else None."""
+    if device.type != "cuda":
+        return None
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def check_cuda_or_interpreter(*tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; anything else is a caller's mistake."""
     for t in tensors:

@@ -24,7 +24,11 @@ skipped: in a mixed batch the prefill kernel attends them.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import triton
@@ -34,6 +38,7 @@ from lm_torch.kernels.common import (
     LOG2E,
     arrives_last,
     check_cuda_or_interpreter,
+    cuda_device_name,
     interpreting,
     multiprocessor_count,
     next_power_of_2,
@@ -54,6 +59,48 @@ MAX_SPLITS = 32
 # 8; 32 decodes 55.5 with 2, 48.8 with 4; 64 decodes 96.5 with 1, 71.3 with 2; 256 decodes still 1 (89.6 us).
 SPLIT_WAVES = 4
 SPLIT_COUNTERS = "decode_attention split counters"  # the `persistent_zeros` buffer's name
+
+# Launch plans measured per decode count (`benchmarks/decode_ragged.py --tune`, real ShareGPT steps' contexts): the
+# file named by $LM_TORCH_DECODE_TUNING ("none": no table), else kernels/decode_tuning.json. 16-bit caches only.
+DECODE_TUNING_ENV = "LM_TORCH_DECODE_TUNING"
+DEFAULT_DECODE_TUNING = str(Path(__file__).with_name("decode_tuning.json"))
+# What a plan fixes: the launch shape, the split-K, and whether the programs start longest context first.
+PLAN_KEYS = ("block_n", "num_warps", "num_stages", "num_splits", "split_tokens", "sort")
+LAUNCH_KEYS = ("block_n", "num_warps", "num_stages")
+
+
+@functools.cache
+def _decode_table(path: str, device_name: str | None) -> tuple[tuple[int, dict], ...]:
+    """((decodes, plan), ...) by decodes, from the file at `path`; empty when it names another card than
+    `device_name` (its plans were that card's) or does not exist."""
+    if path == "none" or not Path(path).is_file():
+        return ()
+    data = json.loads(Path(path).read_text())
+    if data.get("device") not in (None, device_name):
+        return ()
+    table = []
+    for key, plan in data["configs"].items():
+        if not key.isdigit() or int(key) < 1:
+            raise ValueError(f"{path}: decode tuning keys are decode counts (positive integers), got {key!r}")
+        if not isinstance(plan, dict) or sorted(plan) != sorted(PLAN_KEYS):
+            raise ValueError(f"{path}: the plan of {key!r} must give exactly {', '.join(PLAN_KEYS)}")
+        if not 1 <= plan["num_splits"] <= MAX_SPLITS or plan["split_tokens"] < 1:
+            raise ValueError(
+                f"{path}: the plan of {key!r} has num_splits outside [1, {MAX_SPLITS}] or split_tokens < 1"
+            )
+        table.append((int(key), plan))
+    return tuple(sorted(table, key=lambda entry: entry[0]))
+
+
+def tuned_decode_plan(num_decodes: int, device: torch.device) -> dict | None:
+    """The tuning table's plan (`PLAN_KEYS`) for the fewest decodes measured at or above `num_decodes` on this
+    device (a CUDA-graph bucket finds its own row), or None: no table for this card, or a larger batch than any
+    row. For 16-bit caches; quantized ones keep the kernel's defaults."""
+    path = os.environ.get(DECODE_TUNING_ENV) or DEFAULT_DECODE_TUNING
+    for measured, plan in _decode_table(path, cuda_device_name(device)):
+        if measured >= num_decodes:
+            return plan
+    return None
 
 
 @triton.jit
@@ -357,8 +404,8 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     convert: int | None = None,
     seq_order: torch.Tensor | None = None,  # [num_seqs] int32, a permutation: programs start in this order
     split_tokens: int = MIN_TOKENS_PER_SPLIT,  # each sequence takes min(num_splits, ceil(context / this)) splits
@@ -405,6 +452,7 @@ def decode_attention(
         )
     group = num_heads // num_kv_heads
     block_n = block_n or (16 if interpreting() else 64)
+    num_warps, num_stages = num_warps or 4, num_stages or 2
     # With one split the partial buffers and counters are never touched; placeholders of the same dtypes keep the
     # kernel's signature (and so its compiled binary) the same as with several.
     partial_out = partial_lse = torch.empty(1, dtype=torch.float32, device=q.device)
