@@ -118,7 +118,7 @@ for stage in $stages; do
     ragged) run ragged 120 python3 benchmarks/decode_ragged.py --kv-quant 0 8 4 ;;
     raggedsweep0) run raggedsweep0 300 python3 benchmarks/decode_ragged.py --kv-quant 0 --batches 128 256 --sweep ;;
     raggedsweep) run raggedsweep 330 python3 benchmarks/decode_ragged.py --kv-quant 8 --sweep ;;
-    raggedtune) run raggedtune 420 python3 benchmarks/decode_ragged.py --tune "$OUT/decode_tuning.json" ;;
+    raggedtune) run raggedtune 380 python3 benchmarks/decode_ragged.py --tune "$OUT/decode_tuning.json" ;;
     tput1000d) LM_TORCH_DECODE_TUNING="$OUT/decode_tuning.json" run tput1000d 200 "${SHAREGPT[@]}" ;;
     splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
       --splits-sweep ;;
