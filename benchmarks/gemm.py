@@ -6,7 +6,8 @@ that none stays in L2, for cuBLASLt (torch's default), `kernels.gemv.skinny_gemm
 the time, the read bandwidth and the FLOP rate of the fastest. The gate_up shape is also timed with the SiLU
 and product after it: cuBLASLt followed by the engine's activation kernel against the tiled GEMM with the
 activation fused (key `rows:N:K:silu`). With --write-tuning the fastest launch of each (rows, shape) goes to the
-table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won).
+table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won). `cublas_wxT` times cuBLAS on the transposed
+problem, y^T = W x^T and the copy back to rows, whose tiling cuBLAS chooses differently (reported only).
 
     python benchmarks/gemm.py [--rows 2 16 64 128 192 256] [--write-tuning FILE]
 """
@@ -99,6 +100,8 @@ def main() -> None:
                 baseline = cublas_then_silu
             tolerance = 0.02 * (1 + reference.abs().max().item())
             row = {"shape": name, "rows": m, "cublaslt": round(time_us(baseline, weights, x, rep=100), 2)}
+            if not gated:  # cuBLAS on the transposed problem (W x^T, then y back to rows): reported, not tabled
+                row["cublas_wxT"] = round(time_us(lambda a, w: torch.mm(w, a.t()).t().contiguous(), weights, x), 2)
             best = ("cublaslt", row["cublaslt"], None)
             for label, entry, kernel, kwargs in candidates(m, gated):
 
