@@ -26,7 +26,8 @@
 #               raggedsweep0: the bf16 cache's launch shapes at 128 and 256 decodes (the ShareGPT run's full steps);
 #               splitsweep: split counts x split_tokens at batches 16-256, bf16 and int8; raggedtune: the fastest
 #               plan (launch shape, split-K, order) of every graph bucket, bf16, written to $OUT/decode_tuning.json,
-#               which tput1000d (tput1000 with it) then runs with (raggedtune first)
+#               which tput1000d (tput1000 with it) and dtests (the engine, family and attention GPU tests with
+#               it) then run with (raggedtune first)
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
 #   gemm        linear layers at 2-256 rows: cuBLASLt against the Triton skinny and tiled GEMMs' launch shapes; the
 #               fastest go to $OUT/gemm_tuning.json, which tput1000k (tput1000 with it) then runs with (gemm first)
@@ -118,8 +119,11 @@ for stage in $stages; do
     ragged) run ragged 120 python3 benchmarks/decode_ragged.py --kv-quant 0 8 4 ;;
     raggedsweep0) run raggedsweep0 300 python3 benchmarks/decode_ragged.py --kv-quant 0 --batches 128 256 --sweep ;;
     raggedsweep) run raggedsweep 330 python3 benchmarks/decode_ragged.py --kv-quant 8 --sweep ;;
-    raggedtune) run raggedtune 380 python3 benchmarks/decode_ragged.py --tune "$OUT/decode_tuning.json" ;;
+    raggedtune) run raggedtune 330 python3 benchmarks/decode_ragged.py --tune "$OUT/decode_tuning.json" ;;
     tput1000d) LM_TORCH_DECODE_TUNING="$OUT/decode_tuning.json" run tput1000d 200 "${SHAREGPT[@]}" ;;
+    dtests) LM_TORCH_DECODE_TUNING="$OUT/decode_tuning.json" run dtests 150 python3 -m pytest -q -m gpu \
+      -p no:cacheprovider --timeout 100 -n 8 tests/lm_torch/test_gpu_engine.py tests/lm_torch/test_model_families.py \
+      tests/lm_torch/kernels/test_triton_backend.py tests/lm_torch/kernels/test_decode_attention.py ;;
     splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
       --splits-sweep ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
