@@ -195,7 +195,7 @@ def _tune(steps, path: str, batches: list[int]) -> None:
         def measure(plan: dict, inputs: list[dict] = inputs, batch: int = batch) -> float:
             nonlocal reference
             try:
-                us, _, out = _time(inputs, rep=40, **plan)
+                us, _, out = _time(inputs, rep=15, **plan)
             except Exception as exc:  # a shape that does not compile (shared memory): never chosen
                 print(f"| {batch} | {plan} | failed: {type(exc).__name__} |", flush=True)
                 return float("inf")
