@@ -168,7 +168,7 @@ L2_BYTES = 50 * 2**20  # the H100's L2
 
 def _tune(steps, path: str, batches: list[int]) -> None:
     """For each batch (default: every CUDA-graph bucket of a 256-sequence engine), the fastest decode plan on that
-    batch's real contexts: first the launch shape (block_n x warps x stages, in arrival order and longest first) at
+    batch's real contexts: first the launch shape (block_n x warps x stages; from 64 decodes also longest first) at
     the engine's split count, then split counts x split_tokens with the winner. A plan enters the table only where it
     beats the engine's default plan by 2% (else the default is written): the table `tuned_decode_plan` reads."""
     import json
@@ -207,7 +207,7 @@ def _tune(steps, path: str, batches: list[int]) -> None:
 
         base = measure(default)
         best, best_us = default, base
-        for (block_n, warps, stages), sort in itertools.product(launches, (False, True) if batch >= 16 else (False,)):
+        for (block_n, warps, stages), sort in itertools.product(launches, (False, True) if batch >= 64 else (False,)):
             plan = {**default, "block_n": block_n, "num_warps": warps, "num_stages": stages, "sort": sort}
             us = measure(plan)
             if us < best_us:
