@@ -230,7 +230,8 @@ def _tune(steps, path: str, batches: list[int]) -> None:
         )
         with open(path, "w") as f:  # after every batch: a sweep cut short still leaves its table
             device = torch.cuda.get_device_name()
-            json.dump({"device": device, "torch": torch.__version__, "configs": table}, f, indent=1)
+            header = {"device": device, "torch": torch.__version__, "head_dim": HEAD_DIM, "kv_bytes": 2}
+            json.dump({**header, "configs": table}, f, indent=1)
 
 
 def main() -> None:

@@ -75,10 +75,10 @@ def test_backend_rejects_block_size_mismatch(case):
         TritonAttentionBackend().forward(x, x, x, cache, cache, meta, 1.0)
 
 
-def _write_table(path, configs, device=None):
+def _write_table(path, configs, device=None, head_dim=128, kv_bytes=2):
     import json
 
-    path.write_text(json.dumps({"device": device, "configs": configs}))
+    path.write_text(json.dumps({"device": device, "head_dim": head_dim, "kv_bytes": kv_bytes, "configs": configs}))
     return str(path)
 
 
@@ -95,11 +95,14 @@ def _plan(block_n, splits, split_tokens, sort):
 
 def test_decode_step_follows_the_tuning_table(case, tmp_path, monkeypatch):
     # A table row for 8 decodes serves a step of 6: its launch shape, split-K and order reach the kernel, and the
-    # output still matches the torch backend.
+    # output still matches the torch backend. (The table is written for this case's head_dim and element size.)
     from lm_torch.kernels import decode_attention as module
 
     table = {"4": _plan(16, 1, 64, False), "8": _plan(32, 3, 16, True)}
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "t.json", table))
+    path = _write_table(
+        tmp_path / "t.json", table, head_dim=32, kv_bytes=torch.empty(0, dtype=case.dtype).element_size()
+    )
+    monkeypatch.setenv(module.DECODE_TUNING_ENV, path)
     calls = []
     real = module.decode_attention
 
@@ -120,34 +123,43 @@ def test_decode_step_follows_the_tuning_table(case, tmp_path, monkeypatch):
 def test_tuning_table_lookup_and_validation(tmp_path, monkeypatch):
     from lm_torch.kernels import decode_attention as module
 
-    cpu = torch.device("cpu")
+    cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)  # on the CPU: the device name is patched below
     table = {"16": _plan(64, 5, 64, False), "1": _plan(64, 16, 64, False), "256": _plan(128, 1, 64, True)}
     monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "h100.json", table, "NVIDIA H100 80GB HBM3"))
-    assert module.tuned_decode_plan(3, cpu) is None  # the table names a card; the CPU is not it
+    assert module.tuned_decode_plan(3, cache) is None  # the table names a card; the CPU is not it
     monkeypatch.setattr(module, "cuda_device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    assert module.tuned_decode_plan(1, cpu)["num_splits"] == 16
-    assert module.tuned_decode_plan(2, cpu)["num_splits"] == 5  # the fewest decodes measured at or above
-    assert module.tuned_decode_plan(200, cpu)["block_n"] == 128
-    assert module.tuned_decode_plan(257, cpu) is None  # beyond the table: the kernel's defaults
+    assert module.tuned_decode_plan(1, cache)["num_splits"] == 16
+    assert module.tuned_decode_plan(2, cache)["num_splits"] == 5  # the fewest decodes measured at or above
+    assert module.tuned_decode_plan(200, cache)["block_n"] == 128
+    assert module.tuned_decode_plan(257, cache) is None  # beyond the table: the kernel's defaults
+    assert module.tuned_decode_plan(1, cache.half())["num_splits"] == 16  # fp16: the same tiles as bf16
+    assert module.tuned_decode_plan(1, cache.float()) is None  # float32 tiles are twice the size
+    assert module.tuned_decode_plan(1, torch.empty(1, 16, 8, 64, dtype=torch.bfloat16)) is None  # another head_dim
+    assert module.tuned_decode_plan(1, cache.to(torch.uint8)) is None  # quantized codes
     monkeypatch.setattr(module, "cuda_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
-    assert module.tuned_decode_plan(1, cpu) is None
+    assert module.tuned_decode_plan(1, cache) is None
     monkeypatch.setenv(module.DECODE_TUNING_ENV, "none")
-    assert module.tuned_decode_plan(1, cpu) is None
+    assert module.tuned_decode_plan(1, cache) is None
     bad = {"x": _plan(64, 1, 64, False)}, {"4": {"block_n": 64}}, {"4": _plan(64, 99, 64, False)}
     for i, configs in enumerate(bad):
         monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / f"bad{i}.json", configs))
         with pytest.raises(ValueError, match=r"decode tuning|plan of"):
-            module.tuned_decode_plan(1, cpu)
+            module.tuned_decode_plan(1, cache.half())
+    (tmp_path / "nohead.json").write_text('{"configs": {}}')
+    monkeypatch.setenv(module.DECODE_TUNING_ENV, str(tmp_path / "nohead.json"))
+    with pytest.raises(ValueError, match="head_dim and kv_bytes"):
+        module.tuned_decode_plan(1, cache)
 
 
 def test_graph_split_plan_takes_the_table(tmp_path, monkeypatch):
     from lm_torch.cuda_graph import graph_split_plan
     from lm_torch.kernels import decode_attention as module
 
-    cpu = torch.device("cpu")
-    heuristic = {bucket: graph_split_plan(bucket, 8, 4096, cpu) for bucket in (16, 32)}  # no table on the CPU
+    cpu, cache = torch.device("cpu"), torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)
+    heuristic = {bucket: graph_split_plan(bucket, 8, 4096, cpu) for bucket in (16, 32)}  # no cache: no table
     monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "t.json", {"16": _plan(64, 6, 128, False)}))
-    assert graph_split_plan(16, 8, 4096, cpu) == (6, 128)
-    assert graph_split_plan(16, 8, 4096, cpu, quantized=True) == heuristic[16]  # quantized caches: the heuristic
-    assert graph_split_plan(16, 8, 4096, cpu, "2:256") == (max(2, heuristic[16][0]), 256)  # the variable wins
-    assert graph_split_plan(32, 8, 4096, cpu) == heuristic[32]  # no row at or above 32
+    assert graph_split_plan(16, 8, 4096, cpu, k_cache=cache) == (6, 128)
+    assert graph_split_plan(16, 8, 4096, cpu) == heuristic[16]
+    assert graph_split_plan(16, 8, 4096, cpu, k_cache=cache.to(torch.uint8)) == heuristic[16]  # quantized
+    assert graph_split_plan(16, 8, 4096, cpu, "2:256", cache) == (max(2, heuristic[16][0]), 256)  # the variable
+    assert graph_split_plan(32, 8, 4096, cpu, k_cache=cache) == heuristic[32]  # no row at or above 32

@@ -35,10 +35,11 @@ def graph_split_plan(
     max_context_len: int,
     device: torch.device,
     override: str | None = None,
-    quantized: bool = False,
+    k_cache: torch.Tensor | None = None,
 ) -> tuple[int, int]:
-    """(num_splits, split_tokens) of the decode kernel in a bucket's graph, both fixed at capture. A 16-bit cache
-    on a card with a decode tuning table takes the table's plan for the bucket. Otherwise what
+    """(num_splits, split_tokens) of the decode kernel in a bucket's graph, both fixed at capture. Given the
+    engine's `k_cache`, one the decode tuning table was measured for takes the table's plan for the bucket
+    (`tuned_decode_plan`). Otherwise what
     the kernel's heuristic picks for a context of `SPLIT_CONTEXT` tokens (or the longest the engine allows, if
     shorter), splits of at least `MIN_TOKENS_PER_SPLIT` tokens: longer contexts run with a few too few splits (16
     instead of 32 at batch 1: about 3 us more per layer at 8k tokens); each sequence uses only the splits its own
@@ -51,7 +52,7 @@ def graph_split_plan(
         tuned_decode_plan,
     )
 
-    plan = None if override or quantized else tuned_decode_plan(bucket, device)
+    plan = None if override or k_cache is None else tuned_decode_plan(bucket, k_cache)
     if plan is not None:
         return plan["num_splits"], plan["split_tokens"]
     splits = choose_num_splits(bucket, num_kv_heads, min(max_context_len, SPLIT_CONTEXT), device)
@@ -104,9 +105,8 @@ class CudaGraphRunner:
         """(num_splits, split_tokens) of the decode kernel in `bucket`'s graph (`graph_split_plan`)."""
         num_kv_heads = self.kv_caches[0][0].shape[2]
         device = self.sampled_tokens.device
-        quantized = self.kv_caches[0][0].dtype == torch.uint8  # codes; scales and zeros ride beside them
         return graph_split_plan(
-            bucket, num_kv_heads, self.max_context_len, device, os.environ.get(SPLITS_ENV), quantized
+            bucket, num_kv_heads, self.max_context_len, device, os.environ.get(SPLITS_ENV), self.kv_caches[0][0]
         )
 
     def bucket_for(self, num_seqs: int) -> int | None:

@@ -90,9 +90,10 @@ class TritonAttentionBackend:
         layout = _step_layout(meta, q.device)
         out = torch.empty_like(q)
         if layout.num_decodes:
-            # A 16-bit cache on a card with a tuning table takes the plan measured for this many decodes (launch
-            # shape, split-K, order); otherwise the kernel's defaults and the thresholds above.
-            plan = tuned_decode_plan(layout.num_decodes, q.device) if k_scales_zeros is None else None
+            # An unquantized cache the tuning table was measured with (card, head_dim, element size) takes the plan
+            # measured for this many decodes (launch shape, split-K, order); otherwise the kernel's defaults and the
+            # thresholds above.
+            plan = tuned_decode_plan(layout.num_decodes, k_cache) if k_scales_zeros is None else None
             threshold = SORT_MIN_DECODES if k_scales_zeros is None else SORT_MIN_DECODES_QUANTIZED
             sort = plan["sort"] if plan is not None else layout.num_decodes >= threshold
             if sort and layout.decode_order is None:

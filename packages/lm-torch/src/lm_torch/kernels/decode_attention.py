@@ -61,7 +61,8 @@ SPLIT_WAVES = 4
 SPLIT_COUNTERS = "decode_attention split counters"  # the `persistent_zeros` buffer's name
 
 # Launch plans measured per decode count (`benchmarks/decode_ragged.py --tune`, real ShareGPT steps' contexts): the
-# file named by $LM_TORCH_DECODE_TUNING ("none": no table), else kernels/decode_tuning.json. 16-bit caches only.
+# file named by $LM_TORCH_DECODE_TUNING ("none": no table), else kernels/decode_tuning.json. Unquantized caches of
+# the head_dim and element size the table was measured with, on its card.
 DECODE_TUNING_ENV = "LM_TORCH_DECODE_TUNING"
 DEFAULT_DECODE_TUNING = str(Path(__file__).with_name("decode_tuning.json"))
 # What a plan fixes: the launch shape, the split-K, and whether the programs start longest context first.
@@ -70,13 +71,15 @@ LAUNCH_KEYS = ("block_n", "num_warps", "num_stages")
 
 
 @functools.cache
-def _decode_table(path: str, device_name: str | None) -> tuple[tuple[int, dict], ...]:
-    """((decodes, plan), ...) by decodes, from the file at `path`; empty when it names another card than
-    `device_name` (its plans were that card's) or does not exist."""
+def _decode_table(path: str, device_name: str | None, head_dim: int, kv_bytes: int) -> tuple[tuple[int, dict], ...]:
+    """((decodes, plan), ...) by decodes, from the file at `path`; empty when the file does not exist or was measured
+    on another card, head_dim or cache element size (its launch shapes may not even fit other tiles' shared memory)."""
     if path == "none" or not Path(path).is_file():
         return ()
     data = json.loads(Path(path).read_text())
-    if data.get("device") not in (None, device_name):
+    if not isinstance(data.get("head_dim"), int) or not isinstance(data.get("kv_bytes"), int):
+        raise ValueError(f"{path}: a decode tuning table names the head_dim and kv_bytes it was measured with")
+    if data.get("device") not in (None, device_name) or (data["head_dim"], data["kv_bytes"]) != (head_dim, kv_bytes):
         return ()
     table = []
     for key, plan in data["configs"].items():
@@ -92,12 +95,15 @@ def _decode_table(path: str, device_name: str | None) -> tuple[tuple[int, dict],
     return tuple(sorted(table, key=lambda entry: entry[0]))
 
 
-def tuned_decode_plan(num_decodes: int, device: torch.device) -> dict | None:
-    """The tuning table's plan (`PLAN_KEYS`) for the fewest decodes measured at or above `num_decodes` on this
-    device (a CUDA-graph bucket finds its own row), or None: no table for this card, or a larger batch than any
-    row. For 16-bit caches; quantized ones keep the kernel's defaults."""
+def tuned_decode_plan(num_decodes: int, k_cache: torch.Tensor) -> dict | None:
+    """The tuning table's plan (`PLAN_KEYS`) for the fewest decodes measured at or above `num_decodes` with this
+    cache (`[blocks, block_size, kv_heads, head_dim]`: its card, head_dim and element size must be the table's; a
+    CUDA-graph bucket finds its own row), or None: no such table, a quantized cache, or a larger batch than any row."""
+    if not k_cache.is_floating_point():  # quantized codes: the kernel's defaults
+        return None
     path = os.environ.get(DECODE_TUNING_ENV) or DEFAULT_DECODE_TUNING
-    for measured, plan in _decode_table(path, cuda_device_name(device)):
+    table = _decode_table(path, cuda_device_name(k_cache.device), k_cache.shape[-1], k_cache.element_size())
+    for measured, plan in table:
         if measured >= num_decodes:
             return plan
     return None
