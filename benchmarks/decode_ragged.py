@@ -163,9 +163,6 @@ def _table(contexts: list[int], policy: int, sweep: bool) -> None:
         rows.row(f"{best}, longest first, splits {n}", num_splits=n, sort=True, **best)
 
 
-L2_BYTES = 50 * 2**20  # the H100's L2
-
-
 def _tune(steps, path: str, batches: list[int]) -> None:
     """For each batch (default: every CUDA-graph bucket of a 256-sequence engine), the fastest decode plan on that
     batch's real contexts: first the launch shape (block_n x warps x stages; from 64 decodes also longest first) at
@@ -174,10 +171,17 @@ def _tune(steps, path: str, batches: list[int]) -> None:
     import json
     import os
 
+    from gemv import L2_BYTES
     from schedule_replay import decode_contexts
 
+    from lm_torch.attention.triton_backend import SORT_MIN_DECODES
     from lm_torch.cuda_graph import SPLIT_CONTEXT, graph_buckets
-    from lm_torch.kernels.decode_attention import DECODE_TUNING_ENV, MIN_TOKENS_PER_SPLIT, choose_num_splits
+    from lm_torch.kernels.decode_attention import (
+        DECODE_TUNING_ENV,
+        DEFAULT_LAUNCH,
+        MIN_TOKENS_PER_SPLIT,
+        choose_num_splits,
+    )
 
     os.environ[DECODE_TUNING_ENV] = "none"  # the defaults below are the kernel's own, not an older table's
     launches = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
@@ -188,8 +192,8 @@ def _tune(steps, path: str, batches: list[int]) -> None:
         copies = min(16, max(1, -(-3 * L2_BYTES // per_copy)))
         inputs = [_inputs(contexts, 0, seed=batch + i) for i in range(copies)]
         splits0 = choose_num_splits(batch, NUM_KV_HEADS, SPLIT_CONTEXT, torch.device("cuda"))
-        default = dict(block_n=64, num_warps=4, num_stages=2, num_splits=splits0, split_tokens=MIN_TOKENS_PER_SPLIT)
-        default["sort"] = batch >= 192
+        default = {**DEFAULT_LAUNCH, "num_splits": splits0, "split_tokens": MIN_TOKENS_PER_SPLIT}
+        default["sort"] = batch >= SORT_MIN_DECODES
         reference = None
 
         def measure(plan: dict, inputs: list[dict] = inputs, batch: int = batch) -> float:

@@ -93,7 +93,7 @@ class TritonAttentionBackend:
             # An unquantized cache the tuning table was measured with (card, head_dim, element size) takes the plan
             # measured for this many decodes (launch shape, split-K, order); otherwise the kernel's defaults and the
             # thresholds above.
-            plan = tuned_decode_plan(layout.num_decodes, k_cache) if k_scales_zeros is None else None
+            plan = tuned_decode_plan(layout.num_decodes, k_cache)  # None for quantized (uint8) caches
             threshold = SORT_MIN_DECODES if k_scales_zeros is None else SORT_MIN_DECODES_QUANTIZED
             sort = plan["sort"] if plan is not None else layout.num_decodes >= threshold
             if sort and layout.decode_order is None:

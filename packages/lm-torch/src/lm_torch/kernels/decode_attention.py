@@ -68,6 +68,8 @@ DEFAULT_DECODE_TUNING = str(Path(__file__).with_name("decode_tuning.json"))
 # What a plan fixes: the launch shape, the split-K, and whether the programs start longest context first.
 PLAN_KEYS = ("block_n", "num_warps", "num_stages", "num_splits", "split_tokens", "sort")
 LAUNCH_KEYS = ("block_n", "num_warps", "num_stages")
+# The launch shape without a table (the interpreter takes 16-key tiles: smaller programs to interpret).
+DEFAULT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
 @functools.cache
@@ -457,8 +459,8 @@ def decode_attention(
             f"decode_attention: seq_order must be [{num_seqs}] int32, got {list(seq_order.shape)} {seq_order.dtype}"
         )
     group = num_heads // num_kv_heads
-    block_n = block_n or (16 if interpreting() else 64)
-    num_warps, num_stages = num_warps or 4, num_stages or 2
+    block_n = block_n or (16 if interpreting() else DEFAULT_LAUNCH["block_n"])
+    num_warps, num_stages = num_warps or DEFAULT_LAUNCH["num_warps"], num_stages or DEFAULT_LAUNCH["num_stages"]
     # With one split the partial buffers and counters are never touched; placeholders of the same dtypes keep the
     # kernel's signature (and so its compiled binary) the same as with several.
     partial_out = partial_lse = torch.empty(1, dtype=torch.float32, device=q.device)

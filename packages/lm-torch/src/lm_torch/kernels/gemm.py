@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from lm_torch.kernels.activation import ACTIVATION_CODES, activate
-from lm_torch.kernels.common import pdl_enabled, pdl_trigger, pdl_wait
+from lm_torch.kernels.common import cuda_device_name, pdl_enabled, pdl_trigger, pdl_wait
 from lm_torch.kernels.gemv import check_rows_and_weight, skinny_gemm
 
 
@@ -153,14 +153,9 @@ LAUNCH_KEYS = {
 }
 
 
-@functools.cache
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
 def _current_device_name() -> str | None:
     """The current CUDA device's name (None without CUDA: the interpreter's tests)."""
-    return _device_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return cuda_device_name(torch.device("cuda")) if torch.cuda.is_available() else None
 
 
 @functools.cache
