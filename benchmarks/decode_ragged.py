@@ -186,7 +186,11 @@ def _tune(steps, path: str, batches: list[int]) -> None:
     os.environ[DECODE_TUNING_ENV] = "none"  # the defaults below are the kernel's own, not an older table's
     launches = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
     table: dict[str, dict] = {}
-    for batch in batches or graph_buckets(256):
+    # Powers of two from the largest down first: a sweep cut short by its time limit then still has a row within 2x
+    # above every batch (the lookup takes the fewest decodes at or above), and the full steps' rows come first.
+    todo = batches or graph_buckets(256)
+    firsts = sorted((b for b in todo if b & (b - 1) == 0), reverse=True)
+    for batch in firsts + [b for b in todo if b not in firsts]:
         contexts = decode_contexts(batch, steps)
         per_copy = sum(contexts) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
         copies = min(16, max(1, -(-3 * L2_BYTES // per_copy)))
