@@ -1,13 +1,14 @@
 """Linear layers of Llama-3-8B at decode-step row counts on a GPU: cuBLASLt against lm-torch's Triton GEMMs.
 
 Times y = x @ W^T (bf16) for each projection shape and row count as CUDA-graph replays over enough weight copies
-that none stays in L2, for cuBLASLt (torch's default), `kernels.gemv.skinny_gemm` (up to 64 rows) and
-`kernels.gemm.tiled_gemm` at a few launch shapes each, checks every candidate against a float32 product, and prints
-the time, the read bandwidth and the FLOP rate of the fastest. The gate_up shape is also timed with the SiLU
-and product after it: cuBLASLt followed by the engine's activation kernel against the tiled GEMM with the
-activation fused (key `rows:N:K:silu`). With --write-tuning the fastest launch of each (rows, shape) goes to the
-table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won). `cublas_wxT` times cuBLAS on the transposed
-problem, y^T = W x^T and the copy back to rows, whose tiling cuBLAS chooses differently (reported only).
+that none stays in L2, for cuBLASLt (torch's default), `cublas_wxT` (`kernels.gemm.transposed_cublas_gemm`: cuBLAS
+on the transposed problem, y^T = W x^T, and the copy back to rows, which cuBLAS tiles differently),
+`kernels.gemv.skinny_gemm` (up to 64 rows) and `kernels.gemm.tiled_gemm` at a few launch shapes each, checks every
+candidate against a float32 product, and prints the time, the read bandwidth and the FLOP rate of the fastest. The
+gate_up shape is also timed with the SiLU and product after it: cuBLASLt followed by the engine's activation kernel
+against the tiled GEMM with the activation fused (key `rows:N:K:silu`). With --write-tuning the fastest launch of
+each (rows, shape) goes to the table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won), merged into the
+file's entries for the keys this run does not measure when the file was measured on this card (or names none).
 
     python benchmarks/gemm.py [--rows 2 16 64 128 192 256] [--write-tuning FILE]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from gemv import L2_BYTES, SHAPES, time_us  # benchmarks/ is the script's directory, hence on sys.path
@@ -44,8 +46,8 @@ GATED = [  # tiled launches with the activation fused (two accumulators: narrowe
 
 
 def candidates(rows: int, gated: bool):
-    """(label, table entry, function, keyword arguments) of every Triton launch tried at `rows` rows."""
-    from lm_torch.kernels.gemm import LAUNCH_KEYS, tiled_gemm
+    """(label, table entry, function, keyword arguments) of every launch tried at `rows` rows besides cuBLASLt."""
+    from lm_torch.kernels.gemm import LAUNCH_KEYS, tiled_gemm, transposed_cublas_gemm
     from lm_torch.kernels.gemv import skinny_gemm
 
     if gated:
@@ -54,6 +56,7 @@ def candidates(rows: int, gated: bool):
             entry = {"kernel": "tiled", **kwargs}
             yield "tiled+silu " + "/".join(map(str, launch)), entry, tiled_gemm, {**kwargs, "activation": "silu"}
         return
+    yield "cublas_wxT", {"kernel": "cublas_t"}, transposed_cublas_gemm, {}
     if rows <= SKINNY_MAX_ROWS:
         for launch in SKINNY:
             kwargs = dict(zip(LAUNCH_KEYS["skinny"], launch, strict=True))
@@ -70,15 +73,26 @@ def cublas_then_silu(x, w):
     return gated_activation(torch.nn.functional.linear(x, w), "silu")
 
 
+def by_shape_then_rows(table: dict[str, dict | None]) -> dict[str, dict | None]:
+    """The table's `rows:N:K[:act]` entries grouped by shape (in first-seen order), rows ascending in each."""
+    shapes = list(dict.fromkeys(key.split(":", 1)[1] for key in table))
+    return dict(sorted(table.items(), key=lambda e: (shapes.index(e[0].split(":", 1)[1]), int(e[0].split(":")[0]))))
+
+
 def main() -> None:
     import triton
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[2, 16, 64, 128, 192, 256])
-    parser.add_argument("--write-tuning", default=None, help="write the fastest launches here (JSON)")
+    parser.add_argument("--write-tuning", default=None, help="merge the fastest launches into this file (JSON)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
     table: dict[str, dict | None] = {}
+    if args.write_tuning and Path(args.write_tuning).is_file():
+        existing = json.loads(Path(args.write_tuning).read_text())
+        if existing.get("device") in (None, device):  # another card's winners are not this one's: start fresh
+            table.update(existing["configs"])
     runs = []
     for name, n, k in SHAPES:
         runs.append((name, n, k, False))
@@ -100,8 +114,6 @@ def main() -> None:
                 baseline = cublas_then_silu
             tolerance = 0.02 * (1 + reference.abs().max().item())
             row = {"shape": name, "rows": m, "cublaslt": round(time_us(baseline, weights, x, rep=100), 2)}
-            if not gated:  # cuBLAS on the transposed problem (W x^T, then y back to rows): reported, not tabled
-                row["cublas_wxT"] = round(time_us(lambda a, w: torch.mm(w, a.t()).t().contiguous(), weights, x), 2)
             best = ("cublaslt", row["cublaslt"], None)
             for label, entry, kernel, kwargs in candidates(m, gated):
 
@@ -128,8 +140,8 @@ def main() -> None:
             table[f"{m}:{n}:{k}" + (":silu" if gated else "")] = best[2]
             if args.write_tuning:  # after every row: a sweep cut short still leaves its table
                 with open(args.write_tuning, "w") as f:
-                    device = torch.cuda.get_device_name()
-                    json.dump({"device": device, "torch": torch.__version__, "configs": table}, f, indent=1)
+                    configs = by_shape_then_rows(table)
+                    json.dump({"device": device, "torch": torch.__version__, "configs": configs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The tiled GEMM against the float32 reference, and the tuning table that picks the small-batch kernels."""
+"""The tiled and transposed-cuBLAS GEMMs against the float32 reference, and the tuning table that picks the kernels."""
 
 from __future__ import annotations
 
@@ -34,13 +34,36 @@ def test_tiled_gemm_rejects_bad_shapes(case):
         tiled_gemm(case.randn(8, generator=gen), case.randn(4, 8, generator=gen))
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(2, 70, 300), (130, 96, 512)])
+def test_transposed_cublas_gemm_matches_reference(case, m, n, k):
+    from lm_torch.kernels.gemm import transposed_cublas_gemm
+
+    gen = torch.Generator().manual_seed(m + n + k)
+    x = case.randn(m, k, generator=gen)
+    weight = case.randn(n, k, generator=gen, scale=0.05)
+    out = transposed_cublas_gemm(x, weight)
+    assert out.shape == (m, n) and out.dtype == x.dtype and out.is_contiguous()
+    case.assert_close(out, reference.linear(x, weight), case.elementwise_tol)
+
+
+def test_transposed_cublas_gemm_rejects_bad_shapes(case):
+    from lm_torch.kernels.gemm import transposed_cublas_gemm
+
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match="transposed_cublas_gemm"):
+        transposed_cublas_gemm(case.randn(2, 8, generator=gen), case.randn(4, 9, generator=gen))
+    with pytest.raises(ValueError, match="transposed_cublas_gemm"):
+        transposed_cublas_gemm(case.randn(8, generator=gen), case.randn(4, 8, generator=gen))
+
+
 def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
     from lm_torch.kernels import gemm
     from lm_torch.kernels.gemv import skinny_gemm
 
     skinny = {"kernel": "skinny", "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4, "split_k": 1}
     tiled = {"kernel": "tiled", "block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}
-    table = {"8:4096:1024": skinny, "32:4096:1024": None, "256:4096:1024": tiled}
+    cublas_t = {"kernel": "cublas_t"}
+    table = {"8:4096:1024": skinny, "32:4096:1024": None, "128:4096:1024": tiled, "256:4096:1024": cublas_t}
     path = tmp_path / "gemm.json"
     path.write_text(json.dumps({"configs": table}))
     monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(path))
@@ -48,8 +71,9 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
     assert gemm.gemm_launch(2, 4096, 1024) == (skinny_gemm, skinny_args)  # the fewest measured rows at or above
     assert gemm.gemm_launch(8, 4096, 1024) == (skinny_gemm, skinny_args)
     assert gemm.gemm_launch(9, 4096, 1024) is None  # cuBLAS won at 32 rows
-    kernel, args = gemm.gemm_launch(200, 4096, 1024)
+    kernel, args = gemm.gemm_launch(100, 4096, 1024)
     assert kernel is gemm.tiled_gemm and args["block_m"] == 128 and "kernel" not in args
+    assert gemm.gemm_launch(200, 4096, 1024) == (gemm.transposed_cublas_gemm, {})
     assert gemm.gemm_launch(257, 4096, 1024) is None  # more rows than measured
     assert gemm.gemm_launch(8, 4096, 2048) is None  # a shape the table lacks
     monkeypatch.setenv(gemm.GEMM_TUNING_ENV, "none")
@@ -62,7 +86,13 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
     assert gemm.gemm_launch(8, 4096, 1024) is None
     monkeypatch.setattr(gemm, "_current_device_name", lambda: "NVIDIA H100 80GB HBM3")
     assert gemm.gemm_launch(8, 4096, 1024) == (skinny_gemm, skinny_args)
-    for bad in ({"kernel": "tiled", "block_m": 64}, {"kernel": "mystery"}, {**skinny, "block_m": 1}):
+    bad_launches = (
+        {"kernel": "tiled", "block_m": 64},
+        {"kernel": "mystery"},
+        {**skinny, "block_m": 1},
+        {"kernel": "cublas_t", "block_n": 64},
+    )
+    for bad in bad_launches:
         bad_path = tmp_path / "bad.json"
         bad_path.write_text(json.dumps({"configs": {"8:4096:1024": bad}}))
         gemm._tuning_table.cache_clear()
@@ -74,10 +104,11 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
         gemm._tuning_table.cache_clear()
         with pytest.raises(ValueError, match="rows:N:K"):
             gemm.gemm_launch(8, 4096, 1024)
-    bad_path.write_text(json.dumps({"configs": {"8:4096:1024:silu": skinny}}))
-    gemm._tuning_table.cache_clear()
-    with pytest.raises(ValueError, match="only the tiled kernel"):
-        gemm.gemm_launch(8, 4096, 1024, "silu")
+    for gated in (skinny, cublas_t):
+        bad_path.write_text(json.dumps({"configs": {"8:4096:1024:silu": gated}}))
+        gemm._tuning_table.cache_clear()
+        with pytest.raises(ValueError, match="only the tiled kernel"):
+            gemm.gemm_launch(8, 4096, 1024, "silu")
 
 
 def test_gemm_launch_gated_entries(tmp_path, monkeypatch):

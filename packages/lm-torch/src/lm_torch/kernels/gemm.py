@@ -4,13 +4,15 @@ A decode step of 2-256 rows multiplies every weight by few rows: up to ~64 rows 
 beyond that by the tensor cores, and in between both matter. cuBLAS's choices there leave time on the table on an
 H100: in a ShareGPT throughput profile (benchmarks/RESULTS.md, seventh session) the gate_up product of the
 129-256-row decode steps took 172 us a call, about twice what reading its weight or its FLOPs at 700 TFLOP/s
-need. Two Triton kernels (`benchmarks/gemm.py` times them against cuBLASLt):
+need. Two Triton kernels and a cuBLAS variant (`benchmarks/gemm.py` times them against cuBLASLt):
 
 - `kernels.gemv.skinny_gemm` (up to 64 rows): W the dot's first operand, the rows padded to 16; one program per
   block of output features streams its rows of W once.
 - `tiled_gemm` (any rows): output tiles of block_m rows x block_n features, numbered row tile fastest, so the
   programs that need the same tile of W run side by side and all but the first find it in L2: W comes from memory
   about once however many row tiles there are.
+- `transposed_cublas_gemm` (any rows): cuBLAS on the transposed problem, y^T = W x^T, copied back to rows; cuBLAS
+  picks other tiles for it than for x W^T.
 
 With `activation`, the tiled GEMM takes a fused [gate | up] weight and writes act(gate) * up: each program
 multiplies the matching tiles of both halves (an MLP's gate_up product and its activation in one launch, the
@@ -144,12 +146,25 @@ def tiled_gemm(
     return out
 
 
+def transposed_cublas_gemm(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+) -> torch.Tensor:  # [M, N] in x's dtype, contiguous
+    """x @ weight^T as (weight @ x^T)^T: cuBLAS (torch.mm) on the transposed problem, then the copy back to rows."""
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
+        raise ValueError(
+            f"transposed_cublas_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]"
+        )
+    return torch.mm(weight, x.t()).t().contiguous()
+
+
 GEMM_TUNING_ENV = "LM_TORCH_GEMM_TUNING"
 DEFAULT_TUNING = str(Path(__file__).with_name("gemm_tuning.json"))
 # Each kernel's launch arguments, as the tuning table names them.
 LAUNCH_KEYS = {
     "skinny": ("block_n", "block_k", "num_warps", "num_stages", "split_k"),
     "tiled": ("block_m", "block_n", "block_k", "num_warps", "num_stages"),
+    "cublas_t": (),  # transposed_cublas_gemm: no launch arguments
 }
 
 
@@ -182,9 +197,10 @@ def _tuning_table(path: str, device_name: str | None = None) -> dict[tuple, list
         if launch is not None:
             names = LAUNCH_KEYS.get(launch.get("kernel"))
             if names is None or sorted(launch) != sorted(("kernel", *names)):
+                arguments = "; ".join(f"{kind}: {', '.join(v) or 'none'}" for kind, v in LAUNCH_KEYS.items())
                 raise ValueError(
                     f"{path}: the launch of {key!r} must be null or name a kernel ({', '.join(LAUNCH_KEYS)}) and "
-                    f"exactly its arguments ({'; '.join(', '.join(v) for v in LAUNCH_KEYS.values())})"
+                    f"exactly its arguments ({arguments})"
                 )
             if activation is not None and launch["kernel"] != "tiled":
                 raise ValueError(f"{path}: {key!r}: only the tiled kernel applies an activation")
@@ -205,6 +221,8 @@ def gemm_launch(rows: int, n: int, k: int, activation: str | None = None):
             args = {name: value for name, value in launch.items() if name != "kernel"}
             if launch["kernel"] == "skinny":
                 return skinny_gemm, args
+            if launch["kernel"] == "cublas_t":
+                return transposed_cublas_gemm, args
             if activation is not None:
                 args["activation"] = activation
             return tiled_gemm, args

@@ -3,9 +3,9 @@
 A small-batch step reads every weight once for a few rows, so its linear layers are bound by memory bandwidth.
 cuBLASLt runs one row at 2.1-2.9 TB/s on an H100 (split-K kernels and a reduction for the square and tall-K shapes);
 `kernels.gemv.gemv` at 2.4-3.1 TB/s (`benchmarks/RESULTS.md`). From 2 to `SMALL_BATCH_MAX_ROWS` rows the kernel
-of the GEMM tuning table runs (`kernels.gemm.gemm_launch`: the skinny or the tiled Triton GEMM), where it has one
-for the shape. Everything else (more rows, shapes the table leaves to cuBLAS, other dtypes and devices) goes to
-`torch.nn.functional.linear`.
+of the GEMM tuning table runs (`kernels.gemm.gemm_launch`: the skinny or the tiled Triton GEMM, or cuBLAS on the
+transposed problem), where it has one for the shape. Everything else (more rows, shapes the table leaves to
+cuBLAS, other dtypes and devices) goes to `torch.nn.functional.linear`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SMALL_BATCH_MAX_ROWS = 256
 
 class SmallBatchLinear(nn.Linear):
     """nn.Linear whose one-row half-precision CUDA inputs go through `kernels.gemv.gemv`, and inputs of up to
-    `SMALL_BATCH_MAX_ROWS` rows through the Triton GEMM the tuning table names for the shape, if any."""
+    `SMALL_BATCH_MAX_ROWS` rows through the GEMM the tuning table names for the shape, if any."""
 
     def _small_rows(self, x: torch.Tensor) -> int:
         """x's row count where the Triton kernels may take it (1 to `SMALL_BATCH_MAX_ROWS` half-precision rows on
