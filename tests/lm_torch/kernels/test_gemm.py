@@ -78,6 +78,9 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
     assert gemm.gemm_launch(8, 4096, 2048) is None  # a shape the table lacks
     monkeypatch.setenv(gemm.GEMM_TUNING_ENV, "none")
     assert gemm.gemm_launch(8, 4096, 1024) is None
+    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(tmp_path / "missing.json"))  # a mistyped path is an error
+    with pytest.raises(ValueError, match=r"LM_TORCH_GEMM_TUNING=.*missing\.json.* is not a file"):
+        gemm.gemm_launch(8, 4096, 1024)
     # A table that names the card it was measured on applies to that card only.
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "configs": table}))

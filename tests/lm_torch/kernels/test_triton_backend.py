@@ -140,6 +140,12 @@ def test_tuning_table_lookup_and_validation(tmp_path, monkeypatch):
     assert module.tuned_decode_plan(1, cache) is None
     monkeypatch.setenv(module.DECODE_TUNING_ENV, "none")
     assert module.tuned_decode_plan(1, cache) is None
+    monkeypatch.setenv(module.DECODE_TUNING_ENV, str(tmp_path / "missing.json"))  # a mistyped path is an error
+    with pytest.raises(ValueError, match=r"LM_TORCH_DECODE_TUNING=.*missing\.json.* is not a file"):
+        module.tuned_decode_plan(1, cache)
+    monkeypatch.setattr(module, "DEFAULT_DECODE_TUNING", str(tmp_path / "missing.json"))
+    monkeypatch.delenv(module.DECODE_TUNING_ENV)
+    assert module.tuned_decode_plan(1, cache) is None  # no committed table (a card without one): the defaults
     bad = {"x": _plan(64, 1, 64, False)}, {"4": {"block_n": 64}}, {"4": _plan(64, 99, 64, False)}
     for i, configs in enumerate(bad):
         monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / f"bad{i}.json", configs))

@@ -73,10 +73,17 @@ DEFAULT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
 @functools.cache
-def _decode_table(path: str, device_name: str | None, head_dim: int, kv_bytes: int) -> tuple[tuple[int, dict], ...]:
+def _decode_table(
+    path: str, device_name: str | None, head_dim: int, kv_bytes: int, named: bool = False
+) -> tuple[tuple[int, dict], ...]:
     """((decodes, plan), ...) by decodes, from the file at `path`; empty when the file does not exist or was measured
-    on another card, head_dim or cache element size (its launch shapes may not even fit other tiles' shared memory)."""
-    if path == "none" or not Path(path).is_file():
+    on another card, head_dim or cache element size (its launch shapes may not even fit other tiles' shared memory).
+    A file `named` by $LM_TORCH_DECODE_TUNING must exist: a mistyped path does not quietly fall back to defaults."""
+    if path == "none":
+        return ()
+    if not Path(path).is_file():
+        if named:
+            raise ValueError(f"{DECODE_TUNING_ENV}={path!r} is not a file (set it to 'none' for no table)")
         return ()
     data = json.loads(Path(path).read_text())
     if not isinstance(data.get("head_dim"), int) or not isinstance(data.get("kv_bytes"), int):
@@ -103,8 +110,14 @@ def tuned_decode_plan(num_decodes: int, k_cache: torch.Tensor) -> dict | None:
     CUDA-graph bucket finds its own row), or None: no such table, a quantized cache, or a larger batch than any row."""
     if not k_cache.is_floating_point():  # quantized codes: the kernel's defaults
         return None
-    path = os.environ.get(DECODE_TUNING_ENV) or DEFAULT_DECODE_TUNING
-    table = _decode_table(path, cuda_device_name(k_cache.device), k_cache.shape[-1], k_cache.element_size())
+    named = os.environ.get(DECODE_TUNING_ENV)
+    table = _decode_table(
+        named or DEFAULT_DECODE_TUNING,
+        cuda_device_name(k_cache.device),
+        k_cache.shape[-1],
+        k_cache.element_size(),
+        named=bool(named),
+    )
     for measured, plan in table:
         if measured >= num_decodes:
             return plan

@@ -174,11 +174,17 @@ def _current_device_name() -> str | None:
 
 
 @functools.cache
-def _tuning_table(path: str, device_name: str | None = None) -> dict[tuple, list[tuple[int, dict | None]]]:
+def _tuning_table(
+    path: str, device_name: str | None = None, named: bool = False
+) -> dict[tuple, list[tuple[int, dict | None]]]:
     """(N, K, activation or None) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the file at `path`;
     empty when the file names the card it was measured on and `device_name` is another (its winners were that
-    card's: another one runs cuBLAS until a sweep of its own)."""
-    if path == "none" or not Path(path).is_file():
+    card's: another one runs cuBLAS until a sweep of its own). A file `named` by $LM_TORCH_GEMM_TUNING must exist."""
+    if path == "none":
+        return {}
+    if not Path(path).is_file():
+        if named:
+            raise ValueError(f"{GEMM_TUNING_ENV}={path!r} is not a file (set it to 'none' for no table)")
         return {}
     data = json.loads(Path(path).read_text())
     if device_name is not None and data.get("device") not in (None, device_name):
@@ -213,8 +219,9 @@ def gemm_launch(rows: int, n: int, k: int, activation: str | None = None):
     [gate | up] weight of N rows whose product is followed by act(gate) * up): the table's entry of the fewest rows
     measured at or above `rows`; None (cuBLAS, then the activation kernel) where there is no such entry or cuBLAS
     measured fastest."""
-    path = os.environ.get(GEMM_TUNING_ENV) or DEFAULT_TUNING
-    for measured, launch in _tuning_table(path, _current_device_name()).get((n, k, activation), []):
+    named = os.environ.get(GEMM_TUNING_ENV)
+    table = _tuning_table(named or DEFAULT_TUNING, _current_device_name(), named=bool(named))
+    for measured, launch in table.get((n, k, activation), []):
         if measured >= rows:
             if launch is None:
                 return None
