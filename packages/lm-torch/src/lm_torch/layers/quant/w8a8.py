@@ -3,10 +3,11 @@
 Tensors: `weight` [out, in] int8 (or float8_e4m3fn with `quant_dtype: float8_e4m3fn`), `scale` [out, 1] float32 per
 output channel, optional `bias`. Activations are quantized per token and dynamically in every call:
     s_x[t] = max_i |x[t, i]| / 127,  x_q = round(x / s_x) in int8,  y = (x_q @ W_q^T) * s_x[t] * scale[o] + bias.
-On the CPU the int8 product runs in int32 with `torch._int_mm`; float8 weights are multiplied in float32 after the
-same per-token quantization of the activations to float8 (s_x = max |x| / 448). On CUDA with triton the kernels of
-`kernels.w8a8` run it: a Triton per-token quantization, then a Triton int8 GEMM with the scales (and bias) applied in
-its epilogue, or for float8 `torch._scaled_mm` with row-wise scales.
+On the CPU the int8 product runs in float64 (every int8 x int8 sum over K < 2^39 is exact there, and torch's CPU
+`_int_mm` is ~25x slower than a float64 GEMM), on CUDA without the kernels in int32 with `_int_mm`; float8 weights
+are multiplied in float32 after the same per-token quantization of the activations to float8 (s_x = max |x| / 448).
+On CUDA with triton the kernels of `kernels.w8a8` run it: a Triton per-token quantization, then a Triton int8 GEMM
+with the scales (and bias) applied in its epilogue, or for float8 `torch._scaled_mm` with row-wise scales.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class W8A8Linear(nn.Module):
     def finish_loading(self) -> None:
         if self._runs_kernels():
             return  # the kernels take `weight` [out, in] as the checkpoint holds it
-        # _int_mm wants the right operand [in, out]; float8 is multiplied in float32 (no float8 matmul on the CPU).
+        # The products want the right operand [in, out]; float8 is multiplied in float32 (no float8 matmul on the CPU).
         weight_t = self.weight.data.t().contiguous()
         self.weight_t = weight_t if self.qdtype == torch.int8 else weight_t.float()
 
@@ -73,10 +74,12 @@ class W8A8Linear(nn.Module):
         weight_t = self.weight_t if self.weight_t is not None else self.weight.t()
         if self.qdtype == torch.int8:
             rows = x_q.shape[0]
-            if x_q.device.type == "cuda" and rows <= 16:
-                # cuBLAS int8 GEMMs need more than 16 rows: pad, then drop the padding.
-                x_q = torch.cat([x_q, x_q.new_zeros(17 - rows, self.in_features)])
-            acc = torch._int_mm(x_q, weight_t.to(torch.int8))[:rows].float()  # exact int32 sums
+            if x_q.device.type != "cuda":  # exact sums in float64 (see the module's docstring), rounded as int32's
+                acc = (x_q.double() @ weight_t.double()).float()
+            else:
+                if rows <= 16:  # cuBLAS int8 GEMMs need more than 16 rows: pad, then drop the padding.
+                    x_q = torch.cat([x_q, x_q.new_zeros(17 - rows, self.in_features)])
+                acc = torch._int_mm(x_q, weight_t.to(torch.int8))[:rows].float()  # exact int32 sums
         else:
             acc = x_q.float() @ weight_t.float()
         out = (acc * x_scale * self.scale.t()).to(x.dtype)
