@@ -12,7 +12,8 @@ need. Two Triton kernels and a cuBLAS variant (`benchmarks/gemm.py` times them a
   programs that need the same tile of W run side by side and all but the first find it in L2: W comes from memory
   about once however many row tiles there are.
 - `transposed_cublas_gemm` (any rows): cuBLAS on the transposed problem, y^T = W x^T, copied back to rows; cuBLAS
-  picks other tiles for it than for x W^T.
+  picks other tiles for it than for x W^T (on the H100 worse ones: 10-55% slower at 64-256 rows, so the committed
+  table never names it).
 
 With `activation`, the tiled GEMM takes a fused [gate | up] weight and writes act(gate) * up: each program
 multiplies the matching tiles of both halves (an MLP's gate_up product and its activation in one launch, the
