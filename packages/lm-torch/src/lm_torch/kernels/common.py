@@ -5,7 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -47,6 +49,19 @@ def cuda_device_name(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def read_tuning_file(path: str, env: str, named: bool) -> dict | None:
+    """The JSON of a kernel's tuning table at `path`: the file named by $`env` (`named`), else the one shipped beside
+    the kernel. None for "none" or a shipped file that is absent; a named file that does not exist is an error, so
+    that a mistyped path does not quietly fall back to the defaults."""
+    if path == "none":
+        return None
+    if not Path(path).is_file():
+        if named:
+            raise ValueError(f"{env}={path!r} is not a file (set it to 'none' for no table)")
+        return None
+    return json.loads(Path(path).read_text())
 
 
 def check_cuda_or_interpreter(*tensors: torch.Tensor) -> None:

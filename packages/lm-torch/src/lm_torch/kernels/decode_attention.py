@@ -25,7 +25,6 @@ skipped: in a mixed batch the prefill kernel attends them.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from pathlib import Path
@@ -46,6 +45,7 @@ from lm_torch.kernels.common import (
     pdl_trigger,
     pdl_wait,
     persistent_zeros,
+    read_tuning_file,
     tanh,
 )
 from lm_torch.kernels.kv_cache import codes_to, load_kv_tile, quantized_cache_args, unpack_codes
@@ -79,13 +79,9 @@ def _decode_table(
     """((decodes, plan), ...) by decodes, from the file at `path`; empty when the file does not exist or was measured
     on another card, head_dim or cache element size (its launch shapes may not even fit other tiles' shared memory).
     A file `named` by $LM_TORCH_DECODE_TUNING must exist: a mistyped path does not quietly fall back to defaults."""
-    if path == "none":
+    data = read_tuning_file(path, DECODE_TUNING_ENV, named)
+    if data is None:
         return ()
-    if not Path(path).is_file():
-        if named:
-            raise ValueError(f"{DECODE_TUNING_ENV}={path!r} is not a file (set it to 'none' for no table)")
-        return ()
-    data = json.loads(Path(path).read_text())
     if not isinstance(data.get("head_dim"), int) or not isinstance(data.get("kv_bytes"), int):
         raise ValueError(f"{path}: a decode tuning table names the head_dim and kv_bytes it was measured with")
     if data.get("device") not in (None, device_name) or (data["head_dim"], data["kv_bytes"]) != (head_dim, kv_bytes):

@@ -27,7 +27,6 @@ multiplies the matching tiles of both halves (an MLP's gate_up product and its a
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import triton
 import triton.language as tl
 
 from lm_torch.kernels.activation import ACTIVATION_CODES, activate
-from lm_torch.kernels.common import cuda_device_name, pdl_enabled, pdl_trigger, pdl_wait
+from lm_torch.kernels.common import cuda_device_name, pdl_enabled, pdl_trigger, pdl_wait, read_tuning_file
 from lm_torch.kernels.gemv import check_rows_and_weight, skinny_gemm
 
 
@@ -181,14 +180,8 @@ def _tuning_table(
     """(N, K, activation or None) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the file at `path`;
     empty when the file names the card it was measured on and `device_name` is another (its winners were that
     card's: another one runs cuBLAS until a sweep of its own). A file `named` by $LM_TORCH_GEMM_TUNING must exist."""
-    if path == "none":
-        return {}
-    if not Path(path).is_file():
-        if named:
-            raise ValueError(f"{GEMM_TUNING_ENV}={path!r} is not a file (set it to 'none' for no table)")
-        return {}
-    data = json.loads(Path(path).read_text())
-    if device_name is not None and data.get("device") not in (None, device_name):
+    data = read_tuning_file(path, GEMM_TUNING_ENV, named)
+    if data is None or (device_name is not None and data.get("device") not in (None, device_name)):
         return {}
     configs = data["configs"]
     table: dict[tuple, list[tuple[int, dict | None]]] = {}
