@@ -356,3 +356,23 @@ def test_tuned_launch_shapes_are_used(case, tmp_path, monkeypatch):
         case.assert_close(w4a16.w4a16_linear(x, packed, scales, zeros, group), expected, case.elementwise_tol)
     finally:
         w4a16.tuned_configs.cache_clear()
+
+
+def test_tuning_table_none_and_missing_file(tmp_path, monkeypatch):
+    """$LM_TORCH_W4A16_TUNING=none runs the defaults; a named file that does not exist is an error naming the
+    variable, not a silent fall-back to the defaults."""
+    from lm_torch.kernels import w4a16
+
+    try:
+        monkeypatch.setenv(w4a16.TUNING_ENV, "none")
+        w4a16.tuned_configs.cache_clear()
+        assert w4a16.tuned_configs() == {}
+        monkeypatch.setenv(w4a16.TUNING_ENV, str(tmp_path / "missing.json"))
+        w4a16.tuned_configs.cache_clear()
+        with pytest.raises(ValueError, match=r"LM_TORCH_W4A16_TUNING=.*missing\.json.* is not a file"):
+            w4a16.tuned_configs()
+        monkeypatch.delenv(w4a16.TUNING_ENV)
+        w4a16.tuned_configs.cache_clear()
+        assert w4a16.tuned_configs()  # the shipped table
+    finally:
+        w4a16.tuned_configs.cache_clear()

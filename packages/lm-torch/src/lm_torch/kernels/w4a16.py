@@ -26,7 +26,6 @@ deterministic order). Without split the result is stored directly (one launch).
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -34,10 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lm_torch.kernels.common import (
-    multiprocessor_count,
-    next_power_of_2,
-)
+from lm_torch.kernels.common import multiprocessor_count, next_power_of_2, read_tuning_file
 from lm_torch.kernels.w4a16_layout import MAX_BLOCK, block_inputs, check_call, pack_int4, split_blocks
 from lm_torch.kernels.w4a16_tc import QKVRotary, w4a16_gemv_tc
 
@@ -377,12 +373,11 @@ def tuned_configs() -> dict[str, dict]:
     """Launch shapes by "rows bucket:N:K:group_size" (buckets 1, 16, 64, 2048 for M = 1, <= 16, <= 64, more), from
     the JSON `benchmarks/w4a16.py --write-tuning` writes: the file named by $LM_TORCH_W4A16_TUNING, else the one
     shipped next to this module (measured on an H100 at Llama-3-8B's shapes). Shapes absent from it get
-    `w4a16_linear`'s defaults."""
-    path = os.environ.get(TUNING_ENV) or Path(__file__).with_name("w4a16_tuning.json")
-    try:
-        return json.loads(Path(path).read_text())["configs"]
-    except FileNotFoundError:
-        return {}
+    `w4a16_linear`'s defaults; $LM_TORCH_W4A16_TUNING=none uses no table, and one naming a missing file is an
+    error."""
+    named = os.environ.get(TUNING_ENV)
+    data = read_tuning_file(named or str(Path(__file__).with_name("w4a16_tuning.json")), TUNING_ENV, bool(named))
+    return {} if data is None else data["configs"]
 
 
 def rows_bucket(m: int) -> int:
