@@ -3,14 +3,16 @@
 Times y = x @ W^T (bf16) for each projection shape and row count as CUDA-graph replays over enough weight copies
 that none stays in L2, for cuBLASLt (torch's default), `cublas_wxT` (`kernels.gemm.transposed_cublas_gemm`: cuBLAS
 on the transposed problem, y^T = W x^T, and the copy back to rows, which cuBLAS tiles differently),
-`kernels.gemv.skinny_gemm` (up to 64 rows) and `kernels.gemm.tiled_gemm` at a few launch shapes each, checks every
-candidate against a float32 product, and prints the time, the read bandwidth and the FLOP rate of the fastest. The
-gate_up shape is also timed with the SiLU and product after it: cuBLASLt followed by the engine's activation kernel
-against the tiled GEMM with the activation fused (key `rows:N:K:silu`). With --write-tuning the fastest launch of
-each (rows, shape) goes to the table `kernels.gemm.gemm_launch` reads (null where cuBLASLt won), merged into the
-file's entries for the keys this run does not measure when the file was measured on this card (or names none).
+`kernels.gemv.skinny_gemm` (up to 64 rows), `kernels.gemm.tiled_gemm` and `kernels.gemm.tma_gemm` (TMA loads,
+split-K where the output tiles are few; from 64 rows) at a few launch shapes each (`--kernels` picks which), checks
+every candidate against a float32 product, and prints the time, the read bandwidth and the FLOP rate of the
+fastest. The gate_up shape is also timed with the SiLU and product after it: cuBLASLt followed by the engine's
+activation kernel against the tiled and TMA GEMMs with the activation fused (key `rows:N:K:silu`). With
+--write-tuning the fastest launch of each (rows, shape) goes to the table `kernels.gemm.gemm_launch` reads (null
+where cuBLASLt won), merged into the file's entries for the keys this run does not measure when the file was
+measured on this card (or names none).
 
-    python benchmarks/gemm.py [--rows 2 16 64 128 192 256] [--write-tuning FILE]
+    python benchmarks/gemm.py [--rows 2 16 64 128 192 256] [--kernels tma ...] [--write-tuning FILE]
 """
 
 from __future__ import annotations
@@ -43,13 +45,60 @@ GATED = [  # tiled launches with the activation fused (two accumulators: narrowe
     (128, 64, 64, 8, 3),
     (128, 128, 64, 8, 3),
 ]
+TMA_MIN_ROWS = 64
+TMA = [  # (block_m, block_n, block_k, num_warps, num_stages, split_k); splits only where the tiles are few
+    (64, 128, 64, 4, 4, 1),
+    (64, 128, 64, 4, 4, 2),
+    (64, 128, 64, 4, 4, 4),
+    (128, 64, 64, 4, 4, 1),
+    (128, 64, 64, 4, 4, 2),
+    (128, 128, 64, 8, 4, 1),
+    (128, 128, 64, 8, 4, 2),
+    (128, 128, 64, 8, 4, 4),
+    (128, 256, 64, 8, 3, 1),
+    (256, 128, 64, 8, 3, 1),
+    (256, 128, 64, 8, 3, 2),
+]
+TMA_GATED = [
+    (64, 128, 64, 4, 4, 1),
+    (128, 64, 64, 8, 4, 1),
+    (128, 64, 64, 8, 4, 2),
+    (128, 128, 64, 8, 3, 1),
+    (256, 64, 64, 8, 3, 1),
+]
+SPLIT_MAX_TILES = 256  # a split pays only while the tiles are too few to fill the SMs
 
 
-def candidates(rows: int, gated: bool):
-    """(label, table entry, function, keyword arguments) of every launch tried at `rows` rows besides cuBLASLt."""
-    from lm_torch.kernels.gemm import LAUNCH_KEYS, tiled_gemm, transposed_cublas_gemm
+def tma_launches(rows: int, n: int, gated: bool):
+    """The TMA kernel's launches at `rows` x `n` outputs: splits of K only where the output tiles are few."""
+    for launch in TMA_GATED if gated else TMA:
+        block_m, block_n, split_k = launch[0], launch[1], launch[5]
+        tiles = -(-rows // block_m) * -(-(n // 2 if gated else n) // block_n)
+        if split_k == 1 or (tiles * split_k <= 2 * SPLIT_MAX_TILES and tiles < SPLIT_MAX_TILES):
+            yield launch
+
+
+KERNELS = ("cublas_t", "skinny", "tiled", "tma")
+
+
+def candidates(rows: int, n: int, gated: bool, kernels=KERNELS):
+    """(label, table entry, function, keyword arguments) of every launch of `kernels` tried at `rows` rows of an
+    `n`-feature weight besides cuBLASLt."""
+    for candidate in _candidates(rows, n, gated):
+        if candidate[1]["kernel"] in kernels:
+            yield candidate
+
+
+def _candidates(rows: int, n: int, gated: bool):
+    from lm_torch.kernels.gemm import LAUNCH_KEYS, tiled_gemm, tma_gemm, transposed_cublas_gemm
     from lm_torch.kernels.gemv import skinny_gemm
 
+    if rows >= TMA_MIN_ROWS:
+        for launch in tma_launches(rows, n, gated):
+            kwargs = dict(zip(LAUNCH_KEYS["tma"], launch, strict=True))
+            entry = {"kernel": "tma", **kwargs}
+            label = "tma" + ("+silu " if gated else " ") + "/".join(map(str, launch))
+            yield label, entry, tma_gemm, {**kwargs, "activation": "silu"} if gated else kwargs
     if gated:
         for launch in GATED:
             kwargs = dict(zip(LAUNCH_KEYS["tiled"], launch, strict=True))
@@ -85,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[2, 16, 64, 128, 192, 256])
     parser.add_argument("--write-tuning", default=None, help="merge the fastest launches into this file (JSON)")
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="candidates to time")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
@@ -115,7 +165,7 @@ def main() -> None:
             tolerance = 0.02 * (1 + reference.abs().max().item())
             row = {"shape": name, "rows": m, "cublaslt": round(time_us(baseline, weights, x, rep=100), 2)}
             best = ("cublaslt", row["cublaslt"], None)
-            for label, entry, kernel, kwargs in candidates(m, gated):
+            for label, entry, kernel, kwargs in candidates(m, n, gated, args.kernels):
 
                 def run(a, w, kernel=kernel, kwargs=kwargs):
                     return kernel(a, w, **kwargs)

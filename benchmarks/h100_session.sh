@@ -129,7 +129,7 @@ for stage in $stages; do
       --splits-sweep ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
     gemm) cp packages/lm-torch/src/lm_torch/kernels/gemm_tuning.json "$OUT/gemm_tuning.json"
-      run gemm 240 python3 benchmarks/gemm.py --rows ${GEMM_ROWS:-2 16 64 128 192 256} \
+      run gemm 420 python3 benchmarks/gemm.py --rows ${GEMM_ROWS:-2 16 64 128 192 256} --kernels ${GEMM_KERNELS:-cublas_t skinny tiled tma} \
       --write-tuning "$OUT/gemm_tuning.json" ;;
     tput1000k) LM_TORCH_GEMM_TUNING="$OUT/gemm_tuning.json" run tput1000k 200 "${SHAREGPT[@]}" ;;
     sweep) run sweep 240 python3 benchmarks/w4a16.py --quick --rows "${SWEEP_ROWS:-1,16,2048}" --write-tuning "$OUT/w4a16_tuning.json" ;;

@@ -110,7 +110,7 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
     for gated in (skinny, cublas_t):
         bad_path.write_text(json.dumps({"configs": {"8:4096:1024:silu": gated}}))
         gemm._tuning_table.cache_clear()
-        with pytest.raises(ValueError, match="only the tiled kernel"):
+        with pytest.raises(ValueError, match="only the tiled and TMA kernels"):
             gemm.gemm_launch(8, 4096, 1024, "silu")
 
 

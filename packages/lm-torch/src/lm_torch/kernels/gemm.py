@@ -35,7 +35,15 @@ import triton
 import triton.language as tl
 
 from lm_torch.kernels.activation import ACTIVATION_CODES, activate
-from lm_torch.kernels.common import cuda_device_name, pdl_enabled, pdl_trigger, pdl_wait, read_tuning_file
+from lm_torch.kernels.common import (
+    arrives_last,
+    cuda_device_name,
+    pdl_enabled,
+    pdl_trigger,
+    pdl_wait,
+    persistent_zeros,
+    read_tuning_file,
+)
 from lm_torch.kernels.gemv import check_rows_and_weight, skinny_gemm
 
 
@@ -146,6 +154,155 @@ def tiled_gemm(
     return out
 
 
+@triton.jit
+def _tma_kernel(
+    x_desc,  # TMA descriptor of x [M, K], blocks [BLOCK_M, BLOCK_K]
+    w_desc,  # TMA descriptor of W [N or 2n, K], blocks [BLOCK_N, BLOCK_K]
+    out_ptr,
+    partial_ptr,  # split-K: float32 [(2 if ACT) x tiles x splits x BLOCK_M x BLOCK_N]
+    counters_ptr,  # split-K: int32 [>= tiles], zero on entry and on exit (`persistent_zeros`)
+    m,
+    n,  # output features (with ACT: the intermediate size; W has 2n rows, [gate | up])
+    k,
+    stride_om,
+    k_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,  # more than one split of K: partial sums, the last split to arrive finishes the tile
+    ACT: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # Tiles numbered row tile fastest, as `_tiled_kernel`; the copy engine (TMA) brings each block of x and W into
+    # shared memory, zero-filled past M, N and K, so the loop has no masks.
+    tile = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row_tiles = tl.cdiv(m, BLOCK_M)
+    off_m = (tile % row_tiles) * BLOCK_M
+    off_n = (tile // row_tiles) * BLOCK_N
+    first = pid_k * k_per_split
+    stop = tl.minimum(first + k_per_split, k)
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in tl.range(first, stop, BLOCK_K):
+        x = x_desc.load([off_m, start])
+        acc = tl.dot(x, w_desc.load([off_n, start]).T, acc)
+        if ACT >= 0:
+            acc_up = tl.dot(x, w_desc.load([off_n + n, start]).T, acc_up)
+    rows = off_m + tl.arange(0, BLOCK_M)
+    features = off_n + tl.arange(0, BLOCK_N)
+    if SPLIT:
+        # Each split stores its sums; the last of the tile's splits to arrive adds them in split order
+        # (deterministic) and writes the output: one launch, no zeroing, no float atomics.
+        splits = tl.num_programs(1)
+        tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
+        inside = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        base = partial_ptr + tile.to(tl.int64) * splits * tile_elems
+        up_base = base + tl.num_programs(0).to(tl.int64) * splits * tile_elems
+        tl.store(base + pid_k * tile_elems + inside, acc)
+        if ACT >= 0:
+            tl.store(up_base + pid_k * tile_elems + inside, acc_up)
+        counter = counters_ptr + tile
+        if arrives_last(counter, splits):
+            acc = tl.load(base + inside, cache_modifier=".cg")
+            for s in range(1, splits):
+                acc += tl.load(base + s * tile_elems + inside, cache_modifier=".cg")
+            if ACT >= 0:
+                acc_up = tl.load(up_base + inside, cache_modifier=".cg")
+                for s in range(1, splits):
+                    acc_up += tl.load(up_base + s * tile_elems + inside, cache_modifier=".cg")
+            _store_tile(out_ptr, acc, acc_up, rows, features, m, n, stride_om, ACT)
+            tl.store(counter, 0)  # the next launch (next layer, next graph replay) counts from zero again
+    else:
+        _store_tile(out_ptr, acc, acc_up, rows, features, m, n, stride_om, ACT)
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, acc_up, rows, features, m, n, stride_om, ACT: tl.constexpr):
+    """A finished [rows, features] tile of float32 sums to the output (with ACT: act(gate) * up, rounded as the
+    unfused path rounds)."""
+    out_type = out_ptr.dtype.element_ty
+    if ACT >= 0:
+        gate = acc.to(out_type).to(tl.float32)
+        result = (activate(gate, ACT) * acc_up.to(out_type).to(tl.float32)).to(out_type)
+    else:
+        result = acc.to(out_type)
+    dst = out_ptr + rows[:, None].to(tl.int64) * stride_om + features[None, :]
+    tl.store(dst, result, mask=(rows[:, None] < m) & (features[None, :] < n))
+
+
+SPLIT_PARTIALS = "gemm split-K partial sums"  # the `persistent_zeros` buffers' names
+SPLIT_COUNTERS = "gemm split-K counters"
+
+
+def tma_gemm(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K], K contiguous; with `activation`, [2 * I, K]: the gate rows, then the up rows
+    *,
+    block_m: int = 128,
+    block_n: int = 128,
+    block_k: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 4,
+    split_k: int = 1,
+    activation: str | None = None,
+) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]
+    """x @ weight^T in output tiles whose blocks of x and W the TMA copy engine loads, optionally split along K
+    (`split_k` programs per tile, the last to finish adding the others' partial sums): for the 64-256-row decode
+    steps, whose few output tiles leave most of an H100's SMs idle without a split. With `activation` (a fused
+    [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    check_rows_and_weight("tma_gemm", x, weight)
+    if activation is not None and activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATION_CODES)})")
+    if activation is not None and weight.shape[0] % 2:
+        raise ValueError(f"tma_gemm: a gated weight needs [gate | up] rows, got {weight.shape[0]}")
+    m, k = x.shape
+    align = 16 // x.element_size()  # TMA: 16-byte aligned base and row stride
+    if weight.stride(0) % align or weight.data_ptr() % 16 or weight.dtype != x.dtype:
+        raise ValueError(f"tma_gemm: the weight must be {x.dtype} with 16-byte aligned rows (K = {k})")
+    if x.stride(0) % align or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format) if k % align == 0 else None
+        if x is None:
+            raise ValueError(f"tma_gemm: K = {k} rows of x cannot be 16-byte aligned")
+    n = weight.shape[0] // 2 if activation is not None else weight.shape[0]
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    out = x.new_empty((m, n))
+    halves = 2 if activation is not None else 1
+    partials = persistent_zeros(
+        x.device, SPLIT_PARTIALS, halves * tiles * splits * block_m * block_n if splits > 1 else 1, torch.float32
+    )
+    counters = persistent_zeros(x.device, SPLIT_COUNTERS, tiles if splits > 1 else 1)
+    pdl = pdl_enabled(x.device)
+    _tma_kernel[(tiles, splits)](
+        TensorDescriptor.from_tensor(x, [block_m, block_k]),
+        TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+        out,
+        partials,
+        counters,
+        m,
+        n,
+        k,
+        out.stride(0),
+        k_per_split,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT=splits > 1,
+        ACT=-1 if activation is None else ACTIVATION_CODES[activation],
+        PDL=pdl,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
 def transposed_cublas_gemm(
     x: torch.Tensor,  # [M, K]
     weight: torch.Tensor,  # [N, K]
@@ -164,6 +321,7 @@ DEFAULT_TUNING = str(Path(__file__).with_name("gemm_tuning.json"))
 LAUNCH_KEYS = {
     "skinny": ("block_n", "block_k", "num_warps", "num_stages", "split_k"),
     "tiled": ("block_m", "block_n", "block_k", "num_warps", "num_stages"),
+    "tma": ("block_m", "block_n", "block_k", "num_warps", "num_stages", "split_k"),
     "cublas_t": (),  # transposed_cublas_gemm: no launch arguments
 }
 
@@ -202,8 +360,8 @@ def _tuning_table(
                     f"{path}: the launch of {key!r} must be null or name a kernel ({', '.join(LAUNCH_KEYS)}) and "
                     f"exactly its arguments ({arguments})"
                 )
-            if activation is not None and launch["kernel"] != "tiled":
-                raise ValueError(f"{path}: {key!r}: only the tiled kernel applies an activation")
+            if activation is not None and launch["kernel"] not in ("tiled", "tma"):
+                raise ValueError(f"{path}: {key!r}: only the tiled and TMA kernels apply an activation")
         table.setdefault((n, k, activation), []).append((rows, launch))
     return {shape: sorted(entries, key=lambda e: e[0]) for shape, entries in table.items()}
 
@@ -226,5 +384,5 @@ def gemm_launch(rows: int, n: int, k: int, activation: str | None = None):
                 return transposed_cublas_gemm, args
             if activation is not None:
                 args["activation"] = activation
-            return tiled_gemm, args
+            return (tma_gemm if launch["kernel"] == "tma" else tiled_gemm), args
     return None
