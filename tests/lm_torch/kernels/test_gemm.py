@@ -125,6 +125,17 @@ def test_gemm_launch_gated_entries(tmp_path, monkeypatch):
     assert kernel is gemm.tiled_gemm and args["activation"] == "silu" and args["block_m"] == 64
     assert gemm.gemm_launch(40, 8192, 1024) is None  # the plain product: cuBLAS
     assert gemm.gemm_launch(40, 8192, 1024, "gelu") is None  # another activation: not measured
+    launch = {"block_m": 128, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 4}
+    tma = {"kernel": "tma", **launch}
+    path.write_text(json.dumps({"configs": {"256:8192:1024": tma}}))  # the TMA kernel's split_k is missing
+    gemm._tuning_table.cache_clear()
+    with pytest.raises(ValueError, match="must be null or name a kernel"):
+        gemm.gemm_launch(200, 8192, 1024)
+    configs = {"256:8192:1024:silu": {**tma, "split_k": 1}, "256:8192:1024": {**tma, "split_k": 2}}
+    path.write_text(json.dumps({"configs": configs}))
+    gemm._tuning_table.cache_clear()
+    assert gemm.gemm_launch(200, 8192, 1024, "silu") == (gemm.tma_gemm, {**launch, "split_k": 1, "activation": "silu"})
+    assert gemm.gemm_launch(200, 8192, 1024) == (gemm.tma_gemm, {**launch, "split_k": 2})
 
 
 @pytest.mark.gpu
@@ -176,3 +187,65 @@ def test_tiled_gemm_gated_rejects_bad_input(case):
         tiled_gemm(case.randn(2, 8, generator=gen), case.randn(4, 8, generator=gen), activation="relu")
     with pytest.raises(ValueError, match=r"\[gate \| up\]"):
         tiled_gemm(case.randn(2, 8, generator=gen), case.randn(5, 8, generator=gen), activation="silu")
+
+
+# The TMA kernel: several row and feature tiles with partial ones (rows, features and K past the tensors' ends,
+# which the copy engine fills with zeros), with and without a split of K (3 splits: 2 of a full range, 1 short).
+TMA_TILES_CPU = {"block_m": 32, "block_n": 32, "block_k": 32}
+TMA_TILES_GPU = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4}
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize(("m", "n", "k"), [(2, 72, 320), (40, 128, 256), (130, 96, 512)])
+def test_tma_gemm_matches_reference(case, m, n, k, split_k):
+    from lm_torch.kernels.gemm import tma_gemm
+
+    gen = torch.Generator().manual_seed(m * n * k + split_k)
+    x = case.randn(m, k, generator=gen)
+    weight = case.randn(n, k, generator=gen, scale=0.05)
+    tiles = TMA_TILES_CPU if case.device == "cpu" else TMA_TILES_GPU
+    out = tma_gemm(x, weight, split_k=split_k, **tiles)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    case.assert_close(out, reference.linear(x, weight), case.elementwise_tol)
+    # Twice more: the split counters were left at zero and the shared partial buffer is reused.
+    case.assert_close(tma_gemm(x, weight, split_k=split_k, **tiles), out, 0.0)
+    y = case.randn(m, k, generator=gen)
+    case.assert_close(tma_gemm(y, weight, split_k=split_k, **tiles), reference.linear(y, weight), case.elementwise_tol)
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize(("m", "intermediate", "k"), [(3, 40, 96), (70, 64, 128)])
+def test_tma_gemm_gated_matches_projection_then_activation(case, act, m, intermediate, k, split_k):
+    from lm_torch.kernels.gemm import tma_gemm
+
+    gen = torch.Generator().manual_seed(m * intermediate + k + split_k)
+    x = case.randn(m, k, generator=gen)
+    weight = case.randn(2 * intermediate, k, generator=gen, scale=0.1)  # [gate | up]
+    tiles = TMA_TILES_CPU if case.device == "cpu" else TMA_TILES_GPU
+    out = tma_gemm(x, weight, activation=act, split_k=split_k, **tiles)
+    assert out.shape == (m, intermediate) and out.dtype == x.dtype
+    gate_up = reference.linear(x, weight).to(x.dtype)
+    case.assert_close(out, reference.gated_activation(gate_up, act), case.elementwise_tol)
+
+
+def test_tma_gemm_takes_unaligned_rows_and_rejects_bad_input(case):
+    from lm_torch.kernels.gemm import tma_gemm
+
+    gen = torch.Generator().manual_seed(5)
+    tiles = TMA_TILES_CPU if case.device == "cpu" else TMA_TILES_GPU
+    weight = case.randn(48, 64, generator=gen, scale=0.05)
+    wide = case.randn(7, 72, generator=gen)
+    x = wide[:, :64]  # rows 72 elements apart: aligned; then a view starting 1 element in: not
+    case.assert_close(tma_gemm(x, weight, **tiles), reference.linear(x, weight), case.elementwise_tol)
+    shifted = wide.flatten()[1:449].view(7, 64)
+    out = tma_gemm(shifted, weight, **tiles)  # copied to an aligned buffer first
+    case.assert_close(out, reference.linear(shifted, weight), case.elementwise_tol)
+    with pytest.raises(ValueError, match="tma_gemm"):
+        tma_gemm(case.randn(2, 8, generator=gen), case.randn(4, 9, generator=gen))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        tma_gemm(case.randn(2, 62, generator=gen), case.randn(4, 62, generator=gen))  # rows of 124 / 248 bytes
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        tma_gemm(case.randn(2, 8, generator=gen), case.randn(4, 8, generator=gen), activation="relu")
+    with pytest.raises(ValueError, match=r"\[gate \| up\]"):
+        tma_gemm(case.randn(2, 8, generator=gen), case.randn(5, 8, generator=gen), activation="silu")
