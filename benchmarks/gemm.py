@@ -93,7 +93,7 @@ def _candidates(rows: int, n: int, gated: bool):
     from lm_torch.kernels.gemm import LAUNCH_KEYS, tiled_gemm, tma_gemm, transposed_cublas_gemm
     from lm_torch.kernels.gemv import skinny_gemm
 
-    if rows >= TMA_MIN_ROWS:
+    if rows >= TMA_MIN_ROWS and torch.cuda.get_device_capability() >= (9, 0):  # TMA: Hopper and later
         for launch in tma_launches(rows, n, gated):
             kwargs = dict(zip(LAUNCH_KEYS["tma"], launch, strict=True))
             entry = {"kernel": "tma", **kwargs}
