@@ -101,15 +101,16 @@ def _tiled_kernel(
             else:
                 w_up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
             acc_up = tl.dot(x, tl.trans(w_up), acc_up)
-    out_type = out_ptr.dtype.element_ty
-    if ACT >= 0:
-        # Rounded as the unfused path rounds: gate and up to the output dtype first, act(gate) * up in float32.
-        gate = acc.to(out_type).to(tl.float32)
-        result = (activate(gate, ACT) * acc_up.to(out_type).to(tl.float32)).to(out_type)
-    else:
-        result = acc.to(out_type)
-    dst = out_ptr + rows[:, None].to(tl.int64) * stride_om + features[None, :]
-    tl.store(dst, result, mask=row_mask & (features[None, :] < n))
+    _store_tile(out_ptr, acc, acc_up, rows, features, m, n, stride_om, ACT)
+
+
+def _check_operands(name: str, x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> None:
+    """`check_rows_and_weight`, and with `activation` a supported one and a [gate | up] weight of even rows."""
+    check_rows_and_weight(name, x, weight)
+    if activation is not None and activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATION_CODES)})")
+    if activation is not None and weight.shape[0] % 2:
+        raise ValueError(f"{name}: a gated weight needs [gate | up] rows, got {weight.shape[0]}")
 
 
 def tiled_gemm(
@@ -125,11 +126,7 @@ def tiled_gemm(
 ) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]: act(x @ gate^T) * (x @ up^T)
     """x @ weight^T in output tiles whose programs sharing a tile of W run together (float32 accumulation). With
     `activation` (a fused [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
-    check_rows_and_weight("tiled_gemm", x, weight)
-    if activation is not None and activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATION_CODES)})")
-    if activation is not None and weight.shape[0] % 2:
-        raise ValueError(f"tiled_gemm: a gated weight needs [gate | up] rows, got {weight.shape[0]}")
+    _check_operands("tiled_gemm", x, weight, activation)
     m, k = x.shape
     n = weight.shape[0] // 2 if activation is not None else weight.shape[0]
     out = x.new_empty((m, n))
@@ -225,10 +222,10 @@ def _tma_kernel(
 
 @triton.jit
 def _store_tile(out_ptr, acc, acc_up, rows, features, m, n, stride_om, ACT: tl.constexpr):
-    """A finished [rows, features] tile of float32 sums to the output (with ACT: act(gate) * up, rounded as the
-    unfused path rounds)."""
+    """A finished [rows, features] tile of float32 sums to the output (with ACT: act(gate) * up)."""
     out_type = out_ptr.dtype.element_ty
     if ACT >= 0:
+        # Rounded as the unfused path rounds: gate and up to the output dtype first, act(gate) * up in float32.
         gate = acc.to(out_type).to(tl.float32)
         result = (activate(gate, ACT) * acc_up.to(out_type).to(tl.float32)).to(out_type)
     else:
@@ -259,11 +256,7 @@ def tma_gemm(
     [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    check_rows_and_weight("tma_gemm", x, weight)
-    if activation is not None and activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATION_CODES)})")
-    if activation is not None and weight.shape[0] % 2:
-        raise ValueError(f"tma_gemm: a gated weight needs [gate | up] rows, got {weight.shape[0]}")
+    _check_operands("tma_gemm", x, weight, activation)
     m, k = x.shape
     align = 16 // x.element_size()  # TMA: 16-byte aligned base and row stride
     if weight.stride(0) % align or weight.data_ptr() % 16 or weight.dtype != x.dtype:
