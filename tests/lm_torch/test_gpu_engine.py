@@ -171,11 +171,18 @@ def _assert_same_greedy(ours: list[int], reference: list[int], step_logits) -> N
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize(("eager_mode", "overlap"), [(False, True), (False, False), (True, True)])
-def test_greedy_matches_transformers_on_the_gpu(tiny_llama, eager_mode, overlap, capsys):
+@pytest.mark.parametrize(
+    ("eager_mode", "overlap", "sizes"),
+    [(False, True, None), (False, False, None), (True, True, None), (False, True, [4, 16]), (False, True, [1, 8])],
+)
+def test_greedy_matches_transformers_on_the_gpu(tiny_llama, eager_mode, overlap, sizes, capsys):
+    """Also with chosen graph sizes (`cuda_graph_sizes`): 13 decodes replay the graph of 16, or, with no graph that
+    large, run eagerly."""
     pytest.importorskip("triton")
     path, reference = tiny_llama
     config = {"device": "cuda", "dtype": "float32", "eager_mode": eager_mode, "overlap_steps": overlap}
+    if sizes is not None:
+        config["cuda_graph_sizes"] = sizes
     engine = TorchEngine.from_pretrained(path, {**config, "max_batch_size": 16, "num_kv_blocks": 128})
     startup = capsys.readouterr().err
     assert "memory:" in startup and "activation reserve" in startup and "start-up" in startup
@@ -187,7 +194,10 @@ def test_greedy_matches_transformers_on_the_gpu(tiny_llama, eager_mode, overlap,
     for prompt, (ids, _, reason) in zip(prompts, results, strict=True):
         assert reason == "length"
         _assert_same_greedy(ids, *_transformers_greedy(reference, prompt, 24))
-    if not eager_mode:
+    if sizes is not None:
+        assert engine.runner.graphs.buckets == sizes
+        assert (engine.runner.graphs.num_replays > 0) == (max(sizes) >= len(prompts))
+    elif not eager_mode:
         assert engine.runner.graphs.num_replays > 0
     asyncio.run(engine.close())
 

@@ -89,6 +89,18 @@ def test_graph_buckets():
     assert graph_buckets(1) == [1] and graph_buckets(20) == [1, 2, 4, 8, 16, 20]
     with pytest.raises(ValueError, match="max_batch_size"):
         graph_buckets(0)
+    # Chosen sizes (TorchEngineConfig.cuda_graph_sizes): sorted, deduplicated, none above the batch limit.
+    assert graph_buckets(256, [64, 8, 256, 8]) == [8, 64, 256]
+    assert graph_buckets(32, [1, 16, 48]) == [1, 16]
+
+
+@pytest.mark.parametrize("sizes", [[], [0, 8], [8, 300], [True], "8", [8.0]])
+def test_cuda_graph_sizes_are_checked(sizes):
+    from lm_torch.config import TorchEngineConfig
+
+    with pytest.raises(ValueError, match="cuda_graph_sizes"):
+        TorchEngineConfig(max_batch_size=256, cuda_graph_sizes=sizes)
+    assert TorchEngineConfig(max_batch_size=256, cuda_graph_sizes=[1, 256]).cuda_graph_sizes == [1, 256]
 
 
 def test_graph_split_plan():

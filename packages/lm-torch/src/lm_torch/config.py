@@ -32,6 +32,9 @@ class TorchEngineConfig:
     num_kv_blocks: int | None = None
     cpu_kv_cache_gb: float = 4.0
     eager_mode: bool = False  # CUDA: no CUDA graphs (decode steps launch their kernels one by one)
+    # CUDA: the decode batch sizes that get a graph (each at most max_batch_size; a batch replays the smallest one
+    # that holds it, larger batches run eagerly). None: 1, 2, 4, 8, every 8 to 64, every 16 beyond, max_batch_size.
+    cuda_graph_sizes: list[int] | None = None
     # CUDA: while at least half of max_batch_size sequences decode, new prompts gather for up to this many steps (or
     # half the token budget) and are prefilled together: fewer eager steps. 0: admit at once. CPU: always 0.
     prefill_interval: int = 8
@@ -86,6 +89,18 @@ class TorchEngineConfig:
             raise ValueError(
                 f"TorchEngineConfig.quant_policy must be 0 (off), 4 (int4) or 8 (int8), got {self.quant_policy!r}"
             )
+        if self.cuda_graph_sizes is not None:
+            sizes = self.cuda_graph_sizes
+            limit = self.max_batch_size
+            if (
+                not isinstance(sizes, (list, tuple))
+                or not sizes
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit for v in sizes)
+            ):
+                raise ValueError(
+                    "TorchEngineConfig.cuda_graph_sizes must be a non-empty list of batch sizes from 1 to "
+                    f"max_batch_size ({self.max_batch_size}), got {sizes!r}"
+                )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"TorchEngineConfig.num_kv_blocks must be positive, got {self.num_kv_blocks!r}")
 

@@ -67,14 +67,17 @@ def graph_split_plan(
     return min(max(splits, wanted), MAX_SPLITS), tokens
 
 
-def graph_buckets(max_batch_size: int) -> list[int]:
-    """Batch sizes that get a graph: 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, and max_batch_size.
+def graph_buckets(max_batch_size: int, sizes: list[int] | None = None) -> list[int]:
+    """Batch sizes that get a graph: `sizes` (`TorchEngineConfig.cuda_graph_sizes`) at most `max_batch_size`, sorted;
+    by default 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, and max_batch_size.
 
     A padded row costs little while a step is bound by reading the weights, which is every batch up to about a
     hundred rows here; the steps bound the padding to 7 rows up to 64 and 15 beyond, and the capture stays short
     (23 graphs for 256)."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+    if sizes is not None:
+        return sorted({s for s in sizes if s <= max_batch_size})
     sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, max_batch_size + 1, 16)]
     return sorted({s for s in sizes if s < max_batch_size} | {max_batch_size})
 
@@ -91,11 +94,12 @@ class CudaGraphRunner:
         block_size: int,
         max_context_len: int,
         max_batch_size: int,
+        sizes: list[int] | None = None,  # the batch sizes to capture (`graph_buckets`); None: the default ones
     ) -> None:
         self.model, self.kv_caches, self.inputs = model, kv_caches, inputs
         self.sampled_tokens = sampled_tokens
         self.block_size, self.max_context_len = block_size, max_context_len
-        self.buckets = graph_buckets(min(max_batch_size, inputs.max_batch))
+        self.buckets = graph_buckets(min(max_batch_size, inputs.max_batch), sizes)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> its graph's hidden states [bucket, hidden]
         self.capture_seconds = 0.0

@@ -182,6 +182,7 @@ class ModelRunner:
                 self.block_size,
                 self.session_len,
                 cfg.max_batch_size,
+                cfg.cuda_graph_sizes,
             )
             self.phases["graph capture"] = self.graphs.capture()
 
