@@ -104,13 +104,15 @@ def _tiled_kernel(
     _store_tile(out_ptr, acc, acc_up, rows, features, m, n, stride_om, ACT)
 
 
-def _check_operands(name: str, x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> None:
-    """`check_rows_and_weight`, and with `activation` a supported one and a [gate | up] weight of even rows."""
+def _check_operands(name: str, x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> int:
+    """`check_rows_and_weight`, and with `activation` a supported one and a [gate | up] weight of even rows; returns
+    the product's output features (with `activation`, half the weight's rows)."""
     check_rows_and_weight(name, x, weight)
     if activation is not None and activation not in ACTIVATION_CODES:
         raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATION_CODES)})")
     if activation is not None and weight.shape[0] % 2:
         raise ValueError(f"{name}: a gated weight needs [gate | up] rows, got {weight.shape[0]}")
+    return weight.shape[0] // 2 if activation is not None else weight.shape[0]
 
 
 def tiled_gemm(
@@ -126,9 +128,8 @@ def tiled_gemm(
 ) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]: act(x @ gate^T) * (x @ up^T)
     """x @ weight^T in output tiles whose programs sharing a tile of W run together (float32 accumulation). With
     `activation` (a fused [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
-    _check_operands("tiled_gemm", x, weight, activation)
+    n = _check_operands("tiled_gemm", x, weight, activation)
     m, k = x.shape
-    n = weight.shape[0] // 2 if activation is not None else weight.shape[0]
     out = x.new_empty((m, n))
     pdl = pdl_enabled(x.device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
@@ -207,17 +208,23 @@ def _tma_kernel(
             tl.store(up_base + pid_k * tile_elems + inside, acc_up)
         counter = counters_ptr + tile
         if arrives_last(counter, splits):
-            acc = tl.load(base + inside, cache_modifier=".cg")
-            for s in range(1, splits):
-                acc += tl.load(base + s * tile_elems + inside, cache_modifier=".cg")
+            acc = _sum_splits(base, inside, splits, tile_elems)
             if ACT >= 0:
-                acc_up = tl.load(up_base + inside, cache_modifier=".cg")
-                for s in range(1, splits):
-                    acc_up += tl.load(up_base + s * tile_elems + inside, cache_modifier=".cg")
+                acc_up = _sum_splits(up_base, inside, splits, tile_elems)
             _store_tile(out_ptr, acc, acc_up, rows, features, m, n, stride_om, ACT)
             tl.store(counter, 0)  # the next launch (next layer, next graph replay) counts from zero again
     else:
         _store_tile(out_ptr, acc, acc_up, rows, features, m, n, stride_om, ACT)
+
+
+@triton.jit
+def _sum_splits(base, inside, splits, tile_elems: tl.constexpr):
+    """The sum, in split order, of a tile's `splits` float32 partial tiles stored `tile_elems` apart from `base`
+    (read past L1: other programs wrote them)."""
+    total = tl.load(base + inside, cache_modifier=".cg")
+    for s in range(1, splits):
+        total += tl.load(base + s * tile_elems + inside, cache_modifier=".cg")
+    return total
 
 
 @triton.jit
@@ -256,16 +263,15 @@ def tma_gemm(
     [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    _check_operands("tma_gemm", x, weight, activation)
+    n = _check_operands("tma_gemm", x, weight, activation)
     m, k = x.shape
     align = 16 // x.element_size()  # TMA: 16-byte aligned base and row stride
     if weight.stride(0) % align or weight.data_ptr() % 16 or weight.dtype != x.dtype:
         raise ValueError(f"tma_gemm: the weight must be {x.dtype} with 16-byte aligned rows (K = {k})")
-    if x.stride(0) % align or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format) if k % align == 0 else None
-        if x is None:
+    if x.stride(0) % align or x.data_ptr() % 16:  # a view: copied to an aligned buffer, where K allows one
+        if k % align:
             raise ValueError(f"tma_gemm: K = {k} rows of x cannot be 16-byte aligned")
-    n = weight.shape[0] // 2 if activation is not None else weight.shape[0]
+        x = x.clone(memory_format=torch.contiguous_format)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
