@@ -9,7 +9,7 @@ import torch
 from lm_core.generation_config import GenerationConfig
 from lm_torch.attention import AttentionMetadata
 from lm_torch.config import TorchEngineConfig
-from lm_torch.cuda_graph import SPLITS_ENV, graph_buckets, graph_split_plan
+from lm_torch.cuda_graph import SPLITS_ENV, graph_buckets, graph_split_plan, zero_padding_rows
 from lm_torch.memory import GIB, SAFETY_MARGIN, plan_kv_cache
 from lm_torch.scheduler import ScheduledBatch
 from lm_torch.sequence import Sequence
@@ -140,6 +140,19 @@ def test_graph_inputs_pad_rows_to_the_bucket():
     assert inputs.views(2).slot_mapping.tolist() == [host.slot_mapping[0], -1]
     with pytest.raises(ValueError, match="bucket"):
         inputs.upload(host, bucket=2)
+
+
+def test_zero_padding_rows_zeroes_only_the_padding_embeddings():
+    model = torch.nn.Module()
+    model.embed_tokens = torch.nn.Embedding(10, 4)
+    ids = torch.tensor([3, 0, 5, 0])
+    padding = torch.tensor([False, False, False, True])  # token 0 in row 1 is a real token
+    with zero_padding_rows(model, padding):
+        inside = model.embed_tokens(ids)
+    expected = model.embed_tokens(ids)  # the hook is gone after the block
+    assert expected[3].ne(0).any()
+    torch.testing.assert_close(inside[:3], expected[:3], rtol=0, atol=0)
+    assert inside[3].eq(0).all()
 
 
 def test_eager_inputs_hold_every_tensor_of_a_mixed_step():
