@@ -1,9 +1,12 @@
-"""The `lm serve` commands: help without heavy imports, flags, and `--api-keys k1 k2`."""
+"""The `lm serve` commands: help without heavy imports, flags, and the flags of several values (`--api-keys k1 k2`)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import click
+import pytest
 
 from lm_serve.cli import api_server, engine_config, serve
 
@@ -49,6 +52,16 @@ def test_api_keys_take_several_values_and_underscores_work():
         "session_len": 128,
         "enable_prefix_caching": False,
     }
+
+
+def test_cuda_graph_sizes_take_several_values():
+    ctx = api_server.make_context("api-server", ["m", "--cuda-graph-sizes", "1", "8", "32", "--max-batch-size", "32"])
+    assert ctx.params["cuda_graph_sizes"] == (1, 8, 32)
+    options = {k: v for k, v in ctx.params.items() if k in ("cuda_graph_sizes", "max_batch_size", "eager_mode")}
+    assert engine_config(options) == {"cuda_graph_sizes": [1, 8, 32], "max_batch_size": 32}
+    assert "cuda_graph_sizes" not in engine_config(api_server.make_context("api-server", ["m"]).params)
+    with pytest.raises(click.BadParameter):
+        api_server.make_context("api-server", ["m", "--cuda_graph_sizes", "0"])
 
 
 def test_unknown_parser_fails_before_loading_the_model():

@@ -32,19 +32,25 @@ class ServeGroup(LMGroup):
             raise click.ClickException(f"command {name!r} could not be loaded: {exc}") from None
 
 
+# Options that take several values after one flag (`--api-keys k1 k2`, as LMDeploy's; `--cuda-graph-sizes 1 2 4`,
+# as vLLM's): click options take one value each, so each value is given its own copy of the flag.
+_SEVERAL_VALUES = {"--api-keys", "--api_keys", "--cuda-graph-sizes", "--cuda_graph_sizes"}
+
+
 class _ApiServerCommand(click.Command):
-    """Lets `--api-keys k1 k2` take several keys, as LMDeploy's flag does (click options take one value each)."""
+    """Lets the options of `_SEVERAL_VALUES` take several values after one flag."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         rewritten: list[str] = []
         i = 0
         while i < len(args):
             arg = args[i]
-            if arg in ("--api-keys", "--api_keys"):
+            if arg in _SEVERAL_VALUES:
+                flag = arg.replace("_", "-")
                 i += 1
                 taken = 0
                 while i < len(args) and not args[i].startswith("-"):
-                    rewritten += ["--api-keys", args[i]]
+                    rewritten += [flag, args[i]]
                     i += 1
                     taken += 1
                 if not taken:
@@ -100,6 +106,13 @@ def serve() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the engine runs.")
 @click.option("--disable-prefix-caching", is_flag=True, default=None, help="Do not reuse KV blocks across requests.")
 @click.option("--eager-mode", is_flag=True, default=None, help="No CUDA graphs.")
+@click.option(
+    "--cuda-graph-sizes",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Decode batch sizes to capture as CUDA graphs (several: --cuda-graph-sizes 1 2 4 8); larger batches run "
+    "eagerly (default: 1, 2, 4, 8, every 8 to 64, every 16 beyond).",
+)
 @click.option("--num-threads", type=click.IntRange(min=1), help="CPU threads for torch (engine setting).")
 def api_server(
     model_name,
@@ -146,7 +159,9 @@ def api_server(
 
 def engine_config(options: dict) -> dict:
     """The engine settings given on the command line, as the dict `backend_config` takes."""
-    config = {k: v for k, v in options.items() if v is not None and k != "disable_prefix_caching"}
+    config = {k: v for k, v in options.items() if v not in (None, ()) and k != "disable_prefix_caching"}
+    if "cuda_graph_sizes" in config:
+        config["cuda_graph_sizes"] = list(config["cuda_graph_sizes"])
     if options.get("disable_prefix_caching"):
         config["enable_prefix_caching"] = False
     return config
