@@ -8,7 +8,8 @@
 #   eager       the same with eager_mode (no CUDA graphs)
 #   latency256  256 requests together, 200 in / 64 out, with the profile's per-kernel times (the 256-row steps)
 #   tput200     ShareGPT lengths, 200 prompts at concurrency 256
-#   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256
+#   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256 (LM_TORCH_GRAPH_ZERO_PADDING=0: the graphs'
+#               padding rows keep token 0's embedding, as before 7d73613)
 #   tput1000q8  the same with the int8 KV cache (quant_policy 8)
 #   tput1000e   tput1000 once per engine config in $ENGINE_CONFIGS ('|'-separated JSON objects), as tput1000e1, e2, ...
 #   tput1000p   tput1000 under the torch profiler (PDL off, so kernel times exclude PDL waits) with a step trace
@@ -29,6 +30,8 @@
 #               which tput1000d (tput1000 with it) and dtests (the engine, family and attention GPU tests with
 #               it) then run with (raggedtune first)
 #   gemv        batch-1 linear layers: cuBLAS(Lt) against the Triton GEMV candidate (benchmarks/gemv.py)
+#   gemmpower   the 32 layers' linear layers at 256 rows at the power limit, with random, copied, zero padding rows
+#               (benchmarks/gemm_power.py)
 #   gemm        linear layers at 2-256 rows: cuBLASLt against transposed cuBLAS and the Triton skinny and tiled GEMMs'
 #               launch shapes; the fastest extend a copy of the committed table in $OUT/gemm_tuning.json, which
 #               tput1000k (tput1000 with it) then runs with (gemm first)
@@ -128,6 +131,7 @@ for stage in $stages; do
     splitsweep) run splitsweep 200 python3 benchmarks/decode_ragged.py --kv-quant 0 8 --batches 16 32 64 128 256 \
       --splits-sweep ;;
     gemv) run gemv 120 python3 benchmarks/gemv.py ;;
+    gemmpower) run gemmpower 120 python3 benchmarks/gemm_power.py ;;
     gemm) cp packages/lm-torch/src/lm_torch/kernels/gemm_tuning.json "$OUT/gemm_tuning.json"
       run gemm 420 python3 benchmarks/gemm.py --rows ${GEMM_ROWS:-2 16 64 128 192 256} --kernels ${GEMM_KERNELS:-cublas_t skinny tiled tma} \
       --write-tuning "$OUT/gemm_tuning.json" ;;
