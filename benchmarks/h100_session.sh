@@ -8,7 +8,7 @@
 #   eager       the same with eager_mode (no CUDA graphs)
 #   latency256  256 requests together, 200 in / 64 out, with the profile's per-kernel times (the 256-row steps)
 #   tput200     ShareGPT lengths, 200 prompts at concurrency 256
-#   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256 (LM_TORCH_GRAPH_ZERO_PADDING=0: the graphs'
+#   tput1000    ShareGPT lengths, all 1000 prompts at concurrency 256 (LM_TORCH_ZERO_PADDING=0: the steps'
 #               padding rows keep token 0's embedding, as before 7d73613)
 #   tput1000q8  the same with the int8 KV cache (quant_policy 8)
 #   tput1000e   tput1000 once per engine config in $ENGINE_CONFIGS ('|'-separated JSON objects), as tput1000e1, e2, ...

@@ -9,7 +9,7 @@ import torch
 from lm_core.generation_config import GenerationConfig
 from lm_torch.attention import AttentionMetadata
 from lm_torch.config import TorchEngineConfig
-from lm_torch.cuda_graph import SPLITS_ENV, graph_buckets, graph_split_plan, zero_padding_rows
+from lm_torch.cuda_graph import SPLITS_ENV, graph_buckets, graph_split_plan
 from lm_torch.memory import GIB, SAFETY_MARGIN, plan_kv_cache
 from lm_torch.scheduler import ScheduledBatch
 from lm_torch.sequence import Sequence
@@ -21,6 +21,7 @@ from lm_torch.step_inputs import (
     pad_host_step,
     prefill_tile_arrays,
     resolve_input_ids,
+    zero_padding_rows,
 )
 
 BLOCK_SIZE = 4
@@ -153,6 +154,10 @@ def test_zero_padding_rows_zeroes_only_the_padding_embeddings():
     assert expected[3].ne(0).any()
     torch.testing.assert_close(inside[:3], expected[:3], rtol=0, atol=0)
     assert inside[3].eq(0).all()
+    with zero_padding_rows(model, 2):  # an eager step: rows from 2 on are padding
+        inside = model.embed_tokens(ids)
+    torch.testing.assert_close(inside[:2], expected[:2], rtol=0, atol=0)
+    assert inside[2:].eq(0).all()
 
 
 def test_eager_inputs_hold_every_tensor_of_a_mixed_step():

@@ -66,6 +66,36 @@ def test_decode_step_matches_torch_backend(case, sort, monkeypatch):
     case.assert_close(out, expected, 2 * case.attention_tol)
 
 
+def test_padding_rows_of_an_eager_step_are_zeroed(case, monkeypatch):
+    """An eager step's rows past `StepLayout.num_tokens` (padding: slot -1, no sequence) come out zero, whatever the
+    output's memory held (every `empty_like` here returns NaNs), and the real rows are those of the unpadded step."""
+    query_lens, context_lens, pad = [1, 9, 1, 20], [37, 30, 5, 20], 5
+    (expected, _), _ = _step(case, 3, query_lens, context_lens, 8, 2, 32, None, None)
+    real = sum(query_lens)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
+    gen = torch.Generator().manual_seed(3)  # _step's draws again, with padding rows appended to q, k and v
+    num_blocks = sum(-(-ctx // BLOCK_SIZE) for ctx in context_lens) + 2
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, first = [], 0
+    for ctx in context_lens:
+        tables.append(order[first : first + -(-ctx // BLOCK_SIZE)])
+        first += len(tables[-1])
+    q, k, v = (case.randn(real, heads, 32, generator=gen) for heads in (8, 2, 2))
+    k_cache = case.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen)
+    v_cache = case.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen)
+    q, k, v = (torch.cat([t, torch.ones_like(t[:pad])]) for t in (q, k, v))
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
+    meta.slot_mapping = torch.cat([meta.slot_mapping, meta.slot_mapping.new_full((pad,), -1)])
+    decodes = [ctx for n, ctx in zip(query_lens, context_lens, strict=True) if n == 1]
+    meta.cache[triton_backend.LAYOUT_KEY] = triton_backend.StepLayout(
+        meta.query_start_loc, meta.context_lens_tensor, len(decodes), max(decodes), num_tokens=real
+    )
+    out = TritonAttentionBackend().forward(q, k, v, k_cache, v_cache, meta, 1 / math.sqrt(32), None, None)
+    torch.testing.assert_close(out[:real], expected, rtol=0, atol=0)
+    assert out[real:].eq(0).all()
+
+
 def test_backend_rejects_block_size_mismatch(case):
     pytest.importorskip("triton")
     meta = AttentionMetadata.build([1], [3], [[0]], 8, case.device)

@@ -4,7 +4,8 @@ A decode step of Llama-3-8B is about 450 kernels. Launched one by one from Pytho
 GPU takes to run them at small batches, so the GPU would wait on the host. A graph captured once per bucket replays
 the whole forward pass with one launch: a batch of n decodes runs the smallest captured bucket >= n, its rows past n
 padding (`step_inputs.GraphInputs` writes them: slot -1, so no KV is written; context 0, so nothing is attended).
-The graphs zero the padding rows' embeddings, so those rows stay zero through every layer (`zero_padding_rows`).
+The graphs zero the padding rows' embeddings, so those rows stay zero through every layer
+(`step_inputs.zero_padding_rows`).
 
 Every graph reads the same static input buffer and returns its final hidden states [bucket, hidden]; the LM head and
 the sampler run after the replay, eagerly, since they depend on each request's settings. The decode kernel's split
@@ -14,7 +15,6 @@ All graphs share one memory pool; capturing the largest first lets the smaller o
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -22,34 +22,13 @@ import torch
 
 from lm_torch.attention.metadata import AttentionMetadata
 from lm_torch.attention.triton_backend import LAYOUT_KEY, StepLayout
-from lm_torch.step_inputs import GraphInputs, resolve_input_ids
+from lm_torch.step_inputs import GraphInputs, resolve_input_ids, zero_padding, zero_padding_rows
 
 # The context length a graph's split-K is chosen for (see `graph_split_plan`).
 SPLIT_CONTEXT = 1024
 # "S:T": graph buckets whose split-K comes out below S take S splits of at least T tokens each (so only sequences
 # longer than T split); for measuring other plans end to end without a code change (benchmarks/h100_session.sh).
 SPLITS_ENV = "LM_TORCH_DECODE_SPLITS"
-# "0": the graphs keep the padding rows' embeddings (token 0's) instead of zeroing them; for measuring the zeroing.
-ZERO_PADDING_ENV = "LM_TORCH_GRAPH_ZERO_PADDING"
-
-
-@contextlib.contextmanager
-def zero_padding_rows(model, padding: torch.Tensor):
-    """While the block runs, `model.embed_tokens` returns zeros in the rows where `padding` ([rows] bool) is set.
-
-    A padding row of a graph bucket then stays zero through a decoder without biases (RMSNorm, rotary, attention
-    over no context, the MLP and the residual adds all map zeros to zeros), so the GEMMs multiply zeros there. The
-    result is the same, but a full-batch decode step runs at the card's power limit, and tensor cores draw less
-    power on zero operands than on the random-looking activations of token 0, which the rows carried before."""
-
-    def hook(module, args, output):
-        return output.masked_fill_(padding[:, None], 0)
-
-    handle = model.embed_tokens.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def graph_split_plan(
@@ -167,7 +146,7 @@ class CudaGraphRunner:
             num_splits=splits,
             split_tokens=split_tokens,
         )
-        if os.environ.get(ZERO_PADDING_ENV, "1") == "0":
+        if not zero_padding():
             return self.model(input_ids, step.positions, self.kv_caches, meta)
         with zero_padding_rows(self.model, step.context_lens == 0):  # a padding row attends nothing; a decode >= 1
             return self.model(input_ids, step.positions, self.kv_caches, meta)

@@ -10,6 +10,7 @@ step, whose placeholder ids (tokens not back yet) the device fills from this ste
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -337,11 +338,19 @@ class ModelRunner:
         """Run `batch` without a graph. Returns the final hidden states of the last token of each of `rows`
         [len(rows), hidden], and of every token [num_tokens, hidden]."""
         from lm_torch.attention.triton_backend import LAYOUT_KEY, StepLayout
-        from lm_torch.step_inputs import eager_token_bucket, gather_step, pad_host_step, resolve_input_ids
+        from lm_torch.step_inputs import (
+            eager_token_bucket,
+            gather_step,
+            pad_host_step,
+            resolve_input_ids,
+            zero_padding,
+            zero_padding_rows,
+        )
 
         host = gather_step(batch, self.block_size, self._previous_rows)
         ends = host.query_start_loc[1:] - 1
-        host = pad_host_step(host, eager_token_bucket(host.num_tokens))  # few GEMM shapes (see the function)
+        num_tokens = host.num_tokens
+        host = pad_host_step(host, eager_token_bucket(num_tokens))  # few GEMM shapes (see the function)
         step = self.eager_inputs.upload(host, ends[rows].tolist(), self.tokens_per_tile)
         input_ids = resolve_input_ids(step.input_ids, step.sources, self.sampled_tokens)
         meta = AttentionMetadata(
@@ -356,11 +365,17 @@ class ModelRunner:
             context_lens_tensor=step.context_lens,
         )
         decodes = [ctx for n, ctx in zip(host.query_lens, host.context_lens_list, strict=True) if n == 1]
+        zeroed = zero_padding() and host.num_tokens > num_tokens
         meta.cache[LAYOUT_KEY] = StepLayout(
-            step.query_start_loc, step.context_lens, len(decodes), max(decodes, default=0)
+            step.query_start_loc,
+            step.context_lens,
+            len(decodes),
+            max(decodes, default=0),
+            num_tokens=num_tokens if zeroed else None,
         )
         meta.cache[("triton_prefill_tiles", self.tokens_per_tile)] = (step.tile_seq, step.tile_first)
-        hidden = self.model(input_ids, step.positions, self.kv_caches, meta)  # [num_tokens, hidden]
+        with zero_padding_rows(self.model, num_tokens) if zeroed else contextlib.nullcontext():
+            hidden = self.model(input_ids, step.positions, self.kv_caches, meta)  # [padded tokens, hidden]
         return hidden.index_select(0, step.sample_index), hidden
 
     def _sample(self, handle: StepHandle, hidden: torch.Tensor) -> None:

@@ -13,6 +13,8 @@ holds it (`sources`); `resolve_input_ids` swaps them in on the device.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from itertools import chain
 
@@ -135,6 +137,41 @@ def pad_host_step(host: HostStep, num_tokens: int) -> HostStep:
         query_lens=host.query_lens,
         context_lens_list=host.context_lens_list,
     )
+
+
+# "0": padding rows keep token 0's embedding (and an eager step's attention output there stays unwritten) instead of
+# being zeroed; for measuring what the zeroing is worth.
+ZERO_PADDING_ENV = "LM_TORCH_ZERO_PADDING"
+
+
+def zero_padding() -> bool:
+    """Whether steps zero their padding rows (`zero_padding_rows`; on unless `LM_TORCH_ZERO_PADDING=0`)."""
+    return os.environ.get(ZERO_PADDING_ENV, "1") != "0"
+
+
+@contextlib.contextmanager
+def zero_padding_rows(model, padding: torch.Tensor | int):
+    """While the block runs, `model.embed_tokens` returns zeros in a step's padding rows: where `padding` ([rows]
+    bool, a graph's rows of context 0) is set, or from row `padding` (an int: an eager step's real tokens) on.
+
+    A padding row then stays zero through a decoder without biases (RMSNorm, rotary, the MLP and the residual adds
+    map zeros to zeros; attention writes zeros there: a graph's padding rows attend no context, and the Triton
+    backend zeroes an eager step's rows past `StepLayout.num_tokens`), so the GEMMs multiply zeros in those rows.
+    The result is the same, but the steps of a full batch run at an H100's power limit, and tensor cores draw less
+    power on zero operands than on the rows' old contents (token 0's activations, or whatever memory the attention
+    output reused)."""
+
+    def hook(module, args, output):
+        if isinstance(padding, int):
+            output[padding:] = 0
+            return output
+        return output.masked_fill_(padding[:, None], 0)
+
+    handle = model.embed_tokens.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # Every segment starts at a multiple of 128 bytes: triton specialises a kernel on whether each pointer argument is

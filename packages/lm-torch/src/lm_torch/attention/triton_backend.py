@@ -41,6 +41,7 @@ class StepLayout:
     num_splits: int | None = None  # the decode kernel's split-K; None: the backend's own, else the heuristic
     decode_order: torch.Tensor | None = None  # the sequences by context length, longest first (the backend sorts)
     split_tokens: int | None = None  # the fewest tokens a decode split covers; None: the kernel's default
+    num_tokens: int | None = None  # the step's real tokens, when q has padding rows after them (zeroed in the output)
 
 
 class TritonAttentionBackend:
@@ -89,6 +90,8 @@ class TritonAttentionBackend:
         scales_zeros = {"k_scales_zeros": k_scales_zeros, "v_scales_zeros": v_scales_zeros}
         layout = _step_layout(meta, q.device)
         out = torch.empty_like(q)
+        if layout.num_tokens is not None and layout.num_tokens < q.shape[0]:
+            out[layout.num_tokens :].zero_()  # no kernel writes padding rows: zeros, not the memory's old contents
         if layout.num_decodes:
             # An unquantized cache the tuning table was measured with (card, head_dim, element size) takes the plan
             # measured for this many decodes (launch shape, split-K, order); otherwise the kernel's defaults and the
