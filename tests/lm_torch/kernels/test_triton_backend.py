@@ -12,8 +12,8 @@ from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonA
 BLOCK_SIZE = 16
 
 
-def _step(case, seed, query_lens, context_lens, num_heads, num_kv_heads, head_dim, sliding_window, softcap):
-    """Run one step through both backends from identical caches; return (outputs, caches) of each."""
+def _inputs(case, seed, query_lens, context_lens, num_heads, num_kv_heads, head_dim):
+    """A step's q, k, v [tokens, heads, head_dim], random caches and block tables (shuffled block ids)."""
     gen = torch.Generator().manual_seed(seed)
     used = [-(-ctx // BLOCK_SIZE) for ctx in context_lens]
     num_blocks = sum(used) + 2
@@ -22,17 +22,22 @@ def _step(case, seed, query_lens, context_lens, num_heads, num_kv_heads, head_di
     for n in used:
         tables.append(order[first : first + n])
         first += n
-    meta_args = (query_lens, context_lens, tables, BLOCK_SIZE, case.device)
     num_tokens = sum(query_lens)
     q = case.randn(num_tokens, num_heads, head_dim, generator=gen)
     k = case.randn(num_tokens, num_kv_heads, head_dim, generator=gen)
     v = case.randn(num_tokens, num_kv_heads, head_dim, generator=gen)
     k_cache = case.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, generator=gen)
     v_cache = case.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, generator=gen)
+    return q, k, v, k_cache, v_cache, tables
+
+
+def _step(case, seed, query_lens, context_lens, num_heads, num_kv_heads, head_dim, sliding_window, softcap):
+    """Run one step through both backends from identical caches; return (outputs, caches) of each."""
+    q, k, v, k_cache, v_cache, tables = _inputs(case, seed, query_lens, context_lens, num_heads, num_kv_heads, head_dim)
     results = []
     for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
         caches = (k_cache.clone(), v_cache.clone())
-        meta = AttentionMetadata.build(*meta_args)
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
         out = backend.forward(q, k, v, *caches, meta, 1 / math.sqrt(head_dim), sliding_window, softcap)
         results.append((out, caches))
     return results
@@ -74,17 +79,8 @@ def test_padding_rows_of_an_eager_step_are_zeroed(case, monkeypatch):
     real = sum(query_lens)
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
-    gen = torch.Generator().manual_seed(3)  # _step's draws again, with padding rows appended to q, k and v
-    num_blocks = sum(-(-ctx // BLOCK_SIZE) for ctx in context_lens) + 2
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, first = [], 0
-    for ctx in context_lens:
-        tables.append(order[first : first + -(-ctx // BLOCK_SIZE)])
-        first += len(tables[-1])
-    q, k, v = (case.randn(real, heads, 32, generator=gen) for heads in (8, 2, 2))
-    k_cache = case.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen)
-    v_cache = case.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen)
-    q, k, v = (torch.cat([t, torch.ones_like(t[:pad])]) for t in (q, k, v))
+    q, k, v, k_cache, v_cache, tables = _inputs(case, 3, query_lens, context_lens, 8, 2, 32)
+    q, k, v = (torch.cat([t, torch.ones_like(t[:pad])]) for t in (q, k, v))  # padding rows after the real ones
     meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
     meta.slot_mapping = torch.cat([meta.slot_mapping, meta.slot_mapping.new_full((pad,), -1)])
     decodes = [ctx for n, ctx in zip(query_lens, context_lens, strict=True) if n == 1]
