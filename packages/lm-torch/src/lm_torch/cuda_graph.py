@@ -15,6 +15,7 @@ All graphs share one memory pool; capturing the largest first lets the smaller o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -146,9 +147,9 @@ class CudaGraphRunner:
             num_splits=splits,
             split_tokens=split_tokens,
         )
-        if not zero_padding():
-            return self.model(input_ids, step.positions, self.kv_caches, meta)
-        with zero_padding_rows(self.model, step.context_lens == 0):  # a padding row attends nothing; a decode >= 1
+        # A padding row attends nothing (context 0); a decode at least its own token.
+        padding = zero_padding_rows(self.model, step.context_lens == 0) if zero_padding() else contextlib.nullcontext()
+        with padding:
             return self.model(input_ids, step.positions, self.kv_caches, meta)
 
     @torch.inference_mode()
