@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -84,8 +85,18 @@ def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None) -> N
     bm = sched.block_manager
     bm.check_invariants(sched.running)
     arrivals = [s.arrival for s in sched.running], [s.arrival for s in sched.waiting]
-    assert arrivals[0] == sorted(arrivals[0]) and arrivals[1] == sorted(arrivals[1])
-    assert not (arrivals[0] and arrivals[1]) or arrivals[0][-1] < arrivals[1][0]
+    assert arrivals[0] == sorted(arrivals[0]) and len(sched.waiting) == sched.num_waiting
+    if all(s.group is None for s in [*sched.running, *sched.waiting]):  # one sequence per group: FCFS
+        assert not (arrivals[0] and arrivals[1]) or arrivals[0][-1] < arrivals[1][0]
+    # Within a group, arrival order: no waiting sequence arrived before a running one of its group, unless it was
+    # preempted (it then goes back ahead of its group's newer arrivals).
+    for seq in sched.waiting:
+        if seq.num_preemptions == 0 and seq.group is not None:
+            assert not any(r.group == seq.group and r.arrival > seq.arrival for r in sched.running)
+    groups = Counter(s.group if s.group is not None else s.request_id for s in sched.running)
+    assert {g: n for g, n in groups.items()} == {
+        (g if isinstance(g, str) else g.request_id): n for g, n in sched._num_running.items()
+    }
     assert len(sched.running) <= sched.max_batch_size
     assert all(s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens >= 1 for s in sched.running)
     assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in sched.waiting)
@@ -95,9 +106,9 @@ def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None) -> N
         assert batch.seqs or not (sched.running or sched.waiting), "no progress: deadlock"
 
 
-def run_all(sched: Scheduler, arrivals: dict[int, list[Sequence]], aborts=None, max_steps=50_000):
+def run_all(sched: Scheduler, arrivals: dict[int, list[Sequence]], aborts=None, max_steps=50_000, model=None):
     """Drive the scheduler like the engine does, checking invariants at every step; returns the number of steps."""
-    model, aborts, step = FakeModel(sched.block_manager), aborts or {}, 0
+    model, aborts, step = model or FakeModel(sched.block_manager), aborts or {}, 0
     last_arrival = max(arrivals, default=0)
     while step <= last_arrival or sched.has_unfinished_requests:
         for seq in arrivals.get(step, []):
@@ -115,8 +126,8 @@ def run_all(sched: Scheduler, arrivals: dict[int, list[Sequence]], aborts=None, 
     return step
 
 
-def make_seq(request_id, prompt, **cfg) -> Sequence:
-    return Sequence(request_id, list(prompt), len(prompt), GenerationConfig(**cfg))
+def make_seq(request_id, prompt, group=None, **cfg) -> Sequence:
+    return Sequence(request_id, list(prompt), len(prompt), GenerationConfig(**cfg), group=group)
 
 
 def test_no_torch_import():
@@ -332,7 +343,8 @@ def workloads(draw):
             min_new_tokens=draw(st.integers(0, min(3, max_new or 3))),
             stop_token_ids=draw(st.lists(tokens, max_size=2)),
         )
-        requests.append((f"r{i}", prompt, cfg, draw(st.integers(0, 15)), draw(st.none() | st.integers(0, 40))))
+        group = draw(st.sampled_from([None, None, "ga", "gb"]))  # client requests of several sequences, or none
+        requests.append((f"r{i}", prompt, cfg, draw(st.integers(0, 15)), draw(st.none() | st.integers(0, 40)), group))
     return {
         "block_manager": BlockManager(num_blocks, block_size, enable_prefix_caching=draw(st.booleans())),
         "max_batch_size": draw(st.integers(1, 8)),
@@ -351,8 +363,8 @@ def test_random_workloads_finish_with_the_outputs_of_running_alone(w):
         bm, w["max_batch_size"], w["max_num_batched_tokens"], w["session_len"], prefill_interval=w["prefill_interval"]
     )
     arrivals, aborts, seqs = {}, {}, []
-    for request_id, prompt, cfg, arrival, abort in w["requests"]:
-        seqs.append(Sequence(request_id, prompt, len(prompt), cfg))
+    for request_id, prompt, cfg, arrival, abort, group in w["requests"]:
+        seqs.append(Sequence(request_id, prompt, len(prompt), cfg, group=group))
         arrivals.setdefault(arrival, []).append(seqs[-1])
         if abort is not None:
             aborts.setdefault(arrival + abort, []).append(request_id)
@@ -381,7 +393,8 @@ def test_heavy_pressure_with_shared_prefixes_and_aborts(seed):
     for i in range(40):
         prompt = rng.choice(prefixes) + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 8))]
         cfg = GenerationConfig(max_new_tokens=rng.randint(1, 24), stop_token_ids=[rng.randrange(VOCAB)])
-        seqs.append(Sequence(f"r{i}", prompt, len(prompt), cfg))
+        group = rng.choice([None, "g0", "g1", "g2"]) if seed % 2 else None
+        seqs.append(Sequence(f"r{i}", prompt, len(prompt), cfg, group=group))
         arrivals.setdefault(rng.randint(0, 30), []).append(seqs[-1])
         if rng.random() < 0.1:
             aborts.setdefault(rng.randint(0, 60), []).append(f"r{i}")
@@ -414,3 +427,117 @@ def test_engine_style_sequence_from_request():
     sched = Scheduler(BlockManager(8, 4))
     run_all(sched, {0: [seq]})
     assert seq.num_generated == 2 and seq.finish_reason == "length"
+
+
+# ---- fairness between client requests (groups) ------------------------------------------------------------------
+
+
+def _step(sched: Scheduler, model: FakeModel) -> ScheduledBatch:
+    batch = sched.schedule()
+    check_invariants(sched, batch)
+    sched.update(batch, model.run(batch))
+    check_invariants(sched)
+    return batch
+
+
+def _flood(n: int, group: str = "flood", max_new_tokens: int = 40) -> list[Sequence]:
+    return [make_seq(f"{group}{i}", [i % 7, 1, 2, 3], group=group, max_new_tokens=max_new_tokens) for i in range(n)]
+
+
+def test_a_small_request_behind_a_flood_runs_at_once_and_the_flood_still_finishes():
+    sched = Scheduler(BlockManager(512, 4), max_batch_size=4, max_num_batched_tokens=64)
+    model = FakeModel(sched.block_manager)
+    flood = _flood(40)
+    for seq in flood:
+        sched.add(seq)
+    for _ in range(3):
+        _step(sched, model)
+    assert sched.num_running == 4 and sched.num_waiting == 36
+    sched.add(small := make_seq("small", [9, 9, 9], group="small", max_new_tokens=4))
+    steps = 0
+    while not small.is_finished:
+        batch = _step(sched, model)
+        assert small in batch.seqs  # admitted with the next step and stepped every step: its latency when alone
+        steps += 1
+    assert steps == 4 and sched.num_preemptions == 1  # one flood sequence gave its slot back
+    run_all(sched, {}, model=model)
+    for seq in [*flood, small]:
+        assert seq.generated_token_ids == reference(seq.prompt_token_ids, seq.gen_config, 10**6, None)[0]
+
+
+def test_fair_admission_gives_a_waiting_request_the_next_free_slot_without_preempting():
+    # A full batch of short flood sequences (no group two behind another): no preemption, the next free slot.
+    sched = Scheduler(BlockManager(512, 4), max_batch_size=4, max_num_batched_tokens=64)
+    model = FakeModel(sched.block_manager)
+    for seq in _flood(30, max_new_tokens=3):
+        sched.add(seq)
+    sched.add(other := make_seq("o0", [5, 5], group="other", max_new_tokens=3))
+    _step(sched, model)
+    # The other request came after 30 flood sequences; FCFS would admit it last, after ~22 steps.
+    while other.status is SequenceStatus.WAITING:
+        _step(sched, model)
+    assert other.status is SequenceStatus.RUNNING or other.is_finished
+    assert sum(s.is_finished for s in sched._unfinished.values()) == 0
+    assert sched.num_waiting >= 20 and sched.num_preemptions == 0
+
+
+def test_two_floods_share_the_batch_equally():
+    sched = Scheduler(BlockManager(1024, 4), max_batch_size=8, max_num_batched_tokens=256)
+    model = FakeModel(sched.block_manager)
+    for seq in _flood(30, "a"):
+        sched.add(seq)
+    _step(sched, model)
+    for seq in _flood(30, "b"):
+        sched.add(seq)
+    shares = []
+    for _ in range(80):
+        batch = _step(sched, model)
+        shares.append(Counter(s.group for s in batch.seqs))
+    # After a few steps of rebalancing (one preemption each), both have half of every step while both wait.
+    assert [(c["a"], c["b"]) for c in shares[:4]] == [(7, 1), (6, 2), (5, 3), (4, 4)]
+    assert all(c["a"] == c["b"] == 4 for c in shares[4:])
+    assert sched.num_preemptions == 4
+    run_all(sched, {}, model=model)
+
+
+def test_a_request_alone_keeps_the_whole_batch():
+    sched = Scheduler(BlockManager(1024, 4), max_batch_size=8, max_num_batched_tokens=256)
+    flood = _flood(30, max_new_tokens=5)
+    model = FakeModel(sched.block_manager)
+    for seq in flood:
+        sched.add(seq)
+    while sched.num_waiting >= 8:
+        assert len(_step(sched, model).seqs) == 8
+    run_all(sched, {}, model=model)
+    assert sched.num_preemptions == 0
+
+
+def test_short_of_blocks_the_largest_group_gives_way_not_the_newest_request():
+    # 12 blocks of 4: three flood sequences and a small request fill them, then decoding needs more.
+    sched = Scheduler(BlockManager(12, 4, enable_prefix_caching=False), max_batch_size=8, max_num_batched_tokens=64)
+    model = FakeModel(sched.block_manager)
+    flood = [make_seq(f"f{i}", [i, 1, 2, 3, 4, 5, 6, 7, 8], group="flood", max_new_tokens=20) for i in range(3)]
+    for seq in flood:
+        sched.add(seq)
+    _step(sched, model)
+    sched.add(small := make_seq("small", [9, 8, 7, 6, 5, 4, 3, 2], group="small", max_new_tokens=12))
+    while not small.is_finished:
+        batch = _step(sched, model)
+        assert small not in batch.preempted
+    assert sched.num_preemptions > 0 and small.num_preemptions == 0
+    run_all(sched, {}, model=model)
+    for seq in [*flood, small]:
+        assert seq.generated_token_ids == reference(seq.prompt_token_ids, seq.gen_config, 48, None)[0]
+
+
+def test_group_queue_stays_small_and_correct_under_many_aborts():
+    sched = Scheduler(BlockManager(256, 4), max_batch_size=2, max_num_batched_tokens=32)
+    model = FakeModel(sched.block_manager)
+    seqs = [make_seq(f"r{i}", [i % 5, 1], group=f"g{i % 50}", max_new_tokens=2) for i in range(500)]
+    for seq in seqs:
+        sched.add(seq)
+    for seq in seqs[::3]:
+        sched.abort(seq.request_id)
+    assert len(sched._queue) <= 64 + 4 * len(sched._waiting)
+    run_all(sched, {}, model=model)
+    assert all(s.finish_reason in ("abort", "length") for s in seqs)

@@ -28,10 +28,16 @@ class EngineRequest:
     # Images/videos already preprocessed by lm-vl, with the positions of their placeholder tokens.
     multimodal: list[dict[str, Any]] | None = None
     adapter_name: str | None = None
+    # The client request this sequence is part of (all prompts and samples of one API request share it): engines that
+    # schedule fairly share their capacity between groups, so one large request cannot starve the others. None: a
+    # group of its own.
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:
             raise ValueError("EngineRequest.request_id must be a non-empty string")
+        if self.group is not None and (not isinstance(self.group, str) or not self.group):
+            raise ValueError(f"EngineRequest.group must be a non-empty string or None, got {self.group!r}")
         if not self.prompt_token_ids:
             raise ValueError("EngineRequest.prompt_token_ids is empty: the prompt has no tokens")
 

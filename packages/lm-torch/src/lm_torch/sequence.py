@@ -54,6 +54,9 @@ class Sequence:
     error: str | None = None
     # FCFS order, assigned by `Scheduler.add`; a preempted sequence keeps it, so it goes back ahead of newer ones.
     arrival: int = -1
+    # The client request this sequence belongs to (`EngineRequest.group`): the scheduler shares the batch fairly
+    # between groups. None: a group of its own.
+    group: str | None = None
     # Mixed into the prefix-cache key of the first block: sequences with different salts never share KV. The engine
     # sets it when equal token ids do not mean equal KV (a LoRA adapter, image features behind placeholder tokens).
     cache_salt: str | None = None
@@ -96,6 +99,8 @@ class Sequence:
             raise ValueError(
                 f"Sequence.finish_reason must be one of {FINISH_REASONS} or None, got {self.finish_reason!r}"
             )
+        if self.group is not None and not isinstance(self.group, str):
+            raise ValueError(f"Sequence.group must be a string or None, got {self.group!r}")
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise ValueError(f"Sequence.cache_salt must be a string or None, got {self.cache_salt!r}")
         if self.pooling is not None and self.pooling not in POOLING_METHODS:
@@ -109,7 +114,8 @@ class Sequence:
     def from_request(cls, request: EngineRequest, cache_salt: str | None = None) -> Sequence:
         """A waiting sequence for an engine request (the prompt list is copied)."""
         prompt = request.prompt_token_ids
-        return cls(request.request_id, list(prompt), len(prompt), request.gen_config, cache_salt=cache_salt)
+        cfg = request.gen_config
+        return cls(request.request_id, list(prompt), len(prompt), cfg, cache_salt=cache_salt, group=request.group)
 
     @property
     def is_embedding(self) -> bool:
