@@ -85,6 +85,12 @@ def start_server(default_model_dir):
 
 
 @pytest.fixture(scope="session")
+def light_flags() -> list[str]:
+    """`LIGHT_FLAGS`, for test modules that start their own server (they cannot import conftest)."""
+    return list(LIGHT_FLAGS)
+
+
+@pytest.fixture(scope="session")
 def api_server(start_server) -> ServerProcess:
     """The shared server: API keys required, Hermes tool calls and <think> reasoning parsed, light engine settings."""
     return start_server(

@@ -126,26 +126,33 @@ class AsyncPipeline:
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         index_offset: int = 0,
+        group: str | None = None,
     ) -> AsyncIterator[Response]:
-        """Stream `Response` pieces for all `n` samples of one prompt, interleaved as they come (see `index`)."""
+        """Stream `Response` pieces for all `n` samples of one prompt, interleaved as they come (see `index`).
+
+        `group` names the client request this prompt is part of (`EngineRequest.group`; default: this call), so that
+        the engine shares its capacity fairly between requests whatever their number of prompts and samples."""
         prompt_ids = self.prompt_token_ids(prompt, do_preprocess, tools, chat_template_kwargs)
         cfg = self.resolve_gen_config(gen_config, len(prompt_ids))
         base_id = request_id or uuid.uuid4().hex
+        group = group or base_id
         if cfg.n == 1:
-            async for piece in self.generate_from_ids(prompt_ids, cfg, base_id, index_offset):
+            async for piece in self.generate_from_ids(prompt_ids, cfg, base_id, index_offset, group):
                 yield piece
             return
         # n samples: distinct seeds (consecutive from the user's seed, so the whole set is reproducible).
         seeds = [cfg.random_seed + i if cfg.random_seed is not None else random.getrandbits(63) for i in range(cfg.n)]
         streams = [
-            self.generate_from_ids(prompt_ids, cfg.replace(n=1, random_seed=seed), f"{base_id}-{i}", index_offset + i)
+            self.generate_from_ids(
+                prompt_ids, cfg.replace(n=1, random_seed=seed), f"{base_id}-{i}", index_offset + i, group
+            )
             for i, seed in enumerate(seeds)
         ]
         async for piece in merge_streams(streams):
             yield piece
 
     async def generate_from_ids(
-        self, prompt_ids: list[int], cfg: GenerationConfig, request_id: str, index: int = 0
+        self, prompt_ids: list[int], cfg: GenerationConfig, request_id: str, index: int = 0, group: str | None = None
     ) -> AsyncIterator[Response]:
         """Stream one sequence: detokenize incrementally, apply stop strings, abort the engine request on a match."""
         from lm_core.detokenizer import IncrementalDetokenizer
@@ -154,7 +161,9 @@ class AsyncPipeline:
         stop_ids = set(cfg.stop_token_ids or ())
         if not cfg.ignore_eos:
             stop_ids.update(self.tokenizer.eos_token_ids)
-        request = EngineRequest(request_id, prompt_ids, cfg.replace(n=1, stop_token_ids=sorted(stop_ids) or None))
+        request = EngineRequest(
+            request_id, prompt_ids, cfg.replace(n=1, stop_token_ids=sorted(stop_ids) or None), group=group
+        )
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             prompt_ids,

@@ -13,7 +13,7 @@ from lm_serve.auth import APIKeyMiddleware
 from lm_serve.errors import install_error_handlers
 from lm_serve.metrics import ServerMetrics
 from lm_serve.routes import chat, completions, embeddings, models, responses, tokenize
-from lm_serve.state import ConcurrencyLimiter, ServerState
+from lm_serve.state import DEFAULT_MAX_SEQUENCES_PER_REQUEST, ConcurrencyLimiter, ServerState
 
 
 def build_app(
@@ -24,6 +24,7 @@ def build_app(
     tool_parser: str | None = None,
     reasoning_parser: str | None = None,
     max_concurrent_requests: int | None = None,
+    max_sequences_per_request: int | None = DEFAULT_MAX_SEQUENCES_PER_REQUEST,
     allow_origins: Iterable[str] = (),
     close_pipeline_on_shutdown: bool = True,
 ) -> FastAPI:
@@ -35,6 +36,7 @@ def build_app(
         tool_parser=tool_parser,
         reasoning_parser=reasoning_parser,
         limiter=ConcurrencyLimiter(max_concurrent_requests),
+        max_sequences_per_request=max_sequences_per_request,
         metrics=ServerMetrics(pipeline.engine.stats),
     )
 

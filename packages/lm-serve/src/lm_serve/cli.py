@@ -84,7 +84,18 @@ def serve() -> None:
 )
 @click.option("--tool-call-parser", help="How tool calls are written by this model (see docs/serving.md).")
 @click.option("--reasoning-parser", help="How reasoning is delimited by this model, e.g. <think> tags.")
-@click.option("--max-concurrent-requests", type=click.IntRange(min=1), help="Beyond this many, answer 429.")
+@click.option(
+    "--max-concurrent-requests",
+    type=click.IntRange(min=1),
+    help="Most sequences (prompts x n, summed over requests) generated at once; a request beyond it gets 429.",
+)
+@click.option(
+    "--max-sequences-per-request",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Most sequences (prompts x n) one request may ask for; a larger request gets 400.",
+)
 @click.option("--chat-template", help="A built-in template name or a .jinja/.json file (default: the model's own).")
 @click.option("--allow-origins", multiple=True, help="CORS origins allowed to call the API (repeatable; '*' for all).")
 @click.option(
@@ -124,6 +135,7 @@ def api_server(
     tool_call_parser,
     reasoning_parser,
     max_concurrent_requests,
+    max_sequences_per_request,
     chat_template,
     allow_origins,
     proxy_url,
@@ -150,6 +162,7 @@ def api_server(
             tool_parser=tool_call_parser,
             reasoning_parser=reasoning_parser,
             max_concurrent_requests=max_concurrent_requests,
+            max_sequences_per_request=max_sequences_per_request,
             allow_origins=allow_origins,
         )
     except ValueError as exc:

@@ -43,6 +43,7 @@ class Generation:
         self.jobs = jobs
         self.request_id = request_id or uuid.uuid4().hex
         self.num_prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+        self.num_sequences = sum(job.gen_config.n for job in jobs)
         self._stream: AsyncIterator[Response] | None = None
         self._first: Response | None = None
         self._tracker = None
@@ -50,14 +51,22 @@ class Generation:
         self._closed = False
 
     async def start(self) -> Generation:
-        """Take a concurrency slot (429 if none), submit every prompt and wait for the first piece (400 if refused)."""
-        self.state.limiter.acquire()
+        """Take a concurrency slot per sequence (400 if the request is larger than allowed, 429 if the slots are
+        taken), submit every prompt and wait for the first piece (400 if refused)."""
+        self.state.check_num_sequences(len(self.jobs), max((job.gen_config.n for job in self.jobs), default=1))
+        self.state.limiter.acquire(self.num_sequences)
         self._holds_slot = True
         try:
             pipe = self.state.pipeline
+            # All prompts and samples of this request form one group: the engine shares its batch fairly between
+            # groups, so a request of thousands of sequences cannot starve one sent after it.
             streams = [
                 pipe.generate(
-                    job.prompt_ids, job.gen_config, request_id=f"{self.request_id}-{p}", index_offset=job.index_offset
+                    job.prompt_ids,
+                    job.gen_config,
+                    request_id=f"{self.request_id}-{p}",
+                    index_offset=job.index_offset,
+                    group=self.request_id,
                 )
                 for p, job in enumerate(self.jobs)
             ]
@@ -74,8 +83,7 @@ class Generation:
             if first.finish_reason == "error" and not first.token_ids:
                 raise APIError(first.error or "the engine rejected this request")
             if self.state.metrics is not None:  # only requests the engine accepted count
-                num_sequences = sum(job.gen_config.n for job in self.jobs)
-                self._tracker = self.state.metrics.track(self.num_prompt_tokens, num_sequences, start)
+                self._tracker = self.state.metrics.track(self.num_prompt_tokens, self.num_sequences, start)
             self._first = first
             return self
         except BaseException:
@@ -113,7 +121,7 @@ class Generation:
                 if self._tracker is not None:
                     self._tracker.close()
                 if self._holds_slot:
-                    self.state.limiter.release()
+                    self.state.limiter.release(self.num_sequences)
 
     async def collect(self, request) -> dict[int, Response]:
         """The whole output per sequence index (non-streamed requests); aborts if the client disconnects."""

@@ -8,31 +8,40 @@ from typing import Any
 
 from lm_serve.errors import APIError
 
+# Sequences (prompts x n) one generation request may ask for: bounds what a single request queues in the engine.
+DEFAULT_MAX_SEQUENCES_PER_REQUEST = 1024
+
+
+def _check_limit(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
 
 class ConcurrencyLimiter:
-    """At most `limit` generation requests in flight; one more is refused at once (429), never queued."""
+    """At most `limit` sequences (prompts x n, summed over requests) in flight; a request that would go beyond it is
+    refused at once (429), never queued."""
 
     def __init__(self, limit: int | None) -> None:
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"max_concurrent_requests must be a positive integer, got {limit!r}")
+        _check_limit("max_concurrent_requests", limit)
         self.limit = limit
         self.in_flight = 0
 
-    def acquire(self) -> None:
-        """Take a slot or raise the 429 `APIError`."""
-        if self.limit is not None and self.in_flight >= self.limit:
+    def acquire(self, num_sequences: int = 1) -> None:
+        """Take `num_sequences` slots or raise the 429 `APIError`."""
+        if self.limit is not None and self.in_flight + num_sequences > self.limit:
             raise APIError(
-                f"Too many requests: this server handles at most {self.limit} generation requests at once "
-                "(--max-concurrent-requests); retry shortly.",
+                f"Too many requests: this server generates at most {self.limit} sequences at once "
+                f"(--max-concurrent-requests; {self.in_flight} running, this request asks for {num_sequences}); "
+                "retry shortly.",
                 status_code=429,
                 type="rate_limit_exceeded",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             )
-        self.in_flight += 1
+        self.in_flight += num_sequences
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def release(self, num_sequences: int = 1) -> None:
+        self.in_flight -= num_sequences
 
 
 @dataclass
@@ -44,12 +53,32 @@ class ServerState:
     tool_parser: str | None = None
     reasoning_parser: str | None = None
     limiter: ConcurrencyLimiter = field(default_factory=lambda: ConcurrencyLimiter(None))
+    max_sequences_per_request: int | None = DEFAULT_MAX_SEQUENCES_PER_REQUEST
     metrics: Any = None  # lm_serve.metrics.ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         if not self.model_names or not all(isinstance(n, str) and n for n in self.model_names):
             raise ValueError(f"ServerState.model_names must be non-empty strings, got {self.model_names!r}")
+        _check_limit("max_sequences_per_request", self.max_sequences_per_request)
+
+    def check_num_sequences(self, num_prompts: int, n: int) -> None:
+        """400 if a request of `num_prompts` prompts with `n` samples each asks for more sequences than one request
+        may (`max_sequences_per_request`), or than the server runs at once (`--max-concurrent-requests`: it would be
+        refused forever)."""
+        num_sequences = num_prompts * n
+        shape = f"{num_prompts} prompts x n={n}" if num_prompts > 1 else f"n={n}"
+        for limit, flag, what in (
+            (self.max_sequences_per_request, "--max-sequences-per-request", "per request"),
+            (self.limiter.limit, "--max-concurrent-requests", "at once"),
+        ):
+            if limit is not None and num_sequences > limit:
+                raise APIError(
+                    f"This request asks for {num_sequences} sequences ({shape}); this server generates at most "
+                    f"{limit} {what} ({flag}). Split it into smaller requests.",
+                    param="prompt" if num_prompts > 1 else "n",
+                    code="too_many_sequences",
+                )
 
     @property
     def model_name(self) -> str:

@@ -87,8 +87,18 @@ class TorchEngine(Engine):
         # two OpenMP thread teams compete for the cores and each step takes twice as long (measured on 2 cores).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-torch-step")
         self.runner = self._executor.submit(ModelRunner, model_path, config).result()
-        self._session_len = config.session_len or self.runner.hf_config.max_position_embeddings
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # One sequence can never hold more KV than the whole cache: a longer session could only end in an error after
+        # running for nothing, so the session length (what lm-core checks requests against, and /v1/models reports)
+        # is at most the cache's capacity in tokens.
+        session_len = config.session_len or self.runner.hf_config.max_position_embeddings
+        self._kv_capacity = self.runner.num_blocks * config.block_size
+        self._session_len = min(session_len, self._kv_capacity)
+        if self._session_len < session_len:
+            log(
+                f"lm-torch: session length {self._session_len} tokens, what the KV cache holds "
+                f"({self.runner.num_blocks} blocks of {config.block_size}), instead of {session_len}"
+            )
         self.scheduler = Scheduler(
             self.block_manager,
             max_batch_size=config.max_batch_size,
@@ -183,9 +193,10 @@ class TorchEngine(Engine):
         if num_prompt >= self._session_len:
             return f"the prompt has {num_prompt} tokens; the session length is {self._session_len}"
         if cfg.max_new_tokens is not None and num_prompt + cfg.max_new_tokens > self._session_len:
+            held = " (what the KV cache holds)" if self._session_len == self._kv_capacity else ""
             return (
                 f"prompt ({num_prompt} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the session length "
-                f"{self._session_len}"
+                f"{self._session_len}{held}"
             )
         if cfg.response_format is not None:
             from lm_torch.guided import xgrammar_available
