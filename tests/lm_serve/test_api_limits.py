@@ -1,4 +1,5 @@
-"""`--max-concurrent-requests`: one request too many gets a 429 at once; a server without `--api-keys` is open."""
+"""`--max-concurrent-requests` (sequences: prompts x n): one too many gets a 429 at once, a request larger than the
+limit a 400; a server without `--api-keys` is open."""
 
 from __future__ import annotations
 
@@ -50,3 +51,14 @@ def test_requests_beyond_the_limit_get_429_and_later_ones_are_served(limited_ser
     else:
         raise AssertionError("the freed slots were never given back")
     assert reply.usage.completion_tokens == 2
+
+
+def test_a_request_with_more_sequences_than_the_limit_gets_400(limited_server):
+    # --max-concurrent-requests counts sequences (prompts x n): n=3 can never run under a limit of 2.
+    client = openai.OpenAI(base_url=f"{limited_server.url}/v1", api_key="anything", max_retries=0)
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, n=3)
+    assert info.value.body["code"] == "too_many_sequences" and info.value.body["param"] == "n"
+    assert "at most 2 at once (--max-concurrent-requests)" in info.value.body["message"]
+    assert len(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, n=2).choices) == 2
