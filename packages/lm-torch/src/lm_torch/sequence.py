@@ -52,7 +52,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None
-    # FCFS order, assigned by `Scheduler.add`; a preempted sequence keeps it, so it goes back ahead of newer ones.
+    # Arrival order, assigned by `Scheduler.add` (first come first served within a group); a preempted sequence
+    # keeps it, so it goes back ahead of its group's newer ones.
     arrival: int = -1
     # The client request this sequence belongs to (`EngineRequest.group`): the scheduler shares the batch fairly
     # between groups. None: a group of its own.
