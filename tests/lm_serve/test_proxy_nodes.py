@@ -81,7 +81,6 @@ def test_bad_node_urls_are_rejected_naming_the_field(url):
     ("field", "value"),
     [
         ("routing_strategy", "fastest"),
-        ("routing_strategy", "min_observed_latency"),
         ("read_timeout", 0),
         ("api_keys", "k1"),
         ("api_keys", ["k1", ""]),
@@ -107,10 +106,27 @@ def test_lmdeploy_strategy_names_map_onto_ours():
     assert routing_strategy_from("min_expected_latency") == "least_load"
     assert routing_strategy_from("MIN-EXPECTED-LATENCY") == "least_load"
     assert routing_strategy_from("random") == "random"
+    assert routing_strategy_from("min_observed_latency") == "least_latency"
     assert routing_strategy_from("round-robin") == "round_robin"
     assert ProxyConfig(routing_strategy="min_expected_latency").routing_strategy == "least_load"
-    with pytest.raises(ValueError, match="not supported: routing by the mean latency"):
-        routing_strategy_from("min_observed_latency")
+    with pytest.raises(ValueError, match="expected one of least_load, round_robin, random, least_latency, min_exp"):
+        routing_strategy_from("fastest")
+
+
+def test_least_latency_prefers_unmeasured_then_the_fastest_on_average():
+    table = table_of("least_latency", "http://a:1", "http://b:1", "http://c:1")
+    a, b, c = (table.get(f"http://{name}:1") for name in "abc")
+    for node, latency in [(a, 1.0), (b, 0.2), (b, 0.4)]:
+        table.release(node, latency)
+    assert table.acquire() is c  # not measured yet
+    table.release(c, 2.0)
+    assert [table.acquire() for _ in range(3)] == [b] * 3  # mean 0.3 s against 1.0 and 2.0
+    table.release(b, 5.0)  # now b's mean is (0.2 + 0.4 + 5.0) / 3
+    assert table.acquire() is a and b.mean_latency == pytest.approx(5.6 / 3)
+    assert b.to_dict()["mean_latency"] == pytest.approx(5.6 / 3)
+    for _ in range(20):
+        table.release(a, 3.0)
+    assert a.mean_latency == 3.0 and len(a.latencies) == 15  # only the latest requests count
 
 
 def test_random_strategy_spreads_over_every_healthy_node():

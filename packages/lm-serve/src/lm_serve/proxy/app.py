@@ -15,7 +15,7 @@ each call with `Authorization: Bearer ADMIN_KEY`:
 - `POST /nodes/remove` with `{"url": ...}`: answers 200 with the removed node, 404 if the URL is unknown. Requests
   already streaming from it finish.
 - `GET /nodes`: `{"routing_strategy": ..., "nodes": [{"url", "healthy", "in_flight", "num_requests",
-  "num_failures", "models", "last_error"}, ...]}`.
+  "num_failures", "models", "last_error", "mean_latency"}, ...]}`.
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
 

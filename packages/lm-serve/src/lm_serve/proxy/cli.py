@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lm_serve.proxy.nodes import LMDEPLOY_STRATEGIES, ROUTING_STRATEGIES, UNSUPPORTED_STRATEGIES
+from lm_serve.proxy.nodes import LMDEPLOY_STRATEGIES, ROUTING_STRATEGIES
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 ADMIN_KEY_ENV = "LM_PROXY_ADMIN_KEY"
@@ -20,7 +20,7 @@ class RoutingStrategy(click.ParamType):
     name = "strategy"
 
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
-        return "[" + "|".join((*ROUTING_STRATEGIES, *LMDEPLOY_STRATEGIES, *UNSUPPORTED_STRATEGIES)) + "]"
+        return "[" + "|".join(dict.fromkeys((*ROUTING_STRATEGIES, *LMDEPLOY_STRATEGIES))) + "]"
 
     def convert(self, value, param, ctx) -> str:
         from lm_serve.proxy.nodes import routing_strategy_from
@@ -72,8 +72,9 @@ class ProxyCommand(click.Command):
     default="least_load",
     show_default=True,
     help="least_load: the node with the fewest requests in flight through this proxy; round_robin: each in turn; "
-    "random: a node at random. LMDeploy's names: min_expected_latency means least_load (the nodes declare no "
-    "speeds), random means random; min_observed_latency is refused (not implemented).",
+    "random: a node at random; least_latency: the node whose last 15 requests took the least time on average. "
+    "LMDeploy's names: min_expected_latency means least_load (the nodes declare no speeds), random means random, "
+    "min_observed_latency means least_latency.",
 )
 @click.option(
     "--api-keys",

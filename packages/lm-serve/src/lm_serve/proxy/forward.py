@@ -167,18 +167,21 @@ class ForwardResponse(Response):
                 await self._no_node(send, failures)
                 return
             tried.add(node.url)
+            started = time.monotonic()
+            latency = None
             try:
-                await self._answer_from(node, send)
+                if await self._answer_from(node, send):
+                    latency = time.monotonic() - started
                 return
             except NodeFailed as exc:
                 # Nothing has reached the client yet: this node is out, try the next one.
                 self.table.mark_failed(node, exc.reason, exc.stalled)
                 failures.append(f"{node.url}: {exc.reason}")
             finally:
-                self.table.release(node)
+                self.table.release(node, latency)
 
-    async def _answer_from(self, node: Node, send: Send) -> None:
-        """Relay `node`'s answer; NodeFailed (only) while nothing has been sent to the client."""
+    async def _answer_from(self, node: Node, send: Send) -> bool:
+        """Relay `node`'s answer; True if it came whole. NodeFailed (only) while nothing has reached the client."""
         reader = NodeReader(node, self.silence_limit)
         request = self.client.build_request(
             self.method, node.url + self.target, headers=self.headers_out, content=self.body_out
@@ -197,19 +200,21 @@ class ForwardResponse(Response):
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send(start)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
-                return
+                return True
             # The stream commits with its first chunk: a node that stalls before sending one is still failed over.
             chunk = await reader.next_chunk(chunks)
             await send(start)
             reader.is_committed = True
-            await self._relay_stream(node, reader, chunks, chunk, send)
+            return await self._relay_stream(node, reader, chunks, chunk, send)
         finally:
             await upstream.aclose()
 
     async def _relay_stream(
         self, node: Node, reader: NodeReader, chunks: AsyncIterator[bytes], chunk: bytes | None, send: Send
-    ) -> None:
+    ) -> bool:
+        """Relay the rest of a committed stream; True if it came whole, False if the node failed mid-way."""
         tail = b"\n\n"
+        is_whole = True
         try:
             while chunk is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -228,7 +233,9 @@ class ForwardResponse(Response):
             event = b"" if tail == b"\n\n" else b"\n\n"
             event += f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
             await send({"type": "http.response.body", "body": event, "more_body": True})
+            is_whole = False
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return is_whole
 
     async def _no_node(self, send: Send, failures: list[str]) -> None:
         num_nodes = len(self.table.nodes)

@@ -8,6 +8,7 @@ them, so no lock is needed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import urllib.parse
@@ -19,18 +20,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("lm_serve.proxy")
 
-ROUTING_STRATEGIES = ("least_load", "round_robin", "random")
-# LMDeploy's proxy strategies (its `--strategy` / `--routing-strategy`) that mean what one of ours does. Its nodes may
+ROUTING_STRATEGIES = ("least_load", "round_robin", "random", "least_latency")
+# LMDeploy's proxy strategies (its `--strategy` / `--routing-strategy`) and ours of the same meaning. Its nodes may
 # declare a speed; ours never do, so its speed-weighted rules reduce to the unweighted ones.
 LMDEPLOY_STRATEGIES = {
     "min_expected_latency": "least_load",  # fewest unfinished requests per unit of speed
     "random": "random",  # random, weighted by speed
+    "min_observed_latency": "least_latency",  # lowest mean latency of the node's recent requests
 }
-# LMDeploy strategies with no counterpart here, and why: refused with that reason rather than silently replaced.
-UNSUPPORTED_STRATEGIES = {
-    "min_observed_latency": "routing by the mean latency of each node's recent requests is not implemented; "
-    "least_load (LMDeploy's min_expected_latency) routes by the requests in flight on each node",
-}
+# How many of a node's latest completed requests `least_latency` averages.
+NUM_LATENCY_SAMPLES = 15
 
 
 def routing_strategy_from(name: str, field_name: str = "routing_strategy") -> str:
@@ -40,9 +39,7 @@ def routing_strategy_from(name: str, field_name: str = "routing_strategy") -> st
         return key
     if key in LMDEPLOY_STRATEGIES:
         return LMDEPLOY_STRATEGIES[key]
-    if key in UNSUPPORTED_STRATEGIES:
-        raise ValueError(f"{field_name}: {name!r} is not supported: {UNSUPPORTED_STRATEGIES[key]}")
-    known = (*ROUTING_STRATEGIES, *LMDEPLOY_STRATEGIES)
+    known = (*ROUTING_STRATEGIES, *(name for name in LMDEPLOY_STRATEGIES if name not in ROUTING_STRATEGIES))
     raise ValueError(f"{field_name}: expected one of {', '.join(known)}, got {name!r}")
 
 
@@ -121,6 +118,10 @@ class Node:
     # Model ids from the node's `GET /v1/models`; None while unknown (then the node is eligible for any model).
     models: list[str] | None = None
     last_error: str | None = None
+    # Seconds from sending to the end of the answer, of the node's latest completed requests (`least_latency`).
+    latencies: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=NUM_LATENCY_SAMPLES), repr=False, compare=False
+    )
     # Set when the node stops answering (a timeout, not a refusal): requests waiting on it give up and fail over.
     # Replaced by a fresh event when the node is healthy again; a request watches the one current at its start.
     stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
@@ -135,7 +136,13 @@ class Node:
             "num_failures": self.num_failures,
             "models": self.models,
             "last_error": self.last_error,
+            "mean_latency": self.mean_latency,
         }
+
+    @property
+    def mean_latency(self) -> float | None:
+        """Mean seconds of the node's latest completed requests; None before the first."""
+        return sum(self.latencies) / len(self.latencies) if self.latencies else None
 
 
 class NodeTable:
@@ -184,6 +191,9 @@ class NodeTable:
             index, node = min(ranked, key=lambda item: item[1].in_flight)  # min keeps the first of equals
         elif self.routing_strategy == "random":
             index, node = random.choice(ranked)
+        elif self.routing_strategy == "least_latency":
+            # A node not measured yet counts as fastest, so that every node gets measured.
+            index, node = min(ranked, key=lambda item: item[1].mean_latency or 0.0)
         else:
             index, node = ranked[0]
         self._cursor = index + 1
@@ -191,9 +201,11 @@ class NodeTable:
         node.num_requests += 1
         return node
 
-    def release(self, node: Node) -> None:
-        """The request `acquire` counted on `node` has finished (or failed)."""
+    def release(self, node: Node, latency: float | None = None) -> None:
+        """The request `acquire` counted on `node` has finished (or failed); `latency`: its seconds, if it completed."""
         node.in_flight = max(0, node.in_flight - 1)
+        if latency is not None:
+            node.latencies.append(latency)
 
     def mark_failed(self, node: Node, reason: str, stalled: bool = False) -> None:
         """A request could not reach `node`: skip it until a health check finds it healthy again.
