@@ -477,7 +477,7 @@ def test_real_api_server_registers_itself_with_the_admin_key_and_a_stalled_one_f
     assert {"--proxy-url", "--proxy-admin-key"} <= api_server_options()
     client_key = "sk-shared-client-key"
     # The proxy and the server share the client key; only the server knows the proxy's admin key.
-    proxy = make_proxy("--api-keys", client_key, "--health-interval", "1", "--health-timeout", "5")
+    proxy = make_proxy("--api-keys", client_key, "--health-interval", "1", "--health-timeout", "8")
     # Listening on the wildcard with port 0: the server must advertise an address and the port the system chose.
     server = request.getfixturevalue("start_server")(
         *("--server-name", "0.0.0.0", "--session-len", "512", "--num-kv-blocks", "32", "--max-batch-size", "4"),

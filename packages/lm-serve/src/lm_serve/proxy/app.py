@@ -143,8 +143,14 @@ def create_app(config: ProxyConfig) -> FastAPI:
             return openai_error(503, f"no healthy node (0 of {len(table.nodes)} nodes healthy)", "service_unavailable")
         headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
         client = request.app.state.client
+        # Bounded like a health check: a stalled node must not hold up the list (it is left out of it).
+        timeout = config.health_timeout
         answers = await asyncio.gather(
-            *(client.get(f"{node.url}/v1/models", headers=headers) for node in nodes), return_exceptions=True
+            *(
+                asyncio.wait_for(client.get(f"{node.url}/v1/models", headers=headers, timeout=timeout), timeout)
+                for node in nodes
+            ),
+            return_exceptions=True,
         )
         models: dict[str, dict] = {}
         refusal = None
