@@ -177,3 +177,40 @@ def test_only_a_timeout_marks_a_node_stalled():
     assert not node.stalled.is_set()  # a refusal: requests already answering from it carry on
     table.mark_failed(node, "ReadTimeout", stalled=True)
     assert node.stalled.is_set() and node.num_failures == 2
+
+
+def test_node_reader_fails_over_before_commit_and_ends_only_silent_streams_after():
+    from lm_serve.proxy.forward import NodeFailed, NodeReader
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        table = table_of("least_load", "http://a:1", "http://b:1", "http://c:1")
+        a, b, c = (table.get(f"http://{name}:1") for name in "abc")
+
+        # Nothing sent to the client yet: the stall ends the wait at once, and the pending work is cancelled.
+        never = loop.create_future()
+        loop.call_later(0.05, table.mark_failed, a, "GET /health got no answer within 5 s", True)
+        with pytest.raises(NodeFailed, match="no answer within 5 s"):
+            await NodeReader(a, silence_limit=30).wait(never)
+        assert never.cancelled()
+
+        # Committed, node stalled: bytes that keep coming are relayed; silence_limit of silence ends the stream.
+        reader = NodeReader(b, silence_limit=0.3)
+        reader.is_committed = True
+        table.mark_failed(b, "GET /health got no answer", stalled=True)
+        assert await reader.wait(asyncio.sleep(0.1, result=b"data")) == b"data"
+        reader.last_byte_at = loop.time()
+        started = loop.time()
+        with pytest.raises(NodeFailed):
+            await reader.wait(loop.create_future())
+        assert 0.25 < loop.time() - started < 2
+
+        # A node that recovers (as a passing health check leaves it) is watched afresh: silence is then no failure.
+        reader = NodeReader(c, silence_limit=0.1)
+        reader.is_committed = True
+        table.mark_failed(c, "GET /health got no answer", stalled=True)
+        c.healthy, c.stalled = True, asyncio.Event()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.wait(loop.create_future()), 0.5)
+
+    asyncio.run(main())

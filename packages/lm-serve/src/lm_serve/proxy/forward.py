@@ -76,13 +76,13 @@ class NodeReader:
     """Awaits what one node sends for one request, giving up when the node is marked stalled.
 
     Before the answer is committed (nothing has reached the client), a stall ends the wait at once so the request
-    can fail over. After, it ends the wait only if this answer too has been silent for `silence_limit` seconds: a
-    stream still sending bytes is alive whatever the health check says.
+    can fail over. After, it ends the wait once this answer too has been silent for `silence_limit` seconds: a stream
+    still sending bytes is alive whatever the health check says, and is watched until the node recovers.
     """
 
     def __init__(self, node: Node, silence_limit: float) -> None:
         self.node = node
-        self.stalled = node.stalled  # the event current now: a later recovery replaces the node's, not this one
+        self.stalled = node.stalled  # the event current now: a recovery replaces the node's (see _follow_recovery)
         self.silence_limit = silence_limit
         self.is_committed = False
         self.last_byte_at = time.monotonic()
@@ -92,20 +92,29 @@ class NodeReader:
         import httpx
 
         work = asyncio.ensure_future(awaitable)
-        watch = asyncio.ensure_future(self.stalled.wait())
         try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and self._gives_up():
-                raise NodeFailed(self.node.last_error or "the node stopped answering", stalled=True)
-            return await work
+            while not work.done():
+                self._follow_recovery()
+                if not self.stalled.is_set():
+                    watch = asyncio.ensure_future(self.stalled.wait())
+                    try:
+                        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        watch.cancel()
+                    continue
+                silent_for = time.monotonic() - self.last_byte_at
+                if not self.is_committed or silent_for >= self.silence_limit:
+                    raise NodeFailed(self.node.last_error or "the node stopped answering", stalled=True)
+                await asyncio.wait({work}, timeout=self.silence_limit - silent_for)
+            return work.result()
         except httpx.TransportError as exc:
             raise NodeFailed(describe_error(exc), stalled=isinstance(exc, httpx.TimeoutException)) from exc
         finally:
-            for task in (work, watch):
-                task.cancel()
-            # Let a cancelled request close its connection; asyncio.wait neither raises the tasks' errors nor
-            # swallows a cancellation of this task.
-            await asyncio.wait({work, watch})
+            if not work.done():
+                work.cancel()
+                # Let the cancelled request close its connection; asyncio.wait neither raises the task's error nor
+                # swallows a cancellation of this task.
+                await asyncio.wait({work})
 
     async def next_chunk(self, chunks: AsyncIterator[bytes]) -> bytes | None:
         """The node's next chunk of body, or None at its end."""
@@ -113,8 +122,10 @@ class NodeReader:
         self.last_byte_at = time.monotonic()
         return chunk
 
-    def _gives_up(self) -> bool:
-        return not self.is_committed or time.monotonic() - self.last_byte_at >= self.silence_limit
+    def _follow_recovery(self) -> None:
+        # A node found healthy again has a fresh, unset event: watch that one from now on.
+        if self.stalled.is_set() and self.node.healthy and self.node.stalled is not self.stalled:
+            self.stalled = self.node.stalled
 
 
 class ForwardResponse(Response):
@@ -189,7 +200,6 @@ class ForwardResponse(Response):
         upstream = await reader.wait(self.client.send(request, stream=True))
         try:
             headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in DROPPED_RESPONSE_HEADERS]
-            start = {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
             # aiter_raw: the bytes as they arrive, still in the node's content-encoding (which the headers name).
             chunks = upstream.aiter_raw()
             if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
@@ -198,12 +208,12 @@ class ForwardResponse(Response):
                     parts.append(chunk)
                 body = b"".join(parts)
                 headers.append((b"content-length", str(len(body)).encode()))
-                await send(start)
+                await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return True
             # The stream commits with its first chunk: a node that stalls before sending one is still failed over.
             chunk = await reader.next_chunk(chunks)
-            await send(start)
+            await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
             reader.is_committed = True
             return await self._relay_stream(node, reader, chunks, chunk, send)
         finally:
