@@ -1,13 +1,12 @@
-"""`lm serve proxy` as a real process in front of real HTTP upstreams.
+"""`lm serve proxy` as a real process in front of real HTTP upstreams (the stub nodes of proxy_harness.py).
 
-The upstreams are small OpenAI-shaped servers (STUB_SOURCE, run with uvicorn) whose every answer names the node that
-produced it, and whose streams can be held at a gate until the test releases them: that makes routing, buffering and
-disconnects observable without timing anything. One test puts the real `lm serve api_server` behind the proxy.
+One test puts the real `lm serve api_server` behind the proxy; others have it register itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -15,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,270 +24,31 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ROOT = Path(__file__).resolve().parents[2]
-API_KEY = "sk-stub-key"
-# Upper bound on any wait for a process or a condition; reaching it means the test failed, it never paces a test.
-DEADLINE_S = 60.0
 
-STUB_SOURCE = r'''
-"""An OpenAI-shaped upstream for the proxy tests: answers name the node; streams may wait at a named gate."""
-import argparse, asyncio, json, socket, time
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-
-parser = argparse.ArgumentParser()
-parser.add_argument("--name", required=True)
-parser.add_argument("--port", type=int, default=0)
-parser.add_argument("--api-key", required=True)
-args = parser.parse_args()
-NAME = args.name
-MODELS = ["stub-model", f"{NAME}-only"]
-app = FastAPI()
-stats = {"started": 0, "finished": 0, "aborted": 0}
-gates: dict[str, asyncio.Event] = {}
+def load_harness():
+    """proxy_harness.py, loaded once by path and shared by the proxy test modules."""
+    name = "lm_serve_proxy_harness"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("proxy_harness.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def gate(name):
-    return gates.setdefault(name, asyncio.Event())
-
-
-def error(status, message):
-    body = {"error": {"message": message, "type": "stub_error", "param": None, "code": status}}
-    return JSONResponse(body, status_code=status)
-
-
-@app.get("/health")
-async def health():
-    return {"status": "ok", "node": NAME}
-
-
-@app.get("/v1/models")
-async def models():
-    return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": NAME} for m in MODELS]}
-
-
-@app.get("/stub/stats")
-async def get_stats():
-    return stats
-
-
-@app.post("/stub/release/{name}")
-async def release(name: str):
-    gate(name).set()
-    return {"released": name}
-
-
-@app.post("/v1/completions")
-@app.post("/v1/chat/completions")
-async def generate(request: Request):
-    if request.headers.get("authorization") != f"Bearer {args.api_key}":
-        return error(401, f"stub {NAME}: bad api key")
-    body = await request.json()
-    if body.get("stub_status"):
-        return error(body["stub_status"], f"stub {NAME}: failing as asked")
-    if body.get("model") not in MODELS:
-        return error(404, f"stub {NAME}: no model {body.get('model')!r}")
-    chat = request.url.path.endswith("/chat/completions")
-    pieces = [f"{NAME}:{i} " for i in range(body.get("max_tokens") or 4)]
-    held = body.get("stub_gate")
-    stats["started"] += 1
-    prompt_tokens = len(json.dumps(body.get("messages") or body.get("prompt")).split())
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
-             "total_tokens": prompt_tokens + len(pieces)}
-    common = {"id": "stub-1", "created": int(time.time()), "model": body["model"]}
-
-    def choice(text, finish):
-        if chat:
-            return {"index": 0, "delta": {"content": text}, "finish_reason": finish}
-        return {"index": 0, "text": text, "finish_reason": finish}
-
-    if not body.get("stream"):
-        if held:
-            # Starlette does not cancel a handler when its client leaves: poll, as a real server does.
-            while not gate(held).is_set():
-                if await request.is_disconnected():
-                    stats["aborted"] += 1
-                    return error(499, "client left")
-                await asyncio.sleep(0.02)
-        stats["finished"] += 1
-        text = "".join(pieces)
-        if chat:
-            choices = [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}]
-        else:
-            choices = [{"index": 0, "text": text, "finish_reason": "length"}]
-        obj = "chat.completion" if chat else "text_completion"
-        auth = request.headers.get("authorization")
-        return {**common, "object": obj, "choices": choices, "usage": usage, "node": NAME, "auth": auth}
-
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    async def events():
-        try:
-            for i, piece in enumerate(pieces):
-                if i == 1 and held:
-                    await gate(held).wait()
-                else:
-                    await asyncio.sleep(0.001)
-                finish = "length" if i == len(pieces) - 1 else None
-                yield f"data: {json.dumps({**common, 'object': obj, 'choices': [choice(piece, finish)]})}\n\n"
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield f"data: {json.dumps({**common, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
-            stats["finished"] += 1
-        except BaseException:
-            stats["aborted"] += 1
-            raise
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-sock.bind(("127.0.0.1", args.port))
-sock.listen(128)
-print(f"stub {NAME} listening on port {sock.getsockname()[1]}", flush=True)
-uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-'''
-
-
-# --- processes --------------------------------------------------------------------------------------------------
-
-
-class Process:
-    """A child process whose output is drained by a thread (so it never blocks) and searched for a ready line."""
-
-    def __init__(self, cmd: list[str], ready: str, env: dict | None = None) -> None:
-        self.cmd = cmd
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env or os.environ.copy()
-        )
-        self._ready = re.compile(ready)
-        self._match: re.Match | None = None
-        self._event = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._event.wait(DEADLINE_S) or self._match is None:
-            self.stop()
-            raise RuntimeError(f"{cmd} never printed {ready!r}; its output:\n{self.output}")
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if self._match is None and (match := self._ready.search(line)):
-                self._match = match
-                self._event.set()
-        self._event.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def port(self) -> int:
-        return int(self._match.group("port"))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_stub(script: Path, name: str, port: int = 0) -> Process:
-    cmd = [sys.executable, str(script), "--name", name, "--port", str(port), "--api-key", API_KEY]
-    return Process(cmd, r"listening on port (?P<port>\d+)")
-
-
-def proxy_command() -> list[str]:
-    """`lm serve proxy` through the lm-serve group once it lists the command, else the command itself."""
-    import click
-
-    from lm_serve.cli import serve
-
-    if "proxy" in serve.list_commands(click.Context(serve)):
-        return [sys.executable, "-c", "from lm_serve.cli import main; main()", "proxy"]
-    return [sys.executable, "-c", "from lm_serve.proxy.cli import proxy; proxy.main(prog_name='lm serve proxy')"]
-
-
-def start_proxy(*args: str) -> Process:
-    cmd = [*proxy_command(), "--server-name", "127.0.0.1", "--server-port", "0", *args]
-    return Process(cmd, r"lm-serve proxy: ready at http://127\.0\.0\.1:(?P<port>\d+)")
-
-
-def wait_until(predicate, what: str):
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
-@pytest.fixture(scope="module")
-def stub_script(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stub") / "stub_server.py"
-    path.write_text(STUB_SOURCE)
-    return path
-
-
-@pytest.fixture(scope="module")
-def stubs(stub_script):
-    """Two upstream nodes, A and B, shared by the tests that do not kill them."""
-    nodes = {name: start_stub(stub_script, name) for name in ("A", "B")}
-    yield nodes
-    for node in nodes.values():
-        node.stop()
-
-
-@pytest.fixture
-def make_proxy():
-    started: list[Process] = []
-
-    def make(*args: str) -> Process:
-        started.append(start_proxy(*args))
-        return started[-1]
-
-    yield make
-    for process in started:
-        process.stop()
-
-
-# --- requests -----------------------------------------------------------------------------------------------------
-
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def chat_body(**extra) -> dict:
-    return {"model": "stub-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **extra}
-
-
-def served_by(base_url: str, **extra) -> str:
-    response = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(**extra), headers=AUTH, timeout=DEADLINE_S)
-    assert response.status_code == 200, response.text
-    return response.json()["node"]
-
-
-def nodes_of(proxy: Process) -> dict[str, dict]:
-    listing = httpx.get(f"{proxy.url}/nodes", timeout=DEADLINE_S).json()
-    return {node["url"]: node for node in listing["nodes"]}
-
-
-def sse_events(lines) -> list[dict | str]:
-    """The `data:` payloads of an SSE line stream, parsed, with "[DONE]" as a string."""
-    events = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
+harness = load_harness()
+ROOT, API_KEY, ADMIN_KEY, DEADLINE_S = harness.ROOT, harness.API_KEY, harness.ADMIN_KEY, harness.DEADLINE_S
+AUTH, ADMIN = harness.AUTH, harness.ADMIN
+Process, start_stub, proxy_command, wait_until = (
+    harness.Process,
+    harness.start_stub,
+    harness.proxy_command,
+    harness.wait_until,
+)
+chat_body, served_by, nodes_of, sse_events = harness.chat_body, harness.served_by, harness.nodes_of, harness.sse_events
+free_port, run_in_thread = harness.free_port, harness.run_in_thread
+# Fixtures: stub_script and stubs (two nodes A and B for the module), make_proxy.
+stub_script, stubs, make_proxy = harness.stub_script, harness.stubs, harness.make_proxy
 
 
 # --- routing ------------------------------------------------------------------------------------------------------
@@ -451,29 +210,29 @@ def test_registration_and_removal(stubs, make_proxy):
     assert httpx.get(f"{proxy.url}/health").json() == {"status": "ok", "num_nodes": 0, "num_healthy_nodes": 0}
     assert httpx.post(url, json=chat_body(), headers=AUTH).status_code == 503
 
-    entry = register_with_proxy(proxy.url, stubs["B"].url + "/")
+    entry = register_with_proxy(proxy.url, stubs["B"].url + "/", admin_key=ADMIN_KEY)
     assert entry["url"] == stubs["B"].url and entry["healthy"] is True
     assert entry["models"] == ["stub-model", "B-only"]
     assert served_by(proxy.url) == "B"
-    added = httpx.post(f"{proxy.url}/nodes/add", json={"url": stubs["A"].url}).json()
+    added = httpx.post(f"{proxy.url}/nodes/add", json={"url": stubs["A"].url}, headers=ADMIN).json()
     assert added["healthy"] is True
     assert set(nodes_of(proxy)) == {stubs["A"].url, stubs["B"].url}
 
-    assert unregister_from_proxy(proxy.url, stubs["B"].url) is True
+    assert unregister_from_proxy(proxy.url, stubs["B"].url, admin_key=ADMIN_KEY) is True
     assert {served_by(proxy.url) for _ in range(3)} == {"A"}
-    assert unregister_from_proxy(proxy.url, stubs["B"].url) is False  # no longer known: the proxy answers 404
-    assert httpx.post(f"{proxy.url}/nodes/remove", json={"url": stubs["B"].url}).status_code == 404
-    httpx.post(f"{proxy.url}/nodes/remove", json={"url": stubs["A"].url}).raise_for_status()
+    assert unregister_from_proxy(proxy.url, stubs["B"].url, admin_key=ADMIN_KEY) is False  # unknown now: 404
+    assert httpx.post(f"{proxy.url}/nodes/remove", json={"url": stubs["B"].url}, headers=ADMIN).status_code == 404
+    httpx.post(f"{proxy.url}/nodes/remove", json={"url": stubs["A"].url}, headers=ADMIN).raise_for_status()
     assert httpx.post(url, json=chat_body(), headers=AUTH).status_code == 503
 
     for bad in [{"url": "localhost:1234"}, {"url": "ftp://x"}, {"link": "http://x:1"}, ["http://x:1"]]:
-        refused = httpx.post(f"{proxy.url}/nodes/add", json=bad)
+        refused = httpx.post(f"{proxy.url}/nodes/add", json=bad, headers=ADMIN)
         assert refused.status_code == 400, bad
         assert "url" in refused.json()["error"]["message"]
     with pytest.raises(ProxyRegistrationError, match="cannot register"):
         register_with_proxy(f"http://127.0.0.1:{free_port()}", stubs["A"].url, timeout=5)
     with pytest.raises(ValueError, match="own_url"):
-        register_with_proxy(proxy.url, "not a url")
+        register_with_proxy(proxy.url, "not a url", admin_key=ADMIN_KEY)
 
 
 def test_advertised_url_for_each_listening_address():
@@ -511,21 +270,13 @@ def test_advertised_url_for_a_remote_proxy_is_the_address_that_routes_to_it():
     assert not host.startswith("127.") and host != "0.0.0.0"
 
 
-def run_in_thread(coroutine_function, *args):
-    """Run `coroutine_function(*args)` on its own event loop in a thread; returns (thread, result list)."""
-    result: list = []
-    thread = threading.Thread(target=lambda: result.append(asyncio.run(coroutine_function(*args))), daemon=True)
-    thread.start()
-    return thread, result
-
-
 def test_membership_retries_until_the_proxy_comes_up(stubs, make_proxy, caplog):
     from lm_serve.proxy import ProxyMembership, RetryPolicy
 
     port = free_port()
     # Enough doublings (0.05 s up to ~100 s in all) that the proxy's start-up always fits in the retry window.
     policy = RetryPolicy(num_attempts=12, first_delay=0.05, timeout=DEADLINE_S)
-    membership = ProxyMembership(f"http://127.0.0.1:{port}", stubs["A"].url, policy)
+    membership = ProxyMembership(f"http://127.0.0.1:{port}", stubs["A"].url, policy, admin_key=ADMIN_KEY)
     caplog.set_level("INFO", logger="lm_serve.proxy")
     thread, joined = run_in_thread(membership.join)
     wait_until(lambda: any("retrying in" in r.getMessage() for r in caplog.records), "a first attempt fails")
@@ -592,7 +343,7 @@ def test_a_node_that_dies_is_retried_around_then_returns(stub_script, make_proxy
         assert "ConnectError" in dead["last_error"]
         b = start_stub(stub_script, "B", port=b.port)
         # Adding a known node again re-checks it at once.
-        assert httpx.post(f"{proxy.url}/nodes/add", json={"url": b.url}).json()["healthy"] is True
+        assert httpx.post(f"{proxy.url}/nodes/add", json={"url": b.url}, headers=ADMIN).json()["healthy"] is True
         assert {served_by(proxy.url) for _ in range(2)} == {"A", "B"}
 
         # B dies in the middle of a stream: too late to retry, so the stream ends with an error event.
@@ -602,7 +353,8 @@ def test_a_node_that_dies_is_retried_around_then_returns(stub_script, make_proxy
             assert next(line for line in lines if line.startswith("data: ")).count("B:0") == 1
             b.stop(signal.SIGKILL)
             events = sse_events(lines)
-        assert len(events) == 1 and "the node serving this stream failed" in events[0]["error"]["message"]
+        assert len(events) == 2 and "the node serving this stream failed" in events[0]["error"]["message"]
+        assert events[1] == "[DONE]"
         assert nodes_of(proxy)[b.url]["healthy"] is False
     finally:
         a.stop()
@@ -659,16 +411,8 @@ def test_serving_benchmark_through_the_proxy(stubs, make_proxy):
 def test_cli_rejects_bad_arguments():
     bad_url = subprocess.run([*proxy_command(), "--nodes", "localhost:1"], capture_output=True, text=True)
     assert bad_url.returncode == 2 and "nodes: expected a URL" in bad_url.stderr
-    bad_strategy = subprocess.run([*proxy_command(), "--routing-strategy", "random"], capture_output=True, text=True)
-    # The lm command groups print choices with '-' (their flags accept '-' or '_').
-    assert bad_strategy.returncode == 2 and re.search("least[-_]load", bad_strategy.stderr)
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    bad_strategy = subprocess.run([*proxy_command(), "--routing-strategy", "fastest"], capture_output=True, text=True)
+    assert bad_strategy.returncode == 2 and "expected one of least_load, round_robin, random" in bad_strategy.stderr
 
 
 # --- the real api_server behind the proxy -------------------------------------------------------------------------
@@ -728,14 +472,17 @@ def test_real_api_server_behind_the_proxy(request, make_proxy):
 
 
 @pytest.mark.slow
-def test_real_api_server_registers_itself_with_proxy_url(request, make_proxy):
+def test_real_api_server_registers_itself_with_the_admin_key_and_a_stalled_one_fails_fast(request, make_proxy):
     openai = pytest.importorskip("openai")
-    assert "--proxy-url" in api_server_options()
-    proxy = make_proxy()
+    assert {"--proxy-url", "--proxy-admin-key"} <= api_server_options()
+    client_key = "sk-shared-client-key"
+    # The proxy and the server share the client key; only the server knows the proxy's admin key.
+    proxy = make_proxy("--api-keys", client_key, "--health-interval", "1", "--health-timeout", "8")
     # Listening on the wildcard with port 0: the server must advertise an address and the port the system chose.
     server = request.getfixturevalue("start_server")(
         *("--server-name", "0.0.0.0", "--session-len", "512", "--num-kv-blocks", "32", "--max-batch-size", "4"),
-        *("--num-threads", "1", "--proxy-url", proxy.url),
+        *("--num-threads", "1", "--api-keys", client_key),
+        *("--proxy-url", proxy.url, "--proxy-admin-key", ADMIN_KEY),
     )
     listed = wait_until(lambda: [n for n in nodes_of(proxy).values() if n["healthy"]], "the server registers")
     # The proxy is on loopback, so the address that routes to it is 127.0.0.1 (the ready line shows the same).
@@ -745,19 +492,41 @@ def test_real_api_server_registers_itself_with_proxy_url(request, make_proxy):
     line = f"registered with the proxy at {proxy.url} as {server.url} (healthy)"
     wait_until(lambda: line in server.output(), "the server reports its registration")
 
-    through = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="none", max_retries=0, timeout=300)
-    direct = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    through = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=client_key, max_retries=0, timeout=300)
+    direct = openai.OpenAI(base_url=f"{server.url}/v1", api_key=client_key, max_retries=0, timeout=300)
     model = direct.models.list().data[0].id
-    # By the time the proxy answered the registration, it had also learnt the node's models.
+    # The proxy asked the node's models with its client key as it registered the node.
     assert nodes_of(proxy)[server.url]["models"] == [model]
     ask = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
     answer = through.chat.completions.create(**ask)
     expected = direct.chat.completions.create(**ask)
     assert answer.choices[0].message.content == expected.choices[0].message.content
     assert answer.usage.completion_tokens == expected.usage.completion_tokens > 0
-    assert nodes_of(proxy)[server.url]["num_requests"] == 1
+    keyless = httpx.post(f"{proxy.url}/v1/chat/completions", json=ask, timeout=DEADLINE_S)
+    assert keyless.status_code == 401 and "Missing API key" in keyless.json()["error"]["message"]
+    assert nodes_of(proxy)[server.url]["num_requests"] == 1  # the keyless request never reached the node
 
-    server.stop()  # SIGTERM: a graceful shutdown unregisters the node before the process ends
+    # The server wedges (SIGSTOP) mid-stream: the stream ends with an error event and [DONE] instead of hanging, and
+    # the next request is refused at once since no healthy node is left.
+    stream = through.chat.completions.create(**{**ask, "max_tokens": 400}, stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    try:
+        assert all(next(chunks) for _ in range(3))
+        os.kill(server.process.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(openai.APIError, match="the node serving this stream failed"):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - started < 30  # at most a health interval plus two health timeouts
+        assert not nodes_of(proxy)[server.url]["healthy"]
+        with pytest.raises(openai.InternalServerError, match="no healthy node"):
+            through.chat.completions.create(**ask)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    wait_until(lambda: nodes_of(proxy)[server.url]["healthy"], "the resumed server is healthy again")
+    assert through.chat.completions.create(**ask).choices[0].message.content == expected.choices[0].message.content
+
+    server.stop()  # SIGTERM: a graceful shutdown unregisters the node (with the admin key) before the process ends
     assert server.process.returncode is not None
     assert nodes_of(proxy) == {}
 

@@ -1,10 +1,14 @@
-"""The proxy's node table on its own: routing strategies, model filtering, failures, config validation."""
+"""The proxy's node table on its own: routing strategies, model filtering, failures, stalls, config validation."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import socket
+
 import pytest
 
-from lm_serve.proxy.nodes import NodeTable, ProxyConfig, normalize_node_url
+from lm_serve.proxy.nodes import NodeTable, ProxyConfig, normalize_node_url, routing_strategy_from
 
 
 def table_of(strategy: str, *urls: str) -> NodeTable:
@@ -76,7 +80,11 @@ def test_bad_node_urls_are_rejected_naming_the_field(url):
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("routing_strategy", "random"),
+        ("routing_strategy", "fastest"),
+        ("read_timeout", 0),
+        ("api_keys", "k1"),
+        ("api_keys", ["k1", ""]),
+        ("admin_key", ""),
         ("health_interval", 0),
         ("health_timeout", -1),
         ("connect_timeout", True),
@@ -92,3 +100,117 @@ def test_config_validation_names_the_field(field, value):
 def test_config_normalizes_and_deduplicates_nodes():
     config = ProxyConfig(nodes=["http://a:1/", "http://a:1", "https://b"])
     assert config.nodes == ["http://a:1", "https://b"]
+
+
+def test_lmdeploy_strategy_names_map_onto_ours():
+    assert routing_strategy_from("min_expected_latency") == "least_load"
+    assert routing_strategy_from("MIN-EXPECTED-LATENCY") == "least_load"
+    assert routing_strategy_from("random") == "random"
+    assert routing_strategy_from("min_observed_latency") == "least_latency"
+    assert routing_strategy_from("round-robin") == "round_robin"
+    assert ProxyConfig(routing_strategy="min_expected_latency").routing_strategy == "least_load"
+    with pytest.raises(ValueError, match="expected one of least_load, round_robin, random, least_latency, min_exp"):
+        routing_strategy_from("fastest")
+
+
+def test_least_latency_prefers_unmeasured_then_the_fastest_on_average():
+    table = table_of("least_latency", "http://a:1", "http://b:1", "http://c:1")
+    a, b, c = (table.get(f"http://{name}:1") for name in "abc")
+    for node, latency in [(a, 1.0), (b, 0.2), (b, 0.4)]:
+        table.release(node, latency)
+    assert table.acquire() is c  # not measured yet
+    table.release(c, 2.0)
+    assert [table.acquire() for _ in range(3)] == [b] * 3  # mean 0.3 s against 1.0 and 2.0
+    table.release(b, 5.0)  # now b's mean is (0.2 + 0.4 + 5.0) / 3
+    assert table.acquire() is a and b.mean_latency == pytest.approx(5.6 / 3)
+    assert b.to_dict()["mean_latency"] == pytest.approx(5.6 / 3)
+    for _ in range(20):
+        table.release(a, 3.0)
+    assert a.mean_latency == 3.0 and len(a.latencies) == 15  # only the latest requests count
+
+
+def test_random_strategy_spreads_over_every_healthy_node():
+    table = table_of("random", "http://a:1", "http://b:1", "http://c:1")
+    table.get("http://c:1").healthy = False
+    counts = collections.Counter(table.acquire().url for _ in range(400))
+    assert set(counts) == {"http://a:1", "http://b:1"}
+    # Uniform: each side of 400 fair coin flips stays within 120..280 except with probability ~1e-15.
+    assert 120 < counts["http://a:1"] < 280
+
+
+def test_admin_key_must_differ_from_the_client_keys():
+    config = ProxyConfig(api_keys=["k1", " k2 ", "k1"], admin_key=" admin ")
+    assert (config.api_keys, config.admin_key) == (["k1", "k2"], "admin")
+    with pytest.raises(ValueError, match=r"^admin_key: must differ"):
+        ProxyConfig(api_keys=["k1"], admin_key="k1")
+
+
+def test_a_node_that_accepts_but_never_answers_fails_its_check_as_stalled():
+    import httpx
+
+    async def check() -> tuple[bool, float]:
+        table = NodeTable()
+        with socket.socket() as silent:
+            # Listening but never accepting: the kernel completes the handshake and queues the request unanswered,
+            # as it does for a stopped process.
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            node = table.add(f"http://127.0.0.1:{silent.getsockname()[1]}")
+            node.healthy = True
+            waiting = asyncio.ensure_future(node.stalled.wait())
+            async with httpx.AsyncClient() as client:
+                started = asyncio.get_running_loop().time()
+                healthy = await table.check(node, client, timeout=0.5)
+                elapsed = asyncio.get_running_loop().time() - started
+            await asyncio.wait_for(waiting, 1)  # requests watching the node are told
+        assert not node.healthy and "GET /health got no answer within 0.5 s" in node.last_error
+        return healthy, elapsed
+
+    healthy, elapsed = asyncio.run(check())
+    assert healthy is False and elapsed < 3
+
+
+def test_only_a_timeout_marks_a_node_stalled():
+    table = table_of("least_load", "http://a:1")
+    node = table.get("http://a:1")
+    table.mark_failed(node, "ConnectError: refused")
+    assert not node.stalled.is_set()  # a refusal: requests already answering from it carry on
+    table.mark_failed(node, "ReadTimeout", stalled=True)
+    assert node.stalled.is_set() and node.num_failures == 2
+
+
+def test_node_reader_fails_over_before_commit_and_ends_only_silent_streams_after():
+    from lm_serve.proxy.forward import NodeFailed, NodeReader
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        table = table_of("least_load", "http://a:1", "http://b:1", "http://c:1")
+        a, b, c = (table.get(f"http://{name}:1") for name in "abc")
+
+        # Nothing sent to the client yet: the stall ends the wait at once, and the pending work is cancelled.
+        never = loop.create_future()
+        loop.call_later(0.05, table.mark_failed, a, "GET /health got no answer within 5 s", True)
+        with pytest.raises(NodeFailed, match="no answer within 5 s"):
+            await NodeReader(a, silence_limit=30).wait(never)
+        assert never.cancelled()
+
+        # Committed, node stalled: bytes that keep coming are relayed; silence_limit of silence ends the stream.
+        reader = NodeReader(b, silence_limit=0.3)
+        reader.is_committed = True
+        table.mark_failed(b, "GET /health got no answer", stalled=True)
+        assert await reader.wait(asyncio.sleep(0.1, result=b"data")) == b"data"
+        reader.last_byte_at = loop.time()
+        started = loop.time()
+        with pytest.raises(NodeFailed):
+            await reader.wait(loop.create_future())
+        assert 0.25 < loop.time() - started < 2
+
+        # A node that recovers (as a passing health check leaves it) is watched afresh: silence is then no failure.
+        reader = NodeReader(c, silence_limit=0.1)
+        reader.is_committed = True
+        table.mark_failed(c, "GET /health got no answer", stalled=True)
+        c.healthy, c.stalled = True, asyncio.Event()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.wait(loop.create_future()), 0.5)
+
+    asyncio.run(main())

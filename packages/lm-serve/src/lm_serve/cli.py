@@ -104,6 +104,12 @@ def serve() -> None:
     help="Register with this `lm serve proxy` once listening, unregister at shutdown (see docs/proxy.md).",
 )
 @click.option(
+    "--proxy-admin-key",
+    envvar="LM_PROXY_ADMIN_KEY",
+    show_envvar=True,
+    help="The proxy's --admin-key, sent when registering with --proxy-url.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option("--session-len", type=int, help="Longest prompt + generation in tokens (engine setting).")
@@ -139,6 +145,7 @@ def api_server(
     chat_template,
     allow_origins,
     proxy_url,
+    proxy_admin_key,
     log_level,
     **engine_options,
 ) -> None:
@@ -167,7 +174,7 @@ def api_server(
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    run_server(app, server_name, server_port, log_level, proxy_url=proxy_url)
+    run_server(app, server_name, server_port, log_level, proxy_url=proxy_url, proxy_admin_key=proxy_admin_key)
 
 
 def engine_config(options: dict) -> dict:

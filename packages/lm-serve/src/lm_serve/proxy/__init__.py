@@ -1,9 +1,10 @@
 """The proxy (`lm serve proxy`): routes OpenAI requests across api_servers by load, checks their health, relays
-streams as they arrive. FastAPI and httpx load only when the proxy runs or registration is called.
+streams as they arrive, fails over from nodes that stop answering. FastAPI and httpx load only when the proxy runs or
+registration is called.
 
-    nodes.py         node table, health checks, routing strategies (least_load, round_robin)
-    forward.py       relaying one request to a node and its answer back
-    app.py           the FastAPI app and the registration routes (/nodes, /nodes/add, /nodes/remove)
+    nodes.py         node table, health checks, stalls, routing strategies (least_load, round_robin, random)
+    forward.py       relaying one request to a node and its answer back, failing over until the first byte
+    app.py           the FastAPI app, its keys (clients', admin's) and the registration routes (/nodes, ...)
     registration.py  register_with_proxy / unregister_from_proxy: the /nodes calls
     membership.py    the api_server's side of `--proxy-url`: the URL it advertises, join with retries, leave
     cli.py           the `proxy` click command

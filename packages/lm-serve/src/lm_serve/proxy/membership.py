@@ -131,12 +131,18 @@ class RetryPolicy:
 
 
 class ProxyMembership:
-    """This server's registration with one proxy: `start()` once listening, `await leave()` at shutdown."""
+    """This server's registration with one proxy: `start()` once listening, `await leave()` at shutdown.
 
-    def __init__(self, proxy_url: str, own_url: str, policy: RetryPolicy | None = None) -> None:
+    `admin_key` is the proxy's `--admin-key` (`--proxy-admin-key` of the api_server), sent with both calls.
+    """
+
+    def __init__(
+        self, proxy_url: str, own_url: str, policy: RetryPolicy | None = None, admin_key: str | None = None
+    ) -> None:
         self.proxy_url = normalize_node_url(proxy_url, "proxy_url")
         self.own_url = normalize_node_url(own_url, "own_url")
         self.policy = policy or RetryPolicy()
+        self.admin_key = admin_key or None
         self.is_registered = False
         self._task: asyncio.Task | None = None
 
@@ -153,14 +159,14 @@ class ProxyMembership:
         delay = self.policy.first_delay
         for attempt in range(1, self.policy.num_attempts + 1):
             try:
-                node = await aregister_with_proxy(self.proxy_url, self.own_url, self.policy.timeout)
+                node = await aregister_with_proxy(self.proxy_url, self.own_url, self.policy.timeout, self.admin_key)
             except ProxyRegistrationError as exc:
-                # A 4xx will not change by asking again (a wrong URL, or not an lm-serve proxy at all).
+                # A 4xx will not change by asking again (a wrong URL or admin key, or not an lm-serve proxy at all).
                 is_final = attempt == self.policy.num_attempts or (exc.status_code or 500) < 500
                 if is_final:
                     logger.warning(
                         "%s (attempt %d of %d). Serving anyway at %s without the proxy; register by hand with "
-                        'POST %s/nodes/add {"url": "%s"}',
+                        'POST %s/nodes/add {"url": "%s"} and the proxy\'s admin key',
                         exc,
                         attempt,
                         self.policy.num_attempts,
@@ -189,7 +195,7 @@ class ProxyMembership:
             return False
         try:
             removed = await asyncio.wait_for(
-                aunregister_from_proxy(self.proxy_url, self.own_url, self.policy.leave_timeout),
+                aunregister_from_proxy(self.proxy_url, self.own_url, self.policy.leave_timeout, self.admin_key),
                 self.policy.leave_timeout,
             )
         except asyncio.TimeoutError:

@@ -8,7 +8,9 @@ them, so no lock is needed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import random
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,7 +20,27 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("lm_serve.proxy")
 
-ROUTING_STRATEGIES = ("least_load", "round_robin")
+ROUTING_STRATEGIES = ("least_load", "round_robin", "random", "least_latency")
+# LMDeploy's proxy strategies (its `--strategy` / `--routing-strategy`) and ours of the same meaning. Its nodes may
+# declare a speed; ours never do, so its speed-weighted rules reduce to the unweighted ones.
+LMDEPLOY_STRATEGIES = {
+    "min_expected_latency": "least_load",  # fewest unfinished requests per unit of speed
+    "random": "random",  # random, weighted by speed
+    "min_observed_latency": "least_latency",  # lowest mean latency of the node's recent requests
+}
+# How many of a node's latest completed requests `least_latency` averages.
+NUM_LATENCY_SAMPLES = 15
+
+
+def routing_strategy_from(name: str, field_name: str = "routing_strategy") -> str:
+    """One of ROUTING_STRATEGIES for `name`: ours, or LMDeploy's name of the same rule ('-' or '_' alike)."""
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+    if key in ROUTING_STRATEGIES:
+        return key
+    if key in LMDEPLOY_STRATEGIES:
+        return LMDEPLOY_STRATEGIES[key]
+    known = (*ROUTING_STRATEGIES, *(name for name in LMDEPLOY_STRATEGIES if name not in ROUTING_STRATEGIES))
+    raise ValueError(f"{field_name}: expected one of {', '.join(known)}, got {name!r}")
 
 
 def normalize_node_url(url: str, name: str = "url") -> str:
@@ -40,31 +62,47 @@ def normalize_node_url(url: str, name: str = "url") -> str:
 
 @dataclass
 class ProxyConfig:
-    """How the proxy routes and watches its nodes.
+    """How the proxy routes, watches and guards its nodes.
 
     `nodes` are api_server base URLs known at start (more may register through `POST /nodes/add`);
+    `routing_strategy` is one of ROUTING_STRATEGIES or an LMDeploy name that maps onto one (LMDEPLOY_STRATEGIES).
     `health_interval` is the seconds between two rounds of `GET /health` to every node, `health_timeout` how long one
-    check may take before the node counts as unhealthy; `connect_timeout` bounds opening a connection to a node
-    (a request's own duration is unbounded: generations may be long).
+    check may take before the node counts as unhealthy (and, having not answered at all, as stalled).
+    `connect_timeout` bounds opening a connection to a node; `read_timeout` is the longest a node may go without
+    sending a byte (a non-streamed answer arrives whole, so it must fit in it; a stream may run for any time).
+    `api_keys`: when given, clients must send one as `Authorization: Bearer KEY` (the header is forwarded, so nodes
+    holding the same keys accept it). `admin_key`: the key node management (`/nodes`, `/nodes/add`,
+    `/nodes/remove`, `/openapi.json`) requires; without it those routes are refused.
     """
 
     nodes: list[str] = field(default_factory=list)
     routing_strategy: str = "least_load"
     health_interval: float = 5.0
-    health_timeout: float = 10.0
-    connect_timeout: float = 10.0
+    health_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    api_keys: list[str] = field(default_factory=list)
+    admin_key: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.nodes, str):
             raise ValueError("nodes: expected a list of URLs, got one string")
         urls = [normalize_node_url(url, "nodes") for url in self.nodes]
         self.nodes = list(dict.fromkeys(urls))
-        if self.routing_strategy not in ROUTING_STRATEGIES:
-            raise ValueError(f"routing_strategy: expected one of {ROUTING_STRATEGIES}, got {self.routing_strategy!r}")
-        for name in ("health_interval", "health_timeout", "connect_timeout"):
+        self.routing_strategy = routing_strategy_from(self.routing_strategy)
+        for name in ("health_interval", "health_timeout", "connect_timeout", "read_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}: expected a positive number of seconds, got {value!r}")
+        if isinstance(self.api_keys, str) or not all(isinstance(k, str) and k.strip() for k in self.api_keys):
+            raise ValueError(f"api_keys: expected a list of non-empty strings, got {self.api_keys!r}")
+        self.api_keys = list(dict.fromkeys(k.strip() for k in self.api_keys))
+        if self.admin_key is not None:
+            if not isinstance(self.admin_key, str) or not self.admin_key.strip():
+                raise ValueError("admin_key: expected a non-empty string or None")
+            self.admin_key = self.admin_key.strip()
+            if self.admin_key in self.api_keys:
+                raise ValueError("admin_key: must differ from every client key in api_keys")
 
 
 @dataclass
@@ -80,6 +118,13 @@ class Node:
     # Model ids from the node's `GET /v1/models`; None while unknown (then the node is eligible for any model).
     models: list[str] | None = None
     last_error: str | None = None
+    # Seconds from sending to the end of the answer, of the node's latest completed requests (`least_latency`).
+    latencies: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=NUM_LATENCY_SAMPLES), repr=False, compare=False
+    )
+    # Set when the node stops answering (a timeout, not a refusal): requests waiting on it give up and fail over.
+    # Replaced by a fresh event when the node is healthy again; a request watches the one current at its start.
+    stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """The node as `GET /nodes` shows it."""
@@ -91,16 +136,20 @@ class Node:
             "num_failures": self.num_failures,
             "models": self.models,
             "last_error": self.last_error,
+            "mean_latency": self.mean_latency,
         }
+
+    @property
+    def mean_latency(self) -> float | None:
+        """Mean seconds of the node's latest completed requests; None before the first."""
+        return sum(self.latencies) / len(self.latencies) if self.latencies else None
 
 
 class NodeTable:
     """The nodes in registration order, with the routing strategy that picks among them."""
 
     def __init__(self, routing_strategy: str = "least_load") -> None:
-        if routing_strategy not in ROUTING_STRATEGIES:
-            raise ValueError(f"routing_strategy: expected one of {ROUTING_STRATEGIES}, got {routing_strategy!r}")
-        self.routing_strategy = routing_strategy
+        self.routing_strategy = routing_strategy_from(routing_strategy)
         self._nodes: dict[str, Node] = {}
         # Position (in registration order) where the next search starts: just after the last node picked.
         self._cursor = 0
@@ -140,6 +189,11 @@ class NodeTable:
         ranked = sorted(healthy, key=lambda item: (item[0] - self._cursor) % len(order))
         if self.routing_strategy == "least_load":
             index, node = min(ranked, key=lambda item: item[1].in_flight)  # min keeps the first of equals
+        elif self.routing_strategy == "random":
+            index, node = random.choice(ranked)
+        elif self.routing_strategy == "least_latency":
+            # A node not measured yet counts as fastest, so that every node gets measured.
+            index, node = min(ranked, key=lambda item: item[1].mean_latency or 0.0)
         else:
             index, node = ranked[0]
         self._cursor = index + 1
@@ -147,52 +201,79 @@ class NodeTable:
         node.num_requests += 1
         return node
 
-    def release(self, node: Node) -> None:
-        """The request `acquire` counted on `node` has finished (or failed)."""
+    def release(self, node: Node, latency: float | None = None) -> None:
+        """The request `acquire` counted on `node` has finished (or failed); `latency`: its seconds, if it completed."""
         node.in_flight = max(0, node.in_flight - 1)
+        if latency is not None:
+            node.latencies.append(latency)
 
-    def mark_failed(self, node: Node, reason: str) -> None:
-        """A request could not reach `node`: skip it until a health check finds it healthy again."""
+    def mark_failed(self, node: Node, reason: str, stalled: bool = False) -> None:
+        """A request could not reach `node`: skip it until a health check finds it healthy again.
+
+        `stalled`: the node accepted but stopped answering (a timeout); requests waiting on it are told to give up.
+        """
         if node.healthy:
             logger.warning("node %s failed a request and is marked unhealthy: %s", node.url, reason)
-        node.healthy = False
         node.num_failures += 1
-        node.last_error = reason
+        self._set_unhealthy(node, reason, stalled)
 
-    async def check(self, node: Node, client: httpx.AsyncClient, timeout: float) -> bool:
-        """`GET /health` of `node` (and, when healthy, its `/v1/models`); updates and returns its health."""
+    def _set_unhealthy(self, node: Node, reason: str, stalled: bool) -> None:
+        node.healthy = False
+        node.last_error = reason
+        if stalled:
+            node.stalled.set()
+
+    async def check(
+        self, node: Node, client: httpx.AsyncClient, timeout: float, headers: dict[str, str] | None = None
+    ) -> bool:
+        """`GET /health` of `node` (and, when healthy, its `/v1/models`); updates and returns its health.
+
+        The whole check is bounded by `timeout` (httpx's own timeouts bound each read, not the sum); a node that does
+        not answer in time is marked stalled. `headers` go with `/v1/models` (a client key, for nodes that want one).
+        """
         import httpx
 
+        stalled = False
         try:
-            response = await client.get(f"{node.url}/health", timeout=timeout)
+            response = await asyncio.wait_for(client.get(f"{node.url}/health", timeout=timeout), timeout)
             healthy = response.status_code == 200
             error = None if healthy else f"GET /health answered {response.status_code}"
+        except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+            healthy, stalled = False, True
+            error = f"GET /health got no answer within {timeout:g} s ({type(exc).__name__})"
         except httpx.HTTPError as exc:
             healthy, error = False, f"GET /health failed: {describe_error(exc)}"
         if healthy != node.healthy:
             log = logger.info if healthy else logger.warning
             log("node %s is %s%s", node.url, "healthy" if healthy else "unhealthy", f" ({error})" if error else "")
-        node.healthy = healthy
-        node.last_error = error if error else node.last_error
-        if healthy:
-            node.models = await self._fetch_models(node, client, timeout)
-        return healthy
+        if not healthy:
+            self._set_unhealthy(node, error, stalled)
+            return False
+        if node.stalled.is_set():
+            node.stalled = asyncio.Event()
+        node.healthy = True
+        node.models = await self._fetch_models(node, client, timeout, headers)
+        return True
 
-    async def check_all(self, client: httpx.AsyncClient, timeout: float) -> None:
+    async def check_all(self, client: httpx.AsyncClient, timeout: float, headers: dict[str, str] | None = None) -> None:
         """Health-check every node at once."""
-        await asyncio.gather(*(self.check(node, client, timeout) for node in self.nodes))
+        await asyncio.gather(*(self.check(node, client, timeout, headers) for node in self.nodes))
 
     @staticmethod
-    async def _fetch_models(node: Node, client: httpx.AsyncClient, timeout: float) -> list[str] | None:
-        # A node that guards /v1/models with an API key stays model-agnostic (None) rather than unhealthy.
+    async def _fetch_models(
+        node: Node, client: httpx.AsyncClient, timeout: float, headers: dict[str, str] | None
+    ) -> list[str] | None:
+        # A node that refuses /v1/models (an API key this proxy does not hold) stays model-agnostic (None), not
+        # unhealthy.
         import httpx
 
         try:
-            response = await client.get(f"{node.url}/v1/models", timeout=timeout)
+            request = client.get(f"{node.url}/v1/models", timeout=timeout, headers=headers)
+            response = await asyncio.wait_for(request, timeout)
             if response.status_code != 200:
                 return None
             return [str(entry["id"]) for entry in response.json()["data"]]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        except (httpx.HTTPError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
             return None
 
 
