@@ -50,6 +50,15 @@ PACKAGES = {
 # Test-only tools of one package's session: lm-serve's tests drive a real server with the official openai client
 # and fuzz it with schemathesis (jsonschema-rs validates structured outputs).
 PACKAGE_TEST_TOOLS = {"lm-serve": ["openai>=1.40", "httpx>=0.27", "schemathesis>=4", "jsonschema-rs>=0.20"]}
+# Third-party clients the opt-in `clients` session drives a real server with (pinned: their releases change what
+# they send).
+CLIENT_LIBRARIES = [
+    "openai==3.3.0",
+    "langchain-openai==1.8.1",
+    "instructor==1.17.0",
+    "litellm==1.110.2",
+    "lm-eval==0.4.13",
+]
 # Console scripts each wheel installs, checked with --help by the build session.
 SCRIPTS = {"lm-deploy": ["lm"], "lm-serve": ["lm-serve"], "lm-lite": ["lm-lite"]}
 # pytest-xdist workers for the test folders that take minutes (CI has 2 cores); the others run in one process.
@@ -116,6 +125,14 @@ def integration(session: nox.Session) -> None:
     local = [str(_package_dir(name)) for name in PACKAGES]
     _install_with_torch(session, *local, ".", *TEST_TOOLS, *REFERENCES)
     _pytest(session, "tests/integration", PYTEST_WORKERS["integration"])
+
+
+@nox.session
+def clients(session: nox.Session) -> None:
+    """Opt-in (not part of `tests`): tests/lm_serve/clients, real third-party clients against a real server."""
+    local = [str(_package_dir(name)) for name in _sibling_closure("lm-serve")]
+    _install_with_torch(session, *local, *TEST_TOOLS, *REFERENCES, *PACKAGE_TEST_TOOLS["lm-serve"], *CLIENT_LIBRARIES)
+    _pytest(session, "tests/lm_serve/clients", PYTEST_WORKERS["lm-serve"])
 
 
 @nox.session

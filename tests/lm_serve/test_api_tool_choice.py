@@ -180,3 +180,36 @@ def test_named_tool_choice_cut_by_max_tokens_keeps_the_truncated_arguments(clien
     # As OpenAI: the call comes with the arguments written so far (not JSON yet) and finish_reason "length".
     assert finish == "length" and name == "get_time"
     assert arguments and whole.function.arguments.startswith(arguments) and arguments != whole.function.arguments
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_calls", "expected_content"),
+    [
+        ('[{"name": "get_time", "arguments": {"timezone": "a]}\\"{"}}]', [("get_time", {"timezone": 'a]}"{'})], None),
+        # cut inside the second call: the first is returned, the unfinished one is dropped
+        ('[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "argu', 1, None),
+        ('[{"name": "get_weather", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "x"}}]', 2, None),
+        ("[", [], None),
+        # what the array grammar excludes comes back as content from the first element that is not a call
+        ('[{"name": "get_time", "arguments": {}}, {"nam": 1}]', [("get_time", {})], '{"nam": 1}]'),
+        ("Sure!", [], "Sure!"),
+    ],
+)
+def test_required_calls_stream_is_independent_of_chunking(text, expected_calls, expected_content):
+    import random
+
+    from lm_serve.parsers import accumulate
+    from lm_serve.tool_choice import RequiredCallsStream
+
+    whole = RequiredCallsStream(lambda: "call_x").parse(text)
+    assert whole.content == expected_content
+    calls = [(c.name, json.loads(c.arguments)) for c in whole.tool_calls]
+    assert len(calls) == expected_calls if isinstance(expected_calls, int) else calls == expected_calls
+    if expected_content is None:
+        assert calls == [(o["name"], o["arguments"]) for o in _complete_objects(text)]
+    rng = random.Random(len(text))
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 12))))
+        stream = RequiredCallsStream(lambda: "call_x")
+        deltas = [stream.feed(text[a:b]) for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert accumulate([*deltas, stream.finish()]) == whole
