@@ -143,7 +143,7 @@ class RequiredCallsStream:
         self.id_factory = id_factory
         self._buf = ""
         self._state = _ARRAY_OPEN
-        self._scanner: JsonScanner | None = None  # the element being read
+        self._scanner = JsonScanner()  # the element being read (a new one per element)
         self._element: list[str] = []  # its text so far
         self._num_calls = 0
         self._is_finished = False
