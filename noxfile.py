@@ -50,6 +50,18 @@ PACKAGES = {
 # Test-only tools of one package's session: lm-serve's tests drive a real server with the official openai client
 # and fuzz it with schemathesis (jsonschema-rs validates structured outputs).
 PACKAGE_TEST_TOOLS = {"lm-serve": ["openai>=1.40", "httpx>=0.27", "schemathesis>=4", "jsonschema-rs>=0.20"]}
+# Third-party clients the opt-in `clients` session drives a real server with (pinned: their releases change what
+# they send).
+CLIENT_LIBRARIES = [
+    "openai==3.3.0",
+    "langchain-openai==1.8.1",
+    "instructor==1.17.0",
+    "litellm==1.110.2",
+    "lm-eval==0.4.13",
+]
+# Test folders of a package that its tests-<package> session leaves to a session of their own (the openai client,
+# which tests-lm-serve installs, would otherwise run the clients session's openai tests there too).
+SEPARATE_TESTS = {"lm-serve": ("tests/lm_serve/clients",)}
 # Console scripts each wheel installs, checked with --help by the build session.
 SCRIPTS = {"lm-deploy": ["lm"], "lm-serve": ["lm-serve"], "lm-lite": ["lm-lite"]}
 # pytest-xdist workers for the test folders that take minutes (CI has 2 cores); the others run in one process.
@@ -90,10 +102,12 @@ def _install_with_torch(session: nox.Session, *args: str) -> None:
     session.install("--no-compile", *args)
 
 
-def _pytest(session: nox.Session, folder: str, workers: int) -> None:
-    """pytest over `folder`, in `workers` pytest-xdist processes (0: in this one); posargs come last and win."""
+def _pytest(session: nox.Session, folder: str, workers: int, ignore: tuple[str, ...] = ()) -> None:
+    """pytest over `folder` but not `ignore`, in `workers` pytest-xdist processes (0: in this one); posargs come last
+    and win."""
     parallel = ["-n", str(workers)] if workers else []
-    session.run("pytest", folder, *parallel, *session.posargs, env=RUN_ENV)
+    ignored = [f"--ignore={path}" for path in ignore]
+    session.run("pytest", folder, *parallel, *ignored, *session.posargs, env=RUN_ENV)
 
 
 def _make_package_session(dist: str, import_name: str) -> None:
@@ -101,7 +115,7 @@ def _make_package_session(dist: str, import_name: str) -> None:
     def tests_package(session: nox.Session) -> None:
         local = [str(_package_dir(name)) for name in _sibling_closure(dist)]
         _install_with_torch(session, *local, *TEST_TOOLS, *REFERENCES, *PACKAGE_TEST_TOOLS.get(dist, []))
-        _pytest(session, f"tests/{import_name}", PYTEST_WORKERS.get(dist, 0))
+        _pytest(session, f"tests/{import_name}", PYTEST_WORKERS.get(dist, 0), SEPARATE_TESTS.get(dist, ()))
 
     tests_package.__doc__ = f"Run tests/{import_name} against {dist} installed alone with the test tools."
 
@@ -116,6 +130,14 @@ def integration(session: nox.Session) -> None:
     local = [str(_package_dir(name)) for name in PACKAGES]
     _install_with_torch(session, *local, ".", *TEST_TOOLS, *REFERENCES)
     _pytest(session, "tests/integration", PYTEST_WORKERS["integration"])
+
+
+@nox.session
+def clients(session: nox.Session) -> None:
+    """Opt-in (not part of `tests`): tests/lm_serve/clients, real third-party clients against a real server."""
+    local = [str(_package_dir(name)) for name in _sibling_closure("lm-serve")]
+    _install_with_torch(session, *local, *TEST_TOOLS, *REFERENCES, *PACKAGE_TEST_TOOLS["lm-serve"], *CLIENT_LIBRARIES)
+    _pytest(session, "tests/lm_serve/clients", PYTEST_WORKERS["lm-serve"])
 
 
 @nox.session

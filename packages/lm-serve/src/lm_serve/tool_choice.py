@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lm_serve.errors import APIError
-from lm_serve.parsers import DeltaMessage, ParsedMessage, ToolCall, ToolCallDelta
+from lm_serve.parsers import DeltaMessage, ParsedMessage, ToolCall, ToolCallDelta, accumulate
+from lm_serve.parsers.json_scan import JsonScanner
+from lm_serve.parsers.markers import skip_whitespace
 
 NONE, AUTO, NAMED, REQUIRED = "none", "auto", "named", "required"
+# Where RequiredCallsStream is in the array: "[" expected, a call or "]", a call, "," or "]", inside a call object,
+# after the "]", and output that is not an array of calls.
+_ARRAY_OPEN, _ARRAY_FIRST, _ARRAY_NEXT, _AFTER_CALL, _ELEMENT, _ARRAY_CLOSED, _NOT_CALLS = range(7)
 
 
 def new_call_id() -> str:
@@ -126,41 +131,85 @@ class NamedCallStream:
 
 
 class RequiredCallsStream:
-    """The output is a JSON array of calls; it is held until the end, then released as whole calls.
+    """The output is a JSON array of `{"name", "arguments"}` objects; each call goes out whole once its object closes.
 
-    Output that is not such an array (cut short by max_tokens) is returned as content, not dropped.
+    Guided decoding makes the text such an array, so only its end can be missing (max_tokens or a stop string cut
+    it): the calls whose objects closed are returned and an unfinished one is dropped, never sent as content.
+    Text that the array grammar excludes (a broken grammar) comes back as content from the first element that is not
+    a call on (whitespace after the array is dropped), so that it is visible rather than lost.
     """
 
     def __init__(self, id_factory: Callable[[], str] = new_call_id) -> None:
         self.id_factory = id_factory
-        self._text: list[str] = []
+        self._buf = ""
+        self._state = _ARRAY_OPEN
+        self._scanner = JsonScanner()  # the element being read (a new one per element)
+        self._element: list[str] = []  # its text so far
+        self._num_calls = 0
+        self._is_finished = False
 
     def feed(self, text: str) -> DeltaMessage:
-        self._text.append(text)
-        return DeltaMessage()
+        """Takes the next piece of output; returns the calls whose objects closed in it."""
+        if self._is_finished:
+            raise RuntimeError("RequiredCallsStream.feed() after finish()")
+        self._buf += text
+        calls: list[ToolCallDelta] = []
+        content = ""
+        while self._buf and self._state != _NOT_CALLS:
+            if self._state == _ELEMENT:
+                call = self._step_element()
+                if call is not None:
+                    calls.append(call)
+                continue
+            self._buf = self._buf[skip_whitespace(self._buf) :]
+            if not self._buf:
+                break
+            ch = self._buf[0]
+            if self._state == _ARRAY_OPEN and ch == "[":
+                self._state = _ARRAY_FIRST
+            elif self._state in (_ARRAY_FIRST, _ARRAY_NEXT) and ch == "{":
+                self._state, self._scanner, self._element = _ELEMENT, JsonScanner(), []
+                continue
+            elif self._state == _AFTER_CALL and ch == ",":
+                self._state = _ARRAY_NEXT
+            elif self._state in (_AFTER_CALL, _ARRAY_FIRST) and ch == "]":
+                self._state = _ARRAY_CLOSED
+            else:
+                self._state = _NOT_CALLS
+                continue
+            self._buf = self._buf[1:]
+        if self._state == _NOT_CALLS:
+            content, self._element, self._buf = "".join(self._element) + self._buf, [], ""
+        return DeltaMessage(content=content, tool_calls=calls)
+
+    def _step_element(self) -> ToolCallDelta | None:
+        """Feeds the buffer to the element's scanner; the call, once its object has closed and is a call."""
+        n = self._scanner.feed(self._buf)
+        self._element.append(self._buf[:n])
+        self._buf = self._buf[n:]
+        if self._scanner.is_invalid:
+            self._state = _NOT_CALLS
+            return None
+        if not self._scanner.is_done:
+            return None
+        item = json.loads("".join(self._element))
+        name, arguments = item.get("name"), item.get("arguments")
+        if set(item) != {"name", "arguments"} or not isinstance(name, str) or not isinstance(arguments, dict):
+            self._state = _NOT_CALLS
+            return None
+        self._state, self._element = _AFTER_CALL, []
+        index, self._num_calls = self._num_calls, self._num_calls + 1
+        return ToolCallDelta(index, self.id_factory(), name, json.dumps(arguments, ensure_ascii=False))
 
     def finish(self) -> DeltaMessage:
-        parsed = self.parse("".join(self._text))
-        if parsed.content is not None:
-            return DeltaMessage(content=parsed.content)
-        deltas = [
-            ToolCallDelta(i, id=c.id, name=c.name, arguments=c.arguments) for i, c in enumerate(parsed.tool_calls)
-        ]
-        return DeltaMessage(tool_calls=deltas)
+        """End of generation: an unfinished call is dropped (the finish reason says the output was cut)."""
+        self._is_finished = True
+        self._element, self._buf = [], ""
+        return DeltaMessage()
 
     def parse(self, text: str) -> ParsedMessage:
-        try:
-            items = json.loads(text)
-        except ValueError:
-            items = None
-        valid = isinstance(items, list) and all(
-            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments"), dict)
-            for c in items
-        )
-        if not valid or not items:
-            return ParsedMessage(text, None, [])
-        calls = [ToolCall(self.id_factory(), c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
-        return ParsedMessage(None, None, calls)
+        """The whole output at once (exactly `feed(text)` + `finish()`, joined)."""
+        return accumulate([self.feed(text), self.finish()])
 
 
 def make_message_stream(plan: ToolPlan, state: Any, prompt_text: str, chat_template_kwargs: dict | None):

@@ -25,6 +25,7 @@ from lm_serve.output import (
     usage_json,
     visible_token_ids,
 )
+from lm_serve.parsers import DeltaMessage, ToolCallDelta
 from lm_serve.protocol import ChatCompletionRequest
 from lm_serve.sampling import build_gen_config
 from lm_serve.state import ServerState
@@ -213,10 +214,31 @@ class _ChatContext:
                 reason = finish_reason(piece.finish_reason, i in has_calls)
                 if delta_is_empty(delta) and reason is None and not (logprobs and logprobs["content"]):
                     continue
-                choice = {"index": i, "delta": delta_json(delta), "logprobs": logprobs, "finish_reason": reason}
-                yield self._chunk([choice])
+                parts = _openai_chunk_deltas(delta)
+                for k, part in enumerate(parts):
+                    choice = {
+                        "index": i,
+                        "delta": delta_json(part),
+                        "logprobs": logprobs if k == 0 else None,
+                        "finish_reason": reason if k == len(parts) - 1 else None,
+                    }
+                    yield self._chunk([choice])
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield self._chunk([], usage_json(self.num_prompt, sum(num_completion.values())))
             yield DONE
         finally:
             await gen.aclose()
+
+
+def _openai_chunk_deltas(delta: DeltaMessage) -> list[DeltaMessage]:
+    """`delta` split as OpenAI's chunks carry it: text first, then one tool-call piece per chunk, where a call's first
+    chunk has its id and name with empty arguments, and its arguments follow in the next ones."""
+    parts = [DeltaMessage(delta.content, delta.reasoning_content)] if delta.content or delta.reasoning_content else []
+    for call in delta.tool_calls:
+        if call.id is None:
+            parts.append(DeltaMessage(tool_calls=[call]))
+            continue
+        parts.append(DeltaMessage(tool_calls=[ToolCallDelta(call.index, call.id, call.name)]))
+        if call.arguments:
+            parts.append(DeltaMessage(tool_calls=[ToolCallDelta(call.index, arguments=call.arguments)]))
+    return parts or [delta]
