@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,27 @@ class ConcurrencyLimiter:
         self.in_flight -= 1
 
 
+class Draining:
+    """Set once, when a shutdown's grace period is over; requests race their next output against `future()`."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._future: asyncio.Future | None = None
+
+    def future(self) -> asyncio.Future:
+        """Done once set (created on first use, in the running event loop)."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            if self.is_set:
+                self._future.set_result(None)
+        return self._future
+
+    def set(self) -> None:
+        self.is_set = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+
 @dataclass
 class ServerState:
     """Built once by `build_app`; routes reach it as `request.app.state.lm`."""
@@ -45,6 +67,10 @@ class ServerState:
     reasoning_parser: str | None = None
     limiter: ConcurrencyLimiter = field(default_factory=lambda: ConcurrencyLimiter(None))
     metrics: Any = None  # lm_serve.metrics.ServerMetrics
+    # Text in messages that spells a special token is tokenized as that token (else as ordinary text).
+    allow_special_tokens_in_content: bool = False
+    # Set when a shutdown's grace period is over: requests still running end with a 503 or an error event.
+    draining: Draining = field(default_factory=lambda: Draining())
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -65,11 +91,12 @@ class ServerState:
         return self.pipeline.engine.session_len
 
     def check_model(self, name: str | None) -> None:
-        """400 unless `name` is a served model (None: the request did not name one, where that is allowed)."""
+        """404 unless `name` is a served model (None: the request did not name one, where that is allowed)."""
         if name is None or name in self.model_names:
             return
         raise APIError(
             f"The model {name!r} does not exist on this server; it serves {', '.join(map(repr, self.model_names))}.",
+            status_code=404,
             param="model",
             code="model_not_found",
         )
