@@ -169,19 +169,24 @@ class AsyncPipeline:
         else:
             prompt_ids = self.prompt_token_ids(prompt, do_preprocess, tools, chat_template_kwargs)
         cfg = self.resolve_gen_config(gen_config, len(prompt_ids))
-        base_id = request_id or uuid.uuid4().hex
+        engine_ids = self.engine_request_ids(request_id or uuid.uuid4().hex, cfg.n)
         if cfg.n == 1:
-            async for piece in self.generate_from_ids(prompt_ids, cfg, base_id, index_offset):
+            async for piece in self.generate_from_ids(prompt_ids, cfg, engine_ids[0], index_offset):
                 yield piece
             return
         # n samples: distinct seeds (consecutive from the user's seed, so the whole set is reproducible).
         seeds = [cfg.random_seed + i if cfg.random_seed is not None else random.getrandbits(63) for i in range(cfg.n)]
         streams = [
-            self.generate_from_ids(prompt_ids, cfg.replace(n=1, random_seed=seed), f"{base_id}-{i}", index_offset + i)
-            for i, seed in enumerate(seeds)
+            self.generate_from_ids(prompt_ids, cfg.replace(n=1, random_seed=seed), engine_id, index_offset + i)
+            for i, (seed, engine_id) in enumerate(zip(seeds, engine_ids, strict=True))
         ]
         async for piece in merge_streams(streams):
             yield piece
+
+    @staticmethod
+    def engine_request_ids(request_id: str, n: int) -> list[str]:
+        """The engine's request ids for the `n` samples `generate(..., request_id=request_id)` runs (for `abort`)."""
+        return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
 
     async def generate_from_ids(
         self, prompt_ids: list[int], cfg: GenerationConfig, request_id: str, index: int = 0

@@ -194,7 +194,7 @@ def api_server(
         proxy_url=proxy_url,
         shutdown_timeout=shutdown_timeout,
         header_timeout=header_timeout,
-        on_shutdown_timeout=app.state.lm.draining.set,
+        on_shutdown_timeout=app.state.lm.end_running_requests,
     )
 
 

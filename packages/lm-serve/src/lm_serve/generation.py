@@ -51,10 +51,11 @@ class Generation:
 
     async def start(self) -> Generation:
         """Take a concurrency slot (429 if none), submit every prompt and wait for the first piece (400 if refused)."""
-        if self.state.draining.is_set:
+        if self.state.draining:
             raise ServerShuttingDown()
         self.state.limiter.acquire()
         self._holds_slot = True
+        self.state.generations.add(self)
         try:
             pipe = self.state.pipeline
             streams = [
@@ -66,11 +67,13 @@ class Generation:
             self._stream = streams[0] if len(streams) == 1 else merge_streams(streams)
             start = time.perf_counter()
             try:
-                first = await self._next()
+                first = self._check(await self._stream.__anext__())
+            except StopAsyncIteration:
+                raise APIError(
+                    "the engine returned nothing for this request", status_code=500, type="server_error"
+                ) from None
             except ValueError as exc:
                 raise bad_request(exc) from None
-            if first is None:
-                raise APIError("the engine returned nothing for this request", status_code=500, type="server_error")
             if first.finish_reason == "error" and not first.token_ids:
                 raise APIError(first.error or "the engine rejected this request")
             if self.state.metrics is not None:  # only requests the engine accepted count
@@ -88,25 +91,22 @@ class Generation:
         piece, self._first = self._first, None
         self._record(piece)
         yield piece
-        while (piece := await self._next()) is not None:
-            self._record(piece)
+        async for piece in self._stream:
+            self._record(self._check(piece))
             yield piece
 
-    async def _next(self) -> Response | None:
-        """The next piece (None at the end), or `ServerShuttingDown` once the server stops waiting for requests."""
-        draining = self.state.draining
-        if draining.is_set:
+    def _check(self, piece: Response) -> Response:
+        # At shutdown the engine requests are aborted (`interrupt`): their streams end with finish_reason "abort".
+        if piece.finish_reason == "abort" and self.state.draining:
             raise ServerShuttingDown()
-        step = asyncio.ensure_future(_next_or_none(self._stream))
-        try:
-            await asyncio.wait((step, draining.future()), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled (client gone): stop waiting for the engine, then let the caller close
-            await _cancel_and_wait(step)
-            raise
-        if not step.done():
-            await _cancel_and_wait(step)
-            raise ServerShuttingDown()
-        return step.result()
+        return piece
+
+    async def interrupt(self) -> None:
+        """Abort this request's engine work; the answer then ends with `ServerShuttingDown` (the server stops)."""
+        pipe = self.state.pipeline
+        for p, job in enumerate(self.jobs):
+            for engine_id in pipe.engine_request_ids(f"{self.request_id}-{p}", job.gen_config.n):
+                await pipe.abort(engine_id)
 
     def _record(self, piece: Response) -> None:
         if self._tracker is None:
@@ -120,6 +120,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self.state.generations.discard(self)
         # Shielded: a cancelled request (client gone) must still abort its engine work and free its KV blocks.
         with anyio.CancelScope(shield=True):
             try:
@@ -152,17 +153,6 @@ class Generation:
                 task.cancel()
             await asyncio.gather(drain_task, watch_task, return_exceptions=True)
             await self.aclose()
-
-
-async def _cancel_and_wait(task: asyncio.Future) -> None:
-    # Waited for: the stream must not be closed while the cancelled step still runs inside it.
-    task.cancel()
-    with anyio.CancelScope(shield=True):
-        await asyncio.gather(task, return_exceptions=True)
-
-
-async def _next_or_none(stream: AsyncIterator[Response]) -> Response | None:
-    return await anext(stream, None)
 
 
 async def wait_for_disconnect(request) -> None:

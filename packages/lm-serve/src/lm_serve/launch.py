@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 
@@ -26,7 +26,7 @@ class _Server(uvicorn.Server):
         display_host: str,
         proxy_url: str | None = None,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-        on_shutdown_timeout: Callable[[], None] | None = None,
+        on_shutdown_timeout: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(config)
         self.display_host = display_host
@@ -77,7 +77,7 @@ class _Server(uvicorn.Server):
     async def _end_requests_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if self.on_shutdown_timeout is not None:
-            self.on_shutdown_timeout()
+            await self.on_shutdown_timeout()
 
 
 def run_server(
@@ -89,7 +89,7 @@ def run_server(
     *,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-    on_shutdown_timeout: Callable[[], None] | None = None,
+    on_shutdown_timeout: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve `app` until interrupted (Ctrl-C or SIGTERM: a graceful shutdown that closes the engine, exit status 0).
 

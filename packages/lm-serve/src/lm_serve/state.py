@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,27 +35,6 @@ class ConcurrencyLimiter:
         self.in_flight -= 1
 
 
-class Draining:
-    """Set once, when a shutdown's grace period is over; requests race their next output against `future()`."""
-
-    def __init__(self) -> None:
-        self.is_set = False
-        self._future: asyncio.Future | None = None
-
-    def future(self) -> asyncio.Future:
-        """Done once set (created on first use, in the running event loop)."""
-        if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
-            if self.is_set:
-                self._future.set_result(None)
-        return self._future
-
-    def set(self) -> None:
-        self.is_set = True
-        if self._future is not None and not self._future.done():
-            self._future.set_result(None)
-
-
 @dataclass
 class ServerState:
     """Built once by `build_app`; routes reach it as `request.app.state.lm`."""
@@ -69,8 +47,10 @@ class ServerState:
     metrics: Any = None  # lm_serve.metrics.ServerMetrics
     # Text in messages that spells a special token is tokenized as that token (else as ordinary text).
     allow_special_tokens_in_content: bool = False
-    # Set when a shutdown's grace period is over: requests still running end with a 503 or an error event.
-    draining: Draining = field(default_factory=lambda: Draining())
+    # True once a shutdown's grace period is over: running requests are aborted and end with a 503 or error event.
+    draining: bool = False
+    # The generations under way (lm_serve.generation.Generation), for ending them at shutdown.
+    generations: set = field(default_factory=set)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -89,6 +69,12 @@ class ServerState:
     @property
     def session_len(self) -> int | None:
         return self.pipeline.engine.session_len
+
+    async def end_running_requests(self) -> None:
+        """Refuse new generations and abort the engine work of those under way (they answer 503 / error event)."""
+        self.draining = True
+        for generation in list(self.generations):
+            await generation.interrupt()
 
     def check_model(self, name: str | None) -> None:
         """404 unless `name` is a served model (None: the request did not name one, where that is allowed)."""
