@@ -46,6 +46,12 @@ def _raw_post(http: httpx.Client, path: str, body: str) -> httpx.Response:
         ("/tokenize", '{"prompt": "a\\ud800b"}', "prompt"),
         ("/tokenize", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
         ("/v1/embeddings", '{"model": "smol", "input": "a\\ud800b"}', "input"),
+        (
+            "/v1/chat/completions",
+            '{"model": "smol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], '
+            '"chat_template_kwargs": {"k\\ud800": 1}}',
+            "chat_template_kwargs",
+        ),
     ],
 )
 def test_a_lone_surrogate_is_a_400_naming_the_field(http, path, body, param):

@@ -4,7 +4,6 @@ its strings (a lone UTF-16 surrogate cannot be tokenized or written back as UTF-
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from fastapi.routing import APIRoute
@@ -19,7 +18,7 @@ MAX_JSON_DEPTH = 800
 # What chat templates see (messages, tools, their kwargs) is copied and walked recursively, a few frames per level.
 MAX_TEMPLATE_DATA_DEPTH = 64
 _TEMPLATE_FIELDS = frozenset({"messages", "tools", "chat_template_kwargs", "input"})
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
 class BodySizeLimit:
@@ -83,7 +82,7 @@ def check_json_body(body: Any) -> None:
     while stack:
         value, path, depth, limit = stack.pop()
         if isinstance(value, str):
-            if _SURROGATE.search(value):
+            if _has_surrogate(value):
                 raise APIError(
                     f"{_param(path) or 'body'}: the text contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
                     "escape), which is not valid Unicode text",
@@ -94,6 +93,8 @@ def check_json_body(body: Any) -> None:
         if isinstance(value, dict):
             items = value.items()
         elif isinstance(value, list):
+            if _SCALARS.issuperset(map(type, value)):
+                continue  # numbers only (token ids): nothing to look into, and no Python loop over them
             items = enumerate(value)
         else:
             continue
@@ -105,9 +106,9 @@ def check_json_body(body: Any) -> None:
                 f"{where or 'body'}: nested deeper than {allowed} levels", param=where, code="too_deeply_nested"
             )
         for key, item in items:
-            if isinstance(key, str) and _SURROGATE.search(key):
+            if isinstance(key, str) and _has_surrogate(key):
                 raise APIError(
-                    f"{_param((*path, key)) or 'body'}: a key contains a lone UTF-16 surrogate",
+                    f"{_param(path) or 'body'}: a key contains a lone UTF-16 surrogate (not valid Unicode text)",
                     param=_param(path),
                     code="invalid_unicode",
                 )
@@ -116,6 +117,17 @@ def check_json_body(body: Any) -> None:
                 if not path and key in _TEMPLATE_FIELDS:
                     child_limit = depth + MAX_TEMPLATE_DATA_DEPTH
                 stack.append((item, (*path, key), depth, child_limit))
+
+
+def _has_surrogate(text: str) -> bool:
+    # UTF-8 can encode every code point but the surrogates; isascii() settles most strings without encoding them.
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _param(path: tuple) -> str | None:
