@@ -19,10 +19,10 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
     return error
 
 
-def test_unknown_model_is_a_400_naming_the_model(client):
-    with pytest.raises(openai.BadRequestError) as info:
+def test_unknown_model_is_a_404_naming_the_model(client):
+    with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
-    assert info.value.status_code == 400
+    assert info.value.status_code == 404
     assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
 
 

@@ -19,12 +19,32 @@ from lm_core.generation_config import GenerationConfig, load_model_generation_de
 from lm_core.response import Response
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
+# Prompts up to this many characters are tokenized on the event loop; longer ones in a worker thread.
+INLINE_PROMPT_CHARS = 32 * 1024
+
+
+def _num_chars(prompt: Any) -> int:
+    """About how many characters of text `prompt` holds (token ids count as none)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
+        return sum(len(m.get("content") if isinstance(m.get("content"), str) else str(m)) for m in prompt)
+    return 0
 
 
 class AsyncPipeline:
     """Generation over one engine and one tokenizer; every method is a coroutine or async iterator."""
 
-    def __init__(self, engine: Engine, model_path: str | os.PathLike[str], chat_template: Any = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        model_path: str | os.PathLike[str],
+        chat_template: Any = None,
+        *,
+        allow_special_tokens_in_content: bool = False,
+    ) -> None:
+        """`allow_special_tokens_in_content`: text in messages that spells a special token (``<|im_start|>``) is
+        tokenized as that token; by default it stays ordinary text, so users cannot forge the template's turns."""
         from lm_core.chat_template import load_chat_template
         from lm_core.tokenizer import Tokenizer
 
@@ -35,10 +55,21 @@ class AsyncPipeline:
             chat_template = load_chat_template(chat_template, self.model_path) or load_chat_template("base")
         self.chat_template = chat_template
         self.generation_defaults = load_model_generation_defaults(self.model_path)
+        if not isinstance(allow_special_tokens_in_content, bool):
+            raise ValueError(
+                f"allow_special_tokens_in_content must be True or False, got {allow_special_tokens_in_content!r}"
+            )
+        self.allow_special_tokens_in_content = allow_special_tokens_in_content
 
     @classmethod
     def from_model(
-        cls, model: str | None = None, backend: str = "auto", backend_config: Any = None, chat_template: Any = None
+        cls,
+        model: str | None = None,
+        backend: str = "auto",
+        backend_config: Any = None,
+        chat_template: Any = None,
+        *,
+        allow_special_tokens_in_content: bool = False,
     ) -> AsyncPipeline:
         """Resolve `model`, pick and load the engine, and load the tokenizer and chat template."""
         from lm_core.engine_registry import select_engine
@@ -46,7 +77,7 @@ class AsyncPipeline:
 
         model_path = resolve_model(model)
         engine = select_engine(backend, model_path).from_pretrained(model_path, backend_config)
-        return cls(engine, model_path, chat_template)
+        return cls(engine, model_path, chat_template, allow_special_tokens_in_content=allow_special_tokens_in_content)
 
     # -- preprocessing -------------------------------------------------------------------------------------------
 
@@ -85,15 +116,17 @@ class AsyncPipeline:
         return ids
 
     def _render(self, messages, tools, chat_template_kwargs) -> list[int]:
-        text = self.chat_template.render(
+        from lm_core.chat_templates.encoding import render_and_encode
+
+        _, ids = render_and_encode(
+            self.chat_template,
+            self.tokenizer,
             messages,
             tools=tools,
-            add_generation_prompt=True,
-            special_tokens=self.tokenizer.special_tokens,
-            **(chat_template_kwargs or {}),
+            allow_special_tokens_in_content=self.allow_special_tokens_in_content,
+            chat_template_kwargs=chat_template_kwargs,
         )
-        # The template writes any BOS itself; the tokenizer must not add another.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
 
     def resolve_gen_config(self, gen_config: GenerationConfig | None, num_prompt_tokens: int) -> GenerationConfig:
         """The user's config over the model's defaults, checked against the engine's length limit."""
@@ -132,24 +165,34 @@ class AsyncPipeline:
 
         `group` names the client request this prompt is part of (`EngineRequest.group`; default: this call), so that
         the engine shares its capacity fairly between requests whatever their number of prompts and samples."""
-        prompt_ids = self.prompt_token_ids(prompt, do_preprocess, tools, chat_template_kwargs)
+        if _num_chars(prompt) > INLINE_PROMPT_CHARS:
+            # Seconds of tokenizer work for a long prompt must not stall the event loop (other requests' streams).
+            prompt_ids = await asyncio.to_thread(
+                self.prompt_token_ids, prompt, do_preprocess, tools, chat_template_kwargs
+            )
+        else:
+            prompt_ids = self.prompt_token_ids(prompt, do_preprocess, tools, chat_template_kwargs)
         cfg = self.resolve_gen_config(gen_config, len(prompt_ids))
         base_id = request_id or uuid.uuid4().hex
         group = group or base_id
+        engine_ids = self.engine_request_ids(base_id, cfg.n)
         if cfg.n == 1:
-            async for piece in self.generate_from_ids(prompt_ids, cfg, base_id, index_offset, group):
+            async for piece in self.generate_from_ids(prompt_ids, cfg, engine_ids[0], index_offset, group):
                 yield piece
             return
         # n samples: distinct seeds (consecutive from the user's seed, so the whole set is reproducible).
         seeds = [cfg.random_seed + i if cfg.random_seed is not None else random.getrandbits(63) for i in range(cfg.n)]
         streams = [
-            self.generate_from_ids(
-                prompt_ids, cfg.replace(n=1, random_seed=seed), f"{base_id}-{i}", index_offset + i, group
-            )
-            for i, seed in enumerate(seeds)
+            self.generate_from_ids(prompt_ids, cfg.replace(n=1, random_seed=seed), engine_id, index_offset + i, group)
+            for i, (seed, engine_id) in enumerate(zip(seeds, engine_ids, strict=True))
         ]
         async for piece in merge_streams(streams):
             yield piece
+
+    @staticmethod
+    def engine_request_ids(request_id: str, n: int) -> list[str]:
+        """The engine's request ids for the `n` samples `generate(..., request_id=request_id)` runs (for `abort`)."""
+        return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
 
     async def generate_from_ids(
         self, prompt_ids: list[int], cfg: GenerationConfig, request_id: str, index: int = 0, group: str | None = None
@@ -235,7 +278,10 @@ class AsyncPipeline:
         if isinstance(inputs, str):
             if not inputs:
                 raise ValueError("inputs is empty: there is nothing to embed")
-            ids = self.tokenizer.encode(inputs, add_special_tokens=True)
+            if len(inputs) > INLINE_PROMPT_CHARS:
+                ids = await asyncio.to_thread(self.tokenizer.encode, inputs, True)
+            else:
+                ids = self.tokenizer.encode(inputs, add_special_tokens=True)
         elif isinstance(inputs, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in inputs):
             ids = list(inputs)
             if any(t < 0 or t >= self.tokenizer.vocab_size for t in ids):

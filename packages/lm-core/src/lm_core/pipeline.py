@@ -19,13 +19,28 @@ from lm_core.response import Response
 
 
 def pipeline(
-    model: str | None = None, backend: str = "auto", backend_config: Any = None, chat_template: Any = None
+    model: str | None = None,
+    backend: str = "auto",
+    backend_config: Any = None,
+    chat_template: Any = None,
+    *,
+    allow_special_tokens_in_content: bool = False,
 ) -> Pipeline:
     """Load `model` (None: the default model) on an engine (`"auto"`: the best installed one).
 
     `chat_template` is a built-in template name, a path to a .jinja/.json file, or None for the model's own.
+    `allow_special_tokens_in_content`: text in messages that spells a special token becomes that token (by default
+    it stays text, so a user cannot forge the template's turns).
     """
-    return Pipeline(AsyncPipeline.from_model(model, backend, backend_config, chat_template))
+    return Pipeline(
+        AsyncPipeline.from_model(
+            model,
+            backend,
+            backend_config,
+            chat_template,
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
+        )
+    )
 
 
 @dataclass

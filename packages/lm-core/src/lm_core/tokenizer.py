@@ -114,6 +114,36 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    @cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """Spellings that `encode` turns into one special token each (`<|im_start|>`, ...), longest first."""
+        texts = set(getattr(self.hf, "all_special_tokens", ()))
+        for token in getattr(self.hf, "added_tokens_decoder", {}).values():
+            if getattr(token, "special", False):
+                texts.add(str(token))
+        return tuple(sorted((t for t in texts if t), key=len, reverse=True))
+
+    @cached_property
+    def _splitting_backend(self) -> Any:
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        # A copy: setting encode_special_tokens on the shared backend would race with other threads' encodes.
+        copy = BackendTokenizer.from_str(backend.to_str())
+        copy.encode_special_tokens = True
+        return copy
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Ids of `text` as ordinary text: spellings of special tokens become several ordinary tokens (no specials
+        added). Safe to call from several threads."""
+        backend = self._splitting_backend
+        if backend is not None:
+            # encode_batch releases the GIL (encode does not): a long text must not stall other threads.
+            return list(backend.encode_batch([text], add_special_tokens=False)[0].ids)
+        return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+
     def decode(
         self, token_ids: Sequence[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
     ) -> str:

@@ -110,6 +110,32 @@ def serve() -> None:
     help="The proxy's --admin-key, sent when registering with --proxy-url.",
 )
 @click.option(
+    "--max-request-bytes",
+    type=click.IntRange(min=1),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Largest request body; a larger one is refused with 413 before it is read.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM, seconds running requests get to finish before they are ended (503 / error event).",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=20.0,
+    show_default=True,
+    help="Close a connection that has not sent a whole request head within this many seconds.",
+)
+@click.option(
+    "--allow-special-tokens-in-content",
+    is_flag=True,
+    help="Text in messages that spells a special token (<|im_start|>) becomes that token, not text.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option("--session-len", type=int, help="Longest prompt + generation in tokens (engine setting).")
@@ -146,6 +172,10 @@ def api_server(
     allow_origins,
     proxy_url,
     proxy_admin_key,
+    max_request_bytes,
+    shutdown_timeout,
+    header_timeout,
+    allow_special_tokens_in_content,
     log_level,
     **engine_options,
 ) -> None:
@@ -171,10 +201,22 @@ def api_server(
             max_concurrent_requests=max_concurrent_requests,
             max_sequences_per_request=max_sequences_per_request,
             allow_origins=allow_origins,
+            max_request_bytes=max_request_bytes,
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    run_server(app, server_name, server_port, log_level, proxy_url=proxy_url, proxy_admin_key=proxy_admin_key)
+    run_server(
+        app,
+        server_name,
+        server_port,
+        log_level,
+        proxy_url=proxy_url,
+        proxy_admin_key=proxy_admin_key,
+        shutdown_timeout=shutdown_timeout,
+        header_timeout=header_timeout,
+        on_shutdown_timeout=app.state.lm.end_running_requests,
+    )
 
 
 def engine_config(options: dict) -> dict:

@@ -61,6 +61,26 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
+class ServerShuttingDown(APIError):
+    """The server is shutting down and ended this request before it finished (503)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The server is shutting down and could not finish this request; retry it on another server.",
+            status_code=503,
+            type="server_error",
+            code="server_shutting_down",
+        )
+
+
+class RejectedBody(StarletteHTTPException):
+    """A request body refused while it is parsed (it reaches FastAPI as an HTTPException, then answers `error`)."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.status_code, error.message)
+        self.error = error
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
     """OpenAI's error object."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -114,6 +134,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(RejectedBody)
+    async def _rejected_body(request: Request, exc: RejectedBody):
+        return exc.error.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

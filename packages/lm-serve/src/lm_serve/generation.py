@@ -18,7 +18,7 @@ import anyio
 from lm_core.async_pipeline import merge_streams
 from lm_core.generation_config import GenerationConfig
 from lm_core.response import Response
-from lm_serve.errors import APIError, bad_request
+from lm_serve.errors import APIError, ServerShuttingDown, bad_request
 from lm_serve.state import ServerState
 
 
@@ -53,9 +53,12 @@ class Generation:
     async def start(self) -> Generation:
         """Take a concurrency slot per sequence (400 if the request is larger than allowed, 429 if the slots are
         taken), submit every prompt and wait for the first piece (400 if refused)."""
+        if self.state.draining:
+            raise ServerShuttingDown()
         self.state.check_num_sequences(len(self.jobs), max((job.gen_config.n for job in self.jobs), default=1))
         self.state.limiter.acquire(self.num_sequences)
         self._holds_slot = True
+        self.state.generations.add(self)
         try:
             pipe = self.state.pipeline
             # All prompts and samples of this request form one group: the engine shares its batch fairly between
@@ -73,7 +76,7 @@ class Generation:
             self._stream = streams[0] if len(streams) == 1 else merge_streams(streams)
             start = time.perf_counter()
             try:
-                first = await self._stream.__anext__()
+                first = self._check(await self._stream.__anext__())
             except StopAsyncIteration:
                 raise APIError(
                     "the engine returned nothing for this request", status_code=500, type="server_error"
@@ -97,8 +100,21 @@ class Generation:
         self._record(piece)
         yield piece
         async for piece in self._stream:
-            self._record(piece)
+            self._record(self._check(piece))
             yield piece
+
+    def _check(self, piece: Response) -> Response:
+        # At shutdown the engine requests are aborted (`interrupt`): their streams end with finish_reason "abort".
+        if piece.finish_reason == "abort" and self.state.draining:
+            raise ServerShuttingDown()
+        return piece
+
+    async def interrupt(self) -> None:
+        """Abort this request's engine work; the answer then ends with `ServerShuttingDown` (the server stops)."""
+        pipe = self.state.pipeline
+        for p, job in enumerate(self.jobs):
+            for engine_id in pipe.engine_request_ids(f"{self.request_id}-{p}", job.gen_config.n):
+                await pipe.abort(engine_id)
 
     def _record(self, piece: Response) -> None:
         if self._tracker is None:
@@ -112,6 +128,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self.state.generations.discard(self)
         # Shielded: a cancelled request (client gone) must still abort its engine work and free its KV blocks.
         with anyio.CancelScope(shield=True):
             try:

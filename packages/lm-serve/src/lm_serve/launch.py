@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 
 READY_PREFIX = "lm-serve: ready at "
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_HEADER_TIMEOUT = 20.0
+# After the shutdown timeout, requests still running get this long to write their 503 or error event.
+_DRAIN_GRACE = 5.0
 
 
 class _Server(uvicorn.Server):
@@ -20,12 +26,23 @@ class _Server(uvicorn.Server):
         display_host: str,
         proxy_url: str | None = None,
         proxy_admin_key: str | None = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        on_shutdown_timeout: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(config)
         self.display_host = display_host
         self.proxy_url = proxy_url
         self.proxy_admin_key = proxy_admin_key
         self.membership = None
+        self.shutdown_timeout = shutdown_timeout
+        self.on_shutdown_timeout = on_shutdown_timeout
+
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn raises a caught signal again once shut down (the exit status would say "killed by SIGTERM"); a
+        # SIGTERM is the normal way to stop a server, and a completed graceful shutdown exits with status 0.
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -51,7 +68,18 @@ class _Server(uvicorn.Server):
         # Leave the proxy before closing the listener, so that it stops routing new requests here first.
         if self.membership is not None and not self.force_exit:
             await self.membership.leave()
-        await super().shutdown(sockets)
+        # uvicorn stops accepting, lets running requests go on, and cancels them after timeout_graceful_shutdown;
+        # before that, at shutdown_timeout, the app is told to end them with a proper error (503, error event).
+        timer = asyncio.ensure_future(self._end_requests_after(self.shutdown_timeout))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    async def _end_requests_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.on_shutdown_timeout is not None:
+            await self.on_shutdown_timeout()
 
 
 def run_server(
@@ -61,19 +89,35 @@ def run_server(
     log_level: str = "info",
     proxy_url: str | None = None,
     proxy_admin_key: str | None = None,
+    *,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    on_shutdown_timeout: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve `app` until interrupted (Ctrl-C or SIGTERM: a graceful shutdown that closes the engine).
+    """Serve `app` until interrupted (Ctrl-C or SIGTERM: a graceful shutdown that closes the engine, exit status 0).
 
-    With `proxy_url`, the server registers with that proxy (sending `proxy_admin_key`, the proxy's admin key) once it
-    listens and unregisters at shutdown; a proxy that cannot be reached or refuses costs a warning, not the server.
+    At shutdown the server stops accepting and waits up to `shutdown_timeout` seconds for running requests, then
+    calls `on_shutdown_timeout` (the app ends what still runs). A connection that has not sent a whole request head
+    within `header_timeout` seconds is closed. With `proxy_url`, the server registers with that proxy (sending
+    `proxy_admin_key`, the proxy's admin key) once it listens and unregisters at shutdown; a proxy that cannot be
+    reached or refuses costs a warning, not the server.
     """
-    # On SIGTERM, open streams get a few seconds to finish; then they are cut (and their engine requests aborted).
+    from lm_serve.http_protocol import with_header_timeout
+
+    if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0:
+        raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}")
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_keep_alive=30, timeout_graceful_shutdown=5
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=shutdown_timeout + _DRAIN_GRACE,
+        http=with_header_timeout(header_timeout),
     )
     # Announce an address a client can reach: the wildcard itself is not one.
     display = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
-    server = _Server(config, display, proxy_url, proxy_admin_key)
+    server = _Server(config, display, proxy_url, proxy_admin_key, shutdown_timeout, on_shutdown_timeout)
     server.run()
     if server.started is False:
         sys.exit(1)

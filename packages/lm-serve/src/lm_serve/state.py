@@ -55,6 +55,12 @@ class ServerState:
     limiter: ConcurrencyLimiter = field(default_factory=lambda: ConcurrencyLimiter(None))
     max_sequences_per_request: int | None = DEFAULT_MAX_SEQUENCES_PER_REQUEST
     metrics: Any = None  # lm_serve.metrics.ServerMetrics
+    # Text in messages that spells a special token is tokenized as that token (else as ordinary text).
+    allow_special_tokens_in_content: bool = False
+    # True once a shutdown's grace period is over: running requests are aborted and end with a 503 or error event.
+    draining: bool = False
+    # The generations under way (lm_serve.generation.Generation), for ending them at shutdown.
+    generations: set = field(default_factory=set)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -93,12 +99,19 @@ class ServerState:
     def session_len(self) -> int | None:
         return self.pipeline.engine.session_len
 
+    async def end_running_requests(self) -> None:
+        """Refuse new generations and abort the engine work of those under way (they answer 503 / error event)."""
+        self.draining = True
+        for generation in list(self.generations):
+            await generation.interrupt()
+
     def check_model(self, name: str | None) -> None:
-        """400 unless `name` is a served model (None: the request did not name one, where that is allowed)."""
+        """404 unless `name` is a served model (None: the request did not name one, where that is allowed)."""
         if name is None or name in self.model_names:
             return
         raise APIError(
             f"The model {name!r} does not exist on this server; it serves {', '.join(map(repr, self.model_names))}.",
+            status_code=404,
             param="model",
             code="model_not_found",
         )

@@ -9,6 +9,8 @@ from typing import Any
 import anyio
 from starlette.responses import StreamingResponse
 
+from lm_serve.errors import ServerShuttingDown
+
 DONE = "data: [DONE]\n\n"
 
 
@@ -16,6 +18,21 @@ def sse(data: dict[str, Any], event: str | None = None) -> str:
     """One event: `event: <name>` (when given) and `data: <json>`, ended by a blank line."""
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"event: {event}\ndata: {payload}\n\n" if event else f"data: {payload}\n\n"
+
+
+async def _ended_on_shutdown(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events`; a stream the server stops at shutdown ends with an OpenAI error event and `[DONE]`."""
+    try:
+        async for event in events:
+            yield event
+    except ServerShuttingDown as exc:
+        yield sse(exc.body())
+        yield DONE
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
 
 
 class SSEResponse(StreamingResponse):
@@ -28,7 +45,7 @@ class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(_ended_on_shutdown(events), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:

@@ -9,10 +9,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from lm_core.messages import validate_messages
+from lm_core.chat_templates.encoding import render_and_encode
 from lm_serve.errors import APIError, bad_request, error_body
 from lm_serve.generation import ClientDisconnected, Generation, PromptJob
 from lm_serve.logprobs import TokenTexts, chat_logprobs
+from lm_serve.offload import off_loop
 from lm_serve.output import (
     delta_is_empty,
     delta_json,
@@ -27,12 +28,13 @@ from lm_serve.output import (
 )
 from lm_serve.parsers import DeltaMessage, ToolCallDelta
 from lm_serve.protocol import ChatCompletionRequest
+from lm_serve.request_guards import GuardedRoute
 from lm_serve.sampling import build_gen_config
 from lm_serve.state import ServerState
 from lm_serve.streaming import DONE, SSEResponse, sse
 from lm_serve.tool_choice import ToolPlan, make_message_stream, plan_tools
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 # Arguments of ChatTemplate.render that a request's chat_template_kwargs must not replace.
 _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt", "special_tokens"})
 
@@ -64,17 +66,18 @@ def render_chat(
         raise APIError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}", param="chat_template_kwargs")
     pipe = state.pipeline
     try:
-        text = pipe.chat_template.render(
-            validate_messages(messages),
+        # The template writes any BOS itself; text in the messages that spells a special token stays text.
+        text, ids = render_and_encode(
+            pipe.chat_template,
+            pipe.tokenizer,
+            messages,
             tools=plan.tools,
             add_generation_prompt=add_generation_prompt,
-            special_tokens=pipe.tokenizer.special_tokens,
-            **kwargs,
+            allow_special_tokens_in_content=state.allow_special_tokens_in_content,
+            chat_template_kwargs=kwargs,
         )
     except ValueError as exc:
         raise bad_request(exc) from None
-    # The template writes any BOS itself.
-    ids = pipe.tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise APIError("the rendered prompt is empty", param="messages")
     return ChatPrompt(text, ids, plan)
@@ -98,7 +101,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     tool_choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     user_format = body.response_format.to_engine() if body.response_format else None
-    prompt = render_chat(
+    prompt = await off_loop(
+        request,
+        render_chat,
         state,
         [m.to_dict() for m in body.messages],
         tools,

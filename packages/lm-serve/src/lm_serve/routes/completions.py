@@ -11,13 +11,15 @@ from fastapi.responses import JSONResponse, Response
 from lm_serve.errors import APIError, bad_request, error_body
 from lm_serve.generation import ClientDisconnected, Generation, PromptJob
 from lm_serve.logprobs import CompletionLogprobs, TokenTexts
+from lm_serve.offload import off_loop
 from lm_serve.output import new_id, now, stop_ids_of, usage_json, visible_token_ids
 from lm_serve.protocol import CompletionRequest
+from lm_serve.request_guards import GuardedRoute
 from lm_serve.sampling import build_gen_config
 from lm_serve.state import ServerState
 from lm_serve.streaming import DONE, SSEResponse, sse
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:
@@ -29,6 +31,21 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     if not prompt:
         raise APIError("prompt is empty", param="prompt")
     return list(prompt)
+
+
+def _prompt_jobs(state: ServerState, body: CompletionRequest, gen_config) -> tuple[list[PromptJob], list[str]]:
+    """Each prompt's token ids (checked against the context) and, with `echo`, the text to repeat."""
+    pipe = state.pipeline
+    jobs, echoes = [], []
+    for p, prompt in enumerate(_prompts(body.prompt)):
+        try:
+            ids = pipe.prompt_token_ids(prompt, do_preprocess=False)
+            pipe.resolve_gen_config(gen_config, len(ids))
+        except ValueError as exc:
+            raise bad_request(exc, param="prompt") from None
+        jobs.append(PromptJob(ids, gen_config, p * body.n))
+        echoes.append((prompt if isinstance(prompt, str) else pipe.tokenizer.decode(ids)) if body.echo else "")
+    return jobs, echoes
 
 
 @router.post("/v1/completions")
@@ -53,16 +70,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         model_defaults=state.pipeline.generation_defaults,
         vocab_size=state.tokenizer.vocab_size,
     )
-    pipe = state.pipeline
-    jobs, echoes = [], []
-    for p, prompt in enumerate(_prompts(body.prompt)):
-        try:
-            ids = pipe.prompt_token_ids(prompt, do_preprocess=False)
-            pipe.resolve_gen_config(gen_config, len(ids))
-        except ValueError as exc:
-            raise bad_request(exc, param="prompt") from None
-        jobs.append(PromptJob(ids, gen_config, p * body.n))
-        echoes.append((prompt if isinstance(prompt, str) else pipe.tokenizer.decode(ids)) if body.echo else "")
+    jobs, echoes = await off_loop(request, _prompt_jobs, state, body, gen_config)
     gen = await Generation(state, jobs).start()
     ctx = _CompletionContext(state, body, gen_config, echoes, sum(len(j.prompt_ids) for j in jobs))
     if body.stream:

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Request
 
 from lm_serve.errors import APIError, bad_request
 from lm_serve.protocol import EmbeddingRequest
+from lm_serve.request_guards import GuardedRoute
 from lm_serve.state import ServerState
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 
 def _inputs(value) -> list[str | list[int]]:

@@ -17,7 +17,8 @@ def _model_card(state: ServerState, name: str) -> dict:
         "object": "model",
         "created": state.created,
         "owned_by": "lm-deploy",
-        "root": str(state.pipeline.model_path),
+        # The served name, never the local path of the weights (it tells callers about the host's file system).
+        "root": state.model_name,
         "parent": None,
         "max_model_len": state.session_len,
     }
@@ -39,9 +40,9 @@ async def retrieve_model(model: str, request: Request) -> dict:
     return _model_card(state, model)
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health() -> Response:
-    """200 while the server runs (no API key needed)."""
+    """200 while the server runs (no API key needed; HEAD too, for load balancers' checks)."""
     return Response(status_code=200)
 
 

@@ -12,8 +12,10 @@ from fastapi.responses import JSONResponse, Response
 
 from lm_serve.errors import APIError
 from lm_serve.generation import ClientDisconnected, Generation, PromptJob
+from lm_serve.offload import off_loop
 from lm_serve.output import new_id, now
 from lm_serve.protocol import ResponsesRequest
+from lm_serve.request_guards import GuardedRoute
 from lm_serve.responses_stream import ResponseEventWriter, output_items, response_json
 from lm_serve.routes.chat import check_prompt_length, render_chat
 from lm_serve.sampling import build_gen_config
@@ -21,7 +23,7 @@ from lm_serve.state import ServerState
 from lm_serve.streaming import SSEResponse
 from lm_serve.tool_choice import make_message_stream
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 _TEXT_PART_TYPES = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 
 
@@ -123,7 +125,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     choice = body.tool_choice
     if choice is not None and not isinstance(choice, str):
         choice = {"type": "function", "function": {"name": choice.name}}
-    prompt = render_chat(
+    prompt = await off_loop(
+        request,
+        render_chat,
         state,
         input_messages(body.instructions, body.input),
         tools,

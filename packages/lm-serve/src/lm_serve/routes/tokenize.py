@@ -5,11 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from lm_serve.errors import APIError, bad_request
+from lm_serve.offload import off_loop
 from lm_serve.protocol import DetokenizeRequest, TokenizeRequest
+from lm_serve.request_guards import GuardedRoute
 from lm_serve.routes.chat import render_chat
 from lm_serve.state import ServerState
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 
 @router.post("/tokenize")
@@ -22,7 +24,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     tokenizer = state.tokenizer
     if body.messages is not None:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        ids = render_chat(
+        rendered = await off_loop(
+            request,
+            render_chat,
             state,
             [m.to_dict() for m in body.messages],
             tools,
@@ -31,10 +35,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
             None,
             body.chat_template_kwargs,
             add_generation_prompt=body.add_generation_prompt,
-        ).token_ids
+        )
+        ids = rendered.token_ids
     else:
         try:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await off_loop(request, tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         except ValueError as exc:
             raise bad_request(exc, param="prompt") from None
     out = {"count": len(ids), "max_model_len": state.session_len, "tokens": ids}
