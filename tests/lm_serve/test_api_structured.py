@@ -213,7 +213,7 @@ def test_reasoning_is_separate_from_content(client):
     ("schema", "words"),
     [
         ({"allOf": [{"type": "string"}, {"type": "integer"}]}, ["no JSON value satisfies", "string", "integer"]),
-        ({"type": "string", "enum": ["red", 7]}, ["no JSON value satisfies", "enum value 7"]),
+        ({"type": "string", "enum": [7]}, ["no JSON value satisfies", "enum value 7"]),
         (
             {
                 "type": "object",

@@ -168,10 +168,14 @@ class _Checker:
         if others:
             raise _unsupported(path, sorted(others)[0], f"it is not enforced next to {keyword}")
         self.check_bounds(schema, types, path)
-        for value in values:
-            problem = _value_problem(value, schema, types)
-            if problem is not None:
-                raise _unsatisfiable(path, f"the {keyword} value {json.dumps(value)[:80]} {problem}")
+        problems = [(value, _value_problem(value, schema, types)) for value in values]
+        problems = [(value, problem) for value, problem in problems if problem is not None]
+        if problems:
+            value, problem = problems[0]
+            what = f"the {keyword} value {json.dumps(value)[:80]} {problem}"
+            if len(problems) == len(values):
+                raise _unsatisfiable(path, what)
+            raise ValueError(f"response_format: {what} (at {path}), and guided decoding could produce it: remove it")
         return schema
 
     def check_bounds(self, schema: dict, types: set[str] | None, path: str) -> None:
