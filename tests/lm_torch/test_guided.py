@@ -465,8 +465,14 @@ def test_a_compile_over_the_time_limit_fails_clearly_and_the_engine_keeps_servin
             compiles = pool.num_compiles
             repeat = await timed_stream(engine, "too-slow-again", prompt_ids, slow)
             assert pool.num_compiles == compiles
+            # With as many overdue compiles running as allowed, uncached formats are refused until one ends.
+            pool.max_overdue = 1
+            other = GenerationConfig(max_new_tokens=8, response_format=json_format(small_schema("refused")))
+            (busy,) = (await timed_stream(engine, "refused", prompt_ids, other))["outputs"]
+            assert busy.finish_reason == "error" and "still running past their time limit" in busy.error
+            assert pool.num_compiles == compiles
         finally:
-            pool.time_limit = 5.0
+            pool.time_limit, pool.max_overdue = 5.0, 4
         # Meanwhile other guided requests compile and run.
         other = await timed_stream(engine, "after", prompt_ids, GREEDY.replace(response_format=json_format(quick)))
         return failed, elapsed, repeat, other
@@ -686,3 +692,11 @@ def test_schemas_from_pydantic_models_are_accepted_and_compile(default_model_dir
         schema = model.model_json_schema()
         enforceable(schema)
         backend.compile(json_format(schema))
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "5"])
+def test_grammar_compile_timeout_is_validated(value):
+    from lm_torch.config import TorchEngineConfig
+
+    with pytest.raises(ValueError, match="grammar_compile_timeout"):
+        TorchEngineConfig(grammar_compile_timeout=value)
