@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import jsonschema_rs
+import openai
+import pytest
 
 WEATHER = {
     "type": "function",
@@ -205,3 +207,58 @@ def test_reasoning_is_separate_from_content(client):
     message = reply.choices[0].message
     assert message.content == "The answer is 4."
     assert message.model_extra["reasoning_content"] == "2 and 2 make 4."
+
+
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        ({"allOf": [{"type": "string"}, {"type": "integer"}]}, ["no JSON value satisfies", "string", "integer"]),
+        ({"type": "string", "enum": [7]}, ["no JSON value satisfies", "enum value 7"]),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"type": "string"}},
+                "required": ["b"],
+                "additionalProperties": False,
+            },
+            ["no JSON value satisfies", "'b'"],
+        ),
+        ({"type": "integer", "not": {"const": 3}}, ["keyword 'not'"]),
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, ["keyword 'uniqueItems'"]),
+    ],
+    ids=["allOf-types", "enum-type", "required-excluded", "not", "uniqueItems"],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_unsatisfiable_or_unenforceable_schemas_are_400(client, schema, words, stream):
+    with pytest.raises(openai.BadRequestError) as info:
+        reply = client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "Answer in JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+            max_tokens=16,
+            stream=stream,
+        )
+        if stream:
+            list(reply)
+    assert info.value.status_code == 400
+    error = info.value.body
+    assert error["type"] == "invalid_request_error" and "response_format" in error["message"], error
+    for word in words:
+        assert word in error["message"], error
+
+
+def test_a_tool_whose_parameters_cannot_be_satisfied_is_400(client):
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"enum": []}}}},
+    }
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="smol", messages=MESSAGES, tools=[tool], tool_choice="required", max_tokens=16
+        )
+    assert "enum is empty" in info.value.body["message"]
+    # The server keeps serving guided requests.
+    reply = client.chat.completions.create(
+        model="smol", messages=MESSAGES, response_format={"type": "json_object"}, temperature=0, max_tokens=30
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")

@@ -7,9 +7,11 @@ logprobs against transformers' logits masked by xgrammar's own matcher and kerne
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import sys
+import time
 
 import pytest
 import torch
@@ -385,3 +387,316 @@ def test_a_ban_on_every_allowed_token_ends_the_request_with_an_error(pipe, defau
     assert response.finish_reason == "error" and response.token_ids == []
     assert "response_format" in response.error and "nothing the grammar allows" in response.error
     assert "Paris" in pipe("What is the capital of France?", GenerationConfig(max_new_tokens=16)).text
+
+
+# -- compilation: worker threads, time limit, cache ------------------------------------------------------------------
+
+
+def nested_schema(depth: int, key: str = "a") -> dict:
+    """An object `depth` levels deep: xgrammar's compile time grows steeply with depth (~5 s at 300 levels here)."""
+    schema: dict = {"type": "string", "maxLength": 8}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {key: schema}, "required": [key]}
+    return schema
+
+
+def small_schema(tag: str) -> dict:
+    """A quick schema of its own (property names from `tag`), so that no cache holds it before the test."""
+    return {
+        "type": "object",
+        "properties": {f"{tag}_name": {"type": "string", "maxLength": 10}, f"{tag}_n": {"type": "integer"}},
+        "required": [f"{tag}_name", f"{tag}_n"],
+    }
+
+
+def run_on(pipe: Pipeline, coro):
+    return asyncio.run_coroutine_threadsafe(coro, pipe._loop).result()
+
+
+async def timed_stream(engine, request_id: str, prompt_ids: list[int], cfg: GenerationConfig) -> dict:
+    """Consume one request: its submission time, its outputs' arrival times from then, the longest gap between
+    outputs, and the outputs."""
+    start = time.perf_counter()
+    stamps, outputs = [], []
+    async for output in engine.generate(EngineRequest(request_id, prompt_ids, cfg)):
+        stamps.append(time.perf_counter() - start)
+        outputs.append(output)
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return {"start": start, "first": stamps[0], "max_gap": max(gaps, default=0.0), "outputs": outputs}
+
+
+def test_a_repeated_format_compiles_once(pipe):
+    engine = pipe.async_pipeline.engine
+    pool = engine.grammar_pool()
+    schema = small_schema("cache")
+    before = pool.num_compiles
+    first = pipe("Describe a thing as JSON.", GREEDY.replace(response_format=json_format(schema)))
+    assert_valid_json(first, schema)
+    assert pool.num_compiles == before + 1
+    # The same schema again, under another name and written with other whitespace: the cached grammar serves it.
+    same = {"type": "json_schema", "json_schema": {"name": "other", "schema": json.loads(json.dumps(schema, indent=4))}}
+    hits = pool.num_cache_hits
+    again = pipe("Describe a thing as JSON.", GREEDY.replace(response_format=same))
+    assert again.token_ids == first.token_ids
+    assert pool.num_compiles == before + 1 and pool.num_cache_hits == hits + 1
+    # Requests for one uncached schema at once (as n > 1 samples arrive) share a single compile.
+    shared = small_schema("shared")
+    cfg = SAMPLED.replace(response_format=json_format(shared))
+    jobs = [("Describe a thing as JSON.", cfg.replace(random_seed=seed)) for seed in range(3)]
+    for response in generate_many(pipe, jobs):
+        assert_valid_json(response, shared)
+    assert pool.num_compiles == before + 2
+
+
+def test_a_compile_over_the_time_limit_fails_clearly_and_the_engine_keeps_serving(pipe):
+    engine = pipe.async_pipeline.engine
+    pool = engine.grammar_pool()
+    prompt_ids = pipe.async_pipeline.prompt_token_ids("Fill in the form.")
+    slow = GenerationConfig(max_new_tokens=8, response_format=json_format(nested_schema(200, "limit")))
+    quick = small_schema("after_limit")
+
+    async def scenario() -> tuple:
+        pool.time_limit = 0.3
+        try:
+            start = time.perf_counter()
+            failed = await timed_stream(engine, "too-slow", prompt_ids, slow)
+            elapsed = time.perf_counter() - start
+            # The same schema while its compile still runs on: refused at once, without a second compile.
+            compiles = pool.num_compiles
+            repeat = await timed_stream(engine, "too-slow-again", prompt_ids, slow)
+            assert pool.num_compiles == compiles
+            # With as many overdue compiles running as allowed, uncached formats are refused until one ends.
+            pool.max_overdue = 1
+            other = GenerationConfig(max_new_tokens=8, response_format=json_format(small_schema("refused")))
+            (busy,) = (await timed_stream(engine, "refused", prompt_ids, other))["outputs"]
+            assert busy.finish_reason == "error" and "still running past their time limit" in busy.error
+            assert pool.num_compiles == compiles
+        finally:
+            pool.time_limit, pool.max_overdue = 5.0, 4
+        # Meanwhile other guided requests compile and run.
+        other = await timed_stream(engine, "after", prompt_ids, GREEDY.replace(response_format=json_format(quick)))
+        return failed, elapsed, repeat, other
+
+    failed, elapsed, repeat, other = run_on(pipe, scenario())
+    for result in (failed, repeat):
+        (output,) = result["outputs"]
+        assert output.finish_reason == "error" and output.token_ids == []
+        assert "response_format" in output.error and "longer than" in output.error and "0.3 s" in output.error
+    assert elapsed < 1.5  # the limit, not the compile's ~2 s or more
+    text = pipe.tokenizer.decode([t for o in other["outputs"] for t in o.token_ids])
+    check_schema(quick, json.loads(text))
+    assert "Paris" in pipe("What is the capital of France?", GenerationConfig(max_new_tokens=16)).text
+
+
+@pytest.mark.slow
+def test_a_slow_compile_delays_no_other_request(default_model_dir):
+    """While a deeply nested schema compiles for seconds, another guided request (its own, quick schema) and an
+    unguided stream run as on an idle engine: their latency and chunk gaps against a baseline taken just before."""
+    with make_pipe(
+        default_model_dir, num_threads=1, max_batch_size=8, num_kv_blocks=128, grammar_compile_timeout=120
+    ) as pipe:
+        engine = pipe.async_pipeline.engine
+        prompt_ids = pipe.async_pipeline.prompt_token_ids("Describe a fictional person as JSON.")
+        plain = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+        slow_cfg = GenerationConfig(max_new_tokens=4, response_format=json_format(nested_schema(300, "deep")))
+
+        def guided(tag: str) -> GenerationConfig:
+            return GenerationConfig(max_new_tokens=24, response_format=json_format(small_schema(tag)))
+
+        async def scenario() -> tuple:
+            await timed_stream(engine, "warm", prompt_ids, guided("warm"))  # builds xgrammar's tokenizer tables
+            idle = await asyncio.gather(
+                timed_stream(engine, "idle-guided", prompt_ids, guided("idle")),
+                timed_stream(engine, "idle-plain", prompt_ids, plain),
+            )
+            slow = asyncio.ensure_future(timed_stream(engine, "slow", prompt_ids, slow_cfg))
+            await asyncio.sleep(0.3)  # the slow compile is under way
+            busy = await asyncio.gather(
+                timed_stream(engine, "busy-guided", prompt_ids, guided("busy")),
+                timed_stream(engine, "busy-plain", prompt_ids, plain),
+            )
+            return idle, busy, await slow
+
+        (idle_guided, idle_plain), (busy_guided, busy_plain), slow = run_on(pipe, scenario())
+        assert slow["outputs"][-1].finish_reason in ("stop", "length"), slow["outputs"][-1].error
+        numbers = {
+            "slow compile s": slow["first"],
+            "guided first s (idle, busy)": (idle_guided["first"], busy_guided["first"]),
+            "guided max gap s": (idle_guided["max_gap"], busy_guided["max_gap"]),
+            "plain max gap s": (idle_plain["max_gap"], busy_plain["max_gap"]),
+        }
+        print(numbers)  # shown with -s or -rP
+        # Slow enough that queueing behind it would show (its first output comes right after its compile).
+        assert slow["first"] > 2.0, numbers
+        # The other guided request is not queued behind the slow compile: its first token comes about as fast as
+        # idle (a compile thread competes for the cores, hence the margin), and well before the slow one's.
+        assert busy_guided["first"] < max(4 * idle_guided["first"], idle_guided["first"] + 1.0), numbers
+        slow_first = slow["start"] + slow["first"] - busy_guided["start"]  # on the busy request's clock
+        assert busy_guided["first"] < slow_first / 2, numbers
+        # No stall: a compile that held the GIL or the event loop would stop every stream for seconds.
+        for busy, idle in ((busy_guided, idle_guided), (busy_plain, idle_plain)):
+            assert busy["max_gap"] < max(1.0, 4 * idle["max_gap"]), numbers
+
+
+# -- schemas that no value satisfies, keywords xgrammar would not enforce --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "no JSON value satisfies"),
+        ({"type": "object", "properties": {"a": {"allOf": [{"type": "boolean"}, {"type": "null"}]}}}, "properties/a"),
+        ({"enum": []}, "enum is empty"),
+        ({"type": "string", "enum": ["a", 1]}, "enum value 1 is not of type string"),
+        ({"type": "integer", "const": "x"}, "const value"),
+        ({"type": "integer", "minimum": 0, "enum": [-1]}, "below the lower bound"),
+        ({"type": "integer", "minimum": 5, "maximum": 3}, "no number lies between"),
+        ({"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 4}, "no integer lies between"),
+        ({"type": "string", "minLength": 4, "maxLength": 2}, "minLength 4 is greater than maxLength 2"),
+        ({"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 1}, "minItems 3"),
+        ({"type": []}, "empty list"),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"type": "string"}},
+                "required": ["b"],
+                "additionalProperties": False,
+            },
+            "required property 'b' is excluded",
+        ),
+        ({"type": "integer", "not": {"const": 3}}, "keyword 'not'"),
+        ({"type": "integer", "if": {"minimum": 0}, "then": {"maximum": 5}}, "keyword 'if'"),
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "keyword 'uniqueItems'"),
+        ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "keyword 'contains'"),
+        ({"type": "object", "properties": {"a": {}, "b": {}}, "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
+        ({"type": "string", "format": "iri"}, "keyword 'format'"),
+        ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "keyword 'maxLength'"),
+        ({"type": "string", "format": "email", "pattern": "^z"}, "keyword 'format'"),
+        ({"type": "string", "contentEncoding": "base64"}, "keyword 'contentEncoding'"),
+        ({"type": "number", "multipleOf": 0.5}, "keyword 'multipleOf'"),
+        ({"minimum": 3}, "keyword 'minimum' at # needs a 'type'"),
+        ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "keyword 'oneOf'"),
+        ({"$ref": "https://example.com/schema.json"}, "keyword '$ref'"),
+    ],
+)
+def test_unsatisfiable_schemas_and_unenforced_keywords_are_refused(pipe, schema, message):
+    response = pipe("Hello", GenerationConfig(max_new_tokens=8, response_format=json_format(schema)))
+    assert response.finish_reason == "error" and response.token_ids == []
+    assert response.error.startswith("response_format:") and message in response.error, response.error
+
+
+REWRITTEN = [
+    # allOf merged: both parts' properties, the tighter bound.
+    {
+        "allOf": [
+            {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]},
+            {"properties": {"age": {"type": "integer", "minimum": 20, "maximum": 60}}, "required": ["age"]},
+        ]
+    },
+    # Keywords beside anyOf apply to every branch; a $ref with a sibling keyword; oneOf whose branches exclude each
+    # other (a different const in a property both require).
+    {
+        "$defs": {"small": {"type": "integer", "maximum": 9}},
+        "type": "object",
+        "properties": {
+            "value": {"type": "integer", "anyOf": [{"minimum": 100, "maximum": 120}, {"maximum": -100}]},
+            "digit": {"$ref": "#/$defs/small", "minimum": 7},
+            "shape": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "properties": {
+                            "kind": {"const": "circle"},
+                            "r": {"type": "integer", "minimum": 1, "maximum": 9},
+                        },
+                        "required": ["kind", "r"],
+                    },
+                    {
+                        "type": "object",
+                        "properties": {
+                            "kind": {"const": "square"},
+                            "side": {"type": "integer", "minimum": 1, "maximum": 9},
+                        },
+                        "required": ["kind", "side"],
+                    },
+                ]
+            },
+        },
+        "required": ["value", "digit", "shape"],
+    },
+    # A required name missing from properties: still required (xgrammar alone would drop it).
+    {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["b"],
+        "additionalProperties": {"type": "boolean"},
+        "maxProperties": 2,
+    },
+]
+
+
+@pytest.mark.parametrize("schema", REWRITTEN, ids=["allOf", "siblings", "required"])
+def test_schemas_xgrammar_reads_in_part_are_rewritten_and_enforced(pipe, schema):
+    """Outputs validate against the schema as written, by jsonschema_rs (an independent validator)."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    jobs = [
+        ("Answer with a JSON object.", cfg.replace(response_format=json_format(schema))) for cfg in (GREEDY, SAMPLED)
+    ]
+    for response in generate_many(pipe, jobs):
+        assert response.finish_reason == "stop", (response.error, response.text)
+        jsonschema_rs.validator_for(schema).validate(json.loads(response.text))
+
+
+def test_schemas_from_pydantic_models_are_accepted_and_compile(default_model_dir):
+    """What clients send (pydantic's schemas: optionals, enums, nested and recursive models, discriminated unions,
+    constrained fields, formats) passes the check, and the rewritten schema compiles."""
+    import enum
+    from datetime import date
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    from lm_torch.guided import GrammarBackend
+    from lm_torch.guided import check_schema as enforceable
+
+    class Colour(enum.Enum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int = Field(ge=1, le=9)
+
+    class Dog(BaseModel):
+        kind: Literal["dog"]
+        good: bool
+
+    class Node(BaseModel):
+        label: str = Field(pattern="^[a-z]{1,10}$")
+        children: list[Node] = Field(default_factory=list, max_length=3)
+
+    class Record(BaseModel):
+        name: str | None = None
+        colour: Colour
+        born: date
+        scores: dict[str, int]
+        ratio: float = Field(gt=0, lt=1)
+        pet: Cat | Dog = Field(discriminator="kind")
+        tree: Node
+        tags: list[str] = Field(min_length=1, max_length=4)
+
+    Node.model_rebuild()
+    vocab = transformers.AutoConfig.from_pretrained(default_model_dir).vocab_size
+    backend = GrammarBackend(transformers.AutoTokenizer.from_pretrained(default_model_dir), vocab)
+    for model in (Record, Node, Cat):
+        schema = model.model_json_schema()
+        enforceable(schema)
+        backend.compile(json_format(schema))
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "5"])
+def test_grammar_compile_timeout_is_validated(value):
+    from lm_torch.config import TorchEngineConfig
+
+    with pytest.raises(ValueError, match="grammar_compile_timeout"):
+        TorchEngineConfig(grammar_compile_timeout=value)

@@ -53,6 +53,9 @@ class TorchEngineConfig:
     # Online KV-cache quantization, as in LMDeploy: 0 off, 8 int8, 4 int4 (asymmetric, a scale and a zero per token
     # and KV head; see `lm_torch.kv_quant`).
     quant_policy: int = 0
+    # Seconds one response_format may take to compile before its requests fail (the compile cannot be stopped: it
+    # finishes on its thread and its grammar is cached; see `lm_torch.guided.pool`).
+    grammar_compile_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("load_format", LOAD_FORMATS)):
@@ -101,6 +104,9 @@ class TorchEngineConfig:
                     "TorchEngineConfig.cuda_graph_sizes must be a non-empty list of batch sizes from 1 to "
                     f"max_batch_size ({self.max_batch_size}), got {sizes!r}"
                 )
+        timeout = self.grammar_compile_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"TorchEngineConfig.grammar_compile_timeout must be a positive number, got {timeout!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"TorchEngineConfig.num_kv_blocks must be positive, got {self.num_kv_blocks!r}")
 

@@ -7,9 +7,10 @@ a step is launched from the event loop (that only queues device work) and its to
 thread; with `overlap_steps` the next step is scheduled and launched before the tokens of the one running are back,
 so the GPU never waits for the host between steps (`_run_loop`).
 
-Guided requests (`response_format`) have their grammar compiled on a second worker thread before they are
-scheduled, so a slow schema delays only its own request. Embedding requests (`embed`) share the scheduler with
-generation: prefill-only sequences that finish with their pooled vector.
+Guided requests (`response_format`) have their grammar compiled before they are scheduled, on worker threads of a
+`GrammarPool` (several at once, a time limit each, a cache), so a slow schema delays only its own request.
+Embedding requests (`embed`) share the scheduler with generation: prefill-only sequences that finish with their
+pooled vector.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest, EngineStats
 from lm_core.generation_config import GenerationConfig
@@ -35,6 +36,9 @@ from lm_torch.config import TorchEngineConfig
 from lm_torch.model_runner import ModelRunner, StepHandle, StepOutput, log
 from lm_torch.scheduler import ScheduledBatch, Scheduler
 from lm_torch.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from lm_torch.guided import GrammarPool
 
 # The token id a sequence carries while its sampled token is still on the device (never a real id).
 PLACEHOLDER = -1
@@ -120,8 +124,7 @@ class TorchEngine(Engine):
         self._loop_task: asyncio.Task | None = None
         self._tokenizer = None
         # Guided decoding, created with the first guided request: xgrammar may be absent.
-        self._grammar_backend = None
-        self._grammar_executor: ThreadPoolExecutor | None = None
+        self._grammar_pool: GrammarPool | None = None
         self._compiling: set[str] = set()  # request ids whose grammar is being compiled
         self._aborted_while_compiling: set[str] = set()
         log(self.runner.summary())
@@ -228,16 +231,17 @@ class TorchEngine(Engine):
 
     async def _attach_grammar(self, seq: Sequence) -> EngineOutput | None:
         """Compile the request's response_format off the event loop and give `seq` its grammar state. Returns the
-        request's final output instead when it cannot run: an invalid format ("error") or an abort meanwhile."""
+        request's final output instead when it cannot run: an invalid or too slow format ("error") or an abort
+        meanwhile."""
+        from lm_torch.guided import GrammarState
+
         request_id = seq.request_id
-        if self._grammar_executor is None:
-            self._grammar_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-torch-grammar")
         self._compiling.add(request_id)
         try:
             cfg = seq.gen_config
-            seq.grammar = await asyncio.get_running_loop().run_in_executor(
-                self._grammar_executor, self._new_grammar_state, cfg.response_format, cfg.stop_token_ids
-            )
+            compiled = await self.grammar_pool().compile(cfg.response_format)
+            stop = [t for t in cfg.stop_token_ids or () if 0 <= t < self.runner.vocab_size]
+            seq.grammar = GrammarState(compiled, stop or None)  # a matcher costs microseconds
         except ValueError as exc:
             return EngineOutput(request_id, [], "error", error=str(exc))
         except Exception as exc:  # xgrammar failing in an unexpected way must not take the engine down
@@ -248,13 +252,16 @@ class TorchEngine(Engine):
             self._aborted_while_compiling.discard(request_id)
         return EngineOutput(request_id, [], "abort") if aborted else None
 
-    def _new_grammar_state(self, response_format: dict[str, Any], stop_token_ids: list[int] | None):
-        """Runs on the grammar thread (the backend is built there too, on first use)."""
-        if self._grammar_backend is None:
-            from lm_torch.guided import GrammarBackend
+    def grammar_pool(self) -> GrammarPool:
+        """The engine's `GrammarPool` (compiles and caches response formats), created on first use."""
+        if self._grammar_pool is None:
+            from lm_torch.guided import GrammarBackend, GrammarPool
 
-            self._grammar_backend = GrammarBackend(self._hf_tokenizer(), self.runner.vocab_size)
-        return self._grammar_backend.new_state(response_format, stop_token_ids)
+            def make_backend() -> GrammarBackend:  # on a worker thread: loads the tokenizer, builds xgrammar's tables
+                return GrammarBackend(self._hf_tokenizer(), self.runner.vocab_size)
+
+            self._grammar_pool = GrammarPool(make_backend, self.config.grammar_compile_timeout)
+        return self._grammar_pool
 
     # -- embeddings ------------------------------------------------------------------------------------------------
 
@@ -336,9 +343,8 @@ class TorchEngine(Engine):
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
+        # Grammar compiles still running (past their time limit) are not waited for: they end on their own threads.
         self._executor.shutdown(wait=True)
-        if self._grammar_executor is not None:
-            self._grammar_executor.shutdown(wait=True)
         if self._gc_tuned:
             self._gc_tuned = False
             gc_tuning.release()
