@@ -16,6 +16,32 @@ _NUMPY_DTYPES = ("F64", "F32", "F16")
 SAMPLE_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+def context_length(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model at `config` (a config.json) was made for: max_position_embeddings, or the
+    context its rope scaling extends to (factor x original_max_position_embeddings) when that is longer."""
+    config = config.get("text_config") or config
+    limit = config.get("max_position_embeddings")
+    scaling = config.get("rope_scaling") or {}
+    original, factor = scaling.get("original_max_position_embeddings"), scaling.get("factor")
+    if isinstance(original, int) and isinstance(factor, (int, float)) and factor > 1:
+        limit = max(limit or 0, int(original * factor))
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_session_len(model_path: str | Path, session_len: int | None) -> None:
+    """A ValueError when `session_len` exceeds the context length in `model_path`'s config.json (weights unread)."""
+    if session_len is None:
+        return
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return
+    limit = context_length(json.loads(config_file.read_text()))
+    if limit is not None and session_len > limit:
+        raise ValueError(
+            f"session_len {session_len} exceeds the model's context length {limit} (config.json); pass at most {limit}"
+        )
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a model directory (all shards), or an error naming what is missing."""
     files = sorted(path.glob("*.safetensors"))
