@@ -204,3 +204,69 @@ def test_version_names_lm_deploy_and_the_lm_packages():
     line = result.stdout.strip()
     assert line.startswith(f"lm-deploy {version('lm-deploy')} (")
     assert f"lm-core {version('lm-core')}" in line
+
+
+class _Chat:
+    """`lm chat` in a subprocess, its stdout collected as it comes (prompts end without a newline)."""
+
+    def __init__(self, *args: str) -> None:
+        import os
+        import threading
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lm_core", "chat", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.text = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while char := self.process.stdout.read(1):
+            self.text += char
+
+    def wait_for(self, predicate, timeout: float = 300) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not predicate(self.text):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"waited in vain; output so far:\n{self.text}\n{self.process.stderr.read()}")
+            time.sleep(0.05)
+
+    def send(self, line: str) -> None:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_and_ctrl_c_at_the_prompt_leaves(default_model_dir):
+    import signal
+
+    pytest.importorskip("lm_torch")
+    flags = ["--num-threads", "1", "--session-len", "2048", "--num-kv-blocks", "160", "--max-new-tokens", "1500"]
+    chat = _Chat(str(default_model_dir), *flags)
+    try:
+        chat.wait_for(lambda text: text.endswith(">>> "))
+        start = len(chat.text)
+        chat.send("Count from 1 to 400, one number per line.")
+        chat.wait_for(lambda text: len(text) > start + 8)  # the answer is being written
+        chat.process.send_signal(signal.SIGINT)
+        chat.wait_for(lambda text: "(stopped)" in text[start:] and text.endswith(">>> "))
+        assert chat.process.poll() is None  # still in the REPL
+        # The REPL goes on answering (the stopped request was aborted, not left holding the engine).
+        start = len(chat.text)
+        chat.send("What is the capital of France?")
+        chat.wait_for(lambda text: text[start:].endswith(">>> "))
+        assert "Paris" in chat.text[start:]
+        chat.process.send_signal(signal.SIGINT)  # at the prompt: leave
+        assert chat.process.wait(60) == 0
+        assert "Traceback" not in chat.process.stderr.read()
+    finally:
+        if chat.process.poll() is None:
+            chat.process.kill()
