@@ -76,6 +76,8 @@ def inspect_model(path: Path, load_weights: bool = True) -> dict[str, Any]:
 
     num_params = 0
     dtypes: Counter[str] = Counter()
+    bits = _packed_bits(config)
+    quantized = isinstance(config.get("quantization_config"), dict)
     files = weight_files(path)
     with tqdm(total=len(files), desc="loading weights", unit="file", file=sys.stderr) as bar:
         for file in files:
@@ -86,9 +88,45 @@ def inspect_model(path: Path, load_weights: bool = True) -> dict[str, Any]:
                     # numpy has no bfloat16: such tensors are counted from their header, not read
                     if dtype in _NUMPY_DTYPES and not np.isfinite(f.get_tensor(name)).all():
                         raise ModelResolutionError(f"{file.name}: tensor {name} holds NaN or infinite values")
-                    num_params += size
+                    num_params += _parameters_in(name, dtype, size, quantized, bits)
                     dtypes[dtype] += size
             bar.update(1)
     summary["parameters"] = f"{num_params / 1e6:.1f}M"
     summary["weight dtype"] = ", ".join(dtypes)
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method"):
+        details = ", ".join(f"{k} {quant[k]}" for k in ("bits", "group_size") if quant.get(k) is not None)
+        summary["quantization"] = f"{quant['quant_method']} ({details})" if details else str(quant["quant_method"])
     return summary
+
+
+# Tensors of a quantized checkpoint that describe the quantization (scales, zero points, group order), not
+# parameters of the model (AWQ, GPTQ, LMDeploy's smooth_quant, compressed-tensors' names).
+_QUANT_METADATA_SUFFIXES = (
+    ".qzeros",
+    ".scales",
+    ".scale",
+    ".g_idx",
+    ".weight_scale",
+    ".input_scale",
+    ".weight_zero_point",
+)
+
+
+def _packed_bits(config: dict[str, Any]) -> int | None:
+    """The bits per weight packed into int32 words (`qweight`) of a GPTQ/AWQ checkpoint, else None."""
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") in ("awq", "gptq"):
+        bits = quant.get("bits", quant.get("w_bit"))
+        return bits if isinstance(bits, int) and 0 < bits < 32 else None
+    return None
+
+
+def _parameters_in(name: str, dtype: str, size: int, quantized: bool, packed_bits: int | None) -> int:
+    """How many model parameters a stored tensor holds: a packed `qweight` holds 32 / bits per int32 word, and
+    a quantized checkpoint's scales and zero points hold none."""
+    if quantized and name.endswith(_QUANT_METADATA_SUFFIXES):
+        return 0
+    if packed_bits is not None and name.endswith(".qweight") and dtype == "I32":
+        return size * 32 // packed_bits
+    return size
