@@ -7,10 +7,16 @@ being written (aborting its engine request) and returns to the prompt; Ctrl-C at
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from lm_core.cli.base import CONTEXT_SETTINGS
 from lm_core.cli.engine_options import SeveralValuesCommand, engine_config, engine_options
+from lm_core.generation_config import GenerationConfig
+
+if TYPE_CHECKING:
+    from lm_core.pipeline import Pipeline
 
 REPL_HELP = "Type a message; 'reset' starts a new conversation, 'exit' (or Ctrl-D, or Ctrl-C here) leaves."
 
@@ -43,6 +49,8 @@ def chat(model_name, prompt, chat_template, system, max_new_tokens, temperature,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        raise SystemExit(130) from None
     pipe = Pipeline(async_pipe)
     history = [{"role": "system", "content": system}] if system else []
     try:
@@ -59,10 +67,10 @@ def chat(model_name, prompt, chat_template, system, max_new_tokens, temperature,
         pipe.close()
 
 
-def _gen_config(max_new_tokens: int, temperature, top_p, top_k, seed):
+def _gen_config(
+    max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None
+) -> GenerationConfig:
     """The decoding config the flags ask for; unset sampling values come from the model when sampling."""
-    from lm_core.generation_config import GenerationConfig
-
     fields = {"max_new_tokens": max_new_tokens}
     if temperature is not None:
         fields["temperature"] = temperature
@@ -75,7 +83,8 @@ def _gen_config(max_new_tokens: int, temperature, top_p, top_k, seed):
         raise click.ClickException(str(exc)) from None
 
 
-def _repl(pipe, history: list[dict], gen_config) -> None:
+def _repl(pipe: Pipeline, history: list[dict], gen_config: GenerationConfig) -> None:
+    """Read messages until 'exit', Ctrl-D or Ctrl-C at the prompt; answer each in the running conversation."""
     click.echo(REPL_HELP)
     messages = list(history)
     while True:
@@ -104,7 +113,7 @@ def _repl(pipe, history: list[dict], gen_config) -> None:
         messages.append({"role": "assistant", "content": answer})
 
 
-def _answer(pipe, messages, gen_config) -> str | None:
+def _answer(pipe: Pipeline, messages: list[dict], gen_config: GenerationConfig) -> str | None:
     """Stream one answer to stdout; return its text, or None when Ctrl-C stopped it (its request is aborted)."""
     pieces = []
     stream = pipe.stream_infer(messages, gen_config)
