@@ -104,3 +104,169 @@ def test_model_info_loads_the_default_model(default_model_dir):
 
 def test_distribution(package_checks):
     package_checks.distribution("lm-core", "lm_core")
+
+
+# -- engine flags, checked before any model loads ------------------------------------------------------------------
+
+# lm-torch made unimportable: a command that got as far as loading an engine would fail with an ImportError instead
+# of the expected message, so these show the checks run before the engine (and its weights) load.
+_NO_ENGINE = "import sys; sys.modules['lm_torch'] = None; from lm_core.cli import main; main()"
+
+
+def run_without_engine(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _NO_ENGINE, *args], capture_output=True, text=True, timeout=300)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], "'--temperature': -1.0 is not in the range x>=0"),
+        (["--top-p", "2"], "'--top-p': 2.0 is not in the range 0<x<=1"),
+        (["--top-k", "-3"], "'--top-k': -3 is not in the range x>=0"),
+        (["--session-len", "0"], "'--session-len': 0 is not in the range x>=2"),
+        (["--backend", "nosuch"], "unknown backend 'nosuch'"),
+        (["--backend", "turbomind"], "the turbomind engine (lm-turbomind) cannot generate yet"),
+        (["--cache-max-entry-count", "1.5"], "'--cache-max-entry-count': 1.5 is not in the range 0<x<=1"),
+        (["--quant-policy", "3"], "'--quant-policy': '3' is not one of '0', '4', '8'"),
+        (["--session-len", "100000"], "session_len 100000 exceeds the model's context length 8192"),
+        (["--chat-template", "nosuch"], "unknown chat template 'nosuch'"),
+    ],
+)
+def test_chat_rejects_bad_flags_before_loading(default_model_dir, args, message):
+    lines = error_lines(run_without_engine("chat", *args, "--prompt", "hi"))
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_chat_and_api_server_declare_the_same_engine_flags():
+    from lm_core.cli.chat import chat
+    from lm_core.cli.engine_options import ENGINE_OPTION_NAMES
+
+    serve_cli = pytest.importorskip("lm_serve.cli")
+
+    def declared(command) -> dict:
+        params = {p.name: p for p in command.params}
+        return {
+            name: (params[name].opts, params[name].secondary_opts, repr(params[name].type), params[name].help)
+            for name in ("backend", *ENGINE_OPTION_NAMES)
+        }
+
+    assert declared(chat) == declared(serve_cli.api_server)
+
+
+def test_chat_takes_lmdeploy_engine_flags():
+    from lm_core.cli.chat import chat
+    from lm_core.cli.engine_options import engine_config
+
+    args = ["--dtype", "float32", "--device", "cpu", "--cache-max-entry-count", "0.5", "--quant-policy", "8"]
+    args += ["--num-threads", "2", "--session-len", "1024", "--max-batch-size", "4", "--cache-block-seq-len", "32"]
+    args += ["--enable-prefix-caching", "--max_prefill_token_num", "512", "--cuda-graph-sizes", "1", "2"]
+    ctx = chat.make_context("chat", ["some-model.gguf", *args])
+    assert ctx.params["model_name"] == "some-model.gguf"
+    assert engine_config(ctx.params) == {
+        "dtype": "float32",
+        "device": "cpu",
+        "cache_max_entry_count": 0.5,
+        "quant_policy": 8,
+        "num_threads": 2,
+        "session_len": 1024,
+        "max_batch_size": 4,
+        "block_size": 32,
+        "enable_prefix_caching": True,
+        "max_prefill_token_num": 512,
+        "cuda_graph_sizes": [1, 2],
+    }
+    assert engine_config(chat.make_context("chat", ["--block-size", "64"]).params) == {"block_size": 64}
+    assert engine_config(chat.make_context("chat", ["--disable-prefix-caching"]).params) == {
+        "enable_prefix_caching": False
+    }
+    assert engine_config(chat.make_context("chat", []).params) == {}
+
+
+def test_backend_pytorch_names_the_torch_engine():
+    from lm_core.engine_registry import canonical_backend, get_engine_class
+
+    lm_torch_engine = pytest.importorskip("lm_torch.engine")
+    assert canonical_backend("pytorch") == canonical_backend("PyTorch") == "torch"
+    assert get_engine_class("pytorch") is lm_torch_engine.TorchEngine
+
+
+def test_version_names_lm_deploy_and_the_lm_packages():
+    from importlib.metadata import version
+
+    result = run_lm("--version")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith(f"lm-deploy {version('lm-deploy')} (")
+    assert f"lm-core {version('lm-core')}" in line
+
+
+class _Chat:
+    """`lm chat` in a subprocess, its stdout collected as it comes (prompts end without a newline)."""
+
+    def __init__(self, *args: str) -> None:
+        import os
+        import threading
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lm_core", "chat", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.text = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while char := self.process.stdout.read(1):
+            self.text += char
+
+    def wait_for(self, predicate, timeout: float = 300) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not predicate(self.text):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"waited in vain; output so far:\n{self.text}\n{self.process.stderr.read()}")
+            time.sleep(0.05)
+
+    def send(self, line: str) -> None:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_and_ctrl_c_at_the_prompt_leaves(default_model_dir):
+    import signal
+
+    pytest.importorskip("lm_torch")
+    flags = ["--num-threads", "1", "--session-len", "2048", "--num-kv-blocks", "160", "--max-new-tokens", "1500"]
+    chat = _Chat(str(default_model_dir), *flags)
+    try:
+        chat.wait_for(lambda text: text.endswith(">>> "))
+        start = len(chat.text)
+        chat.send("Count from 1 to 400, one number per line.")
+        chat.wait_for(lambda text: len(text) > start + 8)  # the answer is being written
+        chat.process.send_signal(signal.SIGINT)
+        chat.wait_for(lambda text: "(stopped)" in text[start:] and text.endswith(">>> "))
+        assert chat.process.poll() is None  # still in the REPL
+        # The REPL goes on answering (the stopped request was aborted, not left holding the engine).
+        start = len(chat.text)
+        chat.send("What is the capital of France?")
+        chat.wait_for(lambda text: text[start:].endswith(">>> "))
+        assert "Paris" in chat.text[start:]
+        chat.process.send_signal(signal.SIGINT)  # at the prompt: leave
+        assert chat.process.wait(60) == 0
+        assert "Traceback" not in chat.process.stderr.read()
+    finally:
+        if chat.process.poll() is None:
+            chat.process.kill()

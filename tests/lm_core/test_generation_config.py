@@ -74,10 +74,13 @@ def test_model_defaults_fill_only_unset_fields(tmp_path):
         json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "eos_token_id": [2, 5]})
     )
     defaults = load_model_generation_defaults(tmp_path)
-    merged = GenerationConfig(temperature=1.0, max_new_tokens=8).with_model_defaults(defaults)
+    merged = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=8).with_model_defaults(defaults)
     assert merged.temperature == 1.0  # set by the user, even though it equals the built-in default
     assert (merged.do_sample, merged.top_p, merged.top_k) == (True, 0.9, 20)
     assert merged.max_new_tokens == 8
+    # Whether to sample is the caller's: the model's do_sample fills nothing, its sampling values wait for it.
+    unset = GenerationConfig().with_model_defaults(defaults)
+    assert unset.is_greedy and (unset.temperature, unset.top_p) == (0.6, 0.9)
     untouched = GenerationConfig().with_model_defaults({})
     assert untouched == GenerationConfig()
     assert load_model_generation_defaults(tmp_path / "missing") == {}

@@ -324,3 +324,26 @@ def test_closed_pipeline_refuses_work(default_model_dir):
     pipe.close()
     with pytest.raises(RuntimeError, match="closed"):
         pipe("capital")
+
+
+def test_gen_config_as_a_dict(pipe):
+    response = pipe("count", {"max_new_tokens": 4})
+    assert response.finish_reason == "length" and len(response.token_ids) == 4
+    pieces = list(pipe.stream_infer(["count", "capital"], {"max_new_tokens": 3}))
+    assert sorted({p.index for p in pieces}) == [0, 1]
+    assert sum(len(p.token_ids) for p in pieces) == 6
+    session = pipe.chat("What is the capital of France?", gen_config={"max_new_tokens": 64})
+    assert session.response.text == ANSWERS["capital"][0]
+    with pytest.raises(ValueError, match=r"no field\(s\) max_new_token"):
+        pipe("count", {"max_new_token": 4})
+    with pytest.raises(ValueError, match="gen_config must be a GenerationConfig or a dict"):
+        pipe("count", 4)
+
+
+def test_sampling_is_the_callers_choice_and_takes_the_models_values(pipe):
+    # The default model's generation_config.json recommends do_sample, temperature 0.2 and top-p 0.9.
+    unset = pipe.async_pipeline.resolve_gen_config(None, 8)
+    assert unset.is_greedy
+    sampled = pipe.async_pipeline.resolve_gen_config({"do_sample": True}, 8)
+    assert not sampled.is_greedy and (sampled.temperature, sampled.top_p) == (0.2, 0.9)
+    assert pipe.async_pipeline.resolve_gen_config({"do_sample": True, "top_p": 0.5}, 8).top_p == 0.5

@@ -126,3 +126,22 @@ def test_concurrent_first_calls_share_one_cache_entry(tmp_path):
     )
     subprocess.run([sys.executable, "-c", check], env=env, check=True)
     assert not any((tmp_path / "cache" / "tmp").iterdir())
+
+
+def test_a_converted_default_model_gets_its_recommended_sampling(tmp_path, monkeypatch):
+    from lm_core.resolve import DEFAULT_MODEL_SAMPLING
+
+    monkeypatch.setenv("LM_DEPLOY_CACHE", str(tmp_path))
+    entry = tmp_path / "models" / DEFAULT_MODEL
+    entry.mkdir(parents=True)
+    (entry / "config.json").write_text("{}")
+    (entry / ".lm-deploy-complete").write_text("ok\n")
+    (entry / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.5}))
+    assert resolve_model(None) == entry
+    # Missing keys are added; what the entry already says is kept.
+    assert json.loads((entry / "generation_config.json").read_text()) == {
+        "eos_token_id": 2,
+        "temperature": 0.5,
+        "do_sample": DEFAULT_MODEL_SAMPLING["do_sample"],
+        "top_p": DEFAULT_MODEL_SAMPLING["top_p"],
+    }

@@ -101,3 +101,37 @@ def test_cli_reports_one_line_errors_and_help_imports_no_torch(config_only, tmp_
         "except SystemExit:\n    pass\nprint('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip().endswith("False")
+
+
+def _smollm2_config_only(tmp_path, make_tiny):
+    """The tiny Llama's config.json with SmolLM2-135M's widths: 576 inputs (not a multiple of 128) and 1536."""
+    config = json.loads((make_tiny("llama") / "config.json").read_text())
+    config.update(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    path = tmp_path / "smol_config_only"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("command", ["auto_awq", "auto_gptq"])
+def test_default_group_size_is_one_that_fits_the_model(command, tmp_path, make_tiny):
+    model = _smollm2_config_only(tmp_path, make_tiny)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("")
+    script = [sys.executable, "-c", "from lm_lite.cli import main; main()"]
+    result = subprocess.run([*script, command, str(model), "--work-dir", str(out)], capture_output=True, text=True)
+    # Past the group-size check (128 does not divide 576; 64 divides both), on to the next one.
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert lines[0] == "lm-lite: w_group_size 64 (the largest of 128, 64, 32 that fits this model)"
+    assert lines[1].startswith(f"Error: work_dir '{out}' is not empty")
+
+
+def test_no_fitting_group_size_names_the_dimensions(tmp_path, make_tiny):
+    from lm_lite.families import family_for, pick_group_size
+
+    config = json.loads((make_tiny("llama") / "config.json").read_text())
+    config.update(hidden_size=100, intermediate_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=25)
+    with pytest.raises(ValueError, match=r"none of the group sizes 128, 64, 32 divides .* \(100, 300\).*-1"):
+        pick_group_size(config, family_for(config["architectures"][0]))

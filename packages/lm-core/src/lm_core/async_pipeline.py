@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lm_core.engine import Engine, EngineOutput, EngineRequest
-from lm_core.generation_config import GenerationConfig, load_model_generation_defaults
+from lm_core.generation_config import GenerationConfig, as_gen_config, load_model_generation_defaults
 from lm_core.response import Response
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
@@ -71,12 +71,27 @@ class AsyncPipeline:
         *,
         allow_special_tokens_in_content: bool = False,
     ) -> AsyncPipeline:
-        """Resolve `model`, pick and load the engine, and load the tokenizer and chat template."""
+        """Resolve `model`, pick and load the engine, and load the tokenizer and chat template.
+
+        Everything that can be checked without the weights (backend name, chat template, session length against
+        the model's context) is checked before the engine loads them, with a ValueError naming the problem.
+        """
+        from lm_core.chat_template import load_chat_template
         from lm_core.engine_registry import select_engine
+        from lm_core.model_info import check_session_len
         from lm_core.resolve import resolve_model
 
         model_path = resolve_model(model)
-        engine = select_engine(backend, model_path).from_pretrained(model_path, backend_config)
+        if chat_template is None or isinstance(chat_template, (str, os.PathLike)):
+            chat_template = load_chat_template(chat_template, model_path) or load_chat_template("base")
+        session_len = (
+            backend_config.get("session_len")
+            if isinstance(backend_config, dict)
+            else getattr(backend_config, "session_len", None)
+        )
+        check_session_len(model_path, session_len)
+        engine_class = select_engine(backend, model_path)
+        engine = engine_class.from_pretrained(model_path, backend_config)
         return cls(engine, model_path, chat_template, allow_special_tokens_in_content=allow_special_tokens_in_content)
 
     # -- preprocessing -------------------------------------------------------------------------------------------
@@ -128,9 +143,12 @@ class AsyncPipeline:
         )
         return ids
 
-    def resolve_gen_config(self, gen_config: GenerationConfig | None, num_prompt_tokens: int) -> GenerationConfig:
-        """The user's config over the model's defaults, checked against the engine's length limit."""
-        cfg = (gen_config or GenerationConfig()).with_model_defaults(self.generation_defaults)
+    def resolve_gen_config(
+        self, gen_config: GenerationConfig | dict[str, Any] | None, num_prompt_tokens: int
+    ) -> GenerationConfig:
+        """The user's config (or a dict of its fields) over the model's defaults, checked against the engine's length
+        limit."""
+        cfg = as_gen_config(gen_config).with_model_defaults(self.generation_defaults)
         limit = self.engine.session_len
         if limit is not None:
             if num_prompt_tokens >= limit:
@@ -152,7 +170,7 @@ class AsyncPipeline:
     async def generate(
         self,
         prompt: Prompt,
-        gen_config: GenerationConfig | None = None,
+        gen_config: GenerationConfig | dict[str, Any] | None = None,
         *,
         do_preprocess: bool = True,
         request_id: str | None = None,

@@ -9,6 +9,13 @@ from lm_core.engine import Engine
 from lm_core.errors import LMDeployError
 
 ENTRY_POINT_GROUP = "lm_deploy.engines"
+# Other names users type for an engine: LMDeploy calls its PyTorch engine "pytorch".
+BACKEND_ALIASES = {"pytorch": "torch"}
+# Engines that exist as packages but cannot serve `generate` yet: asking for one is a clear error, not a lookup miss.
+NOT_YET_GENERATING = {
+    "turbomind": "the turbomind engine (lm-turbomind) cannot generate yet: it builds its C++ core and CPU reference "
+    "kernels only; use --backend torch (or auto)",
+}
 _registered: dict[str, type[Engine]] = {}
 
 
@@ -28,14 +35,31 @@ def available_engines() -> list[str]:
     return sorted(set(_registered) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
+def canonical_backend(name: str) -> str:
+    """`name` with aliases resolved (`pytorch` -> `torch`), or a ValueError naming the engines there are.
+
+    Cheap (entry-point metadata only, no engine import), so commands check `--backend` before loading a model.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"backend must be an engine name or 'auto', got {name!r}")
+    name = name.strip()
+    name = BACKEND_ALIASES.get(name.lower(), name)
+    if name == "auto" or name in available_engines():
+        return name
+    if name.lower() in NOT_YET_GENERATING:
+        raise ValueError(NOT_YET_GENERATING[name.lower()])
+    installed = ", ".join(available_engines()) or "none"
+    raise ValueError(f"unknown backend {name!r} (installed engines: {installed}; 'auto' picks one)")
+
+
 def get_engine_class(name: str) -> type[Engine]:
-    """The engine class for `backend=name`, importing its package only now."""
+    """The engine class for `backend=name` (an alias such as `pytorch` works too), importing its package only now."""
+    name = canonical_backend(name)
+    if name == "auto":
+        raise ValueError("'auto' names no engine: select_engine picks one for a model")
     if name in _registered:
         return _registered[name]
     matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not matches:
-        installed = ", ".join(available_engines()) or "none"
-        raise ValueError(f"unknown backend {name!r} (installed engines: {installed}; 'auto' picks one)")
     engine_class = matches[0].load()
     if not (isinstance(engine_class, type) and issubclass(engine_class, Engine)):
         raise LMDeployError(f"entry point {name!r} of {ENTRY_POINT_GROUP} is no lm_core Engine: {engine_class!r}")
@@ -44,6 +68,7 @@ def get_engine_class(name: str) -> type[Engine]:
 
 def select_engine(backend: str, model_path: str | os.PathLike[str]) -> type[Engine]:
     """`backend` itself, or for "auto" the highest-priority installed engine that supports the model."""
+    backend = canonical_backend(backend)
     if backend != "auto":
         return get_engine_class(backend)
     names = available_engines()

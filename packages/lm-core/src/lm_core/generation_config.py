@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# Keys of a model's generation_config.json that become defaults, mapped to our field names.
+# Keys of a model's generation_config.json that become defaults, mapped to our field names. `do_sample` is read
+# (lm-serve decides from it) but never filled in: whether to sample is the caller's choice.
 _HF_DEFAULT_KEYS = {
     "do_sample": "do_sample",
     "temperature": "temperature",
@@ -29,9 +30,10 @@ MAX_LOGPROBS = 20
 class GenerationConfig:
     """Decoding parameters of one request (LMDeploy's names; OpenAI fields map onto them in lm-serve).
 
-    Sampling is off unless `do_sample` is true and `temperature` > 0: then the engine picks the arg-max token.
+    Sampling is off unless `do_sample` is true and `temperature` > 0: otherwise the engine picks the arg-max token.
     `top_k=0`, `top_p=1`, `min_p=0` and penalties of 1.0 (repetition) or 0.0 (presence, frequency) disable those.
-    Fields the user did not set can take a model's `generation_config.json` values: see `with_model_defaults`.
+    Fields the user did not set can take a model's `generation_config.json` values (its recommended temperature,
+    top-p, ... once sampling is on): see `with_model_defaults`.
     """
 
     n: int = 1
@@ -113,12 +115,31 @@ class GenerationConfig:
         return GenerationConfig(**values)
 
     def with_model_defaults(self, defaults: dict[str, Any]) -> GenerationConfig:
-        """Fill the fields the user did not set from a model's generation_config.json values."""
+        """Fill the fields the user did not set from a model's generation_config.json values.
+
+        `do_sample` is never taken from the model: decoding stays greedy unless the caller turns sampling on (as
+        LMDeploy's pipeline does); lm-serve turns it on for requests without a temperature (as OpenAI does).
+        """
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for hf_key, name in _HF_DEFAULT_KEYS.items():
+            if name == "do_sample":
+                continue
             if name not in self.explicit_fields and defaults.get(hf_key) is not None:
                 values[name] = defaults[hf_key]
         return GenerationConfig(**values)
+
+
+def as_gen_config(value: GenerationConfig | dict[str, Any] | None) -> GenerationConfig:
+    """`value` as a GenerationConfig: None gives the defaults, a dict its fields (a ValueError names unknown keys)."""
+    if value is None:
+        return GenerationConfig()
+    if isinstance(value, GenerationConfig):
+        return value
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise ValueError(f"gen_config keys must be GenerationConfig field names, got {list(value)!r}")
+        return GenerationConfig(**value)
+    raise ValueError(f"gen_config must be a GenerationConfig or a dict of its fields, got {type(value).__name__}")
 
 
 def load_model_generation_defaults(model_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lm_core.async_pipeline import AsyncPipeline, Prompt, merge_streams
-from lm_core.generation_config import GenerationConfig
+from lm_core.generation_config import GenerationConfig, as_gen_config
 from lm_core.response import Response
 
 
@@ -70,18 +70,28 @@ class Pipeline:
         return self.async_pipeline.tokenizer
 
     def __call__(
-        self, prompts: Prompt | Sequence[Prompt], gen_config: GenerationConfig | None = None, do_preprocess: bool = True
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        gen_config: GenerationConfig | dict[str, Any] | None = None,
+        do_preprocess: bool = True,
     ) -> Response | list[Response]:
-        """Generate for one prompt or a batch; one prompt with n == 1 gives a `Response`, otherwise a list."""
+        """Generate for one prompt or a batch; one prompt with n == 1 gives a `Response`, otherwise a list.
+
+        `gen_config` is a `GenerationConfig` or a dict of its fields (an unknown key is a ValueError naming it).
+        """
         batch, single = _as_batch(prompts)
-        n = (gen_config or GenerationConfig()).n
+        gen_config = as_gen_config(gen_config)
+        n = gen_config.n
         results = [Response(text="", index=i) for i in range(len(batch) * n)]
         for piece in self.stream_infer(batch, gen_config, do_preprocess):
             results[piece.index].extend(piece)
         return results[0] if single and n == 1 else results
 
     def stream_infer(
-        self, prompts: Prompt | Sequence[Prompt], gen_config: GenerationConfig | None = None, do_preprocess: bool = True
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        gen_config: GenerationConfig | dict[str, Any] | None = None,
+        do_preprocess: bool = True,
     ) -> Iterator[Response]:
         """Yield `Response` pieces of every sequence as they are generated (see `Response.index`).
 
@@ -89,7 +99,8 @@ class Pipeline:
         """
         self._check_open()
         batch, _ = _as_batch(prompts)
-        n = (gen_config or GenerationConfig()).n
+        gen_config = as_gen_config(gen_config)
+        n = gen_config.n
         # Validate every prompt first, so a bad one in a batch fails the call instead of leaving others running.
         for prompt in batch:
             ids = self.async_pipeline.prompt_token_ids(prompt, do_preprocess)
@@ -130,12 +141,12 @@ class Pipeline:
         self,
         prompt: str | list[dict[str, Any]],
         session: Session | None = None,
-        gen_config: GenerationConfig | None = None,
+        gen_config: GenerationConfig | dict[str, Any] | None = None,
     ) -> Session:
         """Add `prompt` (a user message, or messages) to `session` (a new one when None), answer, and return it."""
         session = session if session is not None else Session()
         new = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        response = self(session.messages + new, (gen_config or GenerationConfig()).replace(n=1))
+        response = self(session.messages + new, as_gen_config(gen_config).replace(n=1))
         session.messages.extend(new)
         session.messages.append({"role": "assistant", "content": response.text})
         session.response = response

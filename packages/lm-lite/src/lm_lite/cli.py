@@ -49,6 +49,9 @@ def _common(func: Callable) -> Callable:
     return func
 
 
+GROUP_HELP = "Inputs per group (-1: per channel; default: 128, or 64 or 32 where 128 does not divide every layer)."
+
+
 def _run(name: str, **kwargs) -> None:
     import lm_lite
 
@@ -62,7 +65,7 @@ def _run(name: str, **kwargs) -> None:
 @lite.command("auto_awq")
 @_common
 @click.option("--w-bits", default=4, show_default=True, type=int, help="Weight bits (AutoAWQ GEMM: 4).")
-@click.option("--w-group-size", default=128, show_default=True, type=int, help="Inputs per group (-1: per channel).")
+@click.option("--w-group-size", type=int, help=GROUP_HELP)
 @click.option("--search-scale/--no-search-scale", default=True, show_default=True, help="Grid-search AWQ scales.")
 def auto_awq_command(model, **kwargs) -> None:
     """AWQ 4-bit weights; writes an AutoAWQ GEMM checkpoint."""
@@ -72,7 +75,7 @@ def auto_awq_command(model, **kwargs) -> None:
 @lite.command("auto_gptq")
 @_common
 @click.option("--w-bits", default=4, show_default=True, type=int, help="Weight bits: 2, 4 or 8.")
-@click.option("--w-group-size", default=128, show_default=True, type=int, help="Inputs per group (-1: per channel).")
+@click.option("--w-group-size", type=int, help=GROUP_HELP)
 @click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="Act-order column order.")
 @click.option("--sym/--no-sym", default=True, show_default=True, help="Symmetric integer grid.")
 @click.option("--damp-percent", default=0.01, show_default=True, type=float, help="Hessian damping.")

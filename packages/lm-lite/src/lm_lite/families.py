@@ -13,7 +13,9 @@ loaded (see `model_io`), so it shares Llama's table.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -141,6 +143,39 @@ def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
         "mlp.gate_up_proj": (2 * inter, hidden),
         "mlp.down_proj": (hidden, inter),
     }
+
+
+def read_config(model_dir: Path) -> dict:
+    """The model's config.json."""
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def architecture(config: dict) -> str:
+    """The first architecture config.json names, or a ValueError when it names none."""
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise ValueError("config.json names no architecture")
+    return architectures[0]
+
+
+# Group sizes tried, largest first, when the user gives none: 128 is the common choice (AutoAWQ's, GPTQ's).
+GROUP_SIZE_CHOICES = (128, 64, 32)
+
+
+def pick_group_size(config: dict, family: Family) -> int:
+    """The largest of `GROUP_SIZE_CHOICES` that divides the input features of every quantized linear.
+
+    A ValueError names the model's input dimensions when none does (then -1, one group per row, still works).
+    """
+    shapes = linear_shapes(config)
+    dims = sorted({shapes[name][1] for name in family.linears})
+    for size in GROUP_SIZE_CHOICES:
+        if all(d % size == 0 for d in dims):
+            return size
+    raise ValueError(
+        f"none of the group sizes {', '.join(map(str, GROUP_SIZE_CHOICES))} divides every input dimension of this "
+        f"model ({', '.join(map(str, dims))}): pass w_group_size=-1 (one group per row) or a divisor of all of them"
+    )
 
 
 def check_group_size(

@@ -8,11 +8,12 @@ and v, and written back in its own layout by `checkpoint`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from lm_lite.families import architecture
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Where the decoder layers sit in the transformers model, tried in order (text models, then multimodal Gemma 3).
@@ -27,17 +28,6 @@ INTERNLM2_RENAMES = {
     ".feed_forward.w3.": ".mlp.up_proj.",
     ".feed_forward.w2.": ".mlp.down_proj.",
 }
-
-
-def read_config(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())
-
-
-def architecture(config: dict) -> str:
-    architectures = config.get("architectures") or []
-    if not architectures:
-        raise ValueError("config.json names no architecture")
-    return architectures[0]
 
 
 def resolve_device(device: str) -> torch.device:

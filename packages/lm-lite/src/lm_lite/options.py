@@ -7,11 +7,12 @@ model's weights load.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lm_lite.calib_data import check_calib_dataset
-from lm_lite.families import Family, check_group_size, family_for
+from lm_lite.families import GROUP_SIZE_CHOICES, Family, check_group_size, family_for, pick_group_size
 
 # The folder of a work dir where `calibrate` keeps statistics that the quantizers reuse: it does not make the work
 # dir "non-empty", and keeps its safetensors file away from the checkpoint's.
@@ -53,6 +54,7 @@ class Job:
     config: dict
     family: Family
     work_dir: Path
+    group_size: int | None = None  # the checked group size of a grouped quantizer (picked when not given)
 
 
 def check_bits(w_bits: int, allowed: tuple[int, ...], method: str) -> None:
@@ -60,7 +62,10 @@ def check_bits(w_bits: int, allowed: tuple[int, ...], method: str) -> None:
         raise ValueError(f"w_bits must be one of {', '.join(map(str, allowed))} for {method}, got {w_bits!r}")
 
 
-def check_group(w_group_size: int) -> None:
+def check_group(w_group_size: int | None) -> None:
+    """A ValueError unless `w_group_size` is a positive integer, -1 (one group per row) or None (picked per model)."""
+    if w_group_size is None:
+        return
     if isinstance(w_group_size, bool) or not isinstance(w_group_size, int) or (w_group_size < 1 and w_group_size != -1):
         raise ValueError(f"w_group_size must be a positive integer or -1 (one group per row), got {w_group_size!r}")
 
@@ -72,18 +77,26 @@ def prepare_job(
     group_size: int | None = None,
     pack_axis: str | None = None,
     pack_factor: int = 8,
+    grouped: bool = False,
 ) -> Job:
-    """Resolve the model and check everything that can be checked without loading it; prepare the work dir."""
+    """Resolve the model and check everything that can be checked without loading it; prepare the work dir.
+
+    A `grouped` quantizer without a `group_size` gets the largest of `GROUP_SIZE_CHOICES` that fits the model.
+    """
     from lm_core import resolve_model
-    from lm_lite.model_io import architecture, read_config
+    from lm_lite.families import architecture, read_config
 
     model_dir = resolve_model(None if model is None else str(model))
     config = read_config(model_dir)
     family = family_for(architecture(config))
+    if grouped and group_size is None:
+        group_size = pick_group_size(config, family)
+        choices = ", ".join(map(str, GROUP_SIZE_CHOICES))
+        print(f"lm-lite: w_group_size {group_size} (the largest of {choices} that fits this model)", file=sys.stderr)
     if group_size is not None:
         check_group_size(config, family, group_size, pack_axis, pack_factor)
     out = check_work_dir(work_dir, overwrite, model_dir)
-    return Job(model_dir=model_dir, config=config, family=family, work_dir=out)
+    return Job(model_dir=model_dir, config=config, family=family, work_dir=out, group_size=group_size)
 
 
 def check_work_dir(work_dir: str | os.PathLike, overwrite: bool, model_dir: Path | None = None) -> Path:

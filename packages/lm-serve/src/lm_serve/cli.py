@@ -5,11 +5,13 @@ Nothing heavy is imported at module level: `lm serve --help` must not import fas
 
 from __future__ import annotations
 
+import errno
 import importlib
 
 import click
 
 from lm_core.cli.base import CONTEXT_SETTINGS, LMGroup
+from lm_core.cli.engine_options import SEVERAL_VALUES, SeveralValuesCommand, engine_config, engine_options
 
 # Subcommands that live in other modules, loaded only when used or listed.
 _LAZY_COMMANDS = {"proxy": "lm_serve.proxy.cli:proxy"}
@@ -32,33 +34,11 @@ class ServeGroup(LMGroup):
             raise click.ClickException(f"command {name!r} could not be loaded: {exc}") from None
 
 
-# Options that take several values after one flag (`--api-keys k1 k2`, as LMDeploy's; `--cuda-graph-sizes 1 2 4`,
-# as vLLM's): click options take one value each, so each value is given its own copy of the flag.
-_SEVERAL_VALUES = {"--api-keys", "--api_keys", "--cuda-graph-sizes", "--cuda_graph_sizes"}
+class _ApiServerCommand(SeveralValuesCommand):
+    """`--api-keys k1 k2` (as LMDeploy's) and the engine's `--cuda-graph-sizes 1 2 4` take several values; a value
+    that names a model (`--api-keys k1 ./model.gguf`) ends the list and is the MODEL argument."""
 
-
-class _ApiServerCommand(click.Command):
-    """Lets the options of `_SEVERAL_VALUES` take several values after one flag."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        rewritten: list[str] = []
-        i = 0
-        while i < len(args):
-            arg = args[i]
-            if arg in _SEVERAL_VALUES:
-                flag = arg.replace("_", "-")
-                i += 1
-                taken = 0
-                while i < len(args) and not args[i].startswith("-"):
-                    rewritten += [flag, args[i]]
-                    i += 1
-                    taken += 1
-                if not taken:
-                    rewritten.append(arg)  # let click report the missing value
-                continue
-            rewritten.append(arg)
-            i += 1
-        return super().parse_args(ctx, rewritten)
+    several_values = (*SEVERAL_VALUES, "--api-keys")
 
 
 @click.group(cls=ServeGroup, context_settings=CONTEXT_SETTINGS)
@@ -70,8 +50,9 @@ def serve() -> None:
 @serve.command("api-server", cls=_ApiServerCommand, context_settings=CONTEXT_SETTINGS)
 @click.argument("model_name", metavar="[MODEL]", required=False)
 @click.option("--server-name", default="0.0.0.0", show_default=True, help="Address to listen on.")
-@click.option("--server-port", type=int, default=23333, show_default=True, help="Port (0: any free port).")
-@click.option("--backend", default="auto", show_default=True, help="Engine: auto, torch, turbomind, ...")
+@click.option(
+    "--server-port", type=click.IntRange(0, 65535), default=23333, show_default=True, help="Port (0: any free port)."
+)
 @click.option(
     "--model-name",
     "served_model_name",
@@ -136,32 +117,17 @@ def serve() -> None:
     help="Text in messages that spells a special token (<|im_start|>) becomes that token, not text.",
 )
 @click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False),
+    help="Any case (INFO or info).",
 )
-@click.option("--session-len", type=int, help="Longest prompt + generation in tokens (engine setting).")
-@click.option("--max-batch-size", type=int, help="Most sequences decoded together (engine setting).")
-@click.option("--cache-max-entry-count", type=float, help="Fraction of free memory for the KV cache.")
-@click.option("--num-kv-blocks", type=int, help="Exact number of KV-cache blocks (overrides the fraction).")
-@click.option("--block-size", type=int, help="Tokens per KV-cache block.")
-@click.option("--quant-policy", type=int, help="KV cache quantized online: 0 off, 8 int8, 4 int4 (engine setting).")
-@click.option("--max-prefill-token-num", type=int, help="Token budget of one engine step.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Weights and compute.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the engine runs.")
-@click.option("--disable-prefix-caching", is_flag=True, default=None, help="Do not reuse KV blocks across requests.")
-@click.option("--eager-mode", is_flag=True, default=None, help="No CUDA graphs.")
-@click.option(
-    "--cuda-graph-sizes",
-    type=click.IntRange(min=1),
-    multiple=True,
-    help="Decode batch sizes to capture as CUDA graphs (several: --cuda-graph-sizes 1 2 4 8); larger batches run "
-    "eagerly (default: 1, 2, 4, 8, every 8 to 64, every 16 beyond).",
-)
-@click.option("--num-threads", type=click.IntRange(min=1), help="CPU threads for torch (engine setting).")
+@engine_options
 def api_server(
     model_name,
     server_name,
     server_port,
-    backend,
     served_model_name,
     api_keys,
     tool_call_parser,
@@ -177,7 +143,7 @@ def api_server(
     header_timeout,
     allow_special_tokens_in_content,
     log_level,
-    **engine_options,
+    **options,
 ) -> None:
     """Serve MODEL (default: SmolLM2-135M-Instruct) over an OpenAI-compatible API."""
     from lm_core.async_pipeline import AsyncPipeline
@@ -188,10 +154,11 @@ def api_server(
     from lm_serve.proxy.nodes import normalize_node_url
 
     try:
-        # Bad names and URLs fail before the minutes a big model takes to load.
+        # Bad names, URLs and ports fail before the minutes a big model takes to load.
         check_parser_names(tool_call_parser, reasoning_parser)
         proxy_url = normalize_node_url(proxy_url, "proxy_url") if proxy_url is not None else None
-        pipe = AsyncPipeline.from_model(model_name, backend, engine_config(engine_options) or None, chat_template)
+        check_listen_address(server_name, server_port)
+        pipe = AsyncPipeline.from_model(model_name, options["backend"], engine_config(options) or None, chat_template)
         app = build_app(
             pipe,
             [served_model_name or model_name or DEFAULT_MODEL],
@@ -210,7 +177,7 @@ def api_server(
         app,
         server_name,
         server_port,
-        log_level,
+        log_level.lower(),
         proxy_url=proxy_url,
         proxy_admin_key=proxy_admin_key,
         shutdown_timeout=shutdown_timeout,
@@ -219,14 +186,27 @@ def api_server(
     )
 
 
-def engine_config(options: dict) -> dict:
-    """The engine settings given on the command line, as the dict `backend_config` takes."""
-    config = {k: v for k, v in options.items() if v not in (None, ()) and k != "disable_prefix_caching"}
-    if "cuda_graph_sizes" in config:
-        config["cuda_graph_sizes"] = list(config["cuda_graph_sizes"])
-    if options.get("disable_prefix_caching"):
-        config["enable_prefix_caching"] = False
-    return config
+def check_listen_address(host: str, port: int) -> None:
+    """A ValueError when this process cannot listen on `host`:`port` (unknown host, port taken or not allowed).
+
+    The test socket gets the options uvicorn's own gets (SO_REUSEADDR), so a port that uvicorn could bind passes.
+    """
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--server-name {host!r} is no address of this machine: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            reason = "it is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ValueError(f"cannot listen on {host}:{port}: {reason} (choose another --server-port)") from None
 
 
 def main() -> None:

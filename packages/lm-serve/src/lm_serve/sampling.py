@@ -1,7 +1,8 @@
 """OpenAI request fields -> `lm_core.GenerationConfig` (LMDeploy's names), with errors that name the OpenAI field.
 
-Temperature follows OpenAI: unset means 1.0 (sampling) unless the model's generation_config.json says otherwise;
-0 means greedy. Fields left unset are not passed, so the model's own defaults apply to them.
+Temperature follows OpenAI and vLLM: unset means the model's generation_config.json temperature (sampling), or its
+`do_sample: false` (greedy), or else 1.0; 0 means greedy. Fields left unset are not passed, so the model's own
+defaults (its recommended top-p, top-k, ...) apply to them.
 """
 
 from __future__ import annotations
@@ -66,8 +67,12 @@ def build_gen_config(
 
 def _temperature_fields(temperature: float | None, model_defaults: dict[str, Any]) -> dict[str, Any]:
     if temperature is None:
-        if "do_sample" in model_defaults or "temperature" in model_defaults:
-            return {}  # the model's generation_config.json decides
+        # The model's generation_config.json decides; its temperature itself is filled in by the pipeline.
+        model_temperature = model_defaults.get("temperature")
+        if isinstance(model_temperature, (int, float)) and not isinstance(model_temperature, bool):
+            return {"do_sample": model_temperature > 0}
+        if "do_sample" in model_defaults:
+            return {"do_sample": bool(model_defaults["do_sample"])}
         return {"do_sample": True, "temperature": 1.0}
     if temperature == 0:
         return {"do_sample": False}

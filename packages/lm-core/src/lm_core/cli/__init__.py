@@ -39,8 +39,40 @@ class LazyGroup(LMGroup):
             raise click.ClickException(f"command {name!r} could not be loaded from {dist}: {exc}") from None
 
 
+def version_text() -> str:
+    """`lm --version`: lm-deploy's version, then every installed lm package's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lm_core.cli.check_env import LM_DISTRIBUTIONS
+
+    installed = []
+    for name in LM_DISTRIBUTIONS:
+        try:
+            installed.append((name, version(name)))
+        except PackageNotFoundError:
+            continue
+    found = dict(installed)
+    head = f"lm-deploy {found['lm-deploy']}" if "lm-deploy" in found else "lm-deploy (meta-package not installed)"
+    parts = ", ".join(f"{name} {ver}" for name, ver in installed if name != "lm-deploy")
+    return f"{head} ({parts})" if parts else head
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(version_text())
+    ctx.exit()
+
+
 @click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
-@click.version_option(package_name="lm-core", prog_name="lm-core")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show lm-deploy's version and every installed lm package's, and exit.",
+)
 def cli() -> None:
     """lm-deploy: compress, run and serve large language models.
 
