@@ -15,9 +15,11 @@ sequences are never admitted at the cost of a preemption, and not at all in a st
 takes the newest first, the oldest running sequence always progresses, so every request finishes: one that cannot
 fit in the whole cache even alone is finished with "error" instead of waiting forever.
 
-Embedding sequences (`seq.pooling` set) are scheduled like prompts, chunks included, but never sample: they finish
-with "stop" as soon as their last prompt token is computed, and they never take blocks from the prefix cache (the
-runner needs every token's hidden state, so no token may be skipped), though their full blocks are offered to it.
+Prefill-only sequences (embeddings, and generations with `max_new_tokens == 0`) are scheduled like prompts, chunks
+included, but never sample: they finish as soon as their last prompt token is computed ("stop" for an embedding,
+"length" for a generation). Embeddings and sequences that want prompt logprobs never take blocks from the prefix
+cache (the runner needs every token's hidden state, so no token may be skipped), though their full blocks are
+offered to it.
 A guided sequence finishes with "stop" once its grammar has terminated (accepted a stop token) and with "error" if
 its grammar rejected a token.
 
@@ -68,8 +70,9 @@ class ScheduledBatch:
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
-        # The step reaches the sequence's last token: its logits give the next token (embeddings sample nothing).
-        self.sample.append(not seq.is_embedding and seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+        # The step reaches the sequence's last token: its logits give the next token (prefill-only sequences sample
+        # nothing).
+        self.sample.append(not seq.is_prefill_only and seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
 
 
 class Scheduler:
@@ -196,14 +199,14 @@ class Scheduler:
         self._steps_since_admission = 0 if admit or not self.waiting else self._steps_since_admission + 1
         while admit and not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            cached = [] if seq.is_embedding else bm.match_prefix(seq)
+            cached = [] if seq.skips_prefix_hits else bm.match_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             if not bm.can_allocate(cached, len(cached) * bm.block_size + num_new):
                 # With nothing running every block is free or evictable, and add() rejected what the whole cache
                 # cannot hold, so this only waits for running sequences to finish or be preempted.
                 break
             self.waiting.popleft()
-            if not seq.is_embedding:
+            if not seq.skips_prefix_hits:
                 bm.allocate_cached_prefix(seq)
             allocated = bm.append_slots(seq, num_new)
             assert allocated, "can_allocate promised these blocks"
@@ -228,9 +231,9 @@ class Scheduler:
                 continue  # aborted while the step ran: its blocks are gone already, drop the token
             seq.num_computed_tokens += num_new
             bm.commit(seq)
-            if seq.is_embedding and seq.num_computed_tokens == seq.num_tokens:
+            if seq.is_prefill_only and seq.num_computed_tokens == seq.num_tokens:
                 self.running.remove(seq)
-                self._finish(seq, "stop")
+                self._finish(seq, "stop" if seq.is_embedding else "length")
                 outputs.append(seq)
                 continue
             if not sample:
