@@ -163,3 +163,73 @@ def _run_concurrently(pipe: Pipeline, prompts, configs):
         return await asyncio.gather(*(one(p, c) for p, c in zip(prompts, configs, strict=True)))
 
     return asyncio.run_coroutine_threadsafe(run(), pipe._loop).result()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA: the Triton path, with prompt chunks in eager steps and one-token chunks in decode steps that replay a graph.
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random float32 Llama saved as safetensors, and the same model in transformers on the GPU."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return path, model.cuda()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(("chunk", "overlap"), [(32, True), (32, False), (4, True)])
+def test_prompt_logprobs_on_the_gpu(tiny_llama, chunk, overlap):
+    """A budget of 4 tokens a step cuts prompts into chunks of one token next to decodes: steps whose every row is
+    one token replay a CUDA graph, and the prompt positions among them must still be scored."""
+    pytest.importorskip("triton")
+    from lm_torch.engine import TorchEngine
+
+    path, reference = tiny_llama
+    config = {"device": "cuda", "dtype": "float32", "max_prefill_token_num": chunk, "overlap_steps": overlap}
+    engine = TorchEngine.from_pretrained(path, {**config, "max_batch_size": 8, "num_kv_blocks": 128})
+    prompts = [_prompt(20 + i, n, vocab=500) for i, n in enumerate((100, 7, 45, 70))]
+    configs = [
+        GenerationConfig(max_new_tokens=12, ignore_eos=True, prompt_logprobs=None if i == 1 else 4)
+        for i in range(len(prompts))
+    ]
+
+    async def run():
+        async def one(prompt, cfg):
+            ids, prompt_logprobs = [], None
+            async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, cfg)):
+                ids += out.token_ids
+                prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_logprobs
+            return ids, prompt_logprobs
+
+        return await asyncio.gather(*(one(p, c) for p, c in zip(prompts, configs, strict=True)))
+
+    results = asyncio.run(run())
+    for prompt, cfg, (ids, prompt_logprobs) in zip(prompts, configs, results, strict=True):
+        assert len(ids) == 12
+        if cfg.prompt_logprobs is None:
+            assert prompt_logprobs is None
+        else:
+            assert_prompt_logprobs(prompt_logprobs, prompt, reference_logprobs(reference, prompt), 4)
+    if chunk == 4:
+        assert engine.runner.graphs.num_replays > 0
+    asyncio.run(engine.close())
