@@ -202,8 +202,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _measure_activation_reserve(self) -> int:
         """Peak device memory of the largest steps, measured by running them: a `max_prefill_token_num`-token prompt
-        with logits and a sampler run with every stage on over `max_batch_size` rows, and a decode of
-        `max_batch_size` rows (about what the CUDA graphs' pool holds). Compiles the kernels on the way."""
+        with its prompt logprobs, logits and a sampler run with every stage on over `max_batch_size` rows, and a
+        decode of `max_batch_size` rows (about what the CUDA graphs' pool holds). Compiles the kernels on the way."""
         from lm_core.generation_config import GenerationConfig
         from lm_torch.kernels.common import compile_ahead
         from lm_torch.sequence import Sequence
@@ -216,7 +216,14 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
         worst = GenerationConfig(
-            do_sample=True, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.5, logprobs=20
+            do_sample=True,
+            top_k=50,
+            top_p=0.9,
+            min_p=0.05,
+            repetition_penalty=1.1,
+            frequency_penalty=0.5,
+            logprobs=20,
+            prompt_logprobs=20,
         )
         prompt = Sequence("profile-prefill", [1] * num_tokens, num_tokens, worst)
         prompt.block_table = list(range(num_blocks - 1))
@@ -234,7 +241,9 @@ class ModelRunner:
             self._forward_eager(prefill, [0] * rows)
             self._forward_eager(decode, list(range(n)))
         self.phases["Triton compile"] = time.perf_counter() - start
-        hidden, _ = self._forward_eager(prefill, [0] * rows)
+        hidden, full = self._forward_eager(prefill, [0] * rows)
+        compute_prompt_logprobs(self.model, full, prefill, self.vocab_size).resolve(1)
+        del full
         logits = self.model.compute_logits(hidden)
         inputs = SamplingInputs.build(
             [worst] * rows, [[1]] * rows, [[2]] * rows, None, self.vocab_size, self.device, [None] * rows
