@@ -11,7 +11,7 @@ from lm_core.generation_config import GenerationConfig, load_model_generation_de
 BAD_VALUES = [
     ("n", 0),
     ("n", 1.5),
-    ("max_new_tokens", 0),
+    ("max_new_tokens", -1),
     ("min_new_tokens", -1),
     ("do_sample", "yes"),
     ("temperature", -0.1),
@@ -35,6 +35,9 @@ BAD_VALUES = [
     ("ignore_eos", 1),
     ("logprobs", 21),
     ("logprobs", -1),
+    ("prompt_logprobs", 21),
+    ("prompt_logprobs", -1),
+    ("prompt_logprobs", True),
     ("response_format", {"type": "yaml"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
     ("response_format", {"type": "regex", "regex": "(unclosed"}),
@@ -67,6 +70,18 @@ def test_greedy_unless_sampling_with_positive_temperature():
     assert GenerationConfig(temperature=0.7).is_greedy
     assert GenerationConfig(do_sample=True, temperature=0.0).is_greedy
     assert not GenerationConfig(do_sample=True, temperature=0.7).is_greedy
+    # Below the floor a temperature would overflow the logits: such a request is greedy.
+    assert GenerationConfig(do_sample=True, temperature=1e-300).is_greedy
+    assert GenerationConfig(do_sample=True, temperature=9e-6).is_greedy
+    assert not GenerationConfig(do_sample=True, temperature=1e-5).is_greedy
+
+
+def test_prefill_only_and_prompt_logprobs_are_valid():
+    cfg = GenerationConfig(max_new_tokens=0, prompt_logprobs=0)
+    assert (cfg.max_new_tokens, cfg.prompt_logprobs) == (0, 0)
+    assert GenerationConfig(prompt_logprobs=20).prompt_logprobs == 20
+    with pytest.raises(ValueError, match=r"min_new_tokens.*exceeds max_new_tokens"):
+        GenerationConfig(max_new_tokens=0, min_new_tokens=1)
 
 
 def test_model_defaults_fill_only_unset_fields(tmp_path):

@@ -183,6 +183,18 @@ def test_mixed_batch_keeps_greedy_rows_greedy():
     assert out.token_ids[1::3].tolist() != logits[1::3].argmax(-1).tolist()
 
 
+def test_a_tiny_temperature_is_greedy_with_finite_logprobs():
+    """Dividing logits by 1e-300 overflows float32 (inf - inf = NaN): below the floor a row is greedy instead."""
+    tiny = GenerationConfig(do_sample=True, temperature=1e-300, top_p=0.9, logprobs=2)
+    logits = random_logits(16, seed=9)
+    out = Sampler(torch.Generator().manual_seed(0))(logits, build([tiny] * 16))
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+    reference = torch.log_softmax(logits, dim=-1)
+    for row, entry in enumerate(out.logprobs):
+        token = out.token_ids[row].item()
+        assert entry[token] == pytest.approx(reference[row, token].item(), abs=1e-5)
+
+
 def test_logprobs_equal_log_softmax_of_the_processed_logits():
     configs = [
         GenerationConfig(do_sample=True, temperature=0.5, top_k=3, repetition_penalty=1.3, logprobs=5),

@@ -541,3 +541,31 @@ def test_group_queue_stays_small_and_correct_under_many_aborts():
     assert len(sched._queue) <= 64 + 4 * len(sched._waiting)
     run_all(sched, {}, model=model)
     assert all(s.finish_reason in ("abort", "length") for s in seqs)
+
+
+def test_prompt_logprob_and_prefill_only_sequences():
+    """A sequence that wants prompt logprobs computes every position though its prefix is cached (and still offers
+    its blocks to the cache); one with max_new_tokens=0 is computed in chunks, never sampled, and ends "length"."""
+    prompt = [(5 * i) % 1000 for i in range(64)]
+    sched = Scheduler(BlockManager(32, 16), max_num_batched_tokens=24)
+    scoring = make_seq("scoring", [*prompt, 7], max_new_tokens=2, prompt_logprobs=1)
+    prefill_only = make_seq("prefill-only", [*prompt, 8], max_new_tokens=0)
+    plain = make_seq("plain", [*prompt, 9], max_new_tokens=2)
+    batches = []
+    model = FakeModel(sched.block_manager)
+    for seq in (make_seq("warm", prompt, max_new_tokens=2), scoring, prefill_only, plain):
+        sched.add(seq)
+        while sched.has_unfinished_requests:
+            batch = sched.schedule()
+            check_invariants(sched, batch)
+            rows = zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)
+            batches.append([(s.request_id, n, do_sample) for s, n, do_sample in rows])
+            sched.update(batch, model.run(batch))
+    assert scoring.num_cached_tokens == 0 and plain.num_cached_tokens == 64
+    assert prefill_only.num_cached_tokens == 64 and prefill_only.generated_token_ids == []
+    assert prefill_only.finish_reason == "length"
+    assert all(rid != "prefill-only" for step in batches for rid, _, do_sample in step if do_sample)
+    computed = [n for step in batches for rid, n, _ in step if rid == "scoring"]
+    assert computed[:3] == [24, 24, 17]  # every prompt position, in chunks of the budget
+    assert [n for step in batches for rid, n, _ in step if rid == "prefill-only"] == [1]
+    assert scoring.generated_token_ids == reference(scoring.prompt_token_ids, scoring.gen_config, 10**6, None)[0]

@@ -248,6 +248,7 @@ class AsyncPipeline:
                     generate_token_len=num_generated,
                     finish_reason=finish_reason,
                     logprobs=out.logprobs,
+                    prompt_logprobs=out.prompt_logprobs,
                     index=index,
                     stop_str=stop_str,
                     error=out.error,

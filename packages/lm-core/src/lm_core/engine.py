@@ -48,13 +48,17 @@ class EngineOutput:
 
     `token_ids` are the tokens new since the previous output. `logprobs`, when asked for, holds one mapping per new
     token: the sampled token and the top-N tokens, each to its log-probability (of the processed distribution).
-    `finish_reason` is None while the request runs; the last output of a request always carries one.
+    `prompt_logprobs`, when asked for (`GenerationConfig.prompt_logprobs`), comes once, on the first output after the
+    prompt is computed: one entry per prompt token, None for the first (nothing predicts it), then a mapping of that
+    prompt token and the top-N tokens to their log-probabilities under the model's raw distribution at the position
+    before it. `finish_reason` is None while the request runs; the last output of a request always carries one.
     """
 
     request_id: str
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
 

@@ -24,16 +24,24 @@ _HF_DEFAULT_KEYS = {
 }
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex")
 MAX_LOGPROBS = 20
+# Temperatures below this count as greedy: dividing logits by a tiny temperature overflows float32 to inf/NaN.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
 class GenerationConfig:
     """Decoding parameters of one request (LMDeploy's names; OpenAI fields map onto them in lm-serve).
 
-    Sampling is off unless `do_sample` is true and `temperature` > 0: otherwise the engine picks the arg-max token.
+    Sampling is off unless `do_sample` is true and `temperature` >= `GREEDY_TEMPERATURE` (1e-5): otherwise the engine
+    picks the arg-max token.
     `top_k=0`, `top_p=1`, `min_p=0` and penalties of 1.0 (repetition) or 0.0 (presence, frequency) disable those.
     Fields the user did not set can take a model's `generation_config.json` values (its recommended temperature,
     top-p, ... once sampling is on): see `with_model_defaults`.
+
+    `max_new_tokens=0` computes the prompt only (the request ends after it with finish reason "length"), for
+    `prompt_logprobs`. `logprobs=N` reports, per generated token, its log-probability and the top N of the processed
+    distribution; `prompt_logprobs=N` reports, per prompt token after the first, its log-probability and the top N
+    of the model's raw distribution (log-softmax of the logits, no penalties or temperature).
     """
 
     n: int = 1
@@ -58,6 +66,7 @@ class GenerationConfig:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     # Names of the fields given to the constructor; the model's defaults never override these.
     explicit_fields: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -76,7 +85,7 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         _check_int(self, "n", low=1)
         if self.max_new_tokens is not None:
-            _check_int(self, "max_new_tokens", low=1)
+            _check_int(self, "max_new_tokens", low=0)
         _check_int(self, "min_new_tokens", low=0)
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
@@ -94,6 +103,8 @@ class GenerationConfig:
             _check_int(self, "random_seed", low=0, high=2**63 - 1)
         if self.logprobs is not None:
             _check_int(self, "logprobs", low=0, high=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int(self, "prompt_logprobs", low=0, high=MAX_LOGPROBS)
         self.stop_words = _string_list(self.stop_words, "stop_words")
         self.bad_words = _string_list(self.bad_words, "bad_words")
         self.stop_token_ids = _id_list(self.stop_token_ids, "stop_token_ids")
@@ -105,7 +116,7 @@ class GenerationConfig:
     @property
     def is_greedy(self) -> bool:
         """True when the engine must pick the arg-max token at every step."""
-        return not self.do_sample or self.temperature == 0.0
+        return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
 
     def replace(self, *, mark_explicit: bool = True, **changes: Any) -> GenerationConfig:
         """A validated copy with `changes`; they count as set by the user unless `mark_explicit` is False."""

@@ -13,7 +13,8 @@ class Response:
 
     In a stream `text`, `token_ids` and `logprobs` are deltas, while `generate_token_len` counts all tokens
     generated so far; `finish_reason` is set on the last piece only. `index` tells the sequences of a batch apart:
-    prompt `p` with `n` samples gives indices `p * n` to `p * n + n - 1`.
+    prompt `p` with `n` samples gives indices `p * n` to `p * n + n - 1`. `prompt_logprobs` (when asked for) is whole,
+    on one piece: per prompt token, None for the first, then {token id: log-probability} of that token and the top N.
     """
 
     text: str
@@ -22,6 +23,7 @@ class Response:
     generate_token_len: int = 0
     finish_reason: FinishReason | None = None
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     index: int = 0
     stop_str: str | None = None
     error: str | None = None
@@ -34,6 +36,8 @@ class Response:
         self.input_token_len = piece.input_token_len
         if piece.logprobs is not None:
             self.logprobs = (self.logprobs or []) + piece.logprobs
+        if piece.prompt_logprobs is not None:
+            self.prompt_logprobs = piece.prompt_logprobs
         self.finish_reason = piece.finish_reason or self.finish_reason
         self.stop_str = piece.stop_str or self.stop_str
         self.error = piece.error or self.error

@@ -1,8 +1,9 @@
 """Engine logprobs -> OpenAI's two shapes: chat's `content[{token, logprob, bytes, top_logprobs}]` and the
-completions API's `{tokens, token_logprobs, top_logprobs, text_offset}`.
+completions API's `{tokens, token_logprobs, top_logprobs, text_offset}` (over the prompt too with `echo`); and vLLM's
+`prompt_logprobs` extension: per prompt token null (the first) or `{token id: {logprob, rank, decoded_token}}`.
 
-Per generated token the engine gives `{token_id: logprob}` holding the sampled token and the top N. Masked tokens
-may have -inf, which JSON cannot carry: it becomes `LOGPROB_FLOOR`.
+Per token the engine gives `{token_id: logprob}` holding that token (sampled, or the prompt's) and the top N.
+Masked tokens may have -inf, which JSON cannot carry: it becomes `LOGPROB_FLOOR`.
 """
 
 from __future__ import annotations
@@ -72,14 +73,36 @@ class CompletionLogprobs:
         self.texts = texts
         self.offset = start
 
-    def render(self, token_ids: list[int], entries: list[dict[int, float]] | None) -> dict[str, Any]:
-        """The object for the tokens of one piece (streamed) or of the whole choice."""
+    def render(self, token_ids: list[int], entries: list[dict[int, float] | None] | None) -> dict[str, Any]:
+        """The object for the tokens of one piece (streamed), of the whole choice, or of the echoed prompt (whose
+        first entry is None: null logprobs)."""
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, entry in zip(token_ids, entries or [], strict=False):
             text = self.texts(token_id)
             out["tokens"].append(text)
-            out["token_logprobs"].append(clamp(entry.get(token_id, -math.inf)))
-            out["top_logprobs"].append({self.texts(t): clamp(lp) for t, lp in _top(entry, token_id, self.num_top)})
+            if entry is None:  # the first prompt token: nothing predicts it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                out["token_logprobs"].append(clamp(entry.get(token_id, -math.inf)))
+                out["top_logprobs"].append({self.texts(t): clamp(lp) for t, lp in _top(entry, token_id, self.num_top)})
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
+
+
+def prompt_logprobs_json(
+    token_ids: list[int], entries: list[dict[int, float] | None], num_top: int, texts: TokenTexts
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or its entry and the top `num_top`, keyed by token
+    id. `rank` is the place among the top `num_top` (1 = most likely), null for a prompt token outside them."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        if entry is None:
+            out.append(None)
+            continue
+        top = _top(entry, token_id, num_top)
+        ranks = {t: rank for rank, (t, _) in enumerate(top, 1)}
+        shown = [(token_id, entry.get(token_id, -math.inf)), *((t, lp) for t, lp in top if t != token_id)]
+        out.append({str(t): {"logprob": clamp(lp), "rank": ranks.get(t), "decoded_token": texts(t)} for t, lp in shown})
+    return out

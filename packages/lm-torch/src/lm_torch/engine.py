@@ -11,6 +11,9 @@ Guided requests (`response_format`) have their grammar compiled before they are 
 `GrammarPool` (several at once, a time limit each, a cache), so a slow schema delays only its own request.
 Embedding requests (`embed`) share the scheduler with generation: prefill-only sequences that finish with their
 pooled vector.
+
+Prompt logprobs (`GenerationConfig.prompt_logprobs`) arrive chunk by chunk with the steps that prefill the prompt and
+are emitted whole, on the request's first output after its prompt is computed (see `_add_prompt_logprobs`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from lm_torch import gc_tuning
 from lm_torch.block_manager import BlockManager
 from lm_torch.config import TorchEngineConfig
 from lm_torch.model_runner import ModelRunner, StepHandle, StepOutput, log
+from lm_torch.sampling.prompt_logprobs import PromptLogprobsChunk
 from lm_torch.scheduler import ScheduledBatch, Scheduler
 from lm_torch.sequence import Sequence, SequenceStatus
 
@@ -111,6 +115,8 @@ class TorchEngine(Engine):
             prefill_interval=config.prefill_interval if self.runner.fast else 0,
         )
         self._streams: dict[str, OutputStream] = {}
+        # Prompt logprobs gathered so far (index i: prompt token i; the first is None), until they are emitted.
+        self._prompt_logprobs: dict[str, list[dict[int, float] | None]] = {}
         self._pending_aborts: set[str] = set()
         self._step_in_flight = False
         self._overlap = config.overlap_steps if config.overlap_steps is not None else self.runner.fast
@@ -165,6 +171,8 @@ class TorchEngine(Engine):
         self._ensure_loop()
         queue = self._streams[request.request_id] = OutputStream()
         seq = Sequence.from_request(request)
+        if request.gen_config.prompt_logprobs is not None:
+            self._prompt_logprobs[request.request_id] = [None]
         finished = False
         try:
             if request.gen_config.response_format is not None:
@@ -185,6 +193,7 @@ class TorchEngine(Engine):
                     break
         finally:
             self._streams.pop(request.request_id, None)
+            self._prompt_logprobs.pop(request.request_id, None)
             if not finished:  # the consumer went away: free the request's blocks
                 self._abort_now_or_later(request.request_id)
 
@@ -446,13 +455,16 @@ class TorchEngine(Engine):
     def _overlappable(self, seq: Sequence) -> bool:
         """Whether the step after `seq`'s current one may be scheduled before its token is known: nothing the host
         computes for that step may depend on the token's value (grammars, penalties and bad words read the output
-        ids; embeddings are not sampled)."""
+        ids; prefill-only sequences are not sampled). A sequence whose prompt logprobs are still being gathered waits
+        for each step's output too (`_complete` reads them)."""
+        if self._prompt_logprobs and seq.request_id in self._prompt_logprobs:
+            return False
         known = self._overlap_ok.get(seq)
         if known is None:
             cfg = seq.gen_config
             known = self._overlap_ok[seq] = (
                 seq.grammar is None
-                and not seq.is_embedding
+                and not seq.is_prefill_only
                 and cfg.repetition_penalty == 1.0
                 and cfg.frequency_penalty == 0.0
                 and cfg.presence_penalty == 0.0
@@ -510,6 +522,8 @@ class TorchEngine(Engine):
 
     def _complete(self, batch: ScheduledBatch, out: StepOutput) -> None:
         """Record a step whose tokens are back before anything else was scheduled, and emit."""
+        if out.prompt_logprobs is not None:
+            self._add_prompt_logprobs(batch, out.prompt_logprobs)
         updated = self.scheduler.update(batch, out.token_ids)
         logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs, strict=True)}
         embeddings = dict(zip((s.request_id for s in batch.seqs), out.embeddings or (), strict=False))
@@ -518,6 +532,16 @@ class TorchEngine(Engine):
                 self._emit_embedding(seq, embeddings.get(seq.request_id))
             else:
                 self._emit_sequence(seq, logprobs.get(seq.request_id))
+
+    def _add_prompt_logprobs(self, batch: ScheduledBatch, chunks: list[PromptLogprobsChunk | None]) -> None:
+        """Append a step's prompt logprobs to what each sequence gathered. A chunk from the prompt's start (a sequence
+        recomputed after a preemption) starts over; one for a request whose prompt logprobs went out already (its
+        recompute) is dropped."""
+        for seq, chunk in zip(batch.seqs, chunks, strict=True):
+            gathered = self._prompt_logprobs.get(seq.request_id) if chunk is not None else None
+            if gathered is not None:
+                del gathered[chunk.first :]
+                gathered.extend(chunk.entries)
 
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
         """End `seqs` with "error" after a step raised `exc` (logged with its traceback: it is a bug)."""
@@ -530,11 +554,15 @@ class TorchEngine(Engine):
     def _emit_sequence(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
         # A sequence finished with "error" (it outgrew the cache) drops the token that did not fit.
         new_tokens = [seq.token_ids[-1]] if seq.num_generated and seq.finish_reason != "error" else []
+        prompt_logprobs = None
+        if self._prompt_logprobs and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            prompt_logprobs = self._prompt_logprobs.pop(seq.request_id, None)
         output = EngineOutput(
             seq.request_id,
             new_tokens,
             seq.finish_reason,
             logprobs=[logprobs] if logprobs is not None and new_tokens else None,
+            prompt_logprobs=prompt_logprobs,
             num_cached_tokens=seq.num_cached_tokens,
             error=seq.error,
         )

@@ -28,17 +28,20 @@ from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve
 from lm_torch.memory import free_memory, plan_kv_cache
 from lm_torch.sampling import PendingLogprobs, Sampler, SamplingInputs, is_plain_greedy
 from lm_torch.sampling.ops import argmax_rows
+from lm_torch.sampling.prompt_logprobs import PendingPromptLogprobs, PromptLogprobsChunk, compute_prompt_logprobs
 from lm_torch.scheduler import ScheduledBatch
 
 
 @dataclass
 class StepOutput:
     """Per sequence of the batch: the sampled token (None where the step ended mid-prompt) and its logprobs; for an
-    embedding sequence whose prompt this step completed, its pooled vector (None everywhere else)."""
+    embedding sequence whose prompt this step completed, its pooled vector (None everywhere else); for a sequence
+    that wants prompt logprobs, those of the prompt tokens this step predicted (None: no sequence has any)."""
 
     token_ids: list[int | None]
     logprobs: list[dict[int, float] | None]
     embeddings: list[list[float] | None] | None = None
+    prompt_logprobs: list[PromptLogprobsChunk | None] | None = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class StepHandle:
     logprobs: PendingLogprobs | None = None  # per sampled row, read once the step is done
     embeddings: list[list[float] | None] | None = None
     guided_rows: list[int] = field(default_factory=list)  # positions in sample_rows of guided sequences
+    prompt_logprobs: PendingPromptLogprobs | None = None
     output: StepOutput | None = None
 
 
@@ -198,8 +202,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _measure_activation_reserve(self) -> int:
         """Peak device memory of the largest steps, measured by running them: a `max_prefill_token_num`-token prompt
-        with logits and a sampler run with every stage on over `max_batch_size` rows, and a decode of
-        `max_batch_size` rows (about what the CUDA graphs' pool holds). Compiles the kernels on the way."""
+        with its prompt logprobs, logits and a sampler run with every stage on over `max_batch_size` rows, and a
+        decode of `max_batch_size` rows (about what the CUDA graphs' pool holds). Compiles the kernels on the way."""
         from lm_core.generation_config import GenerationConfig
         from lm_torch.kernels.common import compile_ahead
         from lm_torch.sequence import Sequence
@@ -212,7 +216,14 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
         worst = GenerationConfig(
-            do_sample=True, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.5, logprobs=20
+            do_sample=True,
+            top_k=50,
+            top_p=0.9,
+            min_p=0.05,
+            repetition_penalty=1.1,
+            frequency_penalty=0.5,
+            logprobs=20,
+            prompt_logprobs=20,
         )
         prompt = Sequence("profile-prefill", [1] * num_tokens, num_tokens, worst)
         prompt.block_table = list(range(num_blocks - 1))
@@ -230,7 +241,9 @@ class ModelRunner:
             self._forward_eager(prefill, [0] * rows)
             self._forward_eager(decode, list(range(n)))
         self.phases["Triton compile"] = time.perf_counter() - start
-        hidden, _ = self._forward_eager(prefill, [0] * rows)
+        hidden, full = self._forward_eager(prefill, [0] * rows)
+        compute_prompt_logprobs(self.model, full, prefill, self.vocab_size).resolve(1)
+        del full
         logits = self.model.compute_logits(hidden)
         inputs = SamplingInputs.build(
             [worst] * rows, [[1]] * rows, [[2]] * rows, None, self.vocab_size, self.device, [None] * rows
@@ -298,6 +311,8 @@ class ModelRunner:
             self.graph_inputs.upload(host, bucket)
             hidden = self.graphs.replay(bucket)[: len(batch.seqs)]  # [num_seqs, hidden]
             self._count(graph_steps=1, graph_rows=len(batch.seqs), graph_padding_rows=bucket - len(batch.seqs))
+            # One token per sequence: these rows are every token of the step too.
+            prompt_logprobs = compute_prompt_logprobs(self.model, hidden, batch, self.vocab_size)
             if len(rows) < len(batch.seqs):
                 hidden = hidden.index_select(0, torch.tensor(rows).to(self.device, non_blocking=True))
         else:
@@ -305,7 +320,8 @@ class ModelRunner:
             self._count(eager_steps=1, eager_tokens=batch.num_tokens)
             if embedding:
                 embeddings = self._pool(batch, full)
-        handle = StepHandle(batch, rows, embeddings=embeddings)
+            prompt_logprobs = compute_prompt_logprobs(self.model, full, batch, self.vocab_size)
+        handle = StepHandle(batch, rows, embeddings=embeddings, prompt_logprobs=prompt_logprobs)
         if rows:
             self._sample(handle, hidden)
         self._previous_rows = {batch.seqs[i].request_id: r for r, i in enumerate(rows)}
@@ -332,7 +348,9 @@ class ModelRunner:
             for j, i in enumerate(rows):
                 token_ids[i] = sampled[j]
                 logprobs[i] = row_logprobs[j] if row_logprobs is not None else None
-        return StepOutput(token_ids, logprobs, handle.embeddings)
+        pending = handle.prompt_logprobs
+        prompt_logprobs = pending.resolve(len(batch.seqs)) if pending is not None else None
+        return StepOutput(token_ids, logprobs, handle.embeddings, prompt_logprobs)
 
     def _forward_eager(self, batch: ScheduledBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `batch` without a graph. Returns the final hidden states of the last token of each of `rows`
@@ -449,11 +467,13 @@ class ModelRunner:
         rows = [i for i, sample in enumerate(batch.sample) if sample]
         seqs = [batch.seqs[i] for i in rows]
         embeddings = self._pool(batch, hidden) if any(s.is_embedding for s in batch.seqs) else None
+        pending = compute_prompt_logprobs(self.model, hidden, batch, self.vocab_size)
+        prompt_logprobs = pending.resolve(len(batch.seqs)) if pending is not None else None
         token_ids: list[int | None] = [None] * len(batch.seqs)
         logprobs: list[dict[int, float] | None] = [None] * len(batch.seqs)
         self._last_sampled = {}
         if not rows:
-            return StepOutput(token_ids, logprobs, embeddings)
+            return StepOutput(token_ids, logprobs, embeddings, prompt_logprobs)
         ends = torch.tensor(batch.num_new_tokens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[ends[rows]])  # [len(rows), vocab]
         out = self._sample_full(seqs, logits)
@@ -466,7 +486,7 @@ class ModelRunner:
             token_ids[i] = sampled[row]
             logprobs[i] = out.logprobs[row] if out.logprobs is not None else None
         self._last_sampled = {seq.request_id: token for seq, token in zip(seqs, sampled, strict=True)}
-        return StepOutput(token_ids, logprobs, embeddings)
+        return StepOutput(token_ids, logprobs, embeddings, prompt_logprobs)
 
     def _pool(self, batch: ScheduledBatch, hidden: torch.Tensor) -> list[list[float] | None]:
         """Pool the final hidden states (hidden: [num_tokens, hidden]) of the batch's embedding sequences: a vector

@@ -26,9 +26,11 @@ step that preempted for blocks. The oldest running sequence is never a victim (i
 is alone), so it progresses every step, and every request finishes: one that cannot fit in the whole cache even
 alone is finished with "error" instead of waiting forever.
 
-Embedding sequences (`seq.pooling` set) are scheduled like prompts, chunks included, but never sample: they finish
-with "stop" as soon as their last prompt token is computed, and they never take blocks from the prefix cache (the
-runner needs every token's hidden state, so no token may be skipped), though their full blocks are offered to it.
+Prefill-only sequences (embeddings, and generations with `max_new_tokens == 0`) are scheduled like prompts, chunks
+included, but never sample: they finish as soon as their last prompt token is computed ("stop" for an embedding,
+"length" for a generation). Embeddings and sequences that want prompt logprobs never take blocks from the prefix
+cache (the runner needs every token's hidden state, so no token may be skipped), though their full blocks are
+offered to it.
 A guided sequence finishes with "stop" once its grammar has terminated (accepted a stop token) and with "error" if
 its grammar rejected a token.
 
@@ -83,8 +85,9 @@ class ScheduledBatch:
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
-        # The step reaches the sequence's last token: its logits give the next token (embeddings sample nothing).
-        self.sample.append(not seq.is_embedding and seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+        # The step reaches the sequence's last token: its logits give the next token (prefill-only sequences sample
+        # nothing).
+        self.sample.append(not seq.is_prefill_only and seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
 
 
 class Scheduler:
@@ -231,14 +234,14 @@ class Scheduler:
                 break
             group = self._next_group()
             seq = self._waiting[group][0]
-            cached = [] if seq.is_embedding else bm.match_prefix(seq)
+            cached = [] if seq.skips_prefix_hits else bm.match_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             if not bm.can_allocate(cached, len(cached) * bm.block_size + num_new):
                 # With nothing running every block is free or evictable, and add() rejected what the whole cache
                 # cannot hold, so this only waits for running sequences to finish or be preempted.
                 break
             self._dequeue(seq)
-            if not seq.is_embedding:
+            if not seq.skips_prefix_hits:
                 bm.allocate_cached_prefix(seq)
             allocated = bm.append_slots(seq, num_new)
             assert allocated, "can_allocate promised these blocks"
@@ -262,9 +265,9 @@ class Scheduler:
                 continue  # aborted while the step ran: its blocks are gone already, drop the token
             seq.num_computed_tokens += num_new
             bm.commit(seq)
-            if seq.is_embedding and seq.num_computed_tokens == seq.num_tokens:
+            if seq.is_prefill_only and seq.num_computed_tokens == seq.num_tokens:
                 self._stop_running(seq)
-                self._finish(seq, "stop")
+                self._finish(seq, "stop" if seq.is_embedding else "length")
                 outputs.append(seq)
                 continue
             if not sample:

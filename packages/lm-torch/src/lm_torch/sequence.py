@@ -37,7 +37,8 @@ class Sequence:
       `block_table` (block `i` holds tokens `[i * block_size, (i + 1) * block_size)`).
     - A WAITING or FINISHED sequence has an empty `block_table`; a preempted one also has `num_computed_tokens == 0`.
     - Between steps a RUNNING sequence has at least one uncomputed token (the last sampled token is fed next step).
-    - An embedding sequence (`pooling` set) never samples: it finishes as soon as its whole prompt is computed.
+    - A prefill-only sequence (an embedding, or `max_new_tokens == 0`) never samples: it finishes as soon as its
+      whole prompt is computed.
     - A guided sequence's `grammar` has accepted exactly its generated tokens after every step (preemption keeps
       `token_ids`, so it keeps the grammar state too).
     """
@@ -121,6 +122,17 @@ class Sequence:
     @property
     def is_embedding(self) -> bool:
         return self.pooling is not None
+
+    @property
+    def is_prefill_only(self) -> bool:
+        """Whether the sequence ends once its prompt is computed, sampling nothing (embeddings, max_new_tokens=0)."""
+        return self.pooling is not None or self.gen_config.max_new_tokens == 0
+
+    @property
+    def skips_prefix_hits(self) -> bool:
+        """Whether the runner needs every prompt position computed (embeddings, prompt logprobs): such a sequence
+        takes no prefix-cache hits, which would skip positions (its full blocks are still offered to the cache)."""
+        return self.pooling is not None or self.gen_config.prompt_logprobs is not None
 
     @property
     def num_tokens(self) -> int:

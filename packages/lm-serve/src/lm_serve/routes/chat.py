@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from lm_core.chat_templates.encoding import render_and_encode
 from lm_serve.errors import APIError, bad_request, error_body
 from lm_serve.generation import ClientDisconnected, Generation, PromptJob
-from lm_serve.logprobs import TokenTexts, chat_logprobs
+from lm_serve.logprobs import TokenTexts, chat_logprobs, prompt_logprobs_json
 from lm_serve.offload import off_loop
 from lm_serve.output import (
     delta_is_empty,
@@ -98,6 +98,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.prompt_logprobs is not None and body.stream:
+        raise APIError("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
     tool_choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     user_format = body.response_format.to_engine() if body.response_format else None
@@ -121,10 +123,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         model_defaults=state.pipeline.generation_defaults,
         vocab_size=state.tokenizer.vocab_size,
     )
+    if body.prompt_logprobs is not None:
+        gen_config = gen_config.replace(prompt_logprobs=body.prompt_logprobs)
     check_prompt_length(state, prompt.token_ids, gen_config)
     streams = [make_message_stream(prompt.plan, state, prompt.text, body.chat_template_kwargs) for _ in range(body.n)]
     gen = await Generation(state, [PromptJob(prompt.token_ids, gen_config)]).start()
-    ctx = _ChatContext(state, body, gen_config, streams, num_top, len(prompt.token_ids))
+    ctx = _ChatContext(state, body, gen_config, streams, num_top, prompt.token_ids)
     if body.stream:
         return SSEResponse(ctx.events(gen), gen.aclose)
     try:
@@ -137,12 +141,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 class _ChatContext:
     """What building one request's answer needs."""
 
-    def __init__(self, state, body, gen_config, streams, num_top, num_prompt) -> None:
+    def __init__(self, state, body, gen_config, streams, num_top, prompt_ids) -> None:
         self.state = state
         self.body = body
         self.streams = streams
         self.num_top = num_top
-        self.num_prompt = num_prompt
+        self.prompt_ids = prompt_ids
+        self.num_prompt = len(prompt_ids)
         self.id = new_id("chatcmpl")
         self.created = now()
         self.texts = TokenTexts(state.tokenizer)
@@ -172,7 +177,7 @@ class _ChatContext:
                     "finish_reason": finish_reason(result.finish_reason, bool(parsed.tool_calls)),
                 }
             )
-        return {
+        out = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
@@ -181,6 +186,12 @@ class _ChatContext:
             "usage": usage_json(self.num_prompt, num_completion),
             "system_fingerprint": None,
         }
+        if self.body.prompt_logprobs is not None:  # vLLM's extension; every choice shares the prompt
+            entries = results[0].prompt_logprobs or [None] * self.num_prompt
+            out["prompt_logprobs"] = prompt_logprobs_json(
+                self.prompt_ids, entries, self.body.prompt_logprobs, self.texts
+            )
+        return out
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         chunk = {

@@ -1,4 +1,9 @@
-"""`POST /v1/completions`: text completion of one or more prompts (strings or token ids)."""
+"""`POST /v1/completions`: text completion of one or more prompts (strings or token ids).
+
+With `echo` and `logprobs` the logprobs cover the prompt too (its first token has none), as lm-eval-harness reads
+them to score a continuation; `max_tokens: 0` with `echo` scores the prompt without generating. vLLM's
+`prompt_logprobs` extension adds each choice's prompt logprobs in vLLM's shape.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lm_serve.errors import APIError, bad_request, error_body
 from lm_serve.generation import ClientDisconnected, Generation, PromptJob
-from lm_serve.logprobs import CompletionLogprobs, TokenTexts
+from lm_serve.logprobs import CompletionLogprobs, TokenTexts, prompt_logprobs_json
 from lm_serve.offload import off_loop
 from lm_serve.output import new_id, now, stop_ids_of, usage_json, visible_token_ids
 from lm_serve.protocol import CompletionRequest
@@ -57,11 +62,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise APIError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError("best_of other than n is not supported", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise APIError(
-            "echo with logprobs would need the prompt's logprobs, which this server does not compute",
-            param="echo",
-        )
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError("max_tokens must be at least 1 (0 only with echo, to score the prompt)", param="max_tokens")
+    if body.prompt_logprobs is not None and body.stream:
+        raise APIError("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
     gen_config = build_gen_config(
         body,
         max_tokens=body.max_tokens,
@@ -70,9 +74,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         model_defaults=state.pipeline.generation_defaults,
         vocab_size=state.tokenizer.vocab_size,
     )
+    num_prompt_top = [n for n in (body.logprobs if body.echo else None, body.prompt_logprobs) if n is not None]
+    if num_prompt_top:
+        gen_config = gen_config.replace(prompt_logprobs=max(num_prompt_top))
     jobs, echoes = await off_loop(request, _prompt_jobs, state, body, gen_config)
     gen = await Generation(state, jobs).start()
-    ctx = _CompletionContext(state, body, gen_config, echoes, sum(len(j.prompt_ids) for j in jobs))
+    ctx = _CompletionContext(state, body, gen_config, echoes, [j.prompt_ids for j in jobs])
     if body.stream:
         return SSEResponse(ctx.events(gen), gen.aclose)
     try:
@@ -83,11 +90,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 
 class _CompletionContext:
-    def __init__(self, state, body, gen_config, echoes, num_prompt) -> None:
+    def __init__(self, state, body, gen_config, echoes, prompt_ids) -> None:
         self.state = state
         self.body = body
         self.echoes = echoes
-        self.num_prompt = num_prompt
+        self.prompt_ids = prompt_ids
+        self.num_prompt = sum(len(ids) for ids in prompt_ids)
         self.id = new_id("cmpl")
         self.created = now()
         self.texts = TokenTexts(state.tokenizer)
@@ -100,10 +108,28 @@ class _CompletionContext:
         return self.echoes[index // self.body.n]
 
     def _logprobs_of(self, index: int, piece) -> dict[str, Any] | None:
+        """The choice's logprobs object for `piece`; a choice's first piece (which carries the prompt logprobs)
+        starts with the echoed prompt's tokens."""
         if self.body.logprobs is None:
             return None
-        state = self._logprobs.setdefault(index, CompletionLogprobs(self.body.logprobs, self.texts))
-        return state.render(visible_token_ids(piece, self.stop_ids, self.include_stop), piece.logprobs)
+        state = self._logprobs.get(index)
+        prompt = None
+        if state is None:
+            state = self._logprobs[index] = CompletionLogprobs(self.body.logprobs, self.texts)
+            if self.body.echo:
+                ids = self.prompt_ids[index // self.body.n]
+                prompt = state.render(ids, piece.prompt_logprobs or [None] * len(ids))
+                state.offset = len(self._echo(index))  # generated text starts right after the echoed prompt
+        out = state.render(visible_token_ids(piece, self.stop_ids, self.include_stop), piece.logprobs)
+        return out if prompt is None else {key: prompt[key] + out[key] for key in out}
+
+    def _prompt_logprobs_of(self, index: int, result) -> list[dict[str, Any] | None] | None:
+        """vLLM's `prompt_logprobs` of a choice, when the request asked for them."""
+        if self.body.prompt_logprobs is None:
+            return None
+        ids = self.prompt_ids[index // self.body.n]
+        entries = result.prompt_logprobs or [None] * len(ids)
+        return prompt_logprobs_json(ids, entries, self.body.prompt_logprobs, self.texts)
 
     def completion(self, results) -> dict[str, Any]:
         choices = []
@@ -111,14 +137,15 @@ class _CompletionContext:
             result = results[index]
             if result.finish_reason == "error":
                 raise APIError(result.error or "generation failed", status_code=500, type="server_error")
-            choices.append(
-                {
-                    "index": index,
-                    "text": self._echo(index) + result.text,
-                    "logprobs": self._logprobs_of(index, result),
-                    "finish_reason": result.finish_reason,
-                }
-            )
+            choice = {
+                "index": index,
+                "text": self._echo(index) + result.text,
+                "logprobs": self._logprobs_of(index, result),
+                "finish_reason": result.finish_reason,
+            }
+            if self.body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._prompt_logprobs_of(index, result)
+            choices.append(choice)
         num_completion = sum(r.generate_token_len for r in results.values())
         return {
             "id": self.id,

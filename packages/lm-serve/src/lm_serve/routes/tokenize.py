@@ -1,4 +1,6 @@
-"""`POST /tokenize` and `POST /detokenize` (vLLM's shapes): what the model sees, without generating."""
+"""`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` (vLLM's shapes): what the model sees, without
+generating. lm-eval-harness's `local-completions` tokenizes through them when `/tokenizer_info` answers (its default
+`tokenizer_backend`), so it needs no tokenizer of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ from lm_serve.protocol import DetokenizeRequest, TokenizeRequest
 from lm_serve.request_guards import GuardedRoute
 from lm_serve.routes.chat import render_chat
 from lm_serve.state import ServerState
+
+# The named special tokens `/tokenizer_info` reports (text and id); each key is present, null when undefined.
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 router = APIRouter(route_class=GuardedRoute)
 
@@ -57,3 +62,23 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(f"tokens must be token ids in [0, {vocab})", param="tokens")
     return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> dict:
+    """The tokenizer's configuration, as a tokenizer_config.json would give it: its class, special tokens, length
+    limit and the chat template this server renders with."""
+    state: ServerState = request.app.state.lm
+    tokenizer = state.tokenizer
+    special = tokenizer.special_tokens
+    hf = tokenizer.hf
+    info: dict = {"tokenizer_class": getattr(hf, "init_kwargs", {}).get("tokenizer_class") or type(hf).__name__}
+    for name in _SPECIAL_TOKENS:
+        text = special.get(name)
+        info[name] = text
+        info[f"{name}_id"] = tokenizer.convert_tokens_to_ids(text) if text is not None else None
+    info["eos_token_ids"] = list(tokenizer.eos_token_ids)
+    info["model_max_length"] = state.session_len
+    info["vocab_size"] = tokenizer.vocab_size
+    info["chat_template"] = getattr(state.pipeline.chat_template, "source", None)
+    return info
