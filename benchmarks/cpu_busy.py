@@ -12,8 +12,8 @@ A run: requests of the first --num-prompts ShareGPT pairs' input lengths (random
 generating --new-tokens tokens (greedy, ignore_eos), --concurrency at a time, after a warm-up request. With --busy N
 the worker starts N processes spinning in `while True` after the warm-up and stops them after the run. Each row is one
 JSON line: output tok/s (wall), the process's CPU time per output token (user + sys: the figure to compare on a
-machine that other work makes noisy), the engine's thread choice. Then (unless --no-rss) it starts `lm serve api_server` on the default
-model, sends one request, and reports its resident set (VmRSS) and peak (VmHWM).
+machine that other work makes noisy), the engine's thread choice. Then, unless --no-rss, it starts `lm serve
+api_server` on the default model, sends one request, and reports its resident set (VmRSS) and peak (VmHWM).
 """
 
 from __future__ import annotations
