@@ -6,9 +6,13 @@ Paged KV cache, continuous batching, prefix caching, Triton kernels and CUDA gra
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
-from lm_torch.config import TorchEngineConfig
+# When lm-torch began importing (torch's import follows): the first engine's start-up summary counts from here.
+IMPORT_STARTED = time.perf_counter()
+
+from lm_torch.config import TorchEngineConfig  # noqa: E402  (after the start time is taken)
 
 if TYPE_CHECKING:
     from lm_torch.engine import TorchEngine

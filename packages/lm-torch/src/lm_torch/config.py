@@ -15,8 +15,10 @@ class TorchEngineConfig:
     """Engine settings, named as in LMDeploy's PytorchEngineConfig where the concept is the same.
 
     KV-cache size: `num_kv_blocks` if given, else `kv_cache_gb` exactly, else `cache_max_entry_count` of the memory
-    free after the weights (on CPU: of the available RAM, capped by `cpu_kv_cache_gb`). On CUDA the cache always
-    leaves free the activation reserve measured at start-up (see `lm_torch.memory`).
+    free after the weights (on CPU: of the available RAM, capped by `cpu_kv_cache_gb`). With none of them set, CUDA
+    takes 0.8 of the free memory and the CPU a fixed number of tokens (`memory.cpu_default_kv_tokens`: one full
+    session, at least 8192 tokens), so its size does not depend on what else the machine holds. On CUDA the cache
+    always leaves free the activation reserve measured at start-up (see `lm_torch.memory`).
     """
 
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on CPU
@@ -27,7 +29,7 @@ class TorchEngineConfig:
     max_batch_size: int = 128
     max_prefill_token_num: int = 4096  # token budget of one step (prefill chunks and decodes together)
     enable_prefix_caching: bool = True
-    cache_max_entry_count: float = 0.8
+    cache_max_entry_count: float | None = None  # None: 0.8 on CUDA; on the CPU the fixed default above
     kv_cache_gb: float | None = None
     num_kv_blocks: int | None = None
     cpu_kv_cache_gb: float = 4.0
@@ -49,7 +51,9 @@ class TorchEngineConfig:
     gc_tuning: bool = True
     seed: int = 0  # for dummy weights and unseeded sampling
     custom_module_map: dict[str, Any] = field(default_factory=dict)  # architecture name -> model class or "mod:Cls"
-    num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
+    # CPU threads for torch. None: chosen while running (`lm_torch.cpu_threads`): each step runs on the count that
+    # was fastest when last compared, up to torch's default (one per core), fewer when other work holds cores.
+    num_threads: int | None = None
     # Online KV-cache quantization, as in LMDeploy: 0 off, 8 int8, 4 int4 (asymmetric, a scale and a zero per token
     # and KV head; see `lm_torch.kv_quant`).
     quant_policy: int = 0
@@ -77,7 +81,7 @@ class TorchEngineConfig:
                 raise ValueError(f"TorchEngineConfig.{name} must be a positive integer, got {value!r}")
         if self.session_len is not None and (not isinstance(self.session_len, int) or self.session_len < 2):
             raise ValueError(f"TorchEngineConfig.session_len must be an integer >= 2, got {self.session_len!r}")
-        if not 0 < self.cache_max_entry_count <= 1:
+        if self.cache_max_entry_count is not None and not 0 < self.cache_max_entry_count <= 1:
             raise ValueError(
                 f"TorchEngineConfig.cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count!r}"
             )
@@ -107,6 +111,10 @@ class TorchEngineConfig:
         timeout = self.grammar_compile_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"TorchEngineConfig.grammar_compile_timeout must be a positive number, got {timeout!r}")
+        if self.num_threads is not None and (
+            isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 1
+        ):
+            raise ValueError(f"TorchEngineConfig.num_threads must be an integer >= 1 or None, got {self.num_threads!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"TorchEngineConfig.num_kv_blocks must be positive, got {self.num_kv_blocks!r}")
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest, EngineStats
 from lm_core.generation_config import GenerationConfig
-from lm_torch import gc_tuning
+from lm_torch import IMPORT_STARTED, gc_tuning
 from lm_torch.block_manager import BlockManager
 from lm_torch.config import TorchEngineConfig
 from lm_torch.model_runner import ModelRunner, StepHandle, StepOutput, log
@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 # The token id a sequence carries while its sampled token is still on the device (never a real id).
 PLACEHOLDER = -1
+# Seconds lm-torch's import took (torch's included), not yet counted in any engine's start-up: the first engine
+# built in a process reports them as its "import" phase.
+_unreported_import_s: float | None = time.perf_counter() - IMPORT_STARTED
 
 
 class OutputStream:
@@ -90,6 +93,10 @@ class TorchEngine(Engine):
     priority = 10
 
     def __init__(self, model_path: Path, config: TorchEngineConfig) -> None:
+        global _unreported_import_s
+        started = time.perf_counter()
+        import_s, _unreported_import_s = _unreported_import_s, None
+        log(f"lm-torch: loading {model_path}")
         self.config = config
         # Every torch op runs on this one thread, model loading included: with a second thread issuing CPU ops,
         # two OpenMP thread teams compete for the cores and each step takes twice as long (measured on 2 cores).
@@ -133,10 +140,10 @@ class TorchEngine(Engine):
         self._grammar_pool: GrammarPool | None = None
         self._compiling: set[str] = set()  # request ids whose grammar is being compiled
         self._aborted_while_compiling: set[str] = set()
-        log(self.runner.summary())
         self._gc_tuned = config.gc_tuning
         if self._gc_tuned:
             gc_tuning.tune()
+        log(self.runner.summary(time.perf_counter() - started, import_s))
 
     @classmethod
     def from_pretrained(cls, model_path: str | os.PathLike[str], config: Any = None) -> TorchEngine:

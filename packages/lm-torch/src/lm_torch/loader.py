@@ -81,7 +81,7 @@ def build_model(model_path: Path, config: TorchEngineConfig, hf_config, device: 
 
 
 def iter_checkpoint(model_path: Path, load_format: str, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every checkpoint tensor, with a progress bar over files."""
+    """(name, tensor) for every checkpoint tensor, with a progress bar over the tensors (safetensors) or files."""
     from tqdm.auto import tqdm
 
     files = sorted(model_path.glob("*.safetensors")) if load_format in ("auto", "safetensors") else []
@@ -90,15 +90,23 @@ def iter_checkpoint(model_path: Path, load_format: str, device: torch.device) ->
         files = sorted(p for p in model_path.glob("*.bin") if p.name != "training_args.bin")
     if not files:
         raise ValueError(f"{model_path} holds no weights (*.safetensors or *.bin); load_format={load_format!r}")
-    for file in tqdm(files, desc="loading weights", unit="file", file=sys.stderr):
-        if use_safetensors:
-            from safetensors import safe_open
-
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is no mapping
-                    yield name, f.get_tensor(name)
-        else:
+    if not use_safetensors:
+        for file in tqdm(files, desc="loading weights", unit="file", file=sys.stderr):
             yield from torch.load(file, map_location=device, weights_only=True).items()
+        return
+    from safetensors import safe_open
+
+    # The headers first (cheap), so that the bar counts tensors: a one-file checkpoint shows progress too.
+    names = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            names.append(list(f.keys()))
+    with tqdm(total=sum(map(len, names)), desc="loading weights", unit="tensor", file=sys.stderr) as bar:
+        for file, file_names in zip(files, names, strict=True):
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in file_names:
+                    yield name, f.get_tensor(name)
+                    bar.update()
 
 
 def _tied(model) -> set[str]:

@@ -5,7 +5,11 @@ loaded, and in either case no more than leaves the activation reserve free: the 
 `max_prefill_token_num`-token forward pass, its logits and a sampler run with every stage on, measured by running
 them at start-up) plus the CUDA graphs' pool. The scheduler never schedules more tokens than that step, and running
 out of KV blocks preempts sequences instead of allocating, so a running engine does not hit out-of-memory.
-On the CPU: `cache_max_entry_count` of the available RAM, capped by `cpu_kv_cache_gb`.
+On the CPU the default is a fixed number of tokens, `cpu_default_kv_tokens`: one full session, and at least
+`CPU_MIN_KV_TOKENS` (32 sequences of 256 tokens, about the most a CPU decodes at a useful speed), so the cache never
+depends on how much RAM happened to be free at start-up; it is capped by `cpu_kv_cache_gb` and, on a machine short of
+RAM, by `CPU_DEFAULT_RAM_FRACTION` of the available RAM. An explicit `cache_max_entry_count` takes that fraction of
+the available RAM instead (capped by `cpu_kv_cache_gb`), as on CUDA.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ GIB = 1024**3
 # Room beyond the measured peaks for what no profile run shows: allocator fragmentation, cuBLAS workspaces of new
 # streams, the pinned staging buffers' device twins.
 SAFETY_MARGIN = 512 * 1024**2
+CUDA_DEFAULT_FRACTION = 0.8  # cache_max_entry_count when unset, on CUDA
+CPU_MIN_KV_TOKENS = 32 * 256
+CPU_DEFAULT_RAM_FRACTION = 0.5  # the CPU default never takes more of the available RAM than this
 
 
 @dataclass
@@ -60,6 +67,11 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def cpu_default_kv_tokens(session_len: int) -> int:
+    """Tokens of the CPU's default KV cache: one full session, and at least `CPU_MIN_KV_TOKENS`."""
+    return max(session_len, CPU_MIN_KV_TOKENS)
+
+
 def plan_kv_cache(
     config: TorchEngineConfig,
     kv_bytes_per_block: int,
@@ -83,13 +95,23 @@ def plan_kv_cache(
         if on_gpu and budget > usable:
             raise ValueError(_too_large("kv_cache_gb", budget, free, activation_reserve))
     elif on_gpu:
-        budget = free * config.cache_max_entry_count
-        source = f"cache_max_entry_count {config.cache_max_entry_count:g} of the free memory"
+        fraction = config.cache_max_entry_count or CUDA_DEFAULT_FRACTION
+        budget = free * fraction
+        source = f"cache_max_entry_count {fraction:g} of the free memory"
         if budget > usable:
             budget, source = usable, f"{source}, capped to leave the activation reserve"
-    else:
+    elif config.cache_max_entry_count is not None:
         budget = min(free * config.cache_max_entry_count, config.cpu_kv_cache_gb * GIB)
         source = f"cache_max_entry_count {config.cache_max_entry_count:g} of free RAM, at most cpu_kv_cache_gb"
+    else:
+        tokens = cpu_default_kv_tokens(session_len)
+        budget = -(-tokens // config.block_size) * kv_bytes_per_block
+        source = f"CPU default: {tokens} tokens, one full session and at least {CPU_MIN_KV_TOKENS}"
+        if budget > config.cpu_kv_cache_gb * GIB:
+            budget, source = config.cpu_kv_cache_gb * GIB, f"{source}, capped at cpu_kv_cache_gb"
+        if budget > free * CPU_DEFAULT_RAM_FRACTION:
+            budget = free * CPU_DEFAULT_RAM_FRACTION
+            source = f"{source}, capped at {CPU_DEFAULT_RAM_FRACTION:g} of the available RAM"
     num_blocks = int(budget // kv_bytes_per_block)
     if config.num_kv_blocks is None:
         # Never more than the longest session times the batch size could use: no point holding more.

@@ -20,6 +20,7 @@ import torch
 
 from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
 from lm_torch.config import TorchEngineConfig
+from lm_torch.cpu_threads import ThreadTuner
 from lm_torch.guided import fill_bitmasks
 from lm_torch.kernels import triton_available
 from lm_torch.kv_quant import KVCache, allocate_kv_cache, bytes_per_token, kv_dtype_name
@@ -71,6 +72,10 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_path)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        # CPU steps with no fixed num_threads run on the thread count the tuner finds fastest (see cpu_threads).
+        self.thread_tuner = (
+            ThreadTuner(torch.get_num_threads()) if self.device.type == "cpu" and not config.num_threads else None
+        )
         self.phases: dict[str, float] = {}
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)  # the CUDA context, timed on its own
@@ -118,6 +123,7 @@ class ModelRunner:
             backend = TorchAttentionBackend()
             for layer in self.model.attention_layers():
                 layer.backend = backend
+            start = time.perf_counter()
             self.plan = plan_kv_cache(
                 config,
                 self.kv_bytes_per_block(),
@@ -128,6 +134,7 @@ class ModelRunner:
                 on_gpu=False,
             )
             self.kv_caches = self._allocate_kv(self.plan.num_blocks)
+            self.phases["KV allocation"] = time.perf_counter() - start
 
     @property
     def num_blocks(self) -> int:
@@ -269,8 +276,10 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def summary(self) -> str:
-        """The start-up lines: model, dtype, device and load time; the memory plan; each phase's seconds."""
+    def summary(self, wall_s: float | None = None, import_s: float | None = None) -> str:
+        """The start-up lines: model, dtype, device and load time; the memory plan; the CPU threads; the start-up's
+        wall time (`wall_s`, the engine's whole construction, plus `import_s` when given: lm-torch's import) and each
+        phase's seconds ("other": the part of the wall time no phase covers)."""
         lines = [
             f"lm-torch: {self.model_path.name} ({self.hf_config.architectures[0]}), "
             f"{str(self.dtype).removeprefix('torch.')} on {self.device}, "
@@ -283,8 +292,24 @@ class ModelRunner:
         elif self.device.type == "cuda":
             why = "eager_mode" if self.fast else "triton is not installed: torch attention, no Triton kernels"
             lines.append(f"lm-torch: no CUDA graphs ({why})")
-        phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
-        lines.append(f"lm-torch: start-up {sum(self.phases.values()):.1f} s ({phases})")
+        if self.device.type == "cpu":
+            if self.thread_tuner is not None:
+                counts = self.thread_tuner.candidates
+                lines.append(
+                    f"lm-torch: CPU threads chosen per step by timing ({counts[0]}-{counts[-1]}; fewer when other "
+                    f"work holds cores; --num-threads fixes the count), starting at {self.thread_tuner.current}"
+                )
+            else:
+                lines.append(f"lm-torch: CPU threads {torch.get_num_threads()} (num_threads)")
+        phases = dict(self.phases)
+        if import_s is not None:
+            phases = {"import": import_s, **phases}
+        total = sum(phases.values())
+        if wall_s is not None:
+            total = wall_s + (import_s or 0.0)
+            phases["other"] = max(total - sum(phases.values()), 0.0)
+        text = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+        lines.append(f"lm-torch: start-up {total:.1f} s wall time ({text})")
         return "\n".join(lines)
 
     # -- one step ----------------------------------------------------------------------------------------------------
@@ -297,7 +322,7 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch) -> StepHandle:
         """Queue `batch`'s forward pass and sampling (CUDA), or compute them (CPU)."""
         if not self.fast:
-            return StepHandle(batch, output=self._run_plain(batch))
+            return StepHandle(batch, output=self._run_tuned(batch))
         rows = [i for i, sample in enumerate(batch.sample) if sample]
         bucket = None
         embedding = any(s.is_embedding for s in batch.seqs)
@@ -442,6 +467,19 @@ class ModelRunner:
                 is_plain_greedy(seq.gen_config) and seq.grammar is None and seq.request_id not in self.bad_words_ids
             )
         return known
+
+    def _run_tuned(self, batch: ScheduledBatch) -> StepOutput:
+        """`_run_plain` on the thread count the tuner picks, timed for it (without a tuner: as configured)."""
+        tuner = self.thread_tuner
+        if tuner is None:
+            return self._run_plain(batch)
+        threads = tuner.next_threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        output = self._run_plain(batch)
+        tuner.record(threads, batch.num_tokens, time.perf_counter() - start)
+        return output
 
     @torch.inference_mode()
     def _run_plain(self, batch: ScheduledBatch) -> StepOutput:
