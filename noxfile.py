@@ -57,7 +57,7 @@ CLIENT_LIBRARIES = [
     "langchain-openai==1.8.1",
     "instructor==1.17.0",
     "litellm==1.110.2",
-    "lm-eval==0.4.13",
+    "lm-eval[api]==0.4.13",
 ]
 # Test folders of a package that its tests-<package> session leaves to a session of their own (the openai client,
 # which tests-lm-serve installs, would otherwise run the clients session's openai tests there too).
