@@ -187,7 +187,10 @@ def main() -> None:
                     print(json.dumps({**row, "load_average_1m": round(os.getloadavg()[0], 2)}), flush=True)
         if not args.no_rss and round_index == 0:
             for tree in args.trees:
-                rss = server_rss(tree, args.server_args.split())
+                try:
+                    rss = server_rss(tree, args.server_args.split())
+                except RuntimeError as exc:  # an older tree whose server takes other arguments
+                    rss = {"error": str(exc)[-300:]}
                 print(json.dumps({"tree": str(tree), **rss}), flush=True)
 
 
