@@ -246,6 +246,19 @@ def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
+def start_host_copy(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """CUDA tensors: non-blocking copies into pinned host memory and an event recorded after them (wait on it before
+    reading); host tensors come back as they are, with no event."""
+    if not tensors[0].is_cuda:
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for destination, source in zip(host, tensors, strict=True):
+        destination.copy_(source, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def _ids(values: list[int], device: torch.device) -> torch.Tensor:
     return host_tensor(values, torch.int64, device)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lm_torch.sampling.params import host_tensor
+from lm_torch.sampling.params import host_tensor, start_host_copy
 
 if TYPE_CHECKING:
     from lm_torch.scheduler import ScheduledBatch
@@ -102,14 +102,7 @@ class PendingPromptLogprobs:
 
     def __init__(self, spans: list[_Span], targets: list[int], tensors: list[torch.Tensor]) -> None:
         self._spans, self._targets = spans, targets
-        self._event = None
-        if tensors[0].is_cuda:
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            for destination, source in zip(host, tensors, strict=True):
-                destination.copy_(source, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            tensors = host
+        tensors, self._event = start_host_copy(tensors)
         self._tensors = tensors
 
     def resolve(self, num_rows: int) -> list[PromptLogprobsChunk | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lm_torch.sampling import ops
-from lm_torch.sampling.params import SamplingInputs, host_tensor, to_device
+from lm_torch.sampling.params import SamplingInputs, host_tensor, start_host_copy, to_device
 
 
 class SamplerOutput:
@@ -164,14 +164,7 @@ class PendingLogprobs:
 
     def __init__(self, asked: list[int | None], rows: list[int], tensors: list[torch.Tensor]) -> None:
         self.asked, self.rows = asked, rows
-        self._event = None
-        if tensors[0].is_cuda:
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            for destination, source in zip(host, tensors, strict=True):
-                destination.copy_(source, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            tensors = host
+        tensors, self._event = start_host_copy(tensors)
         self._tensors: list[torch.Tensor] | None = tensors
         self._result: list[dict[int, float] | None] | None = None
 
