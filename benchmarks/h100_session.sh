@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device-tool call's worth of issue #6 measurements on a CUDA machine, run from the repository root with no
-# install (PYTHONPATH over packages/*/src). Each stage has its own time limit and log under $OUT, so one that hangs
-# or fails does not take the others with it. Stages to run: the arguments (default: all, in this order).
+# Issue #6's GPU measurements and tests as stages of one command on a CUDA machine, run from the repository root
+# with no install (PYTHONPATH over packages/*/src). Each stage has its own time limit and log under $OUT, so one
+# that hangs or fails does not take the others with it. Stages to run: the arguments (default: all, in this order).
 #   tests       every GPU test: the engine's GPU path, the model families, the kernels (bf16 and fp16)
 #   latency     batch-1 decode, 128 in / 256 out, dummy Llama-3-8B, with a profile of the decode steps
 #   latency0    the same without programmatic dependent launch (LM_TORCH_PDL=0), no profile

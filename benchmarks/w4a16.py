@@ -26,7 +26,7 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 GROUP = 128
 L2_BYTES = 50 * 1024**2
 # Launch shapes tried: (block_n, blocks per step, num_warps, split_k, prefetch, prefetch_x) of the one-row GEMV.
-GEMV = [  # five of the 15 shapes the third session swept, its winner (kernels/w4a16_tuning.json) first
+GEMV = [  # five of the 15 shapes of the 2026-11-25 sweep, its winner (kernels/w4a16_tuning.json) first
     (4, 8, 1, 1, True, True),
     (8, 8, 1, 1, True, True),
     (2, 8, 1, 1, True, True),

@@ -13,18 +13,9 @@ import json
 import jsonschema_rs
 import pytest
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 20}},
-            "required": ["city"],
-        },
-    },
-}
+from tests.lm_serve import tool_fixtures
+
+WEATHER = tool_fixtures.WEATHER_TOOL
 TIME = {
     "type": "function",
     "function": {
@@ -37,18 +28,13 @@ TIME = {
     },
 }
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
-MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+MESSAGES = [{"role": "user", "content": tool_fixtures.QUESTION}]
 
 
 @pytest.fixture(scope="module")
 def no_closing_bracket(default_model_dir) -> dict[str, int]:
     """A logit_bias that forbids every token whose text contains "]"."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    ids = [i for token, i in tokenizer.get_vocab().items() if "]" in tokenizer.convert_tokens_to_string([token])]
-    assert ids
-    return {str(i): -100 for i in ids}
+    return tool_fixtures.ban_closing_bracket(default_model_dir)
 
 
 def _complete_objects(text: str) -> list[dict]:

@@ -6,7 +6,7 @@ One test puts the real `lm serve api_server` behind the proxy; others have it re
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -16,27 +16,16 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+# Loaded after the skips above: the harness imports httpx and runs uvicorn.
+harness = importlib.import_module("tests.lm_serve.proxy_harness")
 
 
-def load_harness():
-    """proxy_harness.py, loaded once by path and shared by the proxy test modules."""
-    name = "lm_serve_proxy_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("proxy_harness.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-harness = load_harness()
 ROOT, API_KEY, ADMIN_KEY, DEADLINE_S = harness.ROOT, harness.API_KEY, harness.ADMIN_KEY, harness.DEADLINE_S
 AUTH, ADMIN = harness.AUTH, harness.ADMIN
 Process, start_stub, proxy_command, wait_until = (

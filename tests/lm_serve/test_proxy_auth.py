@@ -6,30 +6,18 @@ request the proxy refused can be shown never to have reached a node.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+# Loaded after the skips above: the harness imports httpx and runs uvicorn.
+h = importlib.import_module("tests.lm_serve.proxy_harness")
 
 
-def load_harness():
-    """proxy_harness.py, loaded once by path and shared by the proxy test modules."""
-    name = "lm_serve_proxy_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("proxy_harness.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-h = load_harness()
 stub_script, stubs, make_proxy = h.stub_script, h.stubs, h.make_proxy
 T = h.DEADLINE_S
 

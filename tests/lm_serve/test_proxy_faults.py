@@ -7,33 +7,21 @@ Requests not yet answered fail over to a healthy node, streams already answering
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import os
 import signal
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+# Loaded after the skips above: the harness imports httpx and runs uvicorn.
+h = importlib.import_module("tests.lm_serve.proxy_harness")
 
 
-def load_harness():
-    """proxy_harness.py, loaded once by path and shared by the proxy test modules."""
-    name = "lm_serve_proxy_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("proxy_harness.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-h = load_harness()
 stub_script, make_proxy = h.stub_script, h.make_proxy
 # Far above every bound the proxy is configured with below, far below a hang: a client that waits this long failed.
 CLIENT_TIMEOUT_S = 20.0

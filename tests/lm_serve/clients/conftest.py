@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from tests.lm_serve import tool_fixtures
+
 # LiteLLM fetches its model price list from GitHub at import unless told to use the copy it ships.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -23,39 +25,19 @@ def base_url(api_server) -> str:
 def no_closing_bracket(default_model_dir) -> dict[str, int]:
     """A logit_bias that forbids every token whose text contains "]": a guided array of calls can then never close,
     so generation goes on writing calls until max_tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    ids = [i for token, i in tokenizer.get_vocab().items() if "]" in tokenizer.convert_tokens_to_string([token])]
-    assert ids
-    return {str(i): -100 for i in ids}
-
-
-QUESTION = "What is the weather in Paris?"
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 20}},
-            "required": ["city"],
-        },
-    },
-}
+    return tool_fixtures.ban_closing_bracket(default_model_dir)
 
 
 @pytest.fixture(scope="session")
 def question() -> str:
     """A question the weather tool answers."""
-    return QUESTION
+    return tool_fixtures.QUESTION
 
 
 @pytest.fixture(scope="session")
 def weather_tool() -> dict:
     """An OpenAI function tool with one short string parameter."""
-    return WEATHER_TOOL
+    return tool_fixtures.WEATHER_TOOL
 
 
 @pytest.fixture(scope="session")
