@@ -1,4 +1,5 @@
-"""Shared by the proxy tests (loaded by path: test modules cannot import each other under --import-mode=importlib).
+"""Shared by the proxy tests, which import it as `tests.lm_serve.proxy_harness` (under `--import-mode=importlib` pytest
+registers `tests` and `tests.lm_serve` as packages of the rootdir).
 
 The upstreams are small OpenAI-shaped servers (STUB_SOURCE, run with uvicorn) whose every answer names the node that
 produced it, and whose streams can be held at a gate until the test releases them: that makes routing, buffering and
