@@ -20,7 +20,7 @@ import torch
 
 from lm_core.engine import EngineRequest
 from lm_core.generation_config import GenerationConfig
-from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+from lm_torch.attention import StepMetadata, TorchAttentionBackend
 from lm_torch.config import TorchEngineConfig
 from lm_torch.kv_quant import (
     KVCache,
@@ -133,7 +133,7 @@ def model_logits(model, ids: list[int], chunks: list[int], policy: int, device="
     rows, done = [], 0
     steps = list(chunks) + [1] * (len(ids) - sum(chunks))
     for n in steps:
-        meta = AttentionMetadata.build([n], [done + n], table, block_size, device)
+        meta = model.prepare_attention(StepMetadata.build([n], [done + n], table, block_size, device))
         positions = torch.arange(done, done + n, device=device)
         hidden = model(torch.tensor(ids[done : done + n], device=device), positions, caches, meta)
         if done + n >= sum(chunks):

@@ -30,7 +30,7 @@ def reference():
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+    from lm_torch.attention import StepMetadata, TorchAttentionBackend
 
     for layer in model.attention_layers():
         layer.backend = TorchAttentionBackend()
@@ -39,7 +39,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         (torch.zeros(4, 16, h, d, dtype=dtype), torch.zeros(4, 16, h, d, dtype=dtype))
         for h, d in model.kv_cache_shape()
     ]
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[2, 0]], 16, "cpu")
+    meta = model.prepare_attention(StepMetadata.build([len(ids)], [len(ids)], [[2, 0]], 16, "cpu"))
     with torch.no_grad():
         return model.compute_logits(model(ids, torch.arange(len(ids)), caches, meta))
 

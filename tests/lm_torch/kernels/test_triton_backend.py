@@ -1,13 +1,14 @@
-"""`TritonAttentionBackend` against `TorchAttentionBackend` on whole steps built by `AttentionMetadata.build`."""
+"""`TritonAttentionBackend` against `TorchAttentionBackend` on whole steps built by `StepMetadata.build`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend, triton_backend
+from lm_torch.attention import StepMetadata, TorchAttentionBackend, TritonAttentionBackend, triton_backend
 
 BLOCK_SIZE = 16
 
@@ -37,8 +38,11 @@ def _step(case, seed, query_lens, context_lens, num_heads, num_kv_heads, head_di
     results = []
     for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
         caches = (k_cache.clone(), v_cache.clone())
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
-        out = backend.forward(q, k, v, *caches, meta, 1 / math.sqrt(head_dim), sliding_window, softcap)
+        meta = StepMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
+        state = backend.prepare(meta)
+        out = backend.forward(
+            q, k, v, caches, state, scale=1 / math.sqrt(head_dim), sliding_window=sliding_window, softcap=softcap
+        )
         results.append((out, caches))
     return results
 
@@ -72,8 +76,9 @@ def test_decode_step_matches_torch_backend(case, sort, monkeypatch):
 
 
 def test_padding_rows_of_an_eager_step_are_zeroed(case, monkeypatch):
-    """An eager step's rows past `StepLayout.num_tokens` (padding: slot -1, no sequence) come out zero, whatever the
-    output's memory held (every `empty_like` here returns NaNs), and the real rows are those of the unpadded step."""
+    """An eager step's rows past `StepMetadata.num_real_tokens` (padding: slot -1, no sequence) come out zero,
+    whatever the output's memory held (every `empty_like` here returns NaNs), and the real rows are those of the
+    unpadded step."""
     query_lens, context_lens, pad = [1, 9, 1, 20], [37, 30, 5, 20], 5
     (expected, _), _ = _step(case, 3, query_lens, context_lens, 8, 2, 32, None, None)
     real = sum(query_lens)
@@ -81,24 +86,23 @@ def test_padding_rows_of_an_eager_step_are_zeroed(case, monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
     q, k, v, k_cache, v_cache, tables = _inputs(case, 3, query_lens, context_lens, 8, 2, 32)
     q, k, v = (torch.cat([t, torch.ones_like(t[:pad])]) for t in (q, k, v))  # padding rows after the real ones
-    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
-    meta.slot_mapping = torch.cat([meta.slot_mapping, meta.slot_mapping.new_full((pad,), -1)])
-    decodes = [ctx for n, ctx in zip(query_lens, context_lens, strict=True) if n == 1]
-    meta.cache[triton_backend.LAYOUT_KEY] = triton_backend.StepLayout(
-        meta.query_start_loc, meta.context_lens_tensor, len(decodes), max(decodes), num_tokens=real
-    )
-    out = TritonAttentionBackend().forward(q, k, v, k_cache, v_cache, meta, 1 / math.sqrt(32), None, None)
+    meta = StepMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
+    slots = torch.cat([meta.slot_mapping, meta.slot_mapping.new_full((pad,), -1)])
+    meta = dataclasses.replace(meta, slot_mapping=slots, num_real_tokens=real)
+    backend = TritonAttentionBackend()
+    out = backend.forward(q, k, v, (k_cache, v_cache), backend.prepare(meta), scale=1 / math.sqrt(32))
     torch.testing.assert_close(out[:real], expected, rtol=0, atol=0)
     assert out[real:].eq(0).all()
 
 
 def test_backend_rejects_block_size_mismatch(case):
     pytest.importorskip("triton")
-    meta = AttentionMetadata.build([1], [3], [[0]], 8, case.device)
+    meta = StepMetadata.build([1], [3], [[0]], 8, case.device)
     x = torch.ones(1, 2, 16, device=case.device, dtype=case.dtype)
     cache = torch.ones(2, 16, 2, 16, device=case.device, dtype=case.dtype)
+    backend = TritonAttentionBackend()
     with pytest.raises(ValueError, match="block"):
-        TritonAttentionBackend().forward(x, x, x, cache, cache, meta, 1.0)
+        backend.forward(x, x, x, (cache, cache), backend.prepare(meta), scale=1.0)
 
 
 def _write_table(path, configs, device=None, head_dim=128, kv_bytes=2):
@@ -184,7 +188,7 @@ def test_tuning_table_lookup_and_validation(tmp_path, monkeypatch):
 
 
 def test_graph_split_plan_takes_the_table(tmp_path, monkeypatch):
-    from lm_torch.cuda_graph import graph_split_plan
+    from lm_torch.attention.triton_backend import graph_split_plan
     from lm_torch.kernels import decode_attention as module
 
     cpu, cache = torch.device("cpu"), torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)
@@ -193,5 +197,5 @@ def test_graph_split_plan_takes_the_table(tmp_path, monkeypatch):
     assert graph_split_plan(16, 8, 4096, cpu, k_cache=cache) == (6, 128)
     assert graph_split_plan(16, 8, 4096, cpu) == heuristic[16]
     assert graph_split_plan(16, 8, 4096, cpu, k_cache=cache.to(torch.uint8)) == heuristic[16]  # quantized
-    assert graph_split_plan(16, 8, 4096, cpu, "2:256", cache) == (max(2, heuristic[16][0]), 256)  # the variable
+    assert graph_split_plan(16, 8, 4096, cpu, (2, 256), cache) == (max(2, heuristic[16][0]), 256)  # the variable
     assert graph_split_plan(32, 8, 4096, cpu, k_cache=cache) == heuristic[32]  # no row at or above 32

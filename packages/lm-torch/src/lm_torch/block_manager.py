@@ -132,13 +132,14 @@ class BlockManager:
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
 
-    def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Ensure blocks for tokens `[0, num_computed_tokens + num_new_tokens)`, taking free blocks first and evicting
-        least recently released cached blocks after. False, and nothing changes, if there are not enough."""
-        if seq.num_computed_tokens + num_new_tokens > seq.num_tokens:
+    def append_slots(self, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> bool:
+        """Ensure blocks for positions `[0, num_computed_tokens + num_new_tokens)`, taking free blocks first and
+        evicting least recently released cached blocks after. False, and nothing changes, if there are not enough.
+        `num_lookahead`: positions past the sequence's known and pending tokens a multi-token step computes."""
+        if seq.num_computed_tokens + num_new_tokens > seq.num_tokens + seq.num_pending_tokens + num_lookahead:
             raise ValueError(
-                f"sequence {seq.request_id!r} has {seq.num_tokens} tokens; cannot compute "
-                f"{num_new_tokens} from {seq.num_computed_tokens}"
+                f"sequence {seq.request_id!r} has {seq.num_tokens} tokens and {seq.num_pending_tokens} pending; "
+                f"cannot compute {num_new_tokens} from {seq.num_computed_tokens}"
             )
         needed = self.num_blocks_to_append(seq, num_new_tokens)
         if needed == 0:  # most decode steps: the last block has room
@@ -151,11 +152,13 @@ class BlockManager:
             seq.block_table.append(block_id)
         return True
 
-    def commit(self, seq: Sequence) -> None:
-        """After a step advanced `num_computed_tokens`: offer the sequence's newly full, fully computed blocks to the
-        prefix cache. A block whose prefix is already cached (computed concurrently by another sequence) stays
-        private; the chain goes on through its key, so later blocks are still shared."""
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+    def commit(self, seq: Sequence, num_computed: int | None = None) -> None:
+        """After a step computed positions up to `num_computed` (default: `num_computed_tokens`): offer the sequence's
+        newly full blocks of known tokens whose KV is written to the prefix cache. A block whose prefix is already
+        cached (computed concurrently by another sequence) stays private; the chain goes on through its key, so later
+        blocks are still shared."""
+        done = seq.num_computed_tokens if num_computed is None else num_computed
+        num_full = min(min(done, seq.num_tokens) // self.block_size, len(seq.block_table))
         if not self.enable_prefix_caching or num_full <= seq.num_committed_blocks:
             return
         keys = self._block_hashes(seq, num_full)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.attention.base import AttentionState
 from lm_torch.kernels import runs_triton
 
 
@@ -32,7 +32,7 @@ class PagedAttention(nn.Module):
         k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
         v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, ...],  # (k, v) or a quantized `kv_quant.KVCache` (k, v, scales/zeros of each)
-        meta: AttentionMetadata,
+        state: AttentionState,
         rotary=None,  # a RotaryEmbedding to apply to q and k first (None: they arrive rotated)
         positions: torch.Tensor | None = None,  # [num_tokens], with `rotary`
         kv_stored: bool = False,  # q arrives rotated and k, v are already in the cache (`project_rotate_store`)
@@ -45,7 +45,9 @@ class PagedAttention(nn.Module):
         if rotary is not None and not kv_stored:
             if self._fuses_kv_store(q):
                 # One kernel rotates q and k and writes k and v into the cache; the backend then only attends.
-                rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, *scales_zeros)
+                rotary.rotate_and_store(
+                    positions, q, k, v, kv_cache[0], kv_cache[1], state.meta.slot_mapping, *scales_zeros
+                )
                 kv_stored = True
             else:
                 q, k = rotary(positions, q, k)
@@ -53,15 +55,12 @@ class PagedAttention(nn.Module):
             q,
             k,
             v,
-            kv_cache[0],
-            kv_cache[1],
-            meta,
-            self.scale,
-            self.sliding_window,
-            self.softcap,
+            kv_cache,
+            state,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
             kv_stored=kv_stored,
-            k_scales_zeros=scales_zeros[0],
-            v_scales_zeros=scales_zeros[1],
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
@@ -70,7 +69,7 @@ class PagedAttention(nn.Module):
         already in the cache, and `t` is where Triton runs)."""
         return getattr(self.backend, "fuses_kv_store", False) and runs_triton(t)
 
-    def project_rotate_store(self, qkv_proj, x, rotary, positions, kv_cache, meta) -> torch.Tensor | None:
+    def project_rotate_store(self, qkv_proj, x, rotary, positions, kv_cache, state) -> torch.Tensor | None:
         """The [q | k | v] projection of a one-token step with the rotary embedding and the KV-cache write folded
         into its kernel, where it can be (a W4A16 layer's one-row GEMV on CUDA, the Triton backend, an unquantized
         cache, rotary over the whole head): the row with q and k rotated and k, v in the cache, for `forward(...,
@@ -90,7 +89,7 @@ class PagedAttention(nn.Module):
             rotary.sin,
             kv_cache[0],
             kv_cache[1],
-            meta.slot_mapping,
+            state.meta.slot_mapping,
             self.num_heads,
             self.num_kv_heads,
             self.head_dim,

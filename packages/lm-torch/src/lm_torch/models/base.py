@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from lm_torch.attention.base import AttentionState, StepMetadata
+
 
 class CausalLM(nn.Module):
-    """Base of our model classes. Subclasses define `forward(input_ids, positions, kv_caches, meta) -> hidden`,
-    `load_weights(weights) -> loaded names`, and own `embed_tokens`, `lm_head` and `layers`."""
+    """Base of our model classes. Subclasses define `forward(input_ids, positions, kv_caches, attn) -> hidden`
+    (`attn`: the step's `AttentionState`, see `prepare_attention`), `load_weights(weights) -> loaded names`, and own
+    `embed_tokens`, `lm_head` and `layers`."""
 
     #: multiplies the logits (Gemma2-style soft-capping uses `final_logit_softcapping` instead).
     final_logit_softcapping: float | None = None
@@ -40,6 +45,10 @@ class CausalLM(nn.Module):
 
     def attention_layers(self) -> list[nn.Module]:
         return [layer.self_attn.attn for layer in self.layers]
+
+    def prepare_attention(self, meta: StepMetadata) -> AttentionState:
+        """The per-step state this model's attention backend derives from `meta` (what `forward` takes)."""
+        return self.attention_layers()[0].backend.prepare(meta)
 
     @staticmethod
     def copy_weight(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.attention.base import AttentionState
 from lm_torch.layers.activation import gated_projection
 from lm_torch.layers.attention import PagedAttention
 from lm_torch.layers.norm import RMSNorm
@@ -78,7 +78,7 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0)
 
-    def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionMetadata):
+    def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionState):
         """hidden, residual: [num_tokens, hidden]; the residual add is fused into the next norm, as in Llama."""
         hidden, residual = self.input_layernorm.pre_norm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
@@ -117,7 +117,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionState
     ) -> torch.Tensor:  # [num_tokens, hidden]
         hidden = self.embed_tokens(input_ids)
         # transformers keeps sqrt(hidden) as a float32 tensor and casts it to the weights' dtype before multiplying

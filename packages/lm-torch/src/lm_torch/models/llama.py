@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.attention.base import AttentionState
 from lm_torch.layers.activation import gated_projection
 from lm_torch.layers.attention import PagedAttention
 from lm_torch.layers.norm import RMSNorm
@@ -44,7 +44,7 @@ class LlamaAttention(nn.Module):
             window = None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata):
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionState):
         if self.q_norm is None:
             # One token of a W4A16 model on CUDA: the projection's kernel also rotates and stores k and v.
             qkv = self.attn.project_rotate_store(self.qkv_proj, x, self.rotary, positions, kv_cache, meta)
@@ -81,7 +81,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionMetadata):
+    def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionState):
         hidden, residual = self.input_layernorm.pre_norm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
@@ -105,7 +105,7 @@ class LlamaForCausalLM(CausalLM):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionState
     ) -> torch.Tensor:  # [num_tokens, hidden]
         hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
