@@ -34,6 +34,17 @@ offered to it.
 A guided sequence finishes with "stop" once its grammar has terminated (accepted a stop token) and with "error" if
 its grammar rejected a token.
 
+Tokens in flight. `schedule` advances each scheduled sequence's `num_computed_tokens` past the positions the step
+computes and counts the tokens it samples as `num_pending_tokens`, so the engine may schedule and launch the next
+step before this one's tokens are back (overlap). A sequence with a pending token is scheduled again at once only
+when nothing in its next step's host work reads the token's value (`Sequence.needs_host_tokens`) and the token
+cannot be its last; its next step then computes the pending token's position, reading the token from the runner's
+device buffer. `update(batch, result)` runs once per step, in launch order, with the real token ids: it is the only
+code that appends tokens and decides "stop", "length" or "error". A step may sample several tokens for one
+sequence (`num_tokens_per_step` > 1: the runner computes extra positions from its own inputs and returns the
+tokens it accepts); `update` appends them one by one, checking the stop rules after each and dropping the tokens
+after the one that ends the sequence, and rolls back the positions whose inputs were not accepted.
+
 Invariants (between calls): `running` is sorted by arrival, so is each group's list of waiting sequences; running
 sequences hold blocks and waiting ones none; `_num_running[g]` counts the running sequences of group g (absent: 0).
 With one sequence per group, every running sequence arrived before every waiting one.
