@@ -92,7 +92,8 @@ class ScheduledBatch:
     `Scheduler.update`.
 
     `new_requests` describes the requests scheduled for the first time; `finished_request_ids` the ones that ended
-    since the previous batch, whose runner state can go; `preempted` the sequences that lost their blocks this step.
+    since the previous batch, whose runner state can go; `preempted_request_ids` the ones preempted since the
+    previous batch (their token-buffer slots can go); `preempted` the sequences this step preempted.
     `seqs` are the scheduler's own objects, for `Scheduler.update`: the runner reads only the fields above.
     """
 
@@ -108,6 +109,7 @@ class ScheduledBatch:
     preempted: list[Sequence] = field(default_factory=list)
     new_requests: list[NewRequest] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         num = len(self.seqs)
@@ -222,6 +224,7 @@ class Scheduler:
         self._rejected: list[Sequence] = []  # finished by add(), until take_finished() hands them out
         # Requests the runner knows that ended since the last non-empty batch (`ScheduledBatch.finished_request_ids`).
         self._finished_ids: list[str] = []
+        self._preempted_ids: list[str] = []  # likewise, preempted since the last non-empty batch
         self._next_arrival = 0
         # Tokens the whole cache can hold: a sequence needing more can never be computed, whatever is preempted.
         self._capacity = block_manager.num_blocks * block_manager.block_size
@@ -369,8 +372,10 @@ class Scheduler:
                         seq.grammar,
                     )
                 )
-        if batch.seqs:
+        self._preempted_ids += [seq.request_id for seq in batch.preempted]
+        if batch.seqs:  # handed to the runner with the next batch it runs
             batch.finished_request_ids, self._finished_ids = self._finished_ids, []
+            batch.preempted_request_ids, self._preempted_ids = self._preempted_ids, []
         return batch
 
     def update(self, batch: ScheduledBatch, result: StepResult) -> list[tuple[int, Sequence, int]]:

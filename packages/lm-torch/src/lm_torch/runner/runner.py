@@ -254,7 +254,10 @@ class ModelRunner:
             tile_first=step.tile_first,
             tokens_per_tile=self.tokens_per_tile,
         )
-        input_ids = resolve_input_ids(step.input_ids, step.sources, self.token_buffer)
+        if (host.sources >= 0).any():  # a pending token: read from the token buffer on the device
+            input_ids = resolve_input_ids(step.input_ids, step.sources, self.token_buffer)
+        else:
+            input_ids = step.input_ids.long()
         state = self.backend.prepare(meta)
         padded = step.input_ids.shape[0] > num_real
         zeroed = self.zero_padding and padded

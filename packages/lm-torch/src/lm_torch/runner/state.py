@@ -90,8 +90,8 @@ class RequestStates:
             state = self.states.pop(request_id, None)
             if state is not None:
                 self._release(state)
-        for seq in batch.preempted:
-            state = self.states.get(seq.request_id)
+        for request_id in batch.preempted_request_ids:
+            state = self.states.get(request_id)
             if state is not None:
                 self._release(state)
         for request in batch.new_requests:
