@@ -24,15 +24,15 @@ multiplies the matching tiles of both halves (an MLP's gate_up product and its a
 [rows, 2 x intermediate] product never written).
 
 `gemm_launch(rows, N, K[, activation])` looks the shape up in the tuning table `benchmarks/gemm.py
---write-tuning` writes ($LM_TORCH_GEMM_TUNING, else kernels/gemm_tuning.json; "none": cuBLAS everywhere);
+--write-tuning` writes (`KernelConfig.gemm_tuning`, else kernels/gemm_tuning.json; "none": cuBLAS everywhere);
 `layers.cuda_linear` calls it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -49,6 +49,9 @@ from lm_torch.kernels.common import (
     read_tuning_file,
 )
 from lm_torch.kernels.gemv import check_rows_and_weight, skinny_gemm
+
+if TYPE_CHECKING:
+    from lm_torch.kernels.tuning import TuningTables
 
 
 @triton.jit
@@ -125,13 +128,14 @@ def tiled_gemm(
     num_warps: int = 8,
     num_stages: int = 3,
     activation: str | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]: act(x @ gate^T) * (x @ up^T)
     """x @ weight^T in output tiles whose programs sharing a tile of W run together (float32 accumulation). With
     `activation` (a fused [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
     n = _check_operands("tiled_gemm", x, weight, activation)
     m, k = x.shape
     out = x.new_empty((m, n))
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_enabled(x.device, allow_pdl)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _tiled_kernel[grid](
         x,
@@ -256,6 +260,7 @@ def tma_gemm(
     num_stages: int = 4,
     split_k: int = 1,
     activation: str | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]
     """x @ weight^T in output tiles whose blocks of x and W the TMA copy engine loads, optionally split along K
     (`split_k` programs per tile, the last to finish adding the others' partial sums): for the 64-256-row decode
@@ -281,7 +286,7 @@ def tma_gemm(
         x.device, SPLIT_PARTIALS, halves * tiles * splits * block_m * block_n if splits > 1 else 1, torch.float32
     )
     counters = persistent_zeros(x.device, SPLIT_COUNTERS, tiles if splits > 1 else 1)
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_enabled(x.device, allow_pdl)
     _tma_kernel[(tiles, splits)](
         TensorDescriptor.from_tensor(x, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
@@ -318,7 +323,7 @@ def transposed_cublas_gemm(
     return torch.mm(weight, x.t()).t().contiguous()
 
 
-GEMM_TUNING_ENV = "LM_TORCH_GEMM_TUNING"
+GEMM_TUNING_SETTING = "KernelConfig.gemm_tuning"
 DEFAULT_TUNING = str(Path(__file__).with_name("gemm_tuning.json"))
 # Each kernel's launch arguments, as the tuning table names them.
 LAUNCH_KEYS = {
@@ -335,13 +340,14 @@ def _current_device_name() -> str | None:
 
 
 @functools.cache
-def _tuning_table(
+def load_gemm_table(
     path: str, device_name: str | None = None, named: bool = False
 ) -> dict[tuple, list[tuple[int, dict | None]]]:
     """(N, K, activation or None) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the file at `path`;
     empty when the file names the card it was measured on and `device_name` is another (its winners were that
-    card's: another one runs cuBLAS until a sweep of its own). A file `named` by $LM_TORCH_GEMM_TUNING must exist."""
-    data = read_tuning_file(path, GEMM_TUNING_ENV, named)
+    card's: another one runs cuBLAS until a sweep of its own). A file `named` by `KernelConfig.gemm_tuning` must
+    exist."""
+    data = read_tuning_file(path, GEMM_TUNING_SETTING, named)
     if data is None or (device_name is not None and data.get("device") not in (None, device_name)):
         return {}
     configs = data["configs"]
@@ -369,13 +375,19 @@ def _tuning_table(
     return {shape: sorted(entries, key=lambda e: e[0]) for shape, entries in table.items()}
 
 
-def gemm_launch(rows: int, n: int, k: int, activation: str | None = None):
+def gemm_launch(rows: int, n: int, k: int, activation: str | None = None, tuning: TuningTables | None = None):
     """(kernel function, its keyword arguments) for `rows` rows of an N x K weight (with `activation`: a fused
     [gate | up] weight of N rows whose product is followed by act(gate) * up): the table's entry of the fewest rows
     measured at or above `rows`; None (cuBLAS, then the activation kernel) where there is no such entry or cuBLAS
-    measured fastest."""
-    named = os.environ.get(GEMM_TUNING_ENV)
-    table = _tuning_table(named or DEFAULT_TUNING, _current_device_name(), named=bool(named))
+    measured fastest. `tuning`: the engine's tables (None: the tables shipped beside the kernels)."""
+    from lm_torch.kernels.tuning import shipped_tables
+
+    tables = tuning if tuning is not None else shipped_tables(_current_device_name())
+    return launch_from_table(tables.gemm_table, rows, n, k, activation)
+
+
+def launch_from_table(table: dict[tuple, list[tuple[int, dict | None]]], rows: int, n: int, k: int, activation=None):
+    """`gemm_launch`'s lookup in a loaded table (`load_gemm_table`)."""
     for measured, launch in table.get((n, k, activation), []):
         if measured >= rows:
             if launch is None:

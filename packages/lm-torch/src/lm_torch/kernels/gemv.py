@@ -67,6 +67,7 @@ def gemv(
     block_k: int = 512,
     num_warps: int = 4,
     split_k: int = 1,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [1, N] in x's dtype
     """x @ weight^T for a single row x (float32 accumulation)."""
     check_cuda_or_interpreter(x, weight)
@@ -79,7 +80,7 @@ def gemv(
     splits = triton.cdiv(k, k_per_split)
     out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((1, n))
     # With split-K the kernel adds into the zeroed buffer: the zeroing launch comes between (no early start).
-    pdl = pdl_enabled(x.device) and splits == 1
+    pdl = pdl_enabled(x.device, allow_pdl) and splits == 1
     _gemv_kernel[(triton.cdiv(n, block_n), splits)](
         x,
         weight,
@@ -171,6 +172,7 @@ def skinny_gemm(
     num_warps: int = 4,
     num_stages: int = 4,
     split_k: int = 1,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ weight^T for a few rows on the tensor cores, streaming W once (float32 accumulation)."""
     check_rows_and_weight("skinny_gemm", x, weight)
@@ -181,7 +183,7 @@ def skinny_gemm(
     even = n % block_n == 0 and k % k_per_split == 0
     # With split-K the programs add into a zeroed float32 buffer.
     out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((m, n))
-    pdl = pdl_enabled(x.device) and splits == 1
+    pdl = pdl_enabled(x.device, allow_pdl) and splits == 1
     _skinny_kernel[(triton.cdiv(n, block_n), splits)](
         x,
         weight,
