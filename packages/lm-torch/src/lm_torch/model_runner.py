@@ -24,7 +24,6 @@ from lm_torch.cpu_threads import ThreadTuner
 from lm_torch.guided import fill_bitmasks
 from lm_torch.kernels import triton_available
 from lm_torch.kv_quant import KVCache, allocate_kv_cache, bytes_per_token, kv_dtype_name
-from lm_torch.layers.linear import use_cpu_linears
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
 from lm_torch.memory import free_memory, plan_kv_cache
 from lm_torch.sampling import PendingLogprobs, Sampler, SamplingInputs, is_plain_greedy
@@ -85,12 +84,22 @@ class ModelRunner:
         # (and randomly initialised) in float32 first, twice the bytes, only to be cast.
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
+        # The attention backend and the kernels' tuning tables are part of the model's construction.
+        self.fast = self.device.type == "cuda" and triton_available()
+        tuning = None
+        if self.fast:
+            from lm_torch.attention import TritonAttentionBackend
+            from lm_torch.kernels.common import cuda_device_name
+            from lm_torch.kernels.tuning import TuningTables
+
+            backend = TritonAttentionBackend()
+            tuning = TuningTables.load(config.kernels, cuda_device_name(self.device))
+        else:
+            backend = TorchAttentionBackend()
         try:
-            self.model = build_model(model_path, config, self.hf_config, self.device, self.dtype)
+            self.model = build_model(model_path, config, self.hf_config, self.device, self.dtype, backend, tuning)
         finally:
             torch.set_default_dtype(default_dtype)
-        if self.device.type == "cpu":
-            use_cpu_linears(self.model)
         self.session_len = config.session_len or self.hf_config.max_position_embeddings
         self.vocab_size = self.hf_config.vocab_size
         self.block_size = config.block_size
@@ -115,14 +124,10 @@ class ModelRunner:
             "eager_steps": 0,
             "eager_tokens": 0,
         }
-        self.fast = self.device.type == "cuda" and triton_available()
         self.graphs = None
         if self.fast:
             self._init_cuda()
         else:
-            backend = TorchAttentionBackend()
-            for layer in self.model.attention_layers():
-                layer.backend = backend
             start = time.perf_counter()
             self.plan = plan_kv_cache(
                 config,
@@ -145,17 +150,12 @@ class ModelRunner:
     def _init_cuda(self) -> None:
         """The Triton path: GEMV linears and the Triton attention backend, input staging, the activation reserve
         measured, the KV cache planned and allocated, the decode graphs captured (each phase timed)."""
-        from lm_torch.attention import TritonAttentionBackend
         from lm_torch.kernels.prefill_attention import tokens_per_tile
-        from lm_torch.layers.cuda_linear import use_small_batch_linears, warm_up_gemms
+        from lm_torch.layers.cuda_linear import warm_up_gemms
         from lm_torch.step_inputs import EagerInputs, GraphInputs, PinnedStaging, eager_token_bucket
 
         cfg = self.config
-        use_small_batch_linears(self.model)
-        backend = TritonAttentionBackend()
         layers = self.model.attention_layers()
-        for layer in layers:
-            layer.backend = backend
         self.tokens_per_tile = tokens_per_tile(layers[0].num_heads // layers[0].num_kv_heads, layers[0].head_dim)
         max_blocks_per_seq = -(-self.session_len // self.block_size)
         self.eager_inputs = EagerInputs(cfg.max_prefill_token_num, cfg.max_batch_size, max_blocks_per_seq, self.device)

@@ -314,8 +314,11 @@ def tma_gemm(
 def transposed_cublas_gemm(
     x: torch.Tensor,  # [M, K]
     weight: torch.Tensor,  # [N, K]
+    *,
+    allow_pdl: bool = True,  # taken for a uniform launch signature; cuBLAS launches without PDL
 ) -> torch.Tensor:  # [M, N] in x's dtype, contiguous
     """x @ weight^T as (weight @ x^T)^T: cuBLAS (torch.mm) on the transposed problem, then the copy back to rows."""
+    del allow_pdl
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
         raise ValueError(
             f"transposed_cublas_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]"
