@@ -75,7 +75,10 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path):
     path.write_text(json.dumps({"configs": table}))
     tables = _tables(str(path))
     skinny_args = {key: value for key, value in skinny.items() if key != "kernel"}
-    assert gemm.gemm_launch(2, 4096, 1024, tuning=tables) == (skinny_gemm, skinny_args)  # the fewest measured rows at or above
+    assert gemm.gemm_launch(2, 4096, 1024, tuning=tables) == (
+        skinny_gemm,
+        skinny_args,
+    )  # the fewest measured rows at or above
     assert gemm.gemm_launch(8, 4096, 1024, tuning=tables) == (skinny_gemm, skinny_args)
     assert gemm.gemm_launch(9, 4096, 1024, tuning=tables) is None  # cuBLAS won at 32 rows
     kernel, args = gemm.gemm_launch(100, 4096, 1024, tuning=tables)
@@ -139,32 +142,36 @@ def test_gemm_launch_gated_entries(tmp_path):
     path.write_text(json.dumps({"configs": configs}))
     gemm.load_gemm_table.cache_clear()
     tables = _tables(str(path))
-    assert gemm.gemm_launch(200, 8192, 1024, "silu", tuning=tables) == (gemm.tma_gemm, {**launch, "split_k": 1, "activation": "silu"})
+    assert gemm.gemm_launch(200, 8192, 1024, "silu", tuning=tables) == (
+        gemm.tma_gemm,
+        {**launch, "split_k": 1, "activation": "silu"},
+    )
     assert gemm.gemm_launch(200, 8192, 1024, tuning=tables) == (gemm.tma_gemm, {**launch, "split_k": 2})
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_small_batch_linear_gated_projection(dtype, tmp_path, monkeypatch):
-    from lm_torch.kernels import gemm
-    from lm_torch.layers.activation import gated_projection
-    from lm_torch.layers.cuda_linear import use_small_batch_linears
+def test_small_batch_linear_gated_projection(dtype, tmp_path):
+    from lm_torch.layers.activation import GatedActivation, gated_projection
+    from lm_torch.layers.context import BuildContext
+    from lm_torch.layers.linear import Linear
 
     tiled = {"kernel": "tiled", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
     path = tmp_path / "gemm.json"
     path.write_text(json.dumps({"configs": {"64:384:256:silu": tiled}}))
-    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(path))
+    ctx = BuildContext(device=torch.device("cuda"), dtype=dtype, tuning=_tables(str(path)))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 384, bias=False)).to("cuda", dtype)
+    model = torch.nn.Sequential(Linear(256, 384, False, ctx)).to("cuda", dtype)
     inputs = [torch.randn(rows, 256, device="cuda", dtype=dtype) for rows in (1, 37, 100)]
-    expected = [reference.gated_activation(model(x), "silu").float() for x in inputs]
-    use_small_batch_linears(model)
+    expected = [
+        reference.gated_activation(torch.nn.functional.linear(x, model[0].weight), "silu").float() for x in inputs
+    ]
     assert model[0].forward_gated(inputs[0], "silu") is None  # one row: the GEMV, then the activation
     assert model[0].forward_gated(inputs[1], "silu") is not None  # 37 rows: the tiled kernel, fused
     assert model[0].forward_gated(inputs[2], "silu") is None  # more rows than the table measured: cuBLAS
     for x, want in zip(inputs, expected, strict=True):
-        got = gated_projection(model[0], x, "silu").float()
+        got = gated_projection(model[0], x, GatedActivation("silu", ctx)).float()
         torch.testing.assert_close(got, want, atol=2e-2 * (1 + want.abs().max().item()), rtol=0)
 
 

@@ -395,7 +395,7 @@ class TorchEngineConfig:
             elif name in FIELD_SECTIONS:
                 flat.setdefault(name, value)
         if unknown:
-            raise ValueError(f"TorchEngineConfig has no field(s) {', '.join(unknown)}")
+            raise ValueError(f"TorchEngineConfig has no field(s) {', '.join(sorted(unknown))}")
         return cls(**sections, **flat)
 
     def with_overrides(self, **flat: Any) -> TorchEngineConfig:
