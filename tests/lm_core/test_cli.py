@@ -284,10 +284,9 @@ def test_engine_flags_come_from_the_engine_config_without_torch():
     """The flags are the options lm-torch's config declares; building the CLI imports no torch, and without lm-torch
     the commands keep their generic flags only."""
     from lm_core.cli.engine_options import ENGINE_OPTION_NAMES
-
     from lm_torch.config import engine_options
 
-    assert ENGINE_OPTION_NAMES == tuple(spec.name for spec in engine_options())
+    assert tuple(spec.name for spec in engine_options()) == ENGINE_OPTION_NAMES
     code = (
         "import sys\nfrom lm_core.cli.chat import chat\nfrom lm_serve.cli import api_server\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"

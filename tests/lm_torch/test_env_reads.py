@@ -54,5 +54,5 @@ def test_kernel_config_reads_the_variables_once(monkeypatch):
     assert TorchEngineConfig(gemm_tuning="/x.json").kernels.gemm_tuning == "/x.json"
     assert TorchEngineConfig(kernels=KernelConfig()).kernels == KernelConfig()
     monkeypatch.setenv("LM_TORCH_DECODE_SPLITS", "4")
-    with pytest.raises(ValueError, match="LM_TORCH_DECODE_SPLITS.*decode_splits must be 'S:T'"):
+    with pytest.raises(ValueError, match=r"LM_TORCH_DECODE_SPLITS.*decode_splits must be 'S:T'"):
         TorchEngineConfig()

@@ -132,7 +132,9 @@ def test_decode_step_follows_the_tuning_table(case, tmp_path, monkeypatch):
     from lm_torch.kernels import tuning
 
     # The backend looks plans up in the tables it is given; without any, in the shipped ones: replaced here.
-    monkeypatch.setattr(tuning, "shipped_tables", lambda name: tuning.TuningTables.load(KernelConfig(decode_tuning=path)))
+    monkeypatch.setattr(
+        tuning, "shipped_tables", lambda name: tuning.TuningTables.load(KernelConfig(decode_tuning=path))
+    )
     calls = []
     real = module.decode_attention
 

@@ -353,7 +353,9 @@ def test_tuned_launch_shapes_are_used(case, tmp_path):
     packed, scales, zeros, gen = _weights(case, n_tc, k, group, seed=8)
     x = case.randn(1, k, generator=gen)
     expected = reference.w4a16_linear(x, packed, scales, zeros, group)
-    case.assert_close(w4a16.w4a16_linear(x, packed, scales, zeros, group, tuning=tables), expected, case.elementwise_tol)
+    case.assert_close(
+        w4a16.w4a16_linear(x, packed, scales, zeros, group, tuning=tables), expected, case.elementwise_tol
+    )
 
 
 def _tables(w4a16_tuning):

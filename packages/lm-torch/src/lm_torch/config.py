@@ -86,9 +86,7 @@ class ModelConfig:
     """What model is built and how: dtype, device, weight format, seed of dummy weights, custom classes."""
 
     # auto: the checkpoint's dtype on CUDA, float32 on CPU
-    dtype: str = _option(
-        "auto", option=OptionSpec(("--dtype",), "Weights and compute dtype.", choices=DTYPES)
-    )
+    dtype: str = _option("auto", option=OptionSpec(("--dtype",), "Weights and compute dtype.", choices=DTYPES))
     # auto: CUDA if present, else CPU
     device: str = _option("auto", option=OptionSpec(("--device",), "Where the engine runs.", choices=DEVICES))
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks)

@@ -120,6 +120,7 @@ class SeveralValuesCommand(click.Command):
     several_values: tuple[str, ...] = SEVERAL_VALUES
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Give each value after a several-values flag its own copy of the flag, then parse as click does."""
         rewritten: list[str] = []
         i = 0
         while i < len(args):

@@ -57,14 +57,13 @@ if TYPE_CHECKING:
 # A split covers at least this many tokens: fewer would spend more on merging than they save.
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
-# Programs per multiprocessor the split count aims at. Four rather than two (graph buckets of 16, 32, 64 decodes
-# then take 5, 3, 2 splits instead of 3, 2, 1): on an H100 with real steps' ragged contexts
-# (benchmarks/decode_ragged.py --splits-sweep, bf16) 16 decodes took 47.8 us with 2 splits, 37.5 with 4, 33-35 with
-# 8; 32 decodes 55.5 with 2, 48.8 with 4; 64 decodes 96.5 with 1, 71.3 with 2; 256 decodes still 1 (89.6 us).
+# Programs per multiprocessor the split count aims at. NOTE: four rather than two (graph buckets of 16, 32, 64
+# decodes then take 5, 3, 2 splits instead of 3, 2, 1): with real steps' ragged contexts the small buckets finish
+# sooner with the extra splits (`benchmarks/decode_ragged.py --splits-sweep`).
 SPLIT_WAVES = 4
 SPLIT_COUNTERS = "decode_attention split counters"  # the `persistent_zeros` buffer's name
 
-# Launch plans measured per decode count (`benchmarks/decode_ragged.py --tune`, real ShareGPT steps' contexts): the
+# Launch plans measured per decode count (`benchmarks/decode_ragged.py --tune`, real serving steps' contexts): the
 # file `KernelConfig.decode_tuning` names ("none": no table), else kernels/decode_tuning.json. Unquantized caches of
 # the head_dim and element size the table was measured with, on its card.
 DECODE_TUNING_SETTING = "KernelConfig.decode_tuning"
@@ -82,7 +81,8 @@ def _decode_table(
 ) -> tuple[tuple[int, dict], ...]:
     """((decodes, plan), ...) by decodes, from the file at `path`; empty when the file does not exist or was measured
     on another card, head_dim or cache element size (its launch shapes may not even fit other tiles' shared memory).
-    A file `named` by `KernelConfig.decode_tuning` must exist: a mistyped path does not quietly fall back to defaults."""
+    A file `named` by `KernelConfig.decode_tuning` must exist: a mistyped path does not quietly fall back to the
+    defaults."""
     data = read_tuning_file(path, DECODE_TUNING_SETTING, named)
     if data is None:
         return ()

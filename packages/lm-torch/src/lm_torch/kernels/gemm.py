@@ -1,10 +1,8 @@
 """y = x @ W^T for the row counts of decode steps (2 to a few hundred rows), and the table that picks its kernel.
 
 A decode step of 2-256 rows multiplies every weight by few rows: up to ~64 rows the product is bound by reading W,
-beyond that by the tensor cores, and in between both matter. cuBLAS's choices there leave time on the table on an
-H100: in a ShareGPT throughput profile (benchmarks/RESULTS.md, seventh session) the gate_up product of the
-129-256-row decode steps took 172 us a call, about twice what reading its weight or its FLOPs at 700 TFLOP/s
-need. Three Triton kernels and a cuBLAS variant (`benchmarks/gemm.py` times them against cuBLASLt):
+beyond that by the tensor cores, and in between both matter, where cuBLAS's choices can leave time on the table.
+Three Triton kernels and a cuBLAS variant (`benchmarks/gemm.py` times them against cuBLASLt):
 
 - `kernels.gemv.skinny_gemm` (up to 64 rows): W the dot's first operand, the rows padded to 16; one program per
   block of output features streams its rows of W once.
@@ -13,11 +11,11 @@ need. Three Triton kernels and a cuBLAS variant (`benchmarks/gemm.py` times them
   about once however many row tiles there are.
 - `tma_gemm` (any rows): the tiled GEMM's tiles with the blocks of x and W loaded by the TMA copy engine, and an
   optional split of K (the last split of a tile to finish adds the others' float32 partial sums), so that the few
-  output tiles of a 64-256-row product can fill the SMs. On the H100 it still loses to cuBLAS at 64-256 rows except
-  the fused gate_up at 64-128 rows and the lm_head at 64 (by 0.3-4%; RESULTS.md, twelfth session).
+  output tiles of a 64-256-row product can fill the SMs.
 - `transposed_cublas_gemm` (any rows): cuBLAS on the transposed problem, y^T = W x^T, copied back to rows; cuBLAS
-  picks other tiles for it than for x W^T (on the H100 worse ones: 10-55% slower at 64-256 rows, so the committed
-  table never names it).
+  picks other tiles for it than for x W^T.
+
+Which one runs for a shape is the tuning table's choice (measured per card), never fixed here.
 
 With `activation`, the tiled GEMM takes a fused [gate | up] weight and writes act(gate) * up: each program
 multiplies the matching tiles of both halves (an MLP's gate_up product and its activation in one launch, the

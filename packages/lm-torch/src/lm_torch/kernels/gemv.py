@@ -5,9 +5,8 @@ bandwidth. One program takes `block_n` output features and streams their rows of
 16 bytes wide) against x, accumulating products elementwise in float32 and reducing once at the end; `split_k`
 programs share each feature's K range and add their partial sums atomically into a float32 buffer.
 
-On an H100 with Llama-3-8B's shapes (`benchmarks/gemv.py`) 16 features x 512 of K per step, 4 warps and no split
-were the fastest shape tried for every projection, 4-15% faster than cuBLASLt (which picks split-K kernels plus a
-reduction for the square and the tall-K shapes): `layers.cuda_linear.SingleRowLinear` uses it for one-row inputs.
+The default launch (16 features x 512 of K per step, 4 warps, no split) is the fastest shape `benchmarks/gemv.py`
+found for Llama-3-8B's projections; `layers.cuda_linear.SmallBatchLinearMethod` uses it for one-row inputs.
 """
 
 from __future__ import annotations

@@ -9,9 +9,8 @@ Three kernels (the tuning table picks one per shape, `w4a16_linear`):
   into the mantissa of 1.0 (`_plane`; an integer-to-float conversion runs at a quarter of the rate), one FMA with
   x, and the zero and scale are applied once per word and block. A loop step reads BLOCKS blocks side by side (a
   [BLOCK_N, BLOCKS, B / 8] tile of words), each thread holds several rows (reusing every x value it loads), and the
-  next step's operands are requested before this step's arithmetic. On an H100 it reaches 1.0-1.5 TB/s at
-  Llama-3-8B's shapes, 1.6-1.9x faster than the bf16 GEMV (`benchmarks/RESULTS.md`): with ~5 instructions per
-  weight in the loop (SASS), issue limits it about as much as memory does.
+  next step's operands are requested before this step's arithmetic. With ~5 instructions per weight in the loop
+  (SASS), issue limits it about as much as memory does.
 - `w4a16_tc.w4a16_gemv_tc`, one input row on the tensor cores (its own module, with the last steps that apply
   the MLP's activation or the rotary and KV-cache write): ~1.5-2.5 SASS instructions per weight.
 - `_w4a16_gemm_kernel`, more rows: a block's [BLOCK_N, 8, B / 8] planes are dequantized in registers into the
@@ -474,7 +473,7 @@ def w4a16_linear(
 
 
 def _gemv_tc_default(device: torch.device, outputs: int, num_blocks: int) -> dict:
-    """The one-row launch of a shape the tuning table lacks, after the H100's winners (benchmarks/w4a16_notes.md):
+    """The one-row launch of a shape the tuning table lacks, after the tuned winners (benchmarks/w4a16_notes.md):
     the tensor-core GEMV, 32 rows and 2 blocks a step, K split until about 16 programs per SM are in flight (at
     most 8 ways: qkv and o of Llama-3-8B get 8, gate_up 4, as tuned)."""
     blocks = 2 if num_blocks % 2 == 0 else 1

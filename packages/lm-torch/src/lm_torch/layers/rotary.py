@@ -78,7 +78,7 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = emb.shape[-1]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, k) rotated by `positions` [num_tokens]; q: [num_tokens, num_heads, head_dim], k: [.., num_kv_heads, ..]."""
+        """(q, k) rotated by `positions` [num_tokens]; q: [num_tokens, num_heads, head_dim], k with num_kv_heads."""
         return self._forward(positions, q, k)
 
     def forward_triton(

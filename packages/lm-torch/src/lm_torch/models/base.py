@@ -9,7 +9,7 @@ from torch import nn
 
 
 class CausalLM(nn.Module):
-    """Base of our model classes. Subclasses define `forward(input_ids, positions, kv_caches, meta) -> hidden`,
+    """Base of our model classes. Subclasses define `forward(input_ids, positions, kv_caches, attn) -> hidden`,
     `load_weights(weights) -> loaded names`, and own `embed_tokens`, `lm_head` and `layers`."""
 
     #: multiplies the logits (Gemma2-style soft-capping uses `final_logit_softcapping` instead).
@@ -39,10 +39,12 @@ class CausalLM(nn.Module):
         return [(layer.self_attn.attn.num_kv_heads, layer.self_attn.attn.head_dim) for layer in self.layers]
 
     def attention_layers(self) -> list[nn.Module]:
+        """Every layer's `PagedAttention`."""
         return [layer.self_attn.attn for layer in self.layers]
 
     @staticmethod
     def copy_weight(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+        """Copy a checkpoint tensor into the parameter of that name, its shape checked."""
         if name not in params:
             raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
         param = params[name]
@@ -54,6 +56,7 @@ class CausalLM(nn.Module):
             param.copy_(tensor)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy (name, tensor) pairs of a checkpoint in; returns the parameter names loaded."""
         raise NotImplementedError
 
 

@@ -80,6 +80,7 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
         self.internlm2_config = config
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Llama's loading, after renaming InternLM2's tensors and splitting its packed wqkv."""
         return super().load_weights(self._llama_weights(weights))
 
     def _llama_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:

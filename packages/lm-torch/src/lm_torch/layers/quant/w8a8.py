@@ -13,7 +13,6 @@ with the scales (and bias) applied in its epilogue, or for float8 `torch._scaled
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lm_torch.layers.context import BuildContext, context_or_current
 from lm_torch.layers.linear import LinearBase

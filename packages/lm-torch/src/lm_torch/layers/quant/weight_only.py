@@ -201,7 +201,13 @@ class _WeightOnlyLinear(LinearBase):
         if act not in ACTIVATION_CODES:
             return None
         out = w4a16_linear(
-            x.reshape(1, -1).contiguous(), self.packed, self.scales, self.zeros, self.group_size, act, tuning=self.tuning
+            x.reshape(1, -1).contiguous(),
+            self.packed,
+            self.scales,
+            self.zeros,
+            self.group_size,
+            act,
+            tuning=self.tuning,
         )
         return out.view(*x.shape[:-1], self.out_features // 2)
 
@@ -230,7 +236,8 @@ class AWQLinear(_WeightOnlyLinear):
         self.qzeros = quant_param(torch.zeros(self.num_groups, out_features // 8, dtype=torch.int32), 1, 8)
         self.scales = quant_param(torch.zeros(self.num_groups, out_features, dtype=dtype), 1)
 
-    def int4_weights(self):
+    def int4_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q [in, out], zeros [groups, out], None): AWQ groups are contiguous."""
         return unpack_int32(self.qweight, 4, AWQ_ORDER), unpack_int32(self.qzeros, 4, AWQ_ORDER), None
 
     def _dequantize_checkpoint(self) -> torch.Tensor:
@@ -277,7 +284,8 @@ class GPTQLinear(_WeightOnlyLinear):
         default = torch.arange(in_features, dtype=torch.int32) // self.group_size
         self.g_idx = quant_param(default, None, optional=True)
 
-    def int4_weights(self):
+    def int4_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q [in, out], zeros [groups, out] with the format's offset, g_idx [in])."""
         q = unpack_int32(self.qweight.t(), 4).t()  # [in, out]
         return q, unpack_int32(self.qzeros, 4) + self.zero_offset, self.g_idx
 
@@ -288,6 +296,7 @@ class GPTQLinear(_WeightOnlyLinear):
         return (q - zeros[groups]).to(self.scales.dtype) * self.scales[groups]
 
     def init_dummy(self, generator: torch.Generator) -> None:
+        """Random weights with the spread of normal(0, 0.02), zeros in the middle of the range, for benchmarks."""
         _random_words(self.qweight, generator)
         middle = 1 << (self.bits - 1)
         stored = torch.full((self.qzeros.shape[0], self.qzeros.shape[1] * 32 // self.bits), middle - 1)
