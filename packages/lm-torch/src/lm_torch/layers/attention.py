@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 AttentionState = Any
 
 
+def _scales_zeros(kv_cache: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A quantized cache's (k_scales_zeros, v_scales_zeros), (None, None) for an unquantized one."""
+    if len(kv_cache) < 4:
+        return None, None
+    return kv_cache[2], kv_cache[3]
+
+
 def _state_slots(state: Any) -> torch.Tensor:
     """The [T] slot tensor of a backend's per-step state."""
     return state.meta.slot_mapping
@@ -54,7 +61,7 @@ class _SplitCacheBackend:
         kv_stored: bool,
     ) -> torch.Tensor:
         """The wrapped backend's forward on the same inputs."""
-        scales_zeros = tuple(kv_cache[2:4]) if len(kv_cache) > 2 else (None, None)
+        scales_zeros = _scales_zeros(kv_cache)
         return self.backend.forward(
             q,
             k,
@@ -134,8 +141,12 @@ class PagedAttention(nn.Module):
         if rotary is not None and not kv_stored:
             if self.fuses_kv_store:
                 # One kernel rotates q and k and writes k and v into the cache; the backend then only attends.
-                scales_zeros = tuple(kv_cache[2:4]) if len(kv_cache) > 2 else (None, None)
-                rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], self._slots(attn), *scales_zeros)
+                if positions is None:
+                    raise ValueError("PagedAttention: `rotary` needs `positions`")
+                k_cache, v_cache = kv_cache[0], kv_cache[1]
+                rotary.rotate_and_store(
+                    positions, q, k, v, k_cache, v_cache, self._slots(attn), *_scales_zeros(kv_cache)
+                )
                 kv_stored = True
             else:
                 q, k = rotary(positions, q, k)
@@ -169,7 +180,7 @@ class PagedAttention(nn.Module):
             return None
         if rotary.rotary_dim != self.head_dim:
             return None
-        if len(kv_cache) > 2 and kv_cache[2] is not None:  # a quantized cache: its scales need whole heads
+        if _scales_zeros(kv_cache)[0] is not None:  # a quantized cache: its scales need whole heads
             return None
         from lm_torch.kernels.w4a16 import QKVRotary
 

@@ -152,7 +152,7 @@ class Linear(nn.Linear, LinearBase):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.method = dense_linear_method(context_or_current(ctx))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pyright: ignore[reportIncompatibleMethodOverride]
         """x [..., in] -> [..., out]."""
         return self.method.apply(self, x)
 

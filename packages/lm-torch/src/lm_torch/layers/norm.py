@@ -34,7 +34,9 @@ class RMSNorm(nn.Module):
         from lm_torch.kernels.rms_norm import rms_norm
 
         out, total = rms_norm(x, self.weight, self.eps, residual, self.offset, allow_pdl=self.allow_pdl)
-        return out if residual is None else (out, total)
+        if residual is None or total is None:
+            return out
+        return out, total
 
     def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> NormOutput:
         """The torch computation."""

@@ -59,6 +59,9 @@ class RotaryEmbedding(nn.Module):
     On CUDA with triton the kernel of `kernels.rotary` rotates in place (`forward_triton`), elsewhere plain torch
     (`forward_native`); the path is bound in `__init__`."""
 
+    cos: torch.Tensor  # [max_positions, rotary_dim] float32
+    sin: torch.Tensor
+
     def __init__(
         self, config: Any, max_positions: int, layer_type: str | None = None, ctx: BuildContext | None = None
     ) -> None:
