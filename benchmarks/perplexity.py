@@ -47,9 +47,14 @@ def perplexity(
     from lm_torch.kv_quant import allocate_kv_cache
     from lm_torch.loader import build_model, load_hf_config
 
-    model = build_model(model_dir, TorchEngineConfig(), load_hf_config(model_dir), torch.device("cpu"), torch.float32)
-    for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
+    model = build_model(
+        model_dir,
+        TorchEngineConfig(),
+        load_hf_config(model_dir),
+        torch.device("cpu"),
+        torch.float32,
+        TorchAttentionBackend(),
+    )
     block_size = 16
     num_blocks = (seqlen + block_size - 1) // block_size
     caches = [

@@ -166,9 +166,9 @@ def lm_torch_logits(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
     hf_config = load_hf_config(checkpoint)
     if not getattr(hf_config, "architectures", None):
         hf_config.architectures = json.loads((checkpoint / "config.json").read_text())["architectures"]
-    model = build_model(checkpoint, TorchEngineConfig(), hf_config, torch.device("cpu"), torch.float32)
-    for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
+    model = build_model(
+        checkpoint, TorchEngineConfig(), hf_config, torch.device("cpu"), torch.float32, TorchAttentionBackend()
+    )
     blocks = (len(ids) + 15) // 16
     caches = [(torch.zeros(blocks, 16, h, d), torch.zeros(blocks, 16, h, d)) for h, d in model.kv_cache_shape()]
     meta = model.prepare_attention(StepMetadata.build([len(ids)], [len(ids)], [list(range(blocks))], 16, "cpu"))

@@ -88,11 +88,8 @@ def _load_ours(
     dtype: torch.dtype = torch.float32,
 ):
     hf_config = hf_config if hf_config is not None else load_hf_config(path)
-    model = build_model(path, engine_config or TorchEngineConfig(), hf_config, torch.device(device), dtype)
     backend = TritonAttentionBackend() if device == "cuda" else TorchAttentionBackend()
-    for layer in model.attention_layers():
-        layer.backend = backend
-    return model
+    return build_model(path, engine_config or TorchEngineConfig(), hf_config, torch.device(device), dtype, backend)
 
 
 def _paged_cache(model) -> list[tuple[torch.Tensor, torch.Tensor]]:

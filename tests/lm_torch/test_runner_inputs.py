@@ -9,8 +9,9 @@ import torch
 
 from lm_core.generation_config import GenerationConfig
 from lm_torch.attention import StepMetadata
-from lm_torch.attention.triton_backend import graph_split_plan
 from lm_torch.config import TorchEngineConfig
+from lm_torch.envs import DecodeSplits
+from lm_torch.kernels.decode_attention import graph_split_plan
 from lm_torch.memory import GIB, SAFETY_MARGIN, plan_kv_cache
 from lm_torch.runner.cuda_graph import graph_buckets
 from lm_torch.runner.inputs import (
@@ -115,7 +116,7 @@ def test_cuda_graph_sizes_are_checked(sizes):
 
     with pytest.raises(ValueError, match="cuda_graph_sizes"):
         TorchEngineConfig(max_batch_size=256, cuda_graph_sizes=sizes)
-    assert TorchEngineConfig(max_batch_size=256, cuda_graph_sizes=[1, 256]).cuda_graph_sizes == [1, 256]
+    assert TorchEngineConfig(max_batch_size=256, cuda_graph_sizes=[1, 256]).cuda.cuda_graph_sizes == (1, 256)
 
 
 def test_graph_split_plan():
@@ -127,9 +128,9 @@ def test_graph_split_plan():
     assert graph_split_plan(1, 1, 4096, cpu) == (16, 64)
     assert graph_split_plan(1, 1, 100, cpu) == (1, 64)  # no split when the engine's contexts are short
     assert graph_split_plan(64, 8, 4096, cpu) == (1, 64)
-    assert graph_split_plan(64, 8, 4096, cpu, (4, 256)) == (4, 256)
-    assert graph_split_plan(1, 1, 4096, cpu, (4, 256)) == (16, 256)  # more splits already: kept
-    assert graph_split_plan(1, 1, 4096, cpu, (64, 64)) == (32, 64)  # at most MAX_SPLITS
+    assert graph_split_plan(64, 8, 4096, cpu, DecodeSplits(4, 256)) == (4, 256)
+    assert graph_split_plan(1, 1, 4096, cpu, DecodeSplits(4, 256)) == (16, 256)  # more splits already: kept
+    assert graph_split_plan(1, 1, 4096, cpu, DecodeSplits(64, 64)) == (32, 64)  # at most MAX_SPLITS
 
 
 def test_graph_inputs_pad_rows_to_the_bucket():

@@ -132,7 +132,13 @@ def test_decode_step_follows_the_tuning_table(case, tmp_path, monkeypatch):
     path = _write_table(
         tmp_path / "t.json", table, head_dim=32, kv_bytes=torch.empty(0, dtype=case.dtype).element_size()
     )
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, path)
+    from lm_torch.config import KernelConfig
+    from lm_torch.kernels import tuning
+
+    # The backend looks plans up in the tables it is given; without any, in the shipped ones: replaced here.
+    monkeypatch.setattr(
+        tuning, "shipped_tables", lambda name: tuning.TuningTables.load(KernelConfig(decode_tuning=path))
+    )
     calls = []
     real = module.decode_attention
 
@@ -150,52 +156,61 @@ def test_decode_step_follows_the_tuning_table(case, tmp_path, monkeypatch):
     assert kwargs["seq_order"].tolist() == sorted(range(6), key=lambda i: -context_lens[i])
 
 
-def test_tuning_table_lookup_and_validation(tmp_path, monkeypatch):
+def _tables(device_name=None, **fields):
+    from lm_torch.config import KernelConfig
+    from lm_torch.kernels.tuning import TuningTables
+
+    return TuningTables.load(KernelConfig(**fields), device_name)
+
+
+def test_tuning_table_lookup_and_validation(tmp_path):
     from lm_torch.kernels import decode_attention as module
 
-    cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)  # on the CPU: the device name is patched below
+    cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)  # on the CPU: the device name is given below
     table = {"16": _plan(64, 5, 64, False), "1": _plan(64, 16, 64, False), "256": _plan(128, 1, 64, True)}
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "h100.json", table, "NVIDIA H100 80GB HBM3"))
-    assert module.tuned_decode_plan(3, cache) is None  # the table names a card; the CPU is not it
-    monkeypatch.setattr(module, "cuda_device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    assert module.tuned_decode_plan(1, cache)["num_splits"] == 16
-    assert module.tuned_decode_plan(2, cache)["num_splits"] == 5  # the fewest decodes measured at or above
-    assert module.tuned_decode_plan(200, cache)["block_n"] == 128
-    assert module.tuned_decode_plan(257, cache) is None  # beyond the table: the kernel's defaults
-    assert module.tuned_decode_plan(1, cache.half())["num_splits"] == 16  # fp16: the same tiles as bf16
-    assert module.tuned_decode_plan(1, cache.float()) is None  # float32 tiles are twice the size
-    assert module.tuned_decode_plan(1, torch.empty(1, 16, 8, 64, dtype=torch.bfloat16)) is None  # another head_dim
-    assert module.tuned_decode_plan(1, cache.to(torch.uint8)) is None  # quantized codes
-    monkeypatch.setattr(module, "cuda_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
-    assert module.tuned_decode_plan(1, cache) is None
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, "none")
-    assert module.tuned_decode_plan(1, cache) is None
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, str(tmp_path / "missing.json"))  # a mistyped path is an error
-    with pytest.raises(ValueError, match=r"LM_TORCH_DECODE_TUNING=.*missing\.json.* is not a file"):
-        module.tuned_decode_plan(1, cache)
-    monkeypatch.setattr(module, "DEFAULT_DECODE_TUNING", str(tmp_path / "missing.json"))
-    monkeypatch.delenv(module.DECODE_TUNING_ENV)
-    assert module.tuned_decode_plan(1, cache) is None  # no committed table (a card without one): the defaults
+    path = _write_table(tmp_path / "h100.json", table, "NVIDIA H100 80GB HBM3")
+    assert _tables(None, decode_tuning=path).decode_plan(3, cache) is None  # the table names a card; not this one
+    tables = _tables("NVIDIA H100 80GB HBM3", decode_tuning=path)
+    assert tables.decode_plan(1, cache)["num_splits"] == 16
+    assert tables.decode_plan(2, cache)["num_splits"] == 5  # the fewest decodes measured at or above
+    assert tables.decode_plan(200, cache)["block_n"] == 128
+    assert tables.decode_plan(257, cache) is None  # beyond the table: the kernel's defaults
+    assert tables.decode_plan(1, cache.half())["num_splits"] == 16  # fp16: the same tiles as bf16
+    assert tables.decode_plan(1, cache.float()) is None  # float32 tiles are twice the size
+    assert tables.decode_plan(1, torch.empty(1, 16, 8, 64, dtype=torch.bfloat16)) is None  # another head_dim
+    assert tables.decode_plan(1, cache.to(torch.uint8)) is None  # quantized codes
+    assert module.tuned_decode_plan(1, cache, tables)["num_splits"] == 16  # the kernel module's lookup: the same
+    assert _tables("NVIDIA A100-SXM4-80GB", decode_tuning=path).decode_plan(1, cache) is None
+    assert _tables("NVIDIA H100 80GB HBM3", decode_tuning="none").decode_plan(1, cache) is None
+    missing = _tables("NVIDIA H100 80GB HBM3", decode_tuning=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=r"KernelConfig.decode_tuning=.*missing\.json.* is not a file"):
+        missing.decode_plan(1, cache)  # a mistyped path is an error
+    from lm_torch.kernels import tuning
+
+    no_table = tuning.TuningTables(
+        "NVIDIA H100 80GB HBM3", str(tmp_path / "missing.json"), False, {}, {}
+    )  # no committed table (a card without one): the defaults
+    assert no_table.decode_plan(1, cache) is None
     bad = {"x": _plan(64, 1, 64, False)}, {"4": {"block_n": 64}}, {"4": _plan(64, 99, 64, False)}
     for i, configs in enumerate(bad):
-        monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / f"bad{i}.json", configs))
+        tables = _tables(None, decode_tuning=_write_table(tmp_path / f"bad{i}.json", configs))
         with pytest.raises(ValueError, match=r"decode tuning|plan of"):
-            module.tuned_decode_plan(1, cache.half())
+            tables.decode_plan(1, cache.half())
     (tmp_path / "nohead.json").write_text('{"configs": {}}')
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, str(tmp_path / "nohead.json"))
     with pytest.raises(ValueError, match="head_dim and kv_bytes"):
-        module.tuned_decode_plan(1, cache)
+        _tables(None, decode_tuning=str(tmp_path / "nohead.json")).decode_plan(1, cache)
 
 
-def test_graph_split_plan_takes_the_table(tmp_path, monkeypatch):
-    from lm_torch.attention.triton_backend import graph_split_plan
-    from lm_torch.kernels import decode_attention as module
+def test_graph_split_plan_takes_the_table(tmp_path):
+    from lm_torch.envs import DecodeSplits
+    from lm_torch.kernels.decode_attention import graph_split_plan
 
     cpu, cache = torch.device("cpu"), torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)
     heuristic = {bucket: graph_split_plan(bucket, 8, 4096, cpu) for bucket in (16, 32)}  # no cache: no table
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "t.json", {"16": _plan(64, 6, 128, False)}))
-    assert graph_split_plan(16, 8, 4096, cpu, k_cache=cache) == (6, 128)
-    assert graph_split_plan(16, 8, 4096, cpu) == heuristic[16]
-    assert graph_split_plan(16, 8, 4096, cpu, k_cache=cache.to(torch.uint8)) == heuristic[16]  # quantized
-    assert graph_split_plan(16, 8, 4096, cpu, (2, 256), cache) == (max(2, heuristic[16][0]), 256)  # the variable
-    assert graph_split_plan(32, 8, 4096, cpu, k_cache=cache) == heuristic[32]  # no row at or above 32
+    tables = _tables(None, decode_tuning=_write_table(tmp_path / "t.json", {"16": _plan(64, 6, 128, False)}))
+    assert graph_split_plan(16, 8, 4096, cpu, tuning=tables, k_cache=cache) == (6, 128)
+    assert graph_split_plan(16, 8, 4096, cpu, tuning=tables) == heuristic[16]
+    assert graph_split_plan(16, 8, 4096, cpu, tuning=tables, k_cache=cache.to(torch.uint8)) == heuristic[16]
+    override = DecodeSplits.parse("2:256")  # KernelConfig.decode_splits (LM_TORCH_DECODE_SPLITS)
+    assert graph_split_plan(16, 8, 4096, cpu, override, tables, cache) == (max(2, heuristic[16][0]), 256)
+    assert graph_split_plan(32, 8, 4096, cpu, tuning=tables, k_cache=cache) == heuristic[32]  # no row at or above 32

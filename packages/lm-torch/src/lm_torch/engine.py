@@ -90,28 +90,28 @@ class TorchEngine(Engine):
         self.config = config
         self.executor: Executor = InProcessExecutor(model_path, config)
         num_blocks = self.executor.num_blocks
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         # One sequence can never hold more KV than the whole cache: a longer session could only end in an error after
         # running for nothing, so the session length (what lm-core checks requests against, and /v1/models reports)
         # is at most the cache's capacity in tokens.
-        session_len = config.session_len or self.executor.max_position_embeddings
-        self._kv_capacity = num_blocks * config.block_size
+        session_len = config.scheduler.session_len or self.executor.max_position_embeddings
+        self._kv_capacity = num_blocks * config.cache.block_size
         self._session_len = min(session_len, self._kv_capacity)
         if self._session_len < session_len:
             log(
                 f"lm-torch: session length {self._session_len} tokens, what the KV cache holds "
-                f"({num_blocks} blocks of {config.block_size}), instead of {session_len}"
+                f"({num_blocks} blocks of {config.cache.block_size}), instead of {session_len}"
             )
         runs_ahead = self.executor.runs_ahead
         self.scheduler = Scheduler(
             self.block_manager,
-            max_batch_size=config.max_batch_size,
-            max_num_batched_tokens=config.max_prefill_token_num,
+            max_batch_size=config.scheduler.max_batch_size,
+            max_num_batched_tokens=config.scheduler.max_prefill_token_num,
             session_len=self._session_len,
-            prefill_interval=config.prefill_interval if runs_ahead else 0,
+            prefill_interval=config.scheduler.prefill_interval if runs_ahead else 0,
         )
         # Steps launched and not yet collected, at most: 2 with overlap (the next step is queued while one runs).
-        overlap = config.overlap_steps if config.overlap_steps is not None else runs_ahead
+        overlap = config.cuda.overlap_steps if config.cuda.overlap_steps is not None else runs_ahead
         self._depth = 2 if overlap else 1
         self._streams: dict[str, OutputStream] = {}
         # Prompt logprobs gathered so far (index i: prompt token i; the first is None), until they are emitted.
@@ -128,7 +128,7 @@ class TorchEngine(Engine):
         self._grammar_pool: GrammarPool | None = None
         self._compiling: set[str] = set()  # request ids whose grammar is being compiled
         self._aborted_while_compiling: set[str] = set()
-        self._gc_tuned = config.gc_tuning
+        self._gc_tuned = config.runtime.gc_tuning
         if self._gc_tuned:
             gc_tuning.tune()
         log(self.executor.summary(time.perf_counter() - started, import_s))
@@ -274,7 +274,7 @@ class TorchEngine(Engine):
             def make_backend() -> GrammarBackend:  # on a worker thread: loads the tokenizer, builds xgrammar's tables
                 return GrammarBackend(self._hf_tokenizer(), self.executor.vocab_size)
 
-            self._grammar_pool = GrammarPool(make_backend, self.config.grammar_compile_timeout)
+            self._grammar_pool = GrammarPool(make_backend, self.config.runtime.grammar_compile_timeout)
         return self._grammar_pool
 
     # -- embeddings ------------------------------------------------------------------------------------------------

@@ -10,11 +10,15 @@ with its scales and zeros: the store kernel quantizes, the attention kernels deq
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lm_torch.attention.base import AttentionBackend, AttentionState, StepMetadata
+from lm_torch.config import KernelConfig
+
+if TYPE_CHECKING:
+    from lm_torch.kernels.tuning import TuningTables
 
 # From this many one-token sequences on, the decode kernel's programs start longest context first (one sort per
 # step): a batch mixes contexts of a few tokens with thousands, and the long ones starting last leave the GPU waiting
@@ -22,8 +26,6 @@ from lm_torch.attention.base import AttentionBackend, AttentionState, StepMetada
 # (benchmarks/decode_ragged.py measures it; benchmarks/RESULTS.md has the figures): hence two thresholds.
 SORT_MIN_DECODES = 192
 SORT_MIN_DECODES_QUANTIZED = 128
-# The context length a CUDA graph's split-K is chosen for (see `graph_split_plan`).
-SPLIT_CONTEXT = 1024
 
 
 @dataclass
@@ -38,44 +40,14 @@ class TritonAttentionState(AttentionState):
     tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # tokens per tile -> tiles
 
 
-def graph_split_plan(
-    bucket: int,
-    num_kv_heads: int,
-    max_context_len: int,
-    device: torch.device,
-    override: tuple[int, int] | None = None,
-    k_cache: torch.Tensor | None = None,
-) -> tuple[int, int]:
-    """(num_splits, split_tokens) of the decode kernel in a bucket's CUDA graph, both fixed at capture. With the
-    engine's `k_cache`, a cache the decode tuning table was measured for takes the table's plan for the bucket.
-    Otherwise what the kernel's heuristic picks for a context of `SPLIT_CONTEXT` tokens (or the longest the engine
-    allows, if shorter), with splits of at least `MIN_TOKENS_PER_SPLIT` tokens: longer contexts run with fewer splits
-    than they would pick alone; each sequence uses only the splits its own length needs. `override` (S, T) raises
-    the buckets below S splits to S and makes every split at least T tokens."""
-    from lm_torch.kernels.decode_attention import (
-        MAX_SPLITS,
-        MIN_TOKENS_PER_SPLIT,
-        choose_num_splits,
-        tuned_decode_plan,
-    )
-
-    plan = None if override or k_cache is None else tuned_decode_plan(bucket, k_cache)
-    if plan is not None:
-        return plan["num_splits"], plan["split_tokens"]
-    splits = choose_num_splits(bucket, num_kv_heads, min(max_context_len, SPLIT_CONTEXT), device)
-    if not override:
-        return splits, MIN_TOKENS_PER_SPLIT
-    wanted, tokens = override
-    return min(max(splits, wanted), MAX_SPLITS), tokens
-
-
 class TritonAttentionBackend(AttentionBackend):
     """Writes the step's K/V into the paged cache and attends every new token with the Triton kernels.
 
     `num_splits` fixes the decode kernel's split-K for every step; None picks it per step from the tuned plan or the
-    batch size and the longest context. `graph_splits` ((S, T), or None) adjusts the plans CUDA graphs capture (see
-    `graph_split_plan`); `k_cache` is the engine's first layer's K cache, which the graphs' tuned plans are looked up
-    for (None: the heuristic).
+    batch size and the longest context. `kernels` (`KernelConfig`: programmatic dependent launch, the forced split
+    plan of CUDA graphs) and `tuning` (the engine's tuning tables; None: the shipped ones) are the engine's;
+    `max_context_len` is the longest context a CUDA graph's split plan is chosen for. `k_cache` is the engine's first
+    layer's K cache, set once the cache exists: the graphs' tuned plans are looked up for it.
     """
 
     fuses_kv_store = True
@@ -83,24 +55,35 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(
         self,
         num_splits: int | None = None,
-        graph_splits: tuple[int, int] | None = None,
-        max_context_len: int = SPLIT_CONTEXT,
+        *,
+        kernels: KernelConfig | None = None,
+        tuning: TuningTables | None = None,
+        max_context_len: int = 1024,
     ) -> None:
         if num_splits is not None and num_splits < 1:
             raise ValueError(f"num_splits must be at least 1, got {num_splits}")
         self.num_splits = num_splits
-        self.graph_splits = graph_splits
+        self.kernels = kernels if kernels is not None else KernelConfig()
+        self.tuning = tuning
         self.max_context_len = max_context_len
-        self.k_cache: torch.Tensor | None = None  # set by the runner once the cache exists, before graphs are captured
+        self.k_cache: torch.Tensor | None = None
 
     def prepare(self, meta: StepMetadata) -> TritonAttentionState:
         return TritonAttentionState(meta, num_splits=self.num_splits)
 
     def prepare_for_capture(self, meta: StepMetadata, batch_size: int) -> TritonAttentionState:
+        from lm_torch.kernels.decode_attention import graph_split_plan
+
         k_cache = self.k_cache
         num_kv_heads = k_cache.shape[2] if k_cache is not None else 1
         splits, split_tokens = graph_split_plan(
-            batch_size, num_kv_heads, self.max_context_len, meta.block_tables.device, self.graph_splits, k_cache
+            batch_size,
+            num_kv_heads,
+            self.max_context_len,
+            meta.block_tables.device,
+            self.kernels.decode_splits,
+            self.tuning,
+            k_cache,
         )
         return TritonAttentionState(meta, num_splits=splits, split_tokens=split_tokens)
 
@@ -144,7 +127,7 @@ class TritonAttentionBackend(AttentionBackend):
             # thresholds above.
             signature = (k_cache.dtype, k_cache.shape[2], k_cache.shape[3])
             if signature not in state.plans:
-                state.plans[signature] = tuned_decode_plan(meta.num_decodes, k_cache)  # None: quantized caches
+                state.plans[signature] = tuned_decode_plan(meta.num_decodes, k_cache, self.tuning)  # None: quantized
             plan = state.plans[signature]
             threshold = SORT_MIN_DECODES if k_scales_zeros is None else SORT_MIN_DECODES_QUANTIZED
             sort = plan["sort"] if plan is not None else meta.num_decodes >= threshold
@@ -171,6 +154,7 @@ class TritonAttentionBackend(AttentionBackend):
                 split_tokens=split_tokens or MIN_TOKENS_PER_SPLIT,
                 **({key: plan[key] for key in LAUNCH_KEYS} if plan is not None else {}),
                 **scales_zeros,
+                allow_pdl=self.kernels.pdl,
             )
         if meta.num_decodes < meta.num_seqs:
             per_tile = tokens_per_tile(q.shape[1] // k_cache.shape[2], q.shape[2])

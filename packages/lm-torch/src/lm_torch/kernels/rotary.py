@@ -279,6 +279,7 @@ def apply_rotary(
     slot_mapping: torch.Tensor | None = None,  # [num_tokens] int: block * block_size + offset; negative = skip
     k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
     v_scales_zeros: torch.Tensor | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k in place by each token's position (float32 math) and return them.
 
@@ -324,7 +325,7 @@ def apply_rotary(
     )
     if q.shape[0]:
         half = rotary_dim // 2
-        pdl = pdl_enabled(q.device)
+        pdl = pdl_enabled(q.device, allow_pdl)
         _rotary_kernel[(q.shape[0],)](
             positions,
             q,

@@ -483,6 +483,7 @@ def w4a16_gemv_tc(
     activation: str | None = None,
     preload: int = 2,
     rotary: QKVRotary | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [1, N] in x's dtype ([1, N / 2] with an activation)
     """x @ W^T for one row x on the tensor cores: each block's nibbles become MAGIC + q in x's dtype (one LOP3 per
     two weights) and multiply x in mma tiles; per block, float32 sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z)
@@ -519,7 +520,7 @@ def w4a16_gemv_tc(
             raise ValueError("w4a16_gemv_tc: a projection is gated or rotary, not both")
         _check_rotary(rotary, n, block_n)
     magic_bits, magic = _TC_MAGIC[x.dtype]
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_enabled(x.device, allow_pdl)
     per_split, splits = split_blocks(k // block, blocks, split_k)
     # Gated: a block of block_n rows makes block_n / 2 outputs.
     row_blocks = triton.cdiv(n // 2, block_n // 2) if gated >= 0 else triton.cdiv(n, block_n)

@@ -44,6 +44,7 @@ class CausalLM(nn.Module):
         return [(layer.self_attn.attn.num_kv_heads, layer.self_attn.attn.head_dim) for layer in self.layers]
 
     def attention_layers(self) -> list[nn.Module]:
+        """Every layer's `PagedAttention`."""
         return [layer.self_attn.attn for layer in self.layers]
 
     def prepare_attention(self, meta: StepMetadata) -> AttentionState:
@@ -52,6 +53,7 @@ class CausalLM(nn.Module):
 
     @staticmethod
     def copy_weight(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+        """Copy a checkpoint tensor into the parameter of that name, its shape checked."""
         if name not in params:
             raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
         param = params[name]
@@ -63,6 +65,7 @@ class CausalLM(nn.Module):
             param.copy_(tensor)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy (name, tensor) pairs of a checkpoint in; returns the parameter names loaded."""
         raise NotImplementedError
 
 

@@ -20,9 +20,11 @@ Llama's GQA assumes (query head i reads KV head i // q_per_kv), so regrouping to
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
+from lm_torch.layers.context import BuildContext
 from lm_torch.models.base import output_layout
 from lm_torch.models.llama import LlamaForCausalLM
 
@@ -73,11 +75,12 @@ def llama_config_from_internlm2(config):
 class InternLM2ForCausalLM(LlamaForCausalLM):
     """`self.config` is the translated LlamaConfig; `self.internlm2_config` the one the checkpoint came with."""
 
-    def __init__(self, config, max_positions: int) -> None:
-        super().__init__(llama_config_from_internlm2(config), max_positions)
+    def __init__(self, config: Any, max_positions: int, ctx: BuildContext | None = None) -> None:
+        super().__init__(llama_config_from_internlm2(config), max_positions, ctx)
         self.internlm2_config = config
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Llama's loading, after renaming InternLM2's tensors and splitting its packed wqkv."""
         return super().load_weights(self._llama_weights(weights))
 
     def _llama_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:

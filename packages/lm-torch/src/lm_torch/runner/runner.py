@@ -27,7 +27,6 @@ from lm_torch.cpu_threads import ThreadTuner
 from lm_torch.guided import fill_bitmasks
 from lm_torch.kernels import triton_available
 from lm_torch.kv_quant import KVCache, allocate_kv_cache, bytes_per_token
-from lm_torch.layers.linear import use_cpu_linears
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
 from lm_torch.runner.inputs import (
     DeviceStep,
@@ -67,46 +66,48 @@ class ModelRunner:
         from lm_torch.runner import startup
 
         start = time.perf_counter()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        if config.runtime.num_threads:
+            torch.set_num_threads(config.runtime.num_threads)
         self.config = config
         self.model_path = model_path
         self.hf_config = load_hf_config(model_path)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.hf_config, self.device)
         # CPU steps with no fixed num_threads run on the thread count the tuner finds fastest (see cpu_threads).
         self.thread_tuner = (
-            ThreadTuner(torch.get_num_threads()) if self.device.type == "cpu" and not config.num_threads else None
+            ThreadTuner(torch.get_num_threads())
+            if self.device.type == "cpu" and not config.runtime.num_threads
+            else None
         )
         self.phases: dict[str, float] = {}
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)  # the CUDA context, timed on its own
             self.phases["CUDA init"] = time.perf_counter() - start
             start = time.perf_counter()
-        self.session_len = config.session_len or self.hf_config.max_position_embeddings
+        self.session_len = config.scheduler.session_len or self.hf_config.max_position_embeddings
         self.vocab_size = self.hf_config.vocab_size
-        self.block_size = config.block_size
+        self.block_size = config.cache.block_size
         # CUDA with Triton: `launch` only queues device work, and `collect` waits for it.
         self.is_async = self.device.type == "cuda" and triton_available()
-        self.zero_padding = startup.kernel_options(config).zero_padding
+        self.zero_padding = config.kernels.zero_padding
+        # The kernels' tuning tables, loaded once and handed to the layers and the attention backend.
+        self.tuning = startup.load_tuning(self)
         self.backend = startup.make_attention_backend(self)
         # Parameters are created in the compute dtype straight away: an 8B model would otherwise be materialised
         # (and randomly initialised) in float32 first, twice the bytes, only to be cast.
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            self.model = build_model(model_path, config, self.hf_config, self.device, self.dtype)
+            self.model = build_model(
+                model_path, config, self.hf_config, self.device, self.dtype, self.backend, self.tuning
+            )
         finally:
             torch.set_default_dtype(default_dtype)
-        for layer in self.model.attention_layers():
-            layer.backend = self.backend
-        if self.device.type == "cpu":
-            use_cpu_linears(self.model)
         self.phases["load"] = time.perf_counter() - start
         self.sampler = Sampler()
-        self.requests = RequestStates(config.max_batch_size)
+        self.requests = RequestStates(config.scheduler.max_batch_size)
         # Each running request's last sampled token, at its slot: the next step reads a pending token from here.
-        self.token_buffer = torch.zeros(config.max_batch_size, dtype=torch.int64, device=self.device)
+        self.token_buffer = torch.zeros(config.scheduler.max_batch_size, dtype=torch.int64, device=self.device)
         # Step counts by path, for benchmarks: decode batches replayed from a graph, steps run eagerly.
         self.counters = {
             "graph_steps": 0,
@@ -127,14 +128,14 @@ class ModelRunner:
     def allocate_kv(self, num_blocks: int) -> list[KVCache]:
         """Zeroed KV caches of `num_blocks` blocks for every layer (the torch backend reads whole blocks, masking what
         it does not need, and 0 * NaN would be NaN)."""
-        policy = self.config.quant_policy
+        policy = self.config.cache.quant_policy
         return [
             allocate_kv_cache(num_blocks, self.block_size, heads, dim, policy, self.dtype, self.device)
             for heads, dim in self.model.kv_cache_shape()
         ]
 
     def kv_bytes_per_block(self) -> int:
-        policy = self.config.quant_policy
+        policy = self.config.cache.quant_policy
         return sum(
             self.block_size * bytes_per_token(heads, dim, policy, self.dtype)
             for heads, dim in self.model.kv_cache_shape()

@@ -3,41 +3,30 @@ capture, and the summary the engine prints (each phase timed in `runner.phases`)
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lm_torch.attention import AttentionBackend, TorchAttentionBackend
-from lm_torch.config import TorchEngineConfig
 from lm_torch.kv_quant import kv_dtype_name
 from lm_torch.memory import free_memory, plan_kv_cache
 from lm_torch.sampling import SamplingInputs
 from lm_torch.scheduler import NewRequest, ScheduledBatch
 
 if TYPE_CHECKING:
+    from lm_torch.kernels.tuning import TuningTables
     from lm_torch.runner.runner import ModelRunner
 
 
-@dataclass(frozen=True)
-class KernelOptions:
-    zero_padding: bool = True
-    decode_splits: tuple[int, int] | None = None
+def load_tuning(runner: ModelRunner) -> TuningTables | None:
+    """The kernels' tuning tables for the runner's GPU (None off the Triton path)."""
+    if not runner.is_async:
+        return None
+    from lm_torch.kernels.common import cuda_device_name
+    from lm_torch.kernels.tuning import TuningTables
 
-
-def kernel_options(config: TorchEngineConfig) -> KernelOptions:
-    """The kernel switches of `config`."""
-    splits = os.environ.get("LM_TORCH_DECODE_SPLITS")
-    parsed = None
-    if splits:
-        try:
-            wanted, tokens = (int(part) for part in splits.split(":"))
-        except ValueError:
-            raise ValueError(f"LM_TORCH_DECODE_SPLITS must be 'S:T' (two integers), got {splits!r}") from None
-        parsed = (wanted, tokens)
-    return KernelOptions(os.environ.get("LM_TORCH_ZERO_PADDING", "1") != "0", parsed)
+    return TuningTables.load(runner.config.kernels, cuda_device_name(runner.device))
 
 
 def make_attention_backend(runner: ModelRunner) -> AttentionBackend:
@@ -46,8 +35,9 @@ def make_attention_backend(runner: ModelRunner) -> AttentionBackend:
         return TorchAttentionBackend()
     from lm_torch.attention import TritonAttentionBackend
 
-    options = kernel_options(runner.config)
-    return TritonAttentionBackend(graph_splits=options.decode_splits, max_context_len=runner.session_len)
+    return TritonAttentionBackend(
+        kernels=runner.config.kernels, tuning=runner.tuning, max_context_len=runner.session_len
+    )
 
 
 def plan_and_allocate(runner: ModelRunner) -> None:
@@ -73,22 +63,23 @@ def _init_cuda(runner: ModelRunner) -> None:
     """The Triton path: GEMV linears, input staging, the activation reserve measured, the KV cache planned and
     allocated, GEMMs warmed up, the decode graphs captured."""
     from lm_torch.kernels.prefill_attention import tokens_per_tile
-    from lm_torch.layers.cuda_linear import use_small_batch_linears, warm_up_gemms
+    from lm_torch.layers.cuda_linear import warm_up_gemms
     from lm_torch.runner.inputs import EagerInputs, GraphInputs, PinnedStaging, eager_token_bucket
 
     cfg = runner.config
-    use_small_batch_linears(runner.model)
     layers = runner.model.attention_layers()
     runner.tokens_per_tile = tokens_per_tile(layers[0].num_heads // layers[0].num_kv_heads, layers[0].head_dim)
     max_blocks_per_seq = -(-runner.session_len // runner.block_size)
-    runner.eager_inputs = EagerInputs(cfg.max_prefill_token_num, cfg.max_batch_size, max_blocks_per_seq, runner.device)
-    runner.token_staging = PinnedStaging(cfg.max_batch_size, depth=3, dtype=torch.int64)
+    runner.eager_inputs = EagerInputs(
+        cfg.scheduler.max_prefill_token_num, cfg.scheduler.max_batch_size, max_blocks_per_seq, runner.device
+    )
+    runner.token_staging = PinnedStaging(cfg.scheduler.max_batch_size, depth=3, dtype=torch.int64)
 
     start = time.perf_counter()
     reserve = measure_activation_reserve(runner)  # also times the Triton compiles ("Triton compile")
     runner.phases["memory profile"] = time.perf_counter() - start - runner.phases["Triton compile"]
     start = time.perf_counter()
-    buckets = sorted({eager_token_bucket(n) for n in range(1, cfg.max_prefill_token_num + 1)})
+    buckets = sorted({eager_token_bucket(n) for n in range(1, cfg.scheduler.max_prefill_token_num + 1)})
     warm_up_gemms(runner.model, buckets)
     runner.phases["GEMM warm-up"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -105,10 +96,10 @@ def _init_cuda(runner: ModelRunner) -> None:
     runner.backend.k_cache = runner.kv_caches[0][0]
     torch.cuda.synchronize()
     runner.phases["KV allocation"] = time.perf_counter() - start
-    if not cfg.eager_mode:
+    if not cfg.cuda.eager_mode:
         from lm_torch.runner.cuda_graph import CudaGraphRunner
 
-        runner.graph_inputs = GraphInputs(cfg.max_batch_size, max_blocks_per_seq, runner.device)
+        runner.graph_inputs = GraphInputs(cfg.scheduler.max_batch_size, max_blocks_per_seq, runner.device)
         runner.graphs = CudaGraphRunner(
             runner.model,
             runner.backend,
@@ -117,8 +108,8 @@ def _init_cuda(runner: ModelRunner) -> None:
             runner.token_buffer,
             runner.block_size,
             runner.session_len,
-            cfg.max_batch_size,
-            cfg.cuda_graph_sizes,
+            cfg.scheduler.max_batch_size,
+            cfg.cuda.cuda_graph_sizes,
             zero_padding=runner.zero_padding,
         )
         runner.phases["graph capture"] = runner.graphs.capture()
@@ -135,7 +126,7 @@ def measure_activation_reserve(runner: ModelRunner) -> int:
     from lm_torch.sequence import Sequence
 
     cfg = runner.config
-    num_tokens = min(cfg.max_prefill_token_num, runner.session_len)
+    num_tokens = min(cfg.scheduler.max_prefill_token_num, runner.session_len)
     num_blocks = -(-num_tokens // runner.block_size) + 1
     runner.kv_caches = runner.allocate_kv(num_blocks)
     torch.cuda.synchronize()
@@ -154,7 +145,7 @@ def measure_activation_reserve(runner: ModelRunner) -> int:
     prompt = Sequence("profile-prefill", [1] * num_tokens, num_tokens, worst)
     prompt.block_table = list(range(num_blocks - 1))
     decodes = []
-    for i in range(cfg.max_batch_size):
+    for i in range(cfg.scheduler.max_batch_size):
         seq = Sequence(f"profile-decode-{i}", [1, 1], 1, GenerationConfig())
         seq.num_computed_tokens, seq.block_table = 1, [i % (num_blocks - 1)]
         decodes.append(seq)
@@ -182,7 +173,7 @@ def measure_activation_reserve(runner: ModelRunner) -> int:
     runner.phases["Triton compile"] = time.perf_counter() - start
     run(prefill())
     # The sampler with every stage on over max_batch_size rows (the prefill above sampled one).
-    rows = min(cfg.max_batch_size, num_tokens)
+    rows = min(cfg.scheduler.max_batch_size, num_tokens)
     hidden = torch.zeros(rows, runner.hf_config.hidden_size, dtype=runner.dtype, device=runner.device)
     logits = runner.model.compute_logits(hidden)
     inputs = SamplingInputs.build(
@@ -210,7 +201,7 @@ def summary(runner: ModelRunner, wall_s: float | None = None, import_s: float | 
         f"weights {runner.weight_bytes() / 1024**3:.2f} GiB loaded in {runner.phases['load']:.1f} s",
         f"lm-torch: engine torch, {type(runner.backend).__name__.removesuffix('AttentionBackend').lower()} attention, "
         "1 process (tensor parallel 1)",
-        f"lm-torch: {runner.plan.summary()}, KV {kv_dtype_name(runner.config.quant_policy, runner.dtype)}",
+        f"lm-torch: {runner.plan.summary()}, KV {kv_dtype_name(runner.config.cache.quant_policy, runner.dtype)}",
     ]
     if runner.graphs is not None:
         buckets = runner.graphs.buckets
