@@ -1,7 +1,8 @@
 """Pipeline mechanics (fan-out, sessions, streaming, stop strings, errors) over a scripted engine.
 
 The scripted engine answers with texts chosen per prompt, token by token, through the real SmolLM2 tokenizer; it
-honours max_new_tokens, min_new_tokens, stop_token_ids, seeds and abort like a real engine. The same mechanics are
+honours max_new_tokens, min_new_tokens, stop_token_ids, seeds, the session length and abort like a real engine (an
+unfinished request whose stream is closed is aborted by the engine itself, as lm-torch does). The same mechanics are
 tested again on lm-torch's real engine in tests/lm_torch.
 """
 
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from lm_core import AsyncPipeline, GenerationConfig, Pipeline, Session
-from lm_core.engine import Engine, EngineOutput, EngineStats
+from lm_core.engine import Engine, EngineOutput, EngineStats, session_length_error
 from lm_core.engine_registry import register_engine, unregister_engine
 
 transformers = pytest.importorskip("transformers")
@@ -44,6 +45,7 @@ class ScriptedEngine(Engine):
         self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
         self.requests: dict[str, dict] = {}
         self.aborted: set[str] = set()
+        self.abort_calls: list[str] = []  # every abort, from `abort` or from a closed stream
         self.finished: dict[str, str] = {}
 
     @classmethod
@@ -56,17 +58,23 @@ class ScriptedEngine(Engine):
 
     async def generate(self, request):
         cfg = request.gen_config
+        error = session_length_error(len(request.prompt_token_ids), cfg.max_new_tokens, self.session_len)
+        if error is not None:
+            yield EngineOutput(request.request_id, [], "error", error=error)
+            return
         prompt = self.hf_tokenizer.decode(request.prompt_token_ids)
         answers = _answers_for(prompt)
         pick = random.Random(cfg.random_seed).randrange(len(answers)) if cfg.random_seed is not None else 0
         ids = [*self.hf_tokenizer.encode(answers[pick], add_special_tokens=False), self.hf_tokenizer.eos_token_id]
         self.requests[request.request_id] = {"prompt": prompt, "config": cfg}
         stop_ids = set(cfg.stop_token_ids or ())
+        finished = False
         try:
             for i, token in enumerate(ids):
                 await asyncio.sleep(self.step_delay)
                 if request.request_id in self.aborted:
                     self.finished[request.request_id] = "abort"
+                    finished = True
                     yield EngineOutput(request.request_id, [], "abort")
                     return
                 finish = None
@@ -77,14 +85,21 @@ class ScriptedEngine(Engine):
                 logprobs = [{token: -0.5}] if cfg.logprobs is not None else None
                 if finish:
                     self.finished[request.request_id] = finish
+                    finished = True
                 yield EngineOutput(request.request_id, [token], finish, logprobs=logprobs)
                 if finish:
                     return
         finally:
             self.requests.pop(request.request_id, None)
+            if not finished:  # the consumer went away
+                self._abort(request.request_id)
 
     async def abort(self, request_id: str) -> None:
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
         self.aborted.add(request_id)
+        self.abort_calls.append(request_id)
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.requests))
@@ -184,6 +199,7 @@ def test_stop_string_across_tokens_cuts_output_and_aborts_engine_request(pipe, h
     assert _wait_until(lambda: len(engine.aborted - aborted_before) == 1 and not engine.requests)
     (aborted,) = engine.aborted - aborted_before
     assert aborted not in engine.finished
+    assert engine.abort_calls.count(aborted) == 1, "a request is aborted once"
     kept = pipe("count", GenerationConfig(stop_words=[stop], include_stop_str_in_output=True))
     assert kept.text == full[: full.index(stop) + len(stop)]
 
@@ -255,6 +271,8 @@ def test_leaving_a_stream_early_aborts_the_engine_request(pipe, monkeypatch):
     stream.close()
     assert _wait_until(lambda: engine.aborted - before and not engine.requests), "closing must abort the request"
     assert engine.stats().num_running == 0
+    (aborted,) = engine.aborted - before
+    assert engine.abort_calls.count(aborted) == 1, "a request is aborted once"
 
 
 def test_threads_share_one_pipeline(pipe):

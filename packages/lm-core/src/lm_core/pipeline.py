@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lm_core.async_pipeline import AsyncPipeline, Prompt, merge_streams
+from lm_core.async_pipeline import AsyncPipeline, PreparedRequest, Prompt, merge_streams
 from lm_core.generation_config import GenerationConfig, as_gen_config
 from lm_core.response import Response
 
@@ -101,18 +101,17 @@ class Pipeline:
         batch, _ = _as_batch(prompts)
         gen_config = as_gen_config(gen_config)
         n = gen_config.n
-        # Validate every prompt first, so a bad one in a batch fails the call instead of leaving others running.
+        # Prepare (and length-check) every prompt first, so a bad one in a batch fails the call before any runs; each
+        # prompt is rendered and tokenized here only, and generation consumes the prepared requests.
+        prepared: list[PreparedRequest] = []
         for prompt in batch:
-            ids = self.async_pipeline.prompt_token_ids(prompt, do_preprocess)
-            self.async_pipeline.resolve_gen_config(gen_config, len(ids))
-        items: queue.Queue = queue.Queue()
-        end = object()
+            request = self.async_pipeline.prepare(prompt, gen_config, do_preprocess=do_preprocess)
+            self.async_pipeline.check_length(request)
+            prepared.append(request)
+        items: queue.Queue[Response | Exception | None] = queue.Queue()
 
         async def produce() -> None:
-            streams = [
-                self.async_pipeline.generate(p, gen_config, do_preprocess=do_preprocess, index_offset=i * n)
-                for i, p in enumerate(batch)
-            ]
+            streams = [self.async_pipeline.generate(p, index_offset=i * n) for i, p in enumerate(prepared)]
             try:
                 if len(streams) == 1:
                     async for piece in streams[0]:
@@ -120,16 +119,16 @@ class Pipeline:
                 else:
                     async for piece in merge_streams(streams):
                         items.put(piece)
-            except asyncio.CancelledError:  # the consumer left early; closing the streams aborted their requests
+            except asyncio.CancelledError:  # the consumer left early; closing the streams frees their requests
                 raise
             except Exception as exc:  # handed to the consuming thread, which re-raises it
                 items.put(exc)
             finally:
-                items.put(end)
+                items.put(None)  # the end
 
         future = asyncio.run_coroutine_threadsafe(produce(), self._loop)
         try:
-            while (item := items.get()) is not end:
+            while (item := items.get()) is not None:
                 if isinstance(item, Exception):
                     raise item
                 yield item
