@@ -72,7 +72,7 @@ def _num_chars(prompt: object) -> int:
             if not isinstance(message, Mapping):
                 return 0
             content = cast(Mapping[str, object], message).get("content")
-            total += len(content) if isinstance(content, str) else len(str(message))
+            total += len(content) if isinstance(content, str) else len(str(cast(object, message)))
         return total
     return 0
 
@@ -84,6 +84,10 @@ def _is_token_ids(prompt: object) -> bool:
         and len(cast(Sequence[object], prompt)) > 0
         and all(isinstance(t, int) and not isinstance(t, bool) for t in cast(Sequence[object], prompt))
     )
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
 
 
 def _is_messages(prompt: object) -> bool:
@@ -121,7 +125,7 @@ class AsyncPipeline:
             chat_template = load_chat_template(chat_template, self.model_path) or load_chat_template("base")
         self.chat_template: ChatTemplate = cast("ChatTemplate", chat_template)
         self.generation_defaults: dict[str, Any] = load_model_generation_defaults(self.model_path)
-        if not isinstance(allow_special_tokens_in_content, bool):  # pyright: ignore[reportUnnecessaryIsInstance]
+        if not _is_bool(allow_special_tokens_in_content):
             raise ValueError(
                 f"allow_special_tokens_in_content must be True or False, got {allow_special_tokens_in_content!r}"
             )
@@ -475,7 +479,7 @@ class AsyncPipeline:
 
         if pooling not in POOLING_METHODS:
             raise ValueError(f"pooling must be one of {', '.join(POOLING_METHODS)}, got {pooling!r}")
-        if not isinstance(normalize, bool):
+        if not _is_bool(normalize):
             raise ValueError(f"normalize must be True or False, got {normalize!r}")
         if isinstance(inputs, str):
             if not inputs:
@@ -484,7 +488,7 @@ class AsyncPipeline:
                 ids = await asyncio.to_thread(self.tokenizer.encode, inputs, True)
             else:
                 ids = self.tokenizer.encode(inputs, add_special_tokens=True)
-        elif isinstance(inputs, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in inputs):
+        elif _is_token_ids(inputs) or inputs == []:
             ids = list(inputs)
             if any(t < 0 or t >= self.tokenizer.vocab_size for t in ids):
                 raise ValueError(f"inputs token ids must be in [0, {self.tokenizer.vocab_size})")

@@ -126,7 +126,7 @@ class EngineStats:
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV-cache blocks in use
     prefix_cache_hit_rate: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
 
 class Engine(ABC):

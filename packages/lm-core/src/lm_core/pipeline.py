@@ -11,11 +11,14 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lm_core.async_pipeline import AsyncPipeline, PreparedRequest, Prompt, merge_streams
 from lm_core.generation_config import GenerationConfig, as_gen_config
 from lm_core.response import Response
+
+if TYPE_CHECKING:
+    from lm_core.tokenizer import Tokenizer
 
 
 def pipeline(
@@ -47,10 +50,11 @@ def pipeline(
 class Session:
     """A multi-turn conversation for `Pipeline.chat`: its messages and the latest response."""
 
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
     response: Response | None = None
 
     def reset(self) -> None:
+        """Forget the conversation."""
         self.messages.clear()
         self.response = None
 
@@ -66,7 +70,8 @@ class Pipeline:
         self._closed = False
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer."""
         return self.async_pipeline.tokenizer
 
     def __call__(
@@ -146,6 +151,8 @@ class Pipeline:
         session = session if session is not None else Session()
         new = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         response = self(session.messages + new, as_gen_config(gen_config).replace(n=1))
+        if not isinstance(response, Response):  # one conversation with n == 1 gives one Response
+            raise TypeError(f"expected one Response, got {type(response).__name__}")
         session.messages.extend(new)
         session.messages.append({"role": "assistant", "content": response.text})
         session.response = response
@@ -171,16 +178,16 @@ class Pipeline:
         self.close()
 
 
-def _as_batch(prompts: Any) -> tuple[list[Prompt], bool]:
+def _as_batch(prompts: object) -> tuple[list[Prompt], bool]:
     """Split the accepted prompt shapes into (list of prompts, whether a single prompt was given)."""
     if isinstance(prompts, str):
         return [prompts], True
     if isinstance(prompts, Sequence) and prompts:
-        first = prompts[0]
-        if isinstance(first, (dict, int)):  # one message list, or one list of token ids
-            return [prompts], True
-        return list(prompts), False
+        items = cast(Sequence[Any], prompts)
+        if isinstance(items[0], (dict, int)):  # one message list, or one list of token ids
+            return [items], True
+        return list(items), False
     raise ValueError(
         "prompts must be a string, a list of strings, a message list or a list of message lists, "
-        f"got {type(prompts).__name__} {str(prompts)[:80]!r}"
+        f"got {type(prompts).__name__} {str(cast(object, prompts))[:80]!r}"
     )

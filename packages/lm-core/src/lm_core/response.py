@@ -22,7 +22,7 @@ class Response:
     """
 
     text: str
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list[int])
     input_token_len: int = 0
     generate_token_len: int = 0
     finish_reason: FinishReason | None = None

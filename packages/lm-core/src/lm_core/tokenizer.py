@@ -27,7 +27,7 @@ def _as_id_list(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
-def _read_generation_eos(path: str | os.PathLike) -> list[int]:
+def _read_generation_eos(path: str | os.PathLike[str]) -> list[int]:
     config = Path(path) / "generation_config.json"
     if not config.is_file():
         return []
@@ -52,7 +52,7 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load with `AutoTokenizer` from a model directory; its generation_config.json adds eos ids."""
         from transformers import AutoTokenizer
 
@@ -67,6 +67,7 @@ class Tokenizer:
 
     @property
     def bos_token_id(self) -> int | None:
+        """The beginning-of-sequence token id, if the tokenizer has one."""
         return getattr(self.hf, "bos_token_id", None)
 
     @property
@@ -112,6 +113,7 @@ class Tokenizer:
         return found
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of `text` (with the tokenizer's own special tokens, such as BOS, when asked)."""
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     @cached_property
@@ -165,6 +167,7 @@ class Tokenizer:
         return list(self.hf.convert_ids_to_tokens(list(token_ids)))
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """The id of one token string, or the ids of several."""
         if isinstance(tokens, str):
             return self.hf.convert_tokens_to_ids(tokens)
         return list(self.hf.convert_tokens_to_ids(list(tokens)))

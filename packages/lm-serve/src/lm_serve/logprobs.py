@@ -15,6 +15,7 @@ LOGPROB_FLOOR = -9999.0
 
 
 def clamp(value: float) -> float:
+    """`value`, or `LOGPROB_FLOOR` where it is not finite (JSON has no -inf)."""
     return value if math.isfinite(value) else LOGPROB_FLOOR
 
 
@@ -26,6 +27,7 @@ class TokenTexts:
         self._cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
+        """The token's own text."""
         text = self._cache.get(token_id)
         if text is None:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)

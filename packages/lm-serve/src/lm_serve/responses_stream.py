@@ -8,11 +8,14 @@ calls. Each item is announced (`response.output_item.added`), grows by deltas, a
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_serve.output import new_id
 from lm_serve.parsers import DeltaMessage, ParsedMessage
 from lm_serve.streaming import sse
+
+if TYPE_CHECKING:
+    from lm_serve.generation import Generation
 
 
 def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -122,7 +125,8 @@ class ResponseEventWriter:
         self.sequence_number += 1
         return sse(data, event=kind)
 
-    async def events(self, gen) -> AsyncIterator[str]:
+    async def events(self, gen: Generation) -> AsyncIterator[str]:
+        """The typed Responses events of `gen`, ending with `response.completed`, `.incomplete` or `.failed`."""
         num_output = 0
         try:
             opening = response_json(self.base, [], None, self.num_prompt, 0, status="in_progress")

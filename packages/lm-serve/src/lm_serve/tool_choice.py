@@ -119,6 +119,7 @@ class NamedCallStream:
         self._id: str | None = None
 
     def feed(self, text: str) -> DeltaMessage:
+        """The next piece of the call's arguments (the first piece opens the call with its id and name)."""
         if not text and self._started:
             return DeltaMessage()
         if not self._started:
@@ -128,10 +129,12 @@ class NamedCallStream:
         return DeltaMessage(tool_calls=[ToolCallDelta(0, arguments=text)])
 
     def finish(self) -> DeltaMessage:
+        """End of generation: a call that got no output still opens (with empty arguments)."""
         # A call with no output at all still exists (its arguments are empty).
         return self.feed("") if not self._started else DeltaMessage()
 
     def parse(self, text: str) -> ParsedMessage:
+        """The whole output as the one call's arguments."""
         return ParsedMessage(None, None, [ToolCall(self.id_factory(), self.name, text)])
 
 
