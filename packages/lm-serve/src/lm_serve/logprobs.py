@@ -9,6 +9,7 @@ Masked tokens may have -inf, which JSON cannot carry: it becomes `LOGPROB_FLOOR`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 LOGPROB_FLOOR = -9999.0
@@ -75,7 +76,7 @@ class CompletionLogprobs:
         self.texts = texts
         self.offset = start
 
-    def render(self, token_ids: list[int], entries: list[dict[int, float] | None] | None) -> dict[str, Any]:
+    def render(self, token_ids: list[int], entries: Sequence[dict[int, float] | None] | None) -> dict[str, Any]:
         """The object for the tokens of one piece (streamed), of the whole choice, or of the echoed prompt (whose
         first entry is None: null logprobs)."""
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

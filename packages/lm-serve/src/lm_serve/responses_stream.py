@@ -169,28 +169,33 @@ class ResponseEventWriter:
                 events += self._open_message()
             events.append(self._piece("response.output_text.delta", delta.content, logprobs=[]))
         for call in delta.tool_calls:
-            if call.id is not None or self._kind() != "function_call" or self._open["index"] != call.index:
+            if call.id is not None or self._kind() != "function_call" or self._opened()["index"] != call.index:
                 events += self._close()
                 events += self._open_call(call.index, call.id or new_id("call", "_"), call.name or "")
             if call.arguments:
-                self._open["text"].append(call.arguments)
+                self._opened()["text"].append(call.arguments)
                 events.append(
                     self._event(
                         "response.function_call_arguments.delta",
-                        item_id=self._open["id"],
+                        item_id=self._opened()["id"],
                         output_index=len(self.output),
                         delta=call.arguments,
                     )
                 )
         return events
 
+    def _opened(self) -> dict[str, Any]:
+        if self._open is None:
+            raise RuntimeError("no output item is open")
+        return self._open
+
     def _kind(self) -> str | None:
         return self._open["kind"] if self._open else None
 
     def _piece(self, kind: str, text: str, **extra: Any) -> str:
-        self._open["text"].append(text)
+        self._opened()["text"].append(text)
         at = len(self.output)
-        return self._event(kind, item_id=self._open["id"], output_index=at, content_index=0, delta=text, **extra)
+        return self._event(kind, item_id=self._opened()["id"], output_index=at, content_index=0, delta=text, **extra)
 
     def _open_reasoning(self) -> list[str]:
         self._open = {"kind": "reasoning", "id": new_id("rs", "_"), "text": []}

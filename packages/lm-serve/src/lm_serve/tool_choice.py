@@ -228,7 +228,7 @@ def make_message_stream(
     plan: ToolPlan, state: ServerState, prompt_text: str, chat_template_kwargs: dict[str, Any] | None
 ) -> MessageStream:
     """The object that turns one sequence's text into content, reasoning and tool-call deltas."""
-    if plan.mode == NAMED:
+    if plan.mode == NAMED and plan.function_name is not None:
         return NamedCallStream(plan.function_name)
     if plan.mode == REQUIRED:
         return RequiredCallsStream()

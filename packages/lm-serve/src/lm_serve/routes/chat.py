@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from lm_core.async_pipeline import RenderedPrompt
 from lm_core.response import Response as Piece
@@ -78,7 +79,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     if body.prompt_logprobs is not None and body.stream:
         raise APIError("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
-    tool_choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+    tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     user_format = body.response_format.to_engine() if body.response_format else None
     prompt = await off_loop(
@@ -172,7 +173,7 @@ class _ChatContext:
             "system_fingerprint": None,
         }
         if self.body.prompt_logprobs is not None:  # vLLM's extension; every choice shares the prompt
-            entries = results[0].prompt_logprobs or [None] * self.num_prompt
+            entries: list[dict[int, float] | None] = results[0].prompt_logprobs or [None] * self.num_prompt
             out["prompt_logprobs"] = prompt_logprobs_json(
                 self.prompt_ids, entries, self.body.prompt_logprobs, self.texts
             )

@@ -124,7 +124,8 @@ class _CompletionContext:
             state = self._logprobs[index] = CompletionLogprobs(self.body.logprobs, self.texts)
             if self.body.echo:
                 ids = self.prompt_ids[index // self.body.n]
-                prompt = state.render(ids, piece.prompt_logprobs or [None] * len(ids))
+                entries: list[dict[int, float] | None] = piece.prompt_logprobs or [None] * len(ids)
+                prompt = state.render(ids, entries)
                 state.offset = len(self._echo(index))  # generated text starts right after the echoed prompt
         out = state.render(piece.visible_token_ids, piece.logprobs)
         return out if prompt is None else {key: prompt[key] + out[key] for key in out}
@@ -134,7 +135,7 @@ class _CompletionContext:
         if self.body.prompt_logprobs is None:
             return None
         ids = self.prompt_ids[index // self.body.n]
-        entries = result.prompt_logprobs or [None] * len(ids)
+        entries: list[dict[int, float] | None] = result.prompt_logprobs or [None] * len(ids)
         return prompt_logprobs_json(ids, entries, self.body.prompt_logprobs, self.texts)
 
     def completion(self, results: dict[int, Piece]) -> dict[str, Any]:
