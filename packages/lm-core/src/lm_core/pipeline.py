@@ -189,5 +189,5 @@ def _as_batch(prompts: object) -> tuple[list[Prompt], bool]:
         return list(items), False
     raise ValueError(
         "prompts must be a string, a list of strings, a message list or a list of message lists, "
-        f"got {type(prompts).__name__} {str(cast(object, prompts))[:80]!r}"
+        f"got {type(cast(object, prompts)).__name__} {str(cast(object, prompts))[:80]!r}"
     )

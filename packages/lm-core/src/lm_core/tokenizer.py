@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # SentencePiece-style byte-fallback pieces; the tokenizers ByteFallback decoder recognises them by this spelling.
@@ -36,7 +36,9 @@ def _read_generation_eos(path: str | os.PathLike[str]) -> list[int]:
     except (OSError, ValueError):
         # A broken generation config should not make the tokenizer unusable; the tokenizer's own eos still applies.
         return []
-    return _as_id_list(data.get("eos_token_id")) if isinstance(data, dict) else []
+    if not isinstance(data, dict):
+        return []
+    return _as_id_list(cast(dict[str, Any], data).get("eos_token_id"))
 
 
 class Tokenizer:
@@ -56,7 +58,7 @@ class Tokenizer:
         """Load with `AutoTokenizer` from a model directory; its generation_config.json adds eos ids."""
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(os.fspath(path))
+        hf = cast(Any, AutoTokenizer).from_pretrained(os.fspath(path))
         return cls(hf, generation_eos_token_ids=_read_generation_eos(path))
 
     def __repr__(self) -> str:
@@ -78,7 +80,7 @@ class Tokenizer:
     @cached_property
     def all_special_ids(self) -> frozenset[int]:
         """Ids that `decode(skip_special_tokens=True)` drops: the named specials and added tokens marked special."""
-        ids = set(getattr(self.hf, "all_special_ids", ()))
+        ids: set[int] = set(getattr(self.hf, "all_special_ids", ()))
         for token_id, token in getattr(self.hf, "added_tokens_decoder", {}).items():
             if getattr(token, "special", False):
                 ids.add(int(token_id))
@@ -97,15 +99,15 @@ class Tokenizer:
     @property
     def chat_template(self) -> str | None:
         """The tokenizer's own chat template; of several named ones, the "default"."""
-        template = getattr(self.hf, "chat_template", None)
+        template: object = getattr(self.hf, "chat_template", None)
         if isinstance(template, dict):
-            template = template.get("default")
+            template = cast(dict[str, object], template).get("default")
         return template if isinstance(template, str) else None
 
     @property
     def special_tokens(self) -> dict[str, str]:
         """Texts of the named special tokens (bos_token, eos_token, ...) that this tokenizer defines."""
-        found = {}
+        found: dict[str, str] = {}
         for name in _SPECIAL_TOKEN_NAMES:
             value = getattr(self.hf, name, None)
             if value is not None:
@@ -119,7 +121,7 @@ class Tokenizer:
     @cached_property
     def special_texts(self) -> tuple[str, ...]:
         """Spellings that `encode` turns into one special token each (`<|im_start|>`, ...), longest first."""
-        texts = set(getattr(self.hf, "all_special_tokens", ()))
+        texts: set[str] = set(getattr(self.hf, "all_special_tokens", ()))
         for token in getattr(self.hf, "added_tokens_decoder", {}).values():
             if getattr(token, "special", False):
                 texts.add(str(token))
