@@ -156,7 +156,13 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Submit `request` and stream its outputs; bad requests end at once with finish_reason "error"."""
+        """Submit `request` and stream its outputs; bad requests end at once with finish_reason "error".
+
+        The engine is the one authority on length: a prompt of `session_len` tokens or more, or one whose
+        `max_new_tokens` would pass `session_len`, ends with an "error" output worded by `session_length_error`.
+        Closing the stream before its final output aborts the request (the generator's `finally`): callers never
+        call `abort` after closing a stream, so each request is aborted once.
+        """
 
     async def embed(self, prompt_token_ids: list[int], pooling: str = "mean", normalize: bool = True) -> list[float]:
         """The prompt's final hidden states (after the final norm) pooled into one vector: their mean over all tokens
