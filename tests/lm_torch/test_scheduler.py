@@ -646,7 +646,7 @@ def test_host_token_work_and_the_last_token_are_never_run_ahead():
     sched = Scheduler(BlockManager(32, 4))
     model = FakeModel(sched.block_manager)
     sched.add(penalized := make_seq("p", [1, 2], max_new_tokens=5, repetition_penalty=1.2))
-    sched.add(banned := make_seq("b", [1, 2], max_new_tokens=5, bad_words=["x"]))
+    sched.add(banned := Sequence("b", [1, 2], 2, GenerationConfig(max_new_tokens=5), bad_word_ids=[[7, 8]]))
     sched.add(short := make_seq("s", [1, 2], max_new_tokens=1))
     sched.add(plain := make_seq("q", [1, 2], max_new_tokens=5))
     first = sched.schedule()

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest, EngineStats
+from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest, EngineStats, session_length_error
 from lm_core.generation_config import GenerationConfig
 from lm_torch import IMPORT_STARTED, gc_tuning
 from lm_torch.block_manager import BlockManager
@@ -171,8 +171,6 @@ class TorchEngine(Engine):
         self._ensure_loop()
         queue = self._streams[request.request_id] = OutputStream()
         seq = Sequence.from_request(request)
-        if request.gen_config.bad_words and not seq.bad_word_ids:
-            seq.bad_word_ids = self._tokenize_bad_words(request.gen_config.bad_words)
         if request.gen_config.prompt_logprobs is not None:
             self._prompt_logprobs[request.request_id] = [None]
         finished = False
@@ -201,20 +199,18 @@ class TorchEngine(Engine):
     def _validate(self, request: EngineRequest) -> str | None:
         cfg, num_prompt = request.gen_config, len(request.prompt_token_ids)
         if request.multimodal:
-            return "this engine takes text only: multimodal inputs are not supported"
+            return "this engine takes text only: multimodal inputs (images, video, audio) are not supported"
         if request.adapter_name is not None:
             return f"this engine serves no adapters (LoRA): adapter_name {request.adapter_name!r} is not supported"
         vocab = self.executor.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             return f"prompt token ids must be in [0, {vocab})"
-        if num_prompt >= self._session_len:
-            return f"the prompt has {num_prompt} tokens; the session length is {self._session_len}"
-        if cfg.max_new_tokens is not None and num_prompt + cfg.max_new_tokens > self._session_len:
+        too_long = session_length_error(num_prompt, cfg.max_new_tokens, self._session_len)
+        if too_long is not None:
             held = " (what the KV cache holds)" if self._session_len == self._kv_capacity else ""
-            return (
-                f"prompt ({num_prompt} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the session length "
-                f"{self._session_len}{held}"
-            )
+            return too_long + held
+        if cfg.bad_words and request.bad_word_ids is None:
+            return "bad_words must reach the engine tokenized, as bad_word_ids (lm-core's pipeline does that)"
         if cfg.response_format is not None:
             from lm_torch.guided import xgrammar_available
 
@@ -235,13 +231,6 @@ class TorchEngine(Engine):
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.executor.model_path)
         return self._tokenizer
-
-    def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
-        tokenizer = self._hf_tokenizer()
-        variants = {tuple(tokenizer.encode(w, add_special_tokens=False)) for w in words}
-        # A word mid-sentence usually carries a leading space in its first token.
-        variants |= {tuple(tokenizer.encode(" " + w, add_special_tokens=False)) for w in words}
-        return [list(v) for v in variants if v]
 
     async def _attach_grammar(self, seq: Sequence) -> EngineOutput | None:
         """Compile the request's response_format off the event loop and give `seq` its grammar state. Returns the

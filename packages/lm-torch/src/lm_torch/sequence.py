@@ -133,7 +133,6 @@ class Sequence:
             or cfg.frequency_penalty != 0.0
             or cfg.presence_penalty != 0.0
             or bool(self.bad_word_ids)
-            or bool(cfg.bad_words)
         )
 
     @classmethod
@@ -147,7 +146,7 @@ class Sequence:
             request.gen_config,
             cache_salt=cache_salt,
             group=request.group,
-            bad_word_ids=getattr(request, "bad_word_ids", None),
+            bad_word_ids=request.bad_word_ids,
         )
 
     def set_grammar(self, grammar: Any) -> None:
