@@ -36,6 +36,7 @@ nox.options.error_on_missing_interpreters = True
 ROOT = Path(__file__).parent
 TORCH = os.environ.get("LM_DEPLOY_TORCH_SPEC", "torch==2.13.0")
 RUFF = "ruff==0.17.6"
+PYRIGHT = "pyright==1.1.414"
 TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "packaging"]
 # Independent references the tests compare against (transformers, and accelerate for transformers' GGUF loader).
 REFERENCES = ["transformers>=4.46", "accelerate>=1.0"]
@@ -146,6 +147,20 @@ def lint(session: nox.Session) -> None:
     session.install("--no-compile", RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """pyright over every package's source: basic, strict under lm-core (config: pyproject.toml's [tool.pyright]).
+
+    The packages resolve from their src folders (pyright's extraPaths); only their third-party dependencies are
+    installed, so the session needs no lm-turbomind compile.
+    """
+    dists = [*PACKAGES, "lm-deploy"]
+    third_party = sorted({req for dist in dists for req in _pyproject(_package_dir(dist))["project"]["dependencies"]})
+    third_party = [req for req in third_party if not re.match(r"lm-[a-z]+", req)]
+    _install_with_torch(session, *third_party, PYRIGHT)
+    session.run("pyright", "--pythonpath", str(Path(session.bin) / "python"), env=RUN_ENV)
 
 
 @nox.session

@@ -22,6 +22,7 @@ import torch
 from lm_torch.sampling.params import host_tensor, start_host_copy
 
 if TYPE_CHECKING:
+    from lm_torch.models.base import CausalLM
     from lm_torch.scheduler import ScheduledBatch
 
 # The most float32 logits computed at once ([rows, vocab]): bounds the memory a long prompt's logprobs take.
@@ -66,7 +67,7 @@ def _spans(batch: ScheduledBatch) -> list[_Span]:
 
 
 def compute_prompt_logprobs(
-    model: torch.nn.Module, hidden: torch.Tensor, batch: ScheduledBatch, vocab_size: int
+    model: CausalLM, hidden: torch.Tensor, batch: ScheduledBatch, vocab_size: int
 ) -> PendingPromptLogprobs | None:
     """Queue the prompt logprobs that `batch` yields (None when no sequence in it wants any).
 
