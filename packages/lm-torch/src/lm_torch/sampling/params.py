@@ -53,6 +53,7 @@ class SamplingInputs:
 
     @property
     def any_penalty(self) -> bool:
+        """Whether some row has a repetition, frequency or presence penalty."""
         return self.seen_mask is not None or self.output_counts is not None
 
     @classmethod

@@ -22,6 +22,7 @@ class SamplerOutput:
 
     @property
     def logprobs(self) -> list[dict[int, float] | None] | None:
+        """Per row {token id: logprob} (None rows: not asked); None when no row asked. Waits for the host copy."""
         return None if self.pending_logprobs is None else self.pending_logprobs.resolve()
 
 
