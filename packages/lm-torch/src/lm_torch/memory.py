@@ -44,10 +44,12 @@ class MemoryPlan:
 
     @property
     def kv_bytes(self) -> int:
+        """Bytes of the whole KV cache."""
         return self.num_blocks * self.kv_bytes_per_block
 
     @property
     def num_tokens(self) -> int:
+        """Token slots of the whole KV cache."""
         return self.num_blocks * self.block_size
 
     def summary(self) -> str:

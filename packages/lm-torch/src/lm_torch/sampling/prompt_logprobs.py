@@ -22,6 +22,7 @@ import torch
 from lm_torch.sampling.params import host_tensor, start_host_copy
 
 if TYPE_CHECKING:
+    from lm_torch.models.base import CausalLM
     from lm_torch.runner.state import RequestState
     from lm_torch.scheduler import ScheduledBatch
 
@@ -65,7 +66,7 @@ def _spans(batch: ScheduledBatch, states: list[RequestState]) -> list[_Span]:
 
 
 def compute_prompt_logprobs(
-    model: torch.nn.Module,
+    model: CausalLM,
     hidden: torch.Tensor,
     batch: ScheduledBatch,
     states: list[RequestState],
