@@ -62,12 +62,14 @@ class OutputStream:
         self._waiter: asyncio.Future | None = None
 
     def put(self, item) -> None:
+        """Queue `item` and wake the waiting reader."""
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def get(self):
+        """The next item, waiting for one if there is none."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -147,6 +149,7 @@ class TorchEngine(Engine):
 
     @classmethod
     def supports(cls, model_path: str | os.PathLike[str]) -> bool:
+        """Whether config.json names an architecture this engine implements."""
         import json
 
         from lm_torch.models.registry import MODEL_REGISTRY
@@ -156,11 +159,13 @@ class TorchEngine(Engine):
 
     @property
     def session_len(self) -> int:
+        """Longest prompt + generation a request may have: the configured length, capped by the KV cache."""
         return self._session_len
 
     # -- requests --------------------------------------------------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream `request`'s outputs; an unfinished request is aborted when its consumer stops reading."""
         error = self._validate(request)
         if error is not None:
             yield EngineOutput(request.request_id, [], "error", error=error)
@@ -168,7 +173,7 @@ class TorchEngine(Engine):
         if request.request_id in self._streams:
             yield EngineOutput(request.request_id, [], "error", error=f"request id {request.request_id!r} is in use")
             return
-        self._ensure_loop()
+        wake = self._ensure_loop()
         queue = self._streams[request.request_id] = OutputStream()
         seq = Sequence.from_request(request)
         if request.gen_config.prompt_logprobs is not None:
@@ -176,13 +181,13 @@ class TorchEngine(Engine):
         finished = False
         try:
             if request.gen_config.response_format is not None:
-                failure = await self._attach_grammar(seq)
+                failure = await self._attach_grammar(seq, request.gen_config.response_format)
                 if failure is not None:
                     finished = True
                     yield failure
                     return
             self.scheduler.add(seq)
-            self._wake.set()
+            wake.set()
             while True:
                 output: EngineOutput = await queue.get()
                 finished = output.finish_reason is not None
@@ -232,7 +237,7 @@ class TorchEngine(Engine):
             self._tokenizer = AutoTokenizer.from_pretrained(self.executor.model_path)
         return self._tokenizer
 
-    async def _attach_grammar(self, seq: Sequence) -> EngineOutput | None:
+    async def _attach_grammar(self, seq: Sequence, response_format: dict[str, Any]) -> EngineOutput | None:
         """Compile the request's response_format off the event loop and give `seq` its grammar state. Returns the
         request's final output instead when it cannot run: an invalid or too slow format ("error") or an abort
         meanwhile."""
@@ -242,7 +247,7 @@ class TorchEngine(Engine):
         self._compiling.add(request_id)
         try:
             cfg = seq.gen_config
-            compiled = await self.grammar_pool().compile(cfg.response_format)
+            compiled = await self.grammar_pool().compile(response_format)
             stop = [t for t in cfg.stop_token_ids or () if 0 <= t < self.executor.vocab_size]
             seq.set_grammar(GrammarState(compiled, stop or None))  # a matcher costs microseconds
         except ValueError as exc:
@@ -277,13 +282,13 @@ class TorchEngine(Engine):
         if error is not None:
             raise ValueError(error)
         request_id = f"embed-{uuid.uuid4().hex}"
-        self._ensure_loop()
+        wake = self._ensure_loop()
         queue = self._streams[request_id] = OutputStream()
         seq = Sequence(request_id, ids, len(ids), GenerationConfig(), pooling=pooling, normalize=normalize)
         done = False
         try:
             self.scheduler.add(seq)
-            self._wake.set()
+            wake.set()
             result = await queue.get()
             done = True
         finally:
@@ -312,6 +317,7 @@ class TorchEngine(Engine):
         return None
 
     async def abort(self, request_id: str) -> None:
+        """End `request_id` now with "abort"."""
         self._apply_abort(request_id)
 
     def _apply_abort(self, request_id: str) -> None:
@@ -325,15 +331,17 @@ class TorchEngine(Engine):
             self._emit(EngineOutput(request_id, [], "abort", num_cached_tokens=seq.num_cached_tokens))
 
     def stats(self) -> EngineStats:
-        stats = self.scheduler.stats()
+        """Running and waiting sequences, KV-cache use and prefix-cache hit rate."""
+        bm = self.block_manager
         return EngineStats(
-            num_running=stats["num_running"],
-            num_waiting=stats["num_waiting"],
-            kv_usage=stats["kv_usage"],
-            prefix_cache_hit_rate=stats["prefix_cache_hit_rate"],
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=bm.usage(),
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate(),
         )
 
     async def close(self) -> None:
+        """Abort every request, stop the step loop and release the workers."""
         for request_id in list(self._streams):
             self._apply_abort(request_id)
         if self._loop_task is not None:
@@ -348,12 +356,15 @@ class TorchEngine(Engine):
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+    def _ensure_loop(self) -> asyncio.Event:
+        """Start the step loop if it is not running; returns the event that wakes it."""
+        if self._loop_task is None or self._loop_task.done() or self._wake is None:
+            self._wake = wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(wake))
+            return wake
+        return self._wake
 
-    async def _run_loop(self) -> None:
+    async def _run_loop(self, wake: asyncio.Event) -> None:
         """Steps while there is work: launch while fewer than `_depth` steps are in flight and the scheduler has a
         batch, else collect the oldest step and record it."""
         in_flight: deque[tuple[ScheduledBatch, Any, float]] = deque()
@@ -364,7 +375,7 @@ class TorchEngine(Engine):
                 self.step_counters["overlapped_steps"] += len(in_flight) > 1
                 continue  # queue the next step before waiting: the device never idles
             if not in_flight:
-                await self._idle()
+                await self._idle(wake)
                 continue
             batch, handle, t_scheduled = in_flight.popleft()
             self._record(batch, await self._collect(handle))
@@ -381,16 +392,18 @@ class TorchEngine(Engine):
         self._emit_finished(self.scheduler.take_finished())
         return None if batch.is_empty else batch
 
-    async def _idle(self) -> None:
+    async def _idle(self, wake: asyncio.Event) -> None:
         if self.scheduler.has_unfinished_requests:
             await asyncio.sleep(0)
         else:
-            self._wake.clear()
-            await self._wake.wait()
+            wake.clear()
+            await wake.wait()
 
     def _trace(self, batch: ScheduledBatch, t_scheduled: float) -> None:
         """One row of `step_trace`: when the step was scheduled and recorded, with its sequences, tokens and decode
         rows (a step with prefill chunks has tokens > decode rows)."""
+        if self.step_trace is None:
+            return
         now = time.perf_counter()
         self.step_trace.append((t_scheduled, t_scheduled, now, len(batch.seqs), batch.num_tokens, batch.num_decodes))
 
@@ -445,8 +458,8 @@ class TorchEngine(Engine):
         recomputed after a preemption) starts over; one for a request whose prompt logprobs went out already (its
         recompute) is dropped."""
         for request_id, chunk in zip(batch.request_ids, chunks, strict=True):
-            gathered = self._prompt_logprobs.get(request_id) if chunk is not None else None
-            if gathered is not None:
+            gathered = self._prompt_logprobs.get(request_id)
+            if chunk is not None and gathered is not None:
                 del gathered[chunk.first :]
                 gathered.extend(chunk.entries)
 
@@ -462,7 +475,10 @@ class TorchEngine(Engine):
         if queue is None:
             return
         if vector is None:  # cannot happen while runner and scheduler agree on when a prompt is complete
-            vector = EngineOutput(seq.request_id, [], "error", error="the engine finished the prompt without a vector")
+            queue.put(
+                EngineOutput(seq.request_id, [], "error", error="the engine finished the prompt without a vector")
+            )
+            return
         queue.put(vector)
 
     def _emit_finished(self, seqs: list[Sequence]) -> None:

@@ -68,20 +68,25 @@ class InProcessExecutor(Executor):
 
     @property
     def runs_ahead(self) -> bool:
+        """Whether `launch` returns before the step has run (CUDA with Triton)."""
         return self.runner.is_async
 
     async def launch(self, batch: ScheduledBatch) -> Any:
+        """Queue (CUDA) or compute (elsewhere) `batch`'s step."""
         if self.runner.is_async:
             return self.runner.launch(batch)
         return await asyncio.get_running_loop().run_in_executor(self._thread, self.runner.launch, batch)
 
     async def collect(self, handle: Any) -> StepResult:
+        """The step's result, waiting on the worker thread for the device if it is not ready."""
         if handle.result is not None:  # computed at launch: no trip to the worker thread
             return handle.result
         return await asyncio.get_running_loop().run_in_executor(self._thread, self.runner.collect, handle)
 
     def summary(self, wall_s: float | None = None, import_s: float | None = None) -> str:
+        """The runner's start-up summary."""
         return self.runner.summary(wall_s, import_s)
 
     def shutdown(self) -> None:
+        """Stop the worker thread once its last step is done."""
         self._thread.shutdown(wait=True)

@@ -59,6 +59,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lm_core.engine import FinishReason
 from lm_core.generation_config import GenerationConfig
 from lm_torch.block_manager import BlockManager
 from lm_torch.sequence import Sequence, SequenceStatus
@@ -136,14 +137,17 @@ class ScheduledBatch:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens computed in the step (every row's new positions)."""
         return sum(self.num_new_tokens)
 
     @property
     def num_decodes(self) -> int:
+        """Rows with one new position."""
         return sum(n == 1 for n in self.num_new_tokens)
 
     @property
     def is_empty(self) -> bool:
+        """Whether the step has no rows."""
         return not self.seqs
 
     def add(self, seq: Sequence, num_new_tokens: int, num_sampled: int | None = None) -> None:
@@ -180,6 +184,8 @@ class StepResult:
 
 
 class Scheduler:
+    """Continuous batching over a `BlockManager` (see the module docstring): `add`, `schedule`, `update`, `abort`."""
+
     def __init__(
         self,
         block_manager: BlockManager,
@@ -267,10 +273,12 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
+        """Sequences holding KV blocks."""
         return len(self.running)
 
     @property
     def num_waiting(self) -> int:
+        """Sequences queued without blocks."""
         return self._num_waiting
 
     @property
@@ -285,6 +293,7 @@ class Scheduler:
         return bool(self._unfinished or self._rejected)
 
     def stats(self) -> dict[str, float]:
+        """Counts and rates for `EngineStats`."""
         return {
             "num_running": len(self.running),
             "num_waiting": self._num_waiting,
@@ -417,7 +426,8 @@ class Scheduler:
                 outputs.append((i, seq, 0))
                 continue
             emitted = 0
-            reason = error = None
+            reason: FinishReason | None = None
+            error: str | None = None
             for token_id in tokens:
                 seq.append_token(token_id)
                 if seq.grammar is not None:
@@ -485,7 +495,7 @@ class Scheduler:
             return False
         return self.session_len is None or num_tokens < self.session_len
 
-    def _finish_reason(self, seq: Sequence) -> tuple[str | None, str | None]:
+    def _finish_reason(self, seq: Sequence) -> tuple[FinishReason | None, str | None]:
         """(finish reason or None, error message) after `seq` got a new token."""
         cfg = seq.gen_config
         grammar = seq.grammar
@@ -610,7 +620,7 @@ class Scheduler:
             del self._num_running[group]
         self._push(group)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         """End `seq` wherever it is (running or waiting): release its blocks, and tell the runner with the next
         batch that its state can go."""
         if seq.status is SequenceStatus.RUNNING:

@@ -12,13 +12,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lm_core.engine import POOLING_METHODS
+from lm_core.engine import POOLING_METHODS, FinishReason
 from lm_core.generation_config import GenerationConfig
 
 if TYPE_CHECKING:
     from lm_core.engine import EngineRequest
 
-FINISH_REASONS = ("stop", "length", "abort", "error")
+FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "abort", "error")
 
 
 class SequenceStatus(enum.Enum):
@@ -57,7 +57,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: str | None = None
     # Arrival order, assigned by `Scheduler.add` (first come first served within a group); a preempted sequence
     # keeps it, so it goes back ahead of its group's newer ones.
@@ -156,6 +156,7 @@ class Sequence:
 
     @property
     def is_embedding(self) -> bool:
+        """Whether this is an embedding request (pooled, never sampled)."""
         return self.pooling is not None
 
     @property
@@ -171,10 +172,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and appended tokens."""
         return len(self.token_ids)
 
     @property
     def num_generated(self) -> int:
+        """Tokens appended after the prompt."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -185,24 +188,29 @@ class Sequence:
 
     @property
     def last_token_id(self) -> int:
+        """The newest appended token."""
         return self.token_ids[-1]
 
     @property
     def prompt_token_ids(self) -> list[int]:
+        """The prompt's token ids."""
         return self.token_ids[: self.num_prompt_tokens]
 
     @property
     def generated_token_ids(self) -> list[int]:
+        """The tokens appended after the prompt."""
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
+        """Whether the sequence has ended."""
         return self.status is SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
+        """Append a real token id (the scheduler's `update` only)."""
         self.token_ids.append(token_id)
 
-    def finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
         """Mark finished; releasing the blocks is the block manager's job (`BlockManager.free`)."""
         if reason not in FINISH_REASONS:
             raise ValueError(f"Sequence.finish_reason must be one of {FINISH_REASONS}, got {reason!r}")

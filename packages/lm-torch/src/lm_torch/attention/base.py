@@ -43,10 +43,12 @@ class StepMetadata:
 
     @property
     def num_seqs(self) -> int:
+        """Sequences in the step."""
         return len(self.query_lens)
 
     @property
     def is_decode_only(self) -> bool:
+        """Whether every sequence of the step has one new token."""
         return self.num_decodes == self.num_seqs
 
     @classmethod

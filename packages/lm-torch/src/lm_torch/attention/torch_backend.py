@@ -30,6 +30,7 @@ class TorchAttentionBackend(AttentionBackend):
     """Writes the step's K/V into the paged cache and attends each new token to its sequence's cached tokens."""
 
     def prepare(self, meta: StepMetadata) -> TorchAttentionState:
+        """The step's used blocks per sequence, gathered once for every layer."""
         tables = meta.block_tables.tolist()
         bs = meta.block_size
         used = [table[: (ctx + bs - 1) // bs] for ctx, table in zip(meta.context_lens, tables, strict=True)]
@@ -55,6 +56,7 @@ class TorchAttentionBackend(AttentionBackend):
         softcap: float | None = None,
         kv_stored: bool = False,  # the caller already wrote k and v into the cache
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store the step's K/V (unless `kv_stored`) and attend each sequence on its own."""
         assert isinstance(state, TorchAttentionState)
         meta = state.meta
         k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -152,11 +154,13 @@ class _CacheReader:
         return self.k_cache.shape[2]
 
     def __call__(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.policy:
+        """(keys, values) of `blocks`, dequantized when the cache is quantized."""
+        k_params, v_params = self.k_scales_zeros, self.v_scales_zeros
+        if not self.policy or k_params is None or v_params is None:
             return self.k_cache[blocks], self.v_cache[blocks]
         return (
-            dequantize_kv(self.k_cache[blocks], self.k_scales_zeros[blocks], self.policy, self.dtype),
-            dequantize_kv(self.v_cache[blocks], self.v_scales_zeros[blocks], self.policy, self.dtype),
+            dequantize_kv(self.k_cache[blocks], k_params[blocks], self.policy, self.dtype),
+            dequantize_kv(self.v_cache[blocks], v_params[blocks], self.policy, self.dtype),
         )
 
 

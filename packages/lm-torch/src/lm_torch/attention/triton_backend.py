@@ -69,9 +69,11 @@ class TritonAttentionBackend(AttentionBackend):
         self.k_cache: torch.Tensor | None = None
 
     def prepare(self, meta: StepMetadata) -> TritonAttentionState:
+        """A fresh per-step state; plans, order and tiles are derived by the first layer."""
         return TritonAttentionState(meta, num_splits=self.num_splits)
 
     def prepare_for_capture(self, meta: StepMetadata, batch_size: int) -> TritonAttentionState:
+        """The state of a CUDA graph of `batch_size` decodes: its split plan fixed at capture."""
         from lm_torch.kernels.decode_attention import graph_split_plan
 
         k_cache = self.k_cache
@@ -100,6 +102,7 @@ class TritonAttentionBackend(AttentionBackend):
         softcap: float | None = None,
         kv_stored: bool = False,  # the caller already wrote k and v into the cache (the fused rotary kernel)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store the step's K/V (unless `kv_stored`), then run the decode and prefill kernels."""
         from lm_torch.kernels.decode_attention import (
             LAUNCH_KEYS,
             MIN_TOKENS_PER_SPLIT,
@@ -117,7 +120,6 @@ class TritonAttentionBackend(AttentionBackend):
             raise ValueError(f"cache blocks hold {k_cache.shape[1]} tokens but the metadata says {meta.block_size}")
         if not kv_stored:
             store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scales_zeros, v_scales_zeros)
-        scales_zeros = {"k_scales_zeros": k_scales_zeros, "v_scales_zeros": v_scales_zeros}
         out = torch.empty_like(q)
         if meta.num_real_tokens < q.shape[0]:
             out[meta.num_real_tokens :].zero_()  # no kernel writes padding rows: zeros, not the memory's old contents
@@ -153,7 +155,8 @@ class TritonAttentionBackend(AttentionBackend):
                 seq_order=state.decode_order if sort else None,
                 split_tokens=split_tokens or MIN_TOKENS_PER_SPLIT,
                 **({key: plan[key] for key in LAUNCH_KEYS} if plan is not None else {}),
-                **scales_zeros,
+                k_scales_zeros=k_scales_zeros,
+                v_scales_zeros=v_scales_zeros,
                 allow_pdl=self.kernels.pdl,
             )
         if meta.num_decodes < meta.num_seqs:
@@ -179,6 +182,7 @@ class TritonAttentionBackend(AttentionBackend):
                 sliding_window=sliding_window,
                 softcap=softcap,
                 out=out,
-                **scales_zeros,
+                k_scales_zeros=k_scales_zeros,
+                v_scales_zeros=v_scales_zeros,
             )
         return out

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 
 import torch
 
 from lm_torch.attention.base import AttentionBackend, StepMetadata
+from lm_torch.kv_quant import KVCache
 from lm_torch.runner.inputs import GraphInputs, resolve_input_ids, zero_padding_rows
 
 
-def graph_buckets(max_batch_size: int, sizes: list[int] | None = None) -> list[int]:
+def graph_buckets(max_batch_size: int, sizes: Sequence[int] | None = None) -> list[int]:
     """Batch sizes that get a graph: `sizes` (`TorchEngineConfig.cuda_graph_sizes`) at most `max_batch_size`, sorted;
     by default 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, and max_batch_size.
 
@@ -46,13 +48,13 @@ class CudaGraphRunner:
         self,
         model,
         backend: AttentionBackend,
-        kv_caches: list[tuple[torch.Tensor, ...]],
+        kv_caches: list[KVCache],
         inputs: GraphInputs,
         token_buffer: torch.Tensor,  # [slots] int64: each running request's last sampled token
         block_size: int,
         max_context_len: int,
         max_batch_size: int,
-        sizes: list[int] | None = None,  # the batch sizes to capture (`graph_buckets`); None: the default ones
+        sizes: Sequence[int] | None = None,  # the batch sizes to capture (`graph_buckets`); None: the default ones
         zero_padding: bool = True,
     ) -> None:
         self.model, self.backend, self.kv_caches, self.inputs = model, backend, kv_caches, inputs

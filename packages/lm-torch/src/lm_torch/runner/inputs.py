@@ -25,6 +25,7 @@ from lm_torch.scheduler import ScheduledBatch
 
 
 def round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
 
 
@@ -44,10 +45,12 @@ class HostStep:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens in the step."""
         return len(self.input_ids)
 
     @property
     def num_seqs(self) -> int:
+        """Sequences in the step."""
         return len(self.query_lens)
 
 
@@ -180,10 +183,12 @@ class Segments:
         self.total = offset
 
     def view(self, buffer, name: str):
+        """The `name` segment of `buffer` (host or device)."""
         start, size = self.offsets[name]
         return buffer[start : start + size]
 
     def end(self, name: str) -> int:
+        """The offset just past the `name` segment."""
         start, size = self.offsets[name]
         return start + size
 
@@ -213,6 +218,7 @@ class PinnedStaging:
 
     @property
     def current_index(self) -> int:
+        """Index of the buffer `acquire` last returned."""
         return self._current
 
     def upload(self, num_elements: int, destination: torch.Tensor) -> None:
@@ -268,6 +274,7 @@ class EagerInputs:
     def upload(
         self, host: HostStep, sample_index: list[int], sample_slots: list[int], tokens_per_tile: int
     ) -> DeviceStep:
+        """Copy a step into the staging buffer and up to the device in one copy; returns the device views."""
         if host.num_tokens > self.max_tokens or host.num_seqs > self.max_seqs:
             raise ValueError(f"a step of {host.num_tokens} tokens / {host.num_seqs} sequences exceeds the staging size")
         tile_seq, tile_first = prefill_tile_arrays(host.query_lens, tokens_per_tile)

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -28,9 +29,14 @@ from lm_torch.guided import fill_bitmasks
 from lm_torch.kernels import triton_available
 from lm_torch.kv_quant import KVCache, allocate_kv_cache, bytes_per_token
 from lm_torch.loader import build_model, load_hf_config, resolve_device, resolve_dtype
+from lm_torch.memory import MemoryPlan
+from lm_torch.models.base import CausalLM
 from lm_torch.runner.inputs import (
     DeviceStep,
+    EagerInputs,
+    GraphInputs,
     HostStep,
+    PinnedStaging,
     build_host_step,
     eager_token_bucket,
     pad_host_step,
@@ -42,6 +48,9 @@ from lm_torch.sampling import PendingLogprobs, Sampler, SamplingInputs
 from lm_torch.sampling.ops import argmax_rows
 from lm_torch.sampling.prompt_logprobs import PendingPromptLogprobs, compute_prompt_logprobs
 from lm_torch.scheduler import ScheduledBatch, StepResult
+
+if TYPE_CHECKING:
+    from lm_torch.runner.cuda_graph import CudaGraphRunner
 
 
 @dataclass
@@ -98,8 +107,10 @@ class ModelRunner:
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            self.model = build_model(
-                model_path, config, self.hf_config, self.device, self.dtype, self.backend, self.tuning
+            # Every model class the loader builds has CausalLM's interface.
+            self.model = cast(
+                CausalLM,
+                build_model(model_path, config, self.hf_config, self.device, self.dtype, self.backend, self.tuning),
             )
         finally:
             torch.set_default_dtype(default_dtype)
@@ -116,13 +127,21 @@ class ModelRunner:
             "eager_steps": 0,
             "eager_tokens": 0,
         }
-        self.graphs = None
+        # Set by start-up: the memory plan, and on the Triton path the staging buffers and the CUDA graphs.
+        self.plan: MemoryPlan | None = None
+        self.graphs: CudaGraphRunner | None = None
+        self.eager_inputs: EagerInputs | None = None
+        self.graph_inputs: GraphInputs | None = None
+        self.token_staging: PinnedStaging | None = None
         self.tokens_per_tile: int | None = None  # the Triton prefill kernel's tile (CUDA eager steps)
         self.kv_caches: list[KVCache] = []
         startup.plan_and_allocate(self)
 
     @property
     def num_blocks(self) -> int:
+        """KV-cache blocks of the memory plan."""
+        if self.plan is None:
+            raise RuntimeError("the runner has no memory plan yet")
         return self.plan.num_blocks
 
     def allocate_kv(self, num_blocks: int) -> list[KVCache]:
@@ -135,6 +154,7 @@ class ModelRunner:
         ]
 
     def kv_bytes_per_block(self) -> int:
+        """Bytes one KV-cache block takes over every layer (keys, values, and a quantized cache's scales)."""
         policy = self.config.cache.quant_policy
         return sum(
             self.block_size * bytes_per_token(heads, dim, policy, self.dtype)
@@ -142,9 +162,11 @@ class ModelRunner:
         )
 
     def weight_bytes(self) -> int:
+        """Bytes of the model's parameters."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def summary(self, wall_s: float | None = None, import_s: float | None = None) -> str:
+        """The start-up summary lines (`startup.summary`)."""
         from lm_torch.runner.startup import summary
 
         return summary(self, wall_s, import_s)
@@ -184,18 +206,18 @@ class ModelRunner:
         host = build_host_step(batch, self.block_size, slots)
         sample_slots = [slots[i] for i in rows]
         embedding = any(state.pooling is not None for state in states)
-        bucket = None
-        if self.graphs is not None and not embedding and host.num_tokens == host.num_seqs:
-            bucket = self.graphs.bucket_for(host.num_seqs)
-        if bucket is not None:
-            self.graph_inputs.upload(host, bucket, sample_slots)
-            hidden = self.graphs.replay(bucket)[: host.num_seqs]  # [num_seqs, hidden]
+        graphs, graph_inputs, bucket = self.graphs, self.graph_inputs, None
+        if graphs is not None and not embedding and host.num_tokens == host.num_seqs:
+            bucket = graphs.bucket_for(host.num_seqs)
+        if bucket is not None and graphs is not None and graph_inputs is not None:
+            graph_inputs.upload(host, bucket, sample_slots)
+            hidden = graphs.replay(bucket)[: host.num_seqs]  # [num_seqs, hidden]
             self._count(graph_steps=1, graph_rows=host.num_seqs, graph_padding_rows=bucket - host.num_seqs)
             # One token per sequence: these rows are every token of the step too.
             handle.prompt_logprobs = compute_prompt_logprobs(self.model, hidden, batch, states, self.vocab_size)
             if len(rows) < host.num_seqs:
                 hidden = hidden.index_select(0, torch.tensor(rows).to(self.device, non_blocking=True))
-            slot_index = self.graph_inputs.sample_slots(len(rows))
+            slot_index = graph_inputs.sample_slots(len(rows))
         else:
             step, num_real = self._device_step(host, rows, sample_slots)
             hidden, full = self._forward(host, step, num_real)
@@ -205,6 +227,8 @@ class ModelRunner:
             handle.prompt_logprobs = compute_prompt_logprobs(self.model, full, batch, states, self.vocab_size)
             slot_index = step.sample_slots
         if rows:
+            if slot_index is None:
+                raise RuntimeError("a sampling step has no token-buffer slots")
             self._sample(handle, hidden, slot_index)
 
     def _device_step(self, host: HostStep, rows: list[int], sample_slots: list[int]) -> tuple[DeviceStep, int]:
@@ -215,6 +239,8 @@ class ModelRunner:
         sample_index = ends[rows]
         num_real = host.num_tokens
         if self.is_async:
+            if self.eager_inputs is None or self.tokens_per_tile is None:
+                raise RuntimeError("the CUDA staging buffers are not set up")
             padded = pad_host_step(host, eager_token_bucket(num_real))
             return self.eager_inputs.upload(padded, sample_index.tolist(), sample_slots, self.tokens_per_tile), num_real
 
@@ -283,13 +309,14 @@ class ModelRunner:
             tokens, handle.logprobs = out.token_ids, out.pending_logprobs  # read in `collect`
         num = len(states)
         self.token_buffer.index_copy_(0, slot_index.long(), tokens)
-        if not self.is_async:
+        staging = self.token_staging
+        if staging is None:  # not the Triton path: the step is synchronous
             handle.host_tokens = tokens
             return
-        host, _ = self.token_staging.acquire()
+        host, _ = staging.acquire()
         host[:num].copy_(tokens, non_blocking=True)
-        self.token_staging.mark_used(self.token_staging.current_index)
-        handle.host_tokens, handle.event = host, self.token_staging.events[self.token_staging.current_index]
+        staging.mark_used(staging.current_index)
+        handle.host_tokens, handle.event = host, staging.events[staging.current_index]
 
     def _sample_full(self, states: list[RequestState], logits: torch.Tensor):
         """The whole `Sampler` (grammars, penalties, biases, bans, truncation, seeded draws, logprobs)."""
@@ -320,13 +347,17 @@ class ModelRunner:
         if rows:
             if handle.event is not None:
                 handle.event.synchronize()
-            sampled = handle.host_tokens[: len(rows)].tolist()
+            host_tokens = handle.host_tokens
+            if host_tokens is None:
+                raise RuntimeError("a step that samples has no sampled tokens: it was not launched")
+            sampled = host_tokens[: len(rows)].tolist()
             row_logprobs = handle.logprobs.resolve() if handle.logprobs is not None else None
             for j, i in enumerate(rows):
                 token_ids[i] = [sampled[j]]
                 handle.states[i].output_token_ids.append(sampled[j])
-                if row_logprobs is not None and row_logprobs[j] is not None:
-                    logprobs[i] = [row_logprobs[j]]
+                entry = row_logprobs[j] if row_logprobs is not None else None
+                if entry is not None:
+                    logprobs[i] = [entry]
         pending = handle.prompt_logprobs
         prompt_logprobs = pending.resolve(num) if pending is not None else None
         return StepResult(token_ids, logprobs, handle.embeddings, prompt_logprobs)
@@ -367,4 +398,5 @@ class ModelRunner:
 
 
 def log(message: str) -> None:
+    """Print an engine message to stderr at once."""
     print(message, file=sys.stderr, flush=True)

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lm_torch.attention import AttentionBackend, TorchAttentionBackend
+from lm_torch.attention import AttentionBackend, TorchAttentionBackend, TritonAttentionBackend
 from lm_torch.kv_quant import kv_dtype_name
+from lm_torch.layers.attention import PagedAttention
 from lm_torch.memory import free_memory, plan_kv_cache
 from lm_torch.sampling import SamplingInputs
 from lm_torch.scheduler import NewRequest, ScheduledBatch
@@ -33,8 +34,6 @@ def make_attention_backend(runner: ModelRunner) -> AttentionBackend:
     """Triton on CUDA when triton is installed, plain torch elsewhere."""
     if not runner.is_async:
         return TorchAttentionBackend()
-    from lm_torch.attention import TritonAttentionBackend
-
     return TritonAttentionBackend(
         kernels=runner.config.kernels, tuning=runner.tuning, max_context_len=runner.session_len
     )
@@ -46,7 +45,7 @@ def plan_and_allocate(runner: ModelRunner) -> None:
         _init_cuda(runner)
         return
     start = time.perf_counter()
-    runner.plan = plan_kv_cache(
+    plan = runner.plan = plan_kv_cache(
         runner.config,
         runner.kv_bytes_per_block(),
         runner.weight_bytes(),
@@ -55,7 +54,7 @@ def plan_and_allocate(runner: ModelRunner) -> None:
         activation_reserve=0,
         on_gpu=False,
     )
-    runner.kv_caches = runner.allocate_kv(runner.plan.num_blocks)
+    runner.kv_caches = runner.allocate_kv(plan.num_blocks)
     runner.phases["KV allocation"] = time.perf_counter() - start
 
 
@@ -68,7 +67,9 @@ def _init_cuda(runner: ModelRunner) -> None:
 
     cfg = runner.config
     layers = runner.model.attention_layers()
-    runner.tokens_per_tile = tokens_per_tile(layers[0].num_heads // layers[0].num_kv_heads, layers[0].head_dim)
+    first = layers[0]
+    assert isinstance(first, PagedAttention), "every model's attention layers are PagedAttention"
+    runner.tokens_per_tile = tokens_per_tile(first.num_heads // first.num_kv_heads, first.head_dim)
     max_blocks_per_seq = -(-runner.session_len // runner.block_size)
     runner.eager_inputs = EagerInputs(
         cfg.scheduler.max_prefill_token_num, cfg.scheduler.max_batch_size, max_blocks_per_seq, runner.device
@@ -83,7 +84,7 @@ def _init_cuda(runner: ModelRunner) -> None:
     warm_up_gemms(runner.model, buckets)
     runner.phases["GEMM warm-up"] = time.perf_counter() - start
     start = time.perf_counter()
-    runner.plan = plan_kv_cache(
+    plan = runner.plan = plan_kv_cache(
         cfg,
         runner.kv_bytes_per_block(),
         runner.weight_bytes(),
@@ -92,19 +93,22 @@ def _init_cuda(runner: ModelRunner) -> None:
         activation_reserve=reserve,
         on_gpu=True,
     )
-    runner.kv_caches = runner.allocate_kv(runner.plan.num_blocks)
-    runner.backend.k_cache = runner.kv_caches[0][0]
+    runner.kv_caches = runner.allocate_kv(plan.num_blocks)
+    if isinstance(runner.backend, TritonAttentionBackend):
+        runner.backend.k_cache = runner.kv_caches[0][0]
     torch.cuda.synchronize()
     runner.phases["KV allocation"] = time.perf_counter() - start
     if not cfg.cuda.eager_mode:
         from lm_torch.runner.cuda_graph import CudaGraphRunner
 
-        runner.graph_inputs = GraphInputs(cfg.scheduler.max_batch_size, max_blocks_per_seq, runner.device)
-        runner.graphs = CudaGraphRunner(
+        graph_inputs = runner.graph_inputs = GraphInputs(
+            cfg.scheduler.max_batch_size, max_blocks_per_seq, runner.device
+        )
+        graphs = runner.graphs = CudaGraphRunner(
             runner.model,
             runner.backend,
             runner.kv_caches,
-            runner.graph_inputs,
+            graph_inputs,
             runner.token_buffer,
             runner.block_size,
             runner.session_len,
@@ -112,7 +116,7 @@ def _init_cuda(runner: ModelRunner) -> None:
             cfg.cuda.cuda_graph_sizes,
             zero_padding=runner.zero_padding,
         )
-        runner.phases["graph capture"] = runner.graphs.capture()
+        runner.phases["graph capture"] = graphs.capture()
 
 
 @torch.inference_mode()
@@ -195,13 +199,14 @@ def summary(runner: ModelRunner, wall_s: float | None = None, import_s: float | 
     """The start-up lines: model, dtype, device and load time; the engine, attention backend and parallelism; the
     memory plan; the CPU threads; the start-up's wall time (`wall_s`, the engine's whole construction, plus
     `import_s` when given: lm-torch's import) and each phase's seconds ("other": the part no phase covers)."""
+    plan_text = runner.plan.summary() if runner.plan is not None else "no memory plan"
     lines = [
         f"lm-torch: {runner.model_path.name} ({runner.hf_config.architectures[0]}), "
         f"{str(runner.dtype).removeprefix('torch.')} on {runner.device}, "
         f"weights {runner.weight_bytes() / 1024**3:.2f} GiB loaded in {runner.phases['load']:.1f} s",
         f"lm-torch: engine torch, {type(runner.backend).__name__.removesuffix('AttentionBackend').lower()} attention, "
         "1 process (tensor parallel 1)",
-        f"lm-torch: {runner.plan.summary()}, KV {kv_dtype_name(runner.config.cache.quant_policy, runner.dtype)}",
+        f"lm-torch: {plan_text}, KV {kv_dtype_name(runner.config.cache.quant_policy, runner.dtype)}",
     ]
     if runner.graphs is not None:
         buckets = runner.graphs.buckets

@@ -37,6 +37,7 @@ class RequestState:
 
     @property
     def num_prompt_tokens(self) -> int:
+        """Tokens of the request's prompt."""
         return len(self.prompt_token_ids)
 
     @property
@@ -46,6 +47,7 @@ class RequestState:
 
     @classmethod
     def create(cls, request: NewRequest) -> RequestState:
+        """The state of a request the scheduler announced (its seeded generator created here)."""
         cfg = request.gen_config
         generator = None
         if cfg.random_seed is not None:
