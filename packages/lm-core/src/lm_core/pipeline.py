@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -97,7 +97,7 @@ class Pipeline:
         prompts: Prompt | Sequence[Prompt],
         gen_config: GenerationConfig | dict[str, Any] | None = None,
         do_preprocess: bool = True,
-    ) -> Iterator[Response]:
+    ) -> Generator[Response, None, None]:
         """Yield `Response` pieces of every sequence as they are generated (see `Response.index`).
 
         Invalid prompts or configs raise before anything is generated. Leaving the loop early aborts the rest.

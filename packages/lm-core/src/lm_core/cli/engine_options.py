@@ -26,6 +26,8 @@ ENGINE_OPTION_PROVIDERS = {"torch": "lm_torch.config:engine_options"}
 # Values of a flag that takes several (`--api-keys k1 k2`) end at one that names a model: an existing path, a .gguf
 # file or a hub id (`org/name`), so that `--api-keys k1 ./model.gguf` keeps the model as the MODEL argument.
 _MODEL_LIKE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w./-]+$")
+# A click option as a decorator of a command function.
+_OptionDecorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def _check_backend(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -60,7 +62,7 @@ def declared_engine_options() -> list[Any]:
     return list(specs.values())
 
 
-def _click_option(spec: Any) -> Callable[[Callable], Callable]:
+def _click_option(spec: Any) -> _OptionDecorator:
     """The click option of one declared engine option."""
     if spec.kind == "bool":
         if spec.off_flags:
@@ -79,13 +81,13 @@ def _click_option(spec: Any) -> Callable[[Callable], Callable]:
 
 
 _SPECS = declared_engine_options()
-ENGINE_OPTIONS: list[Callable[[Callable], Callable]] = [BACKEND_OPTION, *(_click_option(s) for s in _SPECS)]
+ENGINE_OPTIONS: list[_OptionDecorator] = [BACKEND_OPTION, *(_click_option(s) for s in _SPECS)]
 ENGINE_OPTION_NAMES = tuple(spec.name for spec in _SPECS)
 # Flags that take several values after one flag in every command that has them.
 SEVERAL_VALUES = tuple(spec.flags[0] for spec in _SPECS if spec.kind == "int_list")
 
 
-def engine_options(func: Callable) -> Callable:
+def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add `--backend` and every engine flag to a click command."""
     for option in reversed(ENGINE_OPTIONS):
         func = option(func)
