@@ -185,7 +185,7 @@ def fp8_linear(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:  # [M, N]
     """Row-wise scaled float8 product through torch._scaled_mm (cuBLASLt; bfloat16 out, as row-wise scaling needs)."""
-    out = torch._scaled_mm(
+    out = torch._scaled_mm(  # pyright: ignore[reportPrivateImportUsage]  # not in torch's typed exports
         x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t().contiguous(), out_dtype=torch.bfloat16
     )
     out = out.to(out_dtype)
