@@ -122,7 +122,7 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tupl
             QMAX=127.0 if dtype == torch.int8 else 448.0,
             IS_INT=dtype == torch.int8,
             BLOCK=block,
-            num_warps=min(8, max(1, block // 256)),
+            num_warps=min(8, max(1, block // 256)),  # pyright: ignore[reportCallIssue]  # triton launch option
         )
     return x_q, scale
 
@@ -170,8 +170,8 @@ def int8_gemm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
     )
     return out
 
