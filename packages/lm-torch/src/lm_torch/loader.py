@@ -176,11 +176,12 @@ def _init_dummy(model: nn.Module, seed: int) -> None:
     quantized: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
-            if hasattr(module, "init_dummy"):  # quantized linears: integer weights of a matching spread
+            init_dummy = getattr(module, "init_dummy", None)
+            if init_dummy is not None:  # quantized linears: integer weights of a matching spread
                 device = next(module.parameters()).device
                 if device not in generators:
                     generators[device] = torch.Generator(device=device).manual_seed(seed)
-                module.init_dummy(generators[device])
+                init_dummy(generators[device])
                 quantized.update(id(p) for p in module.parameters() if p is not module.bias)
         for name, param in model.named_parameters():
             if id(param) in quantized:

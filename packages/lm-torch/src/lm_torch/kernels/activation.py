@@ -70,7 +70,7 @@ def gated_activation(gate_up: torch.Tensor, act: str, *, allow_pdl: bool = True)
             ACT=ACTIVATION_CODES[act],
             BLOCK=block,
             PDL=pdl,
-            num_warps=4,
+            num_warps=4,  # pyright: ignore[reportCallIssue]  # triton launch option
             **({"launch_pdl": True} if pdl else {}),
         )
     return out.view(*gate_up.shape[:-1], intermediate)

@@ -22,6 +22,13 @@ and each eager step picks its own, and a compile costs about a second). Sequence
 skipped: in a mixed batch the prefill kernel attends them.
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportArgumentType: `tl.constexpr` parameters are typed as the class `constexpr`, so the plain values passed to them
+#   are rejected.
+# reportOperatorIssue: `tl` reductions and loads are typed `tensor | tuple`, so arithmetic on their results is
+#   rejected.
+# pyright: reportArgumentType=false, reportOperatorIssue=false
+
 from __future__ import annotations
 
 import functools
@@ -554,8 +561,8 @@ def decode_attention(
         SORTED=seq_order is not None,
         # The interpreter runs no PTX: it converts plainly whatever `convert` says.
         CONVERT=0 if interpreting() else 1 if convert is None else convert,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out

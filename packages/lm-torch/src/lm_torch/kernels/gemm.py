@@ -26,6 +26,10 @@ multiplies the matching tiles of both halves (an MLP's gate_up product and its a
 `layers.cuda_linear` calls it.
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportGeneralTypeIssues: `tl.range` / `tl.static_range` are typed as not iterable.
+# pyright: reportGeneralTypeIssues=false
+
 from __future__ import annotations
 
 import functools
@@ -151,8 +155,8 @@ def tiled_gemm(
         EVEN=n % block_n == 0 and k % block_k == 0,
         ACT=-1 if activation is None else ACTIVATION_CODES[activation],
         PDL=pdl,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out
@@ -302,8 +306,8 @@ def tma_gemm(
         SPLIT=splits > 1,
         ACT=-1 if activation is None else ACTIVATION_CODES[activation],
         PDL=pdl,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out

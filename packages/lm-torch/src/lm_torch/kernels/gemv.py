@@ -92,7 +92,7 @@ def gemv(
         BLOCK_K=block_k,
         ATOMIC=splits > 1,
         PDL=pdl,
-        num_warps=num_warps,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype) if splits > 1 else out
@@ -200,8 +200,8 @@ def skinny_gemm(
         EVEN=even,
         ATOMIC=splits > 1,
         PDL=pdl,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype) if splits > 1 else out

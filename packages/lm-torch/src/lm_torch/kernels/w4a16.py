@@ -22,6 +22,12 @@ kernel); `gemv_tc`'s store theirs and the last split of a row block adds them up
 deterministic order). Without split the result is stored directly (one launch).
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportArgumentType: `tl.constexpr` parameters are typed as the class `constexpr`, so the plain values passed to them
+#   are rejected.
+# reportGeneralTypeIssues: `tl.range` / `tl.static_range` are typed as not iterable.
+# pyright: reportArgumentType=false, reportGeneralTypeIssues=false
+
 from __future__ import annotations
 
 import functools
@@ -297,8 +303,8 @@ def w4a16_gemv(
         PREFETCH=prefetch,
         PREFETCH_X=prefetch_x,
         ATOMIC=splits > 1,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
     )
     return out.to(x.dtype) if splits > 1 else out
 
@@ -340,8 +346,8 @@ def w4a16_gemm(
         BLOCK_N=block_n,
         PREFETCH=prefetch,
         ATOMIC=splits > 1,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
     )
     return out.to(x.dtype) if splits > 1 else out
 

@@ -15,6 +15,15 @@ rotates q and k and writes k and v into the paged cache (no rotary launch). With
 kernel loads `preload` steps of weights before it waits for the kernel before it.
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportArgumentType: `tl.constexpr` parameters are typed as the class `constexpr`, so the plain values passed to them
+#   are rejected.
+# reportAssignmentType: a value assigned to a name annotated `tl.constexpr` is rejected the same way.
+# reportGeneralTypeIssues: `tl.range` / `tl.static_range` are typed as not iterable.
+# reportOperatorIssue: `tl` reductions and loads are typed `tensor | tuple`, so arithmetic on their results is
+#   rejected.
+# pyright: reportArgumentType=false, reportAssignmentType=false, reportGeneralTypeIssues=false, reportOperatorIssue=false
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -556,8 +565,8 @@ def w4a16_gemv_tc(
         ROTARY=rotary is not None,
         HEAD_DIM=rotary.head_dim if rotary is not None else 1,
         BLOCK_SIZE=rotary.k_cache.shape[1] if rotary is not None else 1,
-        num_warps=num_warps,
-        num_stages=1,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=1,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -3,6 +3,8 @@ construction."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, overload
+
 import torch
 from torch import nn
 
@@ -24,6 +26,16 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.allow_pdl = ctx.kernels.pdl
         self._forward = self.forward_triton if ctx.runs_triton else self.forward_native
+
+    if TYPE_CHECKING:  # nn.Module types every call as returning Any; these are `forward`'s two result types
+
+        @overload
+        def __call__(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
+        @overload
+        def __call__(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+        def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> NormOutput:
+            """Runs `forward`: norm(x) alone, or (norm(x + residual), x + residual) with `residual`."""
+            ...
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> NormOutput:
         """With `residual`: returns (norm(x + residual), x + residual), the pair every pre-norm block needs."""

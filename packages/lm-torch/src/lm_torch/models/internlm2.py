@@ -20,13 +20,13 @@ Llama's GQA assumes (query head i reads KV head i // q_per_kv), so regrouping to
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from lm_torch.layers.context import BuildContext
 from lm_torch.models.base import output_layout
-from lm_torch.models.llama import LlamaForCausalLM
+from lm_torch.models.llama import LlamaAttention, LlamaForCausalLM
 
 _RENAMES = {
     "tok_embeddings": "embed_tokens",
@@ -103,7 +103,7 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
         Quantized tensors hold output channels along another dimension, maybe packed (`output_layout`); tensors
         without output channels (GPTQ's g_idx) go to all three.
         """
-        attn = self.layers[0].self_attn
+        attn = cast(LlamaAttention, self.layers[0].self_attn)  # nn.ModuleList items are typed nn.Module
         num_kv, head_dim = attn.num_kv_heads, attn.head_dim
         q_per_kv = attn.num_heads // num_kv
         prefix = name.replace(".attention.wqkv.", ".self_attn.")  # model.layers.N.self_attn.weight

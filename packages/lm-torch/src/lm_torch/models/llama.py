@@ -6,7 +6,7 @@ One decoder serves them all; the differences are flags read from the transformer
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -70,6 +70,7 @@ class LlamaAttention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
+            assert self.k_norm is not None  # q_norm and k_norm are built together
             q, k = self.q_norm(q), self.k_norm(k)
         # The attention layer applies the rotary embedding (fused with the KV-cache write on CUDA).
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, kv_cache, attn, self.rotary, positions))
@@ -174,7 +175,7 @@ class LlamaForCausalLM(CausalLM):
         return loaded
 
     def _shard_sizes(self, target: str) -> list[int]:
-        attn = self.layers[0].self_attn
+        attn = cast(LlamaAttention, self.layers[0].self_attn)  # nn.ModuleList items are typed nn.Module
         if target == "qkv_proj":
             return [attn.q_size, attn.kv_size, attn.kv_size]
         return [self.config.intermediate_size] * 2

@@ -93,7 +93,8 @@ class W8A8Linear(LinearBase):
             else:
                 if rows <= 16:  # cuBLAS int8 GEMMs need more than 16 rows: pad, then drop the padding.
                     x_q = torch.cat([x_q, x_q.new_zeros(17 - rows, self.in_features)])
-                acc = torch._int_mm(x_q, weight_t.to(torch.int8))[:rows].float()  # exact int32 sums
+                # exact int32 sums; torch leaves _int_mm out of its typed exports
+                acc = torch._int_mm(x_q, weight_t.to(torch.int8))[:rows].float()  # pyright: ignore[reportPrivateImportUsage]
         else:
             acc = x_q.float() @ weight_t.float()
         out = (acc * x_scale * self.scale.t()).to(x.dtype)

@@ -132,6 +132,7 @@ class _WeightOnlyLinear(LinearBase):
         """W^T [in, out] in the scales' dtype."""
         if self.packed is None:
             if not hasattr(self, "qweight"):  # a CUDA dense fallback dropped the checkpoint tensors
+                assert isinstance(self.dense, Linear)  # the checkpoint tensors are dropped only once it is built
                 return self.dense.weight.t()
             return self._dequantize_checkpoint()
         from lm_torch.kernels.reference import unpack_int4
