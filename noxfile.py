@@ -1,9 +1,9 @@
-"""Test, lint and build sessions. `nox -s tests` runs all of it (what CI runs).
+"""Test, lint, type-check and build sessions. `nox -s tests` runs all of it (what CI runs).
 
 Every session installs only what it needs into a fresh virtualenv: `tests-<package>` installs that package, the lm
 siblings it declares and the test tools, so a dependency missing from a pyproject.toml fails there first.
-torch is always installed first and pinned to the CPU build this project's machines carry on disk; any other torch
-spec may pull a multi-GB CUDA build.
+Where a session installs torch, it goes first, pinned to the CPU build this project's machines carry on disk; any
+other torch spec may pull a multi-GB CUDA build. The sessions of `WITHOUT_TORCH` install none.
 
 Speed (CI is a 2-core machine): pip installs with --no-compile (it would byte-compile every module of torch,
 transformers, ...; Python writes the .pyc of the modules actually imported, on first import), the long test folders
@@ -36,6 +36,7 @@ nox.options.error_on_missing_interpreters = True
 ROOT = Path(__file__).parent
 TORCH = os.environ.get("LM_DEPLOY_TORCH_SPEC", "torch==2.13.0")
 RUFF = "ruff==0.17.6"
+PYRIGHT = "pyright==1.1.414"
 TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "packaging"]
 # Independent references the tests compare against (transformers, and accelerate for transformers' GGUF loader).
 REFERENCES = ["transformers>=4.46", "accelerate>=1.0"]
@@ -59,6 +60,10 @@ CLIENT_LIBRARIES = [
     "litellm==1.110.2",
     "lm-eval[api]==0.4.13",
 ]
+# Packages whose tests need neither torch nor the references: their sessions install no torch, so one that starts to
+# import torch without declaring it fails there. (lm-core's tests compare its GGUF conversion and model resolution
+# against transformers' torch models, so tests-lm-core installs torch as a test reference.)
+WITHOUT_TORCH = {"lm-vl"}
 # Test folders of a package that its tests-<package> session leaves to a session of their own (the openai client,
 # which tests-lm-serve installs, would otherwise run the clients session's openai tests there too).
 SEPARATE_TESTS = {"lm-serve": ("tests/lm_serve/clients",)}
@@ -114,7 +119,12 @@ def _make_package_session(dist: str, import_name: str) -> None:
     @nox.session(name=f"tests-{dist}")
     def tests_package(session: nox.Session) -> None:
         local = [str(_package_dir(name)) for name in _sibling_closure(dist)]
-        _install_with_torch(session, *local, *TEST_TOOLS, *REFERENCES, *PACKAGE_TEST_TOOLS.get(dist, []))
+        if dist in WITHOUT_TORCH:
+            if any(re.match(r"torch\b", req) for req in _all_requirements(dist)):
+                session.error(f"{dist} requires torch now: take it out of WITHOUT_TORCH")
+            session.install("--no-compile", *local, *TEST_TOOLS, *PACKAGE_TEST_TOOLS.get(dist, []))
+        else:
+            _install_with_torch(session, *local, *TEST_TOOLS, *REFERENCES, *PACKAGE_TEST_TOOLS.get(dist, []))
         _pytest(session, f"tests/{import_name}", PYTEST_WORKERS.get(dist, 0), SEPARATE_TESTS.get(dist, ()))
 
     tests_package.__doc__ = f"Run tests/{import_name} against {dist} installed alone with the test tools."
@@ -146,6 +156,20 @@ def lint(session: nox.Session) -> None:
     session.install("--no-compile", RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """pyright over every package's source: basic, strict under lm-core (config: pyproject.toml's [tool.pyright]).
+
+    The packages resolve from their src folders (pyright's extraPaths); only their third-party dependencies are
+    installed, so the session needs no lm-turbomind compile.
+    """
+    dists = [*PACKAGES, "lm-deploy"]
+    third_party = sorted({req for dist in dists for req in _pyproject(_package_dir(dist))["project"]["dependencies"]})
+    third_party = [req for req in third_party if not re.match(r"lm-[a-z]+", req)]
+    _install_with_torch(session, *third_party, PYRIGHT)
+    session.run("pyright", "--pythonpath", str(Path(session.bin) / "python"), env=RUN_ENV)
 
 
 @nox.session
@@ -232,6 +256,6 @@ def _all_requirements(dist: str) -> list[str]:
 
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
-    """Everything CI runs: lint, each package alone, the integration tests and the build checks."""
-    for name in ["lint", *(f"tests-{dist}" for dist in PACKAGES), "integration", "build"]:
+    """Everything CI runs: lint, the type check, each package alone, the integration tests and the build checks."""
+    for name in ["lint", "typecheck", *(f"tests-{dist}" for dist in PACKAGES), "integration", "build"]:
         session.notify(name)

@@ -169,21 +169,19 @@ def _tune(steps, path: str, batches: list[int]) -> None:
     the engine's split count, then split counts x split_tokens with the winner. A plan enters the table only where it
     beats the engine's default plan by 2% (else the default is written): the table `tuned_decode_plan` reads."""
     import json
-    import os
 
     from gemv import L2_BYTES
     from schedule_replay import decode_contexts
 
     from lm_torch.attention.triton_backend import SORT_MIN_DECODES
-    from lm_torch.cuda_graph import SPLIT_CONTEXT, graph_buckets
     from lm_torch.kernels.decode_attention import (
-        DECODE_TUNING_ENV,
         DEFAULT_LAUNCH,
+        GRAPH_SPLIT_CONTEXT,
         MIN_TOKENS_PER_SPLIT,
         choose_num_splits,
     )
+    from lm_torch.runner.cuda_graph import graph_buckets
 
-    os.environ[DECODE_TUNING_ENV] = "none"  # the defaults below are the kernel's own, not an older table's
     launches = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
     table: dict[str, dict] = {}
     # Powers of two from the largest down first: a sweep cut short by its time limit then still has a row within 2x
@@ -195,7 +193,7 @@ def _tune(steps, path: str, batches: list[int]) -> None:
         per_copy = sum(contexts) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
         copies = min(16, max(1, -(-3 * L2_BYTES // per_copy)))
         inputs = [_inputs(contexts, 0, seed=batch + i) for i in range(copies)]
-        splits0 = choose_num_splits(batch, NUM_KV_HEADS, SPLIT_CONTEXT, torch.device("cuda"))
+        splits0 = choose_num_splits(batch, NUM_KV_HEADS, GRAPH_SPLIT_CONTEXT, torch.device("cuda"))
         default = {**DEFAULT_LAUNCH, "num_splits": splits0, "split_tokens": MIN_TOKENS_PER_SPLIT}
         default["sort"] = batch >= SORT_MIN_DECODES
         reference = None

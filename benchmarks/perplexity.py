@@ -42,14 +42,19 @@ def perplexity(
     quantized as `quant_policy` says: 0 off, 8 int8, 4 int4)."""
     import torch
 
-    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+    from lm_torch.attention import StepMetadata, TorchAttentionBackend
     from lm_torch.config import TorchEngineConfig
     from lm_torch.kv_quant import allocate_kv_cache
     from lm_torch.loader import build_model, load_hf_config
 
-    model = build_model(model_dir, TorchEngineConfig(), load_hf_config(model_dir), torch.device("cpu"), torch.float32)
-    for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
+    model = build_model(
+        model_dir,
+        TorchEngineConfig(),
+        load_hf_config(model_dir),
+        torch.device("cpu"),
+        torch.float32,
+        TorchAttentionBackend(),
+    )
     block_size = 16
     num_blocks = (seqlen + block_size - 1) // block_size
     caches = [
@@ -60,7 +65,7 @@ def perplexity(
     if not windows:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
     total_nll, count = 0.0, 0
-    meta = AttentionMetadata.build([seqlen], [seqlen], [list(range(num_blocks))], block_size, "cpu")
+    meta = model.prepare_attention(StepMetadata.build([seqlen], [seqlen], [list(range(num_blocks))], block_size, "cpu"))
     with torch.no_grad():
         for window in windows:
             tokens = torch.tensor(window)

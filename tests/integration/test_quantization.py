@@ -159,19 +159,19 @@ def _internlm2_w8a8_to_llama(w8a8, config, renames, split):
 
 
 def lm_torch_logits(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
-    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+    from lm_torch.attention import StepMetadata, TorchAttentionBackend
     from lm_torch.config import TorchEngineConfig
     from lm_torch.loader import build_model, load_hf_config
 
     hf_config = load_hf_config(checkpoint)
     if not getattr(hf_config, "architectures", None):
         hf_config.architectures = json.loads((checkpoint / "config.json").read_text())["architectures"]
-    model = build_model(checkpoint, TorchEngineConfig(), hf_config, torch.device("cpu"), torch.float32)
-    for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
+    model = build_model(
+        checkpoint, TorchEngineConfig(), hf_config, torch.device("cpu"), torch.float32, TorchAttentionBackend()
+    )
     blocks = (len(ids) + 15) // 16
     caches = [(torch.zeros(blocks, 16, h, d), torch.zeros(blocks, 16, h, d)) for h, d in model.kv_cache_shape()]
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [list(range(blocks))], 16, "cpu")
+    meta = model.prepare_attention(StepMetadata.build([len(ids)], [len(ids)], [list(range(blocks))], 16, "cpu"))
     with torch.no_grad():
         return model.compute_logits(model(ids, torch.arange(len(ids)), caches, meta))
 

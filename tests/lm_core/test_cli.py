@@ -108,9 +108,13 @@ def test_distribution(package_checks):
 
 # -- engine flags, checked before any model loads ------------------------------------------------------------------
 
-# lm-torch made unimportable: a command that got as far as loading an engine would fail with an ImportError instead
-# of the expected message, so these show the checks run before the engine (and its weights) load.
-_NO_ENGINE = "import sys; sys.modules['lm_torch'] = None; from lm_core.cli import main; main()"
+# torch and lm-torch's engine made unimportable (its torch-free config, which declares the flags, stays): a command
+# that got as far as loading an engine would fail with an ImportError instead of the expected message, so these
+# show the checks run before the engine (and its weights) load.
+_NO_ENGINE = (
+    "import sys; sys.modules['torch'] = None; sys.modules['lm_torch.engine'] = None; "
+    "from lm_core.cli import main; main()"
+)
 
 
 def run_without_engine(*args: str) -> subprocess.CompletedProcess:
@@ -274,3 +278,24 @@ def test_ctrl_c_stops_the_answer_and_ctrl_c_at_the_prompt_leaves(default_model_d
     finally:
         if chat.process.poll() is None:
             chat.process.kill()
+
+
+def test_engine_flags_come_from_the_engine_config_without_torch():
+    """The flags are the options lm-torch's config declares; building the CLI imports no torch, and without lm-torch
+    the commands keep their generic flags only."""
+    from lm_core.cli.engine_options import ENGINE_OPTION_NAMES
+    from lm_torch.config import engine_options
+
+    assert tuple(spec.name for spec in engine_options()) == ENGINE_OPTION_NAMES
+    code = (
+        "import sys\nfrom lm_core.cli.chat import chat\nfrom lm_serve.cli import api_server\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+        "print(sorted(p.name for p in chat.params if p.name in ('block_size', 'session_len', 'backend')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["[]", "['backend', 'block_size', 'session_len']"]
+    code = "import sys; sys.modules['lm_torch'] = None\n" + code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["[]", "['backend']"]
+    help_text = run_without_engine("chat", "--help")
+    assert help_text.returncode == 0 and "--backend" in help_text.stdout

@@ -1,7 +1,8 @@
 """Pipeline mechanics (fan-out, sessions, streaming, stop strings, errors) over a scripted engine.
 
 The scripted engine answers with texts chosen per prompt, token by token, through the real SmolLM2 tokenizer; it
-honours max_new_tokens, min_new_tokens, stop_token_ids, seeds and abort like a real engine. The same mechanics are
+honours max_new_tokens, min_new_tokens, stop_token_ids, seeds, the session length and abort like a real engine (an
+unfinished request whose stream is closed is aborted by the engine itself, as lm-torch does). The same mechanics are
 tested again on lm-torch's real engine in tests/lm_torch.
 """
 
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from lm_core import AsyncPipeline, GenerationConfig, Pipeline, Session
-from lm_core.engine import Engine, EngineOutput, EngineStats
+from lm_core.engine import Engine, EngineOutput, EngineStats, session_length_error
 from lm_core.engine_registry import register_engine, unregister_engine
 
 transformers = pytest.importorskip("transformers")
@@ -43,7 +44,9 @@ class ScriptedEngine(Engine):
     def __init__(self, model_path) -> None:
         self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
         self.requests: dict[str, dict] = {}
+        self.received: dict[str, object] = {}  # every EngineRequest, by request id
         self.aborted: set[str] = set()
+        self.abort_calls: list[str] = []  # every abort, from `abort` or from a closed stream
         self.finished: dict[str, str] = {}
 
     @classmethod
@@ -56,17 +59,24 @@ class ScriptedEngine(Engine):
 
     async def generate(self, request):
         cfg = request.gen_config
+        self.received[request.request_id] = request
+        error = session_length_error(len(request.prompt_token_ids), cfg.max_new_tokens, self.session_len)
+        if error is not None:
+            yield EngineOutput(request.request_id, [], "error", error=error)
+            return
         prompt = self.hf_tokenizer.decode(request.prompt_token_ids)
         answers = _answers_for(prompt)
         pick = random.Random(cfg.random_seed).randrange(len(answers)) if cfg.random_seed is not None else 0
         ids = [*self.hf_tokenizer.encode(answers[pick], add_special_tokens=False), self.hf_tokenizer.eos_token_id]
         self.requests[request.request_id] = {"prompt": prompt, "config": cfg}
         stop_ids = set(cfg.stop_token_ids or ())
+        finished = False
         try:
             for i, token in enumerate(ids):
                 await asyncio.sleep(self.step_delay)
                 if request.request_id in self.aborted:
                     self.finished[request.request_id] = "abort"
+                    finished = True
                     yield EngineOutput(request.request_id, [], "abort")
                     return
                 finish = None
@@ -77,14 +87,21 @@ class ScriptedEngine(Engine):
                 logprobs = [{token: -0.5}] if cfg.logprobs is not None else None
                 if finish:
                     self.finished[request.request_id] = finish
+                    finished = True
                 yield EngineOutput(request.request_id, [token], finish, logprobs=logprobs)
                 if finish:
                     return
         finally:
             self.requests.pop(request.request_id, None)
+            if not finished:  # the consumer went away
+                self._abort(request.request_id)
 
     async def abort(self, request_id: str) -> None:
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
         self.aborted.add(request_id)
+        self.abort_calls.append(request_id)
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.requests))
@@ -184,6 +201,7 @@ def test_stop_string_across_tokens_cuts_output_and_aborts_engine_request(pipe, h
     assert _wait_until(lambda: len(engine.aborted - aborted_before) == 1 and not engine.requests)
     (aborted,) = engine.aborted - aborted_before
     assert aborted not in engine.finished
+    assert engine.abort_calls.count(aborted) == 1, "a request is aborted once"
     kept = pipe("count", GenerationConfig(stop_words=[stop], include_stop_str_in_output=True))
     assert kept.text == full[: full.index(stop) + len(stop)]
 
@@ -255,6 +273,8 @@ def test_leaving_a_stream_early_aborts_the_engine_request(pipe, monkeypatch):
     stream.close()
     assert _wait_until(lambda: engine.aborted - before and not engine.requests), "closing must abort the request"
     assert engine.stats().num_running == 0
+    (aborted,) = engine.aborted - before
+    assert engine.abort_calls.count(aborted) == 1, "a request is aborted once"
 
 
 def test_threads_share_one_pipeline(pipe):
@@ -347,3 +367,106 @@ def test_sampling_is_the_callers_choice_and_takes_the_models_values(pipe):
     sampled = pipe.async_pipeline.resolve_gen_config({"do_sample": True}, 8)
     assert not sampled.is_greedy and (sampled.temperature, sampled.top_p) == (0.2, 0.9)
     assert pipe.async_pipeline.resolve_gen_config({"do_sample": True, "top_p": 0.5}, 8).top_p == 0.5
+
+
+def _count_renders(monkeypatch, async_pipe) -> list[int]:
+    """A counter of the pipeline's chat template renders (the real template still renders)."""
+    template = async_pipe.chat_template
+    calls = [0]
+    real = template.render
+
+    def counting_render(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(template, "render", counting_render)
+    return calls
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_prompt_is_rendered_once_per_request(pipe, monkeypatch, n):
+    renders = _count_renders(monkeypatch, pipe.async_pipeline)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    responses = pipe(messages, GenerationConfig(n=n, random_seed=1))
+    assert [r.text for r in (responses if n > 1 else [responses])] == [ANSWERS["capital"][0]] * n
+    assert renders[0] == 1
+    pieces = list(pipe.stream_infer(["capital?", "colour?"], GenerationConfig(n=n, random_seed=1)))
+    assert {p.index for p in pieces} == set(range(2 * n))
+    assert renders[0] == 3, "one render per prompt of the batch"
+
+
+def test_a_prepared_request_is_generated_without_rendering_again(pipe, monkeypatch):
+    async_pipe = pipe.async_pipeline
+    renders = _count_renders(monkeypatch, async_pipe)
+    rendered = async_pipe.render([{"role": "user", "content": "capital"}])
+    prepared = async_pipe.prepare(rendered, {"max_new_tokens": 64})
+    assert renders[0] == 1 and prepared.prompt_ids == rendered.token_ids
+
+    async def run() -> str:
+        return "".join([piece.text async for piece in async_pipe.generate(prepared)])
+
+    assert asyncio.run_coroutine_threadsafe(run(), pipe._loop).result() == ANSWERS["capital"][0]
+    assert renders[0] == 1
+    with pytest.raises(ValueError, match="PreparedRequest carries its config"):
+        asyncio.run_coroutine_threadsafe(anext(async_pipe.generate(prepared, {"n": 2})), pipe._loop).result()
+
+
+def test_bad_words_reach_the_engine_as_the_tokenizers_ids(pipe, hf_tokenizer):
+    words = ["Paris", "capital of", "Paris"]
+    response = pipe("capital", GenerationConfig(bad_words=words))
+    request = pipe.async_pipeline.engine.received[_last_request_id(pipe)]
+    expected = {
+        tuple(hf_tokenizer.encode(prefix + word, add_special_tokens=False)) for word in words for prefix in ("", " ")
+    }
+    assert len(request.bad_word_ids) == len(expected) == 4
+    assert {tuple(ids) for ids in request.bad_word_ids} == expected
+    assert response.text == ANSWERS["capital"][0]  # the scripted engine does not apply them; the ids are the point
+    pipe("capital")
+    assert pipe.async_pipeline.engine.received[_last_request_id(pipe)].bad_word_ids is None
+
+
+def _last_request_id(pipe) -> str:
+    return list(pipe.async_pipeline.engine.received)[-1]
+
+
+def _former_server_visible_ids(piece, stop_ids: set[int], include_stop: bool) -> list[int]:
+    """How lm-serve decided a piece's visible tokens before `Response` said so (the rule that must not change)."""
+    ids = piece.token_ids
+    if piece.finish_reason == "stop" and ids and ids[-1] in stop_ids and not include_stop and piece.stop_str is None:
+        return ids[:-1]
+    return ids
+
+
+COMMA = "<comma>"  # stands for the id of "," (a stop id that ends the scripted answer early)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"include_stop_str_in_output": True},
+        {"ignore_eos": True, "max_new_tokens": 30},
+        {"stop_words": ["four, five"]},
+        {"stop_words": ["ten."]},  # the stop string ends right before EOS
+        {"stop_token_ids": COMMA},
+        {"stop_token_ids": COMMA, "include_stop_str_in_output": True},
+        {"stop_token_ids": COMMA, "min_new_tokens": 5},
+    ],
+)
+def test_response_visibility_equals_the_servers_former_rule(pipe, hf_tokenizer, fields):
+    if fields.get("stop_token_ids") == COMMA:
+        fields = {**fields, "stop_token_ids": hf_tokenizer.encode(",", add_special_tokens=False)}
+    config = GenerationConfig(**fields)
+    stop_ids = set(config.stop_token_ids or ())
+    if not config.ignore_eos:
+        stop_ids.update(pipe.tokenizer.eos_token_ids)
+    pieces = list(pipe.stream_infer("count", config))
+    for piece in pieces:
+        assert piece.visible_token_ids == _former_server_visible_ids(piece, stop_ids, config.include_stop_str_in_output)
+    whole = pipe("count", config)
+    assert whole.visible_token_ids == _former_server_visible_ids(whole, stop_ids, config.include_stop_str_in_output)
+    assert whole.visible_token_ids == [t for p in pieces for t in p.visible_token_ids]
+    hidden = len(whole.token_ids) - len(whole.visible_token_ids)
+    assert hidden == (
+        1 if whole.finish_reason == "stop" and whole.stop_str is None and not config.include_stop_str_in_output else 0
+    )

@@ -87,9 +87,12 @@ def test_log_level_and_prefix_caching_flags_as_lmdeploy_spells_them():
     assert ctx.params["log_level"].lower() == "debug" and ctx.params["backend"] == "torch"
 
 
-# lm-torch made unimportable: a server that got as far as loading the engine would fail with an ImportError, so an
-# error from these shows the check ran before the model loads.
-_NO_ENGINE = "import sys; sys.modules['lm_torch'] = None; from lm_serve.cli import main; main()"
+# torch and lm-torch's engine made unimportable: a server that got as far as loading the engine would fail with an
+# ImportError, so an error from these shows the check ran before the model loads.
+_NO_ENGINE = (
+    "import sys; sys.modules['torch'] = None; sys.modules['lm_torch.engine'] = None; "
+    "from lm_serve.cli import main; main()"
+)
 
 
 def _one_error_line(args: list[str]) -> str:

@@ -202,7 +202,7 @@ def hf_hidden_size(pipe: Pipeline) -> int:
 def test_the_scheduler_runs_embeddings_prefill_only_in_chunks_without_prefix_hits():
     """No torch: an embedding sequence is chunked, never samples, ignores cached blocks and ends with its prompt."""
     from lm_torch.block_manager import BlockManager
-    from lm_torch.scheduler import Scheduler
+    from lm_torch.scheduler import Scheduler, StepResult
     from lm_torch.sequence import Sequence
 
     bm = BlockManager(num_blocks=16, block_size=4)
@@ -212,7 +212,7 @@ def test_the_scheduler_runs_embeddings_prefill_only_in_chunks_without_prefix_hit
     scheduler.add(generation)
     while not generation.is_finished:  # computes and caches the prompt's first two full blocks
         batch = scheduler.schedule()
-        scheduler.update(batch, [1 if sample else None for sample in batch.sample])
+        scheduler.update(batch, StepResult([[1] * k for k in batch.num_sampled], [None] * len(batch.seqs)))
     assert bm.num_cached_blocks == 2
 
     embedding = Sequence("emb", prompt, len(prompt), GenerationConfig(), pooling="mean")  # == session_len: allowed
@@ -220,11 +220,11 @@ def test_the_scheduler_runs_embeddings_prefill_only_in_chunks_without_prefix_hit
     chunks = []
     while not embedding.is_finished:
         batch = scheduler.schedule()
-        assert batch.seqs == [embedding] and batch.sample == [False]
-        chunks.append((embedding.num_computed_tokens, batch.num_new_tokens[0]))
-        outputs = scheduler.update(batch, [None])
+        assert batch.seqs == [embedding] and batch.num_sampled == [0]
+        chunks.append((batch.starts[0], batch.num_new_tokens[0]))
+        outputs = scheduler.update(batch, StepResult([[]], [None]))
     assert chunks == [(0, 6), (6, 6)]  # from token 0 although blocks of its prefix were cached
-    assert outputs == [embedding] and embedding.finish_reason == "stop" and embedding.num_cached_tokens == 0
+    assert outputs == [(0, embedding, 0)] and embedding.finish_reason == "stop" and embedding.num_cached_tokens == 0
     assert bm.usage() == 0.0 and scheduler.stats()["prefix_cache_hit_rate"] == 0.0
     bm.check_invariants([])
 

@@ -1,9 +1,11 @@
 """The engine's GPU path: overlapped steps (any device), and on CUDA the Triton kernels, CUDA graphs and the memory
 plan, end to end against transformers.
 
-Overlap (`overlap_steps`) schedules step N + 1 before step N's tokens are back, with placeholder tokens the device
-fills in. It must not change a single output: the CPU tests run the default model with it on and off over stops,
-min_new_tokens, seeded sampling with logprobs, penalties (whose steps cannot overlap), preemption and aborts.
+Overlap (`overlap_steps`) schedules step N + 1 before step N's tokens are back: the scheduler counts them as
+pending and the runner reads them from its device token buffer. It must not change a single output, and no made-up
+token id may ever enter a sequence: the CPU tests run the default model with it on and off over stops,
+min_new_tokens, seeded sampling with logprobs, penalties (whose steps cannot overlap), preemption and aborts,
+watching every step's update.
 The GPU tests (marker `gpu`) build a tiny random Llama and compare greedy outputs with transformers' `generate` on
 the same GPU in float32, with CUDA graphs on and off and overlap on and off.
 """
@@ -45,6 +47,30 @@ def _run_all(engine: TorchEngine, prompts, configs) -> list[tuple]:
     return asyncio.run(run())
 
 
+def _watch(engine: TorchEngine) -> dict[str, int]:
+    """Check every step the engine records: after `Scheduler.update` no sequence of the step holds a negative (made-up)
+    token id, and none has more tokens in flight than it may. Counts the steps and those that read a pending token
+    (scheduled before the previous step's tokens were back)."""
+    counts = {"steps": 0, "pending_inputs": 0}
+    update = engine.scheduler.update
+
+    def checked(batch, result):
+        counts["steps"] += 1
+        pending = [
+            len(ids) < n - max(k - 1, 0)
+            for ids, n, k in zip(batch.token_ids, batch.num_new_tokens, batch.num_sampled, strict=True)
+        ]
+        counts["pending_inputs"] += any(pending)
+        outputs = update(batch, result)
+        for seq in batch.seqs:
+            assert all(t >= 0 for t in seq.token_ids), f"{seq.request_id} holds a made-up token id"
+            assert 0 <= seq.num_pending_tokens <= 1
+        return outputs
+
+    engine.scheduler.update = checked
+    return counts
+
+
 def _prompts(seed: int, count: int, vocab: int, low: int = 3, high: int = 70) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(low, high, (count,), generator=gen).tolist()
@@ -61,7 +87,10 @@ def cpu_engines(default_model_dir):
         config = {"overlap_steps": overlap, "num_kv_blocks": blocks, "max_batch_size": 8, "block_size": 16}
         return TorchEngine.from_pretrained(default_model_dir, config)
 
-    return {(overlap, blocks): make(overlap, blocks) for overlap in (False, True) for blocks in (256, 7)}
+    engines = {(overlap, blocks): make(overlap, blocks) for overlap in (False, True) for blocks in (256, 7)}
+    for engine in engines.values():
+        engine.watched = _watch(engine)
+    return engines
 
 
 def _mixed_configs(plain: list[tuple]) -> list[GenerationConfig]:
@@ -95,6 +124,8 @@ def test_overlapped_steps_change_no_output(cpu_engines):
         if key[1] == 7:  # 7 blocks of 16 tokens for up to 8 sequences of up to 93 tokens
             assert cpu_engines[key].scheduler.num_preemptions > before
         assert cpu_engines[key].stats().kv_usage == 0.0
+        watched = cpu_engines[key].watched
+        assert watched["steps"] > 0 and (watched["pending_inputs"] > 0) == key[0]  # overlap on: steps ran ahead
 
 
 def test_abort_while_steps_overlap(cpu_engines):
@@ -184,6 +215,7 @@ def test_greedy_matches_transformers_on_the_gpu(tiny_llama, eager_mode, overlap,
     if sizes is not None:
         config["cuda_graph_sizes"] = sizes
     engine = TorchEngine.from_pretrained(path, {**config, "max_batch_size": 16, "num_kv_blocks": 128})
+    watched = _watch(engine)
     startup = capsys.readouterr().err
     assert "memory:" in startup and "activation reserve" in startup and "start-up" in startup
     assert ("CUDA graphs for" in startup) != eager_mode
@@ -202,6 +234,7 @@ def test_greedy_matches_transformers_on_the_gpu(tiny_llama, eager_mode, overlap,
         assert (engine.runner.graphs.num_replays > 0) == (max(sizes) >= len(prompts))
     elif not eager_mode:
         assert engine.runner.graphs.num_replays > 0
+    assert watched["steps"] > 0 and (watched["pending_inputs"] > 0) == overlap
     asyncio.run(engine.close())
 
 

@@ -20,7 +20,7 @@ import torch
 
 from lm_core.engine import EngineRequest
 from lm_core.generation_config import GenerationConfig
-from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+from lm_torch.attention import StepMetadata, TorchAttentionBackend
 from lm_torch.config import TorchEngineConfig
 from lm_torch.kv_quant import (
     KVCache,
@@ -115,12 +115,9 @@ def heldout_ids(default_model_dir) -> list[int]:
 def cpu_model(default_model_dir):
     from lm_torch.loader import build_model, load_hf_config
 
-    model = build_model(
-        default_model_dir, TorchEngineConfig(), load_hf_config(default_model_dir), torch.device("cpu"), torch.float32
-    )
-    for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
-    return model
+    hf_config = load_hf_config(default_model_dir)
+    cpu = torch.device("cpu")
+    return build_model(default_model_dir, TorchEngineConfig(), hf_config, cpu, torch.float32, TorchAttentionBackend())
 
 
 @torch.inference_mode()
@@ -133,7 +130,7 @@ def model_logits(model, ids: list[int], chunks: list[int], policy: int, device="
     rows, done = [], 0
     steps = list(chunks) + [1] * (len(ids) - sum(chunks))
     for n in steps:
-        meta = AttentionMetadata.build([n], [done + n], table, block_size, device)
+        meta = model.prepare_attention(StepMetadata.build([n], [done + n], table, block_size, device))
         positions = torch.arange(done, done + n, device=device)
         hidden = model(torch.tensor(ids[done : done + n], device=device), positions, caches, meta)
         if done + n >= sum(chunks):
@@ -391,11 +388,10 @@ def _gpu_model(path: Path, dtype: torch.dtype):
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = build_model(path, TorchEngineConfig(device="cuda"), load_hf_config(path), device, dtype)
+        hf_config = load_hf_config(path)
+        model = build_model(path, TorchEngineConfig(device="cuda"), hf_config, device, dtype, TritonAttentionBackend())
     finally:
         torch.set_default_dtype(default)
-    for layer in model.attention_layers():
-        layer.backend = TritonAttentionBackend()
     return model
 
 
@@ -411,9 +407,16 @@ def test_gpu_logits_close_to_the_unquantized_cache(tiny_llama_32, dtype, policy)
     reference = model_logits(model, ids, chunks, 0, "cuda", dtype)
     quantized = model_logits(model, ids, chunks, policy, "cuda", dtype)
     # The same model on the CPU through the torch backend: the Triton kernels quantize and dequantize alike.
-    cpu = model.float().cpu()
-    for layer in cpu.attention_layers():
-        layer.backend = TorchAttentionBackend()
+    from lm_torch.loader import build_model, load_hf_config
+
+    cpu = build_model(
+        tiny_llama_32,
+        TorchEngineConfig(),
+        load_hf_config(tiny_llama_32),
+        torch.device("cpu"),
+        torch.float32,
+        TorchAttentionBackend(),
+    )
     on_cpu = model_logits(cpu, ids, chunks, policy)
     spread = reference.std().item()
     # Measured on the CPU for this model: int8 moves the logits by 0.8% of their spread on average, int4 by 14%;

@@ -1,4 +1,5 @@
-"""The CPU linear layout (column blocks, bmm) computes what nn.Linear computes."""
+"""The CPU linear layout (column blocks, bmm) computes what nn.Linear computes; `make_linear` picks the method of the
+device it builds for."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from lm_torch.layers.linear import SplitInputMajorLinear, use_cpu_linears
+from lm_torch.layers.context import BuildContext
+from lm_torch.layers.linear import (
+    CpuSplitLinearMethod,
+    Linear,
+    SplitInputMajorLinear,
+    TorchLinearMethod,
+    make_linear,
+)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -33,12 +41,27 @@ def test_indivisible_output_falls_back_to_one_block():
     torch.testing.assert_close(layer(x), reference(x))
 
 
-def test_use_cpu_linears_converts_every_linear():
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_linear_takes_the_split_layout_after_loading(bias):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 4, bias=False)))
-    x = torch.randn(5, 8)
-    expected = model(x)
-    use_cpu_linears(model, num_splits=2)
-    assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, SplitInputMajorLinear) for m in model.modules()) == 2
-    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    reference = nn.Linear(16, 12, bias=bias)
+    layer = make_linear(BuildContext(cpu_linear_splits=3), 16, 12, bias)
+    assert isinstance(layer, Linear) and isinstance(layer.method, CpuSplitLinearMethod)
+    with torch.no_grad():
+        layer.weight.copy_(reference.weight)
+        if bias:
+            layer.bias.copy_(reference.bias)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x), reference(x), atol=1e-5, rtol=1e-5)  # before: the checkpoint layout
+    layer.process_weights_after_loading()
+    assert "weight" not in layer._parameters and tuple(layer.weight_blocks.shape) == (3, 16, 4)
+    torch.testing.assert_close(layer(x), reference(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.dense_weight(), reference.weight.detach())
+
+
+def test_linear_method_follows_the_build_device():
+    assert isinstance(make_linear(BuildContext(device=torch.device("cpu")), 4, 4).method, CpuSplitLinearMethod)
+    # A CUDA build in float32 (or without triton) multiplies with torch: no tensor is made here ("meta" weights).
+    ctx = BuildContext(device=torch.device("cuda"), dtype=torch.float32)
+    layer = Linear(4, 4, False, ctx, device="meta")
+    assert isinstance(layer.method, TorchLinearMethod)

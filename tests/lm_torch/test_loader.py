@@ -30,24 +30,24 @@ def reference():
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+    from lm_torch.attention import StepMetadata
 
-    for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
     dtype = next(model.parameters()).dtype
     caches = [
         (torch.zeros(4, 16, h, d, dtype=dtype), torch.zeros(4, 16, h, d, dtype=dtype))
         for h, d in model.kv_cache_shape()
     ]
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[2, 0]], 16, "cpu")
+    meta = model.prepare_attention(StepMetadata.build([len(ids)], [len(ids)], [[2, 0]], 16, "cpu"))
     with torch.no_grad():
         return model.compute_logits(model(ids, torch.arange(len(ids)), caches, meta))
 
 
 def _load(path, **config):
     cfg = TorchEngineConfig(**config)
-    dtype = {"auto": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    return build_model(path, cfg, load_hf_config(path), torch.device("cpu"), dtype)
+    dtype = {"auto": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    from lm_torch.attention import TorchAttentionBackend
+
+    return build_model(path, cfg, load_hf_config(path), torch.device("cpu"), dtype, TorchAttentionBackend())
 
 
 @pytest.mark.parametrize("layout", ["sharded-safetensors", "bin"])
@@ -80,8 +80,7 @@ def test_dummy_weights_need_only_config_json(reference, tmp_path):
     reference.config.save_pretrained(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
     model = _load(tmp_path, load_format="dummy")
-    weights = dict(model.named_parameters())
-    assert 0.015 < weights["layers.0.mlp.gate_up_proj.weight"].std().item() < 0.025
+    assert 0.015 < model.get_submodule("layers.0.mlp.gate_up_proj").dense_weight().std().item() < 0.025
     assert torch.isfinite(_logits(model, torch.arange(10))).all()
     with pytest.raises(ValueError, match="holds no weights"):
         _load(tmp_path)
@@ -109,3 +108,19 @@ def test_engine_runs_a_gguf_file_like_its_converted_directory(default_gguf, defa
         with Pipeline(AsyncPipeline(engine, default_model_dir)) as pipe:
             answers.append(pipe("What is the capital of France?", cfg).token_ids)
     assert answers[0] == answers[1]
+
+
+def test_built_model_chose_its_paths_at_construction(reference, tmp_path):
+    """The CPU build gives every linear the split-blocks method and the attention layers their backend, with no
+    pass after loading; the blocks hold the checkpoint's weights."""
+    from lm_torch.attention import TorchAttentionBackend
+    from lm_torch.layers.linear import CpuSplitLinearMethod, Linear
+
+    reference.save_pretrained(tmp_path)
+    model = _load(tmp_path)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(isinstance(m.method, CpuSplitLinearMethod) for m in linears)
+    assert all("weight" not in m._parameters and m.weight_blocks.dim() == 3 for m in linears)
+    expected = reference.model.layers[0].self_attn.o_proj.weight
+    assert torch.equal(model.get_submodule("layers.0.self_attn.o_proj").dense_weight(), expected)
+    assert all(isinstance(layer.backend, TorchAttentionBackend) for layer in model.attention_layers())

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend
+from lm_torch.attention import StepMetadata, TorchAttentionBackend, TritonAttentionBackend
 from lm_torch.config import TorchEngineConfig
 from lm_torch.loader import build_model, load_hf_config
 from lm_torch.models import supported_architectures
@@ -88,11 +88,8 @@ def _load_ours(
     dtype: torch.dtype = torch.float32,
 ):
     hf_config = hf_config if hf_config is not None else load_hf_config(path)
-    model = build_model(path, engine_config or TorchEngineConfig(), hf_config, torch.device(device), dtype)
     backend = TritonAttentionBackend() if device == "cuda" else TorchAttentionBackend()
-    for layer in model.attention_layers():
-        layer.backend = backend
-    return model
+    return build_model(path, engine_config or TorchEngineConfig(), hf_config, torch.device(device), dtype, backend)
 
 
 def _paged_cache(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -123,7 +120,7 @@ def _step(model, caches, tables, pieces: list[tuple[torch.Tensor, int]]) -> list
     device = caches[0][0].device
     query_lens = [len(tokens) for tokens, _ in pieces]
     context_lens = [cached + len(tokens) for tokens, cached in pieces]
-    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, device)
+    meta = model.prepare_attention(StepMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, device))
     input_ids = torch.cat([tokens for tokens, _ in pieces]).to(device)
     positions = torch.cat([torch.arange(cached, cached + len(tokens)) for tokens, cached in pieces]).to(device)
     logits = model.compute_logits(model(input_ids, positions, caches, meta))  # [num_tokens, vocab]

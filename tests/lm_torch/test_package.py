@@ -12,7 +12,7 @@ def test_engine_config_imports_without_torch():
     code = (
         "import sys\nfrom lm_torch import TorchEngineConfig\n"
         "config = TorchEngineConfig(session_len=64, quant_policy=8)\n"
-        "print('torch' in sys.modules, config.session_len)\n"
+        "print('torch' in sys.modules, config.scheduler.session_len)\n"
         "import lm_torch\nprint(lm_torch.TorchEngine.__name__, 'torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -210,13 +210,13 @@ def _quantized_llama(path, method: str, g_idx_per_projection=False, wide=False):
 
 
 def _our_logits(path, ids, **engine):
-    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+    from lm_torch.attention import StepMetadata, TorchAttentionBackend
 
-    model = build_model(path, TorchEngineConfig(**engine), load_hf_config(path), torch.device("cpu"), torch.float32)
-    for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
+    config = TorchEngineConfig(**engine)
+    cpu = torch.device("cpu")
+    model = build_model(path, config, load_hf_config(path), cpu, torch.float32, TorchAttentionBackend())
     caches = [(torch.zeros(4, 16, h, d), torch.zeros(4, 16, h, d)) for h, d in model.kv_cache_shape()]
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0, 1]], 16, "cpu")
+    meta = model.prepare_attention(StepMetadata.build([len(ids)], [len(ids)], [[0, 1]], 16, "cpu"))
     with torch.no_grad():
         return model, model.compute_logits(model(ids, torch.arange(len(ids)), caches, meta))
 
@@ -295,17 +295,15 @@ def _w8a8_llama(path):
 
 
 def _cuda_logits(path, ids, dtype):
-    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend
+    from lm_torch.attention import StepMetadata, TorchAttentionBackend
 
     device = torch.device("cuda")
-    model = build_model(path, TorchEngineConfig(), load_hf_config(path), device, dtype)
-    for layer in model.attention_layers():
-        layer.backend = TorchAttentionBackend()
+    model = build_model(path, TorchEngineConfig(), load_hf_config(path), device, dtype, TorchAttentionBackend())
     caches = [
         (torch.zeros(4, 16, h, d, device=device, dtype=dtype), torch.zeros(4, 16, h, d, device=device, dtype=dtype))
         for h, d in model.kv_cache_shape()
     ]
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0, 1]], 16, "cuda")
+    meta = model.prepare_attention(StepMetadata.build([len(ids)], [len(ids)], [[0, 1]], 16, "cuda"))
     with torch.no_grad():
         hidden = model(ids.cuda(), torch.arange(len(ids), device=device), caches, meta)
         return model, model.compute_logits(hidden).float().cpu()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from lm_core.generation_config import GenerationConfig
 from lm_torch.block_manager import BlockManager
-from lm_torch.scheduler import ScheduledBatch, Scheduler
+from lm_torch.scheduler import ScheduledBatch, Scheduler, StepResult
 from lm_torch.sequence import Sequence, SequenceStatus
 
 VOCAB = 32
@@ -38,24 +38,44 @@ def sample(kv: int, num_generated: int, stop_ids: frozenset[int], min_new: int) 
 
 
 class FakeModel:
-    def __init__(self, bm: BlockManager) -> None:
+    """A stand-in for the model runner that reads only the batch (a plain value) and its own state, as the real one
+    does: the last token it sampled for each request is its "token buffer", read for a pending input token.
+    `accept(seq, k)` decides how many of a row's k sampled tokens it returns (default: all)."""
+
+    def __init__(self, bm: BlockManager, accept=None) -> None:
         self.bm = bm
         self.kv: dict[tuple[int, int], int] = {}
+        self.last: dict[str, int] = {}
+        self.accept = accept
 
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
+    def run(self, batch: ScheduledBatch) -> StepResult:
         bs, out = self.bm.block_size, []
-        for seq, num_new, do_sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
-            start = seq.num_computed_tokens
-            assert len(seq.block_table) * bs >= start + num_new, "slots missing"
-            kv = self.kv[seq.block_table[(start - 1) // bs], (start - 1) % bs] if start else 0
-            for pos in range(start, start + num_new):
-                block = seq.block_table[pos // bs]
-                assert self.bm.ref_count(block) == 1 and not self.bm.is_cached(block), "writing a shared block"
-                kv = mix(kv, seq.token_ids[pos])
-                self.kv[block, pos % bs] = kv
+        for i, seq in enumerate(batch.seqs):
+            start, num_new, num_sampled = batch.starts[i], batch.num_new_tokens[i], batch.num_sampled[i]
+            table = batch.block_tables[i]
+            inputs = list(batch.token_ids[i])
+            if len(inputs) < num_new - max(num_sampled - 1, 0):
+                inputs.append(self.last[seq.request_id])  # the pending token
+            assert len(table) * bs >= start + num_new, "slots missing"
+            kv = self.kv[table[(start - 1) // bs], (start - 1) % bs] if start else 0
             cfg = seq.gen_config
-            out.append(sample(kv, seq.num_generated, seq.stop_token_ids, cfg.min_new_tokens) if do_sample else None)
-        return out
+            sampled = []
+            for pos in range(start, start + num_new):
+                block = table[pos // bs]
+                assert self.bm.ref_count(block) == 1 and not self.bm.is_cached(block), "writing a shared block"
+                # Past the given inputs a multi-token step feeds its own samples.
+                token = inputs[pos - start] if pos - start < len(inputs) else sampled[-1]
+                kv = mix(kv, token)
+                self.kv[block, pos % bs] = kv
+                if pos - start >= num_new - num_sampled:  # a sampled position: the next token
+                    generated = pos + 1 - seq.num_prompt_tokens
+                    sampled.append(sample(kv, generated, seq.stop_token_ids, cfg.min_new_tokens))
+            if sampled:
+                keep = self.accept(seq, len(sampled)) if self.accept is not None else len(sampled)
+                sampled = sampled[:keep]
+                self.last[seq.request_id] = sampled[-1]
+            out.append(sampled)
+        return StepResult(out, [None] * len(out))
 
 
 def reference(prompt, cfg: GenerationConfig, capacity: int, session_len: int | None) -> tuple[list[int], str]:
@@ -81,7 +101,7 @@ def reference(prompt, cfg: GenerationConfig, capacity: int, session_len: int | N
         kv = mix(kv, token)
 
 
-def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None) -> None:
+def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None, in_flight: bool = False) -> None:
     bm = sched.block_manager
     bm.check_invariants(sched.running)
     arrivals = [s.arrival for s in sched.running], [s.arrival for s in sched.waiting]
@@ -98,28 +118,40 @@ def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None) -> N
         (g if isinstance(g, str) else g.request_id): n for g, n in sched._num_running.items()
     }
     assert len(sched.running) <= sched.max_batch_size
-    assert all(s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens >= 1 for s in sched.running)
+    assert all(s.status is SequenceStatus.RUNNING for s in sched.running)
+    assert all(s.num_uncomputed_tokens >= 1 or s.is_prefill_only for s in sched.running)
+    assert all(t >= 0 for s in [*sched.running, *sched.waiting] for t in s.token_ids)
     assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in sched.waiting)
     if batch is not None:
         assert batch.num_tokens <= sched.max_num_batched_tokens
         assert len({id(s) for s in batch.seqs}) == len(batch.seqs)
-        assert batch.seqs or not (sched.running or sched.waiting), "no progress: deadlock"
+        assert in_flight or batch.seqs or not (sched.running or sched.waiting), "no progress: deadlock"
 
 
-def run_all(sched: Scheduler, arrivals: dict[int, list[Sequence]], aborts=None, max_steps=50_000, model=None):
-    """Drive the scheduler like the engine does, checking invariants at every step; returns the number of steps."""
+def run_all(
+    sched: Scheduler, arrivals: dict[int, list[Sequence]], aborts=None, max_steps=50_000, model=None, depth: int = 1
+):
+    """Drive the scheduler like the engine does, checking invariants at every step; returns the number of steps.
+    `depth` 2: the next step is scheduled before the previous one is updated (overlap)."""
     model, aborts, step = model or FakeModel(sched.block_manager), aborts or {}, 0
     last_arrival = max(arrivals, default=0)
-    while step <= last_arrival or sched.has_unfinished_requests:
+    in_flight: deque = deque()
+    while step <= last_arrival or sched.has_unfinished_requests or in_flight:
         for seq in arrivals.get(step, []):
             sched.add(seq)
         for request_id in aborts.get(step, []):
             sched.abort(request_id)
         sched.take_finished()
-        batch = sched.schedule()
-        check_invariants(sched, batch)
-        sched.update(batch, model.run(batch))
-        check_invariants(sched)
+        batch = sched.schedule() if sched.has_unfinished_requests else ScheduledBatch()
+        check_invariants(sched, batch, in_flight=bool(in_flight))
+        if batch.seqs:
+            # A launched step computes now (its result is only applied later): what a device queue does.
+            in_flight.append((batch, model.run(batch)))
+        if len(in_flight) >= depth or (in_flight and not batch.seqs):
+            done, result = in_flight.popleft()
+            for _, seq, _ in sched.update(done, result):
+                assert all(t >= 0 for t in seq.token_ids), "a made-up token id entered a sequence"
+            check_invariants(sched)
         step += 1
         assert step < max_steps, "the scheduler does not finish"
     assert sched.block_manager.usage() == 0.0
@@ -150,7 +182,7 @@ def test_no_torch_import():
 def test_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"Scheduler\.{field}"):
         Scheduler(BlockManager(4, 4), **kwargs)
-    with pytest.raises(ValueError, match=r"ScheduledBatch\.sample"):
+    with pytest.raises(ValueError, match=r"ScheduledBatch\.num_sampled"):
         ScheduledBatch([make_seq("r", [1])], [1], [])
 
 
@@ -159,7 +191,7 @@ def test_decodes_first_then_chunked_prefill_within_the_budget():
     model = FakeModel(sched.block_manager)
     sched.add(short := make_seq("short", [1, 2, 3], max_new_tokens=10))
     batch = sched.schedule()
-    assert batch.seqs == [short] and batch.num_new_tokens == [3] and batch.sample == [True]
+    assert batch.seqs == [short] and batch.num_new_tokens == [3] and batch.num_sampled == [True]
     sched.update(batch, model.run(batch))
     sched.add(long := make_seq("long", range(20), max_new_tokens=10))
     chunks = []
@@ -167,7 +199,7 @@ def test_decodes_first_then_chunked_prefill_within_the_budget():
         batch = sched.schedule()
         assert batch.seqs[0] is short and batch.num_new_tokens[0] == 1  # the decode goes first, costs 1 token
         assert batch.num_tokens <= 8
-        chunks.append((batch.num_new_tokens[1], batch.sample[1]))
+        chunks.append((batch.num_new_tokens[1], batch.num_sampled[1]))
         sched.update(batch, model.run(batch))
     assert chunks == [(7, False), (7, False), (6, True)]
 
@@ -352,6 +384,11 @@ def workloads(draw):
         "session_len": draw(st.none() | st.integers(8, 100)),
         "prefill_interval": draw(st.sampled_from([0, 0, 2, 5])),
         "requests": requests,
+        # Overlap: the next step scheduled before the previous one's tokens are back.
+        "depth": draw(st.sampled_from([1, 2])),
+        # Multi-token steps, of which the model accepts a random number of tokens (a prefix).
+        "num_tokens_per_step": draw(st.sampled_from([1, 1, 2, 4])),
+        "accept_seed": draw(st.integers(0, 2**16)),
     }
 
 
@@ -360,15 +397,22 @@ def workloads(draw):
 def test_random_workloads_finish_with_the_outputs_of_running_alone(w):
     bm = w["block_manager"]
     sched = Scheduler(
-        bm, w["max_batch_size"], w["max_num_batched_tokens"], w["session_len"], prefill_interval=w["prefill_interval"]
+        bm,
+        w["max_batch_size"],
+        w["max_num_batched_tokens"],
+        w["session_len"],
+        prefill_interval=w["prefill_interval"],
+        num_tokens_per_step=w["num_tokens_per_step"],
     )
+    rng = random.Random(w["accept_seed"])
+    model = FakeModel(bm, accept=lambda seq, k: rng.randint(1, k))
     arrivals, aborts, seqs = {}, {}, []
     for request_id, prompt, cfg, arrival, abort, group in w["requests"]:
         seqs.append(Sequence(request_id, prompt, len(prompt), cfg, group=group))
         arrivals.setdefault(arrival, []).append(seqs[-1])
         if abort is not None:
             aborts.setdefault(arrival + abort, []).append(request_id)
-    run_all(sched, arrivals, aborts)
+    run_all(sched, arrivals, aborts, model=model, depth=w["depth"])
     capacity = bm.num_blocks * bm.block_size
     for seq in seqs:
         generated, reason = reference(seq.prompt_token_ids, seq.gen_config, capacity, w["session_len"])
@@ -413,9 +457,9 @@ def test_update_rejects_missing_tokens():
     sched.add(make_seq("a", [1, 2]))
     batch = sched.schedule()
     with pytest.raises(ValueError, match="no token"):
-        sched.update(batch, [None])
-    with pytest.raises(ValueError, match="sampled tokens"):
-        sched.update(batch, [])
+        sched.update(batch, StepResult([[]], [None]))
+    with pytest.raises(ValueError, match="rows of sampled tokens"):
+        sched.update(batch, StepResult([], []))
 
 
 def test_engine_style_sequence_from_request():
@@ -558,7 +602,7 @@ def test_prompt_logprob_and_prefill_only_sequences():
         while sched.has_unfinished_requests:
             batch = sched.schedule()
             check_invariants(sched, batch)
-            rows = zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)
+            rows = zip(batch.seqs, batch.num_new_tokens, batch.num_sampled, strict=True)
             batches.append([(s.request_id, n, do_sample) for s, n, do_sample in rows])
             sched.update(batch, model.run(batch))
     assert scoring.num_cached_tokens == 0 and plain.num_cached_tokens == 64
@@ -569,3 +613,77 @@ def test_prompt_logprob_and_prefill_only_sequences():
     assert computed[:3] == [24, 24, 17]  # every prompt position, in chunks of the budget
     assert [n for step in batches for rid, n, _ in step if rid == "prefill-only"] == [1]
     assert scoring.generated_token_ids == reference(scoring.prompt_token_ids, scoring.gen_config, 10**6, None)[0]
+
+
+# ---- tokens in flight and multi-token steps ---------------------------------------------------------------------
+
+
+def test_a_step_is_scheduled_before_the_previous_ones_tokens_are_back():
+    """Overlap: the scheduler counts the token a launched step samples as pending and schedules its position next,
+    without writing any value for it; `update` appends the real token later, in launch order."""
+    sched = Scheduler(BlockManager(16, 4))
+    model = FakeModel(sched.block_manager)
+    sched.add(seq := make_seq("a", [1, 2, 3], max_new_tokens=5))
+    first = sched.schedule()
+    assert first.num_new_tokens == [3] and first.num_sampled == [1]
+    assert seq.token_ids == [1, 2, 3] and seq.num_pending_tokens == 1 and seq.num_computed_tokens == 3
+    result = model.run(first)
+    second = sched.schedule()  # the first step's token is not back
+    assert second.seqs == [seq] and second.starts == [3] and second.token_ids == [[]]  # its input is the pending one
+    assert seq.num_pending_tokens == 2 and seq.num_computed_tokens == 4 and seq.token_ids == [1, 2, 3]
+    assert sched.schedule().is_empty  # never more than one pending token ahead
+    second_result = model.run(second)
+    assert sched.update(first, result) == [(0, seq, 1)] and seq.num_generated == 1 and seq.num_pending_tokens == 1
+    sched.update(second, second_result)
+    assert seq.num_generated == 2 and seq.num_pending_tokens == 0
+    run_all(sched, {}, model=model)
+    assert seq.generated_token_ids == reference([1, 2, 3], seq.gen_config, 64, None)[0]
+
+
+def test_host_token_work_and_the_last_token_are_never_run_ahead():
+    """Penalties, bad words and grammars read the token values on the host: such a sequence waits for its token
+    before its next step; so does one whose pending token is its last (max_new_tokens)."""
+    sched = Scheduler(BlockManager(32, 4))
+    model = FakeModel(sched.block_manager)
+    sched.add(penalized := make_seq("p", [1, 2], max_new_tokens=5, repetition_penalty=1.2))
+    sched.add(banned := Sequence("b", [1, 2], 2, GenerationConfig(max_new_tokens=5), bad_word_ids=[[7, 8]]))
+    sched.add(short := make_seq("s", [1, 2], max_new_tokens=1))
+    sched.add(plain := make_seq("q", [1, 2], max_new_tokens=5))
+    first = sched.schedule()
+    assert len(first.seqs) == 4 and all(s.num_pending_tokens == 1 for s in first.seqs)
+    second = sched.schedule()
+    assert second.seqs == [plain]
+    sched.update(first, model.run(first))
+    assert short.finish_reason == "length" and "s" in sched.schedule().finished_request_ids
+    assert penalized.num_pending_tokens == 1 and banned.num_pending_tokens == 1  # scheduled again just now
+
+
+@pytest.mark.parametrize("stop_at", range(4))
+def test_a_stop_token_at_any_position_of_a_multi_token_step_ends_there(stop_at):
+    """A step that samples 4 tokens for a sequence: a stop token at position `stop_at` ends the sequence with the
+    tokens up to it; the tokens after it are dropped."""
+    sched = Scheduler(BlockManager(16, 4), num_tokens_per_step=4)
+    model = FakeModel(sched.block_manager)
+    sched.add(seq := make_seq("a", [5, 6, 7], max_new_tokens=20, stop_token_ids=[31]))
+    sched.update(prefill := sched.schedule(), model.run(prefill))
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [4] and batch.num_sampled == [4]  # its last token and 3 positions of its own
+    tokens = [11, 12, 13, 14]
+    tokens[stop_at] = 31
+    assert sched.update(batch, StepResult([tokens], [None])) == [(0, seq, stop_at + 1)]
+    assert seq.generated_token_ids[1:] == tokens[: stop_at + 1] and seq.finish_reason == "stop"
+    assert sched.block_manager.usage() == 0.0
+
+
+def test_a_multi_token_step_respects_the_limits_and_rolls_back_rejected_positions():
+    sched = Scheduler(BlockManager(16, 4), num_tokens_per_step=4)
+    model = FakeModel(sched.block_manager)
+    sched.add(seq := make_seq("a", [5, 6, 7], max_new_tokens=3))
+    sched.update(prefill := sched.schedule(), model.run(prefill))
+    batch = sched.schedule()
+    assert batch.num_sampled == [2]  # 1 generated, 2 left
+    assert seq.num_computed_tokens == 5
+    sched.update(batch, StepResult([[9]], [None]))  # one of two accepted: its second position is recomputed
+    assert seq.num_computed_tokens == 4 and seq.num_tokens == 5 and seq.num_pending_tokens == 0
+    with pytest.raises(ValueError, match="samples 1"):
+        sched.update(sched.schedule(), StepResult([[1, 2]], [None]))

@@ -18,6 +18,7 @@ OUT = Path(__file__).resolve().parents[1] / "src" / "lm_lite" / "data" / "calib_
 
 
 def reflow(text: str) -> str:
+    """One topic's text with hard-wrapped prose lines rejoined into paragraphs; indented blocks kept as they are."""
     paragraphs, current = [], []
     for line in text.splitlines():
         if not line.strip() or line.startswith((" ", "\t", "*", "=", "-")):
@@ -36,6 +37,7 @@ def reflow(text: str) -> str:
 
 
 def main() -> None:
+    """Writes the sorted topics, reflowed, up to `LIMIT` characters, to `OUT`."""
     docs, size = [], 0
     for name in sorted(pydoc_data.topics.topics):
         doc = reflow(pydoc_data.topics.topics[name])

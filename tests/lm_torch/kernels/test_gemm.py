@@ -56,7 +56,14 @@ def test_transposed_cublas_gemm_rejects_bad_shapes(case):
         transposed_cublas_gemm(case.randn(8, generator=gen), case.randn(4, 8, generator=gen))
 
 
-def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
+def _tables(gemm_tuning, device_name=None):
+    from lm_torch.config import KernelConfig
+    from lm_torch.kernels.tuning import TuningTables
+
+    return TuningTables.load(KernelConfig(gemm_tuning=gemm_tuning), device_name)
+
+
+def test_gemm_launch_reads_the_tuning_table(tmp_path):
     from lm_torch.kernels import gemm
     from lm_torch.kernels.gemv import skinny_gemm
 
@@ -66,29 +73,30 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
     table = {"8:4096:1024": skinny, "32:4096:1024": None, "128:4096:1024": tiled, "256:4096:1024": cublas_t}
     path = tmp_path / "gemm.json"
     path.write_text(json.dumps({"configs": table}))
-    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(path))
+    tables = _tables(str(path))
     skinny_args = {key: value for key, value in skinny.items() if key != "kernel"}
-    assert gemm.gemm_launch(2, 4096, 1024) == (skinny_gemm, skinny_args)  # the fewest measured rows at or above
-    assert gemm.gemm_launch(8, 4096, 1024) == (skinny_gemm, skinny_args)
-    assert gemm.gemm_launch(9, 4096, 1024) is None  # cuBLAS won at 32 rows
-    kernel, args = gemm.gemm_launch(100, 4096, 1024)
+    assert gemm.gemm_launch(2, 4096, 1024, tuning=tables) == (
+        skinny_gemm,
+        skinny_args,
+    )  # the fewest measured rows at or above
+    assert gemm.gemm_launch(8, 4096, 1024, tuning=tables) == (skinny_gemm, skinny_args)
+    assert gemm.gemm_launch(9, 4096, 1024, tuning=tables) is None  # cuBLAS won at 32 rows
+    kernel, args = gemm.gemm_launch(100, 4096, 1024, tuning=tables)
     assert kernel is gemm.tiled_gemm and args["block_m"] == 128 and "kernel" not in args
-    assert gemm.gemm_launch(200, 4096, 1024) == (gemm.transposed_cublas_gemm, {})
-    assert gemm.gemm_launch(257, 4096, 1024) is None  # more rows than measured
-    assert gemm.gemm_launch(8, 4096, 2048) is None  # a shape the table lacks
-    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, "none")
-    assert gemm.gemm_launch(8, 4096, 1024) is None
-    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(tmp_path / "missing.json"))  # a mistyped path is an error
-    with pytest.raises(ValueError, match=r"LM_TORCH_GEMM_TUNING=.*missing\.json.* is not a file"):
-        gemm.gemm_launch(8, 4096, 1024)
+    assert gemm.gemm_launch(200, 4096, 1024, tuning=tables) == (gemm.transposed_cublas_gemm, {})
+    assert gemm.gemm_launch(257, 4096, 1024, tuning=tables) is None  # more rows than measured
+    assert gemm.gemm_launch(8, 4096, 2048, tuning=tables) is None  # a shape the table lacks
+    tables = _tables("none")
+    assert gemm.gemm_launch(8, 4096, 1024, tuning=tables) is None
+    with pytest.raises(ValueError, match=r"KernelConfig.gemm_tuning=.*missing\.json.* is not a file"):
+        _tables(str(tmp_path / "missing.json"))  # a mistyped path is an error
     # A table that names the card it was measured on applies to that card only.
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "configs": table}))
-    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(measured))
-    monkeypatch.setattr(gemm, "_current_device_name", lambda: "NVIDIA A100-SXM4-80GB")
-    assert gemm.gemm_launch(8, 4096, 1024) is None
-    monkeypatch.setattr(gemm, "_current_device_name", lambda: "NVIDIA H100 80GB HBM3")
-    assert gemm.gemm_launch(8, 4096, 1024) == (skinny_gemm, skinny_args)
+    tables = _tables(str(measured), "NVIDIA A100-SXM4-80GB")
+    assert gemm.gemm_launch(8, 4096, 1024, tuning=tables) is None
+    tables = _tables(str(measured), "NVIDIA H100 80GB HBM3")
+    assert gemm.gemm_launch(8, 4096, 1024, tuning=tables) == (skinny_gemm, skinny_args)
     bad_launches = (
         {"kernel": "tiled", "block_m": 64},
         {"kernel": "mystery"},
@@ -98,68 +106,72 @@ def test_gemm_launch_reads_the_tuning_table(tmp_path, monkeypatch):
     for bad in bad_launches:
         bad_path = tmp_path / "bad.json"
         bad_path.write_text(json.dumps({"configs": {"8:4096:1024": bad}}))
-        gemm._tuning_table.cache_clear()
-        monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(bad_path))
+        gemm.load_gemm_table.cache_clear()
         with pytest.raises(ValueError, match="must be null or name a kernel"):
-            gemm.gemm_launch(8, 4096, 1024)
+            _tables(str(bad_path))
     for bad_key in ("8x4096", "8:4096:1024:relu", "8:4096:1024:silu:1"):
         bad_path.write_text(json.dumps({"configs": {bad_key: None}}))
-        gemm._tuning_table.cache_clear()
+        gemm.load_gemm_table.cache_clear()
         with pytest.raises(ValueError, match="rows:N:K"):
-            gemm.gemm_launch(8, 4096, 1024)
+            _tables(str(bad_path))
     for gated in (skinny, cublas_t):
         bad_path.write_text(json.dumps({"configs": {"8:4096:1024:silu": gated}}))
-        gemm._tuning_table.cache_clear()
+        gemm.load_gemm_table.cache_clear()
         with pytest.raises(ValueError, match="only the tiled and TMA kernels"):
-            gemm.gemm_launch(8, 4096, 1024, "silu")
+            _tables(str(bad_path))
 
 
-def test_gemm_launch_gated_entries(tmp_path, monkeypatch):
+def test_gemm_launch_gated_entries(tmp_path):
     from lm_torch.kernels import gemm
 
     tiled = {"kernel": "tiled", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
     path = tmp_path / "gemm.json"
     path.write_text(json.dumps({"configs": {"64:8192:1024:silu": tiled, "64:8192:1024": None}}))
-    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(path))
-    kernel, args = gemm.gemm_launch(40, 8192, 1024, "silu")
+    tables = _tables(str(path))
+    kernel, args = gemm.gemm_launch(40, 8192, 1024, "silu", tuning=tables)
     assert kernel is gemm.tiled_gemm and args["activation"] == "silu" and args["block_m"] == 64
-    assert gemm.gemm_launch(40, 8192, 1024) is None  # the plain product: cuBLAS
-    assert gemm.gemm_launch(40, 8192, 1024, "gelu") is None  # another activation: not measured
+    assert gemm.gemm_launch(40, 8192, 1024, tuning=tables) is None  # the plain product: cuBLAS
+    assert gemm.gemm_launch(40, 8192, 1024, "gelu", tuning=tables) is None  # another activation: not measured
     launch = {"block_m": 128, "block_n": 64, "block_k": 64, "num_warps": 8, "num_stages": 4}
     tma = {"kernel": "tma", **launch}
     path.write_text(json.dumps({"configs": {"256:8192:1024": tma}}))  # the TMA kernel's split_k is missing
-    gemm._tuning_table.cache_clear()
+    gemm.load_gemm_table.cache_clear()
     with pytest.raises(ValueError, match="must be null or name a kernel"):
-        gemm.gemm_launch(200, 8192, 1024)
+        _tables(str(path))
     configs = {"256:8192:1024:silu": {**tma, "split_k": 1}, "256:8192:1024": {**tma, "split_k": 2}}
     path.write_text(json.dumps({"configs": configs}))
-    gemm._tuning_table.cache_clear()
-    assert gemm.gemm_launch(200, 8192, 1024, "silu") == (gemm.tma_gemm, {**launch, "split_k": 1, "activation": "silu"})
-    assert gemm.gemm_launch(200, 8192, 1024) == (gemm.tma_gemm, {**launch, "split_k": 2})
+    gemm.load_gemm_table.cache_clear()
+    tables = _tables(str(path))
+    assert gemm.gemm_launch(200, 8192, 1024, "silu", tuning=tables) == (
+        gemm.tma_gemm,
+        {**launch, "split_k": 1, "activation": "silu"},
+    )
+    assert gemm.gemm_launch(200, 8192, 1024, tuning=tables) == (gemm.tma_gemm, {**launch, "split_k": 2})
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_small_batch_linear_gated_projection(dtype, tmp_path, monkeypatch):
-    from lm_torch.kernels import gemm
-    from lm_torch.layers.activation import gated_projection
-    from lm_torch.layers.cuda_linear import use_small_batch_linears
+def test_small_batch_linear_gated_projection(dtype, tmp_path):
+    from lm_torch.layers.activation import GatedActivation, gated_projection
+    from lm_torch.layers.context import BuildContext
+    from lm_torch.layers.linear import Linear
 
     tiled = {"kernel": "tiled", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
     path = tmp_path / "gemm.json"
     path.write_text(json.dumps({"configs": {"64:384:256:silu": tiled}}))
-    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(path))
+    ctx = BuildContext(device=torch.device("cuda"), dtype=dtype, tuning=_tables(str(path)))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 384, bias=False)).to("cuda", dtype)
+    model = torch.nn.Sequential(Linear(256, 384, False, ctx)).to("cuda", dtype)
     inputs = [torch.randn(rows, 256, device="cuda", dtype=dtype) for rows in (1, 37, 100)]
-    expected = [reference.gated_activation(model(x), "silu").float() for x in inputs]
-    use_small_batch_linears(model)
+    expected = [
+        reference.gated_activation(torch.nn.functional.linear(x, model[0].weight), "silu").float() for x in inputs
+    ]
     assert model[0].forward_gated(inputs[0], "silu") is None  # one row: the GEMV, then the activation
     assert model[0].forward_gated(inputs[1], "silu") is not None  # 37 rows: the tiled kernel, fused
     assert model[0].forward_gated(inputs[2], "silu") is None  # more rows than the table measured: cuBLAS
     for x, want in zip(inputs, expected, strict=True):
-        got = gated_projection(model[0], x, "silu").float()
+        got = gated_projection(model[0], x, GatedActivation("silu", ctx)).float()
         torch.testing.assert_close(got, want, atol=2e-2 * (1 + want.abs().max().item()), rtol=0)
 
 

@@ -37,9 +37,13 @@ def test_gemv_rejects_bad_shapes(case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_small_batch_linear_replaces_plain_linears(dtype, tmp_path, monkeypatch):
+def test_small_batch_linear_method(dtype, tmp_path, monkeypatch):
+    from lm_torch.config import KernelConfig
     from lm_torch.kernels import gemm
-    from lm_torch.layers.cuda_linear import SmallBatchLinear, use_small_batch_linears
+    from lm_torch.kernels.tuning import TuningTables
+    from lm_torch.layers.context import BuildContext
+    from lm_torch.layers.cuda_linear import SmallBatchLinearMethod
+    from lm_torch.layers.linear import Linear
 
     # A tuning table: the skinny GEMM for up to 8 rows of the first layer's shape, the tiled one up to 16 rows of
     # the second's, cuBLAS beyond.
@@ -47,7 +51,7 @@ def test_small_batch_linear_replaces_plain_linears(dtype, tmp_path, monkeypatch)
     tiled = {"kernel": "tiled", "block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
     table = {"8:520:256": skinny, "16:64:520": tiled, "32:64:520": None}
     (tmp_path / "t.json").write_text(json.dumps({"configs": table}))
-    monkeypatch.setenv(gemm.GEMM_TUNING_ENV, str(tmp_path / "t.json"))
+    tables = TuningTables.load(KernelConfig(gemm_tuning=str(tmp_path / "t.json")))
     calls = []
 
     def recorded(kernel, label):  # the real kernel, its launches noted
@@ -60,11 +64,16 @@ def test_small_batch_linear_replaces_plain_linears(dtype, tmp_path, monkeypatch)
     monkeypatch.setattr(gemm, "skinny_gemm", recorded(gemm.skinny_gemm, "skinny_gemm"))
     monkeypatch.setattr(gemm, "tiled_gemm", recorded(gemm.tiled_gemm, "tiled_gemm"))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 520, bias=True), torch.nn.Linear(520, 64, bias=False))
-    model = model.to("cuda", dtype)
+    ctx = BuildContext(device=torch.device("cuda"), dtype=dtype, tuning=tables)
+    model = torch.nn.Sequential(Linear(256, 520, True, ctx), Linear(520, 64, False, ctx)).to("cuda", dtype)
+    assert all(isinstance(m.method, SmallBatchLinearMethod) for m in model)
     inputs = [torch.randn(rows, 256, device="cuda", dtype=dtype) for rows in (1, 5, 9, 20)]
-    expected = [model(x).float() for x in inputs]
-    assert use_small_batch_linears(model) == 2 and all(isinstance(m, SmallBatchLinear) for m in model)
+    expected = [
+        torch.nn.functional.linear(
+            torch.nn.functional.linear(x, model[0].weight, model[0].bias), model[1].weight
+        ).float()
+        for x in inputs
+    ]
     # One row: the GEMV; 5 rows: skinny, tiled; 9: cuBLAS, tiled; 20: cuBLAS in both.
     for x, want in zip(inputs, expected, strict=True):
         got = model(x).float()

@@ -423,7 +423,7 @@ def test_triton_backend_matches_torch_backend_on_quantized_cache(
     """A whole mixed step (decodes, a chunk after a cached prefix, a fresh prompt) through both backends from the
     same quantized cache: the Triton kernels store what the torch backend stores and attend alike, whether the
     decode programs take the sequences in order or longest context first (what large batches do)."""
-    from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend, triton_backend
+    from lm_torch.attention import StepMetadata, TorchAttentionBackend, TritonAttentionBackend, triton_backend
 
     monkeypatch.setattr(triton_backend, "SORT_MIN_DECODES_QUANTIZED", 1 if sort else 1 << 30)
 
@@ -444,19 +444,16 @@ def test_triton_backend_matches_torch_backend_on_quantized_cache(
     results = []
     for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
         caches = [t.clone() for t in cache]
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, 16, case.device)
+        meta = StepMetadata.build(query_lens, context_lens, tables, 16, case.device)
         out = backend.forward(
             q,
             k,
             v,
-            caches[0],
-            caches[1],
-            meta,
-            1 / math.sqrt(head_dim),
-            sliding_window,
-            softcap,
-            k_scales_zeros=caches[2],
-            v_scales_zeros=caches[3],
+            tuple(caches),
+            backend.prepare(meta),
+            scale=1 / math.sqrt(head_dim),
+            sliding_window=sliding_window,
+            softcap=softcap,
         )
         results.append((out, caches))
     (out, caches), (expected, expected_caches) = results

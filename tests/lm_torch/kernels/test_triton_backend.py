@@ -1,13 +1,14 @@
-"""`TritonAttentionBackend` against `TorchAttentionBackend` on whole steps built by `AttentionMetadata.build`."""
+"""`TritonAttentionBackend` against `TorchAttentionBackend` on whole steps built by `StepMetadata.build`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from lm_torch.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend, triton_backend
+from lm_torch.attention import StepMetadata, TorchAttentionBackend, TritonAttentionBackend, triton_backend
 
 BLOCK_SIZE = 16
 
@@ -37,8 +38,11 @@ def _step(case, seed, query_lens, context_lens, num_heads, num_kv_heads, head_di
     results = []
     for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
         caches = (k_cache.clone(), v_cache.clone())
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
-        out = backend.forward(q, k, v, *caches, meta, 1 / math.sqrt(head_dim), sliding_window, softcap)
+        meta = StepMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
+        state = backend.prepare(meta)
+        out = backend.forward(
+            q, k, v, caches, state, scale=1 / math.sqrt(head_dim), sliding_window=sliding_window, softcap=softcap
+        )
         results.append((out, caches))
     return results
 
@@ -72,8 +76,9 @@ def test_decode_step_matches_torch_backend(case, sort, monkeypatch):
 
 
 def test_padding_rows_of_an_eager_step_are_zeroed(case, monkeypatch):
-    """An eager step's rows past `StepLayout.num_tokens` (padding: slot -1, no sequence) come out zero, whatever the
-    output's memory held (every `empty_like` here returns NaNs), and the real rows are those of the unpadded step."""
+    """An eager step's rows past `StepMetadata.num_real_tokens` (padding: slot -1, no sequence) come out zero,
+    whatever the output's memory held (every `empty_like` here returns NaNs), and the real rows are those of the
+    unpadded step."""
     query_lens, context_lens, pad = [1, 9, 1, 20], [37, 30, 5, 20], 5
     (expected, _), _ = _step(case, 3, query_lens, context_lens, 8, 2, 32, None, None)
     real = sum(query_lens)
@@ -81,24 +86,23 @@ def test_padding_rows_of_an_eager_step_are_zeroed(case, monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
     q, k, v, k_cache, v_cache, tables = _inputs(case, 3, query_lens, context_lens, 8, 2, 32)
     q, k, v = (torch.cat([t, torch.ones_like(t[:pad])]) for t in (q, k, v))  # padding rows after the real ones
-    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
-    meta.slot_mapping = torch.cat([meta.slot_mapping, meta.slot_mapping.new_full((pad,), -1)])
-    decodes = [ctx for n, ctx in zip(query_lens, context_lens, strict=True) if n == 1]
-    meta.cache[triton_backend.LAYOUT_KEY] = triton_backend.StepLayout(
-        meta.query_start_loc, meta.context_lens_tensor, len(decodes), max(decodes), num_tokens=real
-    )
-    out = TritonAttentionBackend().forward(q, k, v, k_cache, v_cache, meta, 1 / math.sqrt(32), None, None)
+    meta = StepMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, case.device)
+    slots = torch.cat([meta.slot_mapping, meta.slot_mapping.new_full((pad,), -1)])
+    meta = dataclasses.replace(meta, slot_mapping=slots, num_real_tokens=real)
+    backend = TritonAttentionBackend()
+    out = backend.forward(q, k, v, (k_cache, v_cache), backend.prepare(meta), scale=1 / math.sqrt(32))
     torch.testing.assert_close(out[:real], expected, rtol=0, atol=0)
     assert out[real:].eq(0).all()
 
 
 def test_backend_rejects_block_size_mismatch(case):
     pytest.importorskip("triton")
-    meta = AttentionMetadata.build([1], [3], [[0]], 8, case.device)
+    meta = StepMetadata.build([1], [3], [[0]], 8, case.device)
     x = torch.ones(1, 2, 16, device=case.device, dtype=case.dtype)
     cache = torch.ones(2, 16, 2, 16, device=case.device, dtype=case.dtype)
+    backend = TritonAttentionBackend()
     with pytest.raises(ValueError, match="block"):
-        TritonAttentionBackend().forward(x, x, x, cache, cache, meta, 1.0)
+        backend.forward(x, x, x, (cache, cache), backend.prepare(meta), scale=1.0)
 
 
 def _write_table(path, configs, device=None, head_dim=128, kv_bytes=2):
@@ -128,7 +132,13 @@ def test_decode_step_follows_the_tuning_table(case, tmp_path, monkeypatch):
     path = _write_table(
         tmp_path / "t.json", table, head_dim=32, kv_bytes=torch.empty(0, dtype=case.dtype).element_size()
     )
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, path)
+    from lm_torch.config import KernelConfig
+    from lm_torch.kernels import tuning
+
+    # The backend looks plans up in the tables it is given; without any, in the shipped ones: replaced here.
+    monkeypatch.setattr(
+        tuning, "shipped_tables", lambda name: tuning.TuningTables.load(KernelConfig(decode_tuning=path))
+    )
     calls = []
     real = module.decode_attention
 
@@ -146,52 +156,61 @@ def test_decode_step_follows_the_tuning_table(case, tmp_path, monkeypatch):
     assert kwargs["seq_order"].tolist() == sorted(range(6), key=lambda i: -context_lens[i])
 
 
-def test_tuning_table_lookup_and_validation(tmp_path, monkeypatch):
+def _tables(device_name=None, **fields):
+    from lm_torch.config import KernelConfig
+    from lm_torch.kernels.tuning import TuningTables
+
+    return TuningTables.load(KernelConfig(**fields), device_name)
+
+
+def test_tuning_table_lookup_and_validation(tmp_path):
     from lm_torch.kernels import decode_attention as module
 
-    cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)  # on the CPU: the device name is patched below
+    cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)  # on the CPU: the device name is given below
     table = {"16": _plan(64, 5, 64, False), "1": _plan(64, 16, 64, False), "256": _plan(128, 1, 64, True)}
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "h100.json", table, "NVIDIA H100 80GB HBM3"))
-    assert module.tuned_decode_plan(3, cache) is None  # the table names a card; the CPU is not it
-    monkeypatch.setattr(module, "cuda_device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    assert module.tuned_decode_plan(1, cache)["num_splits"] == 16
-    assert module.tuned_decode_plan(2, cache)["num_splits"] == 5  # the fewest decodes measured at or above
-    assert module.tuned_decode_plan(200, cache)["block_n"] == 128
-    assert module.tuned_decode_plan(257, cache) is None  # beyond the table: the kernel's defaults
-    assert module.tuned_decode_plan(1, cache.half())["num_splits"] == 16  # fp16: the same tiles as bf16
-    assert module.tuned_decode_plan(1, cache.float()) is None  # float32 tiles are twice the size
-    assert module.tuned_decode_plan(1, torch.empty(1, 16, 8, 64, dtype=torch.bfloat16)) is None  # another head_dim
-    assert module.tuned_decode_plan(1, cache.to(torch.uint8)) is None  # quantized codes
-    monkeypatch.setattr(module, "cuda_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
-    assert module.tuned_decode_plan(1, cache) is None
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, "none")
-    assert module.tuned_decode_plan(1, cache) is None
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, str(tmp_path / "missing.json"))  # a mistyped path is an error
-    with pytest.raises(ValueError, match=r"LM_TORCH_DECODE_TUNING=.*missing\.json.* is not a file"):
-        module.tuned_decode_plan(1, cache)
-    monkeypatch.setattr(module, "DEFAULT_DECODE_TUNING", str(tmp_path / "missing.json"))
-    monkeypatch.delenv(module.DECODE_TUNING_ENV)
-    assert module.tuned_decode_plan(1, cache) is None  # no committed table (a card without one): the defaults
+    path = _write_table(tmp_path / "h100.json", table, "NVIDIA H100 80GB HBM3")
+    assert _tables(None, decode_tuning=path).decode_plan(3, cache) is None  # the table names a card; not this one
+    tables = _tables("NVIDIA H100 80GB HBM3", decode_tuning=path)
+    assert tables.decode_plan(1, cache)["num_splits"] == 16
+    assert tables.decode_plan(2, cache)["num_splits"] == 5  # the fewest decodes measured at or above
+    assert tables.decode_plan(200, cache)["block_n"] == 128
+    assert tables.decode_plan(257, cache) is None  # beyond the table: the kernel's defaults
+    assert tables.decode_plan(1, cache.half())["num_splits"] == 16  # fp16: the same tiles as bf16
+    assert tables.decode_plan(1, cache.float()) is None  # float32 tiles are twice the size
+    assert tables.decode_plan(1, torch.empty(1, 16, 8, 64, dtype=torch.bfloat16)) is None  # another head_dim
+    assert tables.decode_plan(1, cache.to(torch.uint8)) is None  # quantized codes
+    assert module.tuned_decode_plan(1, cache, tables)["num_splits"] == 16  # the kernel module's lookup: the same
+    assert _tables("NVIDIA A100-SXM4-80GB", decode_tuning=path).decode_plan(1, cache) is None
+    assert _tables("NVIDIA H100 80GB HBM3", decode_tuning="none").decode_plan(1, cache) is None
+    missing = _tables("NVIDIA H100 80GB HBM3", decode_tuning=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=r"KernelConfig.decode_tuning=.*missing\.json.* is not a file"):
+        missing.decode_plan(1, cache)  # a mistyped path is an error
+    from lm_torch.kernels import tuning
+
+    no_table = tuning.TuningTables(
+        "NVIDIA H100 80GB HBM3", str(tmp_path / "missing.json"), False, {}, {}
+    )  # no committed table (a card without one): the defaults
+    assert no_table.decode_plan(1, cache) is None
     bad = {"x": _plan(64, 1, 64, False)}, {"4": {"block_n": 64}}, {"4": _plan(64, 99, 64, False)}
     for i, configs in enumerate(bad):
-        monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / f"bad{i}.json", configs))
+        tables = _tables(None, decode_tuning=_write_table(tmp_path / f"bad{i}.json", configs))
         with pytest.raises(ValueError, match=r"decode tuning|plan of"):
-            module.tuned_decode_plan(1, cache.half())
+            tables.decode_plan(1, cache.half())
     (tmp_path / "nohead.json").write_text('{"configs": {}}')
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, str(tmp_path / "nohead.json"))
     with pytest.raises(ValueError, match="head_dim and kv_bytes"):
-        module.tuned_decode_plan(1, cache)
+        _tables(None, decode_tuning=str(tmp_path / "nohead.json")).decode_plan(1, cache)
 
 
-def test_graph_split_plan_takes_the_table(tmp_path, monkeypatch):
-    from lm_torch.cuda_graph import graph_split_plan
-    from lm_torch.kernels import decode_attention as module
+def test_graph_split_plan_takes_the_table(tmp_path):
+    from lm_torch.envs import DecodeSplits
+    from lm_torch.kernels.decode_attention import graph_split_plan
 
     cpu, cache = torch.device("cpu"), torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)
     heuristic = {bucket: graph_split_plan(bucket, 8, 4096, cpu) for bucket in (16, 32)}  # no cache: no table
-    monkeypatch.setenv(module.DECODE_TUNING_ENV, _write_table(tmp_path / "t.json", {"16": _plan(64, 6, 128, False)}))
-    assert graph_split_plan(16, 8, 4096, cpu, k_cache=cache) == (6, 128)
-    assert graph_split_plan(16, 8, 4096, cpu) == heuristic[16]
-    assert graph_split_plan(16, 8, 4096, cpu, k_cache=cache.to(torch.uint8)) == heuristic[16]  # quantized
-    assert graph_split_plan(16, 8, 4096, cpu, "2:256", cache) == (max(2, heuristic[16][0]), 256)  # the variable
-    assert graph_split_plan(32, 8, 4096, cpu, k_cache=cache) == heuristic[32]  # no row at or above 32
+    tables = _tables(None, decode_tuning=_write_table(tmp_path / "t.json", {"16": _plan(64, 6, 128, False)}))
+    assert graph_split_plan(16, 8, 4096, cpu, tuning=tables, k_cache=cache) == (6, 128)
+    assert graph_split_plan(16, 8, 4096, cpu, tuning=tables) == heuristic[16]
+    assert graph_split_plan(16, 8, 4096, cpu, tuning=tables, k_cache=cache.to(torch.uint8)) == heuristic[16]
+    override = DecodeSplits.parse("2:256")  # KernelConfig.decode_splits (LM_TORCH_DECODE_SPLITS)
+    assert graph_split_plan(16, 8, 4096, cpu, override, tables, cache) == (max(2, heuristic[16][0]), 256)
+    assert graph_split_plan(32, 8, 4096, cpu, tuning=tables, k_cache=cache) == heuristic[32]  # no row at or above 32

@@ -324,7 +324,7 @@ def test_uneven_gptq_groups_keep_the_dense_path(case):
     assert layer.packed is None and hasattr(layer, "qweight")
 
 
-def test_tuned_launch_shapes_are_used(case, tmp_path, monkeypatch):
+def test_tuned_launch_shapes_are_used(case, tmp_path):
     """`w4a16_linear` takes a shape's launch parameters from the tuning table (here one naming kernels and
     parameters the defaults would not pick) and computes the same product."""
     import json
@@ -341,38 +341,37 @@ def test_tuned_launch_shapes_are_used(case, tmp_path, monkeypatch):
     }
     path = tmp_path / "tuning.json"
     path.write_text(json.dumps({"device": "test", "configs": table}))
-    monkeypatch.setenv(w4a16.TUNING_ENV, str(path))
-    w4a16.tuned_configs.cache_clear()
-    try:
-        assert w4a16.tuned_configs() == table
-        packed, scales, zeros, gen = _weights(case, n, k, group, seed=7)
-        for rows in (1, 5, 70):
-            x = case.randn(rows, k, generator=gen)
-            expected = reference.w4a16_linear(x, packed, scales, zeros, group)
-            case.assert_close(w4a16.w4a16_linear(x, packed, scales, zeros, group), expected, 2 * case.elementwise_tol)
-        packed, scales, zeros, gen = _weights(case, n_tc, k, group, seed=8)
-        x = case.randn(1, k, generator=gen)
+    tables = _tables(str(path))
+    assert w4a16.tuned_configs(tables) == table
+    assert tables.w4a16_config(5, n, k, group) == table[f"16:{n}:{k}:{group}"]
+    packed, scales, zeros, gen = _weights(case, n, k, group, seed=7)
+    for rows in (1, 5, 70):
+        x = case.randn(rows, k, generator=gen)
         expected = reference.w4a16_linear(x, packed, scales, zeros, group)
-        case.assert_close(w4a16.w4a16_linear(x, packed, scales, zeros, group), expected, case.elementwise_tol)
-    finally:
-        w4a16.tuned_configs.cache_clear()
+        out = w4a16.w4a16_linear(x, packed, scales, zeros, group, tuning=tables)
+        case.assert_close(out, expected, 2 * case.elementwise_tol)
+    packed, scales, zeros, gen = _weights(case, n_tc, k, group, seed=8)
+    x = case.randn(1, k, generator=gen)
+    expected = reference.w4a16_linear(x, packed, scales, zeros, group)
+    case.assert_close(
+        w4a16.w4a16_linear(x, packed, scales, zeros, group, tuning=tables), expected, case.elementwise_tol
+    )
 
 
-def test_tuning_table_none_and_missing_file(tmp_path, monkeypatch):
-    """$LM_TORCH_W4A16_TUNING=none runs the defaults; a named file that does not exist is an error naming the
-    variable, not a silent fall-back to the defaults."""
+def _tables(w4a16_tuning):
+    from lm_torch.config import KernelConfig
+    from lm_torch.kernels.tuning import TuningTables
+
+    return TuningTables.load(KernelConfig(w4a16_tuning=w4a16_tuning))
+
+
+def test_tuning_table_none_and_missing_file(tmp_path):
+    """`KernelConfig.w4a16_tuning` "none" runs the defaults; a named file that does not exist is an error naming the
+    field, not a silent fall-back to the defaults."""
     from lm_torch.kernels import w4a16
 
-    try:
-        monkeypatch.setenv(w4a16.TUNING_ENV, "none")
-        w4a16.tuned_configs.cache_clear()
-        assert w4a16.tuned_configs() == {}
-        monkeypatch.setenv(w4a16.TUNING_ENV, str(tmp_path / "missing.json"))
-        w4a16.tuned_configs.cache_clear()
-        with pytest.raises(ValueError, match=r"LM_TORCH_W4A16_TUNING=.*missing\.json.* is not a file"):
-            w4a16.tuned_configs()
-        monkeypatch.delenv(w4a16.TUNING_ENV)
-        w4a16.tuned_configs.cache_clear()
-        assert w4a16.tuned_configs()  # the shipped table
-    finally:
-        w4a16.tuned_configs.cache_clear()
+    assert w4a16.tuned_configs(_tables("none")) == {}
+    with pytest.raises(ValueError, match=r"KernelConfig.w4a16_tuning=.*missing\.json.* is not a file"):
+        _tables(str(tmp_path / "missing.json"))
+    assert w4a16.tuned_configs(_tables(None))  # the shipped table
+    assert w4a16.tuned_configs() == w4a16.tuned_configs(_tables(None))

@@ -52,7 +52,7 @@ class IncrementalDetokenizer:
         self.token_ids: list[int] = []
         self._byte_ids = tokenizer.byte_token_ids
         # Tokens the decode drops entirely: they neither end a byte run nor can serve as context.
-        self._skipped = tokenizer.skipped_ids if skip_special_tokens else frozenset()
+        self._skipped: frozenset[int] = tokenizer.skipped_ids if skip_special_tokens else frozenset[int]()
         self._context: list[int] = []
         self._cut = 0
         self._emitted = 0  # characters of the window's text already emitted (context text included)

@@ -20,7 +20,13 @@ POOLING_METHODS = ("mean", "last")
 
 @dataclass
 class EngineRequest:
-    """One sequence to generate: the prompt's token ids and how to decode."""
+    """One sequence to generate: the prompt's token ids and how to decode.
+
+    Everything textual is already resolved by lm-core: `gen_config.stop_token_ids` holds every stop id (EOS included
+    unless `ignore_eos`), and `bad_word_ids` holds the token sequences of `gen_config.bad_words`. `multimodal` and
+    `adapter_name` are passed on as given: an engine that cannot honour them must reject the request with an "error"
+    output, never ignore them.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -32,14 +38,63 @@ class EngineRequest:
     # schedule fairly share their capacity between groups, so one large request cannot starve the others. None: a
     # group of its own.
     group: str | None = None
+    # Token sequences the engine must never complete (each a non-empty list of ids): `gen_config.bad_words` tokenized
+    # by lm-core, each word with and without a leading space. None: no bad words.
+    bad_word_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
-        if not self.request_id:
-            raise ValueError("EngineRequest.request_id must be a non-empty string")
-        if self.group is not None and (not isinstance(self.group, str) or not self.group):
-            raise ValueError(f"EngineRequest.group must be a non-empty string or None, got {self.group!r}")
+        """Check the fields' types and shapes (ValueError naming the field)."""
+        _check_name(self.request_id, "request_id", optional=False)
+        _check_name(self.group, "group", optional=True)
+        _check_name(self.adapter_name, "adapter_name", optional=True)
         if not self.prompt_token_ids:
             raise ValueError("EngineRequest.prompt_token_ids is empty: the prompt has no tokens")
+        if not _is_dict_list(self.multimodal):
+            raise ValueError("EngineRequest.multimodal must be a list of dicts or None")
+        if not _is_token_lists(self.bad_word_ids):
+            raise ValueError("EngineRequest.bad_word_ids must be a list of non-empty lists of token ids, or None")
+
+
+def _check_name(value: object, name: str, *, optional: bool) -> None:
+    if (value is None and optional) or (isinstance(value, str) and value):
+        return
+    expected = "a non-empty string or None" if optional else "a non-empty string"
+    raise ValueError(f"EngineRequest.{name} must be {expected}, got {value!r}")
+
+
+def _is_dict_list(value: object) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(item, dict) for item in value))  # pyright: ignore[reportUnknownVariableType]
+
+
+def _is_token_lists(value: object) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, list):
+        return False
+    for word in value:  # pyright: ignore[reportUnknownVariableType]
+        if not isinstance(word, list) or not word:
+            return False
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in word):  # pyright: ignore[reportUnknownVariableType]
+            return False
+    return True
+
+
+def session_length_error(num_prompt_tokens: int, max_new_tokens: int | None, session_len: int | None) -> str | None:
+    """Why a prompt of `num_prompt_tokens` plus `max_new_tokens` does not fit `session_len`, or None when it fits.
+
+    The wording engines reject such a request with (an "error" output), so that every engine and lm-core's early
+    check say the same thing.
+    """
+    if session_len is None:
+        return None
+    if num_prompt_tokens >= session_len:
+        return f"the prompt has {num_prompt_tokens} tokens; the session length is {session_len}"
+    if max_new_tokens is not None and num_prompt_tokens + max_new_tokens > session_len:
+        return (
+            f"prompt ({num_prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the session length "
+            f"{session_len}"
+        )
+    return None
 
 
 @dataclass
@@ -71,7 +126,7 @@ class EngineStats:
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV-cache blocks in use
     prefix_cache_hit_rate: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
 
 class Engine(ABC):
@@ -101,7 +156,13 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Submit `request` and stream its outputs; bad requests end at once with finish_reason "error"."""
+        """Submit `request` and stream its outputs; bad requests end at once with finish_reason "error".
+
+        The engine is the one authority on length: a prompt of `session_len` tokens or more, or one whose
+        `max_new_tokens` would pass `session_len`, ends with an "error" output worded by `session_length_error`.
+        Closing the stream before its final output aborts the request (the generator's `finally`): callers never
+        call `abort` after closing a stream, so each request is aborted once.
+        """
 
     async def embed(self, prompt_token_ids: list[int], pooling: str = "mean", normalize: bool = True) -> list[float]:
         """The prompt's final hidden states (after the final norm) pooled into one vector: their mean over all tokens

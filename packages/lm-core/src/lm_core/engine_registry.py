@@ -21,12 +21,13 @@ _registered: dict[str, type[Engine]] = {}
 
 def register_engine(name: str, engine_class: type[Engine]) -> None:
     """Make `engine_class` selectable as `backend=name` in this process (it shadows an installed one)."""
-    if not (isinstance(engine_class, type) and issubclass(engine_class, Engine)):
+    if not _is_engine_class(engine_class):
         raise TypeError(f"{engine_class!r} is no subclass of lm_core.engine.Engine")
     _registered[name] = engine_class
 
 
 def unregister_engine(name: str) -> None:
+    """Drop the engine `register_engine` made selectable as `name` (nothing if there is none)."""
     _registered.pop(name, None)
 
 
@@ -40,7 +41,7 @@ def canonical_backend(name: str) -> str:
 
     Cheap (entry-point metadata only, no engine import), so commands check `--backend` before loading a model.
     """
-    if not isinstance(name, str) or not name.strip():
+    if not _is_nonblank_str(name):
         raise ValueError(f"backend must be an engine name or 'auto', got {name!r}")
     name = name.strip()
     name = BACKEND_ALIASES.get(name.lower(), name)
@@ -79,3 +80,13 @@ def select_engine(backend: str, model_path: str | os.PathLike[str]) -> type[Engi
         if engine_class.supports(model_path):
             return engine_class
     raise LMDeployError(f"none of the installed engines ({', '.join(names)}) supports the model at {model_path}")
+
+
+def _is_engine_class(value: object) -> bool:
+    """Whether `value` is a subclass of `Engine` (callers need not be type-checked)."""
+    return isinstance(value, type) and issubclass(value, Engine)
+
+
+def _is_nonblank_str(value: object) -> bool:
+    """Whether `value` is a string with something besides whitespace (callers need not be type-checked)."""
+    return isinstance(value, str) and bool(value.strip())

@@ -7,9 +7,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # Keys of a model's generation_config.json that become defaults, mapped to our field names. `do_sample` is read
 # (lm-serve decides from it) but never filled in: whether to sample is the caller's choice.
@@ -146,10 +147,12 @@ def as_gen_config(value: GenerationConfig | dict[str, Any] | None) -> Generation
         return GenerationConfig()
     if isinstance(value, GenerationConfig):
         return value
-    if isinstance(value, dict):
-        if not all(isinstance(key, str) for key in value):
-            raise ValueError(f"gen_config keys must be GenerationConfig field names, got {list(value)!r}")
-        return GenerationConfig(**value)
+    given = cast(object, value)
+    if isinstance(given, dict):
+        keys = list(cast(dict[object, Any], given))
+        if not all(isinstance(key, str) for key in keys):
+            raise ValueError(f"gen_config keys must be GenerationConfig field names, got {keys!r}")
+        return GenerationConfig(**cast(dict[str, Any], given))
     raise ValueError(f"gen_config must be a GenerationConfig or a dict of its fields, got {type(value).__name__}")
 
 
@@ -181,7 +184,7 @@ def _check_int(cfg: GenerationConfig, name: str, low: int | None = None, high: i
         raise _fail(name, value, f"an integer {bounds}")
 
 
-def _check_float(cfg: GenerationConfig, name: str, ok, expected: str) -> None:
+def _check_float(cfg: GenerationConfig, name: str, ok: Callable[[float], bool], expected: str) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise _fail(name, value, f"a number {expected}")
@@ -191,23 +194,30 @@ def _check_float(cfg: GenerationConfig, name: str, ok, expected: str) -> None:
 def _string_list(value: Any, name: str) -> list[str] | None:
     if value is None:
         return None
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+    items: object = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
         raise _fail(name, value, "a string or a list of strings")
-    if any(s == "" for s in items):
+    strings: list[object] = list(cast(Sequence[object], items))
+    if not all(isinstance(s, str) for s in strings):
+        raise _fail(name, value, "a string or a list of strings")
+    if any(s == "" for s in strings):
         raise _fail(name, value, "non-empty strings")
-    return list(dict.fromkeys(items)) or None
+    return list(dict.fromkeys(cast(list[str], strings))) or None
 
 
 def _id_list(value: Any, name: str) -> list[int] | None:
     if value is None:
         return None
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+    items: object = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple)):
         raise _fail(name, value, "a token id or a list of token ids")
-    if any(i < 0 for i in items):
+    entries: list[object] = list(cast(Sequence[object], items))
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in entries):
+        raise _fail(name, value, "a token id or a list of token ids")
+    ids = cast(list[int], entries)
+    if any(i < 0 for i in ids):
         raise _fail(name, value, "non-negative token ids")
-    return list(dict.fromkeys(items)) or None
+    return list(dict.fromkeys(ids)) or None
 
 
 def _logit_bias(value: Any) -> dict[int, float] | None:
@@ -216,7 +226,7 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
     if not isinstance(value, dict):
         raise _fail("logit_bias", value, "a mapping of token id to bias")
     bias: dict[int, float] = {}
-    for key, amount in value.items():
+    for key, amount in cast(dict[object, object], value).items():
         # JSON objects (the OpenAI API) carry token ids as strings.
         if isinstance(key, str) and re.fullmatch(r"\d+", key):
             key = int(key)
@@ -231,22 +241,23 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
 def _response_format(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMAT_TYPES:
+    fmt = cast(dict[str, Any], value) if isinstance(value, dict) else None
+    if fmt is None or fmt.get("type") not in RESPONSE_FORMAT_TYPES:
         raise _fail("response_format", value, f"a mapping whose 'type' is one of {', '.join(RESPONSE_FORMAT_TYPES)}")
-    kind = value["type"]
+    kind = fmt["type"]
     if kind == "text":
         return None
     if kind == "json_schema":
-        spec = value.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
+        spec: object = fmt.get("json_schema")
+        schema = cast(dict[str, Any], spec).get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise _fail("response_format", value, "{'type': 'json_schema', 'json_schema': {'schema': {...}}}")
     if kind == "regex":
-        pattern = value.get("regex")
+        pattern: object = fmt.get("regex")
         if not isinstance(pattern, str) or not pattern:
             raise _fail("response_format", value, "{'type': 'regex', 'regex': '<pattern>'}")
         try:
             re.compile(pattern)
         except re.error as exc:
             raise _fail("response_format", value, f"a valid regular expression ({exc})") from None
-    return dict(value)
+    return dict(fmt)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn, cast
 
 from lm_core.errors import LMDeployError
 
@@ -45,24 +45,25 @@ class InvalidMessagesError(LMDeployError, ValueError):
     """A message list that is not a valid OpenAI-style conversation; the message names the index and field."""
 
 
-class ToolCallArguments(dict):
+class ToolCallArguments(dict[str, Any]):
     """A tool call's arguments: a dict that prints, and concatenates with strings, as its JSON text."""
 
-    def __init__(self, arguments: Mapping[str, Any] = (), text: str | None = None):
-        super().__init__(arguments)
+    def __init__(self, arguments: Mapping[str, Any] | None = None, text: str | None = None) -> None:
+        """`arguments` as a dict whose text is `text` (None: their JSON)."""
+        super().__init__(arguments or {})
         # Underscore name: the template sandbox refuses it, so `arguments.text` still finds an argument called "text".
         self._text = json.dumps(self, ensure_ascii=False) if text is None else text
 
     def __str__(self) -> str:
         return self._text
 
-    def __add__(self, other: object):
+    def __add__(self, other: object) -> Any:
         return self._text + other if isinstance(other, str) else NotImplemented
 
-    def __radd__(self, other: object):
+    def __radd__(self, other: object) -> Any:
         return other + self._text if isinstance(other, str) else NotImplemented
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[ToolCallArguments], tuple[dict[str, Any], str]]:
         return (type(self), (dict(self), self._text))
 
 
@@ -70,7 +71,7 @@ def _type_name(value: object) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _fail(where: str, problem: str):
+def _fail(where: str, problem: str) -> NoReturn:
     raise InvalidMessagesError(f"{where}: {problem}")
 
 
@@ -79,9 +80,9 @@ def _copy(value: Any) -> Any:
     if isinstance(value, ToolCallArguments):
         return ToolCallArguments(value, str(value))
     if isinstance(value, Mapping):
-        return {key: _copy(item) for key, item in value.items()}
+        return {key: _copy(item) for key, item in cast(Mapping[Any, Any], value).items()}
     if isinstance(value, list | tuple):
-        return [_copy(item) for item in value]
+        return [_copy(item) for item in cast(Sequence[Any], value)]
     return value
 
 
@@ -91,13 +92,14 @@ def _check_str(where: str, value: Any) -> str:
     return value
 
 
-def _check_content(where: str, content: Any) -> str | list:
+def _check_content(where: str, content: Any) -> str | list[Any]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list | tuple):
         _fail(where, f"expected a string or a list of content parts, got {_type_name(content)}")
-    parts = []
-    for j, part in enumerate(content):
+    parts: list[Any] = []
+    part: Any
+    for j, part in enumerate(cast(Sequence[Any], content)):
         at = f"{where}[{j}]"
         if not isinstance(part, Mapping):
             _fail(at, f"expected a content part dict like {{'type': 'text', 'text': ...}}, got {_type_name(part)}")
@@ -121,33 +123,38 @@ def parse_tool_arguments(arguments: Any, where: str = "arguments") -> ToolCallAr
     if not isinstance(arguments, str):
         _fail(where, f"expected a JSON object string or a dict, got {_type_name(arguments)}")
     try:
-        parsed = json.loads(arguments)
+        parsed: Any = json.loads(arguments)
     except json.JSONDecodeError as e:
         _fail(where, f"not valid JSON ({e})")
     if not isinstance(parsed, dict):
         _fail(where, f"expected a JSON object, got JSON {_type_name(parsed)}")
-    return ToolCallArguments(parsed, arguments)
+    return ToolCallArguments(cast(dict[str, Any], parsed), arguments)
 
 
-def _check_tool_calls(where: str, tool_calls: Any) -> list[dict]:
+def _check_tool_calls(where: str, tool_calls: Any) -> list[dict[str, Any]]:
     if not isinstance(tool_calls, list | tuple):
         _fail(where, f"expected a list of tool calls, got {_type_name(tool_calls)}")
-    checked = []
-    for j, call in enumerate(tool_calls):
+    checked: list[dict[str, Any]] = []
+    given: Any
+    for j, given in enumerate(cast(Sequence[Any], tool_calls)):
         at = f"{where}[{j}]"
-        if not isinstance(call, Mapping):
-            _fail(at, f"expected a dict like {{'type': 'function', 'function': {{...}}}}, got {_type_name(call)}")
-        call = {key: value for key, value in call.items() if value is not None}
+        if not isinstance(given, Mapping):
+            _fail(at, f"expected a dict like {{'type': 'function', 'function': {{...}}}}, got {_type_name(given)}")
+        call: dict[str, Any] = {
+            key: value for key, value in cast(Mapping[str, Any], given).items() if value is not None
+        }
         if call.setdefault("type", "function") != "function":
             _fail(f"{at}.type", f"{call['type']!r} is not supported; only 'function' tool calls are")
         if "id" in call:
             _check_str(f"{at}.id", call["id"])
-        function = call.get("function")
-        if function is None:
+        given_function: Any = call.get("function")
+        if given_function is None:
             _fail(f"{at}.function", "missing")
-        if not isinstance(function, Mapping):
-            _fail(f"{at}.function", f"expected a dict with 'name' and 'arguments', got {_type_name(function)}")
-        function = {key: _copy(value) for key, value in function.items() if value is not None}
+        if not isinstance(given_function, Mapping):
+            _fail(f"{at}.function", f"expected a dict with 'name' and 'arguments', got {_type_name(given_function)}")
+        function: dict[str, Any] = {
+            key: _copy(value) for key, value in cast(Mapping[str, Any], given_function).items() if value is not None
+        }
         if "name" not in function:
             _fail(f"{at}.function.name", "missing")
         if not _check_str(f"{at}.function.name", function["name"]):
@@ -159,7 +166,7 @@ def _check_tool_calls(where: str, tool_calls: Any) -> list[dict]:
     return checked
 
 
-def _check_tool_message(where: str, index: int, message: dict, previous: list[dict]) -> None:
+def _check_tool_message(where: str, index: int, message: dict[str, Any], previous: list[dict[str, Any]]) -> None:
     # OpenAI's rule: tool results answer the assistant message with tool calls that precedes them.
     k = index - 1
     while k >= 0 and previous[k]["role"] == "tool":
@@ -168,27 +175,32 @@ def _check_tool_message(where: str, index: int, message: dict, previous: list[di
     if caller is None or caller["role"] != "assistant" or not caller.get("tool_calls"):
         _fail(where, "a tool message must follow an assistant message with tool_calls (or other tool messages)")
     call_id = message.get("tool_call_id")
-    ids = [call["id"] for call in caller["tool_calls"] if "id" in call]
+    calls: list[dict[str, Any]] = caller["tool_calls"]
+    ids: list[str] = [call["id"] for call in calls if "id" in call]
     if call_id is not None and ids and call_id not in ids:
         _fail(f"{where}.tool_call_id", f"{call_id!r} matches no tool call of messages[{k}] ({', '.join(ids)})")
 
 
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Checks an OpenAI-style message list; returns normalized copies (see the module docstring for the rules).
 
     Raises `InvalidMessagesError` (a ValueError) naming the index and field, e.g.
     "messages[2].role: 'robot' is not one of system, user, assistant, tool, developer".
     """
-    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
+    given = cast(object, messages)
+    if isinstance(given, str | bytes | Mapping) or not isinstance(given, Sequence):
         _fail("messages", f"expected a list of message dicts, got {_type_name(messages)}")
     if not messages:
         _fail("messages", "empty; pass at least one message")
-    checked: list[dict] = []
-    for i, message in enumerate(messages):
+    checked: list[dict[str, Any]] = []
+    item: object
+    for i, item in enumerate(cast(Sequence[object], messages)):
         where = f"messages[{i}]"
-        if not isinstance(message, Mapping):
-            _fail(where, f"expected a dict with 'role' and 'content', got {_type_name(message)}")
-        message = {key: value for key, value in message.items() if value is not None}
+        if not isinstance(item, Mapping):
+            _fail(where, f"expected a dict with 'role' and 'content', got {_type_name(item)}")
+        message: dict[str, Any] = {
+            key: value for key, value in cast(Mapping[str, Any], item).items() if value is not None
+        }
         if "role" not in message:
             _fail(f"{where}.role", "missing")
         role = _check_str(f"{where}.role", message["role"])

@@ -6,7 +6,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -16,12 +16,17 @@ _NUMPY_DTYPES = ("F64", "F32", "F16")
 SAMPLE_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+def json_object(value: object) -> dict[str, Any]:
+    """`value` if it is a JSON object (a dict), else an empty one: for optional sections of a config.json."""
+    return cast(dict[str, Any], value) if isinstance(value, dict) else {}
+
+
 def context_length(config: dict[str, Any]) -> int | None:
     """The longest sequence the model at `config` (a config.json) was made for: max_position_embeddings, or the
     context its rope scaling extends to (factor x original_max_position_embeddings) when that is longer."""
     config = config.get("text_config") or config
     limit = config.get("max_position_embeddings")
-    scaling = config.get("rope_scaling") or {}
+    scaling = json_object(config.get("rope_scaling"))
     original, factor = scaling.get("original_max_position_embeddings"), scaling.get("factor")
     if isinstance(original, int) and isinstance(factor, (int, float)) and factor > 1:
         limit = max(limit or 0, int(original * factor))
@@ -56,8 +61,9 @@ def inspect_model(path: Path, load_weights: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    config = json.loads((path / "config.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    config: dict[str, Any] = json.loads((path / "config.json").read_text())
+    # transformers' tokenizer classes are resolved at run time: typed as what they are here, dynamic.
+    tokenizer: Any = cast(Any, AutoTokenizer).from_pretrained(path)
     summary: dict[str, Any] = {
         "architecture": ",".join(config.get("architectures", ["?"])),
         "layers": config.get("num_hidden_layers"),
@@ -81,10 +87,13 @@ def inspect_model(path: Path, load_weights: bool = True) -> dict[str, Any]:
     files = weight_files(path)
     with tqdm(total=len(files), desc="loading weights", unit="file", file=sys.stderr) as bar:
         for file in files:
-            with safe_open(file, framework="numpy") as f:
+            opened: Any = safe_open(file, framework="numpy")  # safetensors' reader has no type stubs
+            with opened as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is no mapping
                     info = f.get_slice(name)
-                    dtype, size = info.get_dtype(), int(np.prod(info.get_shape()))
+                    shape: list[int] = info.get_shape()
+                    dtype: str = info.get_dtype()
+                    size = int(np.prod(shape))
                     # numpy has no bfloat16: such tensors are counted from their header, not read
                     if dtype in _NUMPY_DTYPES and not np.isfinite(f.get_tensor(name)).all():
                         raise ModelResolutionError(f"{file.name}: tensor {name} holds NaN or infinite values")
@@ -93,8 +102,8 @@ def inspect_model(path: Path, load_weights: bool = True) -> dict[str, Any]:
             bar.update(1)
     summary["parameters"] = f"{num_params / 1e6:.1f}M"
     summary["weight dtype"] = ", ".join(dtypes)
-    quant = config.get("quantization_config")
-    if isinstance(quant, dict) and quant.get("quant_method"):
+    quant = json_object(config.get("quantization_config"))
+    if quant.get("quant_method"):
         details = ", ".join(f"{k} {quant[k]}" for k in ("bits", "group_size") if quant.get(k) is not None)
         summary["quantization"] = f"{quant['quant_method']} ({details})" if details else str(quant["quant_method"])
     return summary
@@ -115,8 +124,8 @@ _QUANT_METADATA_SUFFIXES = (
 
 def _packed_bits(config: dict[str, Any]) -> int | None:
     """The bits per weight packed into int32 words (`qweight`) of a GPTQ/AWQ checkpoint, else None."""
-    quant = config.get("quantization_config")
-    if isinstance(quant, dict) and quant.get("quant_method") in ("awq", "gptq"):
+    quant = json_object(config.get("quantization_config"))
+    if quant.get("quant_method") in ("awq", "gptq"):
         bits = quant.get("bits", quant.get("w_bit"))
         return bits if isinstance(bits, int) and 0 < bits < 32 else None
     return None

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from lm_core.async_pipeline import AsyncPipeline, Prompt, merge_streams
+from lm_core.async_pipeline import AsyncPipeline, PreparedRequest, Prompt, merge_streams
 from lm_core.generation_config import GenerationConfig, as_gen_config
 from lm_core.response import Response
+
+if TYPE_CHECKING:
+    from lm_core.tokenizer import Tokenizer
 
 
 def pipeline(
@@ -47,10 +50,11 @@ def pipeline(
 class Session:
     """A multi-turn conversation for `Pipeline.chat`: its messages and the latest response."""
 
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
     response: Response | None = None
 
     def reset(self) -> None:
+        """Forget the conversation."""
         self.messages.clear()
         self.response = None
 
@@ -66,7 +70,8 @@ class Pipeline:
         self._closed = False
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer."""
         return self.async_pipeline.tokenizer
 
     def __call__(
@@ -92,7 +97,7 @@ class Pipeline:
         prompts: Prompt | Sequence[Prompt],
         gen_config: GenerationConfig | dict[str, Any] | None = None,
         do_preprocess: bool = True,
-    ) -> Iterator[Response]:
+    ) -> Generator[Response, None, None]:
         """Yield `Response` pieces of every sequence as they are generated (see `Response.index`).
 
         Invalid prompts or configs raise before anything is generated. Leaving the loop early aborts the rest.
@@ -101,18 +106,17 @@ class Pipeline:
         batch, _ = _as_batch(prompts)
         gen_config = as_gen_config(gen_config)
         n = gen_config.n
-        # Validate every prompt first, so a bad one in a batch fails the call instead of leaving others running.
+        # Prepare (and length-check) every prompt first, so a bad one in a batch fails the call before any runs; each
+        # prompt is rendered and tokenized here only, and generation consumes the prepared requests.
+        prepared: list[PreparedRequest] = []
         for prompt in batch:
-            ids = self.async_pipeline.prompt_token_ids(prompt, do_preprocess)
-            self.async_pipeline.resolve_gen_config(gen_config, len(ids))
-        items: queue.Queue = queue.Queue()
-        end = object()
+            request = self.async_pipeline.prepare(prompt, gen_config, do_preprocess=do_preprocess)
+            self.async_pipeline.check_length(request)
+            prepared.append(request)
+        items: queue.Queue[Response | Exception | None] = queue.Queue()
 
         async def produce() -> None:
-            streams = [
-                self.async_pipeline.generate(p, gen_config, do_preprocess=do_preprocess, index_offset=i * n)
-                for i, p in enumerate(batch)
-            ]
+            streams = [self.async_pipeline.generate(p, index_offset=i * n) for i, p in enumerate(prepared)]
             try:
                 if len(streams) == 1:
                     async for piece in streams[0]:
@@ -120,16 +124,16 @@ class Pipeline:
                 else:
                     async for piece in merge_streams(streams):
                         items.put(piece)
-            except asyncio.CancelledError:  # the consumer left early; closing the streams aborted their requests
+            except asyncio.CancelledError:  # the consumer left early; closing the streams frees their requests
                 raise
             except Exception as exc:  # handed to the consuming thread, which re-raises it
                 items.put(exc)
             finally:
-                items.put(end)
+                items.put(None)  # the end
 
         future = asyncio.run_coroutine_threadsafe(produce(), self._loop)
         try:
-            while (item := items.get()) is not end:
+            while (item := items.get()) is not None:
                 if isinstance(item, Exception):
                     raise item
                 yield item
@@ -147,6 +151,8 @@ class Pipeline:
         session = session if session is not None else Session()
         new = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         response = self(session.messages + new, as_gen_config(gen_config).replace(n=1))
+        if not isinstance(response, Response):  # one conversation with n == 1 gives one Response
+            raise TypeError(f"expected one Response, got {type(response).__name__}")
         session.messages.extend(new)
         session.messages.append({"role": "assistant", "content": response.text})
         session.response = response
@@ -172,16 +178,16 @@ class Pipeline:
         self.close()
 
 
-def _as_batch(prompts: Any) -> tuple[list[Prompt], bool]:
+def _as_batch(prompts: object) -> tuple[list[Prompt], bool]:
     """Split the accepted prompt shapes into (list of prompts, whether a single prompt was given)."""
     if isinstance(prompts, str):
         return [prompts], True
     if isinstance(prompts, Sequence) and prompts:
-        first = prompts[0]
-        if isinstance(first, (dict, int)):  # one message list, or one list of token ids
-            return [prompts], True
-        return list(prompts), False
+        items = cast(Sequence[Any], prompts)
+        if isinstance(items[0], (dict, int)):  # one message list, or one list of token ids
+            return [items], True
+        return list(items), False
     raise ValueError(
         "prompts must be a string, a list of strings, a message list or a list of message lists, "
-        f"got {type(prompts).__name__} {str(prompts)[:80]!r}"
+        f"got {type(cast(object, prompts)).__name__} {str(cast(object, prompts))[:80]!r}"
     )

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from lm_core.errors import ModelResolutionError
 
@@ -119,7 +120,7 @@ def _default_model() -> Path:
 def _add_default_sampling(model_dir: Path) -> None:
     """Put `DEFAULT_MODEL_SAMPLING` into `model_dir`'s generation_config.json where a key is missing (atomically)."""
     path = model_dir / "generation_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     missing = {k: v for k, v in DEFAULT_MODEL_SAMPLING.items() if k not in config}
     if not missing:
         return
@@ -130,7 +131,8 @@ def _add_default_sampling(model_dir: Path) -> None:
 
 def _from_hub(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        # huggingface_hub leaves some of its parameters unannotated (strict mode: partially unknown).
+        from huggingface_hub import snapshot_download  # pyright: ignore[reportUnknownVariableType]
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
         raise ModelResolutionError(f"{repo_id} looks like a hub id, but huggingface_hub is not installed") from exc
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt"]

@@ -13,6 +13,7 @@ all of the stop text.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 
 class StopStringMatcher:
@@ -24,7 +25,7 @@ class StopStringMatcher:
 
     def __init__(self, stop: Sequence[str] | str, include_stop_str_in_output: bool = False) -> None:
         stops = [stop] if isinstance(stop, str) else list(stop)
-        for s in stops:
+        for s in cast(list[object], stops):
             if not isinstance(s, str):
                 raise ValueError(f"stop: stop strings must be str, got {type(s).__name__}")
             if not s:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # SentencePiece-style byte-fallback pieces; the tokenizers ByteFallback decoder recognises them by this spelling.
@@ -27,7 +27,7 @@ def _as_id_list(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
-def _read_generation_eos(path: str | os.PathLike) -> list[int]:
+def _read_generation_eos(path: str | os.PathLike[str]) -> list[int]:
     config = Path(path) / "generation_config.json"
     if not config.is_file():
         return []
@@ -36,7 +36,9 @@ def _read_generation_eos(path: str | os.PathLike) -> list[int]:
     except (OSError, ValueError):
         # A broken generation config should not make the tokenizer unusable; the tokenizer's own eos still applies.
         return []
-    return _as_id_list(data.get("eos_token_id")) if isinstance(data, dict) else []
+    if not isinstance(data, dict):
+        return []
+    return _as_id_list(cast(dict[str, Any], data).get("eos_token_id"))
 
 
 class Tokenizer:
@@ -52,11 +54,11 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load with `AutoTokenizer` from a model directory; its generation_config.json adds eos ids."""
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(os.fspath(path))
+        hf = cast(Any, AutoTokenizer).from_pretrained(os.fspath(path))
         return cls(hf, generation_eos_token_ids=_read_generation_eos(path))
 
     def __repr__(self) -> str:
@@ -67,6 +69,7 @@ class Tokenizer:
 
     @property
     def bos_token_id(self) -> int | None:
+        """The beginning-of-sequence token id, if the tokenizer has one."""
         return getattr(self.hf, "bos_token_id", None)
 
     @property
@@ -77,7 +80,7 @@ class Tokenizer:
     @cached_property
     def all_special_ids(self) -> frozenset[int]:
         """Ids that `decode(skip_special_tokens=True)` drops: the named specials and added tokens marked special."""
-        ids = set(getattr(self.hf, "all_special_ids", ()))
+        ids: set[int] = set(getattr(self.hf, "all_special_ids", ()))
         for token_id, token in getattr(self.hf, "added_tokens_decoder", {}).items():
             if getattr(token, "special", False):
                 ids.add(int(token_id))
@@ -96,15 +99,15 @@ class Tokenizer:
     @property
     def chat_template(self) -> str | None:
         """The tokenizer's own chat template; of several named ones, the "default"."""
-        template = getattr(self.hf, "chat_template", None)
+        template: object = getattr(self.hf, "chat_template", None)
         if isinstance(template, dict):
-            template = template.get("default")
+            template = cast(dict[str, object], template).get("default")
         return template if isinstance(template, str) else None
 
     @property
     def special_tokens(self) -> dict[str, str]:
         """Texts of the named special tokens (bos_token, eos_token, ...) that this tokenizer defines."""
-        found = {}
+        found: dict[str, str] = {}
         for name in _SPECIAL_TOKEN_NAMES:
             value = getattr(self.hf, name, None)
             if value is not None:
@@ -112,12 +115,13 @@ class Tokenizer:
         return found
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of `text` (with the tokenizer's own special tokens, such as BOS, when asked)."""
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     @cached_property
     def special_texts(self) -> tuple[str, ...]:
         """Spellings that `encode` turns into one special token each (`<|im_start|>`, ...), longest first."""
-        texts = set(getattr(self.hf, "all_special_tokens", ()))
+        texts: set[str] = set(getattr(self.hf, "all_special_tokens", ()))
         for token in getattr(self.hf, "added_tokens_decoder", {}).values():
             if getattr(token, "special", False):
                 texts.add(str(token))
@@ -165,6 +169,7 @@ class Tokenizer:
         return list(self.hf.convert_ids_to_tokens(list(token_ids)))
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """The id of one token string, or the ids of several."""
         if isinstance(tokens, str):
             return self.hf.convert_tokens_to_ids(tokens)
         return list(self.hf.convert_tokens_to_ids(list(tokens)))

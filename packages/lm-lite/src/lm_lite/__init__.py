@@ -5,6 +5,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what `__getattr__` loads on first use, declared for type checkers
+    from lm_lite.api import auto_awq, auto_gptq, calibrate, rtn, smooth_quant
+    from lm_lite.families import supported_architectures
+
 __version__ = "0.1.0"
 __all__ = ["auto_awq", "auto_gptq", "calibrate", "rtn", "smooth_quant", "supported_architectures"]
 

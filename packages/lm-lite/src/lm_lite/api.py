@@ -39,7 +39,7 @@ def auto_awq(
     _say(f"AWQ {w_bits}-bit, group size {job.group_size}: {job.model_dir} -> {job.work_dir}")
     from lm_lite import awq  # torch: only once the arguments are known to be good
 
-    settings = awq.AWQSettings(bits=w_bits, group_size=job.group_size, search_scale=bool(search_scale))
+    settings = awq.AWQSettings(bits=w_bits, group_size=job.grouped_size, search_scale=bool(search_scale))
     quantization_config = {
         "quant_method": "awq",
         "version": "gemm",
@@ -84,7 +84,7 @@ def auto_gptq(
     _say(f"GPTQ {w_bits}-bit, group size {job.group_size}: {job.model_dir} -> {job.work_dir}")
     from lm_lite import gptq  # torch: only once the arguments are known to be good
 
-    settings = gptq.GPTQSettings(w_bits, job.group_size, bool(sym), bool(desc_act), float(damp_percent))
+    settings = gptq.GPTQSettings(w_bits, job.grouped_size, bool(sym), bool(desc_act), float(damp_percent))
     quantization_config = {
         "quant_method": "gptq",
         "bits": w_bits,
@@ -126,7 +126,7 @@ def smooth_quant(
 
     from lm_lite import smooth
     from lm_lite.checkpoint import write_checkpoint
-    from lm_lite.model_io import decoder_layers
+    from lm_lite.model_io import decoder_layers, linear_at
     from lm_lite.walker import progress
 
     if not 0 <= alpha <= 1:
@@ -145,7 +145,7 @@ def smooth_quant(
             absmax = {name: stats[f"{prefix}.{name}"]["absmax"] for name in job.family.linears}
             smooth.smooth_layer(layers[index], job.family, config, absmax, alpha)
             for name in job.family.linears:
-                quantized[f"{prefix}.{name}"] = smooth.quantize_w8(layers[index].get_submodule(name), quant_dtype)
+                quantized[f"{prefix}.{name}"] = smooth.quantize_w8(linear_at(layers[index], name), quant_dtype)
     quantization_config = {"quant_method": "smooth_quant", "quant_dtype": quant_dtype, "alpha": alpha}
     return write_checkpoint(
         job.work_dir, hf_model, job.model_dir, job.config, quantized, "smooth_quant", quantization_config
@@ -184,7 +184,7 @@ def rtn(
     import torch
 
     from lm_lite.checkpoint import write_checkpoint
-    from lm_lite.model_io import decoder_layers, load_model
+    from lm_lite.model_io import decoder_layers, linear_at, load_model
     from lm_lite.quant_math import quantize_groups
 
     check_bits(w_bits, (4,), "the AutoAWQ GEMM layout")
@@ -195,8 +195,8 @@ def rtn(
     quantized = {}
     for index, layer in enumerate(layers):
         for name in job.family.linears:
-            linear = layer.get_submodule(name)
-            q = quantize_groups(linear.weight.data, w_bits, job.group_size)
+            linear = linear_at(layer, name)
+            q = quantize_groups(linear.weight.data, w_bits, job.grouped_size)
             q.bias = None if linear.bias is None else linear.bias.data.float()
             quantized[f"{layers_name}.{index}.{name}"] = q
     quantization_config = {

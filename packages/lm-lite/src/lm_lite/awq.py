@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lm_lite.families import Family, ScaleGroup
+from lm_lite.model_io import linear_at
 from lm_lite.quant_math import QuantizedWeight, fake_quantize, quantize_groups
 from lm_lite.scaling import GroupGeometry, apply_scale
 from lm_lite.walker import LayerWalker
@@ -32,6 +33,8 @@ SEARCH_TOKENS = 4096
 
 @dataclass(frozen=True)
 class AWQSettings:
+    """AWQ options: weight bits, group size (-1: one group per row), and whether to search scales and clip."""
+
     bits: int
     group_size: int
     search_scale: bool = True
@@ -56,7 +59,7 @@ def quantize_layer(
                 input_scales[name] = geometry.to_input(scales)
         quantized = {}
         for name in family.linears:
-            linear = layer.get_submodule(name)
+            linear = linear_at(layer, name)
             if settings.clip and name not in family.no_clip:
                 group = next(g for g in family.groups if name in g.linears)
                 x = group_inputs[group.linears[0]].reshape(-1, linear.in_features)
@@ -101,7 +104,7 @@ def _search_scale(
 ) -> torch.Tensor:
     """The best prev-space scales of one group (see the module docstring)."""
     group = geometry.group
-    linears = [layer.get_submodule(name) for name in group.linears]
+    linears = [linear_at(layer, name) for name in group.linears]
     x_mean = geometry.to_prev(x.abs().float().reshape(-1, x.shape[-1]).mean(dim=0))
     w_mean = geometry.to_prev(_relative_weight_mean(linears, settings.group_size))
     ratios = [r / N_GRID for r in range(N_GRID)] if settings.search_scale else [0.5]
@@ -111,7 +114,7 @@ def _search_scale(
     batch = max(walker.batch_size, SEARCH_TOKENS // x.shape[1])
     reference = [_group_forward(layer, group, x[s : s + batch], kwargs) for s in range(0, x.shape[0], batch)]
     originals = [linear.weight.data.clone() for linear in linears]
-    best, best_loss = None, float("inf")
+    best, best_loss = _candidate(x_mean, w_mean, ratios[0]), float("inf")
     for ratio in ratios:
         scales = _candidate(x_mean, w_mean, ratio)
         columns = geometry.to_input(scales).to(x.device)

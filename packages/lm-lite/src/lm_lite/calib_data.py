@@ -85,7 +85,7 @@ def _file_texts(path: Path) -> list[str]:
 
 def _hf_texts(name: str) -> list[str]:
     try:
-        import datasets
+        import datasets  # pyright: ignore[reportMissingImports]  (optional: not a dependency of lm-lite)
     except ImportError:
         raise ValueError(
             f"calib_dataset {name!r} names a Hugging Face dataset, which needs `pip install datasets`; "

@@ -74,10 +74,12 @@ def write_checkpoint(
 
 
 def _format_tensors(weight: QuantizedWeight | W8Weight, quant_method: str) -> dict[str, torch.Tensor]:
-    if quant_method == "awq":
-        return pack_awq(weight)
-    if quant_method == "gptq":
-        return pack_gptq(weight)
+    if isinstance(weight, QuantizedWeight):
+        if quant_method == "awq":
+            return pack_awq(weight)
+        if quant_method == "gptq":
+            return pack_gptq(weight)
+        raise ValueError(f"quant_method {quant_method!r} has no layout for grouped integer weights")
     tensors = {"weight": weight.weight, "scale": weight.scale.float()}
     if weight.bias is not None:
         tensors["bias"] = weight.bias.half()
@@ -89,7 +91,8 @@ def _tied_head(model: nn.Module, config: dict) -> bool:
     if not text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)):
         return False
     head = getattr(model, "lm_head", None)
-    return head is not None and head.weight is model.get_input_embeddings().weight
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    return head is not None and get_embeddings is not None and head.weight is get_embeddings().weight
 
 
 def _to_internlm2(state: dict, quantized: dict, config: dict):
@@ -114,27 +117,34 @@ def _to_internlm2(state: dict, quantized: dict, config: dict):
     return out_state, out_quantized
 
 
-def _merge_rows(parts: list, config: dict):
+def _merge_rows(parts: list[QuantizedWeight | W8Weight], config: dict) -> QuantizedWeight | W8Weight:
     """q, k, v weights of one kind -> one wqkv weight, each row tensor regrouped per KV head."""
 
-    def merge(tensors):
-        return None if tensors[0] is None else merge_internlm2_qkv(*tensors, config)
+    def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
+        q, k, v = tensors
+        return merge_internlm2_qkv(q, k, v, config)
 
-    first = parts[0]
-    if isinstance(first, W8Weight):
+    def merge_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+        present = [b for b in biases if b is not None]
+        return merge(present) if present else None
+
+    w8 = [p for p in parts if isinstance(p, W8Weight)]
+    if w8:
         return W8Weight(
-            weight=merge([p.weight for p in parts]),
-            scale=merge([p.scale for p in parts]),
-            bias=merge([p.bias for p in parts]),
+            weight=merge([p.weight for p in w8]),
+            scale=merge([p.scale for p in w8]),
+            bias=merge_bias([p.bias for p in w8]),
         )
+    grouped = [p for p in parts if isinstance(p, QuantizedWeight)]
+    first = grouped[0]
     return QuantizedWeight(
-        qweight=merge([p.qweight for p in parts]),
-        scales=merge([p.scales for p in parts]),
-        zeros=merge([p.zeros for p in parts]),
+        qweight=merge([p.qweight for p in grouped]),
+        scales=merge([p.scales for p in grouped]),
+        zeros=merge([p.zeros for p in grouped]),
         bits=first.bits,
         group_size=first.group_size,
         g_idx=first.g_idx,  # shared: q, k and v were quantized with one Hessian (gptq.quantize_layer)
-        bias=merge([p.bias for p in parts]),
+        bias=merge_bias([p.bias for p in grouped]),
     )
 
 

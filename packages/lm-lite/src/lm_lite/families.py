@@ -99,6 +99,7 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def supported_architectures() -> list[str]:
+    """The config.json architectures lm-lite can quantize, sorted."""
     return sorted(arch for family in FAMILIES for arch in family.architectures)
 
 
@@ -118,6 +119,7 @@ def text_config(config: dict) -> dict:
 
 
 def head_dim(config: dict) -> int:
+    """The attention head size of a config.json dict (`head_dim`, else hidden size over heads)."""
     cfg = text_config(config)
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 

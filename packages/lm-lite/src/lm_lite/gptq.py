@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lm_lite.families import Family
+from lm_lite.model_io import linear_at
 from lm_lite.quant_math import QuantizedWeight, quant_params, quantize_with
 from lm_lite.walker import LayerWalker
 
@@ -27,6 +28,8 @@ BLOCK_SIZE = 128
 
 @dataclass(frozen=True)
 class GPTQSettings:
+    """GPTQ options: weight bits, group size (-1: one group per row), symmetric grid, act-order and Hessian damping."""
+
     bits: int
     group_size: int
     sym: bool = True
@@ -46,11 +49,11 @@ def quantize_layer(
     quantized: dict[str, QuantizedWeight] = {}
     with walker.layer_on_device(index) as layer:
         for group in family.groups:
-            hessian = _hessian(walker, index, layer.get_submodule(group.linears[0]))
+            hessian = _hessian(walker, index, linear_at(layer, group.linears[0]))
             # The linears of a group read the same input and GPTQ treats rows independently, so they are quantized
             # as one matrix: one column loop, and with act-order one column order, so their g_idx agree and loaders
             # can fuse them (q/k/v, gate/up).
-            linears = [layer.get_submodule(name) for name in group.linears]
+            linears = [linear_at(layer, name) for name in group.linears]
             stacked = gptq(torch.cat([linear.weight.data for linear in linears]), hessian, settings)
             del hessian
             start = 0
@@ -161,6 +164,7 @@ def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
         try:
             inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
             return torch.linalg.cholesky(inverse, upper=True)
-        except torch.linalg.LinAlgError:
+        # Public (torch.linalg's documentation lists it) though torch's stubs leave it out of `__all__`.
+        except torch.linalg.LinAlgError:  # pyright: ignore[reportPrivateImportUsage]
             damp *= 10
     raise ValueError("the calibration Hessian is not positive definite even after heavy damping")

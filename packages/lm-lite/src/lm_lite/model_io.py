@@ -9,6 +9,7 @@ and v, and written back in its own layout by `checkpoint`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ INTERNLM2_RENAMES = {
 
 
 def resolve_device(device: str) -> torch.device:
+    """`device` as a torch device; "auto" is CUDA when available, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -66,6 +68,27 @@ def load_model(model_dir: Path, config: dict, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False
     return model.eval().requires_grad_(False), tokenizer
+
+
+def config_field(config: Any, key: str) -> Any:
+    """`key` of a model config given as a config.json dict or a transformers config object; None when absent."""
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def linear_at(module: nn.Module, name: str) -> nn.Linear:
+    """The `nn.Linear` at dotted path `name` under `module`; TypeError naming it if something else is there."""
+    found = module.get_submodule(name)
+    if not isinstance(found, nn.Linear):
+        raise TypeError(f"{name} is a {type(found).__name__}, not an nn.Linear: lm-lite quantizes linear layers only")
+    return found
+
+
+def tensor_attr(module: nn.Module, name: str) -> torch.Tensor:
+    """`module.<name>` (a parameter or buffer, such as a norm's weight); TypeError if it is not a tensor."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is not a tensor")
+    return value
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -123,15 +146,18 @@ def _load_internlm2(model_dir: Path, config: dict, dtype: torch.dtype):
     if missing:
         raise ValueError(f"InternLM2 checkpoint {model_dir} lacks {missing[:3]}")
     model.model.rotary_emb = type(model.model.rotary_emb)(llama_config)  # its buffers were created on meta
-    return model.to(dtype)
+    # In place (a module's `to` returns the module itself). The cast: transformers wraps `to` with functools.wraps,
+    # which hides its signature from type checkers.
+    cast(nn.Module, model).to(dtype)
+    return model
 
 
-def internlm2_head_layout(config) -> tuple[int, int, int]:
+def internlm2_head_layout(config: Any) -> tuple[int, int, int]:
     """(num_kv_heads, q_per_kv, head_dim) of an InternLM2 (or its Llama translation) config."""
-    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-    heads = get("num_attention_heads")
-    kv_heads = get("num_key_value_heads") or heads
-    return kv_heads, heads // kv_heads, get("hidden_size") // heads
+    heads: int = config_field(config, "num_attention_heads")
+    kv_heads: int = config_field(config, "num_key_value_heads") or heads
+    hidden_size: int = config_field(config, "hidden_size")
+    return kv_heads, heads // kv_heads, hidden_size // heads
 
 
 def split_internlm2_wqkv(name: str, tensor: torch.Tensor, config) -> dict[str, torch.Tensor]:

@@ -56,8 +56,16 @@ class Job:
     work_dir: Path
     group_size: int | None = None  # the checked group size of a grouped quantizer (picked when not given)
 
+    @property
+    def grouped_size(self) -> int:
+        """`group_size` of a grouped job (`prepare_job(grouped=True)` always sets it)."""
+        if self.group_size is None:
+            raise ValueError("group_size: this job was prepared without groups")
+        return self.group_size
+
 
 def check_bits(w_bits: int, allowed: tuple[int, ...], method: str) -> None:
+    """A ValueError naming w_bits unless it is one of `allowed` for `method`."""
     if isinstance(w_bits, bool) or w_bits not in allowed:
         raise ValueError(f"w_bits must be one of {', '.join(map(str, allowed))} for {method}, got {w_bits!r}")
 

@@ -38,6 +38,7 @@ class QuantizedWeight:
         return torch.arange(in_features, device=self.qweight.device) // self.effective_group_size(in_features)
 
     def effective_group_size(self, in_features: int) -> int:
+        """Columns per group for rows of `in_features` columns (-1 means the whole row)."""
         return in_features if self.group_size == -1 else self.group_size
 
     def dequantize(self) -> torch.Tensor:

@@ -7,31 +7,30 @@ channels see it expanded ("input space"): the same vector, except across GQA att
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from lm_lite.families import ScaleGroup
+from lm_lite.model_io import config_field, linear_at, tensor_attr
 
 
 class GroupGeometry:
     """How one group's prev space maps onto its linears' input space, for one layer's config."""
 
-    def __init__(self, group: ScaleGroup, config) -> None:
+    def __init__(self, group: ScaleGroup, config: Any) -> None:
         self.group = group
-        get = (
-            (lambda k, d=None: config.get(k, d))
-            if isinstance(config, dict)
-            else (lambda k, d=None: getattr(config, k, d))
-        )
-        heads = get("num_attention_heads")
-        self.kv_heads = get("num_key_value_heads") or heads
+        heads: int = config_field(config, "num_attention_heads")
+        self.kv_heads: int = config_field(config, "num_key_value_heads") or heads
         self.q_per_kv = heads // self.kv_heads
-        self.head_dim = get("head_dim") or get("hidden_size") // heads
+        self.head_dim: int = config_field(config, "head_dim") or config_field(config, "hidden_size") // heads
         self.q_size, self.kv_size = heads * self.head_dim, self.kv_heads * self.head_dim
-        self.intermediate = get("intermediate_size")
+        self.intermediate: int = config_field(config, "intermediate_size")
 
     @property
     def grouped(self) -> bool:
+        """Whether each prev channel (v_proj's, per KV head) feeds several input columns (o_proj's, per query head)."""
         return self.group.gqa and self.q_per_kv > 1
 
     def to_prev(self, stat: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
@@ -74,11 +73,12 @@ def apply_scale(layer: nn.Module, geometry: GroupGeometry, scales: torch.Tensor,
         if prev.bias is not None:
             prev.bias.data[rows] = (prev.bias.data[rows].float() / scales).to(prev.bias.dtype)
     else:  # an RMSNorm: y = x / rms(x) * (offset + w)
-        weight = prev.weight.data
+        weight = tensor_attr(prev, "weight").data
         weight.copy_(((norm_offset + weight.float()) / scales - norm_offset).to(weight.dtype))
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.data.copy_((prev.bias.data.float() / scales).to(prev.bias.dtype))
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.data.copy_((bias.data.float() / scales).to(bias.dtype))
     columns = geometry.to_input(scales)
     for name in group.linears:
-        linear = layer.get_submodule(name)
+        linear = linear_at(layer, name)
         linear.weight.data = (linear.weight.data.float() * columns[None, :]).to(linear.weight.dtype)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lm_lite.families import Family
+from lm_lite.model_io import linear_at
 from lm_lite.scaling import GroupGeometry, apply_scale
 
 QUANT_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -31,6 +32,7 @@ class W8Weight:
     bias: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
+        """[out, in] float32: weight * scale."""
         return self.weight.float() * self.scale
 
 
@@ -40,7 +42,7 @@ def smooth_layer(layer: nn.Module, family: Family, config, absmax: dict[str, tor
     for group in family.groups:
         geometry = GroupGeometry(group, config)
         act = geometry.to_prev(absmax[group.linears[0]].float().to(_device(layer)), reduce="max")
-        weights = torch.cat([layer.get_submodule(n).weight.data.float() for n in group.linears])
+        weights = torch.cat([linear_at(layer, n).weight.data.float() for n in group.linears])
         w_max = geometry.to_prev(weights.abs().amax(dim=0), reduce="max")
         scales = (act.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
         apply_scale(layer, geometry, scales, family.norm_offset)

@@ -65,6 +65,7 @@ def collect_stats(walker: LayerWalker, family: Family) -> dict[str, dict[str, to
 
 
 def save_stats(work_dir: Path, stats: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
+    """Writes the per-linear activation statistics and `meta` under `work_dir`; returns the statistics file."""
     from safetensors.torch import save_file
 
     work_dir = work_dir / CALIBRATION_DIR

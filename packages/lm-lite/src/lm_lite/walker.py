@@ -57,13 +57,16 @@ class LayerWalker:
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers of the model."""
         return len(self.layers)
 
     def layer_name(self, index: int) -> str:
+        """The dotted module name of decoder layer `index` (its parameters' prefix)."""
         return f"{self.layers_name}.{index}"
 
     @contextmanager
     def layer_on_device(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer `index` moved to the device for the `with` block, back on the CPU after it."""
         layer = self.layers[index].to(self.device)
         try:
             yield layer

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
+from lm_core.async_pipeline import AsyncPipeline
 from lm_serve import __version__
 from lm_serve.auth import APIKeyMiddleware
 from lm_serve.docs_page import render_docs
@@ -20,7 +20,7 @@ from lm_serve.state import DEFAULT_MAX_SEQUENCES_PER_REQUEST, ConcurrencyLimiter
 
 
 def build_app(
-    pipeline: Any,
+    pipeline: AsyncPipeline,
     model_names: list[str],
     *,
     api_keys: Iterable[str] = (),
@@ -53,7 +53,7 @@ def build_app(
     )
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         if close_pipeline_on_shutdown:
             await pipeline.close()

@@ -28,6 +28,7 @@ class APIKeyMiddleware:
         self.api_keys = [k.encode() for k in api_keys]
 
     async def __call__(self, scope, receive, send) -> None:
+        """Passes open paths and requests with a configured bearer key to the app; answers 401 otherwise."""
         if scope["type"] != "http" or not self.api_keys or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return

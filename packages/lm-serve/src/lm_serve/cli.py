@@ -21,9 +21,11 @@ class ServeGroup(LMGroup):
     """The `serve` group: `api-server` here, `proxy` loaded from its own module on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """The commands defined here and the lazily loaded ones."""
         return sorted(set(super().list_commands(ctx)) | set(_LAZY_COMMANDS))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        """`name`'s command, importing a lazily loaded one now."""
         found = super().get_command(ctx, name)
         if found is not None or name not in _LAZY_COMMANDS:
             return found

@@ -55,9 +55,11 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
+        """The error as a JSON response with its status code and headers."""
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 

@@ -12,23 +12,59 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
+from starlette.requests import Request
 
-from lm_core.async_pipeline import merge_streams
+from lm_core.async_pipeline import PreparedRequest, Prompt, RenderedPrompt, merge_streams
 from lm_core.generation_config import GenerationConfig
 from lm_core.response import Response
 from lm_serve.errors import APIError, ServerShuttingDown, bad_request
+from lm_serve.metrics import RequestTracker
 from lm_serve.state import ServerState
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptJob:
-    """One prompt of a request: its token ids, its config (n samples) and the index of its first sample."""
+    """One prompt of a request, prepared by the pipeline (token ids, resolved config with n samples), and the index
+    of its first sample."""
 
-    prompt_ids: list[int]
-    gen_config: GenerationConfig
+    prepared: PreparedRequest
     index_offset: int = 0
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids."""
+        return self.prepared.prompt_ids
+
+    @property
+    def gen_config(self) -> GenerationConfig:
+        """The resolved config (model defaults applied, every stop id)."""
+        return self.prepared.gen_config
+
+
+def prepare_job(
+    state: ServerState,
+    prompt: Prompt | RenderedPrompt,
+    gen_config: GenerationConfig,
+    *,
+    param: str | None,
+    index_offset: int = 0,
+    do_preprocess: bool = False,
+) -> PromptJob:
+    """`prompt` prepared once by the pipeline, or a 400 naming `param`: bad prompt ids, or a prompt (plus
+    max_tokens) beyond the engine's session length, refused here so that a streamed answer fails before it starts.
+
+    Blocking (tokenizes): routes call it through `off_loop`.
+    """
+    pipe = state.pipeline
+    try:
+        prepared = pipe.prepare(prompt, gen_config, do_preprocess=do_preprocess)
+        pipe.check_length(prepared)
+    except ValueError as exc:
+        raise bad_request(exc, param=param) from None
+    return PromptJob(prepared, index_offset)
 
 
 class ClientDisconnected(Exception):
@@ -46,7 +82,7 @@ class Generation:
         self.num_sequences = sum(job.gen_config.n for job in jobs)
         self._stream: AsyncIterator[Response] | None = None
         self._first: Response | None = None
-        self._tracker = None
+        self._tracker: RequestTracker | None = None
         self._holds_slot = False
         self._closed = False
 
@@ -65,8 +101,7 @@ class Generation:
             # groups, so a request of thousands of sequences cannot starve one sent after it.
             streams = [
                 pipe.generate(
-                    job.prompt_ids,
-                    job.gen_config,
+                    job.prepared,
                     request_id=f"{self.request_id}-{p}",
                     index_offset=job.index_offset,
                     group=self.request_id,
@@ -94,7 +129,8 @@ class Generation:
             raise
 
     async def __aiter__(self) -> AsyncIterator[Response]:
-        if self._first is None:
+        """The pieces of every sequence, the first one (awaited by `start`) included."""
+        if self._first is None or self._stream is None:
             raise RuntimeError("Generation.start() must be awaited first")
         piece, self._first = self._first, None
         self._record(piece)
@@ -133,14 +169,14 @@ class Generation:
         with anyio.CancelScope(shield=True):
             try:
                 if self._stream is not None:
-                    await self._stream.aclose()
+                    await _aclose(self._stream)
             finally:
                 if self._tracker is not None:
                     self._tracker.close()
                 if self._holds_slot:
                     self.state.limiter.release(self.num_sequences)
 
-    async def collect(self, request) -> dict[int, Response]:
+    async def collect(self, request: Request) -> dict[int, Response]:
         """The whole output per sequence index (non-streamed requests); aborts if the client disconnects."""
         results: dict[int, Response] = {}
 
@@ -163,7 +199,13 @@ class Generation:
             await self.aclose()
 
 
-async def wait_for_disconnect(request) -> None:
+async def _aclose(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def wait_for_disconnect(request: Request) -> None:
     """Returns when the client closes the connection (the request body has been read already)."""
     while True:
         message = await request.receive()

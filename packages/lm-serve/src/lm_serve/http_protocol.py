@@ -26,10 +26,12 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Starts the header timer of the connection's first request."""
         super().connection_made(transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        """Starts the header timer at the first byte of a new request; stops it once the request head is complete."""
         if self._header_timer is None and self.conn.their_state is h11.IDLE:
             self._arm()  # the first byte of a new request on a kept-alive connection
         super().data_received(data)
@@ -37,6 +39,7 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             self._disarm()  # the request head is complete
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Stops the header timer."""
         self._disarm()
         super().connection_lost(exc)
 

@@ -112,7 +112,8 @@ def run_server(
         port=port,
         log_level=log_level,
         timeout_keep_alive=30,
-        timeout_graceful_shutdown=shutdown_timeout + _DRAIN_GRACE,
+        # uvicorn annotates this int but passes it to asyncio.timeout, which takes fractions of a second.
+        timeout_graceful_shutdown=shutdown_timeout + _DRAIN_GRACE,  # pyright: ignore[reportArgumentType]
         http=with_header_timeout(header_timeout),
     )
     # Announce an address a client can reach: the wildcard itself is not one.

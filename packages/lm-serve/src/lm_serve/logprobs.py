@@ -9,12 +9,14 @@ Masked tokens may have -inf, which JSON cannot carry: it becomes `LOGPROB_FLOOR`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 LOGPROB_FLOOR = -9999.0
 
 
 def clamp(value: float) -> float:
+    """`value`, or `LOGPROB_FLOOR` where it is not finite (JSON has no -inf)."""
     return value if math.isfinite(value) else LOGPROB_FLOOR
 
 
@@ -26,6 +28,7 @@ class TokenTexts:
         self._cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
+        """The token's own text."""
         text = self._cache.get(token_id)
         if text is None:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -73,7 +76,7 @@ class CompletionLogprobs:
         self.texts = texts
         self.offset = start
 
-    def render(self, token_ids: list[int], entries: list[dict[int, float] | None] | None) -> dict[str, Any]:
+    def render(self, token_ids: list[int], entries: Sequence[dict[int, float] | None] | None) -> dict[str, Any]:
         """The object for the tokens of one piece (streamed), of the whole choice, or of the echoed prompt (whose
         first entry is None: null logprobs)."""
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

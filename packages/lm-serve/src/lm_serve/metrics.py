@@ -95,6 +95,7 @@ class RequestTracker:
         metrics.prompt_tokens.inc(num_prompt_tokens)
 
     def tokens(self, index: int, num_new: int) -> None:
+        """Counts `num_new` tokens generated for sequence `index` (the first of the request observes its TTFT)."""
         if num_new <= 0:
             return
         now = time.perf_counter()
@@ -106,6 +107,7 @@ class RequestTracker:
         self.metrics.generation_tokens.inc(num_new)
 
     def finish(self, index: int, reason: str | None) -> None:
+        """Records sequence `index` as finished with `reason` and observes its time per output token."""
         now = time.perf_counter()
         count = self._count_of.get(index, 0)
         if count > 1:

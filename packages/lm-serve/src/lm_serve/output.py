@@ -6,7 +6,6 @@ import time
 import uuid
 from typing import Any
 
-from lm_core.response import Response
 from lm_serve.parsers import DeltaMessage, ParsedMessage, ToolCallDelta
 
 
@@ -16,6 +15,7 @@ def new_id(prefix: str, sep: str = "-") -> str:
 
 
 def now() -> int:
+    """The current time in whole seconds since the epoch (OpenAI's `created`)."""
     return int(time.time())
 
 
@@ -34,6 +34,7 @@ def merge_deltas(a: DeltaMessage, b: DeltaMessage) -> DeltaMessage:
 
 
 def delta_is_empty(d: DeltaMessage) -> bool:
+    """Whether the delta carries nothing (no text, reasoning or tool call)."""
     return not (d.content or d.reasoning_content or d.tool_calls)
 
 
@@ -81,22 +82,8 @@ def finish_reason(reason: str | None, has_tool_calls: bool) -> str | None:
     return reason
 
 
-def visible_token_ids(piece: Response, stop_ids: set[int], include_stop: bool) -> list[int]:
-    """The piece's tokens that have text: the EOS (or stop id) that ended a sequence is dropped, as its text is."""
-    ids = piece.token_ids
-    if piece.finish_reason == "stop" and ids and ids[-1] in stop_ids and not include_stop and piece.stop_str is None:
-        return ids[:-1]
-    return ids
-
-
-def stop_ids_of(pipeline, gen_config) -> set[int]:
-    ids = set(gen_config.stop_token_ids or ())
-    if not gen_config.ignore_eos:
-        ids.update(pipeline.tokenizer.eos_token_ids)
-    return ids
-
-
 def usage_json(num_prompt: int, num_completion: int) -> dict[str, int]:
+    """OpenAI's `usage` object."""
     return {
         "prompt_tokens": num_prompt,
         "completion_tokens": num_completion,

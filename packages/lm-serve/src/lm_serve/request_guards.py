@@ -40,6 +40,7 @@ class BodySizeLimit:
         )
 
     async def __call__(self, scope, receive, send) -> None:
+        """Answers 413 to a body over `max_bytes`, before reading it when Content-Length says so."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -160,6 +161,7 @@ class GuardedRoute(APIRoute):
     """Routes whose JSON bodies pass `check_json_body` before FastAPI validates them."""
 
     def get_route_handler(self):
+        """The route's handler, with the JSON body checked by `check_json_body` first."""
         handler = super().get_route_handler()
 
         async def guarded(request: Request):

@@ -8,11 +8,14 @@ calls. Each item is announced (`response.output_item.added`), grows by deltas, a
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_serve.output import new_id
 from lm_serve.parsers import DeltaMessage, ParsedMessage
 from lm_serve.streaming import sse
+
+if TYPE_CHECKING:
+    from lm_serve.generation import Generation
 
 
 def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -122,7 +125,8 @@ class ResponseEventWriter:
         self.sequence_number += 1
         return sse(data, event=kind)
 
-    async def events(self, gen) -> AsyncIterator[str]:
+    async def events(self, gen: Generation) -> AsyncIterator[str]:
+        """The typed Responses events of `gen`, ending with `response.completed`, `.incomplete` or `.failed`."""
         num_output = 0
         try:
             opening = response_json(self.base, [], None, self.num_prompt, 0, status="in_progress")
@@ -165,28 +169,33 @@ class ResponseEventWriter:
                 events += self._open_message()
             events.append(self._piece("response.output_text.delta", delta.content, logprobs=[]))
         for call in delta.tool_calls:
-            if call.id is not None or self._kind() != "function_call" or self._open["index"] != call.index:
+            if call.id is not None or self._kind() != "function_call" or self._opened()["index"] != call.index:
                 events += self._close()
                 events += self._open_call(call.index, call.id or new_id("call", "_"), call.name or "")
             if call.arguments:
-                self._open["text"].append(call.arguments)
+                self._opened()["text"].append(call.arguments)
                 events.append(
                     self._event(
                         "response.function_call_arguments.delta",
-                        item_id=self._open["id"],
+                        item_id=self._opened()["id"],
                         output_index=len(self.output),
                         delta=call.arguments,
                     )
                 )
         return events
 
+    def _opened(self) -> dict[str, Any]:
+        if self._open is None:
+            raise RuntimeError("no output item is open")
+        return self._open
+
     def _kind(self) -> str | None:
         return self._open["kind"] if self._open else None
 
     def _piece(self, kind: str, text: str, **extra: Any) -> str:
-        self._open["text"].append(text)
+        self._opened()["text"].append(text)
         at = len(self.output)
-        return self._event(kind, item_id=self._open["id"], output_index=at, content_index=0, delta=text, **extra)
+        return self._event(kind, item_id=self._opened()["id"], output_index=at, content_index=0, delta=text, **extra)
 
     def _open_reasoning(self) -> list[str]:
         self._open = {"kind": "reasoning", "id": new_id("rs", "_"), "text": []}

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
+from lm_core.async_pipeline import AsyncPipeline
+from lm_core.tokenizer import Tokenizer
 from lm_serve.errors import APIError
+
+if TYPE_CHECKING:
+    from lm_serve.generation import Generation
+    from lm_serve.metrics import ServerMetrics
 
 # Sequences (prompts x n) one generation request may ask for: bounds what a single request queues in the engine.
 DEFAULT_MAX_SEQUENCES_PER_REQUEST = 1024
@@ -41,6 +47,7 @@ class ConcurrencyLimiter:
         self.in_flight += num_sequences
 
     def release(self, num_sequences: int = 1) -> None:
+        """Give back `num_sequences` slots."""
         self.in_flight -= num_sequences
 
 
@@ -48,22 +55,23 @@ class ConcurrencyLimiter:
 class ServerState:
     """Built once by `build_app`; routes reach it as `request.app.state.lm`."""
 
-    pipeline: Any  # lm_core.AsyncPipeline
+    pipeline: AsyncPipeline
     model_names: list[str]
     tool_parser: str | None = None
     reasoning_parser: str | None = None
     limiter: ConcurrencyLimiter = field(default_factory=lambda: ConcurrencyLimiter(None))
     max_sequences_per_request: int | None = DEFAULT_MAX_SEQUENCES_PER_REQUEST
-    metrics: Any = None  # lm_serve.metrics.ServerMetrics
+    metrics: ServerMetrics | None = None
     # Text in messages that spells a special token is tokenized as that token (else as ordinary text).
     allow_special_tokens_in_content: bool = False
     # True once a shutdown's grace period is over: running requests are aborted and end with a 503 or error event.
     draining: bool = False
-    # The generations under way (lm_serve.generation.Generation), for ending them at shutdown.
-    generations: set = field(default_factory=set)
+    # The generations under way, for ending them at shutdown.
+    generations: set[Generation] = field(default_factory=set)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
+        """Check the served names and the per-request limit (ValueError naming the field)."""
         if not self.model_names or not all(isinstance(n, str) and n for n in self.model_names):
             raise ValueError(f"ServerState.model_names must be non-empty strings, got {self.model_names!r}")
         _check_limit("max_sequences_per_request", self.max_sequences_per_request)
@@ -92,12 +100,14 @@ class ServerState:
         return self.model_names[0]
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer."""
         return self.pipeline.tokenizer
 
     @property
     def session_len(self) -> int | None:
-        return self.pipeline.engine.session_len
+        """The engine's limit on prompt + generated tokens (None: no limit)."""
+        return self.pipeline.session_len
 
     async def end_running_requests(self) -> None:
         """Refuse new generations and abort the engine work of those under way (they answer 503 / error event)."""

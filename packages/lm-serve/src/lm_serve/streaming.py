@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from lm_serve.errors import ServerShuttingDown
+from lm_core.response import Response
+from lm_serve.errors import ServerShuttingDown, error_body
+from lm_serve.output import new_id, now, usage_json
+
+if TYPE_CHECKING:
+    from lm_serve.generation import Generation
 
 DONE = "data: [DONE]\n\n"
 
@@ -18,6 +24,67 @@ def sse(data: dict[str, Any], event: str | None = None) -> str:
     """One event: `event: <name>` (when given) and `data: <json>`, ended by a blank line."""
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"event: {event}\ndata: {payload}\n\n" if event else f"data: {payload}\n\n"
+
+
+class ChunkWriter:
+    """The SSE chunks of one streamed chat or text completion (OpenAI's `chat.completion.chunk` and
+    `text_completion` objects): every chunk carries the same id, object, creation time and model, and, when the
+    client asked for usage (`stream_options.include_usage`), a `usage` that is null until a last chunk of its own.
+    """
+
+    def __init__(self, object_name: str, id_prefix: str, model: str, include_usage: bool, num_prompt_tokens: int):
+        """Chunks of `object_name` with a fresh id `<id_prefix>-<hex>`, for a request of `num_prompt_tokens`."""
+        self.object_name = object_name
+        self.id = new_id(id_prefix)
+        self.created = now()
+        self.model = model
+        self.include_usage = include_usage
+        self.num_prompt_tokens = num_prompt_tokens
+
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        """One `data:` event of `choices` (and `usage`, when the client asked for it)."""
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = usage
+        return sse(chunk)
+
+    async def events(
+        self,
+        gen: Generation,
+        choices_of: Callable[[Response], Iterable[dict[str, Any]]],
+        opening_choice: Callable[[int], dict[str, Any]] | None = None,
+    ) -> AsyncIterator[str]:
+        """The stream of `gen`: a chunk per choice `choices_of(piece)` gives (one chunk each), an OpenAI error event
+        ending a sequence that failed, the usage chunk, then `[DONE]`; `gen` is closed in every case.
+
+        `opening_choice(index)`, when given, is a sequence's first chunk, sent before its first piece (the chat
+        role chunk).
+        """
+        started: set[int] = set()
+        num_completion: dict[int, int] = {}
+        try:
+            async for piece in gen:
+                if opening_choice is not None and piece.index not in started:
+                    started.add(piece.index)
+                    yield self.chunk([opening_choice(piece.index)])
+                if piece.finish_reason == "error":
+                    yield sse(error_body(piece.error or "generation failed", "server_error"))
+                    return
+                num_completion[piece.index] = piece.generate_token_len
+                for choice in choices_of(piece):
+                    yield self.chunk([choice])
+            if self.include_usage:
+                yield self.chunk([], usage_json(self.num_prompt_tokens, sum(num_completion.values())))
+            yield DONE
+        finally:
+            await gen.aclose()
 
 
 async def _ended_on_shutdown(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -48,7 +115,8 @@ class SSEResponse(StreamingResponse):
         super().__init__(_ended_on_shutdown(events), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream until the end or the client's disconnect, then close the events and run `on_close`."""
         try:
             async with anyio.create_task_group() as group:
 

@@ -13,12 +13,16 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_serve.errors import APIError
 from lm_serve.parsers import DeltaMessage, ParsedMessage, ToolCall, ToolCallDelta, accumulate
+from lm_serve.parsers.base import OutputParser
 from lm_serve.parsers.json_scan import JsonScanner
 from lm_serve.parsers.markers import skip_whitespace
+
+if TYPE_CHECKING:
+    from lm_serve.state import ServerState
 
 NONE, AUTO, NAMED, REQUIRED = "none", "auto", "named", "required"
 # Where RequiredCallsStream is in the array: "[" expected, a call or "]", a call, "," or "]", inside a call object,
@@ -27,6 +31,7 @@ _ARRAY_OPEN, _ARRAY_FIRST, _ARRAY_NEXT, _AFTER_CALL, _ELEMENT, _ARRAY_CLOSED, _N
 
 
 def new_call_id() -> str:
+    """A fresh OpenAI-style tool call id (`call_<24 hex>`)."""
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
@@ -114,6 +119,7 @@ class NamedCallStream:
         self._id: str | None = None
 
     def feed(self, text: str) -> DeltaMessage:
+        """The next piece of the call's arguments (the first piece opens the call with its id and name)."""
         if not text and self._started:
             return DeltaMessage()
         if not self._started:
@@ -123,10 +129,12 @@ class NamedCallStream:
         return DeltaMessage(tool_calls=[ToolCallDelta(0, arguments=text)])
 
     def finish(self) -> DeltaMessage:
+        """End of generation: a call that got no output still opens (with empty arguments)."""
         # A call with no output at all still exists (its arguments are empty).
         return self.feed("") if not self._started else DeltaMessage()
 
     def parse(self, text: str) -> ParsedMessage:
+        """The whole output as the one call's arguments."""
         return ParsedMessage(None, None, [ToolCall(self.id_factory(), self.name, text)])
 
 
@@ -212,9 +220,15 @@ class RequiredCallsStream:
         return accumulate([self.feed(text), self.finish()])
 
 
-def make_message_stream(plan: ToolPlan, state: Any, prompt_text: str, chat_template_kwargs: dict | None):
+# What turns one sequence's text into deltas: `feed(text)`, `finish()` and `parse(whole_text)`.
+MessageStream = NamedCallStream | RequiredCallsStream | OutputParser
+
+
+def make_message_stream(
+    plan: ToolPlan, state: ServerState, prompt_text: str, chat_template_kwargs: dict[str, Any] | None
+) -> MessageStream:
     """The object that turns one sequence's text into content, reasoning and tool-call deltas."""
-    if plan.mode == NAMED:
+    if plan.mode == NAMED and plan.function_name is not None:
         return NamedCallStream(plan.function_name)
     if plan.mode == REQUIRED:
         return RequiredCallsStream()

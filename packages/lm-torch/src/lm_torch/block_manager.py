@@ -18,10 +18,16 @@ from lm_torch.sequence import Sequence
 
 
 def cdiv(a: int, b: int) -> int:
+    """`a / b` rounded up, for non-negative `a` and positive `b`."""
     return -(-a // b)
 
 
 class BlockManager:
+    """Allocates, shares and frees the KV cache's blocks for sequences' block tables, with an optional prefix cache.
+
+    Raises ValueError naming `num_blocks` or `block_size` when either is not an integer >= 1.
+    """
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -45,6 +51,7 @@ class BlockManager:
 
     @property
     def num_used_blocks(self) -> int:
+        """Blocks owned by at least one sequence (evictable cached blocks count as free)."""
         return self.num_blocks - self.num_free_blocks
 
     @property
@@ -53,12 +60,15 @@ class BlockManager:
         return len(self._cache)
 
     def ref_count(self, block_id: int) -> int:
+        """How many sequences' block tables hold `block_id`."""
         return self._ref_counts[block_id]
 
     def is_cached(self, block_id: int) -> bool:
+        """Whether `block_id` is in the prefix cache (used or evictable)."""
         return block_id in self._cache
 
     def num_required_blocks(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` token slots."""
         return cdiv(num_tokens, self.block_size)
 
     def usage(self) -> float:
@@ -66,6 +76,7 @@ class BlockManager:
         return self.num_used_blocks / self.num_blocks
 
     def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens found cached over prompt tokens looked up, at first admissions only (0.0 before any)."""
         return self._num_hit_tokens / self._num_queried_tokens if self._num_queried_tokens else 0.0
 
     def reset_prefix_cache(self) -> bool:
@@ -127,18 +138,21 @@ class BlockManager:
     # ---- growing, committing, releasing ----------------------------------------------------------------------------
 
     def num_blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
+        """New blocks `seq` needs to compute `num_new_tokens` more tokens."""
         return max(self.num_required_blocks(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table), 0)
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether enough free or evictable blocks exist for `seq` to compute `num_new_tokens` more tokens."""
         return self.num_blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
 
-    def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Ensure blocks for tokens `[0, num_computed_tokens + num_new_tokens)`, taking free blocks first and evicting
-        least recently released cached blocks after. False, and nothing changes, if there are not enough."""
-        if seq.num_computed_tokens + num_new_tokens > seq.num_tokens:
+    def append_slots(self, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> bool:
+        """Ensure blocks for positions `[0, num_computed_tokens + num_new_tokens)`, taking free blocks first and
+        evicting least recently released cached blocks after. False, and nothing changes, if there are not enough.
+        `num_lookahead`: positions past the sequence's known and pending tokens a multi-token step computes."""
+        if seq.num_computed_tokens + num_new_tokens > seq.num_tokens + seq.num_pending_tokens + num_lookahead:
             raise ValueError(
-                f"sequence {seq.request_id!r} has {seq.num_tokens} tokens; cannot compute "
-                f"{num_new_tokens} from {seq.num_computed_tokens}"
+                f"sequence {seq.request_id!r} has {seq.num_tokens} tokens and {seq.num_pending_tokens} pending; "
+                f"cannot compute {num_new_tokens} from {seq.num_computed_tokens}"
             )
         needed = self.num_blocks_to_append(seq, num_new_tokens)
         if needed == 0:  # most decode steps: the last block has room
@@ -151,11 +165,13 @@ class BlockManager:
             seq.block_table.append(block_id)
         return True
 
-    def commit(self, seq: Sequence) -> None:
-        """After a step advanced `num_computed_tokens`: offer the sequence's newly full, fully computed blocks to the
-        prefix cache. A block whose prefix is already cached (computed concurrently by another sequence) stays
-        private; the chain goes on through its key, so later blocks are still shared."""
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+    def commit(self, seq: Sequence, num_computed: int | None = None) -> None:
+        """After a step computed positions up to `num_computed` (default: `num_computed_tokens`): offer the sequence's
+        newly full blocks of known tokens whose KV is written to the prefix cache. A block whose prefix is already
+        cached (computed concurrently by another sequence) stays private; the chain goes on through its key, so later
+        blocks are still shared."""
+        done = seq.num_computed_tokens if num_computed is None else num_computed
+        num_full = min(min(done, seq.num_tokens) // self.block_size, len(seq.block_table))
         if not self.enable_prefix_caching or num_full <= seq.num_committed_blocks:
             return
         keys = self._block_hashes(seq, num_full)

@@ -93,19 +93,20 @@ class ThreadTuner:
         # One pair decides when the gap is large: a collapsing count is not run again to confirm it.
         clear = candidate > 3 * current or current > 3 * candidate
         if clear or len(self._trial) >= 2 * self.trial_pairs:
-            self._finish(candidate, current)
+            self._finish(self._candidate, candidate, current)
 
     def _rate(self, chosen: Callable[[int], bool]) -> float:
         seconds = sum(s for n, s, _ in self._trial if chosen(n))
         cost = sum(c for n, _, c in self._trial if chosen(n))
         return seconds / cost
 
-    def _finish(self, candidate: float, current: float) -> None:
+    def _finish(self, trial: int, candidate: float, current: float) -> None:
+        """Ends the trial of thread count `trial`, whose rate is `candidate` against the current count's `current`."""
         # The seconds the slower count's steps of this trial took beyond what the faster count would have.
-        slower = self._candidate if candidate > current else self.current
+        slower = trial if candidate > current else self.current
         lost = sum(c for n, _, c in self._trial if n == slower) * abs(candidate - current)
         if candidate < (1 - self.min_gain) * current:
-            self.current = self._candidate
+            self.current = trial
             self.switches += 1
             self.interval_s = self.min_interval_s
             # Keep moving the same way while it pays; the way back is the next trial's otherwise.

@@ -1,19 +1,22 @@
-"""`TorchEngine`: the asynchronous engine loop over scheduler, model runner and sampler.
+"""`TorchEngine`: the asynchronous engine loop over the scheduler and an executor (which runs the model).
 
-One background task runs steps while requests are pending: `batch = scheduler.schedule(); out = runner.run(batch);
-scheduler.update(batch, out)`. The scheduler is only touched from the event loop, between steps. On the CPU the
-model runs in a worker thread, so the event loop keeps accepting requests and streaming tokens meanwhile. On CUDA
-a step is launched from the event loop (that only queues device work) and its tokens are awaited in the worker
-thread; with `overlap_steps` the next step is scheduled and launched before the tokens of the one running are back,
-so the GPU never waits for the host between steps (`_run_loop`).
+One background task runs steps while requests are pending (`_run_loop`):
+
+    batch = scheduler.schedule()              # plain value: what to compute, for whom, which blocks
+    handle = await executor.launch(batch)
+    result = await executor.collect(handle)   # plain value: the accepted tokens
+    scheduler.update(batch, result)           # the one place tokens are appended and finish is decided
+
+With overlap (CUDA with Triton, by default) the next step is scheduled and launched before the previous one is
+collected, so the device never waits for the host between steps: the scheduler counts each sequence's tokens in
+flight (`Sequence.num_pending_tokens`) and the runner reads them from its device token buffer. Steps are always
+updated in launch order, with real token ids. The scheduler is only touched from the event loop.
 
 Guided requests (`response_format`) have their grammar compiled before they are scheduled, on worker threads of a
 `GrammarPool` (several at once, a time limit each, a cache), so a slow schema delays only its own request.
 Embedding requests (`embed`) share the scheduler with generation: prefill-only sequences that finish with their
-pooled vector.
-
-Prompt logprobs (`GenerationConfig.prompt_logprobs`) arrive chunk by chunk with the steps that prefill the prompt and
-are emitted whole, on the request's first output after its prompt is computed (see `_add_prompt_logprobs`).
+pooled vector. Prompt logprobs (`GenerationConfig.prompt_logprobs`) arrive chunk by chunk with the steps that
+prefill the prompt and are emitted whole, with the request's first output after its prompt is computed.
 """
 
 from __future__ import annotations
@@ -23,29 +26,25 @@ import os
 import time
 import traceback
 import uuid
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest, EngineStats
+from lm_core.engine import POOLING_METHODS, Engine, EngineOutput, EngineRequest, EngineStats, session_length_error
 from lm_core.generation_config import GenerationConfig
 from lm_torch import IMPORT_STARTED, gc_tuning
 from lm_torch.block_manager import BlockManager
 from lm_torch.config import TorchEngineConfig
-from lm_torch.model_runner import ModelRunner, StepHandle, StepOutput, log
+from lm_torch.executor import Executor, InProcessExecutor
+from lm_torch.runner import log
 from lm_torch.sampling.prompt_logprobs import PromptLogprobsChunk
-from lm_torch.scheduler import ScheduledBatch, Scheduler
-from lm_torch.sequence import Sequence, SequenceStatus
+from lm_torch.scheduler import ScheduledBatch, Scheduler, StepResult
+from lm_torch.sequence import Sequence
 
 if TYPE_CHECKING:
     from lm_torch.guided import GrammarPool
 
-# The token id a sequence carries while its sampled token is still on the device (never a real id).
-PLACEHOLDER = -1
 # Seconds lm-torch's import took (torch's included), not yet counted in any engine's start-up: the first engine
 # built in a process reports them as its "import" phase.
 _unreported_import_s: float | None = time.perf_counter() - IMPORT_STARTED
@@ -63,12 +62,14 @@ class OutputStream:
         self._waiter: asyncio.Future | None = None
 
     def put(self, item) -> None:
+        """Queue `item` and wake the waiting reader."""
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def get(self):
+        """The next item, waiting for one if there is none."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -76,15 +77,6 @@ class OutputStream:
             finally:
                 self._waiter = None
         return self._items.popleft()
-
-
-@dataclass
-class _Launched:
-    """A step handed over to the scheduler before its tokens came back (see `TorchEngine._hand_over`)."""
-
-    batch: ScheduledBatch
-    handle: StepHandle
-    slots: dict[Sequence, int]  # sampled sequence -> index of its placeholder in token_ids
 
 
 class TorchEngine(Engine):
@@ -98,40 +90,38 @@ class TorchEngine(Engine):
         import_s, _unreported_import_s = _unreported_import_s, None
         log(f"lm-torch: loading {model_path}")
         self.config = config
-        # Every torch op runs on this one thread, model loading included: with a second thread issuing CPU ops,
-        # two OpenMP thread teams compete for the cores and each step takes twice as long (measured on 2 cores).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-torch-step")
-        self.runner = self._executor.submit(ModelRunner, model_path, config).result()
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.executor: Executor = InProcessExecutor(model_path, config)
+        num_blocks = self.executor.num_blocks
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         # One sequence can never hold more KV than the whole cache: a longer session could only end in an error after
         # running for nothing, so the session length (what lm-core checks requests against, and /v1/models reports)
         # is at most the cache's capacity in tokens.
-        session_len = config.session_len or self.runner.hf_config.max_position_embeddings
-        self._kv_capacity = self.runner.num_blocks * config.block_size
+        session_len = config.scheduler.session_len or self.executor.max_position_embeddings
+        self._kv_capacity = num_blocks * config.cache.block_size
         self._session_len = min(session_len, self._kv_capacity)
         if self._session_len < session_len:
             log(
                 f"lm-torch: session length {self._session_len} tokens, what the KV cache holds "
-                f"({self.runner.num_blocks} blocks of {config.block_size}), instead of {session_len}"
+                f"({num_blocks} blocks of {config.cache.block_size}), instead of {session_len}"
             )
+        runs_ahead = self.executor.runs_ahead
         self.scheduler = Scheduler(
             self.block_manager,
-            max_batch_size=config.max_batch_size,
-            max_num_batched_tokens=config.max_prefill_token_num,
+            max_batch_size=config.scheduler.max_batch_size,
+            max_num_batched_tokens=config.scheduler.max_prefill_token_num,
             session_len=self._session_len,
-            prefill_interval=config.prefill_interval if self.runner.fast else 0,
+            prefill_interval=config.scheduler.prefill_interval if runs_ahead else 0,
         )
+        # Steps launched and not yet collected, at most: 2 with overlap (the next step is queued while one runs).
+        overlap = config.cuda.overlap_steps if config.cuda.overlap_steps is not None else runs_ahead
+        self._depth = 2 if overlap else 1
         self._streams: dict[str, OutputStream] = {}
         # Prompt logprobs gathered so far (index i: prompt token i; the first is None), until they are emitted.
         self._prompt_logprobs: dict[str, list[dict[int, float] | None]] = {}
-        self._pending_aborts: set[str] = set()
-        self._step_in_flight = False
-        self._overlap = config.overlap_steps if config.overlap_steps is not None else self.runner.fast
-        self._overlap_ok: weakref.WeakKeyDictionary[Sequence, bool] = weakref.WeakKeyDictionary()
-        # For benchmarks: steps run, those handed over before their tokens were back, and the seconds the loop
-        # waited for tokens (near the run's length when the device is the bottleneck, near 0 when the host is).
+        # For benchmarks: steps run, those launched while another was in flight, and the seconds the loop waited for
+        # results (near the run's length when the device is the bottleneck, near 0 when the host is).
         self.step_counters = {"steps": 0, "overlapped_steps": 0, "wait_s": 0.0}
-        # For benchmarks: set to a list to record each loop iteration (times, rows, tokens; see `_trace`).
+        # For benchmarks: set to a list to record each step (times, rows, tokens; see `_trace`).
         self.step_trace: list[tuple] | None = None
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -140,10 +130,15 @@ class TorchEngine(Engine):
         self._grammar_pool: GrammarPool | None = None
         self._compiling: set[str] = set()  # request ids whose grammar is being compiled
         self._aborted_while_compiling: set[str] = set()
-        self._gc_tuned = config.gc_tuning
+        self._gc_tuned = config.runtime.gc_tuning
         if self._gc_tuned:
             gc_tuning.tune()
-        log(self.runner.summary(time.perf_counter() - started, import_s))
+        log(self.executor.summary(time.perf_counter() - started, import_s))
+
+    @property
+    def runner(self):
+        """The in-process executor's `ModelRunner` (for tests and benchmarks)."""
+        return self.executor.runner  # type: ignore[attr-defined]
 
     @classmethod
     def from_pretrained(cls, model_path: str | os.PathLike[str], config: Any = None) -> TorchEngine:
@@ -154,6 +149,7 @@ class TorchEngine(Engine):
 
     @classmethod
     def supports(cls, model_path: str | os.PathLike[str]) -> bool:
+        """Whether config.json names an architecture this engine implements."""
         import json
 
         from lm_torch.models.registry import MODEL_REGISTRY
@@ -163,11 +159,13 @@ class TorchEngine(Engine):
 
     @property
     def session_len(self) -> int:
+        """Longest prompt + generation a request may have: the configured length, capped by the KV cache."""
         return self._session_len
 
     # -- requests --------------------------------------------------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream `request`'s outputs; an unfinished request is aborted when its consumer stops reading."""
         error = self._validate(request)
         if error is not None:
             yield EngineOutput(request.request_id, [], "error", error=error)
@@ -175,7 +173,7 @@ class TorchEngine(Engine):
         if request.request_id in self._streams:
             yield EngineOutput(request.request_id, [], "error", error=f"request id {request.request_id!r} is in use")
             return
-        self._ensure_loop()
+        wake = self._ensure_loop()
         queue = self._streams[request.request_id] = OutputStream()
         seq = Sequence.from_request(request)
         if request.gen_config.prompt_logprobs is not None:
@@ -183,15 +181,13 @@ class TorchEngine(Engine):
         finished = False
         try:
             if request.gen_config.response_format is not None:
-                failure = await self._attach_grammar(seq)
+                failure = await self._attach_grammar(seq, request.gen_config.response_format)
                 if failure is not None:
                     finished = True
                     yield failure
                     return
-            if request.gen_config.bad_words:
-                self.runner.bad_words_ids[request.request_id] = self._tokenize_bad_words(request.gen_config.bad_words)
             self.scheduler.add(seq)
-            self._wake.set()
+            wake.set()
             while True:
                 output: EngineOutput = await queue.get()
                 finished = output.finish_reason is not None
@@ -199,24 +195,27 @@ class TorchEngine(Engine):
                 if finished:
                     break
         finally:
+            # The one place a request is aborted when its consumer goes away (or the engine closes).
             self._streams.pop(request.request_id, None)
             self._prompt_logprobs.pop(request.request_id, None)
-            if not finished:  # the consumer went away: free the request's blocks
-                self._abort_now_or_later(request.request_id)
+            if not finished:
+                self._apply_abort(request.request_id)
 
     def _validate(self, request: EngineRequest) -> str | None:
         cfg, num_prompt = request.gen_config, len(request.prompt_token_ids)
-        vocab = self.runner.vocab_size
+        if request.multimodal:
+            return "this engine takes text only: multimodal inputs (images, video, audio) are not supported"
+        if request.adapter_name is not None:
+            return f"this engine serves no adapters (LoRA): adapter_name {request.adapter_name!r} is not supported"
+        vocab = self.executor.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             return f"prompt token ids must be in [0, {vocab})"
-        if num_prompt >= self._session_len:
-            return f"the prompt has {num_prompt} tokens; the session length is {self._session_len}"
-        if cfg.max_new_tokens is not None and num_prompt + cfg.max_new_tokens > self._session_len:
+        too_long = session_length_error(num_prompt, cfg.max_new_tokens, self._session_len)
+        if too_long is not None:
             held = " (what the KV cache holds)" if self._session_len == self._kv_capacity else ""
-            return (
-                f"prompt ({num_prompt} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the session length "
-                f"{self._session_len}{held}"
-            )
+            return too_long + held
+        if cfg.bad_words and request.bad_word_ids is None:
+            return "bad_words must reach the engine tokenized, as bad_word_ids (lm-core's pipeline does that)"
         if cfg.response_format is not None:
             from lm_torch.guided import xgrammar_available
 
@@ -235,17 +234,10 @@ class TorchEngine(Engine):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.runner.model_path)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.executor.model_path)
         return self._tokenizer
 
-    def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
-        tokenizer = self._hf_tokenizer()
-        variants = {tuple(tokenizer.encode(w, add_special_tokens=False)) for w in words}
-        # A word mid-sentence usually carries a leading space in its first token.
-        variants |= {tuple(tokenizer.encode(" " + w, add_special_tokens=False)) for w in words}
-        return [list(v) for v in variants if v]
-
-    async def _attach_grammar(self, seq: Sequence) -> EngineOutput | None:
+    async def _attach_grammar(self, seq: Sequence, response_format: dict[str, Any]) -> EngineOutput | None:
         """Compile the request's response_format off the event loop and give `seq` its grammar state. Returns the
         request's final output instead when it cannot run: an invalid or too slow format ("error") or an abort
         meanwhile."""
@@ -255,9 +247,9 @@ class TorchEngine(Engine):
         self._compiling.add(request_id)
         try:
             cfg = seq.gen_config
-            compiled = await self.grammar_pool().compile(cfg.response_format)
-            stop = [t for t in cfg.stop_token_ids or () if 0 <= t < self.runner.vocab_size]
-            seq.grammar = GrammarState(compiled, stop or None)  # a matcher costs microseconds
+            compiled = await self.grammar_pool().compile(response_format)
+            stop = [t for t in cfg.stop_token_ids or () if 0 <= t < self.executor.vocab_size]
+            seq.set_grammar(GrammarState(compiled, stop or None))  # a matcher costs microseconds
         except ValueError as exc:
             return EngineOutput(request_id, [], "error", error=str(exc))
         except Exception as exc:  # xgrammar failing in an unexpected way must not take the engine down
@@ -274,9 +266,9 @@ class TorchEngine(Engine):
             from lm_torch.guided import GrammarBackend, GrammarPool
 
             def make_backend() -> GrammarBackend:  # on a worker thread: loads the tokenizer, builds xgrammar's tables
-                return GrammarBackend(self._hf_tokenizer(), self.runner.vocab_size)
+                return GrammarBackend(self._hf_tokenizer(), self.executor.vocab_size)
 
-            self._grammar_pool = GrammarPool(make_backend, self.config.grammar_compile_timeout)
+            self._grammar_pool = GrammarPool(make_backend, self.config.runtime.grammar_compile_timeout)
         return self._grammar_pool
 
     # -- embeddings ------------------------------------------------------------------------------------------------
@@ -290,19 +282,19 @@ class TorchEngine(Engine):
         if error is not None:
             raise ValueError(error)
         request_id = f"embed-{uuid.uuid4().hex}"
-        self._ensure_loop()
+        wake = self._ensure_loop()
         queue = self._streams[request_id] = OutputStream()
         seq = Sequence(request_id, ids, len(ids), GenerationConfig(), pooling=pooling, normalize=normalize)
         done = False
         try:
             self.scheduler.add(seq)
-            self._wake.set()
+            wake.set()
             result = await queue.get()
             done = True
         finally:
             self._streams.pop(request_id, None)
             if not done:  # the caller was cancelled: free the request's blocks
-                self._abort_now_or_later(request_id)
+                self._apply_abort(request_id)
         if isinstance(result, EngineOutput):  # aborted (engine closing) or failed
             raise RuntimeError(f"the embedding request ended with {result.finish_reason!r}: {result.error or ''}")
         return result
@@ -314,7 +306,7 @@ class TorchEngine(Engine):
             return f"normalize must be True or False, got {normalize!r}"
         if not ids:
             return "prompt_token_ids is empty: there is nothing to embed"
-        vocab = self.runner.vocab_size
+        vocab = self.executor.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             return f"prompt_token_ids must be integers in [0, {vocab})"
         if len(ids) > self._session_len:
@@ -325,34 +317,31 @@ class TorchEngine(Engine):
         return None
 
     async def abort(self, request_id: str) -> None:
-        self._abort_now_or_later(request_id)
-
-    def _abort_now_or_later(self, request_id: str) -> None:
-        if self._step_in_flight:
-            # The running step reads this sequence's blocks: abort it right after the step.
-            self._pending_aborts.add(request_id)
-        else:
-            self._apply_abort(request_id)
+        """End `request_id` now with "abort"."""
+        self._apply_abort(request_id)
 
     def _apply_abort(self, request_id: str) -> None:
+        """End a request with "abort" now: its blocks are released at once (a step still running on them only
+        writes KV nobody reads; its tokens for the request are dropped by `Scheduler.update`)."""
         if request_id in self._compiling:  # not scheduled yet: its stream ends once the compile returns
             self._aborted_while_compiling.add(request_id)
             return
         seq = self.scheduler.abort(request_id)
-        self.runner.release(request_id)
         if seq is not None:
             self._emit(EngineOutput(request_id, [], "abort", num_cached_tokens=seq.num_cached_tokens))
 
     def stats(self) -> EngineStats:
-        stats = self.scheduler.stats()
+        """Running and waiting sequences, KV-cache use and prefix-cache hit rate."""
+        bm = self.block_manager
         return EngineStats(
-            num_running=stats["num_running"],
-            num_waiting=stats["num_waiting"],
-            kv_usage=stats["kv_usage"],
-            prefix_cache_hit_rate=stats["prefix_cache_hit_rate"],
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=bm.usage(),
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate(),
         )
 
     async def close(self) -> None:
+        """Abort every request, stop the step loop and release the workers."""
         for request_id in list(self._streams):
             self._apply_abort(request_id)
         if self._loop_task is not None:
@@ -360,230 +349,136 @@ class TorchEngine(Engine):
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
         # Grammar compiles still running (past their time limit) are not waited for: they end on their own threads.
-        self._executor.shutdown(wait=True)
+        self.executor.shutdown()
         if self._gc_tuned:
             self._gc_tuned = False
             gc_tuning.release()
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+    def _ensure_loop(self) -> asyncio.Event:
+        """Start the step loop if it is not running; returns the event that wakes it."""
+        if self._loop_task is None or self._loop_task.done() or self._wake is None:
+            self._wake = wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(wake))
+            return wake
+        return self._wake
 
-    async def _run_loop(self) -> None:
-        """Steps while there is work. With overlap on, step N + 1 is scheduled and launched before step N's tokens
-        are back (see `_overlappable`): its sequences carry a placeholder for the pending token, which the device
-        fills in, and the host work of one step (scheduling, input layout, streaming) hides behind the device work
-        of the other."""
-        in_flight: _Launched | None = None
+    async def _run_loop(self, wake: asyncio.Event) -> None:
+        """Steps while there is work: launch while fewer than `_depth` steps are in flight and the scheduler has a
+        batch, else collect the oldest step and record it."""
+        in_flight: deque[tuple[ScheduledBatch, Any, float]] = deque()
         while True:
-            batch = None
-            if self.scheduler.has_unfinished_requests:
-                batch = self.scheduler.schedule()
-                # Requests the scheduler refused outright (more KV than the whole cache) end here, with their reason.
-                self._emit_finished(self.scheduler.take_finished())
-                if batch.is_empty:
-                    batch = None
-            if batch is None and in_flight is None:
-                if self.scheduler.has_unfinished_requests:
-                    await asyncio.sleep(0)
-                else:
-                    self._wake.clear()
-                    await self._wake.wait()
+            if len(in_flight) < self._depth and (batch := self._schedule()) is not None:
+                t_scheduled = time.perf_counter()
+                in_flight.append((batch, await self._launch(batch), t_scheduled))
+                self.step_counters["overlapped_steps"] += len(in_flight) > 1
+                continue  # queue the next step before waiting: the device never idles
+            if not in_flight:
+                await self._idle(wake)
                 continue
-            previous, in_flight = in_flight, None
-            launched = None
-            t_scheduled = time.perf_counter()
-            if batch is not None:
-                launched = await self._launch(batch)
-            t_launched = time.perf_counter()
-            if previous is not None:
-                out = await self._collect(previous.handle)
-                self._complete_overlapped(previous, out)
+            batch, handle, t_scheduled = in_flight.popleft()
+            self._record(batch, await self._collect(handle))
             if self.step_trace is not None:
-                self._trace(batch, t_scheduled, t_launched)
-            if isinstance(launched, Exception):
-                self._fail(batch.seqs, launched)
-            elif launched is not None:
-                if self._overlap and all(self._overlappable(seq) for seq in batch.seqs):
-                    in_flight = self._hand_over(batch, launched)
-                    self.step_counters["overlapped_steps"] += 1
-                else:
-                    out = await self._collect(launched)
-                    if isinstance(out, Exception):
-                        self._fail(batch.seqs, out)
-                    else:
-                        self._complete(batch, out)
-            for request_id in list(self._pending_aborts):
-                self._pending_aborts.discard(request_id)
-                self._apply_abort(request_id)
-            if in_flight is None:
+                self._trace(batch, t_scheduled)
+            if not in_flight:
                 await asyncio.sleep(0)  # let streams hand their tokens on
 
-    def _trace(self, batch: ScheduledBatch | None, t_scheduled: float, t_launched: float) -> None:
-        """One row of `step_trace`: when the step was scheduled, launched, and its predecessor collected, with its
-        sequences, tokens and decode rows (a step with prefill chunks has tokens > decode rows)."""
-        rows = len(batch.seqs) if batch is not None else 0
-        tokens = batch.num_tokens if batch is not None else 0
-        decodes = sum(n == 1 for n in batch.num_new_tokens) if batch is not None else 0
-        self.step_trace.append((t_scheduled, t_launched, time.perf_counter(), rows, tokens, decodes))
+    def _schedule(self) -> ScheduledBatch | None:
+        if not self.scheduler.has_unfinished_requests:
+            return None
+        batch = self.scheduler.schedule()
+        # Requests the scheduler refused outright (more KV than the whole cache) end here, with their reason.
+        self._emit_finished(self.scheduler.take_finished())
+        return None if batch.is_empty else batch
 
-    async def _launch(self, batch: ScheduledBatch) -> StepHandle | Exception:
-        """Queue a step. On CUDA in this thread (it only queues work; meanwhile the streams wait, and do their work
-        while `_collect` waits on the device), on the CPU in the step thread (it computes the whole step there)."""
+    async def _idle(self, wake: asyncio.Event) -> None:
+        if self.scheduler.has_unfinished_requests:
+            await asyncio.sleep(0)
+        else:
+            wake.clear()
+            await wake.wait()
+
+    def _trace(self, batch: ScheduledBatch, t_scheduled: float) -> None:
+        """One row of `step_trace`: when the step was scheduled and recorded, with its sequences, tokens and decode
+        rows (a step with prefill chunks has tokens > decode rows)."""
+        if self.step_trace is None:
+            return
+        now = time.perf_counter()
+        self.step_trace.append((t_scheduled, t_scheduled, now, len(batch.seqs), batch.num_tokens, batch.num_decodes))
+
+    async def _launch(self, batch: ScheduledBatch) -> Any:
         try:
-            if self.runner.fast:
-                return self.runner.launch(batch)
-            self._step_in_flight = True
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.launch, batch)
-            finally:
-                self._step_in_flight = False
+            return await self.executor.launch(batch)
         except Exception as exc:  # a failed step must not hang the requests in it
             return exc
 
-    async def _collect(self, handle: StepHandle) -> StepOutput | Exception:
-        if handle.output is not None:  # computed at launch (CPU): no trip to the step thread
-            self.step_counters["steps"] += 1
-            return handle.output
-        self._step_in_flight = True
+    async def _collect(self, handle: Any) -> StepResult | Exception:
+        if isinstance(handle, Exception):
+            return handle
         start = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.collect, handle)
+            return await self.executor.collect(handle)
         except Exception as exc:
             return exc
         finally:
-            self._step_in_flight = False
             self.step_counters["steps"] += 1
             self.step_counters["wait_s"] += time.perf_counter() - start
 
-    def _overlappable(self, seq: Sequence) -> bool:
-        """Whether the step after `seq`'s current one may be scheduled before its token is known: nothing the host
-        computes for that step may depend on the token's value (grammars, penalties and bad words read the output
-        ids; prefill-only sequences are not sampled). A sequence whose prompt logprobs are still being gathered waits
-        for each step's output too (`_complete` reads them)."""
-        if self._prompt_logprobs and seq.request_id in self._prompt_logprobs:
-            return False
-        known = self._overlap_ok.get(seq)
-        if known is None:
-            cfg = seq.gen_config
-            known = self._overlap_ok[seq] = (
-                seq.grammar is None
-                and not seq.is_prefill_only
-                and cfg.repetition_penalty == 1.0
-                and cfg.frequency_penalty == 0.0
-                and cfg.presence_penalty == 0.0
-                and not cfg.bad_words
-            )
-        return known
-
-    def _hand_over(self, batch: ScheduledBatch, handle: StepHandle) -> _Launched:
-        """Advance the scheduler past a launched step whose tokens are not back: each sampled sequence gets a
-        placeholder token, so the next step can be scheduled now. Outputs are emitted once the tokens arrive."""
-        slots = {
-            seq: seq.num_tokens
-            for seq, sample in zip(batch.seqs, batch.sample, strict=True)
-            if sample and seq.status is SequenceStatus.RUNNING
-        }
-        self.scheduler.update(batch, [PLACEHOLDER if sample else None for sample in batch.sample])
-        return _Launched(batch, handle, slots)
-
-    def _complete_overlapped(self, launched: _Launched, out: StepOutput | Exception) -> None:
-        """Put a handed-over step's real tokens in place of the placeholders, end the sequences that sampled a stop
-        token (the step after, already launched, computed one token too many for them: it is dropped), and emit."""
-        batch = launched.batch
-        if isinstance(out, Exception):
-            self._fail(batch.seqs, out)  # those finished at the hand-over still wait for their last output
+    def _record(self, batch: ScheduledBatch, result: StepResult | Exception) -> None:
+        """Apply a step's result through `Scheduler.update` and stream what it produced."""
+        if isinstance(result, Exception):
+            self._fail(batch, result)
             return
-        for row, seq in enumerate(batch.seqs):
-            slot = launched.slots.get(seq)
-            if slot is None or slot >= seq.num_tokens or seq.token_ids[slot] != PLACEHOLDER:
-                continue  # not sampled, or aborted before the step's update
-            token = out.token_ids[row]
-            seq.token_ids[slot] = token
-            is_stop = token in seq.stop_token_ids and slot - seq.num_prompt_tokens + 1 > seq.gen_config.min_new_tokens
-            if seq.is_finished:
-                if seq.finish_reason == "abort":
-                    continue  # its stream already ended
-                if is_stop:  # the scheduler finished it for its length; a stop token outranks that
-                    seq.finish_reason, seq.error = "stop", None
-            elif is_stop:
-                self.scheduler.abort(seq.request_id)  # releases its blocks; the next step's token for it is dropped
-                seq.finish_reason = "stop"
-            tokens = [token] if seq.finish_reason != "error" else []
-            lp = out.logprobs[row]
+        if result.prompt_logprobs is not None:
+            self._add_prompt_logprobs(batch, result.prompt_logprobs)
+        for row, seq, num_new in self.scheduler.update(batch, result):
+            if seq.is_embedding:
+                self._emit_embedding(seq, result.embeddings[row] if result.embeddings else None)
+                continue
+            tokens = result.sampled_token_ids[row][:num_new]
+            logprobs = result.logprobs[row]
+            prompt_logprobs = None
+            if self._prompt_logprobs and batch.starts[row] + batch.num_new_tokens[row] >= seq.num_prompt_tokens:
+                prompt_logprobs = self._prompt_logprobs.pop(seq.request_id, None)
             self._emit(
                 EngineOutput(
                     seq.request_id,
                     tokens,
                     seq.finish_reason,
-                    logprobs=[lp] if lp is not None and tokens else None,
+                    logprobs=logprobs[:num_new] if logprobs is not None and tokens else None,
+                    prompt_logprobs=prompt_logprobs,
                     num_cached_tokens=seq.num_cached_tokens,
                     error=seq.error,
                 )
             )
-            if seq.is_finished:
-                self.runner.release(seq.request_id)
-
-    def _complete(self, batch: ScheduledBatch, out: StepOutput) -> None:
-        """Record a step whose tokens are back before anything else was scheduled, and emit."""
-        if out.prompt_logprobs is not None:
-            self._add_prompt_logprobs(batch, out.prompt_logprobs)
-        updated = self.scheduler.update(batch, out.token_ids)
-        logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs, strict=True)}
-        embeddings = dict(zip((s.request_id for s in batch.seqs), out.embeddings or (), strict=False))
-        for seq in updated:
-            if seq.is_embedding:
-                self._emit_embedding(seq, embeddings.get(seq.request_id))
-            else:
-                self._emit_sequence(seq, logprobs.get(seq.request_id))
 
     def _add_prompt_logprobs(self, batch: ScheduledBatch, chunks: list[PromptLogprobsChunk | None]) -> None:
         """Append a step's prompt logprobs to what each sequence gathered. A chunk from the prompt's start (a sequence
         recomputed after a preemption) starts over; one for a request whose prompt logprobs went out already (its
         recompute) is dropped."""
-        for seq, chunk in zip(batch.seqs, chunks, strict=True):
-            gathered = self._prompt_logprobs.get(seq.request_id) if chunk is not None else None
-            if gathered is not None:
+        for request_id, chunk in zip(batch.request_ids, chunks, strict=True):
+            gathered = self._prompt_logprobs.get(request_id)
+            if chunk is not None and gathered is not None:
                 del gathered[chunk.first :]
                 gathered.extend(chunk.entries)
 
-    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
-        """End `seqs` with "error" after a step raised `exc` (logged with its traceback: it is a bug)."""
+    def _fail(self, batch: ScheduledBatch, exc: Exception) -> None:
+        """End a batch's sequences with "error" after its step raised `exc` (logged with its traceback: a bug)."""
         log("lm-torch: a step failed:\n" + "".join(traceback.format_exception(exc)).rstrip())
-        for seq in seqs:
-            self.scheduler.abort(seq.request_id)
-            self.runner.release(seq.request_id)
-            self._emit(EngineOutput(seq.request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
-
-    def _emit_sequence(self, seq: Sequence, logprobs: dict[int, float] | None) -> None:
-        # A sequence finished with "error" (it outgrew the cache) drops the token that did not fit.
-        new_tokens = [seq.token_ids[-1]] if seq.num_generated and seq.finish_reason != "error" else []
-        prompt_logprobs = None
-        if self._prompt_logprobs and seq.num_computed_tokens >= seq.num_prompt_tokens:
-            prompt_logprobs = self._prompt_logprobs.pop(seq.request_id, None)
-        output = EngineOutput(
-            seq.request_id,
-            new_tokens,
-            seq.finish_reason,
-            logprobs=[logprobs] if logprobs is not None and new_tokens else None,
-            prompt_logprobs=prompt_logprobs,
-            num_cached_tokens=seq.num_cached_tokens,
-            error=seq.error,
-        )
-        if seq.finish_reason is not None:
-            self.runner.release(seq.request_id)
-        self._emit(output)
+        for seq in batch.seqs:
+            if self.scheduler.abort(seq.request_id) is not None:
+                self._emit(EngineOutput(seq.request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
 
     def _emit_embedding(self, seq: Sequence, vector: list[float] | None) -> None:
-        self.runner.release(seq.request_id)
         queue = self._streams.get(seq.request_id)
         if queue is None:
             return
         if vector is None:  # cannot happen while runner and scheduler agree on when a prompt is complete
-            vector = EngineOutput(seq.request_id, [], "error", error="the engine finished the prompt without a vector")
+            queue.put(
+                EngineOutput(seq.request_id, [], "error", error="the engine finished the prompt without a vector")
+            )
+            return
         queue.put(vector)
 
     def _emit_finished(self, seqs: list[Sequence]) -> None:

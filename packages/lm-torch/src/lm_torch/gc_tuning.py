@@ -2,10 +2,9 @@
 
 A serving process's heap is mostly what start-up built (modules, weights' wrappers, imported libraries): hundreds of
 thousands of tracked objects, none of them garbage. CPython's collector walks all of them in every full collection,
-and with its default thresholds (700, 10, 10) a ShareGPT run on the H100 spent 0.65 s in two full collections (the
-longest 0.36 s, the engine's loop stopped and the GPU idle) and 0.21 s in ~600 younger ones; the run took 0.74 s
-longer than with the tuning below (benchmarks/RESULTS.md, ninth session). Objects a step allocates are freed by
-reference counting; the collector finds next to nothing.
+and with its default thresholds (700, 10, 10) full collections stop the engine's loop (and leave the GPU idle) for a
+time that grows with that heap, while the young ones run every few hundred allocations. Objects a step allocates are
+freed by reference counting; the collector finds next to nothing.
 
 `tune()` therefore freezes the heap as it is once the engine has started (frozen objects are skipped by every
 collection, though reference counting still frees them) and raises the first generation's threshold, so young

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from lm_torch.config import TorchEngineConfig
-from lm_torch.layers.quant import finish_loading, parse_quant_config, quantize_model
+from lm_torch.layers.context import BuildContext
+from lm_torch.layers.linear import LinearBase
+from lm_torch.layers.quant import parse_quant_config
 from lm_torch.models.registry import get_model_class
+
+if TYPE_CHECKING:
+    from lm_torch.kernels.tuning import TuningTables
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_hf_config(model_path: Path):
+def load_hf_config(model_path: Path) -> Any:
     """The transformers config of `model_path` (transformers fills defaults and maps legacy keys for us)."""
     from transformers import AutoConfig, PretrainedConfig
 
@@ -35,6 +43,7 @@ def load_hf_config(model_path: Path):
 
 
 def resolve_device(requested: str) -> torch.device:
+    """The torch device of `TorchEngineConfig.device` (auto: CUDA if present)."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
@@ -42,7 +51,7 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:
+def resolve_dtype(requested: str, hf_config: Any, device: torch.device) -> torch.dtype:
     """auto: float32 on CPU (exact, and fast enough there); on CUDA the checkpoint's dtype, with float32 as bf16."""
     if requested != "auto":
         return _TORCH_DTYPES[requested]
@@ -53,31 +62,65 @@ def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if declared == torch.float32 else declared
 
 
-def build_model(model_path: Path, config: TorchEngineConfig, hf_config, device: torch.device, dtype: torch.dtype):
-    """Instantiate the model class for the checkpoint's architecture and load its weights."""
+def build_model(
+    model_path: Path,
+    config: TorchEngineConfig,
+    hf_config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention_backend: Any = None,
+    tuning: TuningTables | None = None,
+) -> nn.Module:
+    """The ready model for the checkpoint's architecture: built for (device, dtype, quantization, kernels, attention
+    backend) through one `BuildContext`, so each layer has chosen its code path; weights loaded (or dummy), then put
+    in each linear method's layout once."""
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
         raise ValueError(f"{model_path}/config.json names no architecture")
-    model_class = get_model_class(architectures[0], config.custom_module_map)
+    model_class = get_model_class(architectures[0], dict(config.model.custom_module_map))
     quant = parse_quant_config(hf_config)  # an unsupported format fails before the model is built
-    max_positions = config.session_len or hf_config.max_position_embeddings
-    with torch.device(device):
-        model = model_class(hf_config, max_positions=max_positions)
-    model = model.to(dtype=dtype)
-    if quant is not None:
-        # After the dtype cast, which would turn float8 weights into the compute dtype.
-        quantize_model(model, quant, dtype)
-    _keep_float32_buffers(model)
-    if config.load_format == "dummy":
-        _init_dummy(model, config.seed)
+    ctx = BuildContext(
+        device=device,
+        dtype=dtype,
+        quant_config=quant,
+        kernels=config.kernels,
+        tuning=tuning,
+        attention_backend=attention_backend,
+    )
+    max_positions = config.scheduler.session_len or hf_config.max_position_embeddings
+    # Parameters are created in the compute dtype straight away (quantized layers keep the dtypes they declare).
+    with torch.device(device), _default_dtype(dtype):
+        model = model_class(hf_config, max_positions=max_positions, ctx=ctx)
+    if quant is None:
+        model = model.to(dtype=dtype)  # parameters a model class created in another dtype
+    _keep_float32_buffers(model, dtype)
+    if config.model.load_format == "dummy":
+        _init_dummy(model, config.model.seed)
     else:
-        loaded = model.load_weights(iter_checkpoint(model_path, config.load_format, device))
+        loaded = model.load_weights(iter_checkpoint(model_path, config.model.load_format, device))
         optional = {n for n, p in model.named_parameters() if getattr(p, "optional_in_checkpoint", False)}
         missing = {n for n, _ in model.named_parameters()} - loaded - _tied(model) - optional
         if missing:
             raise ValueError(f"checkpoint {model_path} lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
-    finish_loading(model)
+    process_weights_after_loading(model)
     return model.eval()
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every linear layer turn the loaded weights into its method's layout (once)."""
+    for module in list(model.modules()):
+        if isinstance(module, LinearBase):
+            module.process_weights_after_loading()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def iter_checkpoint(model_path: Path, load_format: str, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
@@ -109,21 +152,22 @@ def iter_checkpoint(model_path: Path, load_format: str, device: torch.device) ->
                     bar.update()
 
 
-def _tied(model) -> set[str]:
+def _tied(model: nn.Module) -> set[str]:
     if getattr(model.config, "tie_word_embeddings", False):
         return {"lm_head.weight"}
     return set()
 
 
-def _keep_float32_buffers(model) -> None:
-    # Rotary tables stay float32 whatever the weights' dtype, as transformers computes them.
+def _keep_float32_buffers(model: nn.Module, dtype: torch.dtype) -> None:
+    # Rotary tables are held in float32 whatever the weights' dtype, with the values of the model's dtype (the
+    # rounding a dtype cast of the whole model gives them, with or without quantized layers).
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
             if name in ("cos", "sin"):
-                setattr(module, name, buffer.float())
+                setattr(module, name, buffer.to(dtype).float())
 
 
-def _init_dummy(model, seed: int) -> None:
+def _init_dummy(model: nn.Module, seed: int) -> None:
     """Random weights of a realistic scale (benchmarks only): normal(0, 0.02) matrices, unit-scale norms.
 
     Drawn on the model's device, so an 8B model initialises in seconds on a GPU.
@@ -132,11 +176,12 @@ def _init_dummy(model, seed: int) -> None:
     quantized: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
-            if hasattr(module, "init_dummy"):  # quantized linears: integer weights of a matching spread
+            init_dummy = getattr(module, "init_dummy", None)
+            if init_dummy is not None:  # quantized linears: integer weights of a matching spread
                 device = next(module.parameters()).device
                 if device not in generators:
                     generators[device] = torch.Generator(device=device).manual_seed(seed)
-                module.init_dummy(generators[device])
+                init_dummy(generators[device])
                 quantized.update(id(p) for p in module.parameters() if p is not module.bias)
         for name, param in model.named_parameters():
             if id(param) in quantized:
@@ -153,5 +198,5 @@ def _init_dummy(model, seed: int) -> None:
                 param.zero_()
 
 
-def _owner(model, param_name: str):
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
     return model.get_submodule(param_name.rpartition(".")[0])

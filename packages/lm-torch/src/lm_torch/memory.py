@@ -44,10 +44,12 @@ class MemoryPlan:
 
     @property
     def kv_bytes(self) -> int:
+        """Bytes of the whole KV cache."""
         return self.num_blocks * self.kv_bytes_per_block
 
     @property
     def num_tokens(self) -> int:
+        """Token slots of the whole KV cache."""
         return self.num_blocks * self.block_size
 
     def summary(self) -> str:
@@ -86,41 +88,43 @@ def plan_kv_cache(
     weights are loaded). Raises ValueError, naming the setting, when an explicit size cannot fit next to the
     weights and the activation reserve, or when fewer than two blocks fit."""
     usable = free - activation_reserve - SAFETY_MARGIN if on_gpu else free
-    if config.num_kv_blocks is not None:
-        budget, source = config.num_kv_blocks * kv_bytes_per_block, f"num_kv_blocks {config.num_kv_blocks}"
+    if config.cache.num_kv_blocks is not None:
+        budget, source = config.cache.num_kv_blocks * kv_bytes_per_block, f"num_kv_blocks {config.cache.num_kv_blocks}"
         if on_gpu and budget > usable:
             raise ValueError(_too_large("num_kv_blocks", budget, free, activation_reserve))
-    elif config.kv_cache_gb is not None:
-        budget, source = config.kv_cache_gb * GIB, f"kv_cache_gb {config.kv_cache_gb:g}"
+    elif config.cache.kv_cache_gb is not None:
+        budget, source = config.cache.kv_cache_gb * GIB, f"kv_cache_gb {config.cache.kv_cache_gb:g}"
         if on_gpu and budget > usable:
             raise ValueError(_too_large("kv_cache_gb", budget, free, activation_reserve))
     elif on_gpu:
-        fraction = config.cache_max_entry_count or CUDA_DEFAULT_FRACTION
+        fraction = config.cache.cache_max_entry_count or CUDA_DEFAULT_FRACTION
         budget = free * fraction
         source = f"cache_max_entry_count {fraction:g} of the free memory"
         if budget > usable:
             budget, source = usable, f"{source}, capped to leave the activation reserve"
-    elif config.cache_max_entry_count is not None:
-        budget = min(free * config.cache_max_entry_count, config.cpu_kv_cache_gb * GIB)
-        source = f"cache_max_entry_count {config.cache_max_entry_count:g} of free RAM, at most cpu_kv_cache_gb"
+    elif config.cache.cache_max_entry_count is not None:
+        budget = min(free * config.cache.cache_max_entry_count, config.cache.cpu_kv_cache_gb * GIB)
+        source = f"cache_max_entry_count {config.cache.cache_max_entry_count:g} of free RAM, at most cpu_kv_cache_gb"
     else:
         tokens = cpu_default_kv_tokens(session_len)
-        budget = -(-tokens // config.block_size) * kv_bytes_per_block
+        budget = -(-tokens // config.cache.block_size) * kv_bytes_per_block
         source = f"CPU default: {tokens} tokens, one full session and at least {CPU_MIN_KV_TOKENS}"
-        if budget > config.cpu_kv_cache_gb * GIB:
-            budget, source = config.cpu_kv_cache_gb * GIB, f"{source}, capped at cpu_kv_cache_gb"
+        if budget > config.cache.cpu_kv_cache_gb * GIB:
+            budget, source = config.cache.cpu_kv_cache_gb * GIB, f"{source}, capped at cpu_kv_cache_gb"
         if budget > free * CPU_DEFAULT_RAM_FRACTION:
             budget = free * CPU_DEFAULT_RAM_FRACTION
             source = f"{source}, capped at {CPU_DEFAULT_RAM_FRACTION:g} of the available RAM"
     num_blocks = int(budget // kv_bytes_per_block)
-    if config.num_kv_blocks is None:
+    if config.cache.num_kv_blocks is None:
         # Never more than the longest session times the batch size could use: no point holding more.
-        useful = config.max_batch_size * (session_len // config.block_size + 1)
+        useful = config.scheduler.max_batch_size * (session_len // config.cache.block_size + 1)
         if num_blocks > useful:
             num_blocks, source = useful, f"{source}, capped at what max_batch_size sessions can use"
     if num_blocks < 2:
         raise ValueError(f"the KV-cache budget ({budget / 1024**2:.0f} MiB) holds fewer than two blocks")
-    return MemoryPlan(weight_bytes, free, activation_reserve, kv_bytes_per_block, num_blocks, config.block_size, source)
+    return MemoryPlan(
+        weight_bytes, free, activation_reserve, kv_bytes_per_block, num_blocks, config.cache.block_size, source
+    )
 
 
 def _too_large(name: str, budget: float, free: int, reserve: int) -> str:

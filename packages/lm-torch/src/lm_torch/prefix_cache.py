@@ -64,9 +64,11 @@ class PrefixCache:
 
     @property
     def num_evictable(self) -> int:
+        """Cached blocks that no sequence holds (ref count 0), reusable by eviction."""
         return len(self._evictable)
 
     def is_evictable(self, block_id: int) -> bool:
+        """Whether `block_id` is cached and held by no sequence."""
         return block_id in self._evictable
 
     def lookup(self, key: bytes, parent_key: bytes, token_ids: SequenceABC[int]) -> int | None:
@@ -104,6 +106,7 @@ class PrefixCache:
         return block_id
 
     def num_used_cached(self) -> int:
+        """Cached blocks that at least one sequence holds."""
         return len(self._entries) - len(self._evictable)
 
     def clear(self) -> list[int]:

@@ -34,6 +34,17 @@ offered to it.
 A guided sequence finishes with "stop" once its grammar has terminated (accepted a stop token) and with "error" if
 its grammar rejected a token.
 
+Tokens in flight. `schedule` advances each scheduled sequence's `num_computed_tokens` past the positions the step
+computes and counts the tokens it samples as `num_pending_tokens`, so the engine may schedule and launch the next
+step before this one's tokens are back (overlap). A sequence with a pending token is scheduled again at once only
+when nothing in its next step's host work reads the token's value (`Sequence.needs_host_tokens`) and the token
+cannot be its last; its next step then computes the pending token's position, reading the token from the runner's
+device buffer. `update(batch, result)` runs once per step, in launch order, with the real token ids: it is the only
+code that appends tokens and decides "stop", "length" or "error". A step may sample several tokens for one
+sequence (`num_tokens_per_step` > 1: the runner computes extra positions from its own inputs and returns the
+tokens it accepts); `update` appends them one by one, checking the stop rules after each and dropping the tokens
+after the one that ends the sequence, and rolls back the positions whose inputs were not accepted.
+
 Invariants (between calls): `running` is sorted by arrival, so is each group's list of waiting sequences; running
 sequences hold blocks and waiting ones none; `_num_running[g]` counts the running sequences of group g (absent: 0).
 With one sequence per group, every running sequence arrived before every waiting one.
@@ -46,51 +57,135 @@ import heapq
 import itertools
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from lm_core.engine import FinishReason
+from lm_core.generation_config import GenerationConfig
 from lm_torch.block_manager import BlockManager
 from lm_torch.sequence import Sequence, SequenceStatus
 
 
+@dataclass(frozen=True)
+class NewRequest:
+    """What the model runner keeps for a request from its first step until `ScheduledBatch.finished_request_ids`
+    names it: sent once, in the batch that first schedules the request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    gen_config: GenerationConfig
+    bad_word_ids: list[list[int]] | None = None
+    pooling: str | None = None  # an embedding request: "mean" or "last"
+    normalize: bool = True
+    # A guided request's grammar state: the runner reads it to mask the logits; `Scheduler.update` advances it.
+    grammar: Any = None
+
+
 @dataclass
 class ScheduledBatch:
-    """One step's work, the contract with the model runner.
+    """One step's work: the scheduler's output and the contract with the model runner (through the executor).
 
-    For `seqs[i]` the runner computes tokens `[num_computed_tokens, num_computed_tokens + num_new_tokens[i])` (their KV
-    goes to slots of `block_table`, all allocated already) and, where `sample[i]`, samples the next token from the
-    logits of the last of them.
+    For row i, the runner computes positions `[starts[i], starts[i] + num_new_tokens[i])` of request
+    `request_ids[i]`, whose KV goes to the slots of `block_tables[i]` (all allocated already). The input tokens are
+    `token_ids[i]` followed by the request's pending tokens, `num_new_tokens[i] - len(token_ids[i])` of them (0 or
+    1): tokens a launched step samples, which the runner reads from its own device buffer. The runner then samples
+    up to `num_sampled[i]` tokens for row i (0: none, mid-prompt or prefill-only) and returns the ones it accepted;
+    one per row today, several once drafts are verified. Positions after the last accepted token are rolled back by
+    `Scheduler.update`.
+
+    `new_requests` describes the requests scheduled for the first time; `finished_request_ids` the ones that ended
+    since the previous batch, whose runner state can go; `preempted_request_ids` the ones preempted since the
+    previous batch (their token-buffer slots can go); `preempted` the sequences this step preempted.
+    `seqs` are the scheduler's own objects, for `Scheduler.update`: the runner reads only the fields above.
     """
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
-    sample: list[bool] = field(default_factory=list)
+    num_sampled: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+    # Row i's blocks as they are when the step is scheduled (the block manager replaces, never clears, the list of
+    # a sequence it frees, so an abort while the step runs does not change what the step reads).
+    block_tables: list[list[int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("num_new_tokens", "sample"):
-            if len(getattr(self, name)) != len(self.seqs):
-                raise ValueError(
-                    f"ScheduledBatch.{name} has {len(getattr(self, name))} entries for {len(self.seqs)} seqs"
-                )
+        num = len(self.seqs)
+        if num and not self.starts and not self.token_ids:  # built by hand (tests): from the sequences' state
+            self.starts = [s.num_computed_tokens for s in self.seqs]
+            self.token_ids = [
+                s.token_ids[a : a + n] for s, a, n in zip(self.seqs, self.starts, self.num_new_tokens, strict=True)
+            ]
+        if num and not self.request_ids:
+            self.request_ids = [s.request_id for s in self.seqs]
+            self.block_tables = [s.block_table for s in self.seqs]
+        for name in ("num_new_tokens", "num_sampled", "starts", "token_ids", "request_ids", "block_tables"):
+            if len(getattr(self, name)) != num:
+                raise ValueError(f"ScheduledBatch.{name} has {len(getattr(self, name))} entries for {num} seqs")
         if any(n < 1 for n in self.num_new_tokens):
             raise ValueError(f"ScheduledBatch.num_new_tokens must all be >= 1, got {self.num_new_tokens}")
+        if any(k < 0 for k in self.num_sampled):
+            raise ValueError(f"ScheduledBatch.num_sampled must all be >= 0, got {self.num_sampled}")
+
+    @property
+    def sample_rows(self) -> list[int]:
+        """The rows that sample, in order."""
+        return [i for i, k in enumerate(self.num_sampled) if k]
 
     @property
     def num_tokens(self) -> int:
+        """Tokens computed in the step (every row's new positions)."""
         return sum(self.num_new_tokens)
 
     @property
+    def num_decodes(self) -> int:
+        """Rows with one new position."""
+        return sum(n == 1 for n in self.num_new_tokens)
+
+    @property
     def is_empty(self) -> bool:
+        """Whether the step has no rows."""
         return not self.seqs
 
-    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+    def add(self, seq: Sequence, num_new_tokens: int, num_sampled: int | None = None) -> None:
+        """Schedule `num_new_tokens` positions of `seq` from its `num_computed_tokens` (not advanced here), sampling
+        `num_sampled` tokens (default: one where the step reaches the sequence's last position)."""
+        start = seq.num_computed_tokens
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
-        # The step reaches the sequence's last token: its logits give the next token (prefill-only sequences sample
-        # nothing).
-        self.sample.append(not seq.is_prefill_only and seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+        self.starts.append(start)
+        self.token_ids.append(seq.token_ids[start : start + num_new_tokens])
+        self.request_ids.append(seq.request_id)
+        self.block_tables.append(seq.block_table)
+        # The step reaches the sequence's last position: its logits give the next token (prefill-only sequences
+        # sample nothing).
+        if num_sampled is None:
+            end = seq.num_tokens + seq.num_pending_tokens
+            num_sampled = int(not seq.is_prefill_only and start + num_new_tokens == end)
+        self.num_sampled.append(num_sampled)
+
+
+@dataclass
+class StepResult:
+    """What a step returns for its batch, row by row (the executor's output, a plain value).
+
+    `sampled_token_ids[i]`: the tokens accepted for row i (at most `num_sampled[i]`; empty where it samples nothing).
+    `logprobs[i]`: one entry per accepted token, or None. `embeddings[i]`: the pooled vector of an embedding request
+    whose prompt the step completed. `prompt_logprobs[i]`: the prompt logprobs the step computed for row i.
+    """
+
+    sampled_token_ids: list[list[int]]
+    logprobs: list[list[dict[int, float]] | None]
+    embeddings: list[list[float] | None] | None = None
+    prompt_logprobs: list[Any] | None = None
 
 
 class Scheduler:
+    """Continuous batching over a `BlockManager` (see the module docstring): `add`, `schedule`, `update`, `abort`."""
+
     def __init__(
         self,
         block_manager: BlockManager,
@@ -98,6 +193,7 @@ class Scheduler:
         max_num_batched_tokens: int = 4096,
         session_len: int | None = None,
         prefill_interval: int = 0,
+        num_tokens_per_step: int = 1,
     ) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -108,7 +204,12 @@ class Scheduler:
             raise ValueError(f"Scheduler.session_len must be an integer >= 1 or None, got {session_len!r}")
         if isinstance(prefill_interval, bool) or not isinstance(prefill_interval, int) or prefill_interval < 0:
             raise ValueError(f"Scheduler.prefill_interval must be an integer >= 0, got {prefill_interval!r}")
+        if isinstance(num_tokens_per_step, bool) or not isinstance(num_tokens_per_step, int) or num_tokens_per_step < 1:
+            raise ValueError(f"Scheduler.num_tokens_per_step must be an integer >= 1, got {num_tokens_per_step!r}")
         self.prefill_interval = prefill_interval
+        # Tokens a decoding sequence may get from one step (> 1: the runner computes extra positions from its own
+        # inputs, drafts or samples, and returns the tokens it accepts; `update` rolls back the rest).
+        self.num_tokens_per_step = num_tokens_per_step
         self._steps_since_admission = 0
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
@@ -127,6 +228,9 @@ class Scheduler:
         self.num_preemptions = 0
         self._unfinished: dict[str, Sequence] = {}
         self._rejected: list[Sequence] = []  # finished by add(), until take_finished() hands them out
+        # Requests the runner knows that ended since the last non-empty batch (`ScheduledBatch.finished_request_ids`).
+        self._finished_ids: list[str] = []
+        self._preempted_ids: list[str] = []  # likewise, preempted since the last non-empty batch
         self._next_arrival = 0
         # Tokens the whole cache can hold: a sequence needing more can never be computed, whatever is preempted.
         self._capacity = block_manager.num_blocks * block_manager.block_size
@@ -159,10 +263,6 @@ class Scheduler:
         seq = self._unfinished.get(request_id)
         if seq is None:
             return None
-        if seq.status is SequenceStatus.RUNNING:
-            self._stop_running(seq)
-        else:
-            self._dequeue(seq)
         self._finish(seq, "abort")
         return seq
 
@@ -173,10 +273,12 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
+        """Sequences holding KV blocks."""
         return len(self.running)
 
     @property
     def num_waiting(self) -> int:
+        """Sequences queued without blocks."""
         return self._num_waiting
 
     @property
@@ -191,6 +293,7 @@ class Scheduler:
         return bool(self._unfinished or self._rejected)
 
     def stats(self) -> dict[str, float]:
+        """Counts and rates for `EngineStats`."""
         return {
             "num_running": len(self.running),
             "num_waiting": self._num_waiting,
@@ -201,6 +304,11 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
+        """The next step's batch. Advances each scheduled sequence's `num_computed_tokens` past the positions it
+        computes and its `num_pending_tokens` by the tokens it samples, so the step after can be scheduled before
+        this one's tokens are back (`update` then appends them). A running sequence with a pending token is scheduled
+        again only when the host work of its next step does not read that token's value (`needs_host_tokens`) and it
+        has exactly one pending: it then computes the position of the pending token."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
@@ -212,8 +320,14 @@ class Scheduler:
         short_of_blocks = False
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_uncomputed_tokens < 1 or (seq.num_pending_tokens and not self._may_run_ahead(seq)):
+                i += 1  # a launched step computes its last prompt chunk, or it waits for its tokens (`update`)
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
-            while not bm.append_slots(seq, num_new):
+            lookahead = self._lookahead(seq, budget - num_new) if num_new == seq.num_uncomputed_tokens == 1 else 0
+            if lookahead and not bm.append_slots(seq, num_new + lookahead, lookahead):
+                lookahead = 0  # extra positions never cost a preemption
+            while not bm.append_slots(seq, num_new + lookahead, lookahead):
                 victim = self._victim(i)
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -221,8 +335,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                batch.add(seq, num_new)
-                budget -= num_new
+                batch.add(seq, num_new + lookahead, 1 + lookahead if lookahead else None)
+                budget -= num_new + lookahead
                 i += 1
 
         # Waiting sequences, the fairest group first (see the module docstring); the first that does not fit stops
@@ -234,6 +348,8 @@ class Scheduler:
                 break
             group = self._next_group()
             seq = self._waiting[group][0]
+            if seq.num_pending_tokens:
+                break  # preempted while a step sampled for it: re-admitted once that token is appended
             cached = [] if seq.skips_prefix_hits else bm.match_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             if not bm.can_allocate(cached, len(cached) * bm.block_size + num_new):
@@ -248,38 +364,86 @@ class Scheduler:
             self._start_running(seq)
             batch.add(seq, num_new)
             budget -= num_new
+
+        for seq, num_new, num_sampled in zip(batch.seqs, batch.num_new_tokens, batch.num_sampled, strict=True):
+            seq.num_computed_tokens += num_new
+            seq.num_pending_tokens += num_sampled
+            if not seq.is_announced:
+                seq.is_announced = True
+                batch.new_requests.append(
+                    NewRequest(
+                        seq.request_id,
+                        seq.prompt_token_ids,
+                        seq.gen_config,
+                        seq.bad_word_ids,
+                        seq.pooling,
+                        seq.normalize,
+                        seq.grammar,
+                    )
+                )
+        self._preempted_ids += [seq.request_id for seq in batch.preempted]
+        if batch.seqs:  # handed to the runner with the next batch it runs
+            batch.finished_request_ids, self._finished_ids = self._finished_ids, []
+            batch.preempted_request_ids, self._preempted_ids = self._preempted_ids, []
         return batch
 
-    def update(self, batch: ScheduledBatch, sampled_token_ids: list[int | None]) -> list[Sequence]:
-        """Record a step's results: advance `num_computed_tokens`, commit newly full blocks to the prefix cache, append
-        the sampled tokens and finish what is done (finished sequences release their blocks). Returns the sequences
-        that got a token or finished, in batch order: what the engine streams."""
-        if len(sampled_token_ids) != len(batch.seqs):
-            raise ValueError(f"{len(sampled_token_ids)} sampled tokens for a batch of {len(batch.seqs)}")
+    def update(self, batch: ScheduledBatch, result: StepResult) -> list[tuple[int, Sequence, int]]:
+        """Record a step's results, in launch order: the one place that appends tokens and decides how a sequence
+        ends. Appends each row's accepted tokens one by one, checking stop tokens, the grammar and the limits after
+        each (the tokens after the one that ends the sequence are dropped), rolls back positions computed for tokens
+        that were not accepted, commits newly full blocks to the prefix cache and releases the blocks of finished
+        sequences. A sequence finished before this call (aborted while the step ran) keeps nothing of it.
+
+        Returns (row, sequence, number of tokens it got from this step) for each sequence that got a token or
+        finished, in batch order: what the engine streams. A sequence finished with "error" does not get the token
+        that caused it."""
+        if len(result.sampled_token_ids) != len(batch.seqs):
+            raise ValueError(f"{len(result.sampled_token_ids)} rows of sampled tokens for a batch of {len(batch.seqs)}")
         bm = self.block_manager
-        outputs: list[Sequence] = []
-        for seq, num_new, sample, token_id in zip(
-            batch.seqs, batch.num_new_tokens, batch.sample, sampled_token_ids, strict=True
-        ):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # aborted while the step ran: its blocks are gone already, drop the token
-            seq.num_computed_tokens += num_new
-            bm.commit(seq)
-            if seq.is_prefill_only and seq.num_computed_tokens == seq.num_tokens:
-                self._stop_running(seq)
-                self._finish(seq, "stop" if seq.is_embedding else "length")
-                outputs.append(seq)
-                continue
-            if not sample:
-                continue
-            if token_id is None:
+        outputs: list[tuple[int, Sequence, int]] = []
+        for i, seq in enumerate(batch.seqs):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # ended while the step ran: its blocks are gone already, drop its tokens
+            num_sampled = batch.num_sampled[i]
+            tokens = result.sampled_token_ids[i]
+            if len(tokens) > num_sampled:
+                raise ValueError(
+                    f"request {seq.request_id!r} got {len(tokens)} tokens from a step that samples {num_sampled}"
+                )
+            if num_sampled and not tokens:
                 raise ValueError(f"the batch samples request {seq.request_id!r} but no token was given for it")
-            seq.append_token(token_id)
-            reason, error = self._finish_reason(seq)
+            seq.num_pending_tokens -= num_sampled
+            running = seq.status is SequenceStatus.RUNNING  # else preempted while the step ran
+            # Positions whose KV this step wrote validly: those after the last accepted token held inputs that were
+            # not accepted, and are computed again.
+            rejected = num_sampled - len(tokens)
+            computed = batch.starts[i] + batch.num_new_tokens[i] - rejected
+            if running and rejected:
+                seq.num_computed_tokens -= rejected
+            if running and seq.is_prefill_only and computed == seq.num_tokens:
+                bm.commit(seq, computed)
+                self._finish(seq, "stop" if seq.is_embedding else "length")
+                outputs.append((i, seq, 0))
+                continue
+            emitted = 0
+            reason: FinishReason | None = None
+            error: str | None = None
+            for token_id in tokens:
+                seq.append_token(token_id)
+                if seq.grammar is not None:
+                    # A rejected token sets the grammar's error: the request then ends without emitting it.
+                    seq.grammar.accept(token_id)
+                reason, error = self._finish_reason(seq)
+                if reason != "error":
+                    emitted += 1
+                if reason is not None:
+                    break
+            if running:
+                bm.commit(seq, computed)
             if reason is not None:
-                self._stop_running(seq)
                 self._finish(seq, reason, error)
-            outputs.append(seq)
+            if emitted or reason is not None:
+                outputs.append((i, seq, emitted))
         return outputs
 
     # ---- internals -----------------------------------------------------------------------------------------------
@@ -305,7 +469,33 @@ class Scheduler:
                 return False
         return True
 
-    def _finish_reason(self, seq: Sequence) -> tuple[str | None, str | None]:
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """Extra positions a decode of `seq` computes this step, sampling one more token for each: up to
+        `num_tokens_per_step - 1`, within the budget and what the sequence may still generate."""
+        if self.num_tokens_per_step == 1 or seq.is_prefill_only or seq.needs_host_tokens:
+            return 0
+        left = self.num_tokens_per_step - 1
+        num_tokens = seq.num_tokens + seq.num_pending_tokens  # after this step's first token: + 1
+        max_new = seq.gen_config.max_new_tokens
+        if max_new is not None:
+            left = min(left, max_new - (num_tokens + 1 - seq.num_prompt_tokens))
+        if self.session_len is not None:
+            left = min(left, self.session_len - (num_tokens + 1))
+        return max(0, min(left, budget))
+
+    def _may_run_ahead(self, seq: Sequence) -> bool:
+        """Whether `seq`, with tokens pending, may be scheduled again before they are appended: exactly one pending,
+        nothing in its next step's host work reads its value, and it cannot be the sequence's last token (the limits
+        would end it at `update`, and the step would be computed for nothing)."""
+        if seq.num_pending_tokens != 1 or seq.needs_host_tokens or seq.num_uncomputed_tokens < 1:
+            return False
+        num_tokens = seq.num_tokens + 1
+        max_new = seq.gen_config.max_new_tokens
+        if max_new is not None and num_tokens - seq.num_prompt_tokens >= max_new:
+            return False
+        return self.session_len is None or num_tokens < self.session_len
+
+    def _finish_reason(self, seq: Sequence) -> tuple[FinishReason | None, str | None]:
         """(finish reason or None, error message) after `seq` got a new token."""
         cfg = seq.gen_config
         grammar = seq.grammar
@@ -430,10 +620,18 @@ class Scheduler:
             del self._num_running[group]
         self._push(group)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """End `seq` wherever it is (running or waiting): release its blocks, and tell the runner with the next
+        batch that its state can go."""
+        if seq.status is SequenceStatus.RUNNING:
+            self._stop_running(seq)
+        elif seq.status is SequenceStatus.WAITING and seq.request_id in self._unfinished:
+            self._dequeue(seq)
         self.block_manager.free(seq)
         seq.finish(reason, error)
         del self._unfinished[seq.request_id]
+        if seq.is_announced:
+            self._finished_ids.append(seq.request_id)
 
 
 def _group(seq: Sequence) -> Hashable:

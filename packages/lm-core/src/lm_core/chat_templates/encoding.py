@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from lm_core.messages import InvalidMessagesError, ToolCallArguments, validate_messages
 
@@ -20,11 +20,12 @@ from lm_core.messages import InvalidMessagesError, ToolCallArguments, validate_m
 def check_text_only(messages: Sequence[Mapping[str, Any]]) -> None:
     """Raise `InvalidMessagesError` naming the part for any content part that is not text (images, audio...)."""
     for i, message in enumerate(messages):
-        content = message.get("content")
+        content: Any = message.get("content")
         if not isinstance(content, list):
             continue
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, Mapping) else None
+        part: Any
+        for j, part in enumerate(cast(list[Any], content)):
+            kind: Any = cast(Mapping[str, Any], part).get("type") if isinstance(part, Mapping) else None
             if kind != "text":
                 raise InvalidMessagesError(
                     f"messages[{i}].content[{j}]: this model takes no images, audio or other media (got a {kind!r} "
@@ -90,7 +91,7 @@ class _Markers:
         self.pattern = re.compile(f"<<lm-special-{self.nonce}-(\\d+)>>")
         self.num_hidden = 0
 
-    def _replace(self, match: re.Match) -> str:
+    def _replace(self, match: re.Match[str]) -> str:
         self.num_hidden += 1
         return f"<<lm-special-{self.nonce}-{self.index[match.group(0)]}>>"
 
@@ -101,11 +102,11 @@ class _Markers:
         if isinstance(value, ToolCallArguments):
             return ToolCallArguments({k: self.hide(v) for k, v in value.items()}, self.hide(str(value)))
         if isinstance(value, Mapping):
-            return {k: self.hide(v) for k, v in value.items()}
+            return {k: self.hide(v) for k, v in cast(Mapping[Any, Any], value).items()}
         if isinstance(value, list):
-            return [self.hide(v) for v in value]
+            return [self.hide(v) for v in cast(list[Any], value)]
         if isinstance(value, tuple):
-            return tuple(self.hide(v) for v in value)
+            return tuple(self.hide(v) for v in cast(tuple[Any, ...], value))
         return value
 
     def reveal(self, text: str) -> str:

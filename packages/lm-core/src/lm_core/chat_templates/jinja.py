@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
@@ -28,7 +29,7 @@ class TemplateRaised(jinja2.TemplateError):
     """What `raise_exception(message)` in a template raises: the template's own verdict on its input."""
 
 
-def _raise_exception(message: str):
+def _raise_exception(message: str) -> NoReturn:
     raise TemplateRaised(str(message))
 
 
@@ -36,7 +37,13 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -59,7 +66,7 @@ def _namespace(*args: Any, **kwargs: Any) -> Namespace:
     return _GuardedNamespace(attrs)
 
 
-def _dict(*args: Any, **kwargs: Any) -> dict:
+def _dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
     return dict(*args, **kwargs)
 
 
@@ -72,12 +79,12 @@ class _GenerationBlock(Extension):
 
     tags = {"generation"}  # noqa: RUF012 (Jinja's Extension declares it as a class attribute)
 
-    def parse(self, parser):
+    def parse(self, parser: Parser) -> nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
         return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-    def _body(self, caller):
+    def _body(self, caller: Callable[[], str]) -> str:
         return caller()
 
 
@@ -85,8 +92,10 @@ def _make_environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock], autoescape=False
     )
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_namespace, dict=_dict)
+    env.filters["tojson"] = _tojson  # pyright: ignore[reportUnknownMemberType] (jinja2: filters' values untyped)
+    env.globals.update(  # pyright: ignore[reportUnknownMemberType] (jinja2: globals' values untyped)
+        raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_namespace, dict=_dict
+    )
     return env
 
 
@@ -99,7 +108,7 @@ def compile_template(source: str) -> jinja2.Template:
     return ENVIRONMENT.from_string(source)
 
 
-def _content_expr(node: nodes.Node) -> bool:
+def _content_expr(node: nodes.Node | None) -> bool:
     """Whether `node` is ``x.content`` or ``x['content']``, possibly through filters."""
     while isinstance(node, nodes.Filter):
         node = node.node
@@ -148,13 +157,14 @@ def template_data(value: Any) -> Any:
     if isinstance(value, float):
         return float(value)
     if isinstance(value, Mapping):
-        return {template_data(key): template_data(item) for key, item in value.items()}
+        return {template_data(key): template_data(item) for key, item in cast(Mapping[Any, Any], value).items()}
     if isinstance(value, list):
-        return [template_data(item) for item in value]
+        return [template_data(item) for item in cast(list[Any], value)]
     if isinstance(value, tuple):
-        return tuple(template_data(item) for item in value)
+        return tuple(template_data(item) for item in cast(tuple[Any, ...], value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {field.name: template_data(getattr(value, field.name)) for field in dataclasses.fields(value)}
-    if callable(getattr(value, "item", None)) and getattr(value, "shape", None) == ():
-        return template_data(value.item())  # numpy scalars
+    item: Any = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == ():
+        return template_data(item())  # numpy scalars
     return f"<{type(value).__name__}>"

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lm_core.chat_templates.template import SPECIAL_TOKEN_NAMES, ChatTemplate, ChatTemplateError
 
@@ -27,14 +27,21 @@ def _token_text(value: Any) -> str | None:
     # tokenizer_config.json stores a token as a string or as a serialized AddedToken {"content": ...}.
     if isinstance(value, str):
         return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
+    if isinstance(value, Mapping):
+        content: Any = cast(Mapping[str, Any], value).get("content")
+        if isinstance(content, str):
+            return content
     return None
 
 
 def _special_tokens_from(config: Mapping[str, Any]) -> dict[str, str]:
     found = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
     return {name: token for name, token in found.items() if token is not None}
+
+
+def _json_object(value: Any) -> Mapping[str, Any] | None:
+    # A JSON document's top level as a mapping, or None when it is not an object.
+    return cast(Mapping[str, Any], value) if isinstance(value, Mapping) else None
 
 
 def _read_json(path: Path) -> Any:
@@ -44,14 +51,16 @@ def _read_json(path: Path) -> Any:
         raise ChatTemplateError(f"cannot read {path}: {e}") from e
 
 
-def _split_named(value: Any, where: str) -> tuple[str | None, dict[str, str]]:
+def _split_named(value: Any, where: str) -> tuple[str, dict[str, str]]:
     """(default template, other named templates) from a "chat_template" entry: a string, or [{"name", "template"}]."""
-    if value is None or isinstance(value, str):
+    if isinstance(value, str):
         return value, {}
     if isinstance(value, list):
-        named = {}
-        for i, entry in enumerate(value):
-            if not (isinstance(entry, Mapping) and isinstance(entry.get("name"), str)):
+        named: dict[str, str] = {}
+        item: Any
+        for i, item in enumerate(cast(list[Any], value)):
+            entry = _json_object(item)
+            if not (entry is not None and isinstance(entry.get("name"), str)):
                 raise ChatTemplateError(f"{where}: chat_template[{i}] is not a {{'name': ..., 'template': ...}} entry")
             if not isinstance(entry.get("template"), str):
                 raise ChatTemplateError(f"{where}: chat_template[{i}] ({entry['name']!r}) has no template text")
@@ -68,8 +77,8 @@ def _model_special_tokens(model_dir: Path) -> dict[str, str]:
     for filename in ("special_tokens_map.json", "tokenizer_config.json"):
         path = model_dir / filename
         if path.is_file():
-            config = _read_json(path)
-            if isinstance(config, Mapping):
+            config = _json_object(_read_json(path))
+            if config is not None:
                 tokens.update(_special_tokens_from(config))
     return tokens
 
@@ -87,8 +96,8 @@ def _model_template(model_dir: Path) -> ChatTemplate | None:
         return ChatTemplate(source, f"{model_dir.name}/{jinja_file.name}", special_tokens=tokens, variants=variants)
     for filename in ("chat_template.json", "tokenizer_config.json"):
         path = model_dir / filename
-        config = _read_json(path) if path.is_file() else None
-        if isinstance(config, Mapping) and config.get("chat_template") is not None:
+        config = _json_object(_read_json(path)) if path.is_file() else None
+        if config is not None and config.get("chat_template") is not None:
             source, named = _split_named(config["chat_template"], str(path))
             name = f"{model_dir.name}/{filename}"
             return ChatTemplate(source, name, special_tokens=tokens, variants={**variants, **named})
@@ -104,8 +113,8 @@ def _file_template(path: Path, model_dir: Path | None) -> ChatTemplate:
             return ChatTemplate(path.read_text(encoding="utf-8"), path.name, special_tokens=tokens)
         except (OSError, UnicodeDecodeError) as e:
             raise ChatTemplateError(f"cannot read {path}: {e}") from e
-    config = _read_json(path)
-    if not isinstance(config, Mapping) or config.get("chat_template") is None:
+    config = _json_object(_read_json(path))
+    if config is None or config.get("chat_template") is None:
         raise ChatTemplateError(f"{path} has no 'chat_template' entry")
     source, named = _split_named(config["chat_template"], str(path))
     # A tokenizer_config.json brings its own special tokens.
@@ -116,12 +125,12 @@ def builtin_template(name: str) -> ChatTemplate:
     """The built-in template `name` (one of `BUILTIN_TEMPLATES`) with its format's default special tokens."""
     if name not in BUILTIN_TEMPLATES:
         raise ChatTemplateError(f"no built-in chat template {name!r}: pass one of {', '.join(BUILTIN_TEMPLATES)}")
-    source = resources.files("lm_core").joinpath("templates", f"{name}.jinja").read_text(encoding="utf-8")
+    source = resources.files("lm_core").joinpath("templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
     return ChatTemplate(source, name, special_tokens=_BUILTIN_SPECIAL_TOKENS[name])
 
 
 def load_chat_template(
-    spec: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None
+    spec: str | os.PathLike[str] | None = None, model_dir: str | os.PathLike[str] | None = None
 ) -> ChatTemplate | None:
     """The chat template `spec` names, or the model's own when `spec` is None.
 

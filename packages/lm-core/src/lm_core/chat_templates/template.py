@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 
@@ -44,8 +44,8 @@ class ChatTemplate:
         *,
         special_tokens: Mapping[str, str] | None = None,
         variants: Mapping[str, str] | None = None,
-    ):
-        if not isinstance(source, str):
+    ) -> None:
+        if not isinstance(cast(object, source), str):
             raise ChatTemplateError(f"chat template {name!r}: expected Jinja text, got {type(source).__name__}")
         self.name = name
         self.source = source
@@ -89,7 +89,7 @@ class ChatTemplate:
         if tools is not None and "tool_use" in self.variants:
             source, name = self.variants["tool_use"], f"{self.name}:tool_use"
         messages = [self._prepare(message, source) for message in validate_messages(messages)]
-        context = {
+        context: dict[str, Any] = {
             **self.special_tokens,
             **(special_tokens or {}),
             **template_data(template_kwargs),
@@ -109,11 +109,12 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template {name!r} cannot render this input: {type(e).__name__}: {e}") from e
 
     @staticmethod
-    def _prepare(message: dict, source: str) -> dict:
-        content = message.get("content")
-        text_only = isinstance(content, list) and all(part["type"] == "text" for part in content)
-        if text_only and not iterates_content_parts(source):
-            message["content"] = "\n".join(part["text"] for part in content)
+    def _prepare(message: dict[str, Any], source: str) -> dict[str, Any]:
+        content: Any = message.get("content")
+        if isinstance(content, list):
+            parts = cast(list[Any], content)
+            if all(part["type"] == "text" for part in parts) and not iterates_content_parts(source):
+                message["content"] = "\n".join(part["text"] for part in parts)
         if message["role"] == "developer" and "developer" not in source:
             message["role"] = "system"
         reasoning = next((message[key] for key in _REASONING_KEYS if message.get(key) is not None), None)
@@ -123,12 +124,14 @@ class ChatTemplate:
         return template_data(message)
 
 
-def _check_dicts(what: str, items: Sequence[Mapping[str, Any]] | None) -> list | None:
+def _check_dicts(what: str, items: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]] | None:
     if items is None:
         return None
-    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Sequence):
+    # Callers pass JSON from requests: the annotation is checked here, not trusted.
+    given = cast(object, items)
+    if isinstance(given, str | bytes | Mapping) or not isinstance(given, Sequence):
         raise ValueError(f"{what}: expected a list of dicts, got {type(items).__name__}")
-    for i, item in enumerate(items):
+    for i, item in enumerate(cast(Sequence[object], items)):
         if not isinstance(item, Mapping):
             hint = " (a JSON schema like {'type': 'function', 'function': {...}})" if what == "tools" else ""
             raise ValueError(f"{what}[{i}]: expected a dict{hint}, got {type(item).__name__}")

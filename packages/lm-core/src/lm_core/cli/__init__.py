@@ -7,7 +7,7 @@ when that command runs (or when `--help` lists it), and command modules import n
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 import click
 
@@ -19,24 +19,26 @@ ENTRY_POINT_GROUP = "lm_deploy.cli"
 class LazyGroup(LMGroup):
     """Subcommands discovered from entry points and imported on first use."""
 
-    def _entry_points(self) -> dict[str, object]:
+    def _entry_points(self) -> dict[str, EntryPoint]:
         return {ep.name.replace("_", "-"): ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """The built-in subcommands and every installed package's, sorted."""
         return sorted(set(self._entry_points()) | set(super().list_commands(ctx)))
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        found = super().get_command(ctx, name)
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The subcommand `cmd_name`, importing its module on first use; None if no package provides it."""
+        found = super().get_command(ctx, cmd_name)
         if found is not None:
             return found
-        ep = self._entry_points().get(name.replace("_", "-"))
+        ep = self._entry_points().get(cmd_name.replace("_", "-"))
         if ep is None:
             return None
         try:
             return ep.load()
         except Exception as exc:  # a broken package must not take the whole CLI down
             dist = getattr(ep.dist, "name", "its package")
-            raise click.ClickException(f"command {name!r} could not be loaded from {dist}: {exc}") from None
+            raise click.ClickException(f"command {cmd_name!r} could not be loaded from {dist}: {exc}") from None
 
 
 def version_text() -> str:
@@ -45,7 +47,7 @@ def version_text() -> str:
 
     from lm_core.cli.check_env import LM_DISTRIBUTIONS
 
-    installed = []
+    installed: list[tuple[str, str]] = []
     for name in LM_DISTRIBUTIONS:
         try:
             installed.append((name, version(name)))

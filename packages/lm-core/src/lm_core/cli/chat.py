@@ -7,7 +7,7 @@ being written (aborting its engine request) and returns to the prompt; Ctrl-C at
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -36,7 +36,18 @@ REPL_HELP = "Type a message; 'reset' starts a new conversation, 'exit' (or Ctrl-
 @click.option("--top-k", type=click.IntRange(min=0), help="Sample from this many most likely tokens (0: all).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Seed for sampling.")
 @engine_options
-def chat(model_name, prompt, chat_template, system, max_new_tokens, temperature, top_p, top_k, seed, **options):
+def chat(
+    model_name: str | None,
+    prompt: str | None,
+    chat_template: str | None,
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    **options: Any,
+) -> None:
     """Chat with MODEL (default: SmolLM2-135M-Instruct), streaming the answer."""
     from lm_core.async_pipeline import AsyncPipeline
     from lm_core.pipeline import Pipeline
@@ -52,7 +63,7 @@ def chat(model_name, prompt, chat_template, system, max_new_tokens, temperature,
     except KeyboardInterrupt:  # Ctrl-C while the model loads
         raise SystemExit(130) from None
     pipe = Pipeline(async_pipe)
-    history = [{"role": "system", "content": system}] if system else []
+    history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     try:
         if prompt is not None:
             try:
@@ -71,7 +82,7 @@ def _gen_config(
     max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None
 ) -> GenerationConfig:
     """The decoding config the flags ask for; unset sampling values come from the model when sampling."""
-    fields = {"max_new_tokens": max_new_tokens}
+    fields: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if temperature is not None:
         fields["temperature"] = temperature
     sampling = {"top_p": top_p, "top_k": top_k, "random_seed": seed}
@@ -83,7 +94,7 @@ def _gen_config(
         raise click.ClickException(str(exc)) from None
 
 
-def _repl(pipe: Pipeline, history: list[dict], gen_config: GenerationConfig) -> None:
+def _repl(pipe: Pipeline, history: list[dict[str, Any]], gen_config: GenerationConfig) -> None:
     """Read messages until 'exit', Ctrl-D or Ctrl-C at the prompt; answer each in the running conversation."""
     click.echo(REPL_HELP)
     messages = list(history)
@@ -113,9 +124,9 @@ def _repl(pipe: Pipeline, history: list[dict], gen_config: GenerationConfig) -> 
         messages.append({"role": "assistant", "content": answer})
 
 
-def _answer(pipe: Pipeline, messages: list[dict], gen_config: GenerationConfig) -> str | None:
+def _answer(pipe: Pipeline, messages: list[dict[str, Any]], gen_config: GenerationConfig) -> str | None:
     """Stream one answer to stdout; return its text, or None when Ctrl-C stopped it (its request is aborted)."""
-    pieces = []
+    pieces: list[str] = []
     stream = pipe.stream_infer(messages, gen_config)
     try:
         for piece in stream:

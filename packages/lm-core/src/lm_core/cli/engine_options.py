@@ -1,14 +1,17 @@
 """The engine flags every command that loads a model takes (`lm chat`, `lm serve api_server`), declared once.
 
-`engine_options` applies the whole list to a click command; `engine_config` turns the parsed values into the dict
-the pipeline's `backend_config` takes (only the flags the user gave, so the engine's own defaults hold for the rest).
-Names follow LMDeploy's (`--cache-max-entry-count`, `--quant-policy`, `--cache-block-seq-len`, `--backend pytorch`),
-with vLLM's spellings where users type those (`--block-size`, `--enable-prefix-caching`). Each flag's range is
-checked by click, so a bad value fails before any model loads.
+The flags come from the options each installed engine declares on its config (for lm-torch, the `OptionSpec`
+metadata of `lm_torch.config`'s fields, read from a module that imports no torch); `--backend` is the one generic
+flag. `engine_options` applies the whole list to a click command; `engine_config` turns the parsed values into the
+dict the pipeline's `backend_config` takes (only the flags the user gave, so the engine's own defaults hold for the
+rest). Names follow LMDeploy's (`--cache-max-entry-count`, `--quant-policy`, `--cache-block-seq-len`, `--backend
+pytorch`), with vLLM's spellings where users type those (`--block-size`, `--enable-prefix-caching`). Each flag's
+range is checked by click, so a bad value fails before any model loads.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Callable
@@ -16,10 +19,15 @@ from typing import Any
 
 import click
 
-QUANT_POLICIES = ("0", "4", "8")
+# Where each engine declares its options: a torch-free module and a function returning its `OptionSpec`-like
+# records (attributes: name, flags, off_flags, help, kind, choices, minimum, maximum, min_open). An engine that is
+# not installed contributes nothing: the commands then take the generic flags only.
+ENGINE_OPTION_PROVIDERS = {"torch": "lm_torch.config:engine_options"}
 # Values of a flag that takes several (`--api-keys k1 k2`) end at one that names a model: an existing path, a .gguf
 # file or a hub id (`org/name`), so that `--api-keys k1 ./model.gguf` keeps the model as the MODEL argument.
 _MODEL_LIKE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w./-]+$")
+# A click option as a decorator of a command function.
+_OptionDecorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def _check_backend(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -31,84 +39,55 @@ def _check_backend(ctx: click.Context, param: click.Parameter, value: str) -> st
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
-ENGINE_OPTIONS: list[Callable[[Callable], Callable]] = [
-    click.option(
-        "--backend",
-        default="auto",
-        show_default=True,
-        callback=_check_backend,
-        help="Engine: auto (the best installed one), torch (alias: pytorch).",
-    ),
-    click.option(
-        "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Weights and compute dtype."
-    ),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the engine runs."),
-    click.option(
-        "--session-len",
-        type=click.IntRange(min=2),
-        help="Longest prompt + generation in tokens (default and limit: the model's context length).",
-    ),
-    click.option("--max-batch-size", type=click.IntRange(min=1), help="Most sequences decoded together."),
-    click.option(
-        "--cache-max-entry-count",
-        type=click.FloatRange(0, 1, min_open=True),
-        help="Fraction of free memory the KV cache takes.",
-    ),
-    click.option("--num-kv-blocks", type=click.IntRange(min=1), help="Exact number of KV-cache blocks."),
-    click.option(
-        "--cache-block-seq-len",
-        "--block-size",
-        "block_size",
-        type=click.IntRange(min=1),
-        help="Tokens per KV-cache block.",
-    ),
-    click.option(
-        "--quant-policy",
-        type=click.Choice(QUANT_POLICIES),
-        help="KV cache quantized online: 0 off, 8 int8, 4 int4.",
-    ),
-    click.option("--max-prefill-token-num", type=click.IntRange(min=1), help="Token budget of one engine step."),
-    click.option(
-        "--enable-prefix-caching/--disable-prefix-caching",
-        default=None,
-        help="Reuse the KV blocks of prompts that share a prefix (default: on).",
-    ),
-    click.option("--eager-mode", is_flag=True, default=None, help="CUDA: no CUDA graphs."),
-    click.option(
-        "--cuda-graph-sizes",
-        type=click.IntRange(min=1),
-        multiple=True,
-        help="CUDA: decode batch sizes captured as graphs (several: --cuda-graph-sizes 1 2 4 8); larger batches run "
-        "eagerly (default: 1, 2, 4, 8, every 8 to 64, every 16 beyond).",
-    ),
-    click.option("--num-threads", type=click.IntRange(min=1), help="CPU threads for torch."),
-    click.option(
-        "--grammar-compile-timeout",
-        type=click.FloatRange(0, min_open=True),
-        help="Seconds a response_format's grammar may take to compile; a slower one fails that request (400).",
-    ),
-]
-ENGINE_OPTION_NAMES = (
-    "dtype",
-    "device",
-    "session_len",
-    "max_batch_size",
-    "cache_max_entry_count",
-    "num_kv_blocks",
-    "block_size",
-    "quant_policy",
-    "max_prefill_token_num",
-    "enable_prefix_caching",
-    "eager_mode",
-    "cuda_graph_sizes",
-    "num_threads",
-    "grammar_compile_timeout",
+BACKEND_OPTION = click.option(
+    "--backend",
+    default="auto",
+    show_default=True,
+    callback=_check_backend,
+    help="Engine: auto (the best installed one), torch (alias: pytorch).",
 )
+
+
+def declared_engine_options() -> list[Any]:
+    """Every installed engine's declared options, first declaration of a name winning (imports no torch)."""
+    specs: dict[str, Any] = {}
+    for path in ENGINE_OPTION_PROVIDERS.values():
+        module_name, _, function = path.partition(":")
+        try:
+            provider = getattr(importlib.import_module(module_name), function)
+        except (ImportError, AttributeError):
+            continue
+        for spec in provider():
+            specs.setdefault(spec.name, spec)
+    return list(specs.values())
+
+
+def _click_option(spec: Any) -> _OptionDecorator:
+    """The click option of one declared engine option."""
+    if spec.kind == "bool":
+        if spec.off_flags:
+            flags = "/".join((spec.flags[0], spec.off_flags[0]))
+            return click.option(flags, spec.name, default=None, help=spec.help)
+        return click.option(*spec.flags, spec.name, is_flag=True, default=None, help=spec.help)
+    if spec.choices is not None:
+        kind: Any = click.Choice([str(c) for c in spec.choices])
+    elif spec.kind in ("int", "int_list"):
+        kind = click.IntRange(min=spec.minimum, max=spec.maximum, min_open=spec.min_open)
+    elif spec.kind == "float":
+        kind = click.FloatRange(min=spec.minimum, max=spec.maximum, min_open=spec.min_open)
+    else:
+        kind = str
+    return click.option(*spec.flags, spec.name, type=kind, multiple=spec.kind == "int_list", help=spec.help)
+
+
+_SPECS = declared_engine_options()
+ENGINE_OPTIONS: list[_OptionDecorator] = [BACKEND_OPTION, *(_click_option(s) for s in _SPECS)]
+ENGINE_OPTION_NAMES = tuple(spec.name for spec in _SPECS)
 # Flags that take several values after one flag in every command that has them.
-SEVERAL_VALUES = ("--cuda-graph-sizes",)
+SEVERAL_VALUES = tuple(spec.flags[0] for spec in _SPECS if spec.kind == "int_list")
 
 
-def engine_options(func: Callable) -> Callable:
+def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add `--backend` and every engine flag to a click command."""
     for option in reversed(ENGINE_OPTIONS):
         func = option(func)
@@ -117,11 +96,16 @@ def engine_options(func: Callable) -> Callable:
 
 def engine_config(options: dict[str, Any]) -> dict[str, Any]:
     """The engine flags the user gave in `options` (a command's parameters), as the `backend_config` dict."""
-    config = {k: options[k] for k in ENGINE_OPTION_NAMES if options.get(k) not in (None, ())}
-    if "cuda_graph_sizes" in config:
-        config["cuda_graph_sizes"] = list(config["cuda_graph_sizes"])
-    if "quant_policy" in config:
-        config["quant_policy"] = int(config["quant_policy"])
+    config: dict[str, Any] = {}
+    for spec in _SPECS:
+        value = options.get(spec.name)
+        if value in (None, ()):
+            continue
+        if spec.kind == "int_list":
+            value = list(value)
+        elif spec.choices is not None and spec.kind == "int":
+            value = int(value)
+        config[spec.name] = value
     return config
 
 
@@ -138,6 +122,7 @@ class SeveralValuesCommand(click.Command):
     several_values: tuple[str, ...] = SEVERAL_VALUES
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Give each value after a several-values flag its own copy of the flag, then parse as click does."""
         rewritten: list[str] = []
         i = 0
         while i < len(args):

@@ -13,11 +13,17 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from lm_core.errors import GGUFConversionError
+
+if TYPE_CHECKING:  # gguf imports numpy's memmap machinery: loaded when a conversion runs
+    from gguf import GGUFReader, ReaderTensor
+
+FloatArray = npt.NDArray[np.float32]
 
 # Tensor types whose dequantization we test against transformers; gguf supports more and we accept them too.
 TESTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
@@ -59,7 +65,7 @@ _GLOBAL_NAMES = {
 _DERIVED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
-def read_gguf(path: Path):
+def read_gguf(path: Path) -> GGUFReader:
     """Open a GGUF file, turning every way a damaged file fails into one `GGUFConversionError`."""
     import gguf
 
@@ -74,7 +80,7 @@ def read_gguf(path: Path):
     return reader
 
 
-def field(reader, key: str, default: Any = None) -> Any:
+def field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     """A metadata value as a plain Python object (str, number, list), or `default` when absent."""
     entry = reader.fields.get(key)
     if entry is None:
@@ -82,7 +88,8 @@ def field(reader, key: str, default: Any = None) -> Any:
     return entry.contents()
 
 
-def gguf_architecture(reader) -> str:
+def gguf_architecture(reader: GGUFReader) -> str:
+    """The GGUF file's `general.architecture`; GGUFConversionError if the converter does not support it."""
     arch = field(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         supported = ", ".join(sorted(_ARCHITECTURES))
@@ -92,7 +99,7 @@ def gguf_architecture(reader) -> str:
     return arch
 
 
-def hf_config(reader, vocab_size: int | None) -> dict[str, Any]:
+def hf_config(reader: GGUFReader, vocab_size: int | None) -> dict[str, Any]:
     """config.json for the model in `reader` (transformers' Llama layout)."""
     arch = gguf_architecture(reader)
     spec = _ARCHITECTURES[arch]
@@ -132,7 +139,7 @@ def hf_config(reader, vocab_size: int | None) -> dict[str, Any]:
     return config
 
 
-def _rope_scaling(reader, arch: str, config: dict[str, Any]) -> dict[str, Any] | None:
+def _rope_scaling(reader: GGUFReader, arch: str, config: dict[str, Any]) -> dict[str, Any] | None:
     kind = field(reader, f"{arch}.rope.scaling.type")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise GGUFConversionError(
@@ -162,30 +169,32 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     raise GGUFConversionError(f"unknown GGUF tensor {gguf_name!r}: no transformers name for it")
 
 
-def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+def _unpermute(weight: FloatArray, num_heads: int) -> FloatArray:
     # GGML stores each head's rotary pairs interleaved (x0, x_half, x1, x_half+1, ...); transformers keeps the two
     # halves apart. weight: [num_heads * head_dim, hidden] (or [num_heads * head_dim] for a bias).
     rows = weight.shape[0]
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    pairs = np.reshape(weight, (num_heads, rows // num_heads // 2, 2, *weight.shape[1:]))
+    return np.reshape(np.swapaxes(pairs, 1, 2), weight.shape)
 
 
-def dequantize_tensor(tensor) -> np.ndarray:
+def dequantize_tensor(tensor: ReaderTensor) -> FloatArray:
     """A GGUF tensor as float32 in transformers' (row-major) shape."""
     import gguf
 
     try:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values: npt.NDArray[Any] = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
         raise GGUFConversionError(
             f"tensor {tensor.name} has GGML type {tensor.tensor_type.name}, which gguf cannot dequantize"
         ) from None
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-    return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
+    return np.ascontiguousarray(np.reshape(values, shape), dtype=np.float32)
 
 
-def write_hf_weights(reader, config: dict[str, Any], out_dir: Path, progress: bool = True) -> None:
+def write_hf_weights(reader: GGUFReader, config: dict[str, Any], out_dir: Path, progress: bool = True) -> None:
     """Dequantize every tensor to fp32 and write safetensors shards (with an index when there are several)."""
-    from safetensors.numpy import save_file
+    # safetensors annotates its arrays as a bare np.ndarray, which strict mode reads as partially unknown.
+    from safetensors.numpy import save_file  # pyright: ignore[reportUnknownVariableType]
     from tqdm.auto import tqdm
 
     spec = _ARCHITECTURES[gguf_architecture(reader)]
@@ -194,7 +203,7 @@ def write_hf_weights(reader, config: dict[str, Any], out_dir: Path, progress: bo
     # Each shard is written as soon as it is full, so memory holds at most one shard; names get their final
     # "-of-N" once N is known.
     parts: list[tuple[Path, list[str], int]] = []
-    shard: dict[str, np.ndarray] = {}
+    shard: dict[str, FloatArray] = {}
     shard_bytes = 0
 
     def flush() -> None:
@@ -221,7 +230,7 @@ def write_hf_weights(reader, config: dict[str, Any], out_dir: Path, progress: bo
     if len(parts) == 1:
         parts[0][0].rename(out_dir / "model.safetensors")
         return
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, (part, names, _) in enumerate(parts, start=1):
         filename = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
         part.rename(out_dir / filename)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_core.convert.gguf_model import field
 from lm_core.errors import GGUFConversionError
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 # llama.cpp's token types (gguf.TokenType).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -54,7 +57,7 @@ def _pre_tokenizer(pre: str):
     raise GGUFConversionError(f"GGUF pre-tokenizer {pre!r} is not supported for conversion (supported: {known})")
 
 
-def write_hf_tokenizer(reader, out_dir: Path, model_max_length: int) -> bool:
+def write_hf_tokenizer(reader: GGUFReader, out_dir: Path, model_max_length: int) -> bool:
     """Write tokenizer files for the GGUF's tokenizer; returns False when the GGUF carries none."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
@@ -80,14 +83,15 @@ def write_hf_tokenizer(reader, out_dir: Path, model_max_length: int) -> bool:
     tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = _pre_tokenizer(pre)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_tokens(
+    # tokenizers' stubs leave the token list's type open (strict mode: partially unknown).
+    tokenizer.add_tokens(  # pyright: ignore[reportUnknownMemberType]
         [
             AddedToken(tokens[i], special=False, normalized=False)
             for i, t in enumerate(token_types)
             if t == _USER_DEFINED
         ]
     )
-    tokenizer.add_special_tokens(
+    tokenizer.add_special_tokens(  # pyright: ignore[reportUnknownMemberType]
         [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(token_types) if t == _CONTROL]
     )
 
@@ -123,8 +127,8 @@ def write_hf_tokenizer(reader, out_dir: Path, model_max_length: int) -> bool:
     return True
 
 
-def _special_tokens(reader, tokens: list[str]) -> dict[str, str]:
-    special = {}
+def _special_tokens(reader: GGUFReader, tokens: list[str]) -> dict[str, str]:
+    special: dict[str, str] = {}
     for hf_name, gguf_name in (
         ("bos_token", "bos"),
         ("eos_token", "eos"),

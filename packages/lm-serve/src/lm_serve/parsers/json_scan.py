@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+
+from lm_serve.parsers.markers import match_length
 
 _STRING_RUN = re.compile(r'[^"\\\x00-\x1f]+')
 _DIGIT_RUN = re.compile(r"[0-9]+")
@@ -165,7 +168,7 @@ class JsonScanner:
         state, ch = self._state, text[i]
         is_digit = "0" <= ch <= "9"
         if state in (_NUM_INT, _NUM_FRAC, _NUM_EXP_DIGITS) and is_digit:
-            return _DIGIT_RUN.match(text, i).end()
+            return i + match_length(_DIGIT_RUN, text, i)
         if state == _NUM_MINUS and is_digit:
             self._state = _NUM_ZERO if ch == "0" else _NUM_INT
         elif state in (_NUM_DOT, _NUM_EXP_SIGN, _NUM_EXP) and is_digit:
@@ -249,7 +252,7 @@ class CallObjectScanner(JsonScanner):
 
     ARGUMENT_KEYS = ("arguments", "parameters")
 
-    def __init__(self, accept_name=None) -> None:
+    def __init__(self, accept_name: Callable[[str], bool] | None = None) -> None:
         super().__init__()
         self.accept_name = accept_name
         self.name: str | None = None
@@ -262,10 +265,12 @@ class CallObjectScanner(JsonScanner):
         self._is_name_seen = False
 
     def on_key(self, key: str) -> bool:
+        """Notes the key whose value comes next."""
         self._key = key
         return True
 
     def on_value_start(self, offset: int, first_char: str) -> bool:
+        """Rejects a first `name` that is not a string and first arguments that are neither object nor string."""
         self._member = None
         if self._key == "name" and not self._is_name_seen:
             self._is_name_seen, self._member = True, "name"
@@ -278,8 +283,11 @@ class CallObjectScanner(JsonScanner):
         return True
 
     def on_value_end(self, offset: int, raw_string: str | None) -> bool:
+        """Takes the name (rejected if empty or not accepted) or ends the arguments (a string must hold an object)."""
         member, self._member = self._member, None
         if member == "name":
+            if raw_string is None:  # not a string
+                return False
             name = json.loads(raw_string)
             if not name or (self.accept_name is not None and not self.accept_name(name)):
                 return False
@@ -287,6 +295,8 @@ class CallObjectScanner(JsonScanner):
         elif member == "arguments":
             self.arguments_end = offset
             if self.arguments_is_string:
+                if raw_string is None:  # not a string
+                    return False
                 decoded = json.loads(raw_string)
                 try:
                     is_object = isinstance(json.loads(decoded, parse_constant=_reject_constant), dict)

@@ -8,6 +8,14 @@ content `"\\n"`; when no tag follows, the whitespace is released unchanged.
 
 from __future__ import annotations
 
+import re
+
+
+def match_length(pattern: re.Pattern[str], text: str, pos: int = 0) -> int:
+    """Characters `pattern` matches in `text` at `pos` (0 when it does not match there)."""
+    match = pattern.match(text, pos)
+    return match.end() - pos if match else 0
+
 
 class TagSplitter:
     """Splits streamed text at the first `tag`, releasing everything that cannot be part of `\\s*tag`.

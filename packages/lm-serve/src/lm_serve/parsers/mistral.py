@@ -21,7 +21,7 @@ import secrets
 import string
 
 from lm_serve.parsers.json_scan import JsonScanner
-from lm_serve.parsers.markers import is_proper_prefix
+from lm_serve.parsers.markers import is_proper_prefix, match_length
 from lm_serve.parsers.tool_stream import CONTENT, StreamingToolParser
 
 ARGS_TAG = "[ARGS]"
@@ -77,7 +77,7 @@ class MistralToolParser(StreamingToolParser):
             elif state == _OPEN and first == "[":
                 self._take(1)
                 self._is_list, self._state = True, _LIST_ITEM
-            elif state == _OPEN and _NAME_CHARS.match(first).end():
+            elif state == _OPEN and match_length(_NAME_CHARS, first):
                 self._is_list, self._name, self._call_id, self._state = False, "", "", _NAME
             else:
                 return self._fail()
@@ -110,7 +110,7 @@ class MistralToolParser(StreamingToolParser):
     def _step_name_or_id(self, final: bool) -> bool:
         """Reads `name` then `[ARGS]`, or `name[CALL_ID]id[ARGS]`; the call commits at the "{" after `[ARGS]`."""
         is_name = self._state == _NAME
-        run = (_NAME_CHARS if is_name else _ID_CHARS).match(self._buf).end()
+        run = match_length(_NAME_CHARS if is_name else _ID_CHARS, self._buf)
         if is_name:
             self._name += self._buf[:run]
         else:
@@ -139,15 +139,16 @@ class MistralToolParser(StreamingToolParser):
                 return self._fail()
             self._open_call(self._name, self._call_id or None)
             self._scanner = JsonScanner()
+        scanner = self._json_scanner()
         if self._buf:
-            n = self._scanner.feed(self._buf)
+            n = scanner.feed(self._buf)
             self._emit_arguments(self._buf[:n])
             self._take(n, hold=False)
-        if self._scanner.is_done:
+        if scanner.is_done:
             self._end_call()
             self._state = _AFTER_CALLS
             return True
-        if self._scanner.is_invalid or final:
+        if scanner.is_invalid or final:
             self._end_call()
             self._state = CONTENT
             return True

@@ -105,8 +105,24 @@ class StreamingToolParser(ToolParser):
         self._deltas.append(ToolCallDelta(self._call_index, call_id or self.id_factory(), name))
 
     def _emit_arguments(self, text: str) -> None:
-        if text:
-            self._deltas.append(ToolCallDelta(self._call_index, arguments=text))
+        if not text:
+            return
+        if self._call_index is None:
+            raise RuntimeError("tool-call arguments emitted outside a committed call")
+        self._deltas.append(ToolCallDelta(self._call_index, arguments=text))
+
+    def _json_scanner(self) -> JsonScanner:
+        """The scanner of the JSON value being read (set when the value begins, dropped by `_end_call`)."""
+        if self._scanner is None:
+            raise RuntimeError("no JSON value is being read")
+        return self._scanner
+
+    def _call_object_scanner(self) -> CallObjectScanner:
+        """The scanner of the call object being read (set by `_begin_call_object`)."""
+        scanner = self._scanner
+        if not isinstance(scanner, CallObjectScanner):
+            raise RuntimeError("no call object is being read")
+        return scanner
 
     def _end_call(self) -> None:
         self._call_index, self._scanner, self._object_pieces = None, None, []
@@ -115,6 +131,8 @@ class StreamingToolParser(ToolParser):
 
     def _step_content(self, final: bool, next_state: str) -> bool:
         """Emits content up to `tag`; holds the whitespace before the tag with the tag and goes to `next_state`."""
+        if self._splitter is None:
+            raise RuntimeError(f"{type(self).__name__} has no tag to split content at")
         released, whitespace, rest = self._splitter.push(self._buf, final)
         self._emit_content(released)
         self._buf = rest
@@ -133,7 +151,7 @@ class StreamingToolParser(ToolParser):
         self._state = "call_object"
 
     def _step_call_object(self, final: bool) -> bool:
-        scanner = self._scanner
+        scanner = self._call_object_scanner()
         if self._buf:
             start = scanner.pos
             n = scanner.feed(self._buf)
@@ -163,7 +181,7 @@ class StreamingToolParser(ToolParser):
 
     def _try_commit(self) -> bool:
         """Commits the call once its name is known and its arguments have begun (or the object closed without)."""
-        scanner: CallObjectScanner = self._scanner
+        scanner = self._call_object_scanner()
         if scanner.name is None:
             return False
         if scanner.arguments_start is not None and not scanner.arguments_is_string:
@@ -183,7 +201,7 @@ class StreamingToolParser(ToolParser):
 
     def _stream_arguments(self, piece: str, start: int) -> None:
         """Sends the part of `piece` (scanner offsets `start`...) that lies inside the arguments value."""
-        scanner = self._scanner
+        scanner = self._call_object_scanner()
         end = scanner.arguments_end if scanner.arguments_end is not None else scanner.pos
         lo, hi = max(self._args_emitted, start), min(end, start + len(piece))
         if hi > lo:

@@ -20,10 +20,13 @@ class ChatMessage(OpenAIModel):
     reasoning_content: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The message as a plain dict without its unset (None) fields."""
         return self.model_dump(exclude_none=True)
 
 
 class ChatCompletionRequest(SamplingFields):
+    """The body of `POST /v1/chat/completions`."""
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)

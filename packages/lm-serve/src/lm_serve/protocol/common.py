@@ -18,11 +18,15 @@ class OpenAIModel(BaseModel):
 
 
 class StreamOptions(OpenAIModel):
+    """`stream_options`: whether streamed chunks carry token usage (the last one, or every one)."""
+
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
 class FunctionDefinition(OpenAIModel):
+    """A function the model may call: its name, description and JSON schema of parameters."""
+
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -30,20 +34,28 @@ class FunctionDefinition(OpenAIModel):
 
 
 class ChatTool(OpenAIModel):
+    """A tool of a chat request (OpenAI has only function tools)."""
+
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
 class NamedFunction(OpenAIModel):
+    """The function a named `tool_choice` forces."""
+
     name: str
 
 
 class NamedToolChoice(OpenAIModel):
+    """`tool_choice` naming one function the model must call."""
+
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
 class JSONSchemaSpec(OpenAIModel):
+    """`response_format.json_schema`: the schema the output must follow, and its name."""
+
     name: str | None = None
     description: str | None = None
     # `schema` shadows a BaseModel attribute, hence the alias.

@@ -8,6 +8,8 @@ from lm_serve.protocol.common import ResponseFormat, SamplingFields
 
 
 class CompletionRequest(SamplingFields):
+    """The body of `POST /v1/completions`."""
+
     model: str
     # A string, a list of strings, a list of token ids, or a list of token-id lists.
     prompt: str | list[str] | list[int] | list[list[int]]

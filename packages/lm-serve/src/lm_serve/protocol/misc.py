@@ -11,6 +11,8 @@ from lm_serve.protocol.common import ChatTool, OpenAIModel
 
 
 class EmbeddingRequest(OpenAIModel):
+    """The body of `POST /v1/embeddings`."""
+
     model: str
     # A string, a list of strings, a list of token ids, or a list of token-id lists.
     input: str | list[str] | list[int] | list[list[int]]
@@ -36,6 +38,8 @@ class TokenizeRequest(OpenAIModel):
 
 
 class DetokenizeRequest(OpenAIModel):
+    """The body of `POST /detokenize`: token ids to turn back into text."""
+
     model: str | None = None
     tokens: list[int]
     skip_special_tokens: bool = False

@@ -10,6 +10,8 @@ from lm_serve.protocol.common import OpenAIModel
 
 
 class ResponseFunctionTool(OpenAIModel):
+    """A function tool of a Responses request (flat: name and parameters at the top level)."""
+
     type: Literal["function"] = "function"
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
@@ -18,6 +20,8 @@ class ResponseFunctionTool(OpenAIModel):
 
 
 class ResponseNamedToolChoice(OpenAIModel):
+    """`tool_choice` naming one function the model must call."""
+
     type: Literal["function"] = "function"
     name: str
 
@@ -34,10 +38,14 @@ class ResponseTextFormat(OpenAIModel):
 
 
 class ResponseTextConfig(OpenAIModel):
+    """`text`: the output format of a Responses request."""
+
     format: ResponseTextFormat | None = None
 
 
 class ResponsesRequest(OpenAIModel):
+    """The body of `POST /v1/responses`."""
+
     model: str
     # A string (one user message) or a list of input items: messages, function calls and their outputs.
     input: str | list[dict[str, Any]]

@@ -66,6 +66,7 @@ class ProxyAuth:
         self.admin = APIKeyMiddleware(app, [admin_key]) if admin_key else None
 
     async def __call__(self, scope, receive, send) -> None:
+        """Checks the admin key on node-management paths and the client keys elsewhere."""
         if scope["type"] != "http" or not is_admin_path(scope["path"]):
             await self.clients(scope, receive, send)
         elif self.admin is not None:

@@ -20,9 +20,11 @@ class RoutingStrategy(click.ParamType):
     name = "strategy"
 
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        """Lists every accepted strategy name, ours then LMDeploy's, in `--help`."""
         return "[" + "|".join(dict.fromkeys((*ROUTING_STRATEGIES, *LMDEPLOY_STRATEGIES))) + "]"
 
     def convert(self, value, param, ctx) -> str:
+        """The strategy under our name; a click usage error naming the choices when unknown."""
         from lm_serve.proxy.nodes import routing_strategy_from
 
         try:
@@ -36,6 +38,7 @@ class ProxyCommand(click.Command):
     or the first value that is a URL (a NODE_URL argument, never a key)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Rewrites `--api-keys k1 k2` into one `--api-keys` per key, then parses as usual."""
         rewritten: list[str] = []
         i = 0
         while i < len(args):

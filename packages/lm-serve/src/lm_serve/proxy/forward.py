@@ -156,6 +156,7 @@ class ForwardResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forwards the request upstream until it is answered or the client disconnects, whichever is first."""
         # Forward while watching for the client to leave: whichever ends first cancels the other, and cancelling the
         # forward closes the upstream connection (also while still waiting for a non-streamed answer's headers).
         forward = asyncio.ensure_future(self._forward(send))
@@ -166,8 +167,9 @@ class ForwardResponse(Response):
             for task in (forward, watch):
                 task.cancel()
             await asyncio.gather(forward, watch, return_exceptions=True)
-        if not forward.cancelled() and forward.exception() is not None:
-            raise forward.exception()
+        error = None if forward.cancelled() else forward.exception()
+        if error is not None:
+            raise error
 
     async def _forward(self, send: Send) -> None:
         tried: set[str] = set()

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import socket
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lm_serve.proxy.nodes import normalize_node_url
@@ -38,6 +38,8 @@ def advertised_url(server_name: str, ports: Mapping[int, int], proxy_url: str) -
         raise ValueError("ports: the server listens on no socket")
     server_name = server_name.strip().strip("[]")
     proxy_host = urllib.parse.urlsplit(normalize_node_url(proxy_url, "proxy_url")).hostname
+    if proxy_host is None:
+        raise ValueError(f"proxy_url: {proxy_url!r} names no host")
     if server_name not in WILDCARD_HOSTS:
         family = socket.AF_INET6 if ":" in server_name else socket.AF_INET
         host = server_name
@@ -57,10 +59,10 @@ def advertised_url(server_name: str, ports: Mapping[int, int], proxy_url: str) -
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def _address_toward(proxy_host: str, families: list[int]) -> tuple[int, str]:
+def _address_toward(proxy_host: str, families: Sequence[int]) -> tuple[int, str]:
     """(family, local address) this host would use to reach `proxy_host`, trying `families` in order."""
     try:
-        resolved = [info[4][0] for info in socket.getaddrinfo(proxy_host, None, type=socket.SOCK_DGRAM)]
+        resolved = [str(info[4][0]) for info in socket.getaddrinfo(proxy_host, None, type=socket.SOCK_DGRAM)]
     except OSError:
         resolved = []
     if _is_local(proxy_host) or any(_is_local(address) for address in resolved):
@@ -187,10 +189,11 @@ class ProxyMembership:
 
     async def leave(self) -> bool:
         """Unregister (best effort, within `policy.leave_timeout`); True if the proxy removed this server."""
-        was_joining = self._task is not None and not self._task.done()
-        if was_joining:
+        task = self._task
+        was_joining = task is not None and not task.done()
+        if task is not None and was_joining:
             # Shutting down mid-registration: stop retrying; the proxy may have added us already, so still leave.
-            self._task.cancel()
+            task.cancel()
         if not (self.is_registered or was_joining):
             return False
         try:

@@ -156,9 +156,11 @@ class NodeTable:
 
     @property
     def nodes(self) -> list[Node]:
+        """The registered nodes, in registration order."""
         return list(self._nodes.values())
 
     def get(self, url: str) -> Node | None:
+        """The node registered under `url` (normalized first), or None."""
         return self._nodes.get(normalize_node_url(url))
 
     def add(self, url: str) -> Node:
@@ -247,7 +249,7 @@ class NodeTable:
             log = logger.info if healthy else logger.warning
             log("node %s is %s%s", node.url, "healthy" if healthy else "unhealthy", f" ({error})" if error else "")
         if not healthy:
-            self._set_unhealthy(node, error, stalled)
+            self._set_unhealthy(node, error or "unhealthy", stalled)
             return False
         if node.stalled.is_set():
             node.stalled = asyncio.Event()

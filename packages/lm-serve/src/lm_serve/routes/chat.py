@@ -8,44 +8,42 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
-from lm_core.chat_templates.encoding import render_and_encode
-from lm_serve.errors import APIError, bad_request, error_body
-from lm_serve.generation import ClientDisconnected, Generation, PromptJob
+from lm_core.async_pipeline import RenderedPrompt
+from lm_core.response import Response as Piece
+from lm_serve.errors import APIError, bad_request
+from lm_serve.generation import ClientDisconnected, Generation, prepare_job
 from lm_serve.logprobs import TokenTexts, chat_logprobs, prompt_logprobs_json
 from lm_serve.offload import off_loop
-from lm_serve.output import (
-    delta_is_empty,
-    delta_json,
-    finish_reason,
-    merge_deltas,
-    message_json,
-    new_id,
-    now,
-    stop_ids_of,
-    usage_json,
-    visible_token_ids,
-)
+from lm_serve.output import delta_is_empty, delta_json, finish_reason, merge_deltas, message_json, usage_json
 from lm_serve.parsers import DeltaMessage, ToolCallDelta
 from lm_serve.protocol import ChatCompletionRequest
 from lm_serve.request_guards import GuardedRoute
 from lm_serve.sampling import build_gen_config
 from lm_serve.state import ServerState
-from lm_serve.streaming import DONE, SSEResponse, sse
-from lm_serve.tool_choice import ToolPlan, make_message_stream, plan_tools
+from lm_serve.streaming import ChunkWriter, SSEResponse
+from lm_serve.tool_choice import MessageStream, ToolPlan, make_message_stream, plan_tools
 
 router = APIRouter(route_class=GuardedRoute)
-# Arguments of ChatTemplate.render that a request's chat_template_kwargs must not replace.
-_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt", "special_tokens"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatPrompt:
-    """A rendered conversation: its text (parsers look at how it ends), token ids, and the tool plan."""
+    """A conversation rendered by the pipeline (text and token ids) and the request's tool plan."""
 
-    text: str
-    token_ids: list[int]
+    rendered: RenderedPrompt
     plan: ToolPlan
+
+    @property
+    def text(self) -> str:
+        """The rendered text (output parsers look at how it ends)."""
+        return self.rendered.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The prompt's token ids."""
+        return self.rendered.token_ids
 
 
 def render_chat(
@@ -58,37 +56,18 @@ def render_chat(
     chat_template_kwargs: dict[str, Any] | None,
     add_generation_prompt: bool = True,
 ) -> ChatPrompt:
-    """Check the conversation and render it with the chat template (tools rendered unless tool_choice is none)."""
+    """Plan the tools and render the conversation through the pipeline (tools rendered unless tool_choice is none);
+    bad messages, tools or template kwargs are a 400 naming the field."""
     plan = plan_tools(tools, tool_choice, parallel_tool_calls, response_format)
-    kwargs = dict(chat_template_kwargs or {})
-    reserved = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
-    if reserved:
-        raise APIError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}", param="chat_template_kwargs")
-    pipe = state.pipeline
     try:
-        # The template writes any BOS itself; text in the messages that spells a special token stays text.
-        text, ids = render_and_encode(
-            pipe.chat_template,
-            pipe.tokenizer,
-            messages,
-            tools=plan.tools,
-            add_generation_prompt=add_generation_prompt,
-            allow_special_tokens_in_content=state.allow_special_tokens_in_content,
-            chat_template_kwargs=kwargs,
+        rendered = state.pipeline.render(
+            messages, plan.tools, chat_template_kwargs, add_generation_prompt=add_generation_prompt
         )
     except ValueError as exc:
-        raise bad_request(exc) from None
-    if not ids:
-        raise APIError("the rendered prompt is empty", param="messages")
-    return ChatPrompt(text, ids, plan)
-
-
-def check_prompt_length(state: ServerState, prompt_ids: list[int], gen_config) -> None:
-    """400 when the prompt (plus max_tokens) does not fit the context."""
-    try:
-        state.pipeline.resolve_gen_config(gen_config, len(prompt_ids))
-    except ValueError as exc:
-        raise bad_request(exc, param="messages" if "prompt" in str(exc) else None) from None
+        message = str(exc)
+        param = next((p for p in ("chat_template_kwargs", "messages:") if message.startswith(p)), None)
+        raise bad_request(exc, param=param.rstrip(":") if param else None) from None
+    return ChatPrompt(rendered, plan)
 
 
 @router.post("/v1/chat/completions")
@@ -100,7 +79,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     if body.prompt_logprobs is not None and body.stream:
         raise APIError("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
-    tool_choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+    tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     user_format = body.response_format.to_engine() if body.response_format else None
     prompt = await off_loop(
@@ -125,10 +104,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     if body.prompt_logprobs is not None:
         gen_config = gen_config.replace(prompt_logprobs=body.prompt_logprobs)
-    check_prompt_length(state, prompt.token_ids, gen_config)
+    job = await off_loop(request, prepare_job, state, prompt.rendered, gen_config, param="messages")
     streams = [make_message_stream(prompt.plan, state, prompt.text, body.chat_template_kwargs) for _ in range(body.n)]
-    gen = await Generation(state, [PromptJob(prompt.token_ids, gen_config)]).start()
-    ctx = _ChatContext(state, body, gen_config, streams, num_top, prompt.token_ids)
+    gen = await Generation(state, [job]).start()
+    ctx = _ChatContext(state, body, streams, num_top, prompt.token_ids)
     if body.stream:
         return SSEResponse(ctx.events(gen), gen.aclose)
     try:
@@ -141,27 +120,34 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 class _ChatContext:
     """What building one request's answer needs."""
 
-    def __init__(self, state, body, gen_config, streams, num_top, prompt_ids) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        body: ChatCompletionRequest,
+        streams: list[MessageStream],
+        num_top: int | None,
+        prompt_ids: list[int],
+    ) -> None:
         self.state = state
         self.body = body
         self.streams = streams
         self.num_top = num_top
         self.prompt_ids = prompt_ids
         self.num_prompt = len(prompt_ids)
-        self.id = new_id("chatcmpl")
-        self.created = now()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.writer = ChunkWriter("chat.completion.chunk", "chatcmpl", state.model_name, include_usage, self.num_prompt)
         self.texts = TokenTexts(state.tokenizer)
-        self.stop_ids = stop_ids_of(state.pipeline, gen_config)
-        self.include_stop = gen_config.include_stop_str_in_output
+        self.has_calls: set[int] = set()
 
-    def _logprobs(self, piece) -> dict[str, Any] | None:
+    def _logprobs(self, piece: Piece) -> dict[str, Any] | None:
         if self.num_top is None:
             return None
-        ids = visible_token_ids(piece, self.stop_ids, self.include_stop)
-        return {"content": chat_logprobs(ids, piece.logprobs, self.num_top, self.texts), "refusal": None}
+        content = chat_logprobs(piece.visible_token_ids, piece.logprobs, self.num_top, self.texts)
+        return {"content": content, "refusal": None}
 
-    def completion(self, results) -> dict[str, Any]:
-        choices = []
+    def completion(self, results: dict[int, Piece]) -> dict[str, Any]:
+        """The non-streamed `chat.completion` object."""
+        choices: list[dict[str, Any]] = []
         num_completion = 0
         for index in range(self.body.n):
             result = results[index]
@@ -177,73 +163,52 @@ class _ChatContext:
                     "finish_reason": finish_reason(result.finish_reason, bool(parsed.tool_calls)),
                 }
             )
-        out = {
-            "id": self.id,
+        out: dict[str, Any] = {
+            "id": self.writer.id,
             "object": "chat.completion",
-            "created": self.created,
+            "created": self.writer.created,
             "model": self.state.model_name,
             "choices": choices,
             "usage": usage_json(self.num_prompt, num_completion),
             "system_fingerprint": None,
         }
         if self.body.prompt_logprobs is not None:  # vLLM's extension; every choice shares the prompt
-            entries = results[0].prompt_logprobs or [None] * self.num_prompt
+            entries: list[dict[int, float] | None] = results[0].prompt_logprobs or [None] * self.num_prompt
             out["prompt_logprobs"] = prompt_logprobs_json(
                 self.prompt_ids, entries, self.body.prompt_logprobs, self.texts
             )
         return out
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        chunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.state.model_name,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-        if self.body.stream_options and self.body.stream_options.include_usage:
-            chunk["usage"] = usage
-        return sse(chunk)
+    @staticmethod
+    def _role_choice(index: int) -> dict[str, Any]:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    async def events(self, gen: Generation) -> AsyncIterator[str]:
-        started: set[int] = set()
-        has_calls: set[int] = set()
-        num_completion: dict[int, int] = {}
-        try:
-            async for piece in gen:
-                i = piece.index
-                if i not in started:
-                    started.add(i)
-                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-                    yield self._chunk([{**role, "finish_reason": None}])
-                if piece.finish_reason == "error":
-                    yield sse(error_body(piece.error or "generation failed", "server_error"))
-                    return
-                delta = self.streams[i].feed(piece.text)
-                if piece.finish_reason is not None:
-                    delta = merge_deltas(delta, self.streams[i].finish())
-                if delta.tool_calls:
-                    has_calls.add(i)
-                num_completion[i] = piece.generate_token_len
-                logprobs = self._logprobs(piece)
-                reason = finish_reason(piece.finish_reason, i in has_calls)
-                if delta_is_empty(delta) and reason is None and not (logprobs and logprobs["content"]):
-                    continue
-                parts = _openai_chunk_deltas(delta)
-                for k, part in enumerate(parts):
-                    choice = {
-                        "index": i,
-                        "delta": delta_json(part),
-                        "logprobs": logprobs if k == 0 else None,
-                        "finish_reason": reason if k == len(parts) - 1 else None,
-                    }
-                    yield self._chunk([choice])
-            if self.body.stream_options and self.body.stream_options.include_usage:
-                yield self._chunk([], usage_json(self.num_prompt, sum(num_completion.values())))
-            yield DONE
-        finally:
-            await gen.aclose()
+    def _choices(self, piece: Piece) -> list[dict[str, Any]]:
+        """The chunk choices of one piece: its text through the parsers, one tool-call piece per chunk."""
+        i = piece.index
+        delta = self.streams[i].feed(piece.text)
+        if piece.finish_reason is not None:
+            delta = merge_deltas(delta, self.streams[i].finish())
+        if delta.tool_calls:
+            self.has_calls.add(i)
+        logprobs = self._logprobs(piece)
+        reason = finish_reason(piece.finish_reason, i in self.has_calls)
+        if delta_is_empty(delta) and reason is None and not (logprobs and logprobs["content"]):
+            return []
+        parts = _openai_chunk_deltas(delta)
+        return [
+            {
+                "index": i,
+                "delta": delta_json(part),
+                "logprobs": logprobs if k == 0 else None,
+                "finish_reason": reason if k == len(parts) - 1 else None,
+            }
+            for k, part in enumerate(parts)
+        ]
+
+    def events(self, gen: Generation) -> AsyncIterator[str]:
+        """The SSE stream of `chat.completion.chunk`s."""
+        return self.writer.events(gen, self._choices, self._role_choice)
 
 
 def _openai_chunk_deltas(delta: DeltaMessage) -> list[DeltaMessage]:

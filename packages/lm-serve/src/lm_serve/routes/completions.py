@@ -13,21 +13,23 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from lm_serve.errors import APIError, bad_request, error_body
-from lm_serve.generation import ClientDisconnected, Generation, PromptJob
+from lm_core.generation_config import GenerationConfig
+from lm_core.response import Response as Piece
+from lm_serve.errors import APIError
+from lm_serve.generation import ClientDisconnected, Generation, PromptJob, prepare_job
 from lm_serve.logprobs import CompletionLogprobs, TokenTexts, prompt_logprobs_json
 from lm_serve.offload import off_loop
-from lm_serve.output import new_id, now, stop_ids_of, usage_json, visible_token_ids
+from lm_serve.output import usage_json
 from lm_serve.protocol import CompletionRequest
 from lm_serve.request_guards import GuardedRoute
 from lm_serve.sampling import build_gen_config
 from lm_serve.state import ServerState
-from lm_serve.streaming import DONE, SSEResponse, sse
+from lm_serve.streaming import ChunkWriter, SSEResponse
 
 router = APIRouter(route_class=GuardedRoute)
 
 
-def _prompts(prompt: Any) -> list[str | list[int]]:
+def _prompts(prompt: Any) -> list[Any]:
     """The request's prompts: one string or id list becomes a batch of one."""
     if isinstance(prompt, str):
         return [prompt]
@@ -38,18 +40,19 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _prompt_jobs(state: ServerState, body: CompletionRequest, gen_config) -> tuple[list[PromptJob], list[str]]:
-    """Each prompt's token ids (checked against the context) and, with `echo`, the text to repeat."""
-    pipe = state.pipeline
-    jobs, echoes = [], []
+def _prompt_jobs(
+    state: ServerState, body: CompletionRequest, gen_config: GenerationConfig
+) -> tuple[list[PromptJob], list[str]]:
+    """Each prompt prepared by the pipeline (checked against the context) and, with `echo`, the text to repeat."""
+    jobs: list[PromptJob] = []
+    echoes: list[str] = []
     for p, prompt in enumerate(_prompts(body.prompt)):
-        try:
-            ids = pipe.prompt_token_ids(prompt, do_preprocess=False)
-            pipe.resolve_gen_config(gen_config, len(ids))
-        except ValueError as exc:
-            raise bad_request(exc, param="prompt") from None
-        jobs.append(PromptJob(ids, gen_config, p * body.n))
-        echoes.append((prompt if isinstance(prompt, str) else pipe.tokenizer.decode(ids)) if body.echo else "")
+        job = prepare_job(state, prompt, gen_config, param="prompt", index_offset=p * body.n)
+        jobs.append(job)
+        if body.echo:
+            echoes.append(prompt if isinstance(prompt, str) else state.tokenizer.decode(job.prompt_ids))
+        else:
+            echoes.append("")
     return jobs, echoes
 
 
@@ -79,7 +82,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         gen_config = gen_config.replace(prompt_logprobs=max(num_prompt_top))
     jobs, echoes = await off_loop(request, _prompt_jobs, state, body, gen_config)
     gen = await Generation(state, jobs).start()
-    ctx = _CompletionContext(state, body, gen_config, echoes, [j.prompt_ids for j in jobs])
+    ctx = _CompletionContext(state, body, echoes, [j.prompt_ids for j in jobs])
     if body.stream:
         return SSEResponse(ctx.events(gen), gen.aclose)
     try:
@@ -90,24 +93,27 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 
 class _CompletionContext:
-    def __init__(self, state, body, gen_config, echoes, prompt_ids) -> None:
+    """What building one request's answer needs."""
+
+    def __init__(
+        self, state: ServerState, body: CompletionRequest, echoes: list[str], prompt_ids: list[list[int]]
+    ) -> None:
         self.state = state
         self.body = body
         self.echoes = echoes
         self.prompt_ids = prompt_ids
         self.num_prompt = sum(len(ids) for ids in prompt_ids)
-        self.id = new_id("cmpl")
-        self.created = now()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.writer = ChunkWriter("text_completion", "cmpl", state.model_name, include_usage, self.num_prompt)
         self.texts = TokenTexts(state.tokenizer)
-        self.stop_ids = stop_ids_of(state.pipeline, gen_config)
-        self.include_stop = gen_config.include_stop_str_in_output
+        self.started: set[int] = set()
         self.num_choices = len(echoes) * body.n
         self._logprobs: dict[int, CompletionLogprobs] = {}
 
     def _echo(self, index: int) -> str:
         return self.echoes[index // self.body.n]
 
-    def _logprobs_of(self, index: int, piece) -> dict[str, Any] | None:
+    def _logprobs_of(self, index: int, piece: Piece) -> dict[str, Any] | None:
         """The choice's logprobs object for `piece`; a choice's first piece (which carries the prompt logprobs)
         starts with the echoed prompt's tokens."""
         if self.body.logprobs is None:
@@ -118,26 +124,28 @@ class _CompletionContext:
             state = self._logprobs[index] = CompletionLogprobs(self.body.logprobs, self.texts)
             if self.body.echo:
                 ids = self.prompt_ids[index // self.body.n]
-                prompt = state.render(ids, piece.prompt_logprobs or [None] * len(ids))
+                entries: list[dict[int, float] | None] = piece.prompt_logprobs or [None] * len(ids)
+                prompt = state.render(ids, entries)
                 state.offset = len(self._echo(index))  # generated text starts right after the echoed prompt
-        out = state.render(visible_token_ids(piece, self.stop_ids, self.include_stop), piece.logprobs)
+        out = state.render(piece.visible_token_ids, piece.logprobs)
         return out if prompt is None else {key: prompt[key] + out[key] for key in out}
 
-    def _prompt_logprobs_of(self, index: int, result) -> list[dict[str, Any] | None] | None:
+    def _prompt_logprobs_of(self, index: int, result: Piece) -> list[dict[str, Any] | None] | None:
         """vLLM's `prompt_logprobs` of a choice, when the request asked for them."""
         if self.body.prompt_logprobs is None:
             return None
         ids = self.prompt_ids[index // self.body.n]
-        entries = result.prompt_logprobs or [None] * len(ids)
+        entries: list[dict[int, float] | None] = result.prompt_logprobs or [None] * len(ids)
         return prompt_logprobs_json(ids, entries, self.body.prompt_logprobs, self.texts)
 
-    def completion(self, results) -> dict[str, Any]:
-        choices = []
+    def completion(self, results: dict[int, Piece]) -> dict[str, Any]:
+        """The non-streamed `text_completion` object."""
+        choices: list[dict[str, Any]] = []
         for index in range(self.num_choices):
             result = results[index]
             if result.finish_reason == "error":
                 raise APIError(result.error or "generation failed", status_code=500, type="server_error")
-            choice = {
+            choice: dict[str, Any] = {
                 "index": index,
                 "text": self._echo(index) + result.text,
                 "logprobs": self._logprobs_of(index, result),
@@ -148,49 +156,27 @@ class _CompletionContext:
             choices.append(choice)
         num_completion = sum(r.generate_token_len for r in results.values())
         return {
-            "id": self.id,
+            "id": self.writer.id,
             "object": "text_completion",
-            "created": self.created,
+            "created": self.writer.created,
             "model": self.state.model_name,
             "choices": choices,
             "usage": usage_json(self.num_prompt, num_completion),
             "system_fingerprint": None,
         }
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        chunk = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.state.model_name,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-        if self.body.stream_options and self.body.stream_options.include_usage:
-            chunk["usage"] = usage
-        return sse(chunk)
+    def _choices(self, piece: Piece) -> list[dict[str, Any]]:
+        """The chunk choice of one piece; a choice's first piece starts with the echoed prompt."""
+        i = piece.index
+        text = piece.text
+        if i not in self.started:
+            self.started.add(i)
+            text = self._echo(i) + text
+        logprobs = self._logprobs_of(i, piece)
+        if not text and piece.finish_reason is None and not (logprobs and logprobs["tokens"]):
+            return []
+        return [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": piece.finish_reason}]
 
-    async def events(self, gen: Generation) -> AsyncIterator[str]:
-        started: set[int] = set()
-        num_completion: dict[int, int] = {}
-        try:
-            async for piece in gen:
-                i = piece.index
-                if piece.finish_reason == "error":
-                    yield sse(error_body(piece.error or "generation failed", "server_error"))
-                    return
-                text = piece.text
-                if i not in started:
-                    started.add(i)
-                    text = self._echo(i) + text
-                num_completion[i] = piece.generate_token_len
-                logprobs = self._logprobs_of(i, piece)
-                if not text and piece.finish_reason is None and not (logprobs and logprobs["tokens"]):
-                    continue
-                choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
-                yield self._chunk([choice])
-            if self.body.stream_options and self.body.stream_options.include_usage:
-                yield self._chunk([], usage_json(self.num_prompt, sum(num_completion.values())))
-            yield DONE
-        finally:
-            await gen.aclose()
+    def events(self, gen: Generation) -> AsyncIterator[str]:
+        """The SSE stream of `text_completion` chunks."""
+        return self.writer.events(gen, self._choices)

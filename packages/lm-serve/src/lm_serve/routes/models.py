@@ -52,4 +52,6 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     state: ServerState = request.app.state.lm
+    if state.metrics is None:  # an app built without metrics
+        return Response(status_code=404)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -11,13 +11,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from lm_serve.errors import APIError
-from lm_serve.generation import ClientDisconnected, Generation, PromptJob
+from lm_serve.generation import ClientDisconnected, Generation, prepare_job
 from lm_serve.offload import off_loop
 from lm_serve.output import new_id, now
 from lm_serve.protocol import ResponsesRequest
 from lm_serve.request_guards import GuardedRoute
 from lm_serve.responses_stream import ResponseEventWriter, output_items, response_json
-from lm_serve.routes.chat import check_prompt_length, render_chat
+from lm_serve.routes.chat import render_chat
 from lm_serve.sampling import build_gen_config
 from lm_serve.state import ServerState
 from lm_serve.streaming import SSEResponse
@@ -27,7 +27,7 @@ router = APIRouter(route_class=GuardedRoute)
 _TEXT_PART_TYPES = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 
 
-def _field(item: dict, key: str, where: str, kind: type = str):
+def _field(item: dict[str, Any], key: str, where: str, kind: type = str) -> Any:
     value = item.get(key)
     if not isinstance(value, kind):
         raise APIError(f"{where}.{key} must be a {kind.__name__}", param=f"{where}.{key}")
@@ -35,6 +35,7 @@ def _field(item: dict, key: str, where: str, kind: type = str):
 
 
 def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A Responses item's content as chat content: a string, or chat content parts."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -93,6 +94,7 @@ def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) 
 
 
 def _text_format(body: ResponsesRequest) -> dict[str, Any] | None:
+    """`text.format` as a chat `response_format` (None: plain text)."""
     fmt = body.text.format if body.text else None
     if fmt is None or fmt.type == "text":
         return None
@@ -145,9 +147,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         vocab_size=state.tokenizer.vocab_size,
         n=1,
     )
-    check_prompt_length(state, prompt.token_ids, gen_config)
+    job = await off_loop(request, prepare_job, state, prompt.rendered, gen_config, param="messages")
     parser = make_message_stream(prompt.plan, state, prompt.text, body.chat_template_kwargs)
-    gen = await Generation(state, [PromptJob(prompt.token_ids, gen_config)]).start()
+    gen = await Generation(state, [job]).start()
     base = {
         "id": new_id("resp", "_"),
         "created_at": now(),

@@ -4,6 +4,8 @@ generating. lm-eval-harness's `local-completions` tokenizes through them when `/
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from lm_serve.errors import APIError, bad_request
@@ -20,7 +22,7 @@ router = APIRouter(route_class=GuardedRoute)
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     """Token ids of `prompt`, or of `messages` rendered with the chat template."""
     state: ServerState = request.app.state.lm
     state.check_model(body.model)
@@ -47,14 +49,14 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
             ids = await off_loop(request, tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         except ValueError as exc:
             raise bad_request(exc, param="prompt") from None
-    out = {"count": len(ids), "max_model_len": state.session_len, "tokens": ids}
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": state.session_len, "tokens": ids}
     if body.return_token_strs:
         out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
     return out
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     """The text of `tokens`."""
     state: ServerState = request.app.state.lm
     state.check_model(body.model)
@@ -65,14 +67,15 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info(request: Request) -> dict:
+async def tokenizer_info(request: Request) -> dict[str, Any]:
     """The tokenizer's configuration, as a tokenizer_config.json would give it: its class, special tokens, length
     limit and the chat template this server renders with."""
     state: ServerState = request.app.state.lm
     tokenizer = state.tokenizer
     special = tokenizer.special_tokens
     hf = tokenizer.hf
-    info: dict = {"tokenizer_class": getattr(hf, "init_kwargs", {}).get("tokenizer_class") or type(hf).__name__}
+    tokenizer_class = getattr(hf, "init_kwargs", {}).get("tokenizer_class") or type(hf).__name__
+    info: dict[str, Any] = {"tokenizer_class": tokenizer_class}
     for name in _SPECIAL_TOKENS:
         text = special.get(name)
         info[name] = text

@@ -1,7 +1,8 @@
-"""Attention over the paged KV cache: one metadata type, one backend interface, a backend per device."""
+"""Attention backends behind one contract (`AttentionBackend`): plain torch (CPU, and the reference) and Triton
+(CUDA)."""
 
-from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.attention.base import AttentionBackend, AttentionState, StepMetadata
 from lm_torch.attention.torch_backend import TorchAttentionBackend
-from lm_torch.attention.triton_backend import TritonAttentionBackend  # imports triton only when it runs
+from lm_torch.attention.triton_backend import TritonAttentionBackend
 
-__all__ = ["AttentionMetadata", "TorchAttentionBackend", "TritonAttentionBackend"]
+__all__ = ["AttentionBackend", "AttentionState", "StepMetadata", "TorchAttentionBackend", "TritonAttentionBackend"]

@@ -6,33 +6,61 @@ in the batch: batch invariance by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from lm_torch.attention.metadata import AttentionMetadata
+from lm_torch.attention.base import AttentionBackend, AttentionState, StepMetadata
 from lm_torch.kv_quant import cache_quant_policy, dequantize_kv, quantize_kv
 
 
-class TorchAttentionBackend:
+@dataclass
+class TorchAttentionState(AttentionState):
+    """The torch backend's step: every sequence's used blocks in one index tensor, and the decode grouping per
+    sliding window (built by the first layer that needs it)."""
+
+    context_blocks: torch.Tensor = None  # type: ignore[assignment]  # [sum of used blocks] int64
+    context_block_starts: list[int] = field(default_factory=list)  # where sequence i's blocks start
+    query_starts: list[int] = field(default_factory=list)  # [S + 1]: sequence i's rows of q
+    decode_groups: dict[int | None, list[DecodeGroup]] = field(default_factory=dict)
+
+
+class TorchAttentionBackend(AttentionBackend):
     """Writes the step's K/V into the paged cache and attends each new token to its sequence's cached tokens."""
+
+    def prepare(self, meta: StepMetadata) -> TorchAttentionState:
+        """The step's used blocks per sequence, gathered once for every layer."""
+        tables = meta.block_tables.tolist()
+        bs = meta.block_size
+        used = [table[: (ctx + bs - 1) // bs] for ctx, table in zip(meta.context_lens, tables, strict=True)]
+        starts = [0]
+        for blocks in used[:-1]:
+            starts.append(starts[-1] + len(blocks))
+        query_starts = [0]
+        for n in meta.query_lens:
+            query_starts.append(query_starts[-1] + n)
+        blocks = torch.tensor([b for row in used for b in row], dtype=torch.int64, device=meta.block_tables.device)
+        return TorchAttentionState(meta, blocks, starts, query_starts)
 
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, ...],
+        state: AttentionState,
+        *,
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
         kv_stored: bool = False,  # the caller already wrote k and v into the cache
-        k_scales_zeros: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads, 2]: a quantized cache
-        v_scales_zeros: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store the step's K/V (unless `kv_stored`) and attend each sequence on its own."""
+        assert isinstance(state, TorchAttentionState)
+        meta = state.meta
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_scales_zeros, v_scales_zeros = (kv_cache[2], kv_cache[3]) if len(kv_cache) > 2 else (None, None)
         num_kv_heads = k_cache.shape[2]
         policy = cache_quant_policy(k_cache, k_scales_zeros, q.shape[2])
         if not kv_stored:
@@ -41,23 +69,23 @@ class TorchAttentionBackend:
         read = _CacheReader(k_cache, v_cache, k_scales_zeros, v_scales_zeros, policy, q.dtype)
 
         out = torch.empty_like(q)
-        starts = [0]
-        for n in meta.query_lens:
-            starts.append(starts[-1] + n)
+        if meta.num_real_tokens < q.shape[0]:
+            out[meta.num_real_tokens :].zero_()  # padding rows: zeros, not the memory's old contents
+        starts = state.query_starts
         per_sequence = list(range(meta.num_seqs))
         if softcap is None:
             decodes = [i for i in per_sequence if meta.query_lens[i] == 1]
             per_sequence = [i for i in per_sequence if meta.query_lens[i] != 1]
-            self._decode_by_bucket(q, read, meta, decodes, starts, scale, sliding_window, out)
+            self._decode_by_bucket(q, read, state, decodes, starts, scale, sliding_window, out)
         if not per_sequence:
             return out
         # One gather per layer for the remaining sequences; each reads its slice (a view, no copy).
-        batch_keys, batch_values = read(meta.context_blocks)
+        batch_keys, batch_values = read(state.context_blocks)
         batch_keys = batch_keys.view(-1, num_kv_heads, q.shape[2])
         batch_values = batch_values.view(-1, num_kv_heads, q.shape[2])
         for i in per_sequence:
             num_new, ctx = meta.query_lens[i], meta.context_lens[i]
-            first = meta.context_block_starts[i] * meta.block_size
+            first = state.context_block_starts[i] * meta.block_size
             out[starts[i] : starts[i] + num_new] = attend(
                 q[starts[i] : starts[i] + num_new],
                 batch_keys[first : first + ctx],
@@ -83,14 +111,14 @@ class TorchAttentionBackend:
         v_cache.view(-1, num_kv_heads, v_cache.shape[3]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
     @staticmethod
-    def _decode_by_bucket(q, read, meta, rows, starts, scale, sliding_window, out) -> None:
+    def _decode_by_bucket(q, read, state, rows, starts, scale, sliding_window, out) -> None:
         """Decode rows attend in groups padded to a power-of-two number of blocks, one SDPA call per group.
 
         A row's padded length depends on its own context only, never on the batch, and each (row, head) is computed
         independently inside SDPA: a sequence decodes to the same bits alone or in any batch.
         """
         num_kv_heads, head_dim = read.num_kv_heads, q.shape[2]
-        for group in decode_groups(meta, rows, starts, sliding_window, q.device):
+        for group in decode_groups(state, rows, starts, sliding_window, q.device):
             size, length = len(group.token_rows), group.length
             keys, values = read(group.tables)
             keys = keys.reshape(size * length, num_kv_heads, head_dim)
@@ -126,11 +154,13 @@ class _CacheReader:
         return self.k_cache.shape[2]
 
     def __call__(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.policy:
+        """(keys, values) of `blocks`, dequantized when the cache is quantized."""
+        k_params, v_params = self.k_scales_zeros, self.v_scales_zeros
+        if not self.policy or k_params is None or v_params is None:
             return self.k_cache[blocks], self.v_cache[blocks]
         return (
-            dequantize_kv(self.k_cache[blocks], self.k_scales_zeros[blocks], self.policy, self.dtype),
-            dequantize_kv(self.v_cache[blocks], self.v_scales_zeros[blocks], self.policy, self.dtype),
+            dequantize_kv(self.k_cache[blocks], k_params[blocks], self.policy, self.dtype),
+            dequantize_kv(self.v_cache[blocks], v_params[blocks], self.policy, self.dtype),
         )
 
 
@@ -145,12 +175,12 @@ class DecodeGroup:
     padding: torch.Tensor | None  # flat positions (row * length + key) of the gathered K/V past each row's context
 
 
-def decode_groups(meta: AttentionMetadata, rows, starts, sliding_window, device) -> list[DecodeGroup]:
+def decode_groups(state: TorchAttentionState, rows, starts, sliding_window, device) -> list[DecodeGroup]:
     """The step's decode grouping, built once per step and sliding window and shared by every layer."""
-    key = ("decode_groups", sliding_window)
-    cached = meta.cache.get(key)
+    cached = state.decode_groups.get(sliding_window)
     if cached is not None:
         return cached
+    meta = state.meta
     buckets: dict[int, list[int]] = {}
     for i in rows:
         num_blocks = (meta.context_lens[i] + meta.block_size - 1) // meta.block_size
@@ -176,7 +206,7 @@ def decode_groups(meta: AttentionMetadata, rows, starts, sliding_window, device)
                 padding=padding if padding.numel() else None,
             )
         )
-    meta.cache[key] = groups
+    state.decode_groups[sliding_window] = groups
     return groups
 
 

@@ -74,7 +74,7 @@ class GrammarBackend:
             if kind == "regex":
                 return self.compiler.compile_regex(response_format["regex"])
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError subclasses with its parser's message
-            what = {"json_schema": "JSON schema", "regex": "regular expression"}.get(kind, "format")
+            what = {"json_schema": "JSON schema", "regex": "regular expression"}.get(str(kind), "format")
             raise ValueError(f"response_format: xgrammar cannot compile the {what}: {_first_line(exc)}") from None
         raise ValueError(f"response_format type {kind!r} is not one of json_object, json_schema, regex")
 

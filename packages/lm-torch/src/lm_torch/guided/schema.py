@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 # The formats xgrammar 0.2.9 turns into a grammar; it lets any string through for the others.
 ENFORCED_FORMATS = frozenset({
@@ -113,13 +113,13 @@ class _Checker:
                     "enforces it only on a schema that declares its type)"
                 )
         # A format on numbers (OpenAPI's int32, double, ...) says nothing of strings: left as it is.
-        if "format" in out and out["format"] not in ENFORCED_FORMATS and "string" in types:
+        if "format" in out and out["format"] not in ENFORCED_FORMATS and types and "string" in types:
             raise _unsupported(path, "format", f"{out['format']!r} is not one of {', '.join(sorted(ENFORCED_FORMATS))}")
         # xgrammar builds a string from one of: pattern, format, length bounds; it drops the others.
         string_rules = [k for k in ("pattern", "format") if k in out] + [
             k for k in ("minLength", "maxLength") if k in out
         ][:1]
-        if len(string_rules) > 1 and "string" in types:
+        if len(string_rules) > 1 and types and "string" in types:
             raise _unsupported(path, string_rules[1], f"it is not enforced together with {string_rules[0]}")
         if "multipleOf" in out:
             step = out["multipleOf"]
@@ -299,7 +299,7 @@ class _Checker:
             if key not in out or key in ANNOTATIONS:
                 out.setdefault(key, value)
             elif key == "type":
-                common = _intersect_types(_types(a), _types(b))
+                common = _intersect_types(_types(a) or set(), _types(b) or set())
                 if not common:
                     raise _unsatisfiable(path, f"allOf requires the types {a['type']!r} and {value!r} at once")
                 out["type"] = sorted(common) if len(common) > 1 else next(iter(common))
@@ -354,7 +354,7 @@ class _Checker:
         return schema
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

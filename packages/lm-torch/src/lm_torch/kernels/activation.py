@@ -46,7 +46,7 @@ def activate(gate, ACT: tl.constexpr):
     return activated
 
 
-def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+def gated_activation(gate_up: torch.Tensor, act: str, *, allow_pdl: bool = True) -> torch.Tensor:
     """act(gate) * up for gate_up: [..., 2 * intermediate] (gate first); returns [..., intermediate]."""
     if act not in ACTIVATION_CODES:
         raise ValueError(f"activation {act!r} is not supported (supported: {', '.join(ACTIVATION_CODES)})")
@@ -60,7 +60,7 @@ def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     out = torch.empty((x.shape[0], intermediate), dtype=gate_up.dtype, device=gate_up.device)
     if x.shape[0] and intermediate:
         block = min(1024, triton.next_power_of_2(intermediate))
-        pdl = pdl_enabled(x.device)
+        pdl = pdl_enabled(x.device, allow_pdl)
         _gated_activation_kernel[(x.shape[0], triton.cdiv(intermediate, block))](
             x,
             out,
@@ -70,7 +70,7 @@ def gated_activation(gate_up: torch.Tensor, act: str) -> torch.Tensor:
             ACT=ACTIVATION_CODES[act],
             BLOCK=block,
             PDL=pdl,
-            num_warps=4,
+            num_warps=4,  # pyright: ignore[reportCallIssue]  # triton launch option
             **({"launch_pdl": True} if pdl else {}),
         )
     return out.view(*gate_up.shape[:-1], intermediate)

@@ -13,12 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
+from lm_torch.envs import triton_interpret
+
 LOG2E = 1.4426950408889634  # log2(e): softmax runs on exp2, and scores are pre-multiplied by this
 
 
 def interpreting() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1) instead of compiling them."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1) instead of compiling them (read once:
+    triton fixes the mode when it is imported)."""
+    return triton_interpret()
 
 
 def next_power_of_2(n: int) -> int:
@@ -51,15 +54,15 @@ def cuda_device_name(device: torch.device) -> str | None:
     return _device_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def read_tuning_file(path: str, env: str, named: bool) -> dict | None:
-    """The JSON of a kernel's tuning table at `path`: the file named by $`env` (`named`), else the one shipped beside
-    the kernel. None for "none" or a shipped file that is absent; a named file that does not exist is an error, so
-    that a mistyped path does not quietly fall back to the defaults."""
+def read_tuning_file(path: str, setting: str, named: bool) -> dict | None:
+    """The JSON of a kernel's tuning table at `path`: the file named by the `KernelConfig` field `setting` (`named`),
+    else the one shipped beside the kernel. None for "none" or a shipped file that is absent; a named file that does
+    not exist is an error, so that a mistyped path does not quietly fall back to the defaults."""
     if path == "none":
         return None
     if not Path(path).is_file():
         if named:
-            raise ValueError(f"{env}={path!r} is not a file (set it to 'none' for no table)")
+            raise ValueError(f"{setting}={path!r} is not a file (set it to 'none' for no table)")
         return None
     return json.loads(Path(path).read_text())
 
@@ -165,12 +168,13 @@ def compile_ahead(workers: int | None = None):
 # Programmatic dependent launch (sm_90+): a kernel launched with `launch_pdl=True` may start while the kernel before
 # it on the stream is still running, once every program of that one has called `pdl_trigger` (or ended). It must
 # call `pdl_wait` before it reads anything the earlier kernel writes and before it writes anything at all; what it
-# does before (loading weights, which nothing writes) overlaps the earlier kernel. LM_TORCH_PDL=0 turns it off.
+# does before (loading weights, which nothing writes) overlaps the earlier kernel. `KernelConfig.pdl` False (the
+# LM_TORCH_PDL=0 variable) turns it off: the wrappers take it as `allow_pdl`.
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` use programmatic dependent launch: a compiled sm_90+ GPU, not switched off."""
-    if device.type != "cuda" or interpreting() or os.environ.get("LM_TORCH_PDL", "1") == "0":
+def pdl_enabled(device: torch.device, allowed: bool = True) -> bool:
+    """Whether kernels on `device` use programmatic dependent launch: a compiled sm_90+ GPU, `allowed`."""
+    if not allowed or device.type != "cuda" or interpreting():
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 

@@ -22,12 +22,19 @@ and each eager step picks its own, and a compile costs about a second). Sequence
 skipped: in a mixed batch the prefill kernel attends them.
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportArgumentType: `tl.constexpr` parameters are typed as the class `constexpr`, so the plain values passed to them
+#   are rejected.
+# reportOperatorIssue: `tl` reductions and loads are typed `tensor | tuple`, so arithmetic on their results is
+#   rejected.
+# pyright: reportArgumentType=false, reportOperatorIssue=false
+
 from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -50,20 +57,23 @@ from lm_torch.kernels.common import (
 )
 from lm_torch.kernels.kv_cache import codes_to, load_kv_tile, quantized_cache_args, unpack_codes
 
+if TYPE_CHECKING:
+    from lm_torch.envs import DecodeSplits
+    from lm_torch.kernels.tuning import TuningTables
+
 # A split covers at least this many tokens: fewer would spend more on merging than they save.
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
-# Programs per multiprocessor the split count aims at. Four rather than two (graph buckets of 16, 32, 64 decodes
-# then take 5, 3, 2 splits instead of 3, 2, 1): on an H100 with real steps' ragged contexts
-# (benchmarks/decode_ragged.py --splits-sweep, bf16) 16 decodes took 47.8 us with 2 splits, 37.5 with 4, 33-35 with
-# 8; 32 decodes 55.5 with 2, 48.8 with 4; 64 decodes 96.5 with 1, 71.3 with 2; 256 decodes still 1 (89.6 us).
+# Programs per multiprocessor the split count aims at. NOTE: four rather than two (graph buckets of 16, 32, 64
+# decodes then take 5, 3, 2 splits instead of 3, 2, 1): with real steps' ragged contexts the small buckets finish
+# sooner with the extra splits (`benchmarks/decode_ragged.py --splits-sweep`).
 SPLIT_WAVES = 4
 SPLIT_COUNTERS = "decode_attention split counters"  # the `persistent_zeros` buffer's name
 
-# Launch plans measured per decode count (`benchmarks/decode_ragged.py --tune`, real ShareGPT steps' contexts): the
-# file named by $LM_TORCH_DECODE_TUNING ("none": no table), else kernels/decode_tuning.json. Unquantized caches of
+# Launch plans measured per decode count (`benchmarks/decode_ragged.py --tune`, real serving steps' contexts): the
+# file `KernelConfig.decode_tuning` names ("none": no table), else kernels/decode_tuning.json. Unquantized caches of
 # the head_dim and element size the table was measured with, on its card.
-DECODE_TUNING_ENV = "LM_TORCH_DECODE_TUNING"
+DECODE_TUNING_SETTING = "KernelConfig.decode_tuning"
 DEFAULT_DECODE_TUNING = str(Path(__file__).with_name("decode_tuning.json"))
 # What a plan fixes: the launch shape, the split-K, and whether the programs start longest context first.
 PLAN_KEYS = ("block_n", "num_warps", "num_stages", "num_splits", "split_tokens", "sort")
@@ -78,8 +88,9 @@ def _decode_table(
 ) -> tuple[tuple[int, dict], ...]:
     """((decodes, plan), ...) by decodes, from the file at `path`; empty when the file does not exist or was measured
     on another card, head_dim or cache element size (its launch shapes may not even fit other tiles' shared memory).
-    A file `named` by $LM_TORCH_DECODE_TUNING must exist: a mistyped path does not quietly fall back to defaults."""
-    data = read_tuning_file(path, DECODE_TUNING_ENV, named)
+    A file `named` by `KernelConfig.decode_tuning` must exist: a mistyped path does not quietly fall back to the
+    defaults."""
+    data = read_tuning_file(path, DECODE_TUNING_SETTING, named)
     if data is None:
         return ()
     if not isinstance(data.get("head_dim"), int) or not isinstance(data.get("kv_bytes"), int):
@@ -100,24 +111,15 @@ def _decode_table(
     return tuple(sorted(table, key=lambda entry: entry[0]))
 
 
-def tuned_decode_plan(num_decodes: int, k_cache: torch.Tensor) -> dict | None:
+def tuned_decode_plan(num_decodes: int, k_cache: torch.Tensor, tuning: TuningTables | None = None) -> dict | None:
     """The tuning table's plan (`PLAN_KEYS`) for the fewest decodes measured at or above `num_decodes` with this
     cache (`[blocks, block_size, kv_heads, head_dim]`: its card, head_dim and element size must be the table's; a
-    CUDA-graph bucket finds its own row), or None: no such table, a quantized cache, or a larger batch than any row."""
-    if not k_cache.is_floating_point():  # quantized codes: the kernel's defaults
-        return None
-    named = os.environ.get(DECODE_TUNING_ENV)
-    table = _decode_table(
-        named or DEFAULT_DECODE_TUNING,
-        cuda_device_name(k_cache.device),
-        k_cache.shape[-1],
-        k_cache.element_size(),
-        named=bool(named),
-    )
-    for measured, plan in table:
-        if measured >= num_decodes:
-            return plan
-    return None
+    CUDA-graph bucket finds its own row), or None: no such table, a quantized cache, or a larger batch than any row.
+    `tuning`: the engine's tables (None: the tables shipped beside the kernels)."""
+    from lm_torch.kernels.tuning import shipped_tables
+
+    tables = tuning if tuning is not None else shipped_tables(cuda_device_name(k_cache.device))
+    return tables.decode_plan(num_decodes, k_cache)
 
 
 @triton.jit
@@ -406,6 +408,37 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, de
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
+# The context length a CUDA graph's split-K is chosen for (see `graph_split_plan`).
+GRAPH_SPLIT_CONTEXT = 1024
+
+
+def graph_split_plan(
+    bucket: int,
+    num_kv_heads: int,
+    max_context_len: int,
+    device: torch.device,
+    splits_override: DecodeSplits | None = None,
+    tuning: TuningTables | None = None,
+    k_cache: torch.Tensor | None = None,
+) -> tuple[int, int]:
+    """(num_splits, split_tokens) of the decode kernel in a CUDA-graph bucket, both fixed at capture.
+
+    Without `splits_override`, a `k_cache` the decode table was measured for takes the table's plan for the bucket
+    (`tuning`, None: the shipped tables). Otherwise the kernel's heuristic for a context of `GRAPH_SPLIT_CONTEXT`
+    tokens (or the longest the engine allows, if shorter), splits of at least `MIN_TOKENS_PER_SPLIT` tokens: longer
+    contexts run with a few too few splits; each sequence uses only the splits its own length needs.
+    `splits_override` (`KernelConfig.decode_splits`) raises the buckets below its `min_splits` to it and makes every
+    split at least `min_tokens` tokens.
+    """
+    plan = None if splits_override is not None or k_cache is None else tuned_decode_plan(bucket, k_cache, tuning)
+    if plan is not None:
+        return plan["num_splits"], plan["split_tokens"]
+    splits = choose_num_splits(bucket, num_kv_heads, min(max_context_len, GRAPH_SPLIT_CONTEXT), device)
+    if splits_override is None:
+        return splits, MIN_TOKENS_PER_SPLIT
+    return min(max(splits, splits_override.min_splits), MAX_SPLITS), splits_override.min_tokens
+
+
 def decode_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -428,6 +461,7 @@ def decode_attention(
     split_tokens: int = MIN_TOKENS_PER_SPLIT,  # each sequence takes min(num_splits, ceil(context / this)) splits
     k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
     v_scales_zeros: torch.Tensor | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows of one-token sequences
     """Attend each one-token sequence's query to its cached context (the last `sliding_window` tokens of it).
 
@@ -478,7 +512,7 @@ def decode_attention(
     if num_splits > 1:
         partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_enabled(q.device, allow_pdl)
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q,
         k_cache,
@@ -527,8 +561,8 @@ def decode_attention(
         SORTED=seq_order is not None,
         # The interpreter runs no PTX: it converts plainly whatever `convert` says.
         CONVERT=0 if interpreting() else 1 if convert is None else convert,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -1,10 +1,8 @@
 """y = x @ W^T for the row counts of decode steps (2 to a few hundred rows), and the table that picks its kernel.
 
 A decode step of 2-256 rows multiplies every weight by few rows: up to ~64 rows the product is bound by reading W,
-beyond that by the tensor cores, and in between both matter. cuBLAS's choices there leave time on the table on an
-H100: in a ShareGPT throughput profile (benchmarks/RESULTS.md, seventh session) the gate_up product of the
-129-256-row decode steps took 172 us a call, about twice what reading its weight or its FLOPs at 700 TFLOP/s
-need. Three Triton kernels and a cuBLAS variant (`benchmarks/gemm.py` times them against cuBLASLt):
+beyond that by the tensor cores, and in between both matter, where cuBLAS's choices can leave time on the table.
+Three Triton kernels and a cuBLAS variant (`benchmarks/gemm.py` times them against cuBLASLt):
 
 - `kernels.gemv.skinny_gemm` (up to 64 rows): W the dot's first operand, the rows padded to 16; one program per
   block of output features streams its rows of W once.
@@ -13,26 +11,30 @@ need. Three Triton kernels and a cuBLAS variant (`benchmarks/gemm.py` times them
   about once however many row tiles there are.
 - `tma_gemm` (any rows): the tiled GEMM's tiles with the blocks of x and W loaded by the TMA copy engine, and an
   optional split of K (the last split of a tile to finish adds the others' float32 partial sums), so that the few
-  output tiles of a 64-256-row product can fill the SMs. On the H100 it still loses to cuBLAS at 64-256 rows except
-  the fused gate_up at 64-128 rows and the lm_head at 64 (by 0.3-4%; RESULTS.md, twelfth session).
+  output tiles of a 64-256-row product can fill the SMs.
 - `transposed_cublas_gemm` (any rows): cuBLAS on the transposed problem, y^T = W x^T, copied back to rows; cuBLAS
-  picks other tiles for it than for x W^T (on the H100 worse ones: 10-55% slower at 64-256 rows, so the committed
-  table never names it).
+  picks other tiles for it than for x W^T.
+
+Which one runs for a shape is the tuning table's choice (measured per card), never fixed here.
 
 With `activation`, the tiled GEMM takes a fused [gate | up] weight and writes act(gate) * up: each program
 multiplies the matching tiles of both halves (an MLP's gate_up product and its activation in one launch, the
 [rows, 2 x intermediate] product never written).
 
 `gemm_launch(rows, N, K[, activation])` looks the shape up in the tuning table `benchmarks/gemm.py
---write-tuning` writes ($LM_TORCH_GEMM_TUNING, else kernels/gemm_tuning.json; "none": cuBLAS everywhere);
+--write-tuning` writes (`KernelConfig.gemm_tuning`, else kernels/gemm_tuning.json; "none": cuBLAS everywhere);
 `layers.cuda_linear` calls it.
 """
+
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportGeneralTypeIssues: `tl.range` / `tl.static_range` are typed as not iterable.
+# pyright: reportGeneralTypeIssues=false
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -49,6 +51,9 @@ from lm_torch.kernels.common import (
     read_tuning_file,
 )
 from lm_torch.kernels.gemv import check_rows_and_weight, skinny_gemm
+
+if TYPE_CHECKING:
+    from lm_torch.kernels.tuning import TuningTables
 
 
 @triton.jit
@@ -125,13 +130,14 @@ def tiled_gemm(
     num_warps: int = 8,
     num_stages: int = 3,
     activation: str | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]: act(x @ gate^T) * (x @ up^T)
     """x @ weight^T in output tiles whose programs sharing a tile of W run together (float32 accumulation). With
     `activation` (a fused [gate | up] weight) each program multiplies both halves and writes act(gate) * up."""
     n = _check_operands("tiled_gemm", x, weight, activation)
     m, k = x.shape
     out = x.new_empty((m, n))
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_enabled(x.device, allow_pdl)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _tiled_kernel[grid](
         x,
@@ -149,8 +155,8 @@ def tiled_gemm(
         EVEN=n % block_n == 0 and k % block_k == 0,
         ACT=-1 if activation is None else ACTIVATION_CODES[activation],
         PDL=pdl,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out
@@ -256,6 +262,7 @@ def tma_gemm(
     num_stages: int = 4,
     split_k: int = 1,
     activation: str | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [M, N] in x's dtype; with `activation`, [M, I]
     """x @ weight^T in output tiles whose blocks of x and W the TMA copy engine loads, optionally split along K
     (`split_k` programs per tile, the last to finish adding the others' partial sums): for the 64-256-row decode
@@ -281,7 +288,7 @@ def tma_gemm(
         x.device, SPLIT_PARTIALS, halves * tiles * splits * block_m * block_n if splits > 1 else 1, torch.float32
     )
     counters = persistent_zeros(x.device, SPLIT_COUNTERS, tiles if splits > 1 else 1)
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_enabled(x.device, allow_pdl)
     _tma_kernel[(tiles, splits)](
         TensorDescriptor.from_tensor(x, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
@@ -299,8 +306,8 @@ def tma_gemm(
         SPLIT=splits > 1,
         ACT=-1 if activation is None else ACTIVATION_CODES[activation],
         PDL=pdl,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out
@@ -309,8 +316,11 @@ def tma_gemm(
 def transposed_cublas_gemm(
     x: torch.Tensor,  # [M, K]
     weight: torch.Tensor,  # [N, K]
+    *,
+    allow_pdl: bool = True,  # taken for a uniform launch signature; cuBLAS launches without PDL
 ) -> torch.Tensor:  # [M, N] in x's dtype, contiguous
     """x @ weight^T as (weight @ x^T)^T: cuBLAS (torch.mm) on the transposed problem, then the copy back to rows."""
+    del allow_pdl
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[0] < 1:
         raise ValueError(
             f"transposed_cublas_gemm: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [M, K] and [N, K]"
@@ -318,7 +328,7 @@ def transposed_cublas_gemm(
     return torch.mm(weight, x.t()).t().contiguous()
 
 
-GEMM_TUNING_ENV = "LM_TORCH_GEMM_TUNING"
+GEMM_TUNING_SETTING = "KernelConfig.gemm_tuning"
 DEFAULT_TUNING = str(Path(__file__).with_name("gemm_tuning.json"))
 # Each kernel's launch arguments, as the tuning table names them.
 LAUNCH_KEYS = {
@@ -335,13 +345,14 @@ def _current_device_name() -> str | None:
 
 
 @functools.cache
-def _tuning_table(
+def load_gemm_table(
     path: str, device_name: str | None = None, named: bool = False
 ) -> dict[tuple, list[tuple[int, dict | None]]]:
     """(N, K, activation or None) -> [(rows, launch or None for cuBLAS)] sorted by rows, from the file at `path`;
     empty when the file names the card it was measured on and `device_name` is another (its winners were that
-    card's: another one runs cuBLAS until a sweep of its own). A file `named` by $LM_TORCH_GEMM_TUNING must exist."""
-    data = read_tuning_file(path, GEMM_TUNING_ENV, named)
+    card's: another one runs cuBLAS until a sweep of its own). A file `named` by `KernelConfig.gemm_tuning` must
+    exist."""
+    data = read_tuning_file(path, GEMM_TUNING_SETTING, named)
     if data is None or (device_name is not None and data.get("device") not in (None, device_name)):
         return {}
     configs = data["configs"]
@@ -369,13 +380,19 @@ def _tuning_table(
     return {shape: sorted(entries, key=lambda e: e[0]) for shape, entries in table.items()}
 
 
-def gemm_launch(rows: int, n: int, k: int, activation: str | None = None):
+def gemm_launch(rows: int, n: int, k: int, activation: str | None = None, tuning: TuningTables | None = None):
     """(kernel function, its keyword arguments) for `rows` rows of an N x K weight (with `activation`: a fused
     [gate | up] weight of N rows whose product is followed by act(gate) * up): the table's entry of the fewest rows
     measured at or above `rows`; None (cuBLAS, then the activation kernel) where there is no such entry or cuBLAS
-    measured fastest."""
-    named = os.environ.get(GEMM_TUNING_ENV)
-    table = _tuning_table(named or DEFAULT_TUNING, _current_device_name(), named=bool(named))
+    measured fastest. `tuning`: the engine's tables (None: the tables shipped beside the kernels)."""
+    from lm_torch.kernels.tuning import shipped_tables
+
+    tables = tuning if tuning is not None else shipped_tables(_current_device_name())
+    return launch_from_table(tables.gemm_table, rows, n, k, activation)
+
+
+def launch_from_table(table: dict[tuple, list[tuple[int, dict | None]]], rows: int, n: int, k: int, activation=None):
+    """`gemm_launch`'s lookup in a loaded table (`load_gemm_table`)."""
     for measured, launch in table.get((n, k, activation), []):
         if measured >= rows:
             if launch is None:

@@ -5,9 +5,8 @@ bandwidth. One program takes `block_n` output features and streams their rows of
 16 bytes wide) against x, accumulating products elementwise in float32 and reducing once at the end; `split_k`
 programs share each feature's K range and add their partial sums atomically into a float32 buffer.
 
-On an H100 with Llama-3-8B's shapes (`benchmarks/gemv.py`) 16 features x 512 of K per step, 4 warps and no split
-were the fastest shape tried for every projection, 4-15% faster than cuBLASLt (which picks split-K kernels plus a
-reduction for the square and the tall-K shapes): `layers.cuda_linear.SingleRowLinear` uses it for one-row inputs.
+The default launch (16 features x 512 of K per step, 4 warps, no split) is the fastest shape `benchmarks/gemv.py`
+found for Llama-3-8B's projections; `layers.cuda_linear.SmallBatchLinearMethod` uses it for one-row inputs.
 """
 
 from __future__ import annotations
@@ -67,6 +66,7 @@ def gemv(
     block_k: int = 512,
     num_warps: int = 4,
     split_k: int = 1,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [1, N] in x's dtype
     """x @ weight^T for a single row x (float32 accumulation)."""
     check_cuda_or_interpreter(x, weight)
@@ -79,7 +79,7 @@ def gemv(
     splits = triton.cdiv(k, k_per_split)
     out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((1, n))
     # With split-K the kernel adds into the zeroed buffer: the zeroing launch comes between (no early start).
-    pdl = pdl_enabled(x.device) and splits == 1
+    pdl = pdl_enabled(x.device, allow_pdl) and splits == 1
     _gemv_kernel[(triton.cdiv(n, block_n), splits)](
         x,
         weight,
@@ -92,7 +92,7 @@ def gemv(
         BLOCK_K=block_k,
         ATOMIC=splits > 1,
         PDL=pdl,
-        num_warps=num_warps,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype) if splits > 1 else out
@@ -171,6 +171,7 @@ def skinny_gemm(
     num_warps: int = 4,
     num_stages: int = 4,
     split_k: int = 1,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ weight^T for a few rows on the tensor cores, streaming W once (float32 accumulation)."""
     check_rows_and_weight("skinny_gemm", x, weight)
@@ -181,7 +182,7 @@ def skinny_gemm(
     even = n % block_n == 0 and k % k_per_split == 0
     # With split-K the programs add into a zeroed float32 buffer.
     out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty((m, n))
-    pdl = pdl_enabled(x.device) and splits == 1
+    pdl = pdl_enabled(x.device, allow_pdl) and splits == 1
     _skinny_kernel[(triton.cdiv(n, block_n), splits)](
         x,
         weight,
@@ -199,8 +200,8 @@ def skinny_gemm(
         EVEN=even,
         ATOMIC=splits > 1,
         PDL=pdl,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype) if splits > 1 else out

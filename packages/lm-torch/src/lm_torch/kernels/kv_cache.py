@@ -279,7 +279,7 @@ def store_kv_cache(
         BLOCK_SIZE=k_cache.shape[1],
         QUANT_POLICY=policy,
         HALF_PAD=next_power_of_2(head_dim // 2),
-        num_warps=4,
+        num_warps=4,  # pyright: ignore[reportCallIssue]  # triton launch option
     )
 
 
@@ -289,7 +289,7 @@ def quantized_cache_args(
     k_scales_zeros: torch.Tensor | None,
     v_scales_zeros: torch.Tensor | None,
     head_dim: int,
-) -> tuple[int, tuple]:
+) -> tuple[int, tuple[torch.Tensor, torch.Tensor, int, int, int]]:
     """(quant_policy, the kernels' scale arguments: k and v scales_zeros and their block, slot and head strides).
 
     Without scales the cache must hold head_dim features in a float dtype, and the arguments are placeholders the
@@ -299,9 +299,9 @@ def quantized_cache_args(
         if k_cache.shape[3] != head_dim:
             raise ValueError(f"KV cache of {k_cache.shape[3]} features per head does not hold head_dim {head_dim}")
         return 0, (k_cache, v_cache, 0, 0, 0)
-    if cache_quant_policy(v_cache, v_scales_zeros, head_dim) != policy or v_scales_zeros.stride() != (
-        k_scales_zeros.stride()
-    ):
+    assert k_scales_zeros is not None  # cache_quant_policy returns a nonzero policy only with scales
+    v_policy = cache_quant_policy(v_cache, v_scales_zeros, head_dim)
+    if v_policy != policy or v_scales_zeros is None or v_scales_zeros.stride() != k_scales_zeros.stride():
         raise ValueError("the K and V caches must be quantized alike (same policy, scales_zeros of the same layout)")
     if head_dim % 2:
         raise ValueError(f"quantized KV caches need an even head_dim, got {head_dim}")

@@ -266,7 +266,7 @@ def prefill_attention(
         QUANT_POLICY=policy,
         FEAT=feat,
         FEAT_PAD=next_power_of_2(feat),
-        num_warps=num_warps or 8,
-        num_stages=num_stages or (3 if head_dim <= 128 else 2),
+        num_warps=num_warps or 8,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages or (3 if head_dim <= 128 else 2),  # pyright: ignore[reportCallIssue]  # triton launch option
     )
     return out

@@ -59,6 +59,8 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,  # [..., hidden], same shape as x
     offset: float = 0.0,
+    *,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(norm(x + residual), x + residual); without `residual`, (norm(x), None). New tensors, inputs untouched.
 
@@ -78,7 +80,7 @@ def rms_norm(
     residual_out = torch.empty_like(x2) if residual is not None else out
     if x2.shape[0]:
         block = next_power_of_2(hidden)
-        pdl = pdl_enabled(x2.device)
+        pdl = pdl_enabled(x2.device, allow_pdl)
         _rms_norm_kernel[(x2.shape[0],)](
             x2,
             r2,
@@ -96,7 +98,7 @@ def rms_norm(
             HAS_RESIDUAL=residual is not None,
             WEIGHT_IN_FLOAT32=offset != 0.0,
             PDL=pdl,
-            num_warps=min(16, max(1, block // 512)),
+            num_warps=min(16, max(1, block // 512)),  # pyright: ignore[reportCallIssue]  # triton launch option
             **({"launch_pdl": True} if pdl else {}),
         )
     out = out.view(x.shape)

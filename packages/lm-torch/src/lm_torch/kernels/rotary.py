@@ -9,6 +9,11 @@ position. Features past `rotary_dim` (partial rotary, Phi-3 style) pass through 
 Two pairings: neox rotates feature i with i + rotary_dim / 2 (Llama and most HF models); gptj rotates 2i with 2i + 1.
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportArgumentType: `tl.constexpr` parameters are typed as the class `constexpr`, so the plain values passed to them
+#   are rejected.
+# pyright: reportArgumentType=false
+
 from __future__ import annotations
 
 import torch
@@ -279,6 +284,7 @@ def apply_rotary(
     slot_mapping: torch.Tensor | None = None,  # [num_tokens] int: block * block_size + offset; negative = skip
     k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
     v_scales_zeros: torch.Tensor | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k in place by each token's position (float32 math) and return them.
 
@@ -320,11 +326,11 @@ def apply_rotary(
             v_cache.stride(2),
         )
         if store
-        else (0,) * 6
+        else (0, 0, 0, 0, 0, 0)
     )
     if q.shape[0]:
         half = rotary_dim // 2
-        pdl = pdl_enabled(q.device)
+        pdl = pdl_enabled(q.device, allow_pdl)
         _rotary_kernel[(q.shape[0],)](
             positions,
             q,
@@ -360,7 +366,7 @@ def apply_rotary(
             QUANT_POLICY=policy,
             HEAD_HALF_PAD=next_power_of_2(q.shape[2] // 2),
             PDL=pdl,
-            num_warps=4,
+            num_warps=4,  # pyright: ignore[reportCallIssue]  # triton launch option
             **({"launch_pdl": True} if pdl else {}),
         )
     return q, k

@@ -17,6 +17,13 @@ A row with temperature <= 0 is greedy: the first arg-max. Every per-row setting 
 read back to the host, so a CUDA graph can capture the whole step.
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportOperatorIssue: `tl` reductions and loads are typed `tensor | tuple`, so arithmetic on their results is
+#   rejected.
+# reportAttributeAccessIssue: `tl` reductions and loads are typed `tensor | tuple` (and loop-carried values start as
+#   Python numbers), so `.to` on them is rejected.
+# pyright: reportOperatorIssue=false, reportAttributeAccessIssue=false
+
 from __future__ import annotations
 
 import torch
@@ -262,6 +269,6 @@ def sample(
         HAS_TOP_K=top_k is not None,
         HAS_TOP_P=top_p is not None,
         HAS_MIN_P=min_p is not None,
-        num_warps=num_warps or default_warps,
+        num_warps=num_warps or default_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
     )
     return tokens, thresholds

@@ -9,9 +9,8 @@ Three kernels (the tuning table picks one per shape, `w4a16_linear`):
   into the mantissa of 1.0 (`_plane`; an integer-to-float conversion runs at a quarter of the rate), one FMA with
   x, and the zero and scale are applied once per word and block. A loop step reads BLOCKS blocks side by side (a
   [BLOCK_N, BLOCKS, B / 8] tile of words), each thread holds several rows (reusing every x value it loads), and the
-  next step's operands are requested before this step's arithmetic. On an H100 it reaches 1.0-1.5 TB/s at
-  Llama-3-8B's shapes, 1.6-1.9x faster than the bf16 GEMV (`benchmarks/RESULTS.md`): with ~5 instructions per
-  weight in the loop (SASS), issue limits it about as much as memory does.
+  next step's operands are requested before this step's arithmetic. With ~5 instructions per weight in the loop
+  (SASS), issue limits it about as much as memory does.
 - `w4a16_tc.w4a16_gemv_tc`, one input row on the tensor cores (its own module, with the last steps that apply
   the MLP's activation or the rotary and KV-cache write): ~1.5-2.5 SASS instructions per weight.
 - `_w4a16_gemm_kernel`, more rows: a block's [BLOCK_N, 8, B / 8] planes are dequantized in registers into the
@@ -23,11 +22,17 @@ kernel); `gemv_tc`'s store theirs and the last split of a row block adds them up
 deterministic order). Without split the result is stored directly (one launch).
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportArgumentType: `tl.constexpr` parameters are typed as the class `constexpr`, so the plain values passed to them
+#   are rejected.
+# reportGeneralTypeIssues: `tl.range` / `tl.static_range` are typed as not iterable.
+# pyright: reportArgumentType=false, reportGeneralTypeIssues=false
+
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -36,6 +41,9 @@ import triton.language as tl
 from lm_torch.kernels.common import multiprocessor_count, next_power_of_2, read_tuning_file
 from lm_torch.kernels.w4a16_layout import MAX_BLOCK, block_inputs, check_call, pack_int4, split_blocks
 from lm_torch.kernels.w4a16_tc import QKVRotary, w4a16_gemv_tc
+
+if TYPE_CHECKING:
+    from lm_torch.kernels.tuning import TuningTables
 
 __all__ = [
     "MAX_BLOCK",
@@ -295,8 +303,8 @@ def w4a16_gemv(
         PREFETCH=prefetch,
         PREFETCH_X=prefetch_x,
         ATOMIC=splits > 1,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
     )
     return out.to(x.dtype) if splits > 1 else out
 
@@ -338,8 +346,8 @@ def w4a16_gemm(
         BLOCK_N=block_n,
         PREFETCH=prefetch,
         ATOMIC=splits > 1,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
     )
     return out.to(x.dtype) if splits > 1 else out
 
@@ -365,19 +373,23 @@ def w4a16_dequantize(
     return out
 
 
-TUNING_ENV = "LM_TORCH_W4A16_TUNING"
+TUNING_SETTING = "KernelConfig.w4a16_tuning"
+DEFAULT_TUNING = str(Path(__file__).with_name("w4a16_tuning.json"))
 
 
 @functools.cache
-def tuned_configs() -> dict[str, dict]:
+def load_w4a16_table(path: str, named: bool = False) -> dict[str, dict]:
     """Launch shapes by "rows bucket:N:K:group_size" (buckets 1, 16, 64, 2048 for M = 1, <= 16, <= 64, more), from
-    the JSON `benchmarks/w4a16.py --write-tuning` writes: the file named by $LM_TORCH_W4A16_TUNING, else the one
-    shipped next to this module (measured on an H100 at Llama-3-8B's shapes). Shapes absent from it get
-    `w4a16_linear`'s defaults; $LM_TORCH_W4A16_TUNING=none uses no table, and one naming a missing file is an
-    error."""
-    named = os.environ.get(TUNING_ENV)
-    data = read_tuning_file(named or str(Path(__file__).with_name("w4a16_tuning.json")), TUNING_ENV, bool(named))
+    the JSON `benchmarks/w4a16.py --write-tuning` writes: the file `KernelConfig.w4a16_tuning` names (`named`), else
+    the one shipped next to this module. Shapes absent from it get `w4a16_linear`'s defaults; "none" uses no table,
+    and a named file that does not exist is an error."""
+    data = read_tuning_file(path, TUNING_SETTING, named)
     return {} if data is None else data["configs"]
+
+
+def tuned_configs(tuning: TuningTables | None = None) -> dict[str, dict]:
+    """The launch-shape table of `tuning` (None: the table shipped beside this module)."""
+    return tuning.w4a16_table if tuning is not None else load_w4a16_table(DEFAULT_TUNING)
 
 
 def rows_bucket(m: int) -> int:
@@ -386,7 +398,14 @@ def rows_bucket(m: int) -> int:
 
 
 def w4a16_linear(
-    x, packed, scales, zeros, group_size: int, activation: str | None = None, rotary: QKVRotary | None = None
+    x,
+    packed,
+    scales,
+    zeros,
+    group_size: int,
+    activation: str | None = None,
+    rotary: QKVRotary | None = None,
+    tuning: TuningTables | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ W^T -> [M, N]: the launch shape of `tuned_configs` for (M's bucket, N, K, group_size), else the
     GEMV for one row, the split-K tensor-core kernel for a few rows, large tiles for prefill.
@@ -398,7 +417,7 @@ def w4a16_linear(
     the cache: in the GEMV's last step where it runs on the tensor cores, else by `apply_rotary` after the product."""
     m, k = x.shape
     n = packed.shape[0]
-    config = tuned_configs().get(f"{rows_bucket(m)}:{n}:{k}:{group_size}")
+    config = tuned_configs(tuning).get(f"{rows_bucket(m)}:{n}:{k}:{group_size}")
     if m == 1 and config is None and block_inputs(group_size) >= 64:
         config = _gemv_tc_default(x.device, n // 2 if activation else n, k // block_inputs(group_size))
     if rotary is not None:
@@ -409,7 +428,7 @@ def w4a16_linear(
             return w4a16_gemv_tc(x, packed, scales, zeros, group_size, rotary=rotary, **params)
         from lm_torch.kernels.rotary import apply_rotary
 
-        out = w4a16_linear(x, packed, scales, zeros, group_size)
+        out = w4a16_linear(x, packed, scales, zeros, group_size, tuning=tuning)
         heads, kv_heads, dim = rotary.num_heads, rotary.num_kv_heads, rotary.head_dim
         q, k, v = out.view(1, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
         apply_rotary(
@@ -430,7 +449,7 @@ def w4a16_linear(
             return w4a16_gemv_tc(x, packed, scales, zeros, group_size, activation=activation, **params)
         from lm_torch.kernels.activation import gated_activation
 
-        return gated_activation(w4a16_linear(x, packed, scales, zeros, group_size), activation)
+        return gated_activation(w4a16_linear(x, packed, scales, zeros, group_size, tuning=tuning), activation)
     if config is not None:
         params = dict(config)
         kernel = params.pop("kernel")
@@ -460,7 +479,7 @@ def w4a16_linear(
 
 
 def _gemv_tc_default(device: torch.device, outputs: int, num_blocks: int) -> dict:
-    """The one-row launch of a shape the tuning table lacks, after the H100's winners (benchmarks/w4a16_notes.md):
+    """The one-row launch of a shape the tuning table lacks, after the tuned winners (benchmarks/w4a16_notes.md):
     the tensor-core GEMV, 32 rows and 2 blocks a step, K split until about 16 programs per SM are in flight (at
     most 8 ways: qkv and o of Llama-3-8B get 8, gate_up 4, as tuned)."""
     blocks = 2 if num_blocks % 2 == 0 else 1

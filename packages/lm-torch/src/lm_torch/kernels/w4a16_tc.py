@@ -15,6 +15,15 @@ rotates q and k and writes k and v into the paged cache (no rotary launch). With
 kernel loads `preload` steps of weights before it waits for the kernel before it.
 """
 
+# Triton's type stubs describe host Python, not the @triton.jit language, so these rules are off here:
+# reportArgumentType: `tl.constexpr` parameters are typed as the class `constexpr`, so the plain values passed to them
+#   are rejected.
+# reportAssignmentType: a value assigned to a name annotated `tl.constexpr` is rejected the same way.
+# reportGeneralTypeIssues: `tl.range` / `tl.static_range` are typed as not iterable.
+# reportOperatorIssue: `tl` reductions and loads are typed `tensor | tuple`, so arithmetic on their results is
+#   rejected.
+# pyright: reportArgumentType=false, reportAssignmentType=false, reportGeneralTypeIssues=false, reportOperatorIssue=false
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -483,6 +492,7 @@ def w4a16_gemv_tc(
     activation: str | None = None,
     preload: int = 2,
     rotary: QKVRotary | None = None,
+    allow_pdl: bool = True,  # False: never programmatic dependent launch (`KernelConfig.pdl`)
 ) -> torch.Tensor:  # [1, N] in x's dtype ([1, N / 2] with an activation)
     """x @ W^T for one row x on the tensor cores: each block's nibbles become MAGIC + q in x's dtype (one LOP3 per
     two weights) and multiply x in mma tiles; per block, float32 sum (q - z) x = sum (MAGIC + q) x - (MAGIC + z)
@@ -519,7 +529,7 @@ def w4a16_gemv_tc(
             raise ValueError("w4a16_gemv_tc: a projection is gated or rotary, not both")
         _check_rotary(rotary, n, block_n)
     magic_bits, magic = _TC_MAGIC[x.dtype]
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_enabled(x.device, allow_pdl)
     per_split, splits = split_blocks(k // block, blocks, split_k)
     # Gated: a block of block_n rows makes block_n / 2 outputs.
     row_blocks = triton.cdiv(n // 2, block_n // 2) if gated >= 0 else triton.cdiv(n, block_n)
@@ -555,8 +565,8 @@ def w4a16_gemv_tc(
         ROTARY=rotary is not None,
         HEAD_DIM=rotary.head_dim if rotary is not None else 1,
         BLOCK_SIZE=rotary.k_cache.shape[1] if rotary is not None else 1,
-        num_warps=num_warps,
-        num_stages=1,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=1,  # pyright: ignore[reportCallIssue]  # triton launch option
         **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -122,7 +122,7 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tupl
             QMAX=127.0 if dtype == torch.int8 else 448.0,
             IS_INT=dtype == torch.int8,
             BLOCK=block,
-            num_warps=min(8, max(1, block // 256)),
+            num_warps=min(8, max(1, block // 256)),  # pyright: ignore[reportCallIssue]  # triton launch option
         )
     return x_q, scale
 
@@ -170,8 +170,8 @@ def int8_gemm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps,  # pyright: ignore[reportCallIssue]  # triton launch option
+        num_stages=num_stages,  # pyright: ignore[reportCallIssue]  # triton launch option
     )
     return out
 
@@ -185,7 +185,7 @@ def fp8_linear(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:  # [M, N]
     """Row-wise scaled float8 product through torch._scaled_mm (cuBLASLt; bfloat16 out, as row-wise scaling needs)."""
-    out = torch._scaled_mm(
+    out = torch._scaled_mm(  # pyright: ignore[reportPrivateImportUsage]  # not in torch's typed exports
         x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t().contiguous(), out_dtype=torch.bfloat16
     )
     out = out.to(out_dtype)

@@ -1,16 +1,36 @@
-"""The attention layer models call: rotary-embedded q, k, v in, attended output out, KV kept in the paged cache."""
+"""The attention layer models call: rotary-embedded q, k, v in, attended output out, KV kept in the paged cache.
+
+The backend comes from the `BuildContext` at construction. Its contract: `backend.forward(q, k, v, kv_cache, state,
+scale=, sliding_window=, softcap=, kv_stored=)` with q [T, H, D], k and v [T, KVH, D], `kv_cache` the layer's cache
+tuple (k, v[, k_scales_zeros, v_scales_zeros]) and `state` the per-step object the backend's `prepare()` returned
+(models pass it through unchanged); `state.meta.slot_mapping` is the [T] cache slot of each token; the class
+attribute `fuses_kv_store` says whether the backend takes k and v already stored by the rotary kernel.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lm_torch.attention.metadata import AttentionMetadata
-from lm_torch.kernels import runs_triton
+from lm_torch.attention.base import AttentionBackend, AttentionState
+from lm_torch.layers.context import BuildContext, context_or_current
+
+if TYPE_CHECKING:
+    from lm_torch.layers.linear import LinearBase
+    from lm_torch.layers.rotary import RotaryEmbedding
+
+
+def _scales_zeros(kv_cache: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A quantized cache's (k_scales_zeros, v_scales_zeros), (None, None) for an unquantized one."""
+    if len(kv_cache) < 4:
+        return None, None
+    return kv_cache[2], kv_cache[3]
 
 
 class PagedAttention(nn.Module):
-    """Holds one layer's attention shape; the backend (torch on CPU, Triton on CUDA) does the work."""
+    """Holds one layer's attention shape and its backend (torch on CPU, Triton on CUDA), which does the work."""
 
     def __init__(
         self,
@@ -20,11 +40,18 @@ class PagedAttention(nn.Module):
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        ctx: BuildContext | None = None,
     ) -> None:
         super().__init__()
+        ctx = context_or_current(ctx)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
-        self.backend = None  # set by the model runner, which knows the device
+        if ctx.attention_backend is None:
+            raise ValueError("PagedAttention needs an attention backend: BuildContext.attention_backend is None")
+        self.backend: AttentionBackend = ctx.attention_backend
+        # Where the step's K/V write can happen in the kernel that computes them: a backend that takes k and v
+        # already stored, and the Triton rotary kernel.
+        self.fuses_kv_store = ctx.runs_triton and self.backend.fuses_kv_store
 
     def forward(
         self,
@@ -32,20 +59,25 @@ class PagedAttention(nn.Module):
         k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
         v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, ...],  # (k, v) or a quantized `kv_quant.KVCache` (k, v, scales/zeros of each)
-        meta: AttentionMetadata,
-        rotary=None,  # a RotaryEmbedding to apply to q and k first (None: they arrive rotated)
+        attn: AttentionState,  # the backend's per-step state
+        rotary: RotaryEmbedding | None = None,  # applied to q and k first (None: they arrive rotated)
         positions: torch.Tensor | None = None,  # [num_tokens], with `rotary`
         kv_stored: bool = False,  # q arrives rotated and k, v are already in the cache (`project_rotate_store`)
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        """Attend the step's tokens; k and v are written into the cache on the way."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        scales_zeros = tuple(kv_cache[2:4]) if len(kv_cache) > 2 else (None, None)
         if rotary is not None and not kv_stored:
-            if self._fuses_kv_store(q):
+            if self.fuses_kv_store:
                 # One kernel rotates q and k and writes k and v into the cache; the backend then only attends.
-                rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, *scales_zeros)
+                if positions is None:
+                    raise ValueError("PagedAttention: `rotary` needs `positions`")
+                k_cache, v_cache = kv_cache[0], kv_cache[1]
+                rotary.rotate_and_store(
+                    positions, q, k, v, k_cache, v_cache, attn.meta.slot_mapping, *_scales_zeros(kv_cache)
+                )
                 kv_stored = True
             else:
                 q, k = rotary(positions, q, k)
@@ -53,34 +85,33 @@ class PagedAttention(nn.Module):
             q,
             k,
             v,
-            kv_cache[0],
-            kv_cache[1],
-            meta,
-            self.scale,
-            self.sliding_window,
-            self.softcap,
+            kv_cache,
+            attn,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
             kv_stored=kv_stored,
-            k_scales_zeros=scales_zeros[0],
-            v_scales_zeros=scales_zeros[1],
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
-    def _fuses_kv_store(self, t: torch.Tensor) -> bool:
-        """Whether this step's K/V write can happen in the kernel that computes them (the Triton backend takes k and v
-        already in the cache, and `t` is where Triton runs)."""
-        return getattr(self.backend, "fuses_kv_store", False) and runs_triton(t)
-
-    def project_rotate_store(self, qkv_proj, x, rotary, positions, kv_cache, meta) -> torch.Tensor | None:
+    def project_rotate_store(
+        self,
+        qkv_proj: LinearBase,
+        x: torch.Tensor,
+        rotary: RotaryEmbedding | None,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, ...],
+        attn: AttentionState,
+    ) -> torch.Tensor | None:
         """The [q | k | v] projection of a one-token step with the rotary embedding and the KV-cache write folded
-        into its kernel, where it can be (a W4A16 layer's one-row GEMV on CUDA, the Triton backend, an unquantized
+        into its kernel, where it can be (a layer that folds it, a backend that takes k and v stored, an unquantized
         cache, rotary over the whole head): the row with q and k rotated and k, v in the cache, for `forward(...,
         kv_stored=True)`. None where it cannot: the caller runs the projection, then `forward` with the rotary."""
-        fused = getattr(qkv_proj, "forward_qkv_rotary", None)
-        if fused is None or rotary is None or x.shape[0] != 1 or rotary.rotary_dim != self.head_dim:
+        if not (qkv_proj.can_fold_qkv_rotary and self.fuses_kv_store) or rotary is None or x.shape[0] != 1:
             return None
-        if not self._fuses_kv_store(x):
+        if rotary.rotary_dim != self.head_dim:
             return None
-        if len(kv_cache) > 2 and kv_cache[2] is not None:  # a quantized cache: its scales need whole heads
+        if _scales_zeros(kv_cache)[0] is not None:  # a quantized cache: its scales need whole heads
             return None
         from lm_torch.kernels.w4a16 import QKVRotary
 
@@ -90,9 +121,9 @@ class PagedAttention(nn.Module):
             rotary.sin,
             kv_cache[0],
             kv_cache[1],
-            meta.slot_mapping,
+            attn.meta.slot_mapping,
             self.num_heads,
             self.num_kv_heads,
             self.head_dim,
         )
-        return fused(x, rope)
+        return qkv_proj.forward_qkv_rotary(x, rope)

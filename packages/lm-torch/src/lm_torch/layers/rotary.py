@@ -6,14 +6,16 @@ so that our positions match the reference implementation for every model family.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from lm_torch.kernels import runs_triton
+from lm_torch.layers.context import BuildContext, context_or_current
 
 
 def rope_inverse_frequencies(
-    config, layer_type: str | None = None, max_positions: int | None = None
+    config: Any, layer_type: str | None = None, max_positions: int | None = None
 ) -> tuple[torch.Tensor, float]:
     """(inv_freq [head_dim // 2 or rotary_dim // 2], attention scaling) for `config` (a transformers config).
 
@@ -52,10 +54,21 @@ def rope_inverse_frequencies(
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embeddings to q and k by position, from a table computed once up to `max_positions`."""
+    """Applies rotary embeddings to q and k by position, from a table computed once up to `max_positions`.
 
-    def __init__(self, config, max_positions: int, layer_type: str | None = None) -> None:
+    On CUDA with triton the kernel of `kernels.rotary` rotates in place (`forward_triton`), elsewhere plain torch
+    (`forward_native`); the path is bound in `__init__`."""
+
+    cos: torch.Tensor  # [max_positions, rotary_dim] float32
+    sin: torch.Tensor
+
+    def __init__(
+        self, config: Any, max_positions: int, layer_type: str | None = None, ctx: BuildContext | None = None
+    ) -> None:
         super().__init__()
+        ctx = context_or_current(ctx)
+        self.allow_pdl = ctx.kernels.pdl
+        self._forward = self.forward_triton if ctx.runs_triton else self.forward_native
         inv_freq, scaling = rope_inverse_frequencies(config, layer_type, max_positions)
         # transformers' rope functions return CPU tensors; the tables belong where the model is being built, and
         # stay float32 whatever the default dtype is while it is built.
@@ -68,13 +81,22 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = emb.shape[-1]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
-        if runs_triton(q):
-            from lm_torch.kernels.rotary import apply_rotary
+        """(q, k) rotated by `positions` [num_tokens]; q: [num_tokens, num_heads, head_dim], k with num_kv_heads."""
+        return self._forward(positions, q, k)
 
-            # In place, in float32 from the float32 tables (the torch code rounds cos/sin to q's dtype first, as
-            # transformers does: identical in float32, within a unit of the last place in bf16/fp16).
-            return apply_rotary(positions, q, k, self.cos, self.sin)
+    def forward_triton(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In place, in float32 from the float32 tables (the torch code rounds cos/sin to q's dtype first, as
+        transformers does: identical in float32, within a unit of the last place in bf16/fp16)."""
+        from lm_torch.kernels.rotary import apply_rotary
+
+        return apply_rotary(positions, q, k, self.cos, self.sin, allow_pdl=self.allow_pdl)
+
+    def forward_native(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch computation (new tensors)."""
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
@@ -107,6 +129,7 @@ class RotaryEmbedding(nn.Module):
             slot_mapping=slot_mapping,
             k_scales_zeros=k_scales_zeros,
             v_scales_zeros=v_scales_zeros,
+            allow_pdl=self.allow_pdl,
         )
         return q
 

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from lm_torch.attention.base import AttentionState, StepMetadata
+    from lm_torch.layers.attention import PagedAttention
+
+
+class _SelfAttention(Protocol):
+    attn: PagedAttention
+
+
+class _DecoderLayer(Protocol):
+    self_attn: _SelfAttention
+
 
 class CausalLM(nn.Module):
-    """Base of our model classes. Subclasses define `forward(input_ids, positions, kv_caches, meta) -> hidden`,
-    `load_weights(weights) -> loaded names`, and own `embed_tokens`, `lm_head` and `layers`."""
+    """Base of our model classes. Subclasses define `forward(input_ids, positions, kv_caches, attn) -> hidden`
+    (`attn`: the step's `AttentionState`, see `prepare_attention`), `load_weights(weights) -> loaded names`, and own
+    `embed_tokens`, `lm_head` and `layers`."""
 
     #: multiplies the logits (Gemma2-style soft-capping uses `final_logit_softcapping` instead).
     final_logit_softcapping: float | None = None
+    # Set by every subclass's __init__.
+    embed_tokens: nn.Module
+    lm_head: nn.Module
+    layers: nn.ModuleList
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -36,13 +54,21 @@ class CausalLM(nn.Module):
 
     def kv_cache_shape(self) -> list[tuple[int, int]]:
         """(num_kv_heads, head_dim) of each layer, for allocating the paged cache."""
-        return [(layer.self_attn.attn.num_kv_heads, layer.self_attn.attn.head_dim) for layer in self.layers]
+        return [(attn.num_kv_heads, attn.head_dim) for attn in self.attention_layers()]
 
-    def attention_layers(self) -> list[nn.Module]:
-        return [layer.self_attn.attn for layer in self.layers]
+    def attention_layers(self) -> list[PagedAttention]:
+        """Every layer's `PagedAttention`."""
+        # nn.ModuleList yields plain nn.Modules; every decoder layer holds its PagedAttention at `self_attn.attn`.
+        layers = cast("Iterable[_DecoderLayer]", self.layers)
+        return [layer.self_attn.attn for layer in layers]
+
+    def prepare_attention(self, meta: StepMetadata) -> AttentionState:
+        """The per-step state this model's attention backend derives from `meta` (what `forward` takes)."""
+        return self.attention_layers()[0].backend.prepare(meta)
 
     @staticmethod
     def copy_weight(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+        """Copy a checkpoint tensor into the parameter of that name, its shape checked."""
         if name not in params:
             raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
         param = params[name]
@@ -54,6 +80,7 @@ class CausalLM(nn.Module):
             param.copy_(tensor)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy (name, tensor) pairs of a checkpoint in; returns the parameter names loaded."""
         raise NotImplementedError
 
 
@@ -86,7 +113,7 @@ def _load_shared(param: nn.Parameter, tensor: torch.Tensor, shard: int) -> None:
     # Every shard carries the whole tensor (GPTQ's g_idx); they must agree, since the fused module has one.
     if tensor.shape != param.shape:
         raise ValueError(f"fused shard {shard} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-    seen = param.__dict__.setdefault("loaded_shards", set())
+    seen = vars(param).setdefault("loaded_shards", set())
     if seen and not torch.equal(param.data, tensor.to(param.dtype)):
         raise ValueError("the fused projections' checkpoint tensors disagree (e.g. GPTQ g_idx of q, k and v)")
     with torch.no_grad():

@@ -15,19 +15,21 @@ Checkpoint names are Llama's, so weight loading is inherited from `LlamaForCausa
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from lm_torch.attention.metadata import AttentionMetadata
-from lm_torch.layers.activation import gated_projection
-from lm_torch.layers.attention import PagedAttention
+from lm_torch.layers.activation import GatedActivation, gated_projection
+from lm_torch.layers.attention import AttentionState, PagedAttention
+from lm_torch.layers.context import BuildContext, context_or_current
+from lm_torch.layers.linear import make_linear
 from lm_torch.layers.norm import RMSNorm
 from lm_torch.layers.rotary import RotaryEmbedding
 from lm_torch.models.base import CausalLM
 from lm_torch.models.llama import LlamaAttention, LlamaForCausalLM
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = tuple[torch.Tensor, ...]
 
 # Parts of a Gemma 3 multimodal checkpoint that are not the language model.
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
@@ -38,50 +40,65 @@ _LANGUAGE_MODEL_PREFIXES = ("language_model.model.", "model.language_model.")
 class GemmaAttention(LlamaAttention):
     """Llama's attention with Gemma's score scale, soft-capping (Gemma 2) and offset q/k norms (Gemma 3)."""
 
-    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, layer_idx: int, rotary: RotaryEmbedding, ctx: BuildContext | None = None) -> None:
+        ctx = context_or_current(ctx)
         qk_norm = config.model_type.startswith("gemma3")
-        super().__init__(config, layer_idx, rotary, qk_norm)
+        super().__init__(config, layer_idx, rotary, qk_norm, ctx)
         if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset=1.0)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset=1.0)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset=1.0, ctx=ctx)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset=1.0, ctx=ctx)
         # Gemma 1 has no query_pre_attn_scalar and scales by head_dim like Llama.
         scalar = getattr(config, "query_pre_attn_scalar", None) or self.head_dim
         # transformers passes the soft-cap to attention for Gemma 2 only; Gemma 3 configs may still carry the key.
         softcap = getattr(config, "attn_logit_softcapping", None) if config.model_type == "gemma2" else None
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, scalar**-0.5, self.attn.sliding_window, softcap
+            self.num_heads, self.num_kv_heads, self.head_dim, scalar**-0.5, self.attn.sliding_window, softcap, ctx
         )
 
 
 class GemmaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    """down(act(gate(x)) * up(x)) with Gemma's activation key."""
+
+    def __init__(self, config: Any, layer_idx: int = 0, ctx: BuildContext | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        hidden, intermediate = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = make_linear(ctx, hidden, 2 * intermediate, False, f"{layer_idx}.mlp.gate_up_proj")
+        self.down_proj = make_linear(ctx, intermediate, hidden, False, f"{layer_idx}.mlp.down_proj")
         # Gemma 1 names its activation hidden_act, Gemma 2/3 hidden_activation: the keys transformers reads.
-        self.act = config.hidden_act if config.model_type == "gemma" else config.hidden_activation
+        act = config.hidden_act if config.model_type == "gemma" else config.hidden_activation
+        self.act_fn = GatedActivation(act, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_projection(self.gate_up_proj, x, self.act))
+        """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
+        return self.down_proj(gated_projection(self.gate_up_proj, x, self.act_fn))
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    """Gemma's decoder layer: pre-norms, and in Gemma 2/3 post-norms around attention and MLP too."""
+
+    def __init__(self, config: Any, layer_idx: int, rotary: RotaryEmbedding, ctx: BuildContext | None = None) -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = GemmaAttention(config, layer_idx, rotary)
-        self.mlp = GemmaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0)
+        self.self_attn = GemmaAttention(config, layer_idx, rotary, ctx)
+        self.mlp = GemmaMLP(config, layer_idx, ctx)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0, ctx=ctx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0, ctx=ctx)
         self.sandwich = config.model_type != "gemma"
         if self.sandwich:
-            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0)
-            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0)
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0, ctx=ctx)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=1.0, ctx=ctx)
 
-    def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionMetadata):
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: KVCache,
+        attn: AttentionState,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual: [num_tokens, hidden]; the residual add is fused into the next norm, as in Llama."""
         hidden, residual = self.input_layernorm.pre_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn)
         if not self.sandwich:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             return self.mlp(hidden), residual
@@ -94,42 +111,45 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaForCausalLM(LlamaForCausalLM):
     """Also Gemma2ForCausalLM, Gemma3ForCausalLM and Gemma3ForConditionalGeneration (its language model only)."""
 
-    def __init__(self, config, max_positions: int) -> None:
+    def __init__(self, config: Any, max_positions: int, ctx: BuildContext | None = None) -> None:
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma 3 with use_bidirectional_attention (an embedding model) is not a causal LM")
         # Builds its own modules (not Llama's); LlamaForCausalLM contributes weight loading only.
         CausalLM.__init__(self, config)
+        ctx = context_or_current(ctx)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         rope_parameters = getattr(config, "rope_parameters", None) or {}
         # Gemma 3 keys rope_parameters by layer type (local layers rope_theta 10k, global ones 1M and maybe scaled);
         # Gemma 1/2 have one flat set for all layers.
         per_type = all(t in rope_parameters for t in set(layer_types))
         rotaries = {
-            t: RotaryEmbedding(config, max_positions, t if per_type else None) for t in dict.fromkeys(layer_types)
+            t: RotaryEmbedding(config, max_positions, t if per_type else None, ctx) for t in dict.fromkeys(layer_types)
         }
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, i, rotaries[layer_types[i]]) for i in range(config.num_hidden_layers)
+            GemmaDecoderLayer(config, i, rotaries[layer_types[i]], ctx) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0, ctx=ctx)
+        self.lm_head = make_linear(ctx, config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], attn: AttentionState
     ) -> torch.Tensor:  # [num_tokens, hidden]
+        """input_ids, positions: [num_tokens]; `attn` the attention backend's per-step state."""
         hidden = self.embed_tokens(input_ids)
         # transformers keeps sqrt(hidden) as a float32 tensor and casts it to the weights' dtype before multiplying
         # (sqrt(3072) = 55.43 becomes 55.5 in bfloat16); we round the same way.
         normalizer = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(hidden.dtype)
         hidden, residual = hidden * normalizer, None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Llama's loading, after dropping a multimodal checkpoint's vision tower and prefixes."""
         return super().load_weights(self._language_model_weights(weights))
 
     @staticmethod

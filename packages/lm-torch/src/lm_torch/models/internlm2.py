@@ -20,11 +20,13 @@ Llama's GQA assumes (query head i reads KV head i // q_per_kv), so regrouping to
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 
+from lm_torch.layers.context import BuildContext
 from lm_torch.models.base import output_layout
-from lm_torch.models.llama import LlamaForCausalLM
+from lm_torch.models.llama import LlamaAttention, LlamaForCausalLM
 
 _RENAMES = {
     "tok_embeddings": "embed_tokens",
@@ -73,11 +75,12 @@ def llama_config_from_internlm2(config):
 class InternLM2ForCausalLM(LlamaForCausalLM):
     """`self.config` is the translated LlamaConfig; `self.internlm2_config` the one the checkpoint came with."""
 
-    def __init__(self, config, max_positions: int) -> None:
-        super().__init__(llama_config_from_internlm2(config), max_positions)
+    def __init__(self, config: Any, max_positions: int, ctx: BuildContext | None = None) -> None:
+        super().__init__(llama_config_from_internlm2(config), max_positions, ctx)
         self.internlm2_config = config
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Llama's loading, after renaming InternLM2's tensors and splitting its packed wqkv."""
         return super().load_weights(self._llama_weights(weights))
 
     def _llama_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
@@ -100,7 +103,7 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
         Quantized tensors hold output channels along another dimension, maybe packed (`output_layout`); tensors
         without output channels (GPTQ's g_idx) go to all three.
         """
-        attn = self.layers[0].self_attn
+        attn = cast(LlamaAttention, self.layers[0].self_attn)  # nn.ModuleList items are typed nn.Module
         num_kv, head_dim = attn.num_kv_heads, attn.head_dim
         q_per_kv = attn.num_heads // num_kv
         prefix = name.replace(".attention.wqkv.", ".self_attn.")  # model.layers.N.self_attn.weight

@@ -6,23 +6,30 @@ One decoder serves them all; the differences are flags read from the transformer
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from lm_torch.attention.metadata import AttentionMetadata
-from lm_torch.layers.activation import gated_projection
-from lm_torch.layers.attention import PagedAttention
+from lm_torch.layers.activation import GatedActivation, gated_projection
+from lm_torch.layers.attention import AttentionState, PagedAttention
+from lm_torch.layers.context import BuildContext, context_or_current
+from lm_torch.layers.linear import make_linear
 from lm_torch.layers.norm import RMSNorm
 from lm_torch.layers.rotary import RotaryEmbedding
 from lm_torch.models.base import CausalLM, load_fused
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = tuple[torch.Tensor, ...]
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding, qk_norm: bool) -> None:
+    """q, k, v in one projection, optional per-head q/k norms (Qwen3), paged attention, the output projection."""
+
+    def __init__(
+        self, config: Any, layer_idx: int, rotary: RotaryEmbedding, qk_norm: bool, ctx: BuildContext | None = None
+    ) -> None:
         super().__init__()
+        ctx = context_or_current(ctx)
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -31,59 +38,83 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = bool(getattr(config, "attention_bias", False) or config.model_type == "qwen2")
         # q, k and v in one matmul: [q | k | v] rows.
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=bool(getattr(config, "attention_bias", False)))
+        prefix = f"{layer_idx}.self_attn"
+        self.qkv_proj = make_linear(ctx, hidden, self.q_size + 2 * self.kv_size, bias, f"{prefix}.qkv_proj")
+        o_bias = bool(getattr(config, "attention_bias", False))
+        self.o_proj = make_linear(ctx, self.q_size, hidden, o_bias, f"{prefix}.o_proj")
         self.rotary = rotary
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ctx=ctx) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ctx=ctx) if qk_norm else None
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
             window = None
         if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
             window = None
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window, ctx=ctx
+        )
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata):
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, attn: AttentionState
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        """x: [num_tokens, hidden], positions: [num_tokens]."""
         if self.q_norm is None:
             # One token of a W4A16 model on CUDA: the projection's kernel also rotates and stores k and v.
-            qkv = self.attn.project_rotate_store(self.qkv_proj, x, self.rotary, positions, kv_cache, meta)
+            qkv = self.attn.project_rotate_store(self.qkv_proj, x, self.rotary, positions, kv_cache, attn)
             if qkv is not None:
                 q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-                return self.o_proj(self.attn(q, k, v, kv_cache, meta, kv_stored=True))
+                return self.o_proj(self.attn(q, k, v, kv_cache, attn, kv_stored=True))
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
+            assert self.k_norm is not None  # q_norm and k_norm are built together
             q, k = self.q_norm(q), self.k_norm(k)
         # The attention layer applies the rotary embedding (fused with the KV-cache write on CUDA).
-        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, kv_cache, meta, self.rotary, positions))
+        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, kv_cache, attn, self.rotary, positions))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    """down(act(gate(x)) * up(x)), gate and up in one [gate | up] projection."""
+
+    def __init__(self, config: Any, layer_idx: int = 0, ctx: BuildContext | None = None) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act = config.hidden_act
+        hidden, intermediate = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = make_linear(ctx, hidden, 2 * intermediate, bias, f"{layer_idx}.mlp.gate_up_proj")
+        self.down_proj = make_linear(ctx, intermediate, hidden, bias, f"{layer_idx}.mlp.down_proj")
+        self.act_fn = GatedActivation(config.hidden_act, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_projection(self.gate_up_proj, x, self.act))
+        """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
+        return self.down_proj(gated_projection(self.gate_up_proj, x, self.act_fn))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding, qk_norm: bool) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rotary, qk_norm)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    """Pre-norm attention and MLP, the residual add fused into the next norm."""
 
-    def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionMetadata):
+    def __init__(
+        self, config: Any, layer_idx: int, rotary: RotaryEmbedding, qk_norm: bool, ctx: BuildContext | None = None
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, rotary, qk_norm, ctx)
+        self.mlp = LlamaMLP(config, layer_idx, ctx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx=ctx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx=ctx)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: KVCache,
+        attn: AttentionState,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, residual: [num_tokens, hidden] (residual None in the first layer)."""
         hidden, residual = self.input_layernorm.pre_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -91,29 +122,32 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """Also MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM."""
 
-    def __init__(self, config, max_positions: int) -> None:
+    def __init__(self, config: Any, max_positions: int, ctx: BuildContext | None = None) -> None:
         super().__init__(config)
+        ctx = context_or_current(ctx)
         qk_norm = config.model_type.startswith("qwen3")
-        rotary = RotaryEmbedding(config, max_positions)
+        rotary = RotaryEmbedding(config, max_positions, ctx=ctx)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, qk_norm) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, rotary, qk_norm, ctx) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx=ctx)
+        self.lm_head = make_linear(ctx, config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], attn: AttentionState
     ) -> torch.Tensor:  # [num_tokens, hidden]
+        """input_ids, positions: [num_tokens]; `attn` the attention backend's per-step state."""
         hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors in, q/k/v and gate/up into their fused projections; returns the names loaded."""
         fused = {
             "q_proj": ("qkv_proj", 0),
             "k_proj": ("qkv_proj", 1),
@@ -141,7 +175,7 @@ class LlamaForCausalLM(CausalLM):
         return loaded
 
     def _shard_sizes(self, target: str) -> list[int]:
-        attn = self.layers[0].self_attn
+        attn = cast(LlamaAttention, self.layers[0].self_attn)  # nn.ModuleList items are typed nn.Module
         if target == "qkv_proj":
             return [attn.q_size, attn.kv_size, attn.kv_size]
         return [self.config.intermediate_size] * 2

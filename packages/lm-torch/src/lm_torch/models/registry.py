@@ -22,6 +22,7 @@ MODEL_REGISTRY: dict[str, str] = {
 
 
 def supported_architectures() -> list[str]:
+    """The architecture names lm-torch implements, sorted."""
     return sorted(MODEL_REGISTRY)
 
 

@@ -53,6 +53,7 @@ class SamplingInputs:
 
     @property
     def any_penalty(self) -> bool:
+        """Whether some row has a repetition, frequency or presence penalty."""
         return self.seen_mask is not None or self.output_counts is not None
 
     @classmethod
@@ -81,8 +82,8 @@ class SamplingInputs:
         `validate_config`.
         """
         batch = len(configs)
-        bad_words_ids = bad_words_ids if bad_words_ids is not None else [None] * batch
-        lengths = {len(prompt_token_ids), len(output_token_ids), len(bad_words_ids), len(generators)}
+        row_bad_words: list[list[list[int]] | None] = bad_words_ids if bad_words_ids is not None else [None] * batch
+        lengths = {len(prompt_token_ids), len(output_token_ids), len(row_bad_words), len(generators)}
         if lengths != {batch}:
             raise ValueError(f"SamplingInputs.build: per-row lists differ in length from {batch} configs")
         if vocab_size <= 0:
@@ -141,7 +142,7 @@ class SamplingInputs:
             inputs.guided_rows = _rows(rows, batch, device)
             inputs.guided_bitmask = guided_bitmask
         inputs._build_penalties(configs, prompt_token_ids, output_token_ids, device)
-        inputs._build_bias_and_bans(configs, prompt_token_ids, output_token_ids, bad_words_ids, device)
+        inputs._build_bias_and_bans(configs, prompt_token_ids, output_token_ids, row_bad_words, device)
         return inputs
 
     def _build_penalties(

@@ -22,6 +22,8 @@ import torch
 from lm_torch.sampling.params import host_tensor, start_host_copy
 
 if TYPE_CHECKING:
+    from lm_torch.models.base import CausalLM
+    from lm_torch.runner.state import RequestState
     from lm_torch.scheduler import ScheduledBatch
 
 # The most float32 logits computed at once ([rows, vocab]): bounds the memory a long prompt's logprobs take.
@@ -46,17 +48,15 @@ class _Span:
     hidden_start: int  # the row of the step's hidden states that predicts token `first`
 
 
-def _spans(batch: ScheduledBatch) -> list[_Span]:
+def _spans(batch: ScheduledBatch, states: list[RequestState]) -> list[_Span]:
     spans = []
     starts = None
-    for i, seq in enumerate(batch.seqs):
-        num_top = seq.gen_config.prompt_logprobs
+    for i, state in enumerate(states):
+        num_top = state.gen_config.prompt_logprobs
         if num_top is None:
             continue
-        start = seq.num_computed_tokens
-        # Positions [start, stop) predict prompt tokens start + 1 .. stop. A recomputed sequence (after a preemption)
-        # also recomputes its generated tokens: their positions are not the prompt's.
-        stop = min(start + batch.num_new_tokens[i], seq.num_prompt_tokens - 1)
+        start = batch.starts[i]
+        stop = min(start + batch.num_new_tokens[i], state.num_prompt_tokens - 1)
         if stop <= start:
             continue
         if starts is None:  # the step's tokens are laid out sequence after sequence, in batch order
@@ -66,18 +66,23 @@ def _spans(batch: ScheduledBatch) -> list[_Span]:
 
 
 def compute_prompt_logprobs(
-    model: torch.nn.Module, hidden: torch.Tensor, batch: ScheduledBatch, vocab_size: int
+    model: CausalLM,
+    hidden: torch.Tensor,
+    batch: ScheduledBatch,
+    states: list[RequestState],
+    vocab_size: int,
 ) -> PendingPromptLogprobs | None:
-    """Queue the prompt logprobs that `batch` yields (None when no sequence in it wants any).
+    """Queue the prompt logprobs that `batch` yields (None when no request in it wants any); `states[i]` is row i's
+    request.
 
     hidden: [num_tokens (+ padding), hidden] final hidden states of every token of the step, sequence after sequence.
     """
-    spans = _spans(batch)
+    spans = _spans(batch, states)
     if not spans:
         return None
     device = hidden.device
     positions = [s.hidden_start + j for s in spans for j in range(s.count)]
-    targets = [t for s in spans for t in batch.seqs[s.row].token_ids[s.first : s.first + s.count]]
+    targets = [t for s in spans for t in states[s.row].prompt_token_ids[s.first : s.first + s.count]]
     index = host_tensor(positions, torch.int64, device)  # [rows]
     target_index = host_tensor(targets, torch.int64, device)  # [rows]
     num_rows, width = len(positions), max(s.num_top for s in spans)

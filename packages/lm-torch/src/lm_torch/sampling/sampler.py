@@ -22,6 +22,7 @@ class SamplerOutput:
 
     @property
     def logprobs(self) -> list[dict[int, float] | None] | None:
+        """Per row {token id: logprob} (None rows: not asked); None when no row asked. Waits for the host copy."""
         return None if self.pending_logprobs is None else self.pending_logprobs.resolve()
 
 
@@ -118,14 +119,16 @@ class Sampler:
         if seeded:
             # One scalar per seeded row from its own generator: the only per-row loop, and it does no math.
             # CPU generators are cheapest (a few microseconds each, then one copy); CUDA ones launch a kernel each.
-            draws = [torch.rand(1, generator=generators[i], device=generators[i].device) for i in seeded]
+            draws = [torch.rand(1, generator=g, device=g.device) for g in generators if g is not None]
             same_device = len({d.device for d in draws}) == 1
             if same_device:
                 seeded_draws = to_device(torch.cat(draws), device)
             else:
                 seeded_draws = torch.cat([to_device(d, device) for d in draws])
-        if seeded_draws is None or shared_draws is None:
-            return seeded_draws if shared_draws is None else shared_draws
+        if seeded_draws is None:
+            return shared_draws if shared_draws is not None else torch.empty(0, dtype=torch.float32, device=device)
+        if shared_draws is None:
+            return seeded_draws
         uniforms = torch.empty(len(generators), dtype=torch.float32, device=device)
         uniforms.index_copy_(0, host_tensor(shared, torch.int64, device), shared_draws)
         uniforms.index_copy_(0, host_tensor(seeded, torch.int64, device), seeded_draws)
@@ -165,12 +168,12 @@ class PendingLogprobs:
     def __init__(self, asked: list[int | None], rows: list[int], tensors: list[torch.Tensor]) -> None:
         self.asked, self.rows = asked, rows
         tensors, self._event = start_host_copy(tensors)
-        self._tensors: list[torch.Tensor] | None = tensors
+        self._tensors = tensors  # emptied once resolved
         self._result: list[dict[int, float] | None] | None = None
 
     def resolve(self) -> list[dict[int, float] | None]:
         """Per row {token id: logprob} of its top-N allowed tokens and its sampled token (at most N + 1 entries)."""
-        if self._tensors is None:
+        if self._result is not None:
             return self._result
         if self._event is not None:
             self._event.synchronize()
@@ -186,5 +189,5 @@ class PendingLogprobs:
             entry = {token: value for token, value in pairs if value != ops.NEG_INF}
             entry.setdefault(chosen_list[j], chosen_lp_list[j])
             result[row] = entry
-        self._result, self._tensors = result, None
+        self._result, self._tensors = result, []
         return result

@@ -1,17 +1,18 @@
-"""Quantized checkpoints: read `quantization_config`, put quantized linears in the model, finish them after loading.
+"""Quantized checkpoints: read `quantization_config`, build quantized linears where the checkpoint has them.
 
 Supported `quant_method`s: "awq" (AutoAWQ GEMM, 4-bit), "gptq" (AutoGPTQ / GPTQModel, 2/4/8-bit, with or without
-act-order) and "smooth_quant" (LMDeploy's W8A8, int8 or float8_e4m3fn). The linears of the decoder layers are
-replaced; embeddings and the LM head stay in floating point, as these formats leave them.
+act-order) and "smooth_quant" (LMDeploy's W8A8, int8 or float8_e4m3fn). `layers.linear.make_linear` builds the
+decoder layers' linears quantized (`make_quantized_linear`) unless `modules_to_not_convert` names them; embeddings
+and the LM head stay in floating point, as these formats leave them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-from torch import nn
-
+from lm_torch.layers.context import BuildContext
+from lm_torch.layers.linear import LinearBase
 from lm_torch.layers.quant.w8a8 import W8A8Linear
 from lm_torch.layers.quant.weight_only import AWQLinear, GPTQLinear
 
@@ -32,7 +33,7 @@ class QuantConfig:
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
 
 
-def parse_quant_config(hf_config) -> QuantConfig | None:
+def parse_quant_config(hf_config: Any) -> QuantConfig | None:
     """The checkpoint's QuantConfig, None for a floating-point checkpoint; a ValueError naming what is unsupported."""
     raw = getattr(hf_config, "quantization_config", None)
     if raw is None:
@@ -67,36 +68,22 @@ def parse_quant_config(hf_config) -> QuantConfig | None:
     )
 
 
-def make_linear(quant: QuantConfig, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
-    """The quantized module standing in for `linear` (same in/out features and bias)."""
-    args = (linear.in_features, linear.out_features, linear.bias is not None)
-    device = linear.weight.device
-    with torch.device(device):
-        if quant.method == "awq":
-            return AWQLinear(*args, quant.group_size, dtype=dtype)
-        if quant.method == "gptq":
-            return GPTQLinear(*args, quant.group_size, quant.bits, quant.zero_offset, dtype=dtype)
-        return W8A8Linear(*args, quant.quant_dtype, dtype)
+def is_quantized(prefix: str, quant: QuantConfig) -> bool:
+    """Whether the checkpoint quantizes the linear at `prefix` (its path under the decoder layers)."""
+    return not _not_converted(prefix, quant.modules_to_not_convert)
 
 
-def quantize_model(model: nn.Module, quant: QuantConfig, dtype: torch.dtype) -> int:
-    """Replace the nn.Linear modules of `model.layers` by quantized ones; returns how many."""
-    count = 0
-    for name, module in list(model.layers.named_modules()):
-        if not isinstance(module, nn.Linear) or _not_converted(name, quant.modules_to_not_convert):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.layers.get_submodule(parent_name) if parent_name else model.layers
-        setattr(parent, child, make_linear(quant, module, dtype))
-        count += 1
-    return count
-
-
-def finish_loading(model: nn.Module) -> None:
-    """Let each quantized module prepare its run-time form once the weights are in."""
-    for module in model.modules():
-        if isinstance(module, AWQLinear | GPTQLinear | W8A8Linear):
-            module.finish_loading()
+def make_quantized_linear(
+    quant: QuantConfig, in_features: int, out_features: int, bias: bool, ctx: BuildContext
+) -> LinearBase:
+    """The quantized layer of one projection (created on the current default device, its scales in `ctx.dtype`)."""
+    if quant.method == "awq":
+        return AWQLinear(in_features, out_features, bias, quant.group_size, dtype=ctx.dtype, ctx=ctx)
+    if quant.method == "gptq":
+        return GPTQLinear(
+            in_features, out_features, bias, quant.group_size, quant.bits, quant.zero_offset, dtype=ctx.dtype, ctx=ctx
+        )
+    return W8A8Linear(in_features, out_features, bias, quant.quant_dtype, ctx.dtype, ctx)
 
 
 def _not_converted(name: str, skipped: tuple[str, ...]) -> bool:
@@ -107,4 +94,12 @@ def _not_converted(name: str, skipped: tuple[str, ...]) -> bool:
     return any(entry == n or entry in name for entry in skipped for n in names)
 
 
-__all__ = ["AWQLinear", "GPTQLinear", "QuantConfig", "W8A8Linear", "finish_loading", "parse_quant_config"]
+__all__ = [
+    "AWQLinear",
+    "GPTQLinear",
+    "QuantConfig",
+    "W8A8Linear",
+    "is_quantized",
+    "make_quantized_linear",
+    "parse_quant_config",
+]

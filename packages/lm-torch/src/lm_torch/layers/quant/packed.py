@@ -17,9 +17,8 @@ from torch import nn
 def quant_param(tensor: torch.Tensor, output_dim: int | None, output_pack: int = 1, optional: bool = False):
     """A frozen nn.Parameter carrying the loader attributes above."""
     param = nn.Parameter(tensor, requires_grad=False)
-    param.output_dim = output_dim
-    param.output_pack = output_pack
-    param.optional_in_checkpoint = optional
+    # Plain instance attributes, which torch's Parameter type does not declare.
+    vars(param).update(output_dim=output_dim, output_pack=output_pack, optional_in_checkpoint=optional)
     return param
 
 

@@ -13,8 +13,9 @@ with the scales (and bias) applied in its epilogue, or for float8 `torch._scaled
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from lm_torch.layers.context import BuildContext, context_or_current
+from lm_torch.layers.linear import LinearBase
 from lm_torch.layers.quant.packed import quant_param
 
 QUANT_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}
@@ -30,11 +31,20 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return (x / scale).clamp(-448, 448).to(dtype), scale
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(LinearBase):
     """int8 (or float8) weights per output channel, per-token dynamic activations."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, quant_dtype: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        quant_dtype: str,
+        dtype: torch.dtype,
+        ctx: BuildContext | None = None,
+    ) -> None:
         super().__init__()
+        self.runs_triton = context_or_current(ctx).runs_triton
         if quant_dtype not in QUANT_DTYPES:
             raise ValueError(f"smooth_quant quant_dtype {quant_dtype!r} is not supported ({', '.join(QUANT_DTYPES)})")
         self.in_features, self.out_features = in_features, out_features
@@ -45,21 +55,25 @@ class W8A8Linear(nn.Module):
         self.weight_t: torch.Tensor | None = None
 
     def finish_loading(self) -> None:
+        """Keep `weight` [out, in] for the kernels, else the transposed operand of the torch products."""
         if self._runs_kernels():
             return  # the kernels take `weight` [out, in] as the checkpoint holds it
         # The products want the right operand [in, out]; float8 is multiplied in float32 (no float8 matmul on the CPU).
         weight_t = self.weight.data.t().contiguous()
         self.weight_t = weight_t if self.qdtype == torch.int8 else weight_t.float()
 
-    def _runs_kernels(self) -> bool:
-        from lm_torch.kernels import runs_triton
+    def process_weights_after_loading(self) -> None:
+        """`finish_loading`."""
+        self.finish_loading()
 
-        if not runs_triton(self.weight):
+    def _runs_kernels(self) -> bool:
+        if not self.runs_triton:
             return False
         # torch._scaled_mm needs both matrix dimensions in multiples of 16.
         return self.qdtype == torch.int8 or (self.in_features % 16 == 0 and self.out_features % 16 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x's dtype."""
         flat = x.reshape(-1, self.in_features)
         if self.weight_t is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
             from lm_torch.kernels import w8a8
@@ -79,7 +93,8 @@ class W8A8Linear(nn.Module):
             else:
                 if rows <= 16:  # cuBLAS int8 GEMMs need more than 16 rows: pad, then drop the padding.
                     x_q = torch.cat([x_q, x_q.new_zeros(17 - rows, self.in_features)])
-                acc = torch._int_mm(x_q, weight_t.to(torch.int8))[:rows].float()  # exact int32 sums
+                # exact int32 sums; torch leaves _int_mm out of its typed exports
+                acc = torch._int_mm(x_q, weight_t.to(torch.int8))[:rows].float()  # pyright: ignore[reportPrivateImportUsage]
         else:
             acc = x_q.float() @ weight_t.float()
         out = (acc * x_scale * self.scale.t()).to(x.dtype)
@@ -88,9 +103,11 @@ class W8A8Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def init_dummy(self, generator: torch.Generator) -> None:
+        """Random int8 weights with the spread of normal(0, 0.02), for benchmarks."""
         values = torch.randint(-127, 128, self.weight.shape, generator=generator, device=self.weight.device)
         self.weight.data.copy_(values.to(self.qdtype))
         self.scale.data.fill_(0.02 / 73.0)  # uniform integers in [-127, 127] have a standard deviation of about 73
 
     def extra_repr(self) -> str:
+        """Shape and storage dtype."""
         return f"in_features={self.in_features}, out_features={self.out_features}, quant_dtype={self.qdtype}"

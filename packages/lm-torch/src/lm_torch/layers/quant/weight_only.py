@@ -23,18 +23,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lm_torch.layers.linear import SplitInputMajorLinear
+from lm_torch.layers.context import BuildContext, context_or_current
+from lm_torch.layers.linear import Linear, LinearBase, SplitInputMajorLinear
 from lm_torch.layers.quant.packed import quant_param, unpack_int32
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _HALF = (torch.bfloat16, torch.float16)
 
 
-class _WeightOnlyLinear(nn.Module):
-    """Shared forward: a cached dense copy on the CPU, or dequantize-and-multiply."""
+class _WeightOnlyLinear(LinearBase):
+    """Shared forward: the W4A16 kernels (CUDA), a cached dense copy, or dequantize-and-multiply; which one is decided
+    once the weights are loaded (`process_weights_after_loading`), from the device and dtype it was built for."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, dtype: torch.dtype) -> None:
+    bits: int
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group_size: int,
+        dtype: torch.dtype,
+        ctx: BuildContext | None = None,
+    ) -> None:
         super().__init__()
+        self.build_ctx = context_or_current(ctx)
+        self.tuning = self.build_ctx.tuning
         self.in_features, self.out_features = in_features, out_features
         self.group_size = in_features if group_size == -1 else group_size
         if in_features % self.group_size:
@@ -59,22 +73,26 @@ class _WeightOnlyLinear(nn.Module):
     def finish_loading(self) -> None:
         """Called once the checkpoint is loaded: on CUDA, repack 4-bit weights for the W4A16 kernels; elsewhere
         (and for what the kernels do not take) keep the dequantized weight as a dense linear."""
-        from lm_torch.kernels import triton_available
-
         device = self.scales.device
-        takes_kernels = device.type == "cuda" and triton_available() and self.bits == 4 and self.scales.dtype in _HALF
+        takes_kernels = self.build_ctx.runs_triton and self.bits == 4 and self.scales.dtype in _HALF
         if takes_kernels and self.repack_for_kernels():
+            self.can_fold_qkv_rotary = self.bias is None and self.input_perm is None
             return
         if not self.cache_dense:
             return
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, dtype=self.scales.dtype, device="meta")
         if device.type == "cpu":
+            linear = nn.Linear(self.in_features, self.out_features, bias=False, dtype=self.scales.dtype, device="meta")
             linear.weight = nn.Parameter(self.dequantize().t(), requires_grad=False)
             self.dense = SplitInputMajorLinear(linear, torch.get_num_threads())
-        else:  # a plain nn.Linear, which the CUDA runner gives the GEMV path like every dense linear
-            linear.weight = nn.Parameter(self.dequantize().t().contiguous(), requires_grad=False)
-            self.dense = linear
+        else:  # a dense `Linear` with the method of the build context (the small-batch kernels on CUDA)
+            dense = Linear(self.in_features, self.out_features, False, self.build_ctx, "meta", self.scales.dtype)
+            dense.weight = nn.Parameter(self.dequantize().t().contiguous(), requires_grad=False)
+            self.dense = dense
             self._drop_checkpoint_tensors()
+
+    def process_weights_after_loading(self) -> None:
+        """`finish_loading`."""
+        self.finish_loading()
 
     def repack_for_kernels(self) -> bool:
         """Checkpoint tensors -> `packed`, `scales`, `zeros` (+ `input_perm`); False when the groups are uneven."""
@@ -114,6 +132,7 @@ class _WeightOnlyLinear(nn.Module):
         """W^T [in, out] in the scales' dtype."""
         if self.packed is None:
             if not hasattr(self, "qweight"):  # a CUDA dense fallback dropped the checkpoint tensors
+                assert isinstance(self.dense, Linear)  # the checkpoint tensors are dropped only once it is built
                 return self.dense.weight.t()
             return self._dequantize_checkpoint()
         from lm_torch.kernels.reference import unpack_int4
@@ -132,7 +151,9 @@ class _WeightOnlyLinear(nn.Module):
             flat = x.reshape(-1, self.in_features)  # [tokens, in]
             if self.input_perm is not None:
                 flat = flat.index_select(1, self.input_perm)
-            out = w4a16_linear(flat.contiguous(), self.packed, self.scales, self.zeros, self.group_size)
+            out = w4a16_linear(
+                flat.contiguous(), self.packed, self.scales, self.zeros, self.group_size, tuning=self.tuning
+            )
             out = out.view(*x.shape[:-1], self.out_features)
         elif self.dense is not None:
             out = self.dense(x)
@@ -160,7 +181,13 @@ class _WeightOnlyLinear(nn.Module):
         from lm_torch.kernels.w4a16 import w4a16_linear
 
         out = w4a16_linear(
-            x.reshape(1, -1).contiguous(), self.packed, self.scales, self.zeros, self.group_size, rotary=rope
+            x.reshape(1, -1).contiguous(),
+            self.packed,
+            self.scales,
+            self.zeros,
+            self.group_size,
+            rotary=rope,
+            tuning=self.tuning,
         )
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -174,7 +201,15 @@ class _WeightOnlyLinear(nn.Module):
 
         if act not in ACTIVATION_CODES:
             return None
-        out = w4a16_linear(x.reshape(1, -1).contiguous(), self.packed, self.scales, self.zeros, self.group_size, act)
+        out = w4a16_linear(
+            x.reshape(1, -1).contiguous(),
+            self.packed,
+            self.scales,
+            self.zeros,
+            self.group_size,
+            act,
+            tuning=self.tuning,
+        )
         return out.view(*x.shape[:-1], self.out_features // 2)
 
     def extra_repr(self) -> str:
@@ -186,15 +221,24 @@ class AWQLinear(_WeightOnlyLinear):
 
     bits = 4
 
-    def __init__(self, in_features, out_features, bias, group_size, dtype=torch.float16) -> None:
-        super().__init__(in_features, out_features, bias, group_size, dtype)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group_size: int,
+        dtype: torch.dtype = torch.float16,
+        ctx: BuildContext | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, group_size, dtype, ctx)
         if out_features % 8:
             raise ValueError(f"AWQ packs 8 output channels per int32; out_features {out_features} is no multiple of 8")
         self.qweight = quant_param(torch.zeros(in_features, out_features // 8, dtype=torch.int32), 1, 8)
         self.qzeros = quant_param(torch.zeros(self.num_groups, out_features // 8, dtype=torch.int32), 1, 8)
         self.scales = quant_param(torch.zeros(self.num_groups, out_features, dtype=dtype), 1)
 
-    def int4_weights(self):
+    def int4_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q [in, out], zeros [groups, out], None): AWQ groups are contiguous."""
         return unpack_int32(self.qweight, 4, AWQ_ORDER), unpack_int32(self.qzeros, 4, AWQ_ORDER), None
 
     def _dequantize_checkpoint(self) -> torch.Tensor:
@@ -215,8 +259,18 @@ class AWQLinear(_WeightOnlyLinear):
 class GPTQLinear(_WeightOnlyLinear):
     """GPTQ layout (AutoGPTQ / GPTQModel `checkpoint_format` "gptq", or "gptq_v2"), 2, 4 or 8 bits."""
 
-    def __init__(self, in_features, out_features, bias, group_size, bits=4, zero_offset=1, dtype=torch.float16):
-        super().__init__(in_features, out_features, bias, group_size, dtype)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group_size: int,
+        bits: int = 4,
+        zero_offset: int = 1,
+        dtype: torch.dtype = torch.float16,
+        ctx: BuildContext | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, group_size, dtype, ctx)
         if bits not in (2, 4, 8):
             raise ValueError(f"GPTQ with {bits} bits is not supported (2, 4 or 8)")
         self.bits, self.zero_offset = bits, zero_offset
@@ -231,7 +285,8 @@ class GPTQLinear(_WeightOnlyLinear):
         default = torch.arange(in_features, dtype=torch.int32) // self.group_size
         self.g_idx = quant_param(default, None, optional=True)
 
-    def int4_weights(self):
+    def int4_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q [in, out], zeros [groups, out] with the format's offset, g_idx [in])."""
         q = unpack_int32(self.qweight.t(), 4).t()  # [in, out]
         return q, unpack_int32(self.qzeros, 4) + self.zero_offset, self.g_idx
 
@@ -242,6 +297,7 @@ class GPTQLinear(_WeightOnlyLinear):
         return (q - zeros[groups]).to(self.scales.dtype) * self.scales[groups]
 
     def init_dummy(self, generator: torch.Generator) -> None:
+        """Random weights with the spread of normal(0, 0.02), zeros in the middle of the range, for benchmarks."""
         _random_words(self.qweight, generator)
         middle = 1 << (self.bits - 1)
         stored = torch.full((self.qzeros.shape[0], self.qzeros.shape[1] * 32 // self.bits), middle - 1)

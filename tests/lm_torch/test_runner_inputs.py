@@ -1,5 +1,6 @@
-"""The host side of the CUDA path, which runs anywhere: step layouts (checked against `AttentionMetadata.build`),
-CUDA-graph buckets and their padding, placeholder tokens, and the KV-cache memory plan."""
+"""The runner's inputs, which every device builds with the same code and which run anywhere: step layouts (checked
+against `StepMetadata.build`), pending tokens read from the token buffer, CUDA-graph buckets and their padding, the
+staging buffers, and the KV-cache memory plan."""
 
 from __future__ import annotations
 
@@ -7,30 +8,30 @@ import pytest
 import torch
 
 from lm_core.generation_config import GenerationConfig
-from lm_torch.attention import AttentionMetadata
+from lm_torch.attention import StepMetadata
 from lm_torch.config import TorchEngineConfig
-from lm_torch.cuda_graph import SPLITS_ENV, graph_buckets, graph_split_plan
+from lm_torch.envs import DecodeSplits
+from lm_torch.kernels.decode_attention import graph_split_plan
 from lm_torch.memory import GIB, SAFETY_MARGIN, plan_kv_cache
-from lm_torch.scheduler import ScheduledBatch
-from lm_torch.sequence import Sequence
-from lm_torch.step_inputs import (
+from lm_torch.runner.cuda_graph import graph_buckets
+from lm_torch.runner.inputs import (
     EagerInputs,
     GraphInputs,
+    build_host_step,
     eager_token_bucket,
-    gather_step,
     pad_host_step,
     prefill_tile_arrays,
     resolve_input_ids,
     zero_padding_rows,
 )
+from lm_torch.scheduler import ScheduledBatch
+from lm_torch.sequence import Sequence
 
 BLOCK_SIZE = 4
 
 
-def _seq(name: str, num_tokens: int, computed: int, blocks: list[int], placeholder: bool = False) -> Sequence:
+def _seq(name: str, num_tokens: int, computed: int, blocks: list[int]) -> Sequence:
     ids = list(range(100, 100 + num_tokens))
-    if placeholder:
-        ids[-1] = -1
     seq = Sequence(name, ids, min(num_tokens, 3), GenerationConfig())
     seq.num_computed_tokens, seq.block_table = computed, blocks
     return seq
@@ -44,14 +45,18 @@ def _mixed_batch() -> ScheduledBatch:
         _seq("fresh", 5, 0, [1, 8]),
         _seq("single", 9, 4, [4, 6]),
     ]
-    return ScheduledBatch(seqs, [1, 6, 5, 1], [True, False, True, False])
+    return ScheduledBatch(seqs, [1, 6, 5, 1], [1, 0, 1, 0])
 
 
-def test_gather_step_matches_attention_metadata():
+def _host(batch: ScheduledBatch, slots: list[int] | None = None):
+    return build_host_step(batch, BLOCK_SIZE, slots if slots is not None else [-1] * len(batch.seqs))
+
+
+def test_host_step_matches_step_metadata():
     batch = _mixed_batch()
-    host = gather_step(batch, BLOCK_SIZE, {})
+    host = _host(batch)
     context_lens = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
-    meta = AttentionMetadata.build(
+    meta = StepMetadata.build(
         batch.num_new_tokens, context_lens, [s.block_table for s in batch.seqs], BLOCK_SIZE, "cpu"
     )
     assert host.slot_mapping.tolist() == meta.slot_mapping.tolist()
@@ -69,15 +74,25 @@ def test_gather_step_matches_attention_metadata():
     assert (host.sources == -1).all()
 
 
-def test_placeholders_name_the_previous_steps_row():
-    batch = ScheduledBatch([_seq("a", 6, 5, [0, 1], True), _seq("b", 3, 2, [2], True)], [1, 1], [True, True])
-    host = gather_step(batch, BLOCK_SIZE, {"a": 4, "b": 0})
-    assert host.input_ids.tolist() == [-1, -1] and host.sources.tolist() == [4, 0]
-    previous = torch.tensor([50, 51, 52, 53, 54])
-    ids = resolve_input_ids(torch.tensor(host.input_ids, dtype=torch.int32), torch.tensor(host.sources), previous)
-    assert ids.tolist() == [54, 50]
-    with pytest.raises(RuntimeError, match="'b'"):
-        gather_step(batch, BLOCK_SIZE, {"a": 4})
+def test_pending_tokens_are_read_from_the_request_slot():
+    """A row whose last input token is pending (sampled by a step whose result is not back) reads it from its
+    request's token-buffer slot; the host array holds 0 there, never a made-up token id."""
+    a, b = _seq("a", 5, 5, [0, 1]), _seq("b", 2, 2, [2])
+    batch = ScheduledBatch(
+        [a, b, _seq("c", 4, 3, [3])],
+        [1, 2, 1],
+        [1, 1, 1],
+        starts=[5, 1, 3],
+        token_ids=[[], [101], [103]],  # a: its pending token only; b: a known token, then its pending one
+    )
+    host = _host(batch, [4, 0, 2])
+    assert host.input_ids.tolist() == [0, 101, 0, 103] and host.sources.tolist() == [4, -1, 0, -1]
+    assert host.positions.tolist() == [5, 1, 2, 3]
+    token_buffer = torch.tensor([50, 51, 52, 53, 54])
+    ids = resolve_input_ids(torch.tensor(host.input_ids, dtype=torch.int32), torch.tensor(host.sources), token_buffer)
+    assert ids.tolist() == [54, 101, 50, 103]
+    with pytest.raises(RuntimeError, match="pending"):
+        _host(batch, [-1, 0, 2])  # a pending token with no slot
 
 
 def test_graph_buckets():
@@ -101,32 +116,30 @@ def test_cuda_graph_sizes_are_checked(sizes):
 
     with pytest.raises(ValueError, match="cuda_graph_sizes"):
         TorchEngineConfig(max_batch_size=256, cuda_graph_sizes=sizes)
-    assert TorchEngineConfig(max_batch_size=256, cuda_graph_sizes=[1, 256]).cuda_graph_sizes == [1, 256]
+    assert TorchEngineConfig(max_batch_size=256, cuda_graph_sizes=[1, 256]).cuda.cuda_graph_sizes == (1, 256)
 
 
 def test_graph_split_plan():
     """A bucket's decode split-K is the kernel's heuristic for a 1k context (the CPU counts 8 multiprocessors: 4
-    waves, 32 programs), splits of at least 64 tokens; an "S:T" override raises the buckets below S to S splits of
-    at least T tokens, and a malformed one is a ValueError naming the variable."""
+    waves, 32 programs), splits of at least 64 tokens; an (S, T) override raises the buckets below S to S splits of
+    at least T tokens."""
     cpu = torch.device("cpu")
     assert graph_split_plan(1, 8, 4096, cpu) == (4, 64)  # 32 programs wanted, 8 kv heads
     assert graph_split_plan(1, 1, 4096, cpu) == (16, 64)
     assert graph_split_plan(1, 1, 100, cpu) == (1, 64)  # no split when the engine's contexts are short
     assert graph_split_plan(64, 8, 4096, cpu) == (1, 64)
-    assert graph_split_plan(64, 8, 4096, cpu, "4:256") == (4, 256)
-    assert graph_split_plan(1, 1, 4096, cpu, "4:256") == (16, 256)  # more splits already: kept
-    assert graph_split_plan(1, 1, 4096, cpu, "64:64") == (32, 64)  # at most MAX_SPLITS
-    for bad in ("4", "a:b", "0:64", "4:0", "4:64:1"):
-        with pytest.raises(ValueError, match=SPLITS_ENV):
-            graph_split_plan(64, 8, 4096, cpu, bad)
+    assert graph_split_plan(64, 8, 4096, cpu, DecodeSplits(4, 256)) == (4, 256)
+    assert graph_split_plan(1, 1, 4096, cpu, DecodeSplits(4, 256)) == (16, 256)  # more splits already: kept
+    assert graph_split_plan(1, 1, 4096, cpu, DecodeSplits(64, 64)) == (32, 64)  # at most MAX_SPLITS
 
 
 def test_graph_inputs_pad_rows_to_the_bucket():
     inputs = GraphInputs(max_batch=16, max_width=20, device=torch.device("cpu"))
     assert inputs.max_width == 32
     seqs = [_seq(f"s{i}", 5 + 4 * i, 4 + 4 * i, list(range(3 * i, 3 * i + 2 + i))) for i in range(3)]
-    host = gather_step(ScheduledBatch(seqs, [1, 1, 1], [True] * 3), BLOCK_SIZE, {})
-    inputs.upload(host, bucket=8)
+    host = _host(ScheduledBatch(seqs, [1, 1, 1], [1] * 3))
+    inputs.upload(host, 8, [5, 3, 7])
+    assert inputs.sample_slots(3).tolist() == [5, 3, 7]
     step = inputs.views(8)
     assert step.input_ids[:3].tolist() == host.input_ids.tolist() and step.input_ids[3:].tolist() == [0] * 5
     assert step.slot_mapping[:3].tolist() == host.slot_mapping.tolist() and step.slot_mapping[3:].eq(-1).all()
@@ -137,10 +150,10 @@ def test_graph_inputs_pad_rows_to_the_bucket():
     for i, seq in enumerate(seqs):
         assert step.block_tables[i, : len(seq.block_table)].tolist() == seq.block_table
     # A smaller step later overwrites the rows it uses and re-pads the rest.
-    inputs.upload(gather_step(ScheduledBatch(seqs[:1], [1], [True]), BLOCK_SIZE, {}), bucket=2)
+    inputs.upload(_host(ScheduledBatch(seqs[:1], [1], [1])), 2, [0])
     assert inputs.views(2).slot_mapping.tolist() == [host.slot_mapping[0], -1]
     with pytest.raises(ValueError, match="bucket"):
-        inputs.upload(host, bucket=2)
+        inputs.upload(host, 2, [0, 1, 2])
 
 
 def test_zero_padding_rows_zeroes_only_the_padding_embeddings():
@@ -164,26 +177,27 @@ def test_eager_inputs_hold_every_tensor_of_a_mixed_step():
     from lm_torch.kernels.prefill_attention import prefill_tiles
 
     batch = _mixed_batch()
-    host = gather_step(batch, BLOCK_SIZE, {})
+    host = _host(batch)
     inputs = EagerInputs(max_tokens=32, max_seqs=8, max_width=40, device=torch.device("cpu"))
     ends = host.query_start_loc[1:] - 1
-    step = inputs.upload(host, ends[[0, 2]].tolist(), tokens_per_tile=2)
+    step = inputs.upload(host, ends[[0, 2]].tolist(), [6, 1], tokens_per_tile=2)
     for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "context_lens"):
         assert getattr(step, name).tolist() == getattr(host, name).tolist(), name
     assert step.block_tables.tolist() == host.block_tables.tolist()
-    assert step.sample_index.tolist() == [0, 11]
+    assert step.sample_index.tolist() == [0, 11] and step.sample_slots.tolist() == [6, 1]
     tile_seq, tile_first = prefill_tiles(host.query_lens, 2, "cpu")
     assert step.tile_seq.tolist() == tile_seq.tolist() and step.tile_first.tolist() == tile_first.tolist()
     assert [a.tolist() for a in prefill_tile_arrays([1, 5, 1], 2)] == [[1, 1, 1], [0, 2, 4]]
     with pytest.raises(ValueError, match="staging"):
-        inputs.upload(gather_step(ScheduledBatch([_seq("long", 40, 0, list(range(10)))], [40], [True]), 4, {}), [39], 2)
+        long = ScheduledBatch([_seq("long", 40, 0, list(range(10)))], [40], [1])
+        inputs.upload(build_host_step(long, 4, [0]), [39], [0], 2)
 
 
 def test_eager_steps_are_padded_to_few_token_counts():
     buckets = [eager_token_bucket(n) for n in range(1, 4097)]
     assert all(b >= n and b - n < max(16, n // 4) for n, b in enumerate(buckets, start=1))
     assert len(set(buckets)) <= 44 and buckets == sorted(buckets)
-    host = gather_step(_mixed_batch(), BLOCK_SIZE, {})
+    host = _host(_mixed_batch())
     padded = pad_host_step(host, eager_token_bucket(host.num_tokens))
     n, total = host.num_tokens, padded.num_tokens
     assert total == 16 and n < total
@@ -194,7 +208,7 @@ def test_eager_steps_are_padded_to_few_token_counts():
     assert padded.slot_mapping[n:].tolist() == [-1] * (total - n) and padded.sources[n:].tolist() == [-1] * (total - n)
     assert padded.query_start_loc.tolist() == host.query_start_loc.tolist() and padded.query_start_loc[-1] == n
     inputs = EagerInputs(max_tokens=30, max_seqs=8, max_width=40, device=torch.device("cpu"))
-    step = inputs.upload(padded, [0], tokens_per_tile=2)  # room for the padding of a 30-token budget
+    step = inputs.upload(padded, [0], [0], tokens_per_tile=2)  # room for the padding of a 30-token budget
     assert step.input_ids.shape[0] == total and step.query_start_loc[-1].item() == n
     with pytest.raises(ValueError, match="pad"):
         pad_host_step(host, n - 1)

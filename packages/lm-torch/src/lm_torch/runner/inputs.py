@@ -1,20 +1,20 @@
-"""A step's model inputs on CUDA: laid out on the host in a pinned int32 buffer, copied to the device in one go.
+"""A step's model inputs: one host layout (`build_host_step`) for every device, then moved to where the model runs.
 
-Every per-step tensor the forward pass reads (token ids, positions, KV slots, the kernels' lengths and block tables,
-which hidden rows are sampled, the prefill tiles) is one segment of a single int32 buffer. The host fills it with
-numpy, one non-blocking copy moves it, and the tensors are views of the device copy: no host-device synchronisation
-anywhere (a `torch.tensor(..., device="cuda")` would wait for every kernel queued before it, which is exactly the
-work the host should be overlapping).
+`build_host_step` lays a `ScheduledBatch` out in numpy arrays: token ids, positions, KV slots, the kernels' lengths
+and block tables. On the CPU the tensors are views of those arrays. On CUDA every per-step tensor the forward pass
+reads (those, plus which hidden rows are sampled and the prefill tiles) is one segment of a single pinned int32
+buffer: one non-blocking copy moves it, and the tensors are views of the device copy, so there is no host-device
+synchronisation anywhere (a `torch.tensor(..., device="cuda")` would wait for every kernel queued before it, which
+is exactly the work the host should be overlapping).
 
-Token ids that are not known yet on the host are placeholders (negative): the engine schedules step N + 1 before
-step N's sampled tokens have come back. Each placeholder names the row of the previous step's sampled tokens that
-holds it (`sources`); `resolve_input_ids` swaps them in on the device.
+A token the step reads whose value is not on the host yet (a pending token: the engine schedules step N + 1 before
+step N's sampled tokens are back) has its request's token-buffer slot in `sources`: `resolve_input_ids` reads it
+from the runner's device buffer, which every step's sampler writes. Its entry in `input_ids` is 0 and unused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from itertools import chain
 
@@ -25,6 +25,7 @@ from lm_torch.scheduler import ScheduledBatch
 
 
 def round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
 
 
@@ -32,8 +33,8 @@ def round_up(n: int, multiple: int) -> int:
 class HostStep:
     """One step's inputs, still on the host (numpy int32 arrays)."""
 
-    input_ids: np.ndarray  # [num_tokens]; placeholders are -1
-    sources: np.ndarray  # [num_tokens]: the previous step's sampled row holding the token, or -1
+    input_ids: np.ndarray  # [num_tokens]; 0 where the token is pending
+    sources: np.ndarray  # [num_tokens]: the token-buffer slot holding a pending token, or -1
     positions: np.ndarray  # [num_tokens]
     slot_mapping: np.ndarray  # [num_tokens]
     query_start_loc: np.ndarray  # [num_seqs + 1]
@@ -44,54 +45,54 @@ class HostStep:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens in the step."""
         return len(self.input_ids)
 
     @property
     def num_seqs(self) -> int:
+        """Sequences in the step."""
         return len(self.query_lens)
 
 
-def gather_step(batch: ScheduledBatch, block_size: int, previous_rows: dict[str, int], width: int = 0) -> HostStep:
-    """Lay out `batch` on the host. `previous_rows` maps a request id to its row among the previous step's sampled
-    tokens (where a placeholder at the end of its token ids will be found); `width`: a minimum block-table width."""
-    seqs, num_new = batch.seqs, batch.num_new_tokens
-    num_seqs = len(seqs)
-    starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
+def build_host_step(batch: ScheduledBatch, block_size: int, slots: list[int], width: int = 0) -> HostStep:
+    """Lay out `batch` on the host. `slots[i]`: the token-buffer slot of row i's request (read for its pending input
+    token, if it has one); `width`: a minimum block-table width."""
+    num_new = batch.num_new_tokens
+    num_seqs = len(num_new)
+    starts = np.asarray(batch.starts, dtype=np.int64)
     lens = np.asarray(num_new, dtype=np.int64)
     query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(lens, out=query_start_loc[1:])
     num_tokens = int(query_start_loc[-1])
-    ids = np.fromiter(
-        chain.from_iterable(s.token_ids[a : a + n] for s, a, n in zip(seqs, starts.tolist(), num_new, strict=True)),
-        dtype=np.int64,
-        count=num_tokens,
-    )
+    known = batch.token_ids
+    sources = np.full(num_tokens, -1, dtype=np.int64)
+    pending_rows = [i for i in range(num_seqs) if len(known[i]) != num_new[i]]
+    if pending_rows:
+        ids = np.zeros(num_tokens, dtype=np.int64)
+        for i in range(num_seqs):
+            first = int(query_start_loc[i])
+            ids[first : first + len(known[i])] = known[i]
+        for i in pending_rows:
+            if num_new[i] - len(known[i]) != 1 or slots[i] < 0:
+                raise RuntimeError(f"row {i} reads {num_new[i] - len(known[i])} pending tokens without a slot")
+            sources[query_start_loc[i + 1] - 1] = slots[i]  # a pending token is always the row's last
+    else:
+        ids = np.fromiter(chain.from_iterable(known), dtype=np.int64, count=num_tokens)
     # Token t belongs to sequence seq_of[t] and sits at position start + (t - first token of that sequence).
     seq_of = np.repeat(np.arange(num_seqs), lens)
     positions = np.arange(num_tokens) + np.repeat(starts - query_start_loc[:-1], lens)
-    sources = np.full(num_tokens, -1, dtype=np.int64)
-    placeholders = np.flatnonzero(ids < 0)
-    if placeholders.size:
-        owners = seq_of[placeholders]
-        # A placeholder is always its sequence's newest token, sampled by the step before this one.
-        if (placeholders != query_start_loc[owners + 1] - 1).any():
-            raise RuntimeError("a placeholder token id sits before the end of its sequence")
-        for t, i in zip(placeholders.tolist(), owners.tolist(), strict=True):
-            row = previous_rows.get(seqs[i].request_id)
-            if row is None:
-                raise RuntimeError(f"request {seqs[i].request_id!r} waits for a token that no earlier step sampled")
-            sources[t] = row
     context_lens = starts + lens
-    table_width = round_up(max(width, max((len(s.block_table) for s in seqs), default=1), 1), 16)
+    tables_list = batch.block_tables
+    table_width = round_up(max(width, max((len(t) for t in tables_list), default=1), 1), 16)
     tables = np.zeros((num_seqs, table_width), dtype=np.int64)
-    for i, seq in enumerate(seqs):
-        tables[i, : len(seq.block_table)] = seq.block_table
-    slots = tables[seq_of, positions // block_size] * block_size + positions % block_size
+    for i, table in enumerate(tables_list):
+        tables[i, : len(table)] = table
+    slot_mapping = tables[seq_of, positions // block_size] * block_size + positions % block_size
     return HostStep(
         input_ids=ids,
         sources=sources,
         positions=positions,
-        slot_mapping=slots,
+        slot_mapping=slot_mapping,
         query_start_loc=query_start_loc,
         context_lens=context_lens,
         block_tables=tables,
@@ -139,16 +140,6 @@ def pad_host_step(host: HostStep, num_tokens: int) -> HostStep:
     )
 
 
-# "0": padding rows keep token 0's embedding (and an eager step's attention output there stays unwritten) instead of
-# being zeroed; for measuring what the zeroing is worth.
-ZERO_PADDING_ENV = "LM_TORCH_ZERO_PADDING"
-
-
-def zero_padding() -> bool:
-    """Whether steps zero their padding rows (`zero_padding_rows`; on unless `LM_TORCH_ZERO_PADDING=0`)."""
-    return os.environ.get(ZERO_PADDING_ENV, "1") != "0"
-
-
 @contextlib.contextmanager
 def zero_padding_rows(model, padding: torch.Tensor | int):
     """While the block runs, `model.embed_tokens` returns zeros in a step's padding rows: where `padding` ([rows]
@@ -192,10 +183,12 @@ class Segments:
         self.total = offset
 
     def view(self, buffer, name: str):
+        """The `name` segment of `buffer` (host or device)."""
         start, size = self.offsets[name]
         return buffer[start : start + size]
 
     def end(self, name: str) -> int:
+        """The offset just past the `name` segment."""
         start, size = self.offsets[name]
         return start + size
 
@@ -225,6 +218,7 @@ class PinnedStaging:
 
     @property
     def current_index(self) -> int:
+        """Index of the buffer `acquire` last returned."""
         return self._current
 
     def upload(self, num_elements: int, destination: torch.Tensor) -> None:
@@ -253,6 +247,7 @@ class DeviceStep:
     context_lens: torch.Tensor  # [S]
     block_tables: torch.Tensor  # [S, width]
     sample_index: torch.Tensor | None = None  # [R] the token rows whose hidden states are sampled (eager steps)
+    sample_slots: torch.Tensor | None = None  # [R] the token-buffer slot each sampled row writes (eager steps)
     tile_seq: torch.Tensor | None = None  # [tiles] the prefill kernel's tiles (eager steps)
     tile_first: torch.Tensor | None = None
 
@@ -271,12 +266,15 @@ class EagerInputs:
     def __init__(self, max_tokens: int, max_seqs: int, max_width: int, device: torch.device) -> None:
         max_tokens = eager_token_bucket(max_tokens)  # room for the padding
         self.max_tokens, self.max_seqs, self.max_width = max_tokens, max_seqs, round_up(max_width, 16)
-        # Tiles never outnumber tokens; sample rows never outnumber sequences; ten segments, each padded.
-        capacity = 6 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_width + 10 * SEGMENT_ALIGNMENT
+        # Tiles never outnumber tokens; sample rows never outnumber sequences; eleven segments, each padded.
+        capacity = 6 * max_tokens + 4 * max_seqs + 1 + max_seqs * self.max_width + 11 * SEGMENT_ALIGNMENT
         self.staging = PinnedStaging(capacity)
         self.device_buffer = torch.zeros(capacity, dtype=torch.int32, device=device)
 
-    def upload(self, host: HostStep, sample_index: list[int], tokens_per_tile: int) -> DeviceStep:
+    def upload(
+        self, host: HostStep, sample_index: list[int], sample_slots: list[int], tokens_per_tile: int
+    ) -> DeviceStep:
+        """Copy a step into the staging buffer and up to the device in one copy; returns the device views."""
         if host.num_tokens > self.max_tokens or host.num_seqs > self.max_seqs:
             raise ValueError(f"a step of {host.num_tokens} tokens / {host.num_seqs} sequences exceeds the staging size")
         tile_seq, tile_first = prefill_tile_arrays(host.query_lens, tokens_per_tile)
@@ -289,6 +287,7 @@ class EagerInputs:
             "context_lens": host.context_lens,
             "block_tables": host.block_tables.reshape(-1),
             "sample_index": np.asarray(sample_index, dtype=np.int64),
+            "sample_slots": np.asarray(sample_slots, dtype=np.int64),
             "tile_seq": tile_seq,
             "tile_first": tile_first,
         }
@@ -318,6 +317,7 @@ class GraphInputs:
                 "slot_mapping": rows,
                 "query_start_loc": rows + 1,
                 "context_lens": rows,
+                "sample_slots": rows,
                 "block_tables": rows * self.max_width,
             }
         )
@@ -342,8 +342,13 @@ class GraphInputs:
             block_tables=seg.view(buf, "block_tables")[: bucket * self.max_width].view(bucket, self.max_width),
         )
 
-    def upload(self, host: HostStep, bucket: int) -> None:
-        """Write a decode step of `host.num_seqs` <= `bucket` rows, padded to `bucket`, into the static buffer."""
+    def sample_slots(self, num: int) -> torch.Tensor:
+        """The token-buffer slots of the last uploaded step's sampled rows ([num] int32, on the device)."""
+        return self.segments.view(self.buffer, "sample_slots")[:num]
+
+    def upload(self, host: HostStep, bucket: int, sample_slots: list[int]) -> None:
+        """Write a decode step of `host.num_seqs` <= `bucket` rows, padded to `bucket`, into the static buffer, with
+        the token-buffer slots its sampled rows write (`sample_slots`)."""
         num, seg = host.num_seqs, self.segments
         if host.num_tokens != num or num > bucket or host.block_tables.shape[1] > self.max_width:
             raise ValueError(f"not a decode step that fits bucket {bucket}: {num} sequences, {host.num_tokens} tokens")
@@ -358,14 +363,15 @@ class GraphInputs:
         lens = seg.view(array, "context_lens")
         lens[:num] = host.context_lens
         lens[num:bucket] = 0
+        seg.view(array, "sample_slots")[: len(sample_slots)] = sample_slots
         tables = seg.view(array, "block_tables").reshape(self.max_batch, self.max_width)
         tables[:num, : host.block_tables.shape[1]] = host.block_tables
         # Only the rows of this bucket travel: the segments before the tables are small.
         self.staging.upload(seg.offsets["block_tables"][0] + bucket * self.max_width, self.buffer)
 
 
-def resolve_input_ids(input_ids: torch.Tensor, sources: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    """input_ids [T] int32 with placeholders, sources [T] int32 (-1: keep), sampled [R] int64: the previous step's
-    tokens. Returns [T] int64 ids, on the device, without a host round trip."""
-    from_previous = sampled.index_select(0, sources.clamp(min=0))  # [T]
-    return torch.where(sources >= 0, from_previous, input_ids.long())
+def resolve_input_ids(input_ids: torch.Tensor, sources: torch.Tensor, token_buffer: torch.Tensor) -> torch.Tensor:
+    """input_ids [T] (0 where pending), sources [T] (a token-buffer slot, or -1: keep), token_buffer [slots] int64:
+    each running request's last sampled token. Returns [T] int64 ids, on the device, without a host round trip."""
+    pending = token_buffer.index_select(0, sources.clamp(min=0))  # [T]
+    return torch.where(sources >= 0, pending, input_ids.long())
