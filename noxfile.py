@@ -169,7 +169,8 @@ def typecheck(session: nox.Session) -> None:
     third_party = sorted({req for dist in dists for req in _pyproject(_package_dir(dist))["project"]["dependencies"]})
     third_party = [req for req in third_party if not re.match(r"lm-[a-z]+", req)]
     _install_with_torch(session, *third_party, PYRIGHT)
-    session.run("pyright", "--pythonpath", str(Path(session.bin) / "python"), env=RUN_ENV)
+    # `-p ROOT`: this repository's pyproject.toml, never a pyright config found in a directory above it.
+    session.run("pyright", "-p", str(ROOT), "--pythonpath", str(Path(session.bin) / "python"), env=RUN_ENV)
 
 
 @nox.session
