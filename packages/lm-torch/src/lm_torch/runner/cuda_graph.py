@@ -123,8 +123,7 @@ class CudaGraphRunner:
                 self.outputs[bucket] = self.forward(bucket)
             self.graphs[bucket] = graph
         # A graph's first launch also uploads it to the device: done here once per bucket, on the padding rows the
-        # buffers hold (no KV written, nothing attended), not in the first step of each size (the ShareGPT run's
-        # step trace showed 15-21 ms launches at the first decode step of most buckets).
+        # buffers hold (no KV written, nothing attended), not in the first step of each size, which would stall.
         for bucket in self.buckets:
             self.graphs[bucket].replay()
         torch.cuda.synchronize()

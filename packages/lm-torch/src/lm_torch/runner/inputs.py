@@ -104,8 +104,8 @@ def build_host_step(batch: ScheduledBatch, block_size: int, slots: list[int], wi
 def eager_token_bucket(num_tokens: int) -> int:
     """The token count an eager step is padded to: a multiple of 16 up to 128 tokens, of 32 up to 512, of 64 up to
     1024, of 128 up to 2048, of 256 beyond (44 counts up to 4096). cuBLAS picks a GEMM kernel for each new shape it
-    sees, at about 1.6 ms of host time per shape on an H100 (against ~20 us for a shape seen before): with a fresh
-    token count in every mixed step that was a fifth of the step's host time. The counts are warmed up at start-up
+    sees, which costs far more host time than a call on a shape seen before (benchmarks/RESULTS.md): with a fresh
+    token count in every mixed step, a large part of the step's host time. The counts are warmed up at start-up
     (`cuda_linear.warm_up_gemms`); the padding adds at most a quarter (at 129 tokens), mostly under 1/16, of rows
     to the row-wise layers."""
     for limit, multiple in ((128, 16), (512, 32), (1024, 64), (2048, 128)):
@@ -147,8 +147,8 @@ def zero_padding_rows(model, padding: torch.Tensor | int):
 
     A padding row then stays zero through a decoder without biases (RMSNorm, rotary, the MLP and the residual adds
     map zeros to zeros; attention writes zeros there: a graph's padding rows attend no context, and the Triton
-    backend zeroes an eager step's rows past `StepLayout.num_tokens`), so the GEMMs multiply zeros in those rows.
-    The result is the same, but the steps of a full batch run at an H100's power limit, and tensor cores draw less
+    backend zeroes an eager step's rows past `StepMetadata.num_real_tokens`), so the GEMMs multiply zeros in those rows.
+    The result is the same, but the steps of a full batch can run at the GPU's power limit, and tensor cores draw less
     power on zero operands than on the rows' old contents (token 0's activations, or whatever memory the attention
     output reused)."""
 

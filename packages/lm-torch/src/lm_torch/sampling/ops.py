@@ -27,7 +27,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
     A row is cut into chunks of a few hundred columns when V allows: the per-chunk maxima and then the best chunk
     are two short parallel reductions, where one reduction over a whole 128k-column row takes a single block of the
-    GPU (26 us on an H100 against about 5). Ties keep the first index: the first chunk holding the maximum, and the
+    GPU and is several times slower. Ties keep the first index: the first chunk holding the maximum, and the
     first position within it.
     """
     rows, width = logits.shape
