@@ -278,13 +278,16 @@ def test_bad_shapes_are_refused(case):
 
 
 def _random_layer(kind: str, case, in_features=256, out_features=96, group=32, act_order=False):
+    from lm_torch.layers.context import BuildContext
     from lm_torch.layers.quant import AWQLinear, GPTQLinear
 
     gen = torch.Generator().manual_seed(3)
+    # Built for the case's device: a layer picks its kernel path at construction (then moved there below).
+    ctx = BuildContext(device=torch.device(case.device), dtype=case.dtype)
     if kind == "awq":
-        layer = AWQLinear(in_features, out_features, bias=True, group_size=group, dtype=case.dtype)
+        layer = AWQLinear(in_features, out_features, bias=True, group_size=group, dtype=case.dtype, ctx=ctx)
     else:
-        layer = GPTQLinear(in_features, out_features, bias=True, group_size=group, bits=4, dtype=case.dtype)
+        layer = GPTQLinear(in_features, out_features, bias=True, group_size=group, bits=4, dtype=case.dtype, ctx=ctx)
     with torch.no_grad():
         layer.qweight.copy_(torch.randint(-(2**31), 2**31 - 1, layer.qweight.shape, generator=gen).to(torch.int32))
         layer.qzeros.copy_(torch.randint(-(2**31), 2**31 - 1, layer.qzeros.shape, generator=gen).to(torch.int32))

@@ -96,6 +96,7 @@ def test_float8_quantization_and_scaled_mm(dtype):
 @pytest.mark.parametrize("quant_dtype", ["int8", "float8_e4m3fn"])
 @pytest.mark.parametrize("rows", [1, 5, 64])
 def test_w8a8_linear_on_cuda_matches_the_cpu_layer(quant_dtype, rows):
+    from lm_torch.layers.context import BuildContext
     from lm_torch.layers.quant import W8A8Linear
 
     gen = torch.Generator().manual_seed(rows)
@@ -107,7 +108,9 @@ def test_w8a8_linear_on_cuda_matches_the_cpu_layer(quant_dtype, rows):
     )
     bias = torch.randn(96, generator=gen)
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
-        layer = W8A8Linear(256, 96, bias=True, quant_dtype=quant_dtype, dtype=dtype).to(device)
+        # Built for its device: a layer picks its kernel path at construction.
+        ctx = BuildContext(device=torch.device(device), dtype=dtype)
+        layer = W8A8Linear(256, 96, bias=True, quant_dtype=quant_dtype, dtype=dtype, ctx=ctx).to(device)
         with torch.no_grad():
             layer.weight.copy_(weight.to(device))
             layer.scale.copy_(scale.to(device))
