@@ -64,7 +64,8 @@ def _watch(engine: TorchEngine) -> dict[str, int]:
         outputs = update(batch, result)
         for seq in batch.seqs:
             assert all(t >= 0 for t in seq.token_ids), f"{seq.request_id} holds a made-up token id"
-            assert 0 <= seq.num_pending_tokens <= 1
+            # A finished sequence keeps the count of the steps in flight for it: their tokens are dropped.
+            assert seq.is_finished or 0 <= seq.num_pending_tokens <= 1
         return outputs
 
     engine.scheduler.update = checked

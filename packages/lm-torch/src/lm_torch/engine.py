@@ -361,8 +361,21 @@ class TorchEngine(Engine):
         if self._loop_task is None or self._loop_task.done() or self._wake is None:
             self._wake = wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(wake))
+            self._loop_task.add_done_callback(self._loop_ended)
             return wake
         return self._wake
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The step loop ended: if by an exception (a bug), log it and end every request with "error" rather than
+        leave their streams waiting."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        log("lm-torch: the step loop failed:\n" + "".join(traceback.format_exception(exc)).rstrip())
+        for request_id in list(self._streams):
+            self.scheduler.abort(request_id)
+            self._emit(EngineOutput(request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
 
     async def _run_loop(self, wake: asyncio.Event) -> None:
         """Steps while there is work: launch while fewer than `_depth` steps are in flight and the scheduler has a
