@@ -46,12 +46,11 @@ class PagedAttention(nn.Module):
         ctx = context_or_current(ctx)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
-        if ctx.attention_backend is None:
-            raise ValueError("PagedAttention needs an attention backend: BuildContext.attention_backend is None")
-        self.backend: AttentionBackend = ctx.attention_backend
+        # None: a model built for something other than running steps (its logits, its weights); `forward` refuses.
+        self.backend: AttentionBackend | None = ctx.attention_backend
         # Where the step's K/V write can happen in the kernel that computes them: a backend that takes k and v
         # already stored, and the Triton rotary kernel.
-        self.fuses_kv_store = ctx.runs_triton and self.backend.fuses_kv_store
+        self.fuses_kv_store = ctx.runs_triton and self.backend is not None and self.backend.fuses_kv_store
 
     def forward(
         self,
@@ -81,6 +80,8 @@ class PagedAttention(nn.Module):
                 kv_stored = True
             else:
                 q, k = rotary(positions, q, k)
+        if self.backend is None:
+            raise ValueError("PagedAttention was built without an attention backend (BuildContext.attention_backend)")
         out = self.backend.forward(
             q,
             k,

@@ -64,7 +64,10 @@ class CausalLM(nn.Module):
 
     def prepare_attention(self, meta: StepMetadata) -> AttentionState:
         """The per-step state this model's attention backend derives from `meta` (what `forward` takes)."""
-        return self.attention_layers()[0].backend.prepare(meta)
+        backend = self.attention_layers()[0].backend
+        if backend is None:
+            raise ValueError("the model was built without an attention backend (BuildContext.attention_backend)")
+        return backend.prepare(meta)
 
     @staticmethod
     def copy_weight(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
