@@ -85,6 +85,13 @@ def start_server(default_model_dir):
 
 
 @pytest.fixture(scope="session")
+def server_process() -> type[ServerProcess]:
+    """The `ServerProcess` class, for test modules that start a server on another model (they cannot import
+    conftest); such a module stops its servers itself."""
+    return ServerProcess
+
+
+@pytest.fixture(scope="session")
 def light_flags() -> list[str]:
     """`LIGHT_FLAGS`, for test modules that start their own server (they cannot import conftest)."""
     return list(LIGHT_FLAGS)

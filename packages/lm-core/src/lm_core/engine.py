@@ -177,6 +177,12 @@ class Engine(ABC):
     async def abort(self, request_id: str) -> None:
         """Stop a request and free what it holds; its stream ends with finish_reason "abort"."""
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer generate (a worker process of a multi-process engine died), or None while
+        it can. Once set it stays: every request then ends with finish_reason "error", and a server answers 503."""
+        return None
+
     @abstractmethod
     def stats(self) -> EngineStats:
         """The current load."""

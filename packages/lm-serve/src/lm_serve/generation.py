@@ -119,6 +119,9 @@ class Generation:
             except ValueError as exc:
                 raise bad_request(exc) from None
             if first.finish_reason == "error" and not first.token_ids:
+                failure = pipe.engine.failure
+                if failure is not None:  # the engine is down, not the request at fault
+                    raise APIError(failure, status_code=503, type="server_error", code="engine_unavailable")
                 raise APIError(first.error or "the engine rejected this request")
             if self.state.metrics is not None:  # only requests the engine accepted count
                 self._tracker = self.state.metrics.track(self.num_prompt_tokens, self.num_sequences, start)

@@ -1,9 +1,9 @@
 """`TorchEngineConfig`: how the PyTorch engine loads a model, plans its memory, schedules and launches kernels.
 
 The config is composed of frozen sub-configs, each validating its own fields: `ModelConfig`, `CacheConfig`,
-`SchedulerConfig`, `CudaConfig`, `KernelConfig` and `RuntimeConfig`. Fields that a command line may set carry an
-`OptionSpec` in their dataclass metadata; `engine_options()` lists them, and lm-core builds the `lm chat` and
-`lm serve` flags from that list. This module imports no torch.
+`SchedulerConfig`, `CudaConfig`, `KernelConfig`, `RuntimeConfig` and `ParallelConfig`. Fields that a command line
+may set carry an `OptionSpec` in their dataclass metadata; `engine_options()` lists them, and lm-core builds the
+`lm chat` and `lm serve` flags from that list. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -301,6 +301,158 @@ class RuntimeConfig:
             _fail("RuntimeConfig", "grammar_compile_timeout", "a positive number", timeout)
 
 
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+DIST_BACKENDS = ("nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many processes and devices run the model: tensor parallelism (`tp` ranks, each holding a shard of every
+    layer), data parallelism (`dp` replicas behind one endpoint), and the nodes they span.
+
+    `distributed_executor_backend`: "uni" runs the model in the engine's process (tp 1 only), "mp" in one worker
+    process per rank of this node (the default when tp > 1), "ray" in Ray actors placed by a placement group.
+    Several nodes without Ray: the same command on each, with `nnodes`, `node_rank` and `dist_init_addr` (rank 0's
+    node, host:port; `master_addr` / `master_port` are vLLM's and torchrun's names for it); node 0 serves.
+    `devices`: the CUDA devices of this node's ranks, in rank order (default 0, 1, ...); one device may be named
+    twice only with `dist_backend` "gloo" (the one-GPU test mode). `dist_timeout`: seconds any rank may be waited
+    for (joining, or a step's collective) before the group fails naming it.
+    """
+
+    tp: int = _option(
+        1,
+        option=OptionSpec(
+            ("--tp", "--tensor-parallel-size"),
+            "Tensor-parallel ranks (GPUs or CPU processes) per replica.",
+            "int",
+            minimum=1,
+        ),
+    )
+    dp: int = _option(
+        1,
+        option=OptionSpec(
+            ("--dp", "--data-parallel-size"),
+            "Engine replicas behind one endpoint (each with --tp ranks).",
+            "int",
+            minimum=1,
+        ),
+    )
+    nnodes: int = _option(1, option=OptionSpec(("--nnodes",), "Nodes the ranks span.", "int", minimum=1))
+    node_rank: int = _option(
+        0,
+        option=OptionSpec(
+            ("--node-rank",), "This node's index (0 serves; the others run ranks only).", "int", minimum=0
+        ),
+    )
+    dist_init_addr: str | None = _option(
+        None,
+        option=OptionSpec(
+            ("--dist-init-addr",), "host:port of node 0 where the ranks meet (default: a free local port).", "str"
+        ),
+    )
+    master_addr: str | None = _option(
+        None, option=OptionSpec(("--master-addr",), "Node 0's address (with --master-port: --dist-init-addr).")
+    )
+    master_port: int | None = _option(
+        None,
+        option=OptionSpec(("--master-port",), "Node 0's port (with --master-addr).", "int", minimum=1, maximum=65535),
+    )
+    distributed_executor_backend: str | None = _option(
+        None,
+        option=OptionSpec(
+            ("--distributed-executor-backend",),
+            "Where the ranks run: uni (this process, tp 1), mp (worker processes), ray (Ray actors).",
+            choices=EXECUTOR_BACKENDS,
+        ),
+    )
+    devices: tuple[int, ...] | None = _option(
+        None,
+        option=OptionSpec(
+            ("--devices",),
+            "CUDA devices of this node's ranks, in order (several: --devices 0 1).",
+            "int_list",
+            minimum=0,
+        ),
+    )
+    dist_backend: str | None = _option(
+        None,
+        option=OptionSpec(
+            ("--dist-backend",),
+            "Collectives: nccl (CUDA default) or gloo (CPU; on CUDA, ranks may share a GPU).",
+            choices=DIST_BACKENDS,
+        ),
+    )
+    dist_timeout: float = _option(
+        600.0,
+        option=OptionSpec(
+            ("--dist-timeout",),
+            "Seconds a rank may be waited for before the group fails.",
+            "float",
+            minimum=0,
+            min_open=True,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "dp", "nnodes"):
+            _check_int(self, name, 1)
+        _check_int(self, "node_rank", 0)
+        if self.node_rank >= self.nnodes:
+            _fail("ParallelConfig", "node_rank", f"below nnodes ({self.nnodes})", self.node_rank)
+        for name in ("dist_init_addr", "master_addr"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                _fail("ParallelConfig", name, "a non-empty string or None", value)
+        _check_int(self, "master_port", 1, optional=True)
+        if self.master_port is not None and self.master_port > 65535:
+            _fail("ParallelConfig", "master_port", "a port number (1-65535)", self.master_port)
+        if self.dist_init_addr is None and self.master_addr is not None:
+            object.__setattr__(self, "dist_init_addr", f"{self.master_addr}:{self.master_port or 29500}")
+        if self.dist_init_addr is not None:
+            host, sep, port = self.dist_init_addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                _fail("ParallelConfig", "dist_init_addr", "'host:port'", self.dist_init_addr)
+        if self.distributed_executor_backend is not None:
+            _check_choice(self, "distributed_executor_backend", EXECUTOR_BACKENDS)
+        if self.dist_backend is not None:
+            _check_choice(self, "dist_backend", DIST_BACKENDS)
+        devices = self.devices
+        if devices is not None:
+            if not isinstance(devices, (list, tuple)) or not devices or any(not _is_int(d) or d < 0 for d in devices):
+                _fail("ParallelConfig", "devices", "a non-empty list of CUDA device indices", devices)
+            object.__setattr__(self, "devices", tuple(devices))
+        if not _is_number(self.dist_timeout) or not 0 < self.dist_timeout < float("inf"):
+            _fail("ParallelConfig", "dist_timeout", "a positive number of seconds", self.dist_timeout)
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            _fail("ParallelConfig", "dist_init_addr", "node 0's host:port when nnodes > 1", None)
+        if self.tp % self.nnodes:
+            _fail(
+                "ParallelConfig",
+                "tp",
+                f"a multiple of nnodes ({self.nnodes}): each node runs tp / nnodes ranks",
+                self.tp,
+            )
+        if self.executor == "uni" and self.tp > 1:
+            _fail(
+                "ParallelConfig",
+                "distributed_executor_backend",
+                "mp or ray when tp > 1 ('uni' is one process)",
+                self.distributed_executor_backend,
+            )
+
+    @property
+    def executor(self) -> str:
+        """The executor backend: as set, else uni for one rank on one node and mp otherwise."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tp == 1 and self.nnodes == 1 else "mp"
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Tensor-parallel ranks each node runs."""
+        return self.tp // self.nnodes
+
+
 # The sub-configs of `TorchEngineConfig`, by the attribute that holds each.
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -309,6 +461,7 @@ SECTIONS: dict[str, type] = {
     "cuda": CudaConfig,
     "kernels": KernelConfig,
     "runtime": RuntimeConfig,
+    "parallel": ParallelConfig,
 }
 # Flat field name -> the section that holds it (field names are unique across sections).
 FIELD_SECTIONS: dict[str, str] = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
@@ -330,6 +483,7 @@ class TorchEngineConfig:
     cuda: CudaConfig
     kernels: KernelConfig
     runtime: RuntimeConfig
+    parallel: ParallelConfig
 
     def __init__(
         self,
@@ -340,12 +494,20 @@ class TorchEngineConfig:
         cuda: CudaConfig | None = None,
         kernels: KernelConfig | None = None,
         runtime: RuntimeConfig | None = None,
+        parallel: ParallelConfig | None = None,
         **flat: Any,
     ) -> None:
         unknown = sorted(set(flat) - set(FIELD_SECTIONS))
         if unknown:
             raise ValueError(f"TorchEngineConfig has no field(s) {', '.join(unknown)}")
-        given = {"model": model, "cache": cache, "scheduler": scheduler, "cuda": cuda, "runtime": runtime}
+        given = {
+            "model": model,
+            "cache": cache,
+            "scheduler": scheduler,
+            "cuda": cuda,
+            "runtime": runtime,
+            "parallel": parallel,
+        }
         for section, cls in SECTIONS.items():
             updates = {name: value for name, value in flat.items() if FIELD_SECTIONS[name] == section}
             current = kernels if section == "kernels" else given[section]
@@ -405,6 +567,7 @@ class TorchEngineConfig:
             cuda=self.cuda,
             kernels=self.kernels,
             runtime=self.runtime,
+            parallel=self.parallel,
             **flat,
         )
 

@@ -36,7 +36,7 @@ from lm_core.generation_config import GenerationConfig
 from lm_torch import IMPORT_STARTED, gc_tuning
 from lm_torch.block_manager import BlockManager
 from lm_torch.config import TorchEngineConfig
-from lm_torch.executor import Executor, InProcessExecutor
+from lm_torch.executor import Executor, make_executor
 from lm_torch.runner import log
 from lm_torch.sampling.prompt_logprobs import PromptLogprobsChunk
 from lm_torch.scheduler import ScheduledBatch, Scheduler, StepResult
@@ -79,6 +79,58 @@ class OutputStream:
         return self._items.popleft()
 
 
+def replica_configs(config: TorchEngineConfig) -> list[TorchEngineConfig]:
+    """The config of each of `dp` replicas: dp 1, and on CUDA the replica's own `tp` devices of the node's list
+    (default 0, 1, ...), so replica i runs on devices [i * tp, (i + 1) * tp)."""
+    par = config.parallel
+    if par.nnodes > 1:
+        raise ValueError("--dp with --nnodes > 1 is not supported: run one multi-node engine per replica instead")
+    tp = par.tp
+    devices = list(par.devices) if par.devices is not None else None
+    if devices is not None and len(devices) != tp * par.dp:
+        raise ValueError(f"--devices names {len(devices)} devices; --tp {tp} x --dp {par.dp} needs {tp * par.dp}")
+    on_cuda = config.model.device == "cuda" or (config.model.device == "auto" and _cuda_available())
+    if on_cuda and devices is None and tp * par.dp > _cuda_device_count():
+        raise ValueError(
+            f"--tp {tp} x --dp {par.dp} needs {tp * par.dp} CUDA devices, {_cuda_device_count()} visible "
+            "(CUDA_VISIBLE_DEVICES)"
+        )
+    configs = []
+    for i in range(par.dp):
+        if on_cuda:
+            own = devices[i * tp : (i + 1) * tp] if devices is not None else list(range(i * tp, (i + 1) * tp))
+            configs.append(config.with_overrides(dp=1, devices=own))
+        else:
+            configs.append(config.with_overrides(dp=1))
+    return configs
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _serve_ranks_only(model_path: Path, config: TorchEngineConfig) -> None:
+    """A node other than 0 runs its tensor-parallel ranks and nothing else (no engine loop, no server): the same
+    command runs on every node, and node 0's engine drives them all. Exits the process when the group ends."""
+    from lm_torch.distributed.executor import run_node
+
+    par = config.parallel
+    first, last = par.node_rank * par.ranks_per_node, (par.node_rank + 1) * par.ranks_per_node - 1
+    log(
+        f"lm-torch: node {par.node_rank} of {par.nnodes}: tensor-parallel ranks {first}-{last}"
+        f" for node 0 at {par.dist_init_addr}; this node serves nothing and exits when the group ends"
+    )
+    raise SystemExit(run_node(model_path, config))
+
+
 class TorchEngine(Engine):
     """The PyTorch engine: paged KV cache, continuous batching, chunked prefill, prefix caching; CPU or CUDA."""
 
@@ -90,7 +142,9 @@ class TorchEngine(Engine):
         import_s, _unreported_import_s = _unreported_import_s, None
         log(f"lm-torch: loading {model_path}")
         self.config = config
-        self.executor: Executor = InProcessExecutor(model_path, config)
+        if config.parallel.node_rank > 0:
+            _serve_ranks_only(model_path, config)
+        self.executor: Executor = make_executor(model_path, config)
         num_blocks = self.executor.num_blocks
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         # One sequence can never hold more KV than the whole cache: a longer session could only end in an error after
@@ -141,11 +195,25 @@ class TorchEngine(Engine):
         return self.executor.runner  # type: ignore[attr-defined]
 
     @classmethod
-    def from_pretrained(cls, model_path: str | os.PathLike[str], config: Any = None) -> TorchEngine:
-        """Load a Hugging Face directory (or a .gguf file / hub id, resolved by lm-core first)."""
+    def from_pretrained(cls, model_path: str | os.PathLike[str], config: Any = None) -> Engine:
+        """Load a Hugging Face directory (or a .gguf file / hub id, resolved by lm-core first). With `dp` > 1: that
+        many engines (each of `tp` ranks, on its own devices) behind lm-core's `DataParallelEngine`."""
         from lm_core.resolve import resolve_model
 
-        return cls(resolve_model(model_path), TorchEngineConfig.from_any(config))
+        path, engine_config = resolve_model(model_path), TorchEngineConfig.from_any(config)
+        if engine_config.parallel.dp == 1:
+            return cls(path, engine_config)
+        from lm_core.data_parallel import DataParallelEngine
+
+        replicas: list[TorchEngine] = []
+        try:
+            for replica_config in replica_configs(engine_config):
+                replicas.append(cls(path, replica_config))
+        except BaseException:
+            for replica in replicas:  # no step has run: only the workers hold anything
+                replica.executor.shutdown()
+            raise
+        return DataParallelEngine(list(replicas))
 
     @classmethod
     def supports(cls, model_path: str | os.PathLike[str]) -> bool:
@@ -203,6 +271,8 @@ class TorchEngine(Engine):
 
     def _validate(self, request: EngineRequest) -> str | None:
         cfg, num_prompt = request.gen_config, len(request.prompt_token_ids)
+        if self.executor.failure is not None:  # the workers are gone: nothing can run
+            return self.executor.failure
         if request.multimodal:
             return "this engine takes text only: multimodal inputs (images, video, audio) are not supported"
         if request.adapter_name is not None:
@@ -329,6 +399,11 @@ class TorchEngine(Engine):
         seq = self.scheduler.abort(request_id)
         if seq is not None:
             self._emit(EngineOutput(request_id, [], "abort", num_cached_tokens=seq.num_cached_tokens))
+
+    @property
+    def failure(self) -> str | None:
+        """The executor's failure (a dead worker group), None while it runs."""
+        return self.executor.failure
 
     def stats(self) -> EngineStats:
         """Running and waiting sequences, KV-cache use and prefix-cache hit rate."""

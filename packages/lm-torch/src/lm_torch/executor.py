@@ -42,6 +42,11 @@ class Executor(ABC):
     def runs_ahead(self) -> bool:
         """Whether `launch` returns before the step has run (the engine may then schedule the next one meanwhile)."""
 
+    @property
+    def failure(self) -> str | None:
+        """Why the executor can no longer run steps (a worker died), None while it can."""
+        return None
+
     @abstractmethod
     def summary(self, wall_s: float | None = None, import_s: float | None = None) -> str:
         """The start-up summary lines."""
@@ -49,6 +54,20 @@ class Executor(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Release the workers (after the last step was collected)."""
+
+
+def make_executor(model_path: Path, config: TorchEngineConfig) -> Executor:
+    """The executor of `config.parallel.executor`: "uni" (this process), "mp" (a worker process per rank) or "ray"."""
+    backend = config.parallel.executor
+    if backend == "mp":
+        from lm_torch.distributed.executor import MultiProcessExecutor
+
+        return MultiProcessExecutor(model_path, config)
+    if backend == "ray":
+        from lm_torch.distributed.ray_executor import RayExecutor
+
+        return RayExecutor(model_path, config)
+    return InProcessExecutor(model_path, config)
 
 
 class InProcessExecutor(Executor):
@@ -60,7 +79,12 @@ class InProcessExecutor(Executor):
         from lm_torch.runner import ModelRunner
 
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-torch-step")
-        self.runner = self._thread.submit(ModelRunner, model_path, config).result()
+        device = None
+        if config.parallel.devices is not None:  # --devices N: this process's one rank runs on CUDA device N
+            import torch
+
+            device = torch.device(f"cuda:{config.parallel.devices[0]}")
+        self.runner = self._thread.submit(ModelRunner, model_path, config, device=device).result()
         self.num_blocks = self.runner.num_blocks
         self.vocab_size = self.runner.vocab_size
         self.max_position_embeddings = self.runner.hf_config.max_position_embeddings

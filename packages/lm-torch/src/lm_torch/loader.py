@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from lm_torch.config import TorchEngineConfig
+from lm_torch.distributed.group import SINGLE, TPGroup
+from lm_torch.distributed.sharding import LazyTensor
 from lm_torch.layers.context import BuildContext
 from lm_torch.layers.linear import LinearBase
 from lm_torch.layers.quant import parse_quant_config
@@ -70,10 +72,12 @@ def build_model(
     dtype: torch.dtype,
     attention_backend: Any = None,
     tuning: TuningTables | None = None,
+    tp: TPGroup = SINGLE,
 ) -> nn.Module:
     """The ready model for the checkpoint's architecture: built for (device, dtype, quantization, kernels, attention
-    backend) through one `BuildContext`, so each layer has chosen its code path; weights loaded (or dummy), then put
-    in each linear method's layout once."""
+    backend, tensor-parallel rank) through one `BuildContext`, so each layer has chosen its code path and holds its
+    shard; weights loaded (or dummy), then put in each linear method's layout once. Under tensor parallelism each
+    rank reads only its part of each safetensors tensor."""
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
         raise ValueError(f"{model_path}/config.json names no architecture")
@@ -86,6 +90,7 @@ def build_model(
         kernels=config.kernels,
         tuning=tuning,
         attention_backend=attention_backend,
+        tp=tp,
     )
     max_positions = config.scheduler.session_len or hf_config.max_position_embeddings
     # Parameters are created in the compute dtype straight away (quantized layers keep the dtypes they declare).
@@ -95,9 +100,12 @@ def build_model(
         model = model.to(dtype=dtype)  # parameters a model class created in another dtype
     _keep_float32_buffers(model, dtype)
     if config.model.load_format == "dummy":
-        _init_dummy(model, config.model.seed)
+        if tp.size > 1 and quant is None:
+            _init_dummy_sharded(model, model_class, hf_config, max_positions, ctx, config.model.seed)
+        else:
+            _init_dummy(model, config.model.seed)
     else:
-        loaded = model.load_weights(iter_checkpoint(model_path, config.model.load_format, device))
+        loaded = model.load_weights(iter_checkpoint(model_path, config.model.load_format, device, lazy=tp.size > 1))
         optional = {n for n, p in model.named_parameters() if getattr(p, "optional_in_checkpoint", False)}
         missing = {n for n, _ in model.named_parameters()} - loaded - _tied(model) - optional
         if missing:
@@ -123,8 +131,12 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def iter_checkpoint(model_path: Path, load_format: str, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every checkpoint tensor, with a progress bar over the tensors (safetensors) or files."""
+def iter_checkpoint(
+    model_path: Path, load_format: str, device: torch.device, lazy: bool = False
+) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for every checkpoint tensor, with a progress bar over the tensors (safetensors) or files.
+
+    lazy: safetensors tensors come as `LazyTensor`s, read (in part) by the model's loader while the file is open."""
     from tqdm.auto import tqdm
 
     files = sorted(model_path.glob("*.safetensors")) if load_format in ("auto", "safetensors") else []
@@ -148,7 +160,7 @@ def iter_checkpoint(model_path: Path, load_format: str, device: torch.device) ->
         for file, file_names in zip(files, names, strict=True):
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in file_names:
-                    yield name, f.get_tensor(name)
+                    yield name, LazyTensor(f.get_slice(name), device) if lazy else f.get_tensor(name)
                     bar.update()
 
 
@@ -196,6 +208,34 @@ def _init_dummy(model: nn.Module, seed: int) -> None:
                 param.fill_(1.0 - offset)
             else:
                 param.zero_()
+
+
+def _init_dummy_sharded(
+    model: nn.Module, model_class: type, hf_config: Any, max_positions: int, ctx: BuildContext, seed: int
+) -> None:
+    """`_init_dummy`'s weights for a tensor-parallel rank: the unsharded model's random tensors, drawn in the same
+    order from the same generator, each loaded as a checkpoint tensor would be (the rank keeps its part). So every
+    tensor-parallel size runs the same dummy model, and outputs compare across sizes."""
+    import dataclasses
+
+    with torch.device("meta"):
+        whole = model_class(hf_config, max_positions=max_positions, ctx=dataclasses.replace(ctx, tp=SINGLE))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    load = model.load_weights  # type: ignore[attr-defined]
+    with torch.no_grad():
+        for name, param in whole.named_parameters():
+            if param.dim() > 1:
+                tensor = torch.empty(param.shape, dtype=param.dtype, device=device).normal_(
+                    0.0, 0.02, generator=generator
+                )
+            elif "norm" in name:
+                offset = getattr(_owner(whole, name), "offset", 0.0)
+                tensor = torch.full(param.shape, 1.0 - offset, dtype=param.dtype, device=device)
+            else:
+                tensor = torch.zeros(param.shape, dtype=param.dtype, device=device)
+            load([(name, tensor)])
+            del tensor
 
 
 def _owner(model: nn.Module, param_name: str) -> nn.Module:

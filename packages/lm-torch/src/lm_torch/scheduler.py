@@ -80,6 +80,21 @@ class NewRequest:
     grammar: Any = None
 
 
+# What `ScheduledBatch.for_workers` leaves in `NewRequest.grammar` of a guided request: the runner knows it is
+# guided (never plain greedy) and takes its masks from `ScheduledBatch.guided_bitmask`.
+GUIDED_BY_ENGINE = "guided: masks come with each batch"
+
+
+@dataclass(frozen=True)
+class GuidedBitmask:
+    """The token masks of a step's guided rows, computed where the grammars live (the engine's process) for a runner
+    in another: `rows` index the step's sampled rows (in `ScheduledBatch.sample_rows` order), `bitmask` is
+    [len(rows), ceil(vocab / 32)] int32 (xgrammar's layout: bit t % 32 of word t // 32 allows token t)."""
+
+    rows: list[int]
+    bitmask: Any  # numpy int32 array
+
+
 @dataclass
 class ScheduledBatch:
     """One step's work: the scheduler's output and the contract with the model runner (through the executor).
@@ -96,6 +111,8 @@ class ScheduledBatch:
     since the previous batch, whose runner state can go; `preempted_request_ids` the ones preempted since the
     previous batch (their token-buffer slots can go); `preempted` the sequences this step preempted.
     `seqs` are the scheduler's own objects, for `Scheduler.update`: the runner reads only the fields above.
+    `guided_bitmask`: set by an executor whose runner runs in another process (`for_workers`), where grammars
+    cannot go; an in-process runner fills the masks from the grammar states of `new_requests`.
     """
 
     seqs: list[Sequence] = field(default_factory=list)
@@ -111,9 +128,10 @@ class ScheduledBatch:
     new_requests: list[NewRequest] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    guided_bitmask: GuidedBitmask | None = None
 
     def __post_init__(self) -> None:
-        num = len(self.seqs)
+        num = len(self.seqs) or len(self.request_ids)
         if num and not self.starts and not self.token_ids:  # built by hand (tests): from the sequences' state
             self.starts = [s.num_computed_tokens for s in self.seqs]
             self.token_ids = [
@@ -129,6 +147,27 @@ class ScheduledBatch:
             raise ValueError(f"ScheduledBatch.num_new_tokens must all be >= 1, got {self.num_new_tokens}")
         if any(k < 0 for k in self.num_sampled):
             raise ValueError(f"ScheduledBatch.num_sampled must all be >= 0, got {self.num_sampled}")
+
+    def for_workers(self, vocab_size: int) -> ScheduledBatch:
+        """A copy to send to runners in other processes: no `Sequence` objects or grammar states (they stay with
+        the scheduler), the guided rows' token masks computed here instead."""
+        import dataclasses
+
+        import torch
+
+        sample_rows = self.sample_rows
+        guided = [j for j, i in enumerate(sample_rows) if self.seqs[i].grammar is not None]
+        bitmask = None
+        if guided:
+            from lm_torch.guided import fill_bitmasks
+
+            seqs = [self.seqs[sample_rows[j]] for j in guided]
+            masks = fill_bitmasks([s.grammar for s in seqs], seqs, vocab_size, torch.device("cpu"))
+            bitmask = GuidedBitmask(guided, masks.numpy())
+        requests = [
+            dataclasses.replace(r, grammar=GUIDED_BY_ENGINE) if r.grammar is not None else r for r in self.new_requests
+        ]
+        return dataclasses.replace(self, seqs=[], preempted=[], new_requests=requests, guided_bitmask=bitmask)
 
     @property
     def sample_rows(self) -> list[int]:
@@ -148,7 +187,7 @@ class ScheduledBatch:
     @property
     def is_empty(self) -> bool:
         """Whether the step has no rows."""
-        return not self.seqs
+        return not self.request_ids
 
     def add(self, seq: Sequence, num_new_tokens: int, num_sampled: int | None = None) -> None:
         """Schedule `num_new_tokens` positions of `seq` from its `num_computed_tokens` (not advanced here), sampling

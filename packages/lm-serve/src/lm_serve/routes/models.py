@@ -41,8 +41,13 @@ async def retrieve_model(model: str, request: Request) -> dict:
 
 
 @router.api_route("/health", methods=["GET", "HEAD"])
-async def health() -> Response:
-    """200 while the server runs (no API key needed; HEAD too, for load balancers' checks)."""
+async def health(request: Request) -> Response:
+    """200 while the server can generate, 503 with the reason once its engine cannot (a dead worker group); no API
+    key needed, HEAD too, for load balancers' checks."""
+    state: ServerState = request.app.state.lm
+    failure = state.pipeline.engine.failure
+    if failure is not None:
+        return APIError(failure, status_code=503, type="server_error", code="engine_unavailable").response()
     return Response(status_code=200)
 
 

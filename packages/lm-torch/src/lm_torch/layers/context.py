@@ -1,9 +1,9 @@
 """`BuildContext`: what a model's layers are built for, so that each picks its code path once, in `__init__`.
 
 The loader makes one per model (device, compute dtype, the checkpoint's quantization, the kernel settings and
-tuning tables, the attention backend) and hands it to the model class, which passes it to every layer. Norms,
-rotary embeddings and activations bind their torch or Triton forward from it; linears get their `LinearMethod`
-(or their quantized layer) from `make_linear`; `PagedAttention` takes the backend.
+tuning tables, the attention backend, the tensor-parallel group) and hands it to the model class, which passes it to
+every layer. Norms, rotary embeddings and activations bind their torch or Triton forward from it; linears get their
+`LinearMethod` (or their quantized layer) from `make_linear`; `PagedAttention` takes the backend.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lm_torch.config import KernelConfig
+from lm_torch.distributed.group import SINGLE, TPGroup
 from lm_torch.kernels import triton_available
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class BuildContext:
     tuning: TuningTables | None = None  # CUDA: the kernels' tables (None: the shipped ones)
     attention_backend: Any = None  # an attention backend object (`lm_torch.attention`)
     cpu_linear_splits: int | None = None  # CPU: column blocks of a dense linear (None: torch's thread count then)
+    tp: TPGroup = SINGLE  # the tensor-parallel group: layers hold their shard of heads, channels and vocabulary
 
     @classmethod
     def current(cls, **overrides: Any) -> BuildContext:

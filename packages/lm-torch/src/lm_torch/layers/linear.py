@@ -174,19 +174,59 @@ class Linear(nn.Linear, LinearBase):
 
 
 def make_linear(
-    ctx: BuildContext | None, in_features: int, out_features: int, bias: bool = False, prefix: str | None = None
+    ctx: BuildContext | None,
+    in_features: int,
+    out_features: int,
+    bias: bool = False,
+    prefix: str | None = None,
+    shard: str | None = None,
+    padded: bool = False,
 ) -> LinearBase:
     """The linear layer of one projection: quantized when the checkpoint quantizes it (`prefix`, the module's path
     under the decoder layers, e.g. "0.self_attn.qkv_proj"; None for layers outside them, which stay dense), else a
-    dense `Linear` with the method for `ctx`."""
+    dense `Linear` with the method for `ctx`.
+
+    Under tensor parallelism the sizes are this rank's (`lm_torch.distributed.sharding.divide`), and `shard` says
+    which of them is split: "column" (output channels; `padded` where the last rank's share runs past the
+    checkpoint, the LM head's vocabulary) or "row" (input channels: the caller all-reduces the output, and the bias
+    is added by rank 0 alone). The layer's parameters are marked for the loader."""
     ctx = context_or_current(ctx)
     quant = ctx.quant_config
-    if quant is not None and prefix is not None:
-        from lm_torch.layers.quant import is_quantized, make_quantized_linear
+    layer: LinearBase
+    if quant is not None and prefix is not None and _quantized(prefix, quant):
+        from lm_torch.layers.quant import make_quantized_linear
 
-        if is_quantized(prefix, quant):
-            return make_quantized_linear(quant, in_features, out_features, bias, ctx)
-    return Linear(in_features, out_features, bias, ctx)
+        layer = make_quantized_linear(quant, in_features, out_features, bias, ctx, shard)
+    else:
+        layer = Linear(in_features, out_features, bias, ctx)
+    if shard is not None and ctx.tp.size > 1:
+        mark_linear_shards(layer, shard, padded)
+    return layer
+
+
+def _quantized(prefix: str, quant) -> bool:
+    from lm_torch.layers.quant import is_quantized
+
+    return is_quantized(prefix, quant)
+
+
+def mark_linear_shards(layer: nn.Module, shard: str, padded: bool = False) -> None:
+    """Mark a linear's parameters for the loader (see `lm_torch.distributed.sharding`): "column" splits output
+    channels (dimension 0 of a dense weight, `output_dim` of a quantized one; a parameter with `output_dim` None,
+    GPTQ's g_idx, is whole), "row" splits input channels (dimension 1 of a dense weight, `input_dim` of a quantized
+    one) and leaves the bias to rank 0."""
+    from lm_torch.distributed.sharding import mark_rank0_only, mark_sharded
+
+    if shard not in ("column", "row"):
+        raise ValueError(f"shard must be 'column' or 'row', got {shard!r}")
+    for name, param in layer.named_parameters(recurse=False):
+        if shard == "column":
+            dim = 0 if name == "bias" else getattr(param, "output_dim", 0)
+            mark_sharded(param, dim, padded)
+        elif name == "bias":
+            mark_rank0_only(param)
+        else:
+            mark_sharded(param, getattr(param, "input_dim", 1))
 
 
 class SplitInputMajorLinear(nn.Module):

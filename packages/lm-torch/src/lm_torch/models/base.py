@@ -1,4 +1,5 @@
-"""What every model file shares: logits, weight copying with shape checks, fused-weight loading."""
+"""What every model file shares: logits, weight copying with shape checks, fused-weight loading; under tensor
+parallelism each copy takes this rank's part of the checkpoint tensor (`lm_torch.distributed.sharding`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
+
+from lm_torch.distributed.group import SINGLE, TPGroup
+from lm_torch.distributed.sharding import TensorLike, materialize, read_shard, shard_for
+from lm_torch.layers.context import BuildContext
 
 if TYPE_CHECKING:
     from lm_torch.attention.base import AttentionState, StepMetadata
@@ -33,17 +38,23 @@ class CausalLM(nn.Module):
     lm_head: nn.Module
     layers: nn.ModuleList
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, ctx: BuildContext | None = None) -> None:
         super().__init__()
         self.config = config
+        self.tp: TPGroup = ctx.tp if ctx is not None else SINGLE
 
     def compute_logits(self, hidden: torch.Tensor, for_argmax: bool = False) -> torch.Tensor:
         """hidden: [num_rows, hidden] -> logits: [num_rows, vocab] in float32 (unless `for_argmax`).
 
         `for_argmax`: the caller only takes each row's arg-max. Without soft-capping the lm_head's own output (bf16
         in a bf16 model) is returned as it is: widening to float32 is exact, so the arg-max, first index on ties
-        included, is the same, and a 256-row step skips writing and reading 128k float32 logits a row."""
+        included, is the same, and a 256-row step skips writing and reading 128k float32 logits a row.
+
+        Under tensor parallelism each rank's LM head gives its share of the vocabulary; they are gathered (every rank
+        calls this with the same rows) and the padding past the vocabulary dropped."""
         logits = self.lm_head(hidden)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather(logits, dim=-1)[:, : self.config.vocab_size]
         cap = getattr(self.config, "final_logit_softcapping", None)
         if for_argmax and not cap:
             return logits
@@ -69,12 +80,12 @@ class CausalLM(nn.Module):
             raise ValueError("the model was built without an attention backend (BuildContext.attention_backend)")
         return backend.prepare(meta)
 
-    @staticmethod
-    def copy_weight(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
-        """Copy a checkpoint tensor into the parameter of that name, its shape checked."""
+    def copy_weight(self, params: dict[str, nn.Parameter], name: str, tensor: TensorLike) -> None:
+        """Copy a checkpoint tensor (this rank's part of it) into the parameter of that name, its shape checked."""
         if name not in params:
             raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
         param = params[name]
+        tensor = shard_for(param, tensor, self.tp.rank, self.tp.size, name)
         if param.shape != tensor.shape:
             raise ValueError(
                 f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
@@ -93,16 +104,23 @@ def output_layout(param: torch.Tensor) -> tuple[int | None, int]:
     return getattr(param, "output_dim", 0), getattr(param, "output_pack", 1)
 
 
-def load_fused(param: nn.Parameter, tensor: torch.Tensor, shard: int, sizes: list[int]) -> None:
+def load_fused(
+    param: nn.Parameter, tensor: TensorLike, shard: int, sizes: list[int], tp: TPGroup = SINGLE, what: str = "fused"
+) -> None:
     """Copy `tensor` into output channels `shard` of a parameter fused from several checkpoint tensors (sizes in
-    output channels, laid along dimension 0 for dense weights, elsewhere and packed for quantized ones)."""
+    output channels, this rank's, laid along dimension 0 for dense weights, elsewhere and packed for quantized ones).
+    Under tensor parallelism `tensor` is the whole checkpoint tensor, of which this rank reads its part."""
     dim, pack = output_layout(param)
     if dim is None:
-        _load_shared(param, tensor, shard)
+        _load_shared(param, materialize(tensor), shard)
         return
     if any(size % pack for size in sizes):
         raise ValueError(f"fused output sizes {sizes} do not divide into groups of {pack} packed channels")
     sizes = [size // pack for size in sizes]
+    if tp.size > 1 and getattr(param, "tp_dim", None) is not None:
+        tensor = read_shard(tensor, dim, sizes[shard], tp.rank, tp.size, what=f"{what} part {shard}")
+    else:
+        tensor = materialize(tensor)
     start = sum(sizes[:shard])
     expected = list(param.shape)
     expected[dim] = sizes[shard]

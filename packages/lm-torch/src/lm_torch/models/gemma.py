@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lm_torch.distributed.sharding import divide
 from lm_torch.layers.activation import GatedActivation, gated_projection
 from lm_torch.layers.attention import AttentionState, PagedAttention
 from lm_torch.layers.context import BuildContext, context_or_current
+from lm_torch.layers.embedding import VocabParallelEmbedding
 from lm_torch.layers.linear import make_linear
 from lm_torch.layers.norm import RMSNorm
 from lm_torch.layers.rotary import RotaryEmbedding
 from lm_torch.models.base import CausalLM
-from lm_torch.models.llama import LlamaAttention, LlamaForCausalLM
+from lm_torch.models.llama import LlamaAttention, LlamaForCausalLM, make_lm_head
 
 KVCache = tuple[torch.Tensor, ...]
 
@@ -61,16 +63,21 @@ class GemmaMLP(nn.Module):
 
     def __init__(self, config: Any, layer_idx: int = 0, ctx: BuildContext | None = None) -> None:
         super().__init__()
-        hidden, intermediate = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = make_linear(ctx, hidden, 2 * intermediate, False, f"{layer_idx}.mlp.gate_up_proj")
-        self.down_proj = make_linear(ctx, intermediate, hidden, False, f"{layer_idx}.mlp.down_proj")
+        ctx = context_or_current(ctx)
+        self.tp = ctx.tp
+        hidden = config.hidden_size
+        intermediate = divide(config.intermediate_size, self.tp.size, "intermediate_size")  # this rank's share
+        self.gate_up_proj = make_linear(
+            ctx, hidden, 2 * intermediate, False, f"{layer_idx}.mlp.gate_up_proj", shard="column"
+        )
+        self.down_proj = make_linear(ctx, intermediate, hidden, False, f"{layer_idx}.mlp.down_proj", shard="row")
         # Gemma 1 names its activation hidden_act, Gemma 2/3 hidden_activation: the keys transformers reads.
         act = config.hidden_act if config.model_type == "gemma" else config.hidden_activation
         self.act_fn = GatedActivation(act, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
-        return self.down_proj(gated_projection(self.gate_up_proj, x, self.act_fn))
+        return self.tp.all_reduce(self.down_proj(gated_projection(self.gate_up_proj, x, self.act_fn)))
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -115,8 +122,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma 3 with use_bidirectional_attention (an embedding model) is not a causal LM")
         # Builds its own modules (not Llama's); LlamaForCausalLM contributes weight loading only.
-        CausalLM.__init__(self, config)
         ctx = context_or_current(ctx)
+        CausalLM.__init__(self, config, ctx)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         rope_parameters = getattr(config, "rope_parameters", None) or {}
         # Gemma 3 keys rope_parameters by layer type (local layers rope_theta 10k, global ones 1M and maybe scaled);
@@ -125,12 +132,12 @@ class GemmaForCausalLM(LlamaForCausalLM):
         rotaries = {
             t: RotaryEmbedding(config, max_positions, t if per_type else None, ctx) for t in dict.fromkeys(layer_types)
         }
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx)
         self.layers = nn.ModuleList(
             GemmaDecoderLayer(config, i, rotaries[layer_types[i]], ctx) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0, ctx=ctx)
-        self.lm_head = make_linear(ctx, config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = make_lm_head(config, ctx)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import torch
 
+from lm_torch.distributed.sharding import materialize
 from lm_torch.layers.context import BuildContext
 from lm_torch.models.base import output_layout
 from lm_torch.models.llama import LlamaAttention, LlamaForCausalLM
@@ -104,8 +105,9 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
         without output channels (GPTQ's g_idx) go to all three.
         """
         attn = cast(LlamaAttention, self.layers[0].self_attn)  # nn.ModuleList items are typed nn.Module
-        num_kv, head_dim = attn.num_kv_heads, attn.head_dim
-        q_per_kv = attn.num_heads // num_kv
+        # The checkpoint's heads, all of them: under tensor parallelism `load_fused` then takes this rank's.
+        num_kv, head_dim = attn.total_num_kv_heads, attn.head_dim
+        q_per_kv = attn.total_num_heads // num_kv
         prefix = name.replace(".attention.wqkv.", ".self_attn.")  # model.layers.N.self_attn.weight
         base, _, param = prefix.rpartition(".")
         fused = self.get_parameter(f"{base.removeprefix('model.')}.qkv_proj.{param}")
@@ -114,7 +116,7 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
             for proj in ("q_proj", "k_proj", "v_proj"):
                 yield f"{base}.{proj}.{param}", tensor
             return
-        rows = tensor.movedim(dim, 0)
+        rows = materialize(tensor).movedim(dim, 0)
         rest = rows.shape[1:]
         grouped = rows.reshape(num_kv, q_per_kv + 2, head_dim // pack, *rest)
         q = grouped[:, :q_per_kv].reshape(-1, *rest)  # heads h*q_per_kv + j

@@ -25,6 +25,7 @@ import torch
 from lm_torch.attention import StepMetadata
 from lm_torch.config import TorchEngineConfig
 from lm_torch.cpu_threads import ThreadTuner
+from lm_torch.distributed.group import SINGLE, TPGroup
 from lm_torch.guided import fill_bitmasks
 from lm_torch.kernels import triton_available
 from lm_torch.kv_quant import KVCache, allocate_kv_cache, bytes_per_token
@@ -71,7 +72,11 @@ class StepHandle:
 class ModelRunner:
     """Builds a step's tensors from a `ScheduledBatch`, runs the model and samples."""
 
-    def __init__(self, model_path: Path, config: TorchEngineConfig) -> None:
+    def __init__(
+        self, model_path: Path, config: TorchEngineConfig, tp: TPGroup = SINGLE, device: torch.device | None = None
+    ) -> None:
+        """`tp`: this runner's tensor-parallel group (every rank runs a runner over its shard of the model, on
+        `device`; rank 0 samples, the others receive its tokens)."""
         from lm_torch.runner import startup
 
         start = time.perf_counter()
@@ -79,13 +84,15 @@ class ModelRunner:
             torch.set_num_threads(config.runtime.num_threads)
         self.config = config
         self.model_path = model_path
+        self.tp = tp
         self.hf_config = load_hf_config(model_path)
-        self.device = resolve_device(config.model.device)
+        self.device = device if device is not None else resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.hf_config, self.device)
-        # CPU steps with no fixed num_threads run on the thread count the tuner finds fastest (see cpu_threads).
+        # CPU steps with no fixed num_threads run on the thread count the tuner finds fastest (see cpu_threads); the
+        # ranks of a tensor-parallel group keep the count they were given, so that no rank waits on a slower one.
         self.thread_tuner = (
             ThreadTuner(torch.get_num_threads())
-            if self.device.type == "cpu" and not config.runtime.num_threads
+            if self.device.type == "cpu" and not config.runtime.num_threads and tp.size == 1
             else None
         )
         self.phases: dict[str, float] = {}
@@ -110,7 +117,7 @@ class ModelRunner:
             # Every model class the loader builds has CausalLM's interface.
             self.model = cast(
                 CausalLM,
-                build_model(model_path, config, self.hf_config, self.device, self.dtype, self.backend, self.tuning),
+                build_model(model_path, config, self.hf_config, self.device, self.dtype, self.backend, self.tuning, tp),
             )
         finally:
             torch.set_default_dtype(default_dtype)
@@ -301,13 +308,18 @@ class ModelRunner:
         (`slot_index` [rows] on the device) and start its copy to the host. Greedy rows with no other stage take the
         arg-max alone: no host work, no synchronisation."""
         states = [handle.states[i] for i in handle.sample_rows]
-        if all(state.is_plain_greedy for state in states):
+        num = len(states)
+        if not self.tp.is_driver:  # join the logits' gather, then take rank 0's tokens
+            self.model.compute_logits(hidden, for_argmax=True)
+            tokens = self.tp.broadcast(torch.empty(num, dtype=torch.int64, device=self.device))
+        elif all(state.is_plain_greedy for state in states):
             tokens = argmax_rows(self.model.compute_logits(hidden, for_argmax=True)[:, : self.vocab_size])
         else:
             logits = self.model.compute_logits(hidden)  # [rows, vocab] float32
-            out = self._sample_full(states, logits)
+            out = self._sample_full(states, logits, handle.batch)
             tokens, handle.logprobs = out.token_ids, out.pending_logprobs  # read in `collect`
-        num = len(states)
+        if self.tp.is_driver and self.tp.size > 1:
+            self.tp.broadcast(tokens)
         self.token_buffer.index_copy_(0, slot_index.long(), tokens)
         staging = self.token_staging
         if staging is None:  # not the Triton path: the step is synchronous
@@ -318,11 +330,16 @@ class ModelRunner:
         staging.mark_used(staging.current_index)
         handle.host_tokens, handle.event = host, staging.events[staging.current_index]
 
-    def _sample_full(self, states: list[RequestState], logits: torch.Tensor):
+    def _sample_full(self, states: list[RequestState], logits: torch.Tensor, batch: ScheduledBatch):
         """The whole `Sampler` (grammars, penalties, biases, bans, truncation, seeded draws, logprobs)."""
         guided = [row for row, state in enumerate(states) if state.grammar is not None]
         bitmask = None
-        if guided:
+        if batch.guided_bitmask is not None:  # filled by the engine (a runner in another process has no grammars)
+            guided = batch.guided_bitmask.rows
+            bitmask = torch.from_numpy(batch.guided_bitmask.bitmask).to(self.device, non_blocking=True)
+        elif any(isinstance(states[r].grammar, str) for r in guided):  # GUIDED_BY_ENGINE, sent without masks
+            raise RuntimeError("a guided request's batch came without its token masks (ScheduledBatch.for_workers)")
+        elif guided:
             # Filled on the CPU while the device still runs the forward pass queued above.
             grammars, guided_states = [states[r].grammar for r in guided], [states[r] for r in guided]
             bitmask = fill_bitmasks(grammars, guided_states, self.vocab_size, self.device)

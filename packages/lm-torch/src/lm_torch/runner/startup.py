@@ -3,6 +3,7 @@ capture, and the summary the engine prints (each phase timed in `runner.phases`)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ import torch
 from lm_torch.attention import AttentionBackend, TorchAttentionBackend, TritonAttentionBackend
 from lm_torch.kv_quant import kv_dtype_name
 from lm_torch.layers.attention import PagedAttention
-from lm_torch.memory import free_memory, plan_kv_cache
+from lm_torch.memory import MemoryPlan, free_memory, plan_kv_cache
 from lm_torch.sampling import SamplingInputs
 from lm_torch.scheduler import NewRequest, ScheduledBatch
 
@@ -54,8 +55,18 @@ def plan_and_allocate(runner: ModelRunner) -> None:
         activation_reserve=0,
         on_gpu=False,
     )
+    plan = runner.plan = agree_on_blocks(runner, plan)
     runner.kv_caches = runner.allocate_kv(plan.num_blocks)
     runner.phases["KV allocation"] = time.perf_counter() - start
+
+
+def agree_on_blocks(runner: ModelRunner, plan: MemoryPlan) -> MemoryPlan:
+    """The plan with the fewest blocks any tensor-parallel rank can hold: every rank's cache holds the same blocks
+    (of its own heads), so the scheduler plans with the smallest."""
+    num_blocks = runner.tp.min_int(plan.num_blocks)
+    if num_blocks == plan.num_blocks:
+        return plan
+    return dataclasses.replace(plan, num_blocks=num_blocks, source=f"{plan.source}; the smallest over the ranks")
 
 
 def _init_cuda(runner: ModelRunner) -> None:
@@ -93,12 +104,13 @@ def _init_cuda(runner: ModelRunner) -> None:
         activation_reserve=reserve,
         on_gpu=True,
     )
+    plan = runner.plan = agree_on_blocks(runner, plan)
     runner.kv_caches = runner.allocate_kv(plan.num_blocks)
     if isinstance(runner.backend, TritonAttentionBackend):
         runner.backend.k_cache = runner.kv_caches[0][0]
     torch.cuda.synchronize()
     runner.phases["KV allocation"] = time.perf_counter() - start
-    if not cfg.cuda.eager_mode:
+    if not cfg.cuda.eager_mode and runner.tp.graphs_capturable:
         from lm_torch.runner.cuda_graph import CudaGraphRunner
 
         graph_inputs = runner.graph_inputs = GraphInputs(
@@ -195,6 +207,14 @@ def measure_activation_reserve(runner: ModelRunner) -> int:
     return peak
 
 
+def parallelism(runner: ModelRunner) -> str:
+    """'1 process (tensor parallel 1)', or the group's size, backend and this rank."""
+    tp = runner.tp
+    if tp.size == 1:
+        return "1 process (tensor parallel 1)"
+    return f"{tp.size} processes (tensor parallel {tp.size} over {tp.backend}; this is rank {tp.rank})"
+
+
 def summary(runner: ModelRunner, wall_s: float | None = None, import_s: float | None = None) -> str:
     """The start-up lines: model, dtype, device and load time; the engine, attention backend and parallelism; the
     memory plan; the CPU threads; the start-up's wall time (`wall_s`, the engine's whole construction, plus
@@ -205,14 +225,17 @@ def summary(runner: ModelRunner, wall_s: float | None = None, import_s: float | 
         f"{str(runner.dtype).removeprefix('torch.')} on {runner.device}, "
         f"weights {runner.weight_bytes() / 1024**3:.2f} GiB loaded in {runner.phases['load']:.1f} s",
         f"lm-torch: engine torch, {type(runner.backend).__name__.removesuffix('AttentionBackend').lower()} attention, "
-        "1 process (tensor parallel 1)",
-        f"lm-torch: {plan_text}, KV {kv_dtype_name(runner.config.cache.quant_policy, runner.dtype)}",
+        + parallelism(runner),
+        f"lm-torch: {plan_text}, KV {kv_dtype_name(runner.config.cache.quant_policy, runner.dtype)}"
+        + (" (each rank's cache: its KV heads of every block)" if runner.tp.size > 1 else ""),
     ]
     if runner.graphs is not None:
         buckets = runner.graphs.buckets
         lines.append(f"lm-torch: CUDA graphs for {len(buckets)} decode batch sizes ({buckets[0]}-{buckets[-1]})")
     elif runner.device.type == "cuda":
         why = "eager_mode" if runner.is_async else "triton is not installed: torch attention, no Triton kernels"
+        if runner.is_async and not runner.config.cuda.eager_mode and not runner.tp.graphs_capturable:
+            why = f"tensor parallel over {runner.tp.backend}, whose collectives run on the host"
         lines.append(f"lm-torch: no CUDA graphs ({why})")
     if runner.device.type == "cpu":
         tuner = runner.thread_tuner

@@ -74,16 +74,34 @@ def is_quantized(prefix: str, quant: QuantConfig) -> bool:
 
 
 def make_quantized_linear(
-    quant: QuantConfig, in_features: int, out_features: int, bias: bool, ctx: BuildContext
+    quant: QuantConfig, in_features: int, out_features: int, bias: bool, ctx: BuildContext, shard: str | None = None
 ) -> LinearBase:
-    """The quantized layer of one projection (created on the current default device, its scales in `ctx.dtype`)."""
+    """The quantized layer of one projection (created on the current default device, its scales in `ctx.dtype`).
+
+    `shard` "row" under tensor parallelism: `in_features` is this rank's share, which whole groups must fill."""
+    row_shard = (ctx.tp.rank, ctx.tp.size) if shard == "row" and ctx.tp.size > 1 else None
+    if row_shard is not None and quant.group_size != -1 and in_features % quant.group_size:
+        raise ValueError(
+            f"quantization group_size {quant.group_size} does not divide the {in_features} input channels each "
+            f"tensor-parallel rank holds (tp {ctx.tp.size}): use a tp that leaves whole groups to each rank"
+        )
     if quant.method == "awq":
         return AWQLinear(in_features, out_features, bias, quant.group_size, dtype=ctx.dtype, ctx=ctx)
     if quant.method == "gptq":
         return GPTQLinear(
-            in_features, out_features, bias, quant.group_size, quant.bits, quant.zero_offset, dtype=ctx.dtype, ctx=ctx
+            in_features,
+            out_features,
+            bias,
+            quant.group_size,
+            quant.bits,
+            quant.zero_offset,
+            dtype=ctx.dtype,
+            ctx=ctx,
+            row_shard=row_shard,
         )
-    return W8A8Linear(in_features, out_features, bias, quant.quant_dtype, ctx.dtype, ctx)
+    return W8A8Linear(
+        in_features, out_features, bias, quant.quant_dtype, ctx.dtype, ctx, row_parallel=row_shard is not None
+    )
 
 
 def _not_converted(name: str, skipped: tuple[str, ...]) -> bool:

@@ -5,7 +5,9 @@ tensors along the output-channel axis. For a dense weight that is dimension 0; q
 channels elsewhere and may pack several into one int32. Each quantized parameter carries:
     output_dim:  the dimension indexing output channels, or None for a tensor every shard shares (GPTQ's g_idx);
     output_pack: how many output channels one element holds along output_dim (8 for 4-bit packed columns);
-    optional_in_checkpoint: absent from some checkpoints, with a correct default (GPTQ's g_idx).
+    optional_in_checkpoint: absent from some checkpoints, with a correct default (GPTQ's g_idx);
+    input_dim:   the dimension indexing input channels (a row-parallel layer splits it over the tensor-parallel
+                 ranks), or None for a tensor every rank holds whole.
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ import torch
 from torch import nn
 
 
-def quant_param(tensor: torch.Tensor, output_dim: int | None, output_pack: int = 1, optional: bool = False):
+def quant_param(
+    tensor: torch.Tensor,
+    output_dim: int | None,
+    output_pack: int = 1,
+    optional: bool = False,
+    input_dim: int | None = None,
+):
     """A frozen nn.Parameter carrying the loader attributes above."""
     param = nn.Parameter(tensor, requires_grad=False)
     # Plain instance attributes, which torch's Parameter type does not declare.
-    vars(param).update(output_dim=output_dim, output_pack=output_pack, optional_in_checkpoint=optional)
+    vars(param).update(
+        output_dim=output_dim, output_pack=output_pack, optional_in_checkpoint=optional, input_dim=input_dim
+    )
     return param
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from lm_torch.distributed.group import SINGLE, TPGroup
 from lm_torch.layers.context import BuildContext, context_or_current
 from lm_torch.layers.linear import LinearBase
 from lm_torch.layers.quant.packed import quant_param
@@ -22,10 +23,13 @@ QUANT_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn, "fp8":
 _QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
-def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, in] float -> (x_q [rows, in] in `dtype`, s_x [rows, 1] float32)."""
+def quantize_per_token(x: torch.Tensor, dtype: torch.dtype, tp: TPGroup = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, in] float -> (x_q [rows, in] in `dtype`, s_x [rows, 1] float32). Under tensor parallelism x is this
+    rank's share of a row-parallel layer's inputs, and the scale is the whole row's (the maximum over the ranks), so
+    that the sum of the ranks' products is the unsharded layer's result."""
     x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-7) / _QMAX[dtype]
+    amax = tp.all_reduce_max(x.abs().amax(dim=-1, keepdim=True))
+    scale = amax.clamp(min=1e-7) / _QMAX[dtype]
     if dtype == torch.int8:
         return torch.round(x / scale).clamp(-128, 127).to(torch.int8), scale
     return (x / scale).clamp(-448, 448).to(dtype), scale
@@ -42,14 +46,18 @@ class W8A8Linear(LinearBase):
         quant_dtype: str,
         dtype: torch.dtype,
         ctx: BuildContext | None = None,
+        row_parallel: bool = False,
     ) -> None:
         super().__init__()
-        self.runs_triton = context_or_current(ctx).runs_triton
+        ctx = context_or_current(ctx)
+        self.runs_triton = ctx.runs_triton
+        # A row-parallel rank quantizes its share of each row with the whole row's scale (`quantize_per_token`).
+        self.tp = ctx.tp if row_parallel else SINGLE
         if quant_dtype not in QUANT_DTYPES:
             raise ValueError(f"smooth_quant quant_dtype {quant_dtype!r} is not supported ({', '.join(QUANT_DTYPES)})")
         self.in_features, self.out_features = in_features, out_features
         self.qdtype = QUANT_DTYPES[quant_dtype]
-        self.weight = quant_param(torch.zeros(out_features, in_features, dtype=self.qdtype), 0)
+        self.weight = quant_param(torch.zeros(out_features, in_features, dtype=self.qdtype), 0, input_dim=1)
         self.scale = quant_param(torch.ones(out_features, 1, dtype=torch.float32), 0)
         self.bias = quant_param(torch.zeros(out_features, dtype=dtype), 0) if bias else None
         self.weight_t: torch.Tensor | None = None
@@ -78,13 +86,16 @@ class W8A8Linear(LinearBase):
         if self.weight_t is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
             from lm_torch.kernels import w8a8
 
-            x_q, x_scale = w8a8.quantize_per_token(flat.contiguous(), self.qdtype)
+            if self.tp.size > 1:  # the row's scale needs every rank's maximum: quantized with torch ops
+                x_q, x_scale = quantize_per_token(flat, self.qdtype, self.tp)
+            else:
+                x_q, x_scale = w8a8.quantize_per_token(flat.contiguous(), self.qdtype)
             if self.qdtype == torch.int8:
                 out = w8a8.int8_gemm(x_q, x_scale, self.weight, self.scale, self.bias, x.dtype)
             else:
                 out = w8a8.fp8_linear(x_q, x_scale, self.weight, self.scale, self.bias, x.dtype)
             return out.view(*x.shape[:-1], self.out_features)
-        x_q, x_scale = quantize_per_token(flat, self.qdtype)
+        x_q, x_scale = quantize_per_token(flat, self.qdtype, self.tp)
         weight_t = self.weight_t if self.weight_t is not None else self.weight.t()
         if self.qdtype == torch.int8:
             rows = x_q.shape[0]

@@ -233,9 +233,13 @@ class AWQLinear(_WeightOnlyLinear):
         super().__init__(in_features, out_features, bias, group_size, dtype, ctx)
         if out_features % 8:
             raise ValueError(f"AWQ packs 8 output channels per int32; out_features {out_features} is no multiple of 8")
-        self.qweight = quant_param(torch.zeros(in_features, out_features // 8, dtype=torch.int32), 1, 8)
-        self.qzeros = quant_param(torch.zeros(self.num_groups, out_features // 8, dtype=torch.int32), 1, 8)
-        self.scales = quant_param(torch.zeros(self.num_groups, out_features, dtype=dtype), 1)
+        # Groups split with the inputs, unless one group spans them all (group_size -1: whole on every rank).
+        group_dim = 0 if group_size != -1 else None
+        self.qweight = quant_param(torch.zeros(in_features, out_features // 8, dtype=torch.int32), 1, 8, input_dim=0)
+        self.qzeros = quant_param(
+            torch.zeros(self.num_groups, out_features // 8, dtype=torch.int32), 1, 8, input_dim=group_dim
+        )
+        self.scales = quant_param(torch.zeros(self.num_groups, out_features, dtype=dtype), 1, input_dim=group_dim)
 
     def int4_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q [in, out], zeros [groups, out], None): AWQ groups are contiguous."""
@@ -269,6 +273,7 @@ class GPTQLinear(_WeightOnlyLinear):
         zero_offset: int = 1,
         dtype: torch.dtype = torch.float16,
         ctx: BuildContext | None = None,
+        row_shard: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, group_size, dtype, ctx)
         if bits not in (2, 4, 8):
@@ -277,13 +282,37 @@ class GPTQLinear(_WeightOnlyLinear):
         per_word = 32 // bits
         if in_features % per_word or out_features % per_word:
             raise ValueError(f"GPTQ {bits}-bit packing needs in/out features divisible by {per_word}")
-        self.qweight = quant_param(torch.zeros(in_features // per_word, out_features, dtype=torch.int32), 1)
-        self.qzeros = quant_param(
-            torch.zeros(self.num_groups, out_features // per_word, dtype=torch.int32), 1, per_word
+        # A row-parallel rank holds its inputs' rows of qweight and g_idx, and every group's scales and zeros: with
+        # act-order its inputs may belong to any group. `localize_groups` keeps only its own where they are contiguous.
+        rank, size = row_shard if row_shard is not None and group_size != -1 else (0, 1)
+        self.group_offset = rank * self.num_groups
+        groups = self.num_groups * size
+        self.qweight = quant_param(
+            torch.zeros(in_features // per_word, out_features, dtype=torch.int32), 1, input_dim=0
         )
-        self.scales = quant_param(torch.zeros(self.num_groups, out_features, dtype=dtype), 1)
-        default = torch.arange(in_features, dtype=torch.int32) // self.group_size
-        self.g_idx = quant_param(default, None, optional=True)
+        self.qzeros = quant_param(torch.zeros(groups, out_features // per_word, dtype=torch.int32), 1, per_word)
+        self.scales = quant_param(torch.zeros(groups, out_features, dtype=dtype), 1)
+        default = (rank * in_features + torch.arange(in_features, dtype=torch.int32)) // self.group_size
+        self.g_idx = quant_param(default, None, optional=True, input_dim=0)
+
+    def finish_loading(self) -> None:
+        """`localize_groups`, then the shared layout choice."""
+        self.localize_groups()
+        super().finish_loading()
+
+    def localize_groups(self) -> None:
+        """A row-parallel rank whose inputs use exactly its own groups (no act-order across shards) drops the other
+        ranks' scales and zeros and numbers its groups from 0, the layout the W4A16 kernels take."""
+        if self.scales.shape[0] == self.num_groups:
+            return
+        first, last = self.group_offset, self.group_offset + self.num_groups
+        g_idx = self.g_idx.data.long()
+        if g_idx.numel() and (int(g_idx.min()) < first or int(g_idx.max()) >= last):
+            return  # act-order spreads this rank's inputs over other groups: dequantized through the global ids
+        self.scales = quant_param(self.scales.data[first:last].contiguous(), 1)
+        self.qzeros = quant_param(self.qzeros.data[first:last].contiguous(), 1, 32 // self.bits)
+        self.g_idx = quant_param((g_idx - first).to(torch.int32), None, optional=True)
+        self.group_offset = 0
 
     def int4_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q [in, out], zeros [groups, out] with the format's offset, g_idx [in])."""

@@ -1,0 +1,117 @@
+"""Greedy agreement of tensor parallelism with one rank: the same prompts, the same (dummy) weights, tp 1 against
+tp N, token by token.
+
+    python benchmarks/tp_agreement.py --model benchmarks/configs/llama3-8b --load-format dummy --tp 2 \\
+        --engine-config '{"dist_backend": "gloo", "devices": [0, 0]}'
+
+On one GPU, `dist_backend` gloo with `devices [0, 0]` runs both ranks on GPU 0 (NCCL refuses two ranks on one
+device): the kernels run at their sharded shapes, the collectives go through the host. Dummy weights are the same
+at every tp (each rank keeps its part of the unsplit model's random tensors).
+
+For each prompt the tp N tokens are compared with tp 1's until the first difference. A difference where tp 1's two
+best log-probabilities are within --tie-gap of each other is a near-tie (in bfloat16 the split sums round
+differently, and either token is a correct greedy choice); the rest of that sequence is not compared. Prints one
+JSON line: tokens compared, identical, the share identical, and each divergence's step and tp 1 top-2 gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+
+import torch
+
+
+async def _run(engine, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], list[dict[int, float]]]]:
+    from lm_core import GenerationConfig
+    from lm_core.engine import EngineRequest
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, logprobs=2)
+
+    async def one(prompt):
+        ids, logprobs = [], []
+        async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, cfg)):
+            ids += out.token_ids
+            logprobs += out.logprobs or []
+        return ids, logprobs
+
+    return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def generate(model: str, config: dict, prompts: list[list[int]], new_tokens: int):
+    """Every prompt's greedy tokens and top-2 logprobs from a fresh engine, and the engine's start-up seconds."""
+    from lm_torch.engine import TorchEngine
+
+    started = time.perf_counter()
+    engine = TorchEngine.from_pretrained(model, config)
+    startup = time.perf_counter() - started
+
+    async def run():
+        try:
+            return await _run(engine, prompts, new_tokens)
+        finally:
+            await engine.close()
+
+    return asyncio.run(run()), startup
+
+
+def compare(reference, split, tie_gap: float) -> dict:
+    """Tokens compared and identical (each sequence up to its first difference), and the differences."""
+    compared = identical = 0
+    divergences = []
+    for (ref_ids, ref_lp), (ids, _) in zip(reference, split, strict=True):
+        for step, (a, b) in enumerate(zip(ref_ids, ids, strict=True)):
+            compared += 1
+            if a == b:
+                identical += 1
+                continue
+            top = sorted(ref_lp[step].values(), reverse=True)
+            gap = top[0] - top[1] if len(top) > 1 else float("inf")
+            divergences.append({"step": step, "top2_gap": round(gap, 5), "near_tie": gap < tie_gap})
+            break
+    return {
+        "compared": compared,
+        "identical": identical,
+        "identical_share": identical / max(compared, 1),
+        "divergences": divergences,
+        "all_at_near_ties": all(d["near_tie"] for d in divergences),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--engine-config", default="{}", help="extra engine config of the tp N run, as JSON")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--num-kv-blocks", type=int, default=2048)
+    parser.add_argument("--tie-gap", type=float, default=0.1, help="top-2 logprob gap below which tokens tie")
+    args = parser.parse_args()
+
+    from pathlib import Path
+
+    from lm_torch.loader import load_hf_config
+
+    vocab = load_hf_config(Path(args.model)).vocab_size
+    rng = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(100, vocab - 100, (args.input_len,), generator=rng).tolist() for _ in range(args.num_prompts)
+    ]
+    base = {"load_format": args.load_format, "num_kv_blocks": args.num_kv_blocks, "max_batch_size": args.num_prompts}
+    reference, startup1 = generate(args.model, base, prompts, args.new_tokens)
+    split, startup_n = generate(
+        args.model, {**base, "tp": args.tp, **json.loads(args.engine_config)}, prompts, args.new_tokens
+    )
+    result = compare(reference, split, args.tie_gap)
+    result.update(tp=args.tp, startup_s={"tp1": round(startup1, 1), f"tp{args.tp}": round(startup_n, 1)})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
