@@ -50,7 +50,11 @@ PACKAGES = {
 }
 # Test-only tools of one package's session: lm-serve's tests drive a real server with the official openai client
 # and fuzz it with schemathesis (jsonschema-rs validates structured outputs).
-PACKAGE_TEST_TOOLS = {"lm-serve": ["openai>=1.40", "httpx>=0.27", "schemathesis>=4", "jsonschema-rs>=0.20"]}
+PACKAGE_TEST_TOOLS = {
+    "lm-serve": ["openai>=1.40", "httpx>=0.27", "schemathesis>=4", "jsonschema-rs>=0.20"],
+    # lm-torch's optional Ray executor, run over a two-node Ray cluster on the test machine.
+    "lm-torch": ["ray>=2.10"],
+}
 # Third-party clients the opt-in `clients` session drives a real server with (pinned: their releases change what
 # they send).
 CLIENT_LIBRARIES = [

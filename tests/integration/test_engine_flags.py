@@ -90,3 +90,55 @@ def test_engine_flags_come_from_the_engine_config_without_torch():
     assert out == ["[]", "['backend']"]
     help_text = run_without_engine("chat", "--help")
     assert help_text.returncode == 0 and "--backend" in help_text.stdout
+
+
+def _run_lm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    code = "from lm_core.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, default_model_dir):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "lm_lite" / "tiny_models.py"
+    spec = importlib.util.spec_from_file_location("lm_lite_tiny_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+
+
+def test_chat_runs_with_tensor_parallel_ranks(tiny_llama):
+    result = _run_lm(
+        "chat", str(tiny_llama), "--tp", "2", "--session-len", "256", "--prompt", "Hello", "--max-new-tokens", "4"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 processes (tensor parallel 2 over gloo; this is rank 0)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tp", "3"], "--tp 3 does not divide the model's num_attention_heads (4)"),
+        (["--tp", "2", "--devices", "0", "1"], "--devices names CUDA devices, but the engine runs on the CPU"),
+        (["--tp", "2", "--nnodes", "2"], "dist_init_addr must be node 0's host:port when nnodes > 1"),
+        (["--tp", "3", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:29999"], "must be a multiple of nnodes"),
+        (["--dist-init-addr", "nowhere"], "dist_init_addr must be 'host:port'"),
+    ],
+)
+def test_bad_parallel_flags_fail_in_one_line(tiny_llama, args, message):
+    lines = error_lines(_run_lm("chat", str(tiny_llama), "--session-len", "256", *args, "--prompt", "hi"))
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_node_that_never_joins_fails_in_one_line(tiny_llama):
+    from lm_torch.distributed.executor import free_port
+
+    args = ["--tp", "2", "--nnodes", "2", "--node-rank", "0", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+    lines = error_lines(
+        _run_lm(
+            "chat", str(tiny_llama), "--session-len", "256", *args, "--dist-timeout", "5", "--prompt", "hi", timeout=120
+        )
+    )
+    assert len(lines) == 1 and "did not all meet" in lines[0] and "--nnodes" in lines[0], lines

@@ -225,3 +225,35 @@ def test_a_killed_worker_fails_every_request_and_leaves_no_process(tiny_model):
     while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(p.is_alive() for p in processes)
+
+
+def test_two_nodes_on_loopback_give_the_tp1_outputs(tiny_model, single):
+    """`--nnodes 2 --node-rank 0/1 --dist-init-addr`: node 1 is another process running only its rank (the same
+    engine config with node_rank 1); node 0's engine drives both."""
+    import subprocess
+    import sys
+
+    from lm_torch.distributed.executor import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    nodes = {"tp": 2, "nnodes": 2, "dist_init_addr": addr, "block_size": 16, "num_kv_blocks": 512}
+    code = (
+        "import sys; from lm_torch.engine import TorchEngine; "
+        f"TorchEngine.from_pretrained(sys.argv[1], {{**{nodes!r}, 'node_rank': 1}})"
+    )
+    node1 = subprocess.Popen([sys.executable, "-c", code, str(tiny_model)], stderr=subprocess.PIPE, text=True)
+    try:
+        with make_pipe(
+            tiny_model, **{k: v for k, v in nodes.items() if k not in ("block_size", "num_kv_blocks")}, node_rank=0
+        ) as pipe:
+            summary = pipe.async_pipeline.engine.executor.summary()
+            prompts = _prompts(4, seed=8)
+            cfg = GenerationConfig(max_new_tokens=16, ignore_eos=True, logprobs=2)
+            for ours, reference in zip(pipe(prompts, cfg), single(prompts, cfg), strict=True):
+                _same_greedy(ours, reference)
+        _, err = node1.communicate(timeout=60)
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert node1.returncode == 0, err
+    assert "rank 0:" in summary and "node 1 of 2: tensor-parallel ranks 1-1" in err

@@ -21,6 +21,10 @@ import torch
 BACKENDS = ("nccl", "gloo")
 
 
+class RendezvousError(RuntimeError):
+    """The ranks did not all meet (a rank or a node never joined) within the timeout."""
+
+
 @dataclass(frozen=True, eq=False)
 class TPGroup:
     """This process's place in a tensor-parallel group (rank 0 of 1 when not distributed)."""
@@ -137,10 +141,12 @@ def init_tp_group(
     host, port = parse_addr(init_addr)
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=timeout, wait_for_workers=True)
+        store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage] - public, not in torch's __all__
+            host, port, size, is_master=rank == 0, timeout=timeout, wait_for_workers=True
+        )
     except (RuntimeError, dist.DistStoreError) as exc:  # type: ignore[attr-defined]
-        raise RuntimeError(
-            f"tensor-parallel rank {rank}: the {size} ranks did not all meet at {host}:{port} within {timeout_s:.0f} s "
+        raise RendezvousError(
+            f"the {size} tensor-parallel ranks did not all meet at {host}:{port} within {timeout_s:.0f} s "
             f"(a rank or node never joined: check --tp, --nnodes, --node-rank and --dist-init-addr): {exc}"
         ) from exc
     options: dict[str, Any] = {}

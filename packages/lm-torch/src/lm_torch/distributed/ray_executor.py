@@ -30,7 +30,7 @@ from lm_torch.scheduler import ScheduledBatch, StepResult
 
 def _import_ray() -> Any:
     try:
-        import ray
+        import ray  # pyright: ignore[reportMissingImports] - an optional dependency
     except ImportError as exc:
         raise ValueError(
             "--distributed-executor-backend ray needs Ray, which is not installed: pip install 'lm-torch[ray]'"
@@ -46,7 +46,7 @@ class _RankActor:
 
     def rendezvous_address(self) -> str:
         """host:port on this actor's node, free now, for the group's rendezvous (asked of rank 0's actor)."""
-        import ray
+        import ray  # pyright: ignore[reportMissingImports] - an optional dependency
 
         host = ray.util.get_node_ip_address()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -79,8 +79,13 @@ class RayExecutor(Executor):
     def __init__(self, model_path: Path, config: TorchEngineConfig) -> None:
         ray = _import_ray()
         import torch
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from ray.util.placement_group import (  # pyright: ignore[reportMissingImports]
+            placement_group,
+            remove_placement_group,
+        )
+        from ray.util.scheduling_strategies import (  # pyright: ignore[reportMissingImports]
+            PlacementGroupSchedulingStrategy,
+        )
 
         self._ray = ray
         par = config.parallel
@@ -210,7 +215,7 @@ class RayExecutor(Executor):
             self._kill()
 
     def _kill(self) -> None:
-        from ray.util.placement_group import remove_placement_group
+        from ray.util.placement_group import remove_placement_group  # pyright: ignore[reportMissingImports]
 
         for actor in self._actors:
             with contextlib.suppress(Exception):  # already dead

@@ -44,8 +44,14 @@ def worker_main(spec: WorkerSpec, conn: Connection | None) -> None:
     try:
         code = _run(spec, conn)
     except BaseException as exc:  # report what killed the rank, then leave at once (see the module docstring)
-        text = f"tensor-parallel rank {spec.rank}: {type(exc).__name__}: {exc}"
-        print(f"lm-torch: {text}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        from lm_torch.distributed.group import RendezvousError
+
+        if isinstance(exc, (ValueError, RendezvousError)):  # worded for users (a flag, the model): one line
+            text = f"tensor-parallel rank {spec.rank}: {exc}"
+            print(f"lm-torch: {text}", file=sys.stderr, flush=True)
+        else:  # a bug or a crash: the traceback too
+            text = f"tensor-parallel rank {spec.rank}: {type(exc).__name__}: {exc}"
+            print(f"lm-torch: {text}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         if conn is not None:
             with contextlib.suppress(OSError):  # the engine is gone already
                 conn.send(("error", text))
