@@ -58,6 +58,7 @@ def checkpoints(tmp_path_factory, default_model_dir, calib_file):
         "gptq": (gptq, {}),
         "w8a8": (w8a8, {}),
         "kv-int8": (base, {"quant_policy": 8}),
+        "kv-int4": (base, {"quant_policy": 4}),
     }
 
 
@@ -66,12 +67,13 @@ def split_logits(checkpoints):
     whole = {name: tp_ranks.model_logits(path, None, engine) for name, (path, engine) in checkpoints.items()}
     jobs2 = [(name, path, None, engine) for name, (path, engine) in checkpoints.items()]
     # At tp 4 o_proj's 64 inputs leave 16 to a rank: half a group of 32 (refused, below); W8A8 and the KV cache split.
-    jobs4 = [job for job in jobs2 if job[0] in ("w8a8", "kv-int8")]
+    jobs4 = [job for job in jobs2 if job[0] in ("w8a8", "kv-int8", "kv-int4")]
     return whole, {2: tp_ranks.run_ranks(2, jobs2), 4: tp_ranks.run_ranks(4, jobs4)}
 
 
 @pytest.mark.parametrize(
-    ("name", "size"), [("awq", 2), ("gptq", 2), ("w8a8", 2), ("w8a8", 4), ("kv-int8", 2), ("kv-int8", 4)]
+    ("name", "size"),
+    [("awq", 2), ("gptq", 2), ("w8a8", 2), ("w8a8", 4), ("kv-int8", 2), ("kv-int8", 4), ("kv-int4", 2), ("kv-int4", 4)],
 )
 def test_split_quantized_logits_match_the_unsplit_model(split_logits, name, size):
     whole, split = split_logits
