@@ -8,10 +8,14 @@ On one GPU, `dist_backend` gloo with `devices [0, 0]` runs both ranks on GPU 0 (
 device): the kernels run at their sharded shapes, the collectives go through the host. Dummy weights are the same
 at every tp (each rank keeps its part of the unsplit model's random tensors).
 
-For each prompt the tp N tokens are compared with tp 1's until the first difference. A difference where tp 1's two
-best log-probabilities are within --tie-gap of each other is a near-tie (in bfloat16 the split sums round
-differently, and either token is a correct greedy choice); the rest of that sequence is not compared. Prints one
-JSON line: tokens compared, identical, the share identical, and each divergence's step and tp 1 top-2 gap.
+Two comparisons, printed as one JSON line:
+- free-running: each prompt's tp N tokens against tp 1's until the first difference (the rest of that sequence is
+  not compared, since the two then continue different texts);
+- teacher-forced: tp N reads each prompt followed by tp 1's tokens (its prompt logprobs), and at every position its
+  arg-max is compared with tp 1's token there. Every position counts, so this is the per-token agreement.
+A difference where tp 1's two best log-probabilities are within --tie-gap of each other is a near-tie (in bfloat16
+the split sums round differently, and either token is a correct greedy choice); each difference is listed with its
+tp 1 top-2 gap.
 """
 
 from __future__ import annotations
@@ -56,6 +60,53 @@ def generate(model: str, config: dict, prompts: list[list[int]], new_tokens: int
             await engine.close()
 
     return asyncio.run(run()), startup
+
+
+def teacher_forced(model: str, config: dict, prompts: list[list[int]], reference) -> list[list[int]]:
+    """tp N's arg-max at each of tp 1's generated positions, reading prompt + tp 1's tokens in one prefill."""
+    from lm_core import GenerationConfig
+    from lm_core.engine import EngineRequest
+    from lm_torch.engine import TorchEngine
+
+    engine = TorchEngine.from_pretrained(model, config)
+    cfg = GenerationConfig(max_new_tokens=1, ignore_eos=True, prompt_logprobs=1)
+
+    async def one(prompt, generated):
+        entries = None
+        async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt + generated, cfg)):
+            entries = out.prompt_logprobs or entries
+        assert entries is not None
+        # Entry j is the distribution before input token j: the generated tokens are inputs len(prompt)...
+        return [max(entry, key=entry.get) for entry in entries[len(prompt) :]]
+
+    async def run():
+        try:
+            return await asyncio.gather(*(one(p, ids) for p, (ids, _) in zip(prompts, reference, strict=True)))
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
+def compare_forced(reference, argmaxes: list[list[int]], tie_gap: float) -> dict:
+    """Per-position agreement of tp N's arg-max with tp 1's token, and tp 1's top-2 gap at each difference."""
+    compared = identical = 0
+    gaps = []
+    for (ref_ids, ref_lp), ours in zip(reference, argmaxes, strict=True):
+        for step, (a, b) in enumerate(zip(ref_ids, ours, strict=True)):
+            compared += 1
+            if a == b:
+                identical += 1
+                continue
+            top = sorted(ref_lp[step].values(), reverse=True)
+            gaps.append(round(top[0] - top[1], 5) if len(top) > 1 else float("inf"))
+    return {
+        "compared": compared,
+        "identical": identical,
+        "identical_share": identical / max(compared, 1),
+        "difference_top2_gaps": sorted(gaps),
+        "all_at_near_ties": all(g < tie_gap for g in gaps),
+    }
 
 
 def compare(reference, split, tie_gap: float) -> dict:
@@ -108,8 +159,14 @@ def main() -> None:
     split, startup_n = generate(
         args.model, {**base, "tp": args.tp, **json.loads(args.engine_config)}, prompts, args.new_tokens
     )
-    result = compare(reference, split, args.tie_gap)
-    result.update(tp=args.tp, startup_s={"tp1": round(startup1, 1), f"tp{args.tp}": round(startup_n, 1)})
+    split_config = {**base, "tp": args.tp, **json.loads(args.engine_config)}
+    forced = teacher_forced(args.model, split_config, prompts, reference)
+    result = {
+        "tp": args.tp,
+        "teacher_forced": compare_forced(reference, forced, args.tie_gap),
+        "free_running": compare(reference, split, args.tie_gap),
+        "startup_s": {"tp1": round(startup1, 1), f"tp{args.tp}": round(startup_n, 1)},
+    }
     print(json.dumps(result))
 
 

@@ -257,3 +257,15 @@ def test_two_nodes_on_loopback_give_the_tp1_outputs(tiny_model, single):
             node1.kill()
     assert node1.returncode == 0, err
     assert "rank 0:" in summary and "node 1 of 2: tensor-parallel ranks 1-1" in err
+
+
+def test_dummy_weights_are_the_same_model_at_every_tp(tiny_model):
+    """`load_format` dummy: each rank keeps its part of the unsplit model's random tensors, so tp 2 decodes what
+    tp 1 does (what lets a benchmark compare sizes on dummy weights)."""
+    prompts = _prompts(3, seed=10)
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True, logprobs=2)
+    with make_pipe(tiny_model, load_format="dummy") as one:
+        reference = one(prompts, cfg)
+    with make_pipe(tiny_model, load_format="dummy", tp=2) as two:
+        for ours, ref in zip(two(prompts, cfg), reference, strict=True):
+            _same_greedy(ours, ref)

@@ -1,7 +1,8 @@
 """Prometheus metrics (`GET /metrics`), in a registry of the app's own so several apps can live in one process.
 
 Request-level numbers (latencies, token counts, finish reasons) are recorded as requests run; engine numbers
-(running/waiting requests, KV usage, prefix-cache hit rate) are read from `engine.stats()` at scrape time.
+(running/waiting requests, KV usage, prefix-cache hit rate) are read from `engine.stats()` at scrape time, per
+replica too when the engine is data-parallel.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lm_core.engine import EngineStats
 
@@ -18,25 +19,55 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
 
 
+# The engine gauges: name, help, and how to read the value from an `EngineStats`.
+_ENGINE_GAUGES: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
+    ("lm_requests_running", "Sequences the engine is generating now.", lambda s: s.num_running),
+    ("lm_requests_waiting", "Sequences queued in the engine.", lambda s: s.num_waiting),
+    ("lm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1).", lambda s: s.kv_usage),
+    (
+        "lm_prefix_cache_hit_rate",
+        "Prompt tokens found in the prefix cache / prompt tokens looked up.",
+        lambda s: s.prefix_cache_hit_rate,
+    ),
+)
+
+
 class _EngineCollector:
-    """Gauges read from the engine when Prometheus scrapes."""
+    """Gauges read from the engine when Prometheus scrapes.
+
+    Each gauge has one unlabelled sample, the engine's whole load. A data-parallel engine (`lm_core.data_parallel`)
+    reports its replicas' own stats in `extra["replicas"]`: each gauge then also has one sample per replica, labelled
+    `replica="0"`, `"1"`, ..., and the requests routed to each replica and in flight there are exported as well.
+    """
 
     def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self._stats = stats
 
     def collect(self):
         s = self._stats()
-        for name, doc, value in (
-            ("lm_requests_running", "Sequences the engine is generating now.", s.num_running),
-            ("lm_requests_waiting", "Sequences queued in the engine.", s.num_waiting),
-            ("lm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1).", s.kv_usage),
-            (
-                "lm_prefix_cache_hit_rate",
-                "Prompt tokens found in the prefix cache / prompt tokens looked up.",
-                s.prefix_cache_hit_rate,
-            ),
-        ):
-            yield GaugeMetricFamily(name, doc, value=float(value))
+        replicas: list[EngineStats] = s.extra.get("replicas") or []
+        for name, doc, read in _ENGINE_GAUGES:
+            family = GaugeMetricFamily(name, doc)
+            family.add_sample(name, {}, float(read(s)))
+            for index, replica in enumerate(replicas):
+                family.add_sample(name, {"replica": str(index)}, float(read(replica)))
+            yield family
+        if not replicas:
+            return
+        routed = CounterMetricFamily(
+            "lm_dp_requests_routed", "Requests the data-parallel router sent to each replica.", labels=["replica"]
+        )
+        for index, count in enumerate(s.extra.get("num_routed", ())):
+            routed.add_metric([str(index)], float(count))
+        yield routed
+        in_flight = GaugeMetricFamily(
+            "lm_dp_requests_in_flight",
+            "Requests routed to each replica whose streams have not ended.",
+            labels=["replica"],
+        )
+        for index, count in enumerate(s.extra.get("num_in_flight", ())):
+            in_flight.add_metric([str(index)], float(count))
+        yield in_flight
 
 
 class ServerMetrics:

@@ -101,7 +101,7 @@ def build_model(
     _keep_float32_buffers(model, dtype)
     if config.model.load_format == "dummy":
         if tp.size > 1 and quant is None:
-            _init_dummy_sharded(model, model_class, hf_config, max_positions, ctx, config.model.seed)
+            _init_dummy_sharded(model, tp, config.model.seed)
         else:
             _init_dummy(model, config.model.seed)
     else:
@@ -210,32 +210,43 @@ def _init_dummy(model: nn.Module, seed: int) -> None:
                 param.zero_()
 
 
-def _init_dummy_sharded(
-    model: nn.Module, model_class: type, hf_config: Any, max_positions: int, ctx: BuildContext, seed: int
-) -> None:
-    """`_init_dummy`'s weights for a tensor-parallel rank: the unsharded model's random tensors, drawn in the same
-    order from the same generator, each loaded as a checkpoint tensor would be (the rank keeps its part). So every
+def _init_dummy_sharded(model: nn.Module, tp: TPGroup, seed: int) -> None:
+    """`_init_dummy`'s weights for a tensor-parallel rank: the unsplit model's random tensors, drawn in the same order
+    and shapes from the same generator, each loaded as a checkpoint tensor would be (the rank keeps its part). So every
     tensor-parallel size runs the same dummy model, and outputs compare across sizes."""
-    import dataclasses
-
-    with torch.device("meta"):
-        whole = model_class(hf_config, max_positions=max_positions, ctx=dataclasses.replace(ctx, tp=SINGLE))
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     load = cast(Any, model).load_weights  # every model class the registry holds has one
     with torch.no_grad():
-        for name, param in whole.named_parameters():
+        for name, param in model.named_parameters():
+            shape = _unsplit_shape(model, name, param, tp.size)
             if param.dim() > 1:
-                tensor = torch.empty(param.shape, dtype=param.dtype, device=device).normal_(
-                    0.0, 0.02, generator=generator
-                )
+                tensor = torch.empty(shape, dtype=param.dtype, device=device).normal_(0.0, 0.02, generator=generator)
             elif "norm" in name:
-                offset = getattr(_owner(whole, name), "offset", 0.0)
-                tensor = torch.full(param.shape, 1.0 - offset, dtype=param.dtype, device=device)
+                offset = getattr(_owner(model, name), "offset", 0.0)
+                tensor = torch.full(shape, 1.0 - offset, dtype=param.dtype, device=device)
             else:
-                tensor = torch.zeros(param.shape, dtype=param.dtype, device=device)
+                tensor = torch.zeros(shape, dtype=param.dtype, device=device)
             load([(name, tensor)])
             del tensor
+
+
+def _unsplit_shape(model: nn.Module, name: str, param: torch.Tensor, size: int) -> list[int]:
+    """The shape `param` has in the unsplit model: its split dimension is the checkpoint's (the vocabulary for a
+    padded one, the sum of the parts' for a fused projection, whose parts split separately)."""
+    shape = list(param.shape)
+    dim = getattr(param, "tp_dim", None)
+    if dim is None:
+        return shape
+    target = name.split(".")[-2] if "." in name else ""
+    sizes = getattr(model, "_checkpoint_sizes", None)
+    if target in ("qkv_proj", "gate_up_proj") and sizes is not None:
+        shape[dim] = sum(sizes(target))
+    elif getattr(param, "tp_padded", False):
+        shape[dim] = cast(Any, model).config.vocab_size
+    else:
+        shape[dim] *= size
+    return shape
 
 
 def _owner(model: nn.Module, param_name: str) -> nn.Module:

@@ -1,6 +1,7 @@
 """The proxy's node table: which api_servers it knows, whether each is healthy, and which one takes the next request.
 
-Plain Python plus httpx for the health checks; no FastAPI, so the routing rules are testable on their own. All
+Plain Python plus httpx for the health checks; no FastAPI, so the routing rules are testable on their own. The
+least-load rule is lm-core's (`lm_core.routing.least_loaded`), the one the data-parallel engine picks replicas by. All
 methods run on the proxy's one event loop: picking a node and counting it busy happen without an `await` between
 them, so no lock is needed.
 """
@@ -14,6 +15,8 @@ import random
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from lm_core.routing import in_turn, least_loaded
 
 if TYPE_CHECKING:
     import httpx
@@ -187,17 +190,20 @@ class NodeTable:
             healthy = serving or healthy
         if not healthy:
             return None
-        # Candidates in round-robin order from the cursor, so ties in load also rotate among the nodes.
-        ranked = sorted(healthy, key=lambda item: (item[0] - self._cursor) % len(order))
+        candidates = dict(healthy)
+        # Ties (in load, in latency) go to the first candidate in round-robin order from the cursor, so they rotate.
+        start = self._cursor % len(order)
         if self.routing_strategy == "least_load":
-            index, node = min(ranked, key=lambda item: item[1].in_flight)  # min keeps the first of equals
+            index = least_loaded({i: node.in_flight for i, node in candidates.items()}, start)
         elif self.routing_strategy == "random":
-            index, node = random.choice(ranked)
+            index = random.choice(in_turn(candidates, start))
         elif self.routing_strategy == "least_latency":
             # A node not measured yet counts as fastest, so that every node gets measured.
-            index, node = min(ranked, key=lambda item: item[1].mean_latency or 0.0)
+            index = least_loaded({i: node.mean_latency or 0.0 for i, node in candidates.items()}, start)
         else:
-            index, node = ranked[0]
+            index = in_turn(candidates, start)[0]
+        assert index is not None  # candidates is not empty
+        node = candidates[index]
         self._cursor = index + 1
         node.in_flight += 1
         node.num_requests += 1
