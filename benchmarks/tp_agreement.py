@@ -8,11 +8,13 @@ On one GPU, `dist_backend` gloo with `devices [0, 0]` runs both ranks on GPU 0 (
 device): the kernels run at their sharded shapes, the collectives go through the host. Dummy weights are the same
 at every tp (each rank keeps its part of the unsplit model's random tensors).
 
-Two comparisons, printed as one JSON line:
+Three comparisons, printed as one JSON line:
 - free-running: each prompt's tp N tokens against tp 1's until the first difference (the rest of that sequence is
   not compared, since the two then continue different texts);
 - teacher-forced: tp N reads each prompt followed by tp 1's tokens (its prompt logprobs), and at every position its
   arg-max is compared with tp 1's token there. Every position counts, so this is the per-token agreement.
+- the control: tp 1 read the same way (one prefill of its own tokens) against its decode steps: how often rounding
+  alone (other kernels, other batch shapes) flips a near-tie at this dtype.
 A difference where tp 1's two best log-probabilities are within --tie-gap of each other is a near-tie (in bfloat16
 the split sums round differently, and either token is a correct greedy choice); each difference is listed with its
 tp 1 top-2 gap.
@@ -53,13 +55,25 @@ def generate(model: str, config: dict, prompts: list[list[int]], new_tokens: int
     engine = TorchEngine.from_pretrained(model, config)
     startup = time.perf_counter() - started
 
-    async def run():
+    async def run(engine):
         try:
             return await _run(engine, prompts, new_tokens)
         finally:
             await engine.close()
 
-    return asyncio.run(run()), startup
+    result = asyncio.run(run(engine))
+    del engine
+    _free_device_memory()
+    return result, startup
+
+
+def _free_device_memory() -> None:
+    """Free a dropped engine's device memory before the next one loads (the runs share one GPU)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def teacher_forced(model: str, config: dict, prompts: list[list[int]], reference) -> list[list[int]]:
@@ -71,41 +85,52 @@ def teacher_forced(model: str, config: dict, prompts: list[list[int]], reference
     engine = TorchEngine.from_pretrained(model, config)
     cfg = GenerationConfig(max_new_tokens=1, ignore_eos=True, prompt_logprobs=1)
 
-    async def one(prompt, generated):
+    async def one(engine, prompt, generated):
         entries = None
         async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt + generated, cfg)):
             entries = out.prompt_logprobs or entries
         assert entries is not None
-        # Entry j is the distribution before input token j: the generated tokens are inputs len(prompt)...
-        return [max(entry, key=entry.get) for entry in entries[len(prompt) :]]
+        # Entry j is the distribution before input token j: the generated tokens are inputs len(prompt)... Each
+        # entry holds tp 1's token there and tp N's best one: (tp N's arg-max, its margin over tp 1's token).
+        picks = []
+        for token, entry in zip(generated, entries[len(prompt) :], strict=True):
+            best = max(entry, key=entry.get)
+            picks.append((best, entry[best] - entry[token]))
+        return picks
 
-    async def run():
+    async def run(engine):
         try:
-            return await asyncio.gather(*(one(p, ids) for p, (ids, _) in zip(prompts, reference, strict=True)))
+            jobs = (one(engine, p, ids) for p, (ids, _) in zip(prompts, reference, strict=True))
+            return await asyncio.gather(*jobs)
         finally:
             await engine.close()
 
-    return asyncio.run(run())
+    result = asyncio.run(run(engine))
+    del engine
+    _free_device_memory()
+    return result
 
 
-def compare_forced(reference, argmaxes: list[list[int]], tie_gap: float) -> dict:
-    """Per-position agreement of tp N's arg-max with tp 1's token, and tp 1's top-2 gap at each difference."""
+def compare_forced(reference, picks: list[list[tuple[int, float]]], tie_gap: float) -> dict:
+    """Per-position agreement of tp N's arg-max with tp 1's token; at each difference, tp 1's top-2 gap and tp N's
+    margin for its own pick (both small: the two runs see a near-tie, each rounding it its way)."""
     compared = identical = 0
-    gaps = []
-    for (ref_ids, ref_lp), ours in zip(reference, argmaxes, strict=True):
-        for step, (a, b) in enumerate(zip(ref_ids, ours, strict=True)):
+    differences = []
+    for (ref_ids, ref_lp), ours in zip(reference, picks, strict=True):
+        for step, (a, (b, margin)) in enumerate(zip(ref_ids, ours, strict=True)):
             compared += 1
             if a == b:
                 identical += 1
                 continue
             top = sorted(ref_lp[step].values(), reverse=True)
-            gaps.append(round(top[0] - top[1], 5) if len(top) > 1 else float("inf"))
+            gap = top[0] - top[1] if len(top) > 1 else float("inf")
+            differences.append((round(gap, 5), round(margin, 5)))
     return {
         "compared": compared,
         "identical": identical,
         "identical_share": identical / max(compared, 1),
-        "difference_top2_gaps": sorted(gaps),
-        "all_at_near_ties": all(g < tie_gap for g in gaps),
+        "differences_tp1_gap_tpn_margin": sorted(differences),
+        "all_at_near_ties": all(gap < tie_gap and margin < tie_gap for gap, margin in differences),
     }
 
 
@@ -136,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--engine-config", default="{}", help="extra engine config of the tp N run, as JSON")
     parser.add_argument("--num-prompts", type=int, default=32)
@@ -154,16 +180,25 @@ def main() -> None:
     prompts = [
         torch.randint(100, vocab - 100, (args.input_len,), generator=rng).tolist() for _ in range(args.num_prompts)
     ]
-    base = {"load_format": args.load_format, "num_kv_blocks": args.num_kv_blocks, "max_batch_size": args.num_prompts}
+    base = {
+        "load_format": args.load_format,
+        "dtype": args.dtype,
+        "num_kv_blocks": args.num_kv_blocks,
+        "max_batch_size": args.num_prompts,
+    }
     reference, startup1 = generate(args.model, base, prompts, args.new_tokens)
     split, startup_n = generate(
         args.model, {**base, "tp": args.tp, **json.loads(args.engine_config)}, prompts, args.new_tokens
     )
     split_config = {**base, "tp": args.tp, **json.loads(args.engine_config)}
     forced = teacher_forced(args.model, split_config, prompts, reference)
+    # The control: tp 1 itself, reading its own tokens in one prefill (other kernels and batch shapes than its
+    # decode steps): the differences that rounding alone makes at this dtype.
+    control = teacher_forced(args.model, base, prompts, reference)
     result = {
         "tp": args.tp,
         "teacher_forced": compare_forced(reference, forced, args.tie_gap),
+        "control_tp1_prefill_against_tp1_decode": compare_forced(reference, control, args.tie_gap),
         "free_running": compare(reference, split, args.tie_gap),
         "startup_s": {"tp1": round(startup1, 1), f"tp{args.tp}": round(startup_n, 1)},
     }
