@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import subprocess
-import threading
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -232,88 +227,6 @@ def test_embeddings_are_routed_and_equal_a_single_engines(replicated, single):
     assert sum(routed(replicated)) == before + 1
     assert torch.allclose(torch.tensor(ours), torch.tensor(reference), atol=1e-6)
     assert_idle(engine)
-
-
-class Server:
-    """`lm serve api_server MODEL ...` on a free loopback port; `url` once it is ready."""
-
-    def __init__(self, model: Path, *flags: str) -> None:
-        script = shutil.which("lm")
-        assert script is not None, "the meta-package did not install the lm script"
-        command = [script, "serve", "api_server", str(model), "--server-name", "127.0.0.1", "--server-port", "0"]
-        self.process = subprocess.Popen(
-            [*command, "--log-level", "warning", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self.url: str | None = None
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                self.lines.append(line)
-                if line.startswith(READY_PREFIX) and self.url is None:
-                    self.url = line[len(READY_PREFIX) :].strip()
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + DEADLINE_S
-        while not ready.wait(0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the server did not start:\n" + "".join(self.lines[-100:]))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def metric_samples(text: str) -> dict[str, float]:
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
-
-
-@pytest.mark.slow
-def test_api_server_with_dp_2_routes_to_both_replicas_and_exports_them(tiny_model):
-    import httpx
-
-    openai = pytest.importorskip("openai")
-    server = Server(tiny_model, "--dp", "2", "--session-len", "512", "--num-kv-blocks", "64", "--num-threads", "1")
-    try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=DEADLINE_S)
-        rng = random.Random(7)
-        words = ["river", "stone", "cloud", "lamp", "orbit", "maple", "violet", "engine", "harbor", "quartz"]
-        # Long, distinct messages: the chat template's common start is a small part of each prompt.
-        messages = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(6)]
-
-        def chat(content: str):
-            return client.chat.completions.create(
-                model=str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=8
-            )
-
-        with ThreadPoolExecutor(len(messages)) as pool:
-            answers = list(pool.map(chat, messages))
-        assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
-        response = httpx.get(f"{server.url}/metrics", timeout=30)
-        response.raise_for_status()
-        samples = metric_samples(response.text)
-    finally:
-        server.stop()
-    per_replica = [samples[f'lm_dp_requests_routed_total{{replica="{i}"}}'] for i in range(2)]
-    assert sum(per_replica) == len(messages) and min(per_replica) >= 1, per_replica
-    for name in ("lm_requests_running", "lm_requests_waiting", "lm_kv_cache_usage_ratio", "lm_prefix_cache_hit_rate"):
-        assert name in samples  # the whole engine, as without --dp
-        assert f'{name}{{replica="0"}}' in samples and f'{name}{{replica="1"}}' in samples
-    assert samples['lm_dp_requests_in_flight{replica="0"}'] == samples['lm_dp_requests_in_flight{replica="1"}'] == 0
 
 
 @pytest.mark.slow
