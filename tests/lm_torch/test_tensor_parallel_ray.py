@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,13 @@ def _ray(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """A head node and a second node on loopback, one CPU each; `ray stop` at the end."""
     from lm_torch.distributed.executor import free_port
 
     port = free_port()
-    temp = tmp_path_factory.mktemp("ray")
+    # Ray's socket paths live under its temp dir and must fit AF_UNIX's 107 bytes: not under pytest's long tmp paths.
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     head = _ray(
         "start",
         "--head",
@@ -61,6 +63,7 @@ def cluster(tmp_path_factory):
         if ray.is_initialized():
             ray.shutdown()
         _ray("stop", "--force")
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
