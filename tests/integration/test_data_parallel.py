@@ -10,6 +10,7 @@ engine's own counts (`stats().extra`) and, for the server, from `/metrics`.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import random
 import uuid
 from pathlib import Path
@@ -29,28 +30,20 @@ READY_PREFIX = "lm-serve: ready at "
 DEADLINE_S = 120.0
 
 
+def _tiny_models():
+    spec = importlib.util.spec_from_file_location(
+        "lm_lite_tiny_models", Path(__file__).parents[1] / "lm_lite" / "tiny_models.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, default_model_dir) -> Path:
     """A random 2-layer Llama over the default model's vocabulary, saved with its tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama-dp")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.2,  # far from uniform: greedy choices are rarely near ties
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _tiny_models().make_engine_llama(tmp_path_factory.mktemp("tiny-llama-dp"), default_model_dir)
 
 
 def make_pipe(model_dir: Path, **config) -> Pipeline:

@@ -165,3 +165,30 @@ def _save_internlm2(llama, path: Path) -> None:
         "torch_dtype": "float32",
     }
     (path / "config.json").write_text(json.dumps(config_json))
+
+
+def make_engine_llama(path: Path, tokenizer_dir: Path, max_position_embeddings: int = 1024) -> Path:
+    """A random 2-layer Llama (4 heads over 2 KV heads: tp 2 splits both) over the tokenizer of `tokenizer_dir`,
+    with larger weights than `make_tiny`'s (initializer range 0.2) so that greedy choices are rarely near ties: for
+    tests that compare whole generations between engine setups. Writes into `path`; returns it."""
+    import transformers
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 HERE = Path(__file__).parent
 
@@ -27,16 +26,9 @@ def _tiny_models():
     return module
 
 
-def _samples(text: str) -> dict[str, float]:
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
-
-
-def test_api_server_with_dp_2_routes_to_both_replicas_and_exports_them(tmp_path, default_model_dir, server_process):
+def test_api_server_with_dp_2_routes_to_both_replicas_and_exports_them(
+    tmp_path, default_model_dir, server_process, scrape
+):
     model = _tiny_models().make_tiny("llama", tmp_path / "tiny-llama", default_model_dir)
     flags = ["--dp", "2", "--model-name", "tiny", "--session-len", "256", "--num-kv-blocks", "64", "--num-threads", "1"]
     server = server_process(model, *flags)
@@ -55,9 +47,7 @@ def test_api_server_with_dp_2_routes_to_both_replicas_and_exports_them(tmp_path,
         with ThreadPoolExecutor(len(messages)) as pool:
             answers = list(pool.map(chat, messages))
         assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
-        response = httpx.get(f"{server.url}/metrics", timeout=30)
-        response.raise_for_status()
-        samples = _samples(response.text)
+        samples = scrape(server)
     finally:
         server.stop()
     per_replica = [samples[f'lm_dp_requests_routed_total{{replica="{i}"}}'] for i in range(2)]

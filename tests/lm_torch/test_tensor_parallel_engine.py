@@ -10,9 +10,9 @@ with an error quickly, and leave no process behind.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
-import shutil
 import signal
 import time
 import uuid
@@ -26,6 +26,17 @@ from lm_core.engine import EngineRequest
 
 transformers = pytest.importorskip("transformers")
 
+
+def _tiny_models():
+    spec = importlib.util.spec_from_file_location(
+        "lm_lite_tiny_models", Path(__file__).parents[1] / "lm_lite" / "tiny_models.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Where tp 1's two best logprobs at a step are closer than this, either token is a correct greedy choice.
 TIE_TOLERANCE = 1e-4
 LOGPROB_TOLERANCE = 1e-4
@@ -33,29 +44,8 @@ LOGPROB_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, default_model_dir) -> Path:
-    """A random 2-layer Llama over the default model's vocabulary and tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.2,  # far from uniform: greedy choices are rarely near ties
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    for name in ("generation_config.json",):
-        if (default_model_dir / name).exists():
-            shutil.copy(default_model_dir / name, path / name)
-    return path
+    """A random 2-layer Llama over the default model's vocabulary and tokenizer (`tiny_models.make_engine_llama`)."""
+    return _tiny_models().make_engine_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
 
 
 def make_pipe(model_dir: Path, **config) -> Pipeline:

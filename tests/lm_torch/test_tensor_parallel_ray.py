@@ -4,6 +4,7 @@ engine's. Needs Ray (`lm-torch[ray]`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -18,6 +19,16 @@ from lm_core import AsyncPipeline, GenerationConfig, Pipeline
 
 pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
+
+
+def _tiny_models():
+    spec = importlib.util.spec_from_file_location(
+        "lm_lite_tiny_models", Path(__file__).parents[1] / "lm_lite" / "tiny_models.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _ray(*args: str) -> subprocess.CompletedProcess:
@@ -68,26 +79,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, default_model_dir) -> Path:
-    """A random 2-layer Llama (4 heads over 2 KV heads) over the default model's tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A random 2-layer Llama over the default model's tokenizer (`tiny_models.make_engine_llama`)."""
+    return _tiny_models().make_engine_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir, 512)
 
 
 def _pipe(model: Path, **config) -> Pipeline:
