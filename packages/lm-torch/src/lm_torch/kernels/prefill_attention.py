@@ -182,6 +182,17 @@ def prefill_tiles(
     return pairs[0], pairs[1]
 
 
+def _default_block_n(head_dim: int, element_size: int) -> int:
+    """Keys per step when the caller names none: 128 up to head_dim 128 in half precision (the H100's fastest),
+    halved for float32, whose pipelined key and value tiles (2 x 2 x 128 x 128 x 4 bytes at head_dim 128) would
+    pass the 227 KiB of shared memory a block may use; 32 beyond head_dim 128; 16 under the interpreter."""
+    if interpreting():
+        return 16
+    if head_dim > 128:
+        return 32
+    return 64 if element_size >= 4 else 128
+
+
 def prefill_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], already holding the new tokens
@@ -207,7 +218,8 @@ def prefill_attention(
     dequantized tile by tile, when `*_scales_zeros` are given; see `lm_torch.kv_quant`).
 
     `block_n` (keys per step), `num_warps` and `num_stages` override the launch shape; the defaults were the
-    fastest of those `benchmarks/kernel_times.py --tune` tried for head_dim 128 on an H100.
+    fastest of those `benchmarks/kernel_times.py --tune` tried for head_dim 128 on an H100 (half precision; float32
+    takes half the keys per step, see `_default_block_n`).
     """
     check_cuda_or_interpreter(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, tile_seq)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -259,7 +271,7 @@ def prefill_attention(
         GROUP_PAD=next_power_of_2(group),
         TOKENS=tokens_per_tile,
         BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_N=block_n or (16 if interpreting() else (128 if head_dim <= 128 else 32)),
+        BLOCK_N=block_n or _default_block_n(head_dim, q.element_size()),
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
