@@ -47,8 +47,11 @@ async def _run(engine, prompts: list[list[int]], new_tokens: int) -> list[tuple[
     return await asyncio.gather(*(one(p) for p in prompts))
 
 
-def generate(model: str, config: dict, prompts: list[list[int]], new_tokens: int):
-    """Every prompt's greedy tokens and top-2 logprobs from a fresh engine, and the engine's start-up seconds."""
+def _with_engine(model: str, config: dict, work):
+    """(the result of `await work(engine)` on a fresh engine, the engine's start-up seconds); the engine is closed
+    and its device memory freed before this returns, so the next one loads on a free GPU (the runs share one)."""
+    import gc
+
     from lm_torch.engine import TorchEngine
 
     started = time.perf_counter()
@@ -57,32 +60,28 @@ def generate(model: str, config: dict, prompts: list[list[int]], new_tokens: int
 
     async def run(engine):
         try:
-            return await _run(engine, prompts, new_tokens)
+            return await work(engine)
         finally:
             await engine.close()
 
     result = asyncio.run(run(engine))
     del engine
-    _free_device_memory()
-    return result, startup
-
-
-def _free_device_memory() -> None:
-    """Free a dropped engine's device memory before the next one loads (the runs share one GPU)."""
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return result, startup
+
+
+def generate(model: str, config: dict, prompts: list[list[int]], new_tokens: int):
+    """Every prompt's greedy tokens and top-2 logprobs from a fresh engine, and the engine's start-up seconds."""
+    return _with_engine(model, config, lambda engine: _run(engine, prompts, new_tokens))
 
 
 def teacher_forced(model: str, config: dict, prompts: list[list[int]], reference) -> list[list[int]]:
     """tp N's arg-max at each of tp 1's generated positions, reading prompt + tp 1's tokens in one prefill."""
     from lm_core import GenerationConfig
     from lm_core.engine import EngineRequest
-    from lm_torch.engine import TorchEngine
 
-    engine = TorchEngine.from_pretrained(model, config)
     cfg = GenerationConfig(max_new_tokens=1, ignore_eos=True, prompt_logprobs=1)
 
     async def one(engine, prompt, generated):
@@ -98,17 +97,16 @@ def teacher_forced(model: str, config: dict, prompts: list[list[int]], reference
             picks.append((best, entry[best] - entry[token]))
         return picks
 
-    async def run(engine):
-        try:
-            jobs = (one(engine, p, ids) for p, (ids, _) in zip(prompts, reference, strict=True))
-            return await asyncio.gather(*jobs)
-        finally:
-            await engine.close()
+    async def work(engine):
+        return await asyncio.gather(*(one(engine, p, ids) for p, (ids, _) in zip(prompts, reference, strict=True)))
 
-    result = asyncio.run(run(engine))
-    del engine
-    _free_device_memory()
-    return result
+    return _with_engine(model, config, work)[0]
+
+
+def _top2_gap(logprobs: dict[int, float]) -> float:
+    """The gap between a step's two best log-probabilities (inf with one)."""
+    top = sorted(logprobs.values(), reverse=True)
+    return top[0] - top[1] if len(top) > 1 else float("inf")
 
 
 def compare_forced(reference, picks: list[list[tuple[int, float]]], tie_gap: float) -> dict:
@@ -122,8 +120,7 @@ def compare_forced(reference, picks: list[list[tuple[int, float]]], tie_gap: flo
             if a == b:
                 identical += 1
                 continue
-            top = sorted(ref_lp[step].values(), reverse=True)
-            gap = top[0] - top[1] if len(top) > 1 else float("inf")
+            gap = _top2_gap(ref_lp[step])
             differences.append((round(gap, 5), round(margin, 5)))
     return {
         "compared": compared,
@@ -144,8 +141,7 @@ def compare(reference, split, tie_gap: float) -> dict:
             if a == b:
                 identical += 1
                 continue
-            top = sorted(ref_lp[step].values(), reverse=True)
-            gap = top[0] - top[1] if len(top) > 1 else float("inf")
+            gap = _top2_gap(ref_lp[step])
             divergences.append({"step": step, "top2_gap": round(gap, 5), "near_tie": gap < tie_gap})
             break
     return {

@@ -14,7 +14,7 @@ from PIL import Image
 
 from lm_vl.media.errors import MediaError, refused
 from lm_vl.media.policy import MediaPolicy
-from lm_vl.media.sources import read_media_bytes
+from lm_vl.media.sources import source_bytes
 
 # What a request or a caller may hand over: a URL, data URL, `file:` URL or path (str or path-like), encoded image
 # bytes, or an already-open PIL image.
@@ -35,15 +35,7 @@ def load_image(source: ImageSource, policy: MediaPolicy | None = None) -> Image.
     if isinstance(source, Image.Image):
         check_pixels(source.size, policy)
         return to_rgb(source)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        if len(data) > policy.max_bytes:
-            raise refused(f"image of {len(data)} bytes exceeds the limit of {policy.max_bytes}", "too_large")
-    elif isinstance(source, (str, os.PathLike)):
-        data = read_media_bytes(source, policy, "image")
-    else:
-        raise refused(f"an image source cannot be a {type(source).__name__}", "invalid_source")
-    return decode_image(data, policy)
+    return decode_image(source_bytes(source, policy, "image"), policy)
 
 
 def load_images(sources: Sequence[ImageSource], policy: MediaPolicy | None = None) -> list[Image.Image]:

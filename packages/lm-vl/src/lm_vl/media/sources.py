@@ -19,13 +19,32 @@ MediaKind = Literal["image", "video"]
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
 
 
+def source_bytes(source: object, policy: MediaPolicy, kind: MediaKind = "image") -> bytes:
+    """The bytes of a request's media `source`: raw bytes as they are (held to `kind`'s byte cap), a URL or path
+    through `read_media_bytes`; any other type is refused (400)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        limit = _max_bytes(policy, kind)
+        if len(data) > limit:
+            raise refused(f"{kind} of {len(data)} bytes exceeds the limit of {limit}", "too_large")
+        return data
+    if isinstance(source, (str, os.PathLike)):
+        return read_media_bytes(source, policy, kind)
+    article = "an" if kind == "image" else "a"
+    raise refused(f"{article} {kind} source cannot be a {type(source).__name__}", "invalid_source")
+
+
+def _max_bytes(policy: MediaPolicy, kind: MediaKind) -> int:
+    return policy.max_bytes if kind == "image" else policy.max_video_bytes
+
+
 def read_media_bytes(reference: str | os.PathLike[str], policy: MediaPolicy, kind: MediaKind = "image") -> bytes:
     """The bytes `reference` names, fetched or read under `policy`'s limits for `kind`.
 
     http(s) URLs go through `fetch_url`; `data:` URLs must be base64 with a `kind/...` media type (or none); `file:`
     URLs and paths are read only below `policy.allowed_local_media_path`. Any other scheme is refused.
     """
-    max_bytes = policy.max_bytes if kind == "image" else policy.max_video_bytes
+    max_bytes = _max_bytes(policy, kind)
     if not isinstance(reference, str):
         return read_local_file(os.fspath(reference), policy, max_bytes=max_bytes)
     match = _SCHEME.match(reference)

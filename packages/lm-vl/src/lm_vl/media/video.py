@@ -17,7 +17,7 @@ from PIL import Image
 from lm_vl.media.errors import MediaError, refused
 from lm_vl.media.image import ImageSource, check_pixels, load_image
 from lm_vl.media.policy import MediaPolicy
-from lm_vl.media.sources import read_media_bytes
+from lm_vl.media.sources import source_bytes
 
 # A video file (URL, data URL, path or bytes) or its frames, one image source each.
 VideoSource: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview | Sequence[ImageSource]
@@ -46,14 +46,7 @@ def load_video(
         if isinstance(source, Sequence) and not isinstance(source, (str, bytes, bytearray, memoryview)):
             return _load_frame_list(source, policy, num_frames=num_frames, fps=fps)
         av = _import_av()
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            data = bytes(source)
-            if len(data) > policy.max_video_bytes:
-                raise refused(f"video of {len(data)} bytes exceeds the limit of {policy.max_video_bytes}", "too_large")
-        elif isinstance(source, (str, os.PathLike)):
-            data = read_media_bytes(source, policy, "video")
-        else:
-            raise refused(f"a video source cannot be a {type(source).__name__}", "invalid_source")
+        data = source_bytes(source, policy, "video")
         return _decode_video(av, data, policy, num_frames=num_frames, fps=fps)
     except MediaError as exc:
         exc.param = "video_url"
