@@ -60,3 +60,18 @@ def default_gguf() -> Path:
     from lm_core.resolve import default_gguf_path
 
     return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """`tests/lm_lite/tiny_models.py` (tiny random checkpoints of every family, and a random Llama for engine
+    comparisons, all with the default model's tokenizer), loaded by path: test modules cannot import each other."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lm_lite_tiny_models", Path(__file__).parent / "lm_lite" / "tiny_models.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -10,7 +10,6 @@ engine's own counts (`stats().extra`) and, for the server, from `/metrics`.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
 import uuid
 from pathlib import Path
@@ -30,20 +29,10 @@ READY_PREFIX = "lm-serve: ready at "
 DEADLINE_S = 120.0
 
 
-def _tiny_models():
-    spec = importlib.util.spec_from_file_location(
-        "lm_lite_tiny_models", Path(__file__).parents[1] / "lm_lite" / "tiny_models.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, default_model_dir) -> Path:
+def tiny_model(tmp_path_factory, default_model_dir, tiny_models) -> Path:
     """A random 2-layer Llama over the default model's vocabulary, saved with its tokenizer."""
-    return _tiny_models().make_engine_llama(tmp_path_factory.mktemp("tiny-llama-dp"), default_model_dir)
+    return tiny_models.make_engine_llama(tmp_path_factory.mktemp("tiny-llama-dp"), default_model_dir)
 
 
 def make_pipe(model_dir: Path, **config) -> Pipeline:

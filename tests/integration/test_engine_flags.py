@@ -98,15 +98,8 @@ def _run_lm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, default_model_dir):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "lm_lite" / "tiny_models.py"
-    spec = importlib.util.spec_from_file_location("lm_lite_tiny_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+def tiny_llama(tmp_path_factory, default_model_dir, tiny_models):
+    return tiny_models.make_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
 
 
 def test_chat_runs_with_tensor_parallel_ranks(tiny_llama):

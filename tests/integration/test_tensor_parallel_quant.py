@@ -8,7 +8,6 @@ checkpoint with its `TPGroup` and runs the paged forward of `tests/lm_torch/test
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -26,17 +25,6 @@ CALIB = {"calib_samples": 2, "calib_seqlen": 64, "device": "cpu"}
 CALIB_TEXT = (HERE.parents[1] / "packages" / "lm-lite" / "src" / "lm_lite" / "data" / "calib_builtin.txt").read_text()
 
 
-def _load_by_path(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny_models = _load_by_path("lm_lite_tiny_models", HERE.parent / "lm_lite" / "tiny_models.py")
-
-
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
@@ -45,7 +33,7 @@ def calib_file(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, default_model_dir, calib_file):
+def checkpoints(tmp_path_factory, default_model_dir, calib_file, tiny_models):
     """{name: (checkpoint, engine config)}: lm-lite's AWQ and GPTQ (group 32) and W8A8 of a tiny Llama, and the
     float checkpoint with the int8 KV cache."""
     base = tiny_models.make_tiny("llama", tmp_path_factory.mktemp("llama"), default_model_dir)

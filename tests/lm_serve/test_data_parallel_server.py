@@ -6,30 +6,19 @@ The model is lm-lite's tiny random Llama with the default model's tokenizer and 
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 openai = pytest.importorskip("openai")
 
-HERE = Path(__file__).parent
-
-
-def _tiny_models():
-    spec = importlib.util.spec_from_file_location("lm_lite_tiny_models", HERE.parent / "lm_lite" / "tiny_models.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_api_server_with_dp_2_routes_to_both_replicas_and_exports_them(
-    tmp_path, default_model_dir, server_process, scrape
+    tmp_path, default_model_dir, server_process, scrape, tiny_models
 ):
-    model = _tiny_models().make_tiny("llama", tmp_path / "tiny-llama", default_model_dir)
+    model = tiny_models.make_tiny("llama", tmp_path / "tiny-llama", default_model_dir)
     flags = ["--dp", "2", "--model-name", "tiny", "--session-len", "256", "--num-kv-blocks", "64", "--num-threads", "1"]
     server = server_process(model, *flags)
     try:

@@ -8,7 +8,6 @@ heads: tp 2 splits both). A tp 1 server of the same model gives the reference ou
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -21,7 +20,6 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-HERE = Path(__file__).parent
 FLAGS = ["--model-name", "tiny", "--session-len", "256", "--num-kv-blocks", "64", "--max-batch-size", "8"]
 WEATHER = {
     "type": "function",
@@ -37,17 +35,9 @@ WEATHER = {
 }
 
 
-def _tiny_models():
-    spec = importlib.util.spec_from_file_location("lm_lite_tiny_models", HERE.parent / "lm_lite" / "tiny_models.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, default_model_dir) -> Path:
-    return _tiny_models().make_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+def tiny_llama(tmp_path_factory, default_model_dir, tiny_models) -> Path:
+    return tiny_models.make_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ with an error quickly, and leave no process behind.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -27,25 +26,15 @@ from lm_core.engine import EngineRequest
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny_models():
-    spec = importlib.util.spec_from_file_location(
-        "lm_lite_tiny_models", Path(__file__).parents[1] / "lm_lite" / "tiny_models.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # Where tp 1's two best logprobs at a step are closer than this, either token is a correct greedy choice.
 TIE_TOLERANCE = 1e-4
 LOGPROB_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, default_model_dir) -> Path:
+def tiny_model(tmp_path_factory, default_model_dir, tiny_models) -> Path:
     """A random 2-layer Llama over the default model's vocabulary and tokenizer (`tiny_models.make_engine_llama`)."""
-    return _tiny_models().make_engine_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+    return tiny_models.make_engine_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
 
 
 def make_pipe(model_dir: Path, **config) -> Pipeline:

@@ -4,7 +4,6 @@ engine's. Needs Ray (`lm-torch[ray]`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,16 +18,6 @@ from lm_core import AsyncPipeline, GenerationConfig, Pipeline
 
 pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
-
-
-def _tiny_models():
-    spec = importlib.util.spec_from_file_location(
-        "lm_lite_tiny_models", Path(__file__).parents[1] / "lm_lite" / "tiny_models.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ray(*args: str) -> subprocess.CompletedProcess:
@@ -78,9 +67,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, default_model_dir) -> Path:
+def tiny_model(tmp_path_factory, default_model_dir, tiny_models) -> Path:
     """A random 2-layer Llama over the default model's tokenizer (`tiny_models.make_engine_llama`)."""
-    return _tiny_models().make_engine_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir, 512)
+    return tiny_models.make_engine_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir, 512)
 
 
 def _pipe(model: Path, **config) -> Pipeline:
