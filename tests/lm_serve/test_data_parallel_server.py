@@ -14,7 +14,6 @@ import pytest
 openai = pytest.importorskip("openai")
 
 
-
 def test_api_server_with_dp_2_routes_to_both_replicas_and_exports_them(
     tmp_path, default_model_dir, server_process, scrape, tiny_models
 ):
