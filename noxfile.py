@@ -80,6 +80,11 @@ PYTEST_WORKERS = {"lm-core": 2, "lm-torch": 2, "lm-serve": 2, "integration": 2}
 RUN_ENV = {"PYTHONDONTWRITEBYTECODE": None}
 # The build session's builds and per-wheel checks run this many at a time.
 BUILD_JOBS = 2
+# JUnit reports of the test sessions (`report` prints their failures last, where a log's tail shows them).
+REPORTS = ROOT / ".nox" / "reports"
+# Lines of one failure's message that `report` prints, and failures it prints in full.
+REPORT_LINES = 12
+REPORT_FAILURES = 6
 
 
 def _pyproject(path: Path) -> dict:
@@ -113,10 +118,12 @@ def _install_with_torch(session: nox.Session, *args: str) -> None:
 
 def _pytest(session: nox.Session, folder: str, workers: int, ignore: tuple[str, ...] = ()) -> None:
     """pytest over `folder` but not `ignore`, in `workers` pytest-xdist processes (0: in this one); posargs come last
-    and win."""
+    and win. Each run writes a JUnit report to `REPORTS`, which the `report` session summarises."""
     parallel = ["-n", str(workers)] if workers else []
     ignored = [f"--ignore={path}" for path in ignore]
-    session.run("pytest", folder, *parallel, *ignored, *session.posargs, env=RUN_ENV)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    junit = f"--junitxml={REPORTS / (session.name + '.xml')}"
+    session.run("pytest", folder, *parallel, *ignored, junit, *session.posargs, env=RUN_ENV)
 
 
 def _make_package_session(dist: str, import_name: str) -> None:
@@ -199,7 +206,8 @@ def build(session: nox.Session) -> None:
         shutil.rmtree(venv, ignore_errors=True)
         bindir = venv / ("Scripts" if os.name == "nt" else "bin")
         python = str(bindir / "python")
-        pip = [python, "-m", "pip", "install", "--no-compile", "--quiet", "--find-links", str(dist_dir)]
+        # -qq: errors only (a machine's pip configuration may warn once per package about its index).
+        pip = [python, "-m", "pip", "install", "--no-compile", "-qq", "--find-links", str(dist_dir)]
         commands = [Cmd([sys.executable, "-m", "venv", str(venv)])]
         if "torch" in " ".join(_all_requirements(name)):
             commands.append(Cmd([*pip, TORCH]))
@@ -261,6 +269,34 @@ def _all_requirements(dist: str) -> list[str]:
 
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
-    """Everything CI runs: lint, the type check, each package alone, the integration tests and the build checks."""
-    for name in ["lint", "typecheck", *(f"tests-{dist}" for dist in PACKAGES), "integration", "build"]:
+    """Everything CI runs: lint, the type check, each package alone, the integration tests and the build checks, then
+    `report`."""
+    shutil.rmtree(REPORTS, ignore_errors=True)
+    for name in ["lint", "typecheck", *(f"tests-{dist}" for dist in PACKAGES), "integration", "build", "report"]:
         session.notify(name)
+
+
+@nox.session(python=False)
+def report(session: nox.Session) -> None:
+    """The failed and errored tests of every test session's JUnit report (the last session of `tests`, so that the
+    end of a long log names what failed); fails if any test did."""
+    import xml.etree.ElementTree as ET
+
+    failures: list[tuple[str, str, str]] = []
+    for path in sorted(REPORTS.glob("*.xml")):
+        for case in ET.parse(path).getroot().iter("testcase"):
+            for bad in [*case.findall("failure"), *case.findall("error")]:
+                test = f"{case.get('classname', '')}::{case.get('name', '')}"
+                text = (bad.get("message") or "") + "\n" + (bad.text or "")
+                failures.append((path.stem, test, text))
+    if not failures:
+        session.log(f"no failed tests in {len(list(REPORTS.glob('*.xml')))} reports")
+        return
+    for index, (name, test, text) in enumerate(failures):
+        if index < REPORT_FAILURES:
+            lines = [line for line in text.splitlines() if line.strip()]
+            tail = lines[-REPORT_LINES:]
+            print(f"--- {name}: {test}", *("    " + line[:300] for line in tail), sep="\n", flush=True)
+        else:
+            print(f"--- {name}: {test}", flush=True)
+    session.error(f"{len(failures)} failed tests")

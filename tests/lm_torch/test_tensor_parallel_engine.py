@@ -172,7 +172,8 @@ def test_abort_mid_generation_and_keep_serving(split):
 
 
 def test_a_killed_worker_fails_every_request_and_leaves_no_process(tiny_model):
-    pipe = make_pipe(tiny_model, tp=2, dist_timeout=30)
+    # A collective's timeout far above the bound below: the failure must come from the watcher, not a timeout.
+    pipe = make_pipe(tiny_model, tp=2, dist_timeout=300)
     engine = pipe.async_pipeline.engine
     processes = list(engine.executor._workers.processes)
     cfg = GenerationConfig(max_new_tokens=1000, ignore_eos=True)
@@ -197,7 +198,7 @@ def test_a_killed_worker_fails_every_request_and_leaves_no_process(tiny_model):
         assert all(reason == "error" for reason, _ in results), results
         assert any("rank 1" in (error or "") for _, error in results), results
         assert after[0] == "error" and "worker group failed" in (after[1] or "")
-        assert seconds < 30
+        assert seconds < 60, seconds
     finally:
         pipe.close()
     deadline = time.monotonic() + 10
