@@ -54,6 +54,8 @@ PACKAGE_TEST_TOOLS = {
     "lm-serve": ["openai>=1.40", "httpx>=0.27", "schemathesis>=4", "jsonschema-rs>=0.20"],
     # lm-torch's optional Ray executor, run over a two-node Ray cluster on the test machine.
     "lm-torch": ["ray>=2.10"],
+    # lm-vl's Qwen resize is checked against qwen-vl-utils' smart_resize too.
+    "lm-vl": ["qwen-vl-utils>=0.0.14"],
 }
 # Third-party clients the opt-in `clients` session drives a real server with (pinned: their releases change what
 # they send).
@@ -66,8 +68,9 @@ CLIENT_LIBRARIES = [
 ]
 # Packages whose tests need neither torch nor the references: their sessions install no torch, so one that starts to
 # import torch without declaring it fails there. (lm-core's tests compare its GGUF conversion and model resolution
-# against transformers' torch models, so tests-lm-core installs torch as a test reference.)
-WITHOUT_TORCH = {"lm-vl"}
+# against transformers' torch models, so tests-lm-core installs torch as a test reference; lm-vl preprocesses in
+# torch.) Empty today: every package's tests need torch.
+WITHOUT_TORCH: set[str] = set()
 # Test folders of a package that its tests-<package> session leaves to a session of their own (the openai client,
 # which tests-lm-serve installs, would otherwise run the clients session's openai tests there too).
 SEPARATE_TESTS = {"lm-serve": ("tests/lm_serve/clients",)}

@@ -75,3 +75,16 @@ def tiny_models():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_vlms():
+    """`tests/integration/tiny_vlms.py` (tiny random vision-language checkpoints with their tokenizers, templates
+    and preprocessor configs), loaded by path like `tiny_models`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_vlms", Path(__file__).parent / "integration" / "tiny_vlms.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

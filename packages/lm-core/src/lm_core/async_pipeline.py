@@ -12,13 +12,14 @@ import asyncio
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from lm_core.engine import Engine, EngineOutput, EngineRequest, session_length_error
 from lm_core.generation_config import GenerationConfig, as_gen_config, load_model_generation_defaults
+from lm_core.multimodal import has_media, is_media_tuple, prompt_with_images, split_media
 from lm_core.response import Response
 
 if TYPE_CHECKING:
@@ -109,11 +110,14 @@ class AsyncPipeline:
         chat_template: ChatTemplate | str | os.PathLike[str] | None = None,
         *,
         allow_special_tokens_in_content: bool = False,
+        media_policy: Any = None,
     ) -> None:
         """Wrap `engine`, loading the tokenizer, chat template and generation defaults of the model at `model_path`.
 
         `allow_special_tokens_in_content`: text in messages that spells a special token (``<|im_start|>``) is
         tokenized as that token; by default it stays ordinary text, so users cannot forge the template's turns.
+        `media_policy`: what request images and videos may be fetched and decoded (an `lm_vl.MediaPolicy`; default:
+        lm-vl's strict policy). Media need lm-vl and a vision-language model.
         """
         from lm_core.chat_template import load_chat_template
         from lm_core.tokenizer import Tokenizer
@@ -130,6 +134,8 @@ class AsyncPipeline:
                 f"allow_special_tokens_in_content must be True or False, got {allow_special_tokens_in_content!r}"
             )
         self.allow_special_tokens_in_content = allow_special_tokens_in_content
+        self.media_policy = media_policy
+        self._vision: Any = None  # lm_vl.inputs.VisionInputs, built on the first request with media
 
     @classmethod
     def from_model(
@@ -140,6 +146,7 @@ class AsyncPipeline:
         chat_template: ChatTemplate | str | os.PathLike[str] | None = None,
         *,
         allow_special_tokens_in_content: bool = False,
+        media_policy: Any = None,
     ) -> AsyncPipeline:
         """Resolve `model`, pick and load the engine, and load the tokenizer and chat template.
 
@@ -162,7 +169,13 @@ class AsyncPipeline:
         check_session_len(model_path, session_len)
         engine_class = select_engine(backend, model_path)
         engine = engine_class.from_pretrained(model_path, backend_config)
-        return cls(engine, model_path, chat_template, allow_special_tokens_in_content=allow_special_tokens_in_content)
+        return cls(
+            engine,
+            model_path,
+            chat_template,
+            allow_special_tokens_in_content=allow_special_tokens_in_content,
+            media_policy=media_policy,
+        )
 
     @property
     def session_len(self) -> int | None:
@@ -178,6 +191,7 @@ class AsyncPipeline:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         *,
         add_generation_prompt: bool = True,
+        expand: Callable[[str], str] | None = None,
     ) -> RenderedPrompt:
         """`messages` (OpenAI-style) rendered by the chat template and tokenized: the one path every chat prompt takes.
 
@@ -199,6 +213,7 @@ class AsyncPipeline:
             add_generation_prompt=add_generation_prompt,
             allow_special_tokens_in_content=self.allow_special_tokens_in_content,
             chat_template_kwargs=kwargs,
+            expand=expand,
         )
         if not ids:
             raise ValueError("messages: the rendered prompt is empty")
@@ -281,8 +296,25 @@ class AsyncPipeline:
         adapter_name: str | None = None,
     ) -> PreparedRequest:
         """Tokenize `prompt` (rendering messages with the chat template) and resolve `gen_config`: everything a
-        request needs before the engine, done once. Bad input raises ValueError naming it."""
-        prompt_ids = self.prompt_token_ids(prompt, do_preprocess, tools, chat_template_kwargs)
+        request needs before the engine, done once. Bad input raises ValueError naming it.
+
+        Messages with image or video parts, and a ``(prompt, image | [images])`` tuple, go through lm-vl: the media
+        are loaded under `media_policy` and preprocessed for the model, the template's markers become the model's
+        placeholder tokens, and `multimodal` gets one entry per item (lm-vl's `MediaError`, a ValueError with an
+        HTTP status and the field, for media that are refused or cannot be fetched)."""
+        if is_media_tuple(prompt):
+            text, images = cast(tuple[str, Any], prompt)
+            prompt = prompt_with_images(text, images)
+        if _is_messages(prompt) and has_media(prompt):
+            if multimodal is not None:
+                raise ValueError("multimodal: pass media in the messages or as engine items, not both")
+            if not do_preprocess:
+                raise ValueError("a message list needs its chat template: do_preprocess=False takes a string prompt")
+            prompt_ids, multimodal = self.media_prompt(
+                cast(Sequence[Mapping[str, Any]], prompt), tools, chat_template_kwargs
+            )
+        else:
+            prompt_ids = self.prompt_token_ids(prompt, do_preprocess, tools, chat_template_kwargs)
         cfg = self.resolve_gen_config(gen_config, len(prompt_ids))
         stop_ids = set(cfg.stop_token_ids or ())
         if not cfg.ignore_eos:
@@ -296,6 +328,34 @@ class AsyncPipeline:
             multimodal=multimodal,
             adapter_name=adapter_name,
         )
+
+    def media_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> tuple[list[int], list[dict[str, Any]]]:
+        """(token ids, `EngineRequest.multimodal` entries) of messages that hold images or videos."""
+        template_messages, refs = split_media(messages)
+        vision = self.vision_inputs()
+        items = vision.process(refs)
+        rendered = self.render(
+            template_messages, tools, chat_template_kwargs, expand=lambda text: vision.expand_prompt(text, items)
+        )
+        return rendered.token_ids, vision.items(rendered.token_ids, items, self.tokenizer.token_to_id)
+
+    def vision_inputs(self) -> Any:
+        """The model's `lm_vl.inputs.VisionInputs` (built on first use); ImportError naming lm-vl without it."""
+        if self._vision is None:
+            try:
+                from lm_vl.inputs import VisionInputs
+            except ImportError as error:
+                raise ImportError("images and videos need lm-vl: pip install lm-vl") from error
+            try:
+                self._vision = VisionInputs(self.model_path, self.media_policy)
+            except ValueError as error:
+                raise ValueError(f"this model takes no images or videos ({error})") from None
+        return self._vision
 
     def check_length(self, prepared: PreparedRequest) -> None:
         """ValueError (the engine's wording) when `prepared` does not fit the engine's session length.
@@ -336,8 +396,9 @@ class AsyncPipeline:
             if gen_config is not None or tools is not None or chat_template_kwargs is not None:
                 raise ValueError("a PreparedRequest carries its config: pass no gen_config, tools or template kwargs")
             prepared = prompt
-        elif _num_chars(prompt) > INLINE_PROMPT_CHARS:
-            # Seconds of tokenizer work for a long prompt must not stall the event loop (other requests' streams).
+        elif _num_chars(prompt) > INLINE_PROMPT_CHARS or has_media(prompt) or is_media_tuple(prompt):
+            # Seconds of tokenizer work for a long prompt, or fetching and preprocessing media, must not stall the
+            # event loop (other requests' streams).
             prepared = await asyncio.to_thread(
                 self.prepare,
                 prompt,

@@ -114,6 +114,14 @@ class Tokenizer:
                 found[name] = str(value)
         return found
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of the single token spelled `token` (a special or added token, or a vocabulary entry), or None."""
+        token_id = self.hf.convert_tokens_to_ids(token)
+        unk = getattr(self.hf, "unk_token_id", None)
+        if token_id is None or (token_id == unk and token != getattr(self.hf, "unk_token", None)):
+            return None
+        return int(token_id)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The token ids of `text` (with the tokenizer's own special tokens, such as BOS, when asked)."""
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))

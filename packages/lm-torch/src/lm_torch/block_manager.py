@@ -107,6 +107,10 @@ class BlockManager:
                 break
             matched.append(block_id)
             parent = keys[i]
+        if seq.mm_items and matched:
+            from lm_torch.multimodal import clamp_prefix
+
+            matched = matched[: clamp_prefix(seq.mm_items, len(matched), self.block_size)]
         return matched
 
     def can_allocate(self, cached_blocks: list[int], num_tokens: int) -> bool:
@@ -197,7 +201,13 @@ class BlockManager:
     # ---- internals -----------------------------------------------------------------------------------------------
 
     def _block_tokens(self, seq: Sequence, index: int) -> list[int]:
-        return seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
+        """Block `index`'s prefix-cache content: its token ids, then the content hashes of the images it overlaps."""
+        tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
+        if seq.mm_items and index * self.block_size < seq.num_prompt_tokens:
+            from lm_torch.multimodal import block_extras
+
+            tokens = tokens + block_extras(seq.mm_items, index, self.block_size)
+        return tokens
 
     def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """`seq.block_hashes`, extended to cover its first `num_blocks` (full) blocks. Valid forever since token ids

@@ -152,9 +152,21 @@ class CacheConfig:
             off_flags=("--disable-prefix-caching",),
         ),
     )
+    # Vision-language models: vision-tower outputs kept by image content (rows, i.e. placeholder tokens), so that a
+    # repeated image (a second turn, a preempted request) does not run the tower again. 0 keeps none.
+    encoder_cache_tokens: int = _option(
+        16384,
+        option=OptionSpec(
+            ("--encoder-cache-tokens",),
+            "Vision-tower outputs kept for repeated images, in placeholder tokens (0: none).",
+            "int",
+            minimum=0,
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "block_size", 1)
+        _check_int(self, "encoder_cache_tokens", 0)
         value = self.cache_max_entry_count
         if value is not None and (not _is_number(value) or not 0 < value <= 1):
             _fail("CacheConfig", "cache_max_entry_count", "in (0, 1] or None", value)

@@ -274,7 +274,14 @@ class TorchEngine(Engine):
         if self.executor.failure is not None:  # the workers are gone: nothing can run
             return self.executor.failure
         if request.multimodal:
-            return "this engine takes text only: multimodal inputs (images, video, audio) are not supported"
+            if not self.executor.takes_media:
+                return "this model takes text only: multimodal inputs (images, video, audio) are not supported"
+            from lm_core.multimodal import check_items
+
+            try:
+                check_items(request.multimodal, num_prompt)
+            except ValueError as error:
+                return str(error)
         if request.adapter_name is not None:
             return f"this engine serves no adapters (LoRA): adapter_name {request.adapter_name!r} is not supported"
         vocab = self.executor.vocab_size

@@ -28,6 +28,8 @@ class Executor(ABC):
     vocab_size: int
     max_position_embeddings: int
     model_path: Path
+    # Whether the model takes images and videos (a vision-language model: `EngineRequest.multimodal`).
+    takes_media: bool = False
 
     @abstractmethod
     async def launch(self, batch: ScheduledBatch) -> Any:
@@ -88,6 +90,7 @@ class InProcessExecutor(Executor):
         self.num_blocks = self.runner.num_blocks
         self.vocab_size = self.runner.vocab_size
         self.max_position_embeddings = self.runner.hf_config.max_position_embeddings
+        self.takes_media = self.runner.takes_media
         self.model_path = model_path
 
     @property

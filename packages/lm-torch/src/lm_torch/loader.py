@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# config.json model types whose checkpoints lm-torch runs as vision-language models (models.vlm).
+VISION_LANGUAGE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
 def load_hf_config(model_path: Path) -> Any:
     """The transformers config of `model_path` (transformers fills defaults and maps legacy keys for us)."""
     from transformers import AutoConfig, PretrainedConfig
@@ -34,10 +38,12 @@ def load_hf_config(model_path: Path) -> Any:
     except ValueError:
         # Families transformers does not know (InternLM2 ships remote code we do not run): the raw config.json.
         config = PretrainedConfig.from_pretrained(model_path)
-    if config.model_type == "gemma3":
-        # The multimodal checkpoint keeps the language model's config inside; its architecture names the whole.
+    if config.model_type == "gemma3" or config.model_type in VISION_LANGUAGE_MODEL_TYPES:
+        # A multimodal checkpoint keeps the language model's config inside; its architecture names the whole, and
+        # a vision-language model class reads the whole config (its vision tower's part) from `multimodal_config`.
         text_config = config.text_config
         text_config.architectures = config.architectures
+        text_config.multimodal_config = config
         if getattr(config, "quantization_config", None) is not None:
             text_config.quantization_config = config.quantization_config  # it quantizes the language model
         return text_config

@@ -78,6 +78,8 @@ class NewRequest:
     normalize: bool = True
     # A guided request's grammar state: the runner reads it to mask the logits; `Scheduler.update` advances it.
     grammar: Any = None
+    # Images and videos (`lm_torch.multimodal.MMItem`): the runner encodes each when a step computes its span.
+    mm_items: tuple[Any, ...] = ()
 
 
 # What `ScheduledBatch.for_workers` leaves in `NewRequest.grammar` of a guided request: the runner knows it is
@@ -362,7 +364,7 @@ class Scheduler:
             if seq.num_uncomputed_tokens < 1 or (seq.num_pending_tokens and not self._may_run_ahead(seq)):
                 i += 1  # a launched step computes its last prompt chunk, or it waits for its tokens (`update`)
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = seq.chunk_size(budget)
             lookahead = self._lookahead(seq, budget - num_new) if num_new == seq.num_uncomputed_tokens == 1 else 0
             if lookahead and not bm.append_slots(seq, num_new + lookahead, lookahead):
                 lookahead = 0  # extra positions never cost a preemption
@@ -391,6 +393,10 @@ class Scheduler:
                 break  # preempted while a step sampled for it: re-admitted once that token is appended
             cached = [] if seq.skips_prefix_hits else bm.match_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
+            if seq.mm_items:
+                from lm_torch.multimodal import clamp_chunk
+
+                num_new = clamp_chunk(seq.mm_items, len(cached) * bm.block_size, num_new)
             if not bm.can_allocate(cached, len(cached) * bm.block_size + num_new):
                 # With nothing running every block is free or evictable, and add() rejected what the whole cache
                 # cannot hold, so this only waits for running sequences to finish or be preempted.
@@ -418,6 +424,7 @@ class Scheduler:
                         seq.pooling,
                         seq.normalize,
                         seq.grammar,
+                        seq.mm_items,
                     )
                 )
         self._preempted_ids += [seq.request_id for seq in batch.preempted]

@@ -17,6 +17,7 @@ from lm_core.generation_config import GenerationConfig
 
 if TYPE_CHECKING:
     from lm_core.engine import EngineRequest
+    from lm_torch.multimodal import MMItem
 
 FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "abort", "error")
 
@@ -83,6 +84,9 @@ class Sequence:
     num_pending_tokens: int = 0
     # The request's bad words, tokenized by lm-core: the sampler bans each sequence of ids.
     bad_word_ids: list[list[int]] | None = field(default=None, repr=False)
+    # The request's images and videos, by span (`lm_torch.multimodal`): chunks and prefix hits never end inside a
+    # span, and the prefix-cache key of a block over a span includes the item's content hash.
+    mm_items: tuple[MMItem, ...] = field(default=(), repr=False)
     # Set once the model runner has been told about the request (`ScheduledBatch.new_requests`).
     is_announced: bool = field(default=False, repr=False)
     # The EOS ids and the request's stop ids, as a set (lm-core merged EOS into stop_token_ids unless ignore_eos).
@@ -138,6 +142,8 @@ class Sequence:
     @classmethod
     def from_request(cls, request: EngineRequest, cache_salt: str | None = None) -> Sequence:
         """A waiting sequence for an engine request (the prompt list is copied)."""
+        from lm_torch.multimodal import MMItem
+
         prompt = request.prompt_token_ids
         return cls(
             request.request_id,
@@ -147,6 +153,7 @@ class Sequence:
             cache_salt=cache_salt,
             group=request.group,
             bad_word_ids=request.bad_word_ids,
+            mm_items=tuple(MMItem.from_dict(entry) for entry in request.multimodal or ()),
         )
 
     def set_grammar(self, grammar: Any) -> None:
@@ -169,6 +176,16 @@ class Sequence:
         """Whether the runner needs every prompt position computed (embeddings, prompt logprobs): such a sequence
         takes no prefix-cache hits, which would skip positions (its full blocks are still offered to the cache)."""
         return self.pooling is not None or self.gen_config.prompt_logprobs is not None
+
+    def chunk_size(self, budget: int) -> int:
+        """Tokens to compute next within `budget`: the uncomputed ones, cut so that no image span is split
+        (`multimodal.clamp_chunk`; a span that starts the chunk is taken whole, past the budget if it must)."""
+        num_new = min(self.num_uncomputed_tokens, budget)
+        if not self.mm_items or self.num_computed_tokens >= self.num_prompt_tokens:
+            return num_new
+        from lm_torch.multimodal import clamp_chunk
+
+        return clamp_chunk(self.mm_items, self.num_computed_tokens, num_new)
 
     @property
     def num_tokens(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from lm_core.messages import InvalidMessagesError, ToolCallArguments, validate_messages
@@ -42,14 +42,19 @@ def render_and_encode(
     add_generation_prompt: bool = True,
     allow_special_tokens_in_content: bool = False,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    expand: Callable[[str], str] | None = None,
 ) -> tuple[str, list[int]]:
-    """The rendered prompt text and its token ids (text-only messages; the template writes any BOS itself).
+    """The rendered prompt text and its token ids (the template writes any BOS itself).
 
     Unless `allow_special_tokens_in_content`, text in `messages`, `tools` or `chat_template_kwargs` that spells a
     special token is tokenized as ordinary text. Raises ValueError for invalid messages or a template failure.
+    Messages are text-only unless `expand` is given: it rewrites the rendered text before tokenization (lm-vl
+    turning the template's image markers into the model's placeholder tokens) and sees the caller's spellings of
+    special tokens hidden, so only markers the template wrote are expanded.
     """
     messages = validate_messages(messages)
-    check_text_only(messages)
+    if expand is None:
+        check_text_only(messages)
     kwargs = dict(chat_template_kwargs or {})
     specials = tokenizer.special_texts
     markers: _Markers | None = None
@@ -63,6 +68,8 @@ def render_and_encode(
         special_tokens=tokenizer.special_tokens,
         **kwargs,
     )
+    if expand is not None:
+        text = expand(text)
     if markers is None or not markers.num_hidden:
         return text, tokenizer.encode(text, add_special_tokens=False)
     ids: list[int] = []

@@ -152,6 +152,7 @@ class MultiProcessExecutor(Executor):
         self.num_blocks = info["num_blocks"]
         self.vocab_size = info["vocab_size"]
         self.max_position_embeddings = info["max_position_embeddings"]
+        self.takes_media = info["takes_media"]
         self._summary = info["summary"]
         self._rank_map = [f"rank {s.rank}: {socket.gethostname()}:{s.device}" for s in specs]
         self._devices_cuda = info["device"].startswith("cuda")

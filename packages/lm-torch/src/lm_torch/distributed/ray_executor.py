@@ -135,6 +135,7 @@ class RayExecutor(Executor):
         self.num_blocks = first["num_blocks"]
         self.vocab_size = first["vocab_size"]
         self.max_position_embeddings = first["max_position_embeddings"]
+        self.takes_media = first["takes_media"]
         self._summary = first["summary"]
         self._rank_map = [f"rank {r}: {info['host']}:{info['device']}" for r, info in enumerate(infos)]
         self._cuda = on_cuda

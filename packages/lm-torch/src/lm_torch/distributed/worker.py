@@ -122,6 +122,7 @@ def _ready_info(runner: Any, wall_s: float) -> dict[str, Any]:
         "num_blocks": runner.num_blocks,
         "vocab_size": runner.vocab_size,
         "max_position_embeddings": runner.hf_config.max_position_embeddings,
+        "takes_media": runner.takes_media,
         "summary": runner.summary(wall_s),
         "device": str(runner.device),
     }

@@ -60,7 +60,7 @@ class PagedAttention(nn.Module):
         kv_cache: tuple[torch.Tensor, ...],  # (k, v) or a quantized `kv_quant.KVCache` (k, v, scales/zeros of each)
         attn: AttentionState,  # the backend's per-step state
         rotary: RotaryEmbedding | None = None,  # applied to q and k first (None: they arrive rotated)
-        positions: torch.Tensor | None = None,  # [num_tokens], with `rotary`
+        positions: torch.Tensor | None = None,  # [num_tokens] (or [3, num_tokens]: M-RoPE), with `rotary`
         kv_stored: bool = False,  # q arrives rotated and k, v are already in the cache (`project_rotate_store`)
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         """Attend the step's tokens; k and v are written into the cache on the way."""
@@ -110,7 +110,7 @@ class PagedAttention(nn.Module):
         kv_stored=True)`. None where it cannot: the caller runs the projection, then `forward` with the rotary."""
         if not (qkv_proj.can_fold_qkv_rotary and self.fuses_kv_store) or rotary is None or x.shape[0] != 1:
             return None
-        if rotary.rotary_dim != self.head_dim:
+        if rotary.rotary_dim != self.head_dim or positions.dim() != 1:
             return None
         if _scales_zeros(kv_cache)[0] is not None:  # a quantized cache: its scales need whole heads
             return None

@@ -57,7 +57,14 @@ class RotaryEmbedding(nn.Module):
     """Applies rotary embeddings to q and k by position, from a table computed once up to `max_positions`.
 
     On CUDA with triton the kernel of `kernels.rotary` rotates in place (`forward_triton`), elsewhere plain torch
-    (`forward_native`); the path is bound in `__init__`."""
+    (`forward_native`); the path is bound in `__init__`.
+
+    Multimodal rotary (Qwen2-VL's M-RoPE, a config whose rope parameters have `mrope_section`): positions may be
+    [3, num_tokens] (temporal, height, width), and frequency band j of the rotary half takes its angle from the
+    position of section s(j) (`mrope_section` counts the bands of each section). A step with such positions builds
+    its own [num_tokens, rotary_dim] cos/sin rows and rotates token t by row t, through the same kernels. Where the
+    three positions are equal (text) this is plain rotary at that position, so one-dimensional positions still work.
+    """
 
     cos: torch.Tensor  # [max_positions, rotary_dim] float32
     sin: torch.Tensor
@@ -79,6 +86,31 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)  # [max_positions, rotary_dim]
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
         self.rotary_dim = emb.shape[-1]
+        params = getattr(config, "rope_parameters", None) or {}
+        section = params.get("mrope_section") if isinstance(params, dict) else None
+        self.mrope_section: torch.Tensor | None = None  # [rotary_dim] int64: the position row of each column
+        if section:
+            if sum(section) * 2 != self.rotary_dim:
+                raise ValueError(f"mrope_section {section} does not cover the rotary half ({self.rotary_dim // 2})")
+            half = torch.repeat_interleave(torch.arange(len(section)), torch.tensor(section))
+            self.mrope_section = torch.cat((half, half)).to(inv_freq.device)
+
+    def step_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row positions [num_tokens], cos [num_tokens, rotary_dim], sin) of multimodal positions [3, num_tokens]:
+        token t is rotated by row t of the step's own tables."""
+        if self.mrope_section is None:
+            raise ValueError("three-row positions need a multimodal rotary (mrope_section in the rope parameters)")
+        num_tokens = positions.shape[1]
+        index = self.mrope_section.view(1, 1, -1).expand(1, num_tokens, -1)  # [1, T, rotary_dim]
+        cos = self.cos[positions].gather(0, index)[0]  # [3, T, rotary_dim] -> [T, rotary_dim]
+        sin = self.sin[positions].gather(0, index)[0]
+        rows = torch.arange(num_tokens, device=positions.device)
+        return rows, cos, sin
+
+    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if positions.dim() == 2:
+            return self.step_tables(positions)
+        return positions, self.cos, self.sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, k) rotated by `positions` [num_tokens]; q: [num_tokens, num_heads, head_dim], k with num_kv_heads."""
@@ -91,14 +123,16 @@ class RotaryEmbedding(nn.Module):
         transformers does: identical in float32, within a unit of the last place in bf16/fp16)."""
         from lm_torch.kernels.rotary import apply_rotary
 
-        return apply_rotary(positions, q, k, self.cos, self.sin, allow_pdl=self.allow_pdl)
+        rows, cos, sin = self._tables(positions)
+        return apply_rotary(rows, q, k, cos, sin, allow_pdl=self.allow_pdl)
 
     def forward_native(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The torch computation (new tensors)."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        rows, cos_table, sin_table = self._tables(positions)
+        cos = cos_table[rows].to(q.dtype)[:, None, :]
+        sin = sin_table[rows].to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
     def rotate_and_store(
@@ -117,12 +151,13 @@ class RotaryEmbedding(nn.Module):
         Triton kernel (CUDA only; see `kernels.rotary.apply_rotary`). Returns q."""
         from lm_torch.kernels.rotary import apply_rotary
 
+        rows, cos, sin = self._tables(positions)
         apply_rotary(
-            positions,
+            rows,
             q,
             k,
-            self.cos,
-            self.sin,
+            cos,
+            sin,
             v=v,
             k_cache=k_cache,
             v_cache=v_cache,

@@ -22,6 +22,8 @@ from lm_torch.layers.rotary import RotaryEmbedding
 from lm_torch.models.base import CausalLM, load_fused, output_layout
 
 KVCache = tuple[torch.Tensor, ...]
+# Qwen2 and the Qwen2-VL language models: q, k and v projections with biases, sliding window only when asked.
+QKV_BIAS_MODEL_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
 
 
 class LlamaAttention(nn.Module):
@@ -42,7 +44,7 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = kv_heads_per_rank(self.total_num_kv_heads, self.tp.size)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = bool(getattr(config, "attention_bias", False) or config.model_type == "qwen2")
+        bias = bool(getattr(config, "attention_bias", False) or config.model_type in QKV_BIAS_MODEL_TYPES)
         # q, k and v in one matmul: [q | k | v] rows (column-parallel: this rank's heads of each).
         prefix = f"{layer_idx}.self_attn"
         self.qkv_proj = make_linear(
@@ -58,7 +60,7 @@ class LlamaAttention(nn.Module):
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
             window = None
-        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        if config.model_type in QKV_BIAS_MODEL_TYPES and not getattr(config, "use_sliding_window", False):
             window = None
         self.attn = PagedAttention(
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window, ctx=ctx
@@ -152,10 +154,18 @@ class LlamaForCausalLM(CausalLM):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], attn: AttentionState
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        attn: AttentionState,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]
-        """input_ids, positions: [num_tokens]; `attn` the attention backend's per-step state."""
-        hidden, residual = self.embed_tokens(input_ids), None
+        """input_ids, positions: [num_tokens] (positions [3, num_tokens] under M-RoPE); `attn` the attention
+        backend's per-step state; `inputs_embeds` ([num_tokens, hidden]) replaces the token embeddings (a
+        vision-language model's, with image features at the placeholders)."""
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
         hidden, _ = self.norm(hidden, residual)

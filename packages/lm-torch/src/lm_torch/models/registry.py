@@ -17,6 +17,9 @@ MODEL_REGISTRY: dict[str, str] = {
     # The multimodal checkpoint's language model (load_hf_config hands us its text_config); images are not supported.
     "Gemma3ForConditionalGeneration": "gemma:GemmaForCausalLM",
     "Phi3ForCausalLM": "phi3:Phi3ForCausalLM",
+    # Vision-language models: the language model with its vision tower (models.vlm).
+    "Qwen2VLForConditionalGeneration": "qwen2_vl:Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl:Qwen2VLForConditionalGeneration",
     "InternLM2ForCausalLM": "internlm2:InternLM2ForCausalLM",
 }
 

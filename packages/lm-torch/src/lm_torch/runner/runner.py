@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -122,6 +122,13 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         self.phases["load"] = time.perf_counter() - start
+        # A vision-language model: the step's image features and M-RoPE positions (runner.multimodal).
+        self.takes_media = hasattr(self.model, "encode")
+        self.media = None
+        if self.takes_media:
+            from lm_torch.runner.multimodal import StepMedia
+
+            self.media = StepMedia(self.model, self.device, config.cache.encoder_cache_tokens)
         self.sampler = Sampler()
         self.requests = RequestStates(config.scheduler.max_batch_size)
         # Each running request's last sampled token, at its slot: the next step reads a pending token from here.
@@ -211,10 +218,12 @@ class ModelRunner:
         batch, rows, states = handle.batch, handle.sample_rows, handle.states
         slots = [state.slot for state in states]
         host = build_host_step(batch, self.block_size, slots)
+        mm, mrope = self.media.prepare(batch, states, host) if self.media is not None else (None, None)
         sample_slots = [slots[i] for i in rows]
         embedding = any(state.pooling is not None for state in states)
         graphs, graph_inputs, bucket = self.graphs, self.graph_inputs, None
-        if graphs is not None and not embedding and host.num_tokens == host.num_seqs:
+        text_only = mm is None and mrope is None
+        if graphs is not None and not embedding and text_only and host.num_tokens == host.num_seqs:
             bucket = graphs.bucket_for(host.num_seqs)
         if bucket is not None and graphs is not None and graph_inputs is not None:
             graph_inputs.upload(host, bucket, sample_slots)
@@ -227,7 +236,7 @@ class ModelRunner:
             slot_index = graph_inputs.sample_slots(len(rows))
         else:
             step, num_real = self._device_step(host, rows, sample_slots)
-            hidden, full = self._forward(host, step, num_real)
+            hidden, full = self._forward(host, step, num_real, mm, mrope)
             self._count(eager_steps=1, eager_tokens=batch.num_tokens)
             if embedding:
                 handle.embeddings = self._pool(batch, states, full)
@@ -269,9 +278,12 @@ class ModelRunner:
             num_real,
         )
 
-    def _forward(self, host: HostStep, step: DeviceStep, num_real: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, host: HostStep, step: DeviceStep, num_real: int, mm: Any = None, mrope: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a step without a graph. Returns the final hidden states of the sampled rows [R, hidden] and of every
-        token [T (+ padding), hidden]."""
+        token [T (+ padding), hidden]. `mm`: the step's image features (`MultimodalStep`); `mrope`: its
+        [3, num_real] M-RoPE positions."""
         decodes = [ctx for n, ctx in zip(host.query_lens, host.context_lens_list, strict=True) if n == 1]
         meta = StepMetadata(
             query_lens=host.query_lens,
@@ -295,8 +307,14 @@ class ModelRunner:
         state = self.backend.prepare(meta)
         padded = step.input_ids.shape[0] > num_real
         zeroed = self.zero_padding and padded
+        positions = step.positions
+        if mrope is not None:  # [3, T]: padding rows at position 0, like the one-row positions'
+            padded_mrope = np.zeros((3, positions.shape[0]), dtype=np.int64)
+            padded_mrope[:, :num_real] = mrope
+            positions = torch.from_numpy(padded_mrope).to(self.device)
+        extra = {"mm": mm} if mm is not None else {}
         with zero_padding_rows(self.model, num_real) if zeroed else contextlib.nullcontext():
-            hidden = self.model(input_ids, step.positions, self.kv_caches, state)  # [T (+ padding), hidden]
+            hidden = self.model(input_ids, positions, self.kv_caches, state, **extra)  # [T (+ padding), hidden]
         return hidden.index_select(0, step.sample_index), hidden
 
     def _count(self, **increments: int) -> None:

@@ -34,6 +34,11 @@ class RequestState:
     slot: int = -1
     # Greedy with no other sampling stage: its tokens are the logits' arg-max, no sampler needed.
     is_plain_greedy: bool = False
+    # Images and videos (`lm_torch.multimodal.MMItem`), by span; under M-RoPE the prompt's [3, num_prompt_tokens]
+    # positions and the generated tokens' position shift, computed on the request's first step with items.
+    mm_items: tuple[Any, ...] = ()
+    mrope: Any = None
+    rope_delta: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -63,6 +68,7 @@ class RequestState:
             request.grammar,
             generator=generator,
             is_plain_greedy=is_plain_greedy(cfg) and request.grammar is None and not request.bad_word_ids,
+            mm_items=tuple(request.mm_items),
         )
 
 

@@ -1,0 +1,1 @@
+"""Vision towers and multi-modal projectors for vision-language models."""
