@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from lm_core.stop_strings import StopStringMatcher
     from lm_core.tokenizer import Tokenizer
 
-Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
+# A text, OpenAI messages (with image/video parts for a vision-language model), token ids, or (text, images).
+Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int] | tuple[str, Any]
 # Prompts up to this many characters are tokenized on the event loop; longer ones in a worker thread.
 INLINE_PROMPT_CHARS = 32 * 1024
 # Arguments of ChatTemplate.render that chat_template_kwargs must not replace.

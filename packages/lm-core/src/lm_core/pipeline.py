@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from lm_core.async_pipeline import AsyncPipeline, PreparedRequest, Prompt, merge_streams
 from lm_core.generation_config import GenerationConfig, as_gen_config
+from lm_core.multimodal import is_media_tuple
 from lm_core.response import Response
 
 if TYPE_CHECKING:
@@ -28,12 +29,15 @@ def pipeline(
     chat_template: Any = None,
     *,
     allow_special_tokens_in_content: bool = False,
+    media_policy: Any = None,
 ) -> Pipeline:
     """Load `model` (None: the default model) on an engine (`"auto"`: the best installed one).
 
     `chat_template` is a built-in template name, a path to a .jinja/.json file, or None for the model's own.
     `allow_special_tokens_in_content`: text in messages that spells a special token becomes that token (by default
-    it stays text, so a user cannot forge the template's turns).
+    it stays text, so a user cannot forge the template's turns). `media_policy`: an `lm_vl.MediaPolicy` for the
+    images and videos of a vision-language model's prompts (default: lm-vl's strict policy). Prompts with images are
+    messages with image parts, or ``(prompt, image)`` / ``(prompt, [images])`` tuples.
     """
     return Pipeline(
         AsyncPipeline.from_model(
@@ -42,6 +46,7 @@ def pipeline(
             backend_config,
             chat_template,
             allow_special_tokens_in_content=allow_special_tokens_in_content,
+            media_policy=media_policy,
         )
     )
 
@@ -180,8 +185,8 @@ class Pipeline:
 
 def _as_batch(prompts: object) -> tuple[list[Prompt], bool]:
     """Split the accepted prompt shapes into (list of prompts, whether a single prompt was given)."""
-    if isinstance(prompts, str):
-        return [prompts], True
+    if isinstance(prompts, str) or is_media_tuple(prompts):  # a text, or one (prompt, images) tuple
+        return [cast(Prompt, prompts)], True
     if isinstance(prompts, Sequence) and prompts:
         items = cast(Sequence[Any], prompts)
         if isinstance(items[0], (dict, int)):  # one message list, or one list of token ids
