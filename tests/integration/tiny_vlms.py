@@ -155,3 +155,194 @@ def hf_qwen_inputs(model_path: Path, token_ids: list[int], images: list[Any]) ->
         inputs["pixel_values"] = out["pixel_values"]
         inputs["image_grid_thw"] = out["image_grid_thw"]
     return inputs
+
+
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+# llava-hf/llava-1.5-7b-hf's template: the images of a message first ("<image>\n" each), then its texts.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
+    "{% endfor %}{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ part['text'] + ' ' }}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# llava-1.5's published preprocessor values (CLIPImageProcessor), the 336 px resize and crop lowered to the tower's 56.
+LLAVA_PREPROCESSOR = {
+    "crop_size": {"height": 56, "width": 56},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "processor_class": "LlavaProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 56},
+}
+
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+
+# OpenGVLab/InternVL3-*-hf's template: "<IMG_CONTEXT>\n" per image part (InternVLProcessor expands each).
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# InternVL3-hf's published GotOcr2 values, tiles of the tiny tower's 56 px and at most 4 of them (plus a thumbnail).
+INTERNVL_PREPROCESSOR = {
+    "crop_to_patches": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_processor_type": "GotOcr2ImageProcessor",
+    "image_std": [0.229, 0.224, 0.225],
+    "max_patches": 4,
+    "min_patches": 1,
+    "processor_class": "InternVLProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": 56, "width": 56},
+}
+
+
+def _perturb(model: Any, scale: float = 0.05) -> None:
+    """Move the tower's and projector's parameters and the text model's norms off their init (ones, zeros, a 0.02
+    spread) so that a misplaced tensor shows; the text model's matrices keep theirs (varied greedy tokens)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name or param.ndim == 1:
+                param.add_(scale * torch.randn_like(param))
+
+
+def _tiny_text(tok: Any, bos: str, eos: str, pad: str, tie: bool) -> dict[str, Any]:
+    """A 2-layer text config of hidden 64 (4 heads, 2 KV heads) over `tok`'s vocabulary."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tok.convert_tokens_to_ids(bos),
+        "eos_token_id": tok.convert_tokens_to_ids(eos),
+        "pad_token_id": tok.convert_tokens_to_ids(pad),
+        "tie_word_embeddings": tie,
+    }
+
+
+def make_llava(path: Path, seed: int = 0) -> Path:
+    """A random LLaVA-1.5: a 2-layer Llama of hidden 64 and a 2-layer CLIP tower of width 32 at 56 px, patches of
+    14 (feature layer -2: one layer runs; 16 tokens an image), parameters perturbed off their init."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(path, LLAVA_SPECIALS, LLAVA_TEMPLATE, "</s>", "<pad>")
+    text = {"model_type": "llama", **_tiny_text(tok, "<s>", "</s>", "<pad>", tie=False)}
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 56,
+        "patch_size": 14,
+        "projection_dim": 32,
+    }
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    _perturb(model)
+    model.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(LLAVA_PREPROCESSOR))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": text["eos_token_id"]}))
+    return path
+
+
+def make_internvl(path: Path, seed: int = 0) -> Path:
+    """A random InternVL3: a 2-layer Qwen2 of hidden 64 (embeddings tied, InternVLConfig's default) and a 2-layer
+    InternViT of width 32 at 56 px, patches of 14, pixel shuffle 0.5 (4 tokens a tile), parameters perturbed."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(path, INTERNVL_SPECIALS, INTERNVL_TEMPLATE, "<|im_end|>", "<|endoftext|>")
+    text = {"model_type": "qwen2", **_tiny_text(tok, "<|endoftext|>", "<|im_end|>", "<|endoftext|>", tie=True)}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 56,
+        "patch_size": 14,
+    }
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        downsample_ratio=0.5,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _perturb(model)
+    model.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(INTERNVL_PREPROCESSOR))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": text["eos_token_id"]}))
+    return path
+
+
+def _processor_kwargs(preprocessor: dict[str, Any]) -> dict[str, Any]:
+    """A preprocessor_config.json's values as a transformers image processor's constructor takes them."""
+    return {k: v for k, v in preprocessor.items() if k not in ("image_processor_type", "processor_class")}
+
+
+def hf_llava_inputs(model_path: Path, token_ids: list[int], images: list[Any]) -> dict[str, Any]:
+    """transformers' inputs for our prompt ids and images: `LlavaImageProcessorPil`'s pixels [images, 3, 56, 56]."""
+    import torch
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    preprocessor = json.loads((model_path / "preprocessor_config.json").read_text())
+    inputs: dict[str, Any] = {"input_ids": torch.tensor([token_ids])}
+    if images:
+        processor = LlavaImageProcessorPil(**_processor_kwargs(preprocessor))
+        inputs["pixel_values"] = processor(images=images, return_tensors="pt")["pixel_values"]
+    return inputs
+
+
+def hf_internvl_inputs(model_path: Path, token_ids: list[int], images: list[Any]) -> dict[str, Any]:
+    """transformers' inputs for our prompt ids and images: `GotOcr2ImageProcessorPil`'s tiles of every image,
+    concatenated [tiles, 3, 56, 56], cropped to patches as `InternVLProcessor` asks."""
+    import torch
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    preprocessor = json.loads((model_path / "preprocessor_config.json").read_text())
+    inputs: dict[str, Any] = {"input_ids": torch.tensor([token_ids])}
+    if images:
+        processor = GotOcr2ImageProcessorPil(**_processor_kwargs(preprocessor))
+        out = processor(images=images, crop_to_patches=True, return_tensors="pt")
+        inputs["pixel_values"] = out["pixel_values"]
+    return inputs

@@ -311,9 +311,10 @@ class AsyncPipeline:
                 raise ValueError("multimodal: pass media in the messages or as engine items, not both")
             if not do_preprocess:
                 raise ValueError("a message list needs its chat template: do_preprocess=False takes a string prompt")
-            prompt_ids, multimodal = self.media_prompt(
+            rendered, multimodal = self.media_prompt(
                 cast(Sequence[Mapping[str, Any]], prompt), tools, chat_template_kwargs
             )
+            prompt_ids = rendered.token_ids
         else:
             prompt_ids = self.prompt_token_ids(prompt, do_preprocess, tools, chat_template_kwargs)
         cfg = self.resolve_gen_config(gen_config, len(prompt_ids))
@@ -335,23 +336,36 @@ class AsyncPipeline:
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
-    ) -> tuple[list[int], list[dict[str, Any]]]:
-        """(token ids, `EngineRequest.multimodal` entries) of messages that hold images or videos."""
+        *,
+        add_generation_prompt: bool = True,
+    ) -> tuple[RenderedPrompt, list[dict[str, Any]]]:
+        """(the rendered prompt, its `EngineRequest.multimodal` entries) of messages that hold images or videos.
+
+        The messages are checked before any medium is fetched; media that are refused or cannot be loaded raise
+        lm-vl's `MediaError` (a ValueError with an HTTP status, 400 or 422, and the field it names)."""
+        from lm_core.messages import validate_messages
+
         template_messages, refs = split_media(messages)
+        validate_messages(template_messages)
         vision = self.vision_inputs()
         items = vision.process(refs)
         rendered = self.render(
-            template_messages, tools, chat_template_kwargs, expand=lambda text: vision.expand_prompt(text, items)
+            template_messages,
+            tools,
+            chat_template_kwargs,
+            add_generation_prompt=add_generation_prompt,
+            expand=lambda text: vision.expand_prompt(text, items),
         )
-        return rendered.token_ids, vision.items(rendered.token_ids, items, self.tokenizer.token_to_id)
+        return rendered, vision.items(rendered.token_ids, items, self.tokenizer.token_to_id)
 
     def vision_inputs(self) -> Any:
-        """The model's `lm_vl.inputs.VisionInputs` (built on first use); ImportError naming lm-vl without it."""
+        """The model's `lm_vl.inputs.VisionInputs` (built on first use); a ValueError when this model or this
+        installation takes no images (a text-only model, or lm-vl missing)."""
         if self._vision is None:
             try:
                 from lm_vl.inputs import VisionInputs
-            except ImportError as error:
-                raise ImportError("images and videos need lm-vl: pip install lm-vl") from error
+            except ImportError:
+                raise ValueError("images and videos need lm-vl, which is not installed: pip install lm-vl") from None
             try:
                 self._vision = VisionInputs(self.model_path, self.media_policy)
             except ValueError as error:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+from typing import Any
 
 import click
 
@@ -40,7 +41,7 @@ class _ApiServerCommand(SeveralValuesCommand):
     """`--api-keys k1 k2` (as LMDeploy's) and the engine's `--cuda-graph-sizes 1 2 4` take several values; a value
     that names a model (`--api-keys k1 ./model.gguf`) ends the list and is the MODEL argument."""
 
-    several_values = (*SEVERAL_VALUES, "--api-keys")
+    several_values = (*SEVERAL_VALUES, "--api-keys", "--allowed-media-domains")
 
 
 @click.group(cls=ServeGroup, context_settings=CONTEXT_SETTINGS)
@@ -119,6 +120,34 @@ def serve() -> None:
     help="Text in messages that spells a special token (<|im_start|>) becomes that token, not text.",
 )
 @click.option(
+    "--allowed-media-domains",
+    multiple=True,
+    help="Hosts image and video URLs may name (exact, or '*.domain' for its subdomains); default: any public host.",
+)
+@click.option(
+    "--allowed-local-media-path",
+    type=click.Path(exists=True, file_okay=False, resolve_path=True),
+    help="A directory whose files requests may name as images (file: URLs and paths); default: none.",
+)
+@click.option(
+    "--media-max-bytes",
+    type=click.IntRange(min=1),
+    default=20 * 1024 * 1024,
+    show_default=True,
+    help="Largest image fetched from a URL; a larger one fails the request with 422.",
+)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(min=1),
+    help="Most pixels an image may have, read from its header before decoding (default: Pillow's bomb limit).",
+)
+@click.option(
+    "--limit-mm-per-prompt",
+    metavar="N|JSON",
+    help='Most images and videos in one request: a count, or JSON per modality {"image": 4, "video": 1} (default 8).',
+)
+@click.option("--test-allow-loopback-media", is_flag=True, hidden=True)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -144,6 +173,12 @@ def api_server(
     shutdown_timeout,
     header_timeout,
     allow_special_tokens_in_content,
+    allowed_media_domains,
+    allowed_local_media_path,
+    media_max_bytes,
+    max_image_pixels,
+    limit_mm_per_prompt,
+    test_allow_loopback_media,
     log_level,
     **options,
 ) -> None:
@@ -160,7 +195,17 @@ def api_server(
         check_parser_names(tool_call_parser, reasoning_parser)
         proxy_url = normalize_node_url(proxy_url, "proxy_url") if proxy_url is not None else None
         check_listen_address(server_name, server_port)
-        pipe = AsyncPipeline.from_model(model_name, options["backend"], engine_config(options) or None, chat_template)
+        policy = media_policy(
+            allowed_media_domains, allowed_local_media_path, media_max_bytes, max_image_pixels, limit_mm_per_prompt
+        )
+        if test_allow_loopback_media:  # hidden, for the test suite's loopback media server only
+            import dataclasses
+
+            click.echo("lm-serve: WARNING: image URLs may reach loopback addresses (a test setting)", err=True)
+            policy = dataclasses.replace(cast_policy(policy), allow_loopback_for_tests=True)
+        pipe = AsyncPipeline.from_model(
+            model_name, options["backend"], engine_config(options) or None, chat_template, media_policy=policy
+        )
         app = build_app(
             pipe,
             [served_model_name or model_name or DEFAULT_MODEL],
@@ -186,6 +231,55 @@ def api_server(
         header_timeout=header_timeout,
         on_shutdown_timeout=app.state.lm.end_running_requests,
     )
+
+
+def media_policy(
+    domains: tuple[str, ...],
+    local_path: str | None,
+    max_bytes: int,
+    max_pixels: int | None,
+    limit: str | None,
+) -> object:
+    """The `lm_vl.MediaPolicy` of the media flags (lm-vl's strict defaults where a flag is not given); None when lm-vl
+    is not installed and no media flag asks for it (text-only serving needs no lm-vl). ValueError names a bad flag."""
+    import json
+
+    options: dict[str, object] = {"max_bytes": max_bytes}
+    if domains:
+        options["allowed_media_domains"] = list(domains)
+    if local_path is not None:
+        options["allowed_local_media_path"] = local_path
+    if max_pixels is not None:
+        options["max_image_pixels"] = max_pixels
+    if limit is not None:
+        try:
+            value = json.loads(limit)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            options["limit_per_prompt"] = value
+        elif isinstance(value, dict) and value:
+            counts = [v for v in value.values() if isinstance(v, int) and not isinstance(v, bool)]
+            options["limit_per_modality"] = value
+            options["limit_per_prompt"] = max(sum(counts), 1)
+        else:
+            raise ValueError(f'--limit-mm-per-prompt: expected a count >= 1 or JSON like {{"image": 4}}, got {limit!r}')
+    try:
+        from lm_vl.media import MediaPolicy
+    except ImportError:
+        if set(options) != {"max_bytes"} or max_bytes != 20 * 1024 * 1024:
+            raise ValueError("the media flags need lm-vl, which is not installed: pip install lm-vl") from None
+        return None
+    return MediaPolicy(**options)  # pyright: ignore[reportArgumentType]
+
+
+def cast_policy(policy: object) -> Any:
+    """`policy`, or lm-vl's default `MediaPolicy` for None (the hidden test switch needs one to modify)."""
+    if policy is not None:
+        return policy
+    from lm_vl.media import MediaPolicy
+
+    return MediaPolicy()
 
 
 def check_listen_address(host: str, port: int) -> None:

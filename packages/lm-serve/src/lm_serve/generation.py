@@ -52,6 +52,7 @@ def prepare_job(
     param: str | None,
     index_offset: int = 0,
     do_preprocess: bool = False,
+    multimodal: list[dict[str, Any]] | None = None,
 ) -> PromptJob:
     """`prompt` prepared once by the pipeline, or a 400 naming `param`: bad prompt ids, or a prompt (plus
     max_tokens) beyond the engine's session length, refused here so that a streamed answer fails before it starts.
@@ -60,7 +61,7 @@ def prepare_job(
     """
     pipe = state.pipeline
     try:
-        prepared = pipe.prepare(prompt, gen_config, do_preprocess=do_preprocess)
+        prepared = pipe.prepare(prompt, gen_config, do_preprocess=do_preprocess, multimodal=multimodal)
         pipe.check_length(prepared)
     except ValueError as exc:
         raise bad_request(exc, param=param) from None

@@ -25,8 +25,8 @@ def is_large(request: Request) -> bool:
     return length is None or not length.isdigit() or int(length) > INLINE_BODY_BYTES
 
 
-async def off_loop(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)`, in a worker thread when the request's body is large, inline otherwise."""
-    if not is_large(request):
+async def off_loop(request: Request, fn: Callable[..., T], *args: Any, force: bool = False, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, in a worker thread when the request's body is large (or `force`), inline otherwise."""
+    if not force and not is_large(request):
         return fn(*args, **kwargs)
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))

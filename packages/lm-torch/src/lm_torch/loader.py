@@ -26,7 +26,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 # config.json model types whose checkpoints lm-torch runs as vision-language models (models.vlm).
-VISION_LANGUAGE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+VISION_LANGUAGE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava", "internvl")
 
 
 def load_hf_config(model_path: Path) -> Any:

@@ -45,6 +45,14 @@ class VisionInputs:
                 code="too_many_items",
                 param=refs[limit].where,
             )
+        for modality, most in (self.policy.limit_per_modality or {}).items():
+            mine = [ref for ref in refs if ref.modality == modality]
+            if len(mine) > most:
+                raise MediaError(
+                    f"the prompt holds {len(mine)} {modality}s, more than the limit of {most}",
+                    code="too_many_items",
+                    param=mine[most].where,
+                )
         items: list[VisionItem] = []
         for ref in refs:
             try:

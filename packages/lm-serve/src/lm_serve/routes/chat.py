@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from lm_core.async_pipeline import RenderedPrompt
+from lm_core.multimodal import has_media
 from lm_core.response import Response as Piece
 from lm_serve.errors import APIError, bad_request
 from lm_serve.generation import ClientDisconnected, Generation, prepare_job
@@ -30,10 +31,12 @@ router = APIRouter(route_class=GuardedRoute)
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A conversation rendered by the pipeline (text and token ids) and the request's tool plan."""
+    """A conversation rendered by the pipeline (text and token ids), the request's tool plan, and its images and
+    videos for the engine (`EngineRequest.multimodal` entries; None without media)."""
 
     rendered: RenderedPrompt
     plan: ToolPlan
+    multimodal: list[dict[str, Any]] | None = None
 
     @property
     def text(self) -> str:
@@ -57,17 +60,29 @@ def render_chat(
     add_generation_prompt: bool = True,
 ) -> ChatPrompt:
     """Plan the tools and render the conversation through the pipeline (tools rendered unless tool_choice is none);
-    bad messages, tools or template kwargs are a 400 naming the field."""
+    bad messages, tools or template kwargs are a 400 naming the field. Images and videos (`image_url` parts, ...)
+    are fetched and preprocessed here (blocking: call it off the event loop); a medium that is refused is a 400 and
+    one that cannot be fetched a 422, naming the part."""
     plan = plan_tools(tools, tool_choice, parallel_tool_calls, response_format)
+    multimodal = None
     try:
-        rendered = state.pipeline.render(
-            messages, plan.tools, chat_template_kwargs, add_generation_prompt=add_generation_prompt
-        )
+        if has_media(messages):
+            rendered, multimodal = state.pipeline.media_prompt(
+                messages, plan.tools, chat_template_kwargs, add_generation_prompt=add_generation_prompt
+            )
+        else:
+            rendered = state.pipeline.render(
+                messages, plan.tools, chat_template_kwargs, add_generation_prompt=add_generation_prompt
+            )
     except ValueError as exc:
+        status = getattr(exc, "status_code", None)
+        if isinstance(status, int):  # lm-vl's MediaError: its status, field and reason code
+            param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+            raise APIError(str(exc), status_code=status, param=param, code=code) from None
         message = str(exc)
         param = next((p for p in ("chat_template_kwargs", "messages:") if message.startswith(p)), None)
         raise bad_request(exc, param=param.rstrip(":") if param else None) from None
-    return ChatPrompt(rendered, plan)
+    return ChatPrompt(rendered, plan, multimodal)
 
 
 @router.post("/v1/chat/completions")
@@ -82,16 +97,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     user_format = body.response_format.to_engine() if body.response_format else None
+    messages = [m.to_dict() for m in body.messages]
     prompt = await off_loop(
         request,
         render_chat,
         state,
-        [m.to_dict() for m in body.messages],
+        messages,
         tools,
         tool_choice,
         body.parallel_tool_calls is not False,
         user_format,
         body.chat_template_kwargs,
+        force=has_media(messages),  # fetching and preprocessing media must never block the event loop
     )
     num_top = (body.top_logprobs or 0) if body.logprobs else None
     gen_config = build_gen_config(
@@ -104,7 +121,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     if body.prompt_logprobs is not None:
         gen_config = gen_config.replace(prompt_logprobs=body.prompt_logprobs)
-    job = await off_loop(request, prepare_job, state, prompt.rendered, gen_config, param="messages")
+    job = await off_loop(
+        request, prepare_job, state, prompt.rendered, gen_config, param="messages", multimodal=prompt.multimodal
+    )
     streams = [make_message_stream(prompt.plan, state, prompt.text, body.chat_template_kwargs) for _ in range(body.n)]
     gen = await Generation(state, [job]).start()
     ctx = _ChatContext(state, body, streams, num_top, prompt.token_ids)

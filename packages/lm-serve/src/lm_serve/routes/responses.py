@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from lm_core.multimodal import has_media
 from lm_serve.errors import APIError
 from lm_serve.generation import ClientDisconnected, Generation, prepare_job
 from lm_serve.offload import off_loop
@@ -127,16 +128,18 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     choice = body.tool_choice
     if choice is not None and not isinstance(choice, str):
         choice = {"type": "function", "function": {"name": choice.name}}
+    messages = input_messages(body.instructions, body.input)
     prompt = await off_loop(
         request,
         render_chat,
         state,
-        input_messages(body.instructions, body.input),
+        messages,
         tools,
         choice,
         body.parallel_tool_calls is not False,
         _text_format(body),
         body.chat_template_kwargs,
+        force=has_media(messages),  # fetching and preprocessing media must never block the event loop
     )
     gen_config = build_gen_config(
         body,
@@ -147,7 +150,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         vocab_size=state.tokenizer.vocab_size,
         n=1,
     )
-    job = await off_loop(request, prepare_job, state, prompt.rendered, gen_config, param="messages")
+    job = await off_loop(
+        request, prepare_job, state, prompt.rendered, gen_config, param="messages", multimodal=prompt.multimodal
+    )
     parser = make_message_stream(prompt.plan, state, prompt.text, body.chat_template_kwargs)
     gen = await Generation(state, [job]).start()
     base = {

@@ -23,6 +23,12 @@ class StepMetadata:
     `slot_mapping[t]` is the flat cache slot (block * block_size + offset) where new token t is written (-1: a
     padding row, nothing written). Rows of the step from `num_real_tokens` on are padding that belongs to no
     sequence.
+
+    `key_limits` (None: every new token attends causally) widens the causal mask of prefill tokens: new token t sees
+    its sequence's key positions below `key_limits[t]`, which is at least its own position + 1 and at most its
+    sequence's context length (a sliding window still cuts keys from below, relative to t's position). One-token
+    sequences always attend causally. Gemma 3 gives the placeholder tokens of an image its span's end, so that the
+    image's tokens attend each other bidirectionally (`VisionLanguageModel.bidirectional_images`).
     """
 
     query_lens: list[int]  # [S], host
@@ -40,6 +46,7 @@ class StepMetadata:
     tile_seq: torch.Tensor | None = None
     tile_first: torch.Tensor | None = None
     tokens_per_tile: int | None = None
+    key_limits: torch.Tensor | None = None  # [num_real_tokens] int32: exclusive bound of each token's visible keys
 
     @property
     def num_seqs(self) -> int:
@@ -59,8 +66,10 @@ class StepMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str,
+        key_limits: list[int] | None = None,
     ) -> StepMetadata:
-        """Lay out a step from per-sequence lengths and block tables (the scheduler's view)."""
+        """Lay out a step from per-sequence lengths and block tables (the scheduler's view); `key_limits`, one per
+        new token, as the field."""
         width = max((len(t) for t in block_tables), default=1) or 1
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         slots: list[int] = []
@@ -82,6 +91,7 @@ class StepMetadata:
             num_decodes=len(decodes),
             max_decode_context=max(decodes, default=0),
             num_real_tokens=query_starts[-1],
+            key_limits=None if key_limits is None else torch.tensor(key_limits, dtype=torch.int32, device=device),
         )
 
 

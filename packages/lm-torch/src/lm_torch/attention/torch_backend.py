@@ -83,16 +83,19 @@ class TorchAttentionBackend(AttentionBackend):
         batch_keys, batch_values = read(state.context_blocks)
         batch_keys = batch_keys.view(-1, num_kv_heads, q.shape[2])
         batch_values = batch_values.view(-1, num_kv_heads, q.shape[2])
+        limits = meta.key_limits
         for i in per_sequence:
             num_new, ctx = meta.query_lens[i], meta.context_lens[i]
             first = state.context_block_starts[i] * meta.block_size
-            out[starts[i] : starts[i] + num_new] = attend(
-                q[starts[i] : starts[i] + num_new],
+            rows = slice(starts[i], starts[i] + num_new)
+            out[rows] = attend(
+                q[rows],
                 batch_keys[first : first + ctx],
                 batch_values[first : first + ctx],
                 scale,
                 sliding_window,
                 softcap,
+                limits[rows] if limits is not None and num_new > 1 else None,
             ).to(q.dtype)
         return out
 
@@ -217,15 +220,20 @@ def attend(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    key_limits: torch.Tensor | None = None,  # [num_new]: keys below key_limits[t] visible to t (None: causal)
 ) -> torch.Tensor:
-    """Causal attention of the newest `num_new` positions over `ctx` cached ones (GQA by head groups)."""
+    """Causal attention of the newest `num_new` positions over `ctx` cached ones (GQA by head groups); with
+    `key_limits`, new token t sees the keys below `key_limits[t]` (`StepMetadata.key_limits`)."""
     num_new, ctx = q.shape[0], keys.shape[0]
     allowed = None
     if num_new > 1 or (sliding_window is not None and ctx > sliding_window):
         # A single new token sees every cached one unless a window cuts them: no mask needed then.
         positions = torch.arange(ctx - num_new, ctx, device=q.device)[:, None]
         key_positions = torch.arange(ctx, device=q.device)[None, :]
-        allowed = key_positions <= positions  # [num_new, ctx]
+        if key_limits is None:
+            allowed = key_positions <= positions  # [num_new, ctx]
+        else:
+            allowed = key_positions < key_limits.to(q.device)[:, None]
         if sliding_window is not None:
             allowed &= key_positions > positions - sliding_window
     q_t, k_t, v_t = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)  # heads first

@@ -184,5 +184,6 @@ class TritonAttentionBackend(AttentionBackend):
                 out=out,
                 k_scales_zeros=k_scales_zeros,
                 v_scales_zeros=v_scales_zeros,
+                key_limits=meta.key_limits,
             )
         return out

@@ -6,6 +6,11 @@ of `tokens_per_tile`; one program takes one (tile, kv head) and stacks the tile'
 heads into the rows of one matrix, so each K/V block it reads serves the whole group (GQA/MQA). The causal mask,
 the sliding window and soft-capping are applied per row; keys outside every row's window are never loaded.
 
+Optional per-token key limits (`key_limits`, a constexpr switch: without them the kernel is the causal one) widen
+the causal mask: new token t sees key positions below `key_limits[t]` (never below its own position + 1, never past
+its sequence's context), still cut by the sliding window from below. Gemma 3 gives an image's placeholder tokens the
+span's end, so they attend each other bidirectionally.
+
 A quantized cache (`quant_policy` 8 or 4, see `lm_torch.kv_quant`) is dequantized tile by tile right after loading,
 int4 as two half-width tiles with a dot each; the policy is a constexpr, so the unquantized kernel is unchanged.
 
@@ -34,6 +39,7 @@ def _prefill_kernel(
     context_lens_ptr,
     tile_seq_ptr,  # [num_tiles] the sequence of each tile
     tile_first_ptr,  # [num_tiles] the tile's first token, counted within its sequence's new tokens
+    key_limits_ptr,  # [num_tokens] int32 with USE_KEY_LIMITS: keys below key_limits[t] visible to token t
     qk_scale,  # scale * log2(e), or scale alone with soft-capping
     softcap,
     window,
@@ -60,6 +66,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    USE_KEY_LIMITS: tl.constexpr,  # False: causal (a key is visible up to the query's own position)
     DOT_PRECISION: tl.constexpr,
     QUANT_POLICY: tl.constexpr,  # 0: the cache holds q's dtype; 8: int8 codes; 4: int4 codes, two per byte
     FEAT: tl.constexpr,  # features per loaded tile: head_dim, or head_dim / 2 with int4 (one tile per half)
@@ -93,7 +100,12 @@ def _prefill_kernel(
     last_token = tl.minimum(first_token + TOKENS, q_len) - 1
     last_pos = ctx - q_len + last_token
     hi = last_pos + 1  # keys past the tile's last query are masked for every row
-    diagonal = ctx - q_len + first_token + 1  # keys before this are visible to every row (causally)
+    limit = query_pos + 1  # [ROWS] exclusive bound of each row's visible keys (read with USE_KEY_LIMITS only)
+    if USE_KEY_LIMITS:
+        limit = tl.load(key_limits_ptr + q_start + tokens, mask=row_valid, other=0)
+        hi = tl.max(limit, 0)  # every limit is at least its row's position + 1: hi >= last_pos + 1
+    # Keys before this are visible to every row (their limits are at least their position + 1).
+    diagonal = ctx - q_len + first_token + 1
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(ctx - q_len + first_token - window + 1, 0)
@@ -127,7 +139,10 @@ def _prefill_kernel(
         if USE_WINDOW:
             needs_mask = needs_mask | (first <= last_pos - window)
         if needs_mask:
-            visible = valid[None, :] & (positions[None, :] <= query_pos[:, None])
+            if USE_KEY_LIMITS:
+                visible = valid[None, :] & (positions[None, :] < limit[:, None])
+            else:
+                visible = valid[None, :] & (positions[None, :] <= query_pos[:, None])
             if USE_WINDOW:
                 visible = visible & (positions[None, :] > query_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
@@ -213,9 +228,11 @@ def prefill_attention(
     num_stages: int | None = None,
     k_scales_zeros: torch.Tensor | None = None,  # quantized uint8 caches: [num_blocks, block_size, num_kv_heads, 2]
     v_scales_zeros: torch.Tensor | None = None,
+    key_limits: torch.Tensor | None = None,  # [num_tokens] int32: keys below key_limits[t] visible (None: causal)
 ) -> torch.Tensor:  # out: [num_tokens, num_heads, head_dim], written at the rows the tiles cover
     """Causal attention of the tiled sequences' new tokens over their whole cached context (int8 or int4 codes,
-    dequantized tile by tile, when `*_scales_zeros` are given; see `lm_torch.kv_quant`).
+    dequantized tile by tile, when `*_scales_zeros` are given; see `lm_torch.kv_quant`); with `key_limits`, token t
+    sees the keys below `key_limits[t]` instead of those up to its own position (see the module docstring).
 
     `block_n` (keys per step), `num_warps` and `num_stages` override the launch shape; the defaults were the
     fastest of those `benchmarks/kernel_times.py --tune` tried for head_dim 128 on an H100 (half precision; float32
@@ -242,6 +259,10 @@ def prefill_attention(
     if tokens_per_tile * next_power_of_2(group) < 16 or head_dim < 16:
         raise ValueError("prefill_attention: tiles need at least 16 rows (tokens x padded group) and head_dim >= 16")
     window = sliding_window if sliding_window is not None else 0
+    if key_limits is not None:
+        check_cuda_or_interpreter(key_limits)
+        if key_limits.dim() != 1:
+            raise ValueError("prefill_attention: key_limits must be [num_tokens], one limit per new token")
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q,
         k_cache,
@@ -252,6 +273,7 @@ def prefill_attention(
         context_lens,
         tile_seq,
         tile_first,
+        key_limits if key_limits is not None else context_lens,  # a placeholder the kernel never reads
         scale if softcap else scale * LOG2E,
         softcap or 1.0,
         window,
@@ -274,6 +296,7 @@ def prefill_attention(
         BLOCK_N=block_n or _default_block_n(head_dim, q.element_size()),
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
+        USE_KEY_LIMITS=key_limits is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         QUANT_POLICY=policy,
         FEAT=feat,

@@ -116,7 +116,8 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
-    """Also Gemma2ForCausalLM, Gemma3ForCausalLM and Gemma3ForConditionalGeneration (its language model only)."""
+    """Also Gemma2ForCausalLM, Gemma3ForCausalLM, and the language model of Gemma3ForConditionalGeneration
+    (`models.gemma3_vl`)."""
 
     def __init__(self, config: Any, max_positions: int, ctx: BuildContext | None = None) -> None:
         if getattr(config, "use_bidirectional_attention", False):
@@ -142,18 +143,29 @@ class GemmaForCausalLM(LlamaForCausalLM):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], attn: AttentionState
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        attn: AttentionState,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]
-        """input_ids, positions: [num_tokens]; `attn` the attention backend's per-step state."""
-        hidden = self.embed_tokens(input_ids)
-        # transformers keeps sqrt(hidden) as a float32 tensor and casts it to the weights' dtype before multiplying
-        # (sqrt(3072) = 55.43 becomes 55.5 in bfloat16); we round the same way.
-        normalizer = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(hidden.dtype)
-        hidden, residual = hidden * normalizer, None
+        """input_ids, positions: [num_tokens]; `attn` the attention backend's per-step state; `inputs_embeds`
+        ([num_tokens, hidden], already scaled as `embed_input_ids` scales) replaces the token embeddings."""
+        hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
+        """Token embeddings times sqrt(hidden_size), what the first layer takes."""
+        hidden = self.embed_tokens(input_ids)
+        # transformers keeps sqrt(hidden) as a float32 tensor and casts it to the weights' dtype before multiplying
+        # (sqrt(3072) = 55.43 becomes 55.5 in bfloat16); we round the same way.
+        normalizer = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(hidden.dtype)
+        return hidden * normalizer
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Llama's loading, after dropping a multimodal checkpoint's vision tower and prefixes."""

@@ -14,12 +14,13 @@ MODEL_REGISTRY: dict[str, str] = {
     "GemmaForCausalLM": "gemma:GemmaForCausalLM",
     "Gemma2ForCausalLM": "gemma:GemmaForCausalLM",
     "Gemma3ForCausalLM": "gemma:GemmaForCausalLM",
-    # The multimodal checkpoint's language model (load_hf_config hands us its text_config); images are not supported.
-    "Gemma3ForConditionalGeneration": "gemma:GemmaForCausalLM",
     "Phi3ForCausalLM": "phi3:Phi3ForCausalLM",
     # Vision-language models: the language model with its vision tower (models.vlm).
     "Qwen2VLForConditionalGeneration": "qwen2_vl:Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl:Qwen2VLForConditionalGeneration",
+    "Gemma3ForConditionalGeneration": "gemma3_vl:Gemma3ForConditionalGeneration",
+    "LlavaForConditionalGeneration": "llava:LlavaForConditionalGeneration",
+    "InternVLForConditionalGeneration": "internvl:InternVLForConditionalGeneration",
     "InternLM2ForCausalLM": "internlm2:InternLM2ForCausalLM",
 }
 

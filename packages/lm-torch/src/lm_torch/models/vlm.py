@@ -5,7 +5,8 @@ attention, rotary and sharding; the tower (and its projector) is replicated on e
 outside the paged cache. A step that computes an item's placeholder span gets the item's embeddings (from
 `encode`, or the runner's encoder cache) in `MultimodalStep`; `forward` writes them over the token embeddings of
 those rows before the first decoder layer. Steps without images take the text model's path unchanged (CUDA graphs
-included).
+included). A model whose images attend bidirectionally within themselves (`bidirectional_images`: Gemma 3) gets, in
+steps that compute an image, the attention rule `StepMetadata.key_limits` from the runner.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from lm_torch.multimodal import MMItem
 @dataclass
 class MultimodalStep:
     """A step's image features: `rows` [n] int64, the step's token rows (in the flattened batch) of placeholder
-    tokens; `embeds` [n, hidden] their features, in the order of `rows`."""
+    tokens; `embeds` [n, hidden] their features, in the order of `rows`. `key_limits` [num_tokens] int32, for a model
+    with `bidirectional_images`: the step's `StepMetadata.key_limits` (an image's rows see up to the span's end)."""
 
     rows: torch.Tensor
     embeds: torch.Tensor
+    key_limits: torch.Tensor | None = None
 
 
 class VisionLanguageModel(CausalLM):
@@ -39,6 +42,8 @@ class VisionLanguageModel(CausalLM):
     vision_prefixes: tuple[str, ...] = ()
     #: Prefixes of the language model's tensors that name its modules `model.*` once replaced by "model.".
     language_prefixes: tuple[str, ...] = ("model.language_model.", "language_model.model.")
+    #: Whether an item's placeholder tokens attend each other bidirectionally in prefill (causal elsewhere).
+    bidirectional_images: bool = False
 
     def __init__(self, config: Any, max_positions: int, ctx: BuildContext | None = None) -> None:
         ctx = context_or_current(ctx)
@@ -74,9 +79,13 @@ class VisionLanguageModel(CausalLM):
         """The text model's forward pass with `mm`'s features over the placeholder rows' token embeddings."""
         if mm is None:
             return self.language_model(input_ids, positions, kv_caches, attn)
-        embeds = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        embeds = self.embed_input_ids(input_ids)  # [num_tokens, hidden]
         embeds = embeds.index_copy(0, mm.rows, mm.embeds.to(embeds.dtype))
         return self.language_model(input_ids, positions, kv_caches, attn, inputs_embeds=embeds)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
+        """The token embeddings the text model's first layer takes (image features replace some rows as they are)."""
+        return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor, for_argmax: bool = False) -> torch.Tensor:
         """The text model's logits (see `CausalLM.compute_logits`)."""

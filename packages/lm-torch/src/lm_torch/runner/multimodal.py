@@ -7,7 +7,10 @@ text-only rows):
 - under M-RoPE (`model.mrope_positions`), prompt rows of a request with items take their three-row positions
   from the request's table, so the step passes [3, num_tokens] positions to the model; generated tokens of such a
   request are shifted by its delta in the one-row positions the model reads (`host.positions`, after the KV slots
-  were computed from the real positions), which keeps decode steps on the text path and its CUDA graphs.
+  were computed from the real positions), which keeps decode steps on the text path and its CUDA graphs;
+- a model with `bidirectional_images` (Gemma 3) gets the step's `key_limits` with its features: every row sees up to
+  its own position, except an item's placeholder rows, which see up to the item's end (all of the span is in the
+  step, so the limit never passes the step's context).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class StepMedia:
         self.model = model
         self.device = device
         self.uses_mrope = hasattr(model, "mrope_positions")
+        self.bidirectional = bool(getattr(model, "bidirectional_images", False))
         self.cache = EncoderCache(cache_tokens)
         self.num_encoded = 0  # items run through the tower (cache misses)
 
@@ -62,7 +66,22 @@ class StepMedia:
                 elif state.rope_delta:
                     host.positions[first : first + count] += state.rope_delta
         positions = self._three_row_positions(host, three_rows) if three_rows else None
-        return (self._features(rows) if rows else None), positions
+        if not rows:
+            return None, positions
+        mm = self._features(rows)
+        if self.bidirectional:
+            mm.key_limits = self._key_limits(batch, host, rows)
+        return mm, positions
+
+    def _key_limits(self, batch: ScheduledBatch, host: HostStep, rows: list[tuple[int, MMItem]]) -> torch.Tensor:
+        """[num_tokens] int32 on the device: each row's exclusive key bound, its item's end for placeholder rows."""
+        lens = np.asarray(host.query_lens, dtype=np.int64)
+        starts = np.asarray(batch.starts, dtype=np.int64)
+        # A row's index in its sequence (its KV slot's position), plus one: what it sees causally.
+        limits = np.arange(host.num_tokens) + np.repeat(starts - host.query_start_loc[:-1], lens) + 1
+        for first, item in rows:
+            limits[first : first + item.length] = item.end
+        return torch.from_numpy(limits.astype(np.int32)).to(self.device, non_blocking=True)
 
     def _three_row_positions(self, host: HostStep, rows: list[tuple[int, int, int, RequestState]]) -> np.ndarray:
         positions = np.repeat(host.positions[None, :], 3, axis=0)  # [3, num_tokens]: text rows as they are

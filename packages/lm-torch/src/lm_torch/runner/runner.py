@@ -282,8 +282,8 @@ class ModelRunner:
         self, host: HostStep, step: DeviceStep, num_real: int, mm: Any = None, mrope: np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a step without a graph. Returns the final hidden states of the sampled rows [R, hidden] and of every
-        token [T (+ padding), hidden]. `mm`: the step's image features (`MultimodalStep`); `mrope`: its
-        [3, num_real] M-RoPE positions."""
+        token [T (+ padding), hidden]. `mm`: the step's image features (`MultimodalStep`, with the attention rule
+        of its images, if any); `mrope`: its [3, num_real] M-RoPE positions."""
         decodes = [ctx for n, ctx in zip(host.query_lens, host.context_lens_list, strict=True) if n == 1]
         meta = StepMetadata(
             query_lens=host.query_lens,
@@ -299,6 +299,7 @@ class ModelRunner:
             tile_seq=step.tile_seq,
             tile_first=step.tile_first,
             tokens_per_tile=self.tokens_per_tile,
+            key_limits=mm.key_limits if mm is not None else None,
         )
         if (host.sources >= 0).any():  # a pending token: read from the token buffer on the device
             input_ids = resolve_input_ids(step.input_ids, step.sources, self.token_buffer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -40,7 +40,8 @@ class MediaPolicy:
 
     Decoding: only `allowed_formats`; the pixel count from the image header must not exceed `max_image_pixels` (PIL's
     own bomb check refuses anything above 178,956,970 whatever this says); animated images may have at most
-    `max_image_frames` frames (the first is used). `limit_per_prompt` caps the images of one request.
+    `max_image_frames` frames (the first is used). `limit_per_prompt` caps the images and videos of one request,
+    `limit_per_modality` (None: no more) those of each modality (``{"image": 4, "video": 1}``).
 
     Video: files up to `max_video_bytes` fetched within `video_total_timeout`, with at most `max_video_frames` frames
     (a frame list's length or a file's packets): that count bounds demuxing and decoding work. Each frame is held to
@@ -64,6 +65,7 @@ class MediaPolicy:
     max_image_pixels: int = PIL_BOMB_PIXELS
     max_image_frames: int = 1000
     limit_per_prompt: int = 8
+    limit_per_modality: Mapping[str, int] | None = None
     max_video_bytes: int = 200 * MiB
     video_total_timeout: float = 30.0
     max_video_frames: int = 20_000
@@ -107,6 +109,14 @@ class MediaPolicy:
             "max_video_frames",
         ):
             _check_int(self, name, low=1)
+        if self.limit_per_modality is not None:
+            limits = self.limit_per_modality
+            if not isinstance(limits, Mapping) or not all(
+                key in ("image", "video") and isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                for key, value in limits.items()
+            ):
+                raise ValueError(f"limit_per_modality: must map 'image' and/or 'video' to counts >= 0, got {limits!r}")
+            object.__setattr__(self, "limit_per_modality", dict(limits))
         for name in ("connect_timeout", "read_timeout", "total_timeout", "video_total_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
