@@ -191,6 +191,17 @@ class SchedulerConfig:
     max_prefill_token_num: int = _option(
         4096, option=OptionSpec(("--max-prefill-token-num",), "Token budget of one engine step.", "int", minimum=1)
     )
+    # Vision-language models: the most image placeholder tokens whose spans one step computes (the vision tower's
+    # work per step); None: the token budget bounds it. A step's first image always goes, whatever its size.
+    max_encoder_tokens: int | None = _option(
+        None,
+        option=OptionSpec(
+            ("--max-encoder-tokens",),
+            "Vision-language models: image placeholder tokens encoded per step at most (default: the token budget).",
+            "int",
+            minimum=1,
+        ),
+    )
     # CUDA: while at least half of max_batch_size sequences decode, new prompts gather for up to this many steps (or
     # half the token budget) and are prefilled together: fewer eager steps. 0: admit at once. CPU: always 0.
     prefill_interval: int = 8
@@ -210,6 +221,7 @@ class SchedulerConfig:
         _check_int(self, "max_prefill_token_num", 1)
         _check_int(self, "prefill_interval", 0)
         _check_int(self, "session_len", 2, optional=True)
+        _check_int(self, "max_encoder_tokens", 1, optional=True)
 
 
 @dataclass(frozen=True)

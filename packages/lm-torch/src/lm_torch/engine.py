@@ -165,6 +165,7 @@ class TorchEngine(Engine):
             max_num_batched_tokens=config.scheduler.max_prefill_token_num,
             session_len=self._session_len,
             prefill_interval=config.scheduler.prefill_interval if runs_ahead else 0,
+            max_encoder_tokens=config.scheduler.max_encoder_tokens,
         )
         # Steps launched and not yet collected, at most: 2 with overlap (the next step is queued while one runs).
         overlap = config.cuda.overlap_steps if config.cuda.overlap_steps is not None else runs_ahead

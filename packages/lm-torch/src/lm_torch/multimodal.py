@@ -65,6 +65,37 @@ def clamp_chunk(items: Sequence[MMItem], start: int, num_new: int) -> int:
     return num_new
 
 
+def clamp_to_encoder_budget(items: Sequence[MMItem], start: int, num_new: int, budget: int, first: bool) -> int:
+    """`num_new` tokens from `start` (already span-safe) cut before the first item whose placeholders would take the
+    step's encoder work past `budget` (placeholder tokens of items computed this step). `first`: nothing in the step
+    has used the budget yet, so one item larger than the whole budget still goes (every item gets its turn)."""
+    end, used = start + num_new, 0
+    for item in items:
+        if item.offset >= end:
+            break
+        if item.end <= start:
+            continue
+        if used + item.length > budget and not (first and used == 0):
+            return item.offset - start
+        used += item.length
+    return num_new
+
+
+def encoder_tokens(items: Sequence[MMItem], start: int, num_new: int) -> int:
+    """Placeholder tokens of the items whose spans lie in `[start, start + num_new)` (the tower's work for them)."""
+    end = start + num_new
+    return sum(item.length for item in items if item.offset >= start and item.end <= end)
+
+
+def chunk_for(items: Sequence[MMItem], start: int, num_new: int, encoder_budget: int | None, first: bool) -> int:
+    """A chunk of at most `num_new` tokens from `start` that splits no span (`clamp_chunk`) and, with an
+    `encoder_budget` left in the step, encodes no more placeholder tokens than it (`clamp_to_encoder_budget`)."""
+    num_new = clamp_chunk(items, start, num_new)
+    if encoder_budget is not None:
+        num_new = clamp_to_encoder_budget(items, start, num_new, encoder_budget, first)
+    return num_new
+
+
 def clamp_prefix(items: Sequence[MMItem], num_blocks: int, block_size: int) -> int:
     """Of `num_blocks` leading cached blocks, how many a sequence may take: none that would end its cached prefix
     inside a span (the span's KV must be computed from the tower's output in one step, with its placeholders)."""

@@ -62,6 +62,7 @@ from typing import Any
 from lm_core.engine import FinishReason
 from lm_core.generation_config import GenerationConfig
 from lm_torch.block_manager import BlockManager
+from lm_torch.multimodal import chunk_for, encoder_tokens
 from lm_torch.sequence import Sequence, SequenceStatus
 
 
@@ -235,7 +236,11 @@ class Scheduler:
         session_len: int | None = None,
         prefill_interval: int = 0,
         num_tokens_per_step: int = 1,
+        max_encoder_tokens: int | None = None,
     ) -> None:
+        """`max_encoder_tokens`: the most image placeholder tokens whose spans one step computes (the vision
+        tower's work; None: the token budget bounds it). A chunk stops before the image that would exceed it, except
+        the step's first image, which always goes."""
         for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Scheduler.{name} must be an integer >= 1, got {value!r}")
@@ -255,6 +260,13 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
+        if max_encoder_tokens is not None and (
+            isinstance(max_encoder_tokens, bool) or not isinstance(max_encoder_tokens, int) or max_encoder_tokens < 1
+        ):
+            raise ValueError(
+                f"Scheduler.max_encoder_tokens must be an integer >= 1 or None, got {max_encoder_tokens!r}"
+            )
+        self.max_encoder_tokens = max_encoder_tokens
         self.session_len = session_len
         self.running: list[Sequence] = []
         # Per group (see `_group`): its waiting sequences, sorted by arrival, and its number of running ones.
@@ -352,6 +364,7 @@ class Scheduler:
         has exactly one pending: it then computes the position of the pending token."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        encoder_budget = self.max_encoder_tokens
         bm = self.block_manager
         rebalanced = self._rebalance(batch)
 
@@ -364,7 +377,10 @@ class Scheduler:
             if seq.num_uncomputed_tokens < 1 or (seq.num_pending_tokens and not self._may_run_ahead(seq)):
                 i += 1  # a launched step computes its last prompt chunk, or it waits for its tokens (`update`)
                 continue
-            num_new = seq.chunk_size(budget)
+            num_new = seq.chunk_size(budget, encoder_budget, encoder_budget == self.max_encoder_tokens)
+            if num_new < 1:  # its next image waits for a step with encoder budget left
+                i += 1
+                continue
             lookahead = self._lookahead(seq, budget - num_new) if num_new == seq.num_uncomputed_tokens == 1 else 0
             if lookahead and not bm.append_slots(seq, num_new + lookahead, lookahead):
                 lookahead = 0  # extra positions never cost a preemption
@@ -378,6 +394,8 @@ class Scheduler:
             else:
                 batch.add(seq, num_new + lookahead, 1 + lookahead if lookahead else None)
                 budget -= num_new + lookahead
+                if encoder_budget is not None and seq.mm_items:
+                    encoder_budget -= encoder_tokens(seq.mm_items, seq.num_computed_tokens, num_new)
                 i += 1
 
         # Waiting sequences, the fairest group first (see the module docstring); the first that does not fit stops
@@ -394,9 +412,13 @@ class Scheduler:
             cached = [] if seq.skips_prefix_hits else bm.match_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             if seq.mm_items:
-                from lm_torch.multimodal import clamp_chunk
-
-                num_new = clamp_chunk(seq.mm_items, len(cached) * bm.block_size, num_new)
+                start = len(cached) * bm.block_size
+                first = encoder_budget == self.max_encoder_tokens
+                num_new = chunk_for(seq.mm_items, start, num_new, encoder_budget, first)
+                if num_new < 1:  # its first image waits for a step with encoder budget left
+                    break
+                if encoder_budget is not None:
+                    encoder_budget -= encoder_tokens(seq.mm_items, start, num_new)
             if not bm.can_allocate(cached, len(cached) * bm.block_size + num_new):
                 # With nothing running every block is free or evictable, and add() rejected what the whole cache
                 # cannot hold, so this only waits for running sequences to finish or be preempted.

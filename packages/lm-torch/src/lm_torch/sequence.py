@@ -177,15 +177,15 @@ class Sequence:
         takes no prefix-cache hits, which would skip positions (its full blocks are still offered to the cache)."""
         return self.pooling is not None or self.gen_config.prompt_logprobs is not None
 
-    def chunk_size(self, budget: int) -> int:
-        """Tokens to compute next within `budget`: the uncomputed ones, cut so that no image span is split
-        (`multimodal.clamp_chunk`; a span that starts the chunk is taken whole, past the budget if it must)."""
+    def chunk_size(self, budget: int, encoder_budget: int | None = None, first: bool = True) -> int:
+        """Tokens to compute next within `budget`: the uncomputed ones from `num_computed_tokens`, see
+        `multimodal.chunk_for`."""
         num_new = min(self.num_uncomputed_tokens, budget)
         if not self.mm_items or self.num_computed_tokens >= self.num_prompt_tokens:
             return num_new
-        from lm_torch.multimodal import clamp_chunk
+        from lm_torch.multimodal import chunk_for
 
-        return clamp_chunk(self.mm_items, self.num_computed_tokens, num_new)
+        return chunk_for(self.mm_items, self.num_computed_tokens, num_new, encoder_budget, first)
 
     @property
     def num_tokens(self) -> int:
