@@ -15,6 +15,13 @@ Arrivals are a Poisson process at --request-rate requests/s (inf: all at once), 
     python benchmarks/serving.py --base-url http://127.0.0.1:23333 --request-rate 2 --num-prompts 64 \
         --max-output-len 128 --endpoint completions
 
+Image workload (`--workload image`, like LMDeploy's `profile_restful_api.py --dataset-name image`): every request
+is `--images-per-request` random JPEGs of `--image-size` (WxH, or a preset: 4k, 1080p, 720p, 360p) sent as data
+URLs in `image_url` parts, then about `--image-input-len` tokens of text, and asks for `--image-output-len` tokens.
+Each image is new random noise, so no request hits another's prefix or encoder cache. Needs Pillow.
+
+    python benchmarks/serving.py --workload image --image-size 720p --num-prompts 500 --max-concurrency 64
+
 Prints one JSON object: completed and failed counts, duration, req/s, output tok/s, TTFT / TPOT / ITL / end-to-end
 latency (mean, p50, p99, in ms) and the first distinct errors. Exits 1 if any request failed.
 
@@ -61,11 +68,56 @@ WORDS = tuple(dict.fromkeys(_WORD_TEXT.split()))
 
 @dataclass
 class RequestSpec:
-    """One request of the workload: its prompt text and lengths."""
+    """One request of the workload: its prompt text and lengths, and its images (data URLs) if any."""
 
     prompt: str
     input_len: int
     output_len: int
+    images: list[str] = field(default_factory=list)
+
+
+# Image sizes of `--image-size` presets (width x height), as LMDeploy's image dataset names them.
+IMAGE_PRESETS = {"4k": (3840, 2160), "1080p": (1920, 1080), "720p": (1280, 720), "360p": (640, 360)}
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """`--image-size`: a preset name or WIDTHxHEIGHT."""
+    if text.lower() in IMAGE_PRESETS:
+        return IMAGE_PRESETS[text.lower()]
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT or one of {sorted(IMAGE_PRESETS)}, got {text!r}"
+        ) from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {text!r}")
+    return width, height
+
+
+def random_jpeg_url(rng: random.Random, size: tuple[int, int]) -> str:
+    """A data URL of a JPEG of random noise (quality 90) of `size`."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    width, height = size
+    image = Image.frombytes("RGB", size, rng.randbytes(width * height * 3))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_requests(args: argparse.Namespace) -> list[RequestSpec]:
+    """`--num-prompts` requests of the image workload (see the module docstring)."""
+    rng = random.Random(args.seed)
+    specs = []
+    for _ in range(args.num_prompts):
+        images = [random_jpeg_url(rng, args.image_size) for _ in range(args.images_per_request)]
+        prompt = make_prompt(rng, args.image_input_len)
+        specs.append(RequestSpec(prompt, args.image_input_len, args.image_output_len, images))
+    return specs
 
 
 @dataclass
@@ -115,7 +167,11 @@ def build_payload(args: argparse.Namespace, spec: RequestSpec) -> dict:
         payload["temperature"] = args.temperature
     if args.ignore_eos:
         payload["ignore_eos"] = True
-    if args.endpoint == "chat":
+    if args.endpoint == "chat" and spec.images:
+        parts: list[dict] = [{"type": "image_url", "image_url": {"url": url}} for url in spec.images]
+        parts.append({"type": "text", "text": spec.prompt})
+        payload["messages"] = [{"role": "user", "content": parts}]
+    elif args.endpoint == "chat":
         payload["messages"] = [{"role": "user", "content": spec.prompt}]
     else:
         payload["prompt"] = spec.prompt
@@ -268,6 +324,9 @@ def report(args: argparse.Namespace, specs: list[RequestSpec], elapsed: float, r
         # The server's count when it reports usage for every request (chat templates add tokens), else the dataset's.
         "total_input_tokens": sum(reported_prompt) if len(reported_prompt) == len(done) else None,
         "dataset_input_tokens": sum(s.input_len for s in specs),
+        "workload": args.workload,
+        "images_per_request": args.images_per_request if args.workload == "image" else 0,
+        "image_size": "x".join(map(str, args.image_size)) if args.workload == "image" else None,
         "num_short_outputs": sum(r.output_tokens < r.expected_output_len for r in done),
         "ttft_ms": summary_ms([r.ttft for r in done if r.ttft is not None]),
         "tpot_ms": summary_ms([(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]),
@@ -304,8 +363,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a stream may go silent before failing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--workload", choices=["text", "image"], default="text", help="ShareGPT text, or images")
+    parser.add_argument("--image-size", type=image_size, default=(1280, 720), help="WxH or 4k/1080p/720p/360p")
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--image-input-len", type=int, default=64, help="text tokens beside the images")
+    parser.add_argument("--image-output-len", type=int, default=128, help="max_tokens of an image request")
     args = parser.parse_args(argv)
-    for name in ("num_prompts", "max_concurrency", "max_output_len"):
+    if args.workload == "image" and args.endpoint != "chat":
+        parser.error("--workload image needs --endpoint chat")
+    for name in ("num_prompts", "max_concurrency", "max_output_len", "images_per_request", "image_output_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -319,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.model is None:
         args.model = first_model(args.base_url, args.api_key)
-    specs = load_requests(args.dataset, args.num_prompts, args.max_output_len, args.seed)
+    if args.workload == "image":
+        specs = image_requests(args)
+    else:
+        specs = load_requests(args.dataset, args.num_prompts, args.max_output_len, args.seed)
     elapsed, results = asyncio.run(run(args, specs))
     result = report(args, specs, elapsed, results)
     print(json.dumps(result, indent=2))

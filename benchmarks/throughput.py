@@ -9,6 +9,14 @@ ids, no chat template), at most --concurrency at a time.
     python benchmarks/throughput.py --model benchmarks/configs/llama3-8b --load-format dummy --num-prompts 1000 \
         --concurrency 256
 
+Image workload (`--workload image`, a vision-language model): every request is `--images-per-request` random images
+of `--image-size` (WxH) and about `--image-input-len` text tokens in one user message, generating
+`--max-output-len` tokens; each request's messages go through the pipeline's preparation (template, image loading
+and preprocessing, placeholder expansion) inside the timed run, in a worker thread, as `pipeline()` does.
+
+    python benchmarks/throughput.py --model DIR --load-format dummy --workload image --image-size 1280x720 \
+        --num-prompts 500 --max-output-len 128 --concurrency 64
+
 Prints req/s, output tok/s, TTFT and TPOT (p50/p99) and the engine's step counters; exits non-zero if any request
 ends short. --profile (CUDA) also prints the GPU's busy seconds by kernel class against the run's wall time.
 """
@@ -53,9 +61,49 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def run_engine(engine, requests, concurrency: int, sampling: dict | None = None):
+def image_requests(
+    num_prompts: int, size: tuple[int, int], per_request: int, text_len: int, output_len: int, seed: int
+):
+    """(messages, output length) of the image workload: random-noise RGB images, a prompt of common words."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "was",
+        "for",
+        "on",
+        "that",
+        "with",
+        "as",
+        "by",
+        "at",
+        "from",
+        "image",
+        "picture",
+        "describe",
+        "what",
+    ]
+    requests = []
+    for _ in range(num_prompts):
+        images = [Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)) for _ in range(per_request)]
+        text = " ".join(rng.choice(words) for _ in range(text_len))
+        parts = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}]
+        requests.append(([{"role": "user", "content": parts}], output_len))
+    return requests
+
+
+async def run_engine(engine, requests, concurrency: int, sampling: dict | None = None, prepare=None):
     """Every request through `engine`, `concurrency` at a time, each to its full output length (ignore_eos);
-    greedy unless `sampling` gives GenerationConfig fields (temperature, top_p, ...)."""
+    greedy unless `sampling` gives GenerationConfig fields (temperature, top_p, ...). `prepare(prompt, cfg)`:
+    turns a request's prompt into (token ids, multimodal items) in a worker thread, inside the timed run."""
     from tqdm.auto import tqdm
 
     from lm_core import GenerationConfig
@@ -72,7 +120,11 @@ async def run_engine(engine, requests, concurrency: int, sampling: dict | None =
             first = None
             num_tokens = 0
             reason = None
-            async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, cfg)):
+            multimodal = None
+            if prepare is not None:
+                prompt, multimodal = await asyncio.to_thread(prepare, prompt, cfg)
+            request = EngineRequest(uuid.uuid4().hex, prompt, cfg, multimodal=multimodal)
+            async for out in engine.generate(request):
                 if out.token_ids and first is None:
                     first = time.perf_counter()
                 num_tokens += len(out.token_ids)
@@ -283,6 +335,10 @@ def main() -> None:
         help="CUDA: record the timed run with the torch profiler and print GPU busy time by kernel class",
     )
     parser.add_argument("--step-trace", type=Path, help="write each engine step's times and sizes here (JSON)")
+    parser.add_argument("--workload", choices=["text", "image"], default="text", help="ShareGPT text, or images")
+    parser.add_argument("--image-size", default="1280x720", help="WIDTHxHEIGHT of each image")
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--image-input-len", type=int, default=64, help="text tokens beside the images")
     args = parser.parse_args()
 
     from lm_core import resolve_model
@@ -298,22 +354,43 @@ def main() -> None:
     }
     engine = TorchEngine.from_pretrained(model_path, config)
     print(json.dumps({"startup_s": round(time.perf_counter() - start, 2)}))
-    requests = load_requests(args.dataset, args.num_prompts, args.max_output_len, engine.runner.vocab_size, args.seed)
     sampling = json.loads(args.sampling)
+    prepare = None
+    if args.workload == "image":
+        from lm_core import AsyncPipeline
+
+        pipe = AsyncPipeline(engine, model_path)
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+        requests = image_requests(
+            args.num_prompts,
+            (width, height),
+            args.images_per_request,
+            args.image_input_len,
+            args.max_output_len,
+            args.seed,
+        )
+
+        def prepare(messages, cfg):
+            prepared = pipe.prepare(messages, cfg)
+            return prepared.prompt_ids, prepared.multimodal
+    else:
+        requests = load_requests(
+            args.dataset, args.num_prompts, args.max_output_len, engine.runner.vocab_size, args.seed
+        )
 
     async def all_runs():
         rows = []
         # One short warm-up so one-time costs (allocator, kernels) stay out of the numbers.
-        await run_engine(engine, requests[:2], 2)
+        await run_engine(engine, requests[:2], 2, prepare=prepare)
         if args.step_trace:
             engine.step_trace = []
         for concurrency in args.concurrency:
             before = engine_counters(engine)
             with GcPauses() as gc_pauses:
                 if args.profile:
-                    elapsed, results = await profiled(run_engine(engine, requests, concurrency, sampling))
+                    elapsed, results = await profiled(run_engine(engine, requests, concurrency, sampling, prepare))
                 else:
-                    elapsed, results = await run_engine(engine, requests, concurrency, sampling)
+                    elapsed, results = await run_engine(engine, requests, concurrency, sampling, prepare)
             label = f"lm-torch, concurrency {concurrency}" + "".join(f", {k}={v}" for k, v in sampling.items())
             rows.append(report(label, elapsed, results))
             print(json.dumps({"gc_pauses": gc_pauses.summary()}))
@@ -327,7 +404,7 @@ def main() -> None:
         return rows
 
     asyncio.run(all_runs())
-    for batch_size in [int(b) for b in args.compare_transformers.split(",") if b]:
+    for batch_size in [int(b) for b in args.compare_transformers.split(",") if b and args.workload == "text"]:
         run_transformers(model_path, requests, batch_size)
 
 
