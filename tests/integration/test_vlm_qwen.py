@@ -200,3 +200,30 @@ def test_the_encoder_cache_runs_the_tower_once_for_a_repeated_image(model_dir, t
         assert pipe([image_message([image], "Describe the image.")], cfg).token_ids == first
         pipe([image_message([image], "Describe the image.")], cfg)
         assert media.num_encoded == 2
+
+
+def test_a_video_of_frames_matches_transformers(pipe, tiny_vlms, model_dir, hf_model):
+    """A video given as frames: lm-vl's video patches (its own test holds them to transformers' ordering) through
+    our tower and M-RoPE against transformers' model on the same patches (its video processor needs torchvision)."""
+    import json
+
+    frames = [tiny_vlms.random_image(40 + k, (112, 84)) for k in range(4)]
+    messages = [
+        {"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "What happens?"}]}
+    ]
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
+    prepared = pipe.async_pipeline.prepare(messages, cfg)
+    (item,) = prepared.multimodal
+    assert item["modality"] == "video" and item["meta"]["grid_thw"][0] == 2  # 4 frames, temporal patches of 2
+    ids = prepared.prompt_ids
+    video_token = json.loads((model_dir / "config.json").read_text())["video_token_id"]
+    inputs = {
+        "input_ids": torch.tensor([ids]),
+        "mm_token_type_ids": (torch.tensor([ids]) == video_token).int() * 2,
+        "pixel_values_videos": item["pixel_values"],
+        "video_grid_thw": torch.tensor([item["meta"]["grid_thw"]]),
+    }
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf_model(**inputs).logits[0].float(), -1)
+        greedy = hf_model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids) :].tolist()
+    assert_matches(pipe(messages, cfg), ids, logprobs, greedy)
