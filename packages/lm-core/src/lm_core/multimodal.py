@@ -106,7 +106,7 @@ def is_media_tuple(prompt: object) -> bool:
 def prompt_with_images(prompt: str, images: Any) -> list[dict[str, Any]]:
     """The one user message of a ``(prompt, image | [images])`` tuple: the images first, then the text (the layout
     the families' own examples use)."""
-    if not isinstance(prompt, str) or not prompt:
+    if not prompt:
         raise ValueError("a (prompt, images) tuple needs a non-empty string prompt first")
     items = list(cast(Sequence[Any], images)) if isinstance(images, list | tuple) else [images]
     if not items:

@@ -45,7 +45,7 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
 
     def encode(self, items: Sequence[MMItem]) -> list[torch.Tensor]:
         """Each item's rows of one tower call over all of them (patches concatenated in item order)."""
-        device = self.embed_tokens.weight.device
+        device = next(self.vision.parameters()).device
         grid = torch.tensor([list(item.meta["grid_thw"]) for item in items], dtype=torch.int64)
         pixels = torch.cat([torch.as_tensor(item.pixel_values) for item in items]).to(device, non_blocking=True)
         out = self.vision(pixels, grid.to(device))  # [sum t*h*w / merge**2, hidden]

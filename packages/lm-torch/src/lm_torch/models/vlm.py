@@ -120,5 +120,6 @@ class VisionLanguageModel(CausalLM):
 
         loaded = {f"language_model.{n}" for n in self.language_model.load_weights(language())}
         if vision:
-            loaded |= {f"vision.{n}" for n in self.vision.load_weights(vision)}
+            tower: Any = self.vision  # every tower class has `load_weights`
+            loaded |= {f"vision.{n}" for n in tower.load_weights(vision)}
         return loaded

@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -115,7 +115,7 @@ class VisionProcessor:
                 token_id = lookup(token)
                 if token_id is None:
                     raise ValueError(f"the tokenizer has no token {token!r} ({modality} placeholder)")
-                out[modality] = int(token_id)
+                out[modality] = int(cast(int, token_id))
         return out
 
 

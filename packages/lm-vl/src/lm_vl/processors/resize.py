@@ -104,7 +104,7 @@ def _pass(images: torch.Tensor, weights: np.ndarray, dim: int) -> torch.Tensor:
     return torch.clamp(torch.floor((acc + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)), 0, 255)
 
 
-def pil_resize(images: torch.Tensor, size: tuple[int, int], resample: Resample | int = "bicubic") -> torch.Tensor:
+def pil_resize(images: torch.Tensor, size: tuple[int, int], resample: str | int = "bicubic") -> torch.Tensor:
     """`images` (uint8 `(C, H, W)` or `(N, C, H, W)`) resized to `size` = (height, width) as Pillow resizes an 8-bit
     image with `resample` (bilinear or bicubic, or Pillow's code), bit for bit. Returns uint8 on the input's device."""
     if images.dtype != torch.uint8:
