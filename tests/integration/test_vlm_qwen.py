@@ -227,3 +227,15 @@ def test_a_video_of_frames_matches_transformers(pipe, tiny_vlms, model_dir, hf_m
         logprobs = torch.log_softmax(hf_model(**inputs).logits[0].float(), -1)
         greedy = hf_model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids) :].tolist()
     assert_matches(pipe(messages, cfg), ids, logprobs, greedy)
+
+
+def test_two_tensor_parallel_ranks_give_the_one_rank_outputs(model_dir, pipe, tiny_vlms):
+    """The text model split over 2 gloo ranks, the tower replicated on each (read whole from the lazy checkpoint)."""
+    if "2.5" not in model_dir.name:
+        pytest.skip("one family is enough: the split is the text model's")
+    images = [tiny_vlms.random_image(50, (120, 90)), tiny_vlms.random_image(51, (90, 150))]
+    prompts = [[image_message([image], "Describe the image.")] for image in images]
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    reference = [r.token_ids for r in pipe(prompts, cfg)]
+    with make_pipe(model_dir, tp=2) as split:
+        assert [r.token_ids for r in split(prompts, cfg)] == reference

@@ -219,8 +219,8 @@ INTERNVL_PREPROCESSOR = {
 
 
 def _perturb(model: Any, scale: float = 0.05) -> None:
-    """Move the tower's and projector's parameters and the text model's norms off their init (ones, zeros, a 0.02
-    spread) so that a misplaced tensor shows; the text model's matrices keep theirs (varied greedy tokens)."""
+    """Move the tower's and projector's parameters and every norm weight and bias off their init (ones, zeros, a
+    0.02 spread) so that a misplaced tensor shows; the text model's matrices keep their config's spread."""
     import torch
 
     with torch.no_grad():
@@ -255,6 +255,7 @@ def make_llava(path: Path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(path, LLAVA_SPECIALS, LLAVA_TEMPLATE, "</s>", "<pad>")
     text = {"model_type": "llama", **_tiny_text(tok, "<s>", "</s>", "<pad>", tie=False)}
+    text["initializer_range"] = 0.2  # transformers' 0.02: every prompt gives about the same greedy tokens
     vision = {
         "model_type": "clip_vision_model",
         "hidden_size": 32,
@@ -283,14 +284,18 @@ def make_llava(path: Path, seed: int = 0) -> Path:
 
 
 def make_internvl(path: Path, seed: int = 0) -> Path:
-    """A random InternVL3: a 2-layer Qwen2 of hidden 64 (embeddings tied, InternVLConfig's default) and a 2-layer
-    InternViT of width 32 at 56 px, patches of 14, pixel shuffle 0.5 (4 tokens a tile), parameters perturbed."""
+    """A random InternVL3: a 2-layer Qwen2 of hidden 64 (embeddings tied, InternVLConfig's default; weights of
+    spread 0.2) and a 2-layer InternViT of width 32 at 56 px, patches of 14, pixel shuffle 0.5 (4 tokens a tile),
+    parameters perturbed."""
     import torch
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     path.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(path, INTERNVL_SPECIALS, INTERNVL_TEMPLATE, "<|im_end|>", "<|endoftext|>")
     text = {"model_type": "qwen2", **_tiny_text(tok, "<|endoftext|>", "<|im_end|>", "<|endoftext|>", tie=True)}
+    # Tied embeddings at transformers' 0.02 spread make the residual stream dominate: greedy decoding only repeats
+    # its last token. A wider spread gives varied tokens.
+    text["initializer_range"] = 0.2
     vision = {
         "hidden_size": 32,
         "intermediate_size": 64,

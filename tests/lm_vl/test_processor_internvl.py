@@ -59,9 +59,10 @@ def reference(image: Image.Image, **overrides: object) -> np.ndarray:
     return np.stack(out["pixel_values"])
 
 
-def check_parity(sizes: list[tuple[int, int]], **overrides: object) -> float:
-    """Our tiles equal transformers' for each size; returns the largest absolute difference."""
-    ours_processor = InternVLProcessor(CONFIG, {**PRE, **overrides})
+def check_parity(sizes: list[tuple[int, int]], ours: dict | None = None, **overrides: object) -> float:
+    """Our tiles (processor built with `ours` over the published values) equal transformers' image processor's with
+    `overrides`, for each size; returns the largest absolute difference."""
+    ours_processor = InternVLProcessor(CONFIG, {**PRE, **(ours if ours is not None else overrides)})
     worst = 0.0
     for seed, (height, width) in enumerate(sizes):
         image = noise(height, width, seed)
@@ -87,9 +88,10 @@ def test_tiles_match_transformers_max_patches_6() -> None:
     print(f"max abs diff, max_patches 6: {worst:.3g}")
 
 
-def test_single_resize_without_crop() -> None:
-    worst = check_parity([(20, 30), (100, 2000), (1000, 700)], crop_to_patches=False)
-    print(f"max abs diff, crop_to_patches False: {worst:.3g}")
+def test_a_config_without_crop_to_patches_still_tiles_as_the_full_processor_does() -> None:
+    """transformers' InternVLProcessor passes crop_to_patches=True whatever preprocessor_config.json says."""
+    worst = check_parity([(20, 30), (100, 2000), (1000, 700)], ours={"crop_to_patches": False}, crop_to_patches=True)
+    print(f"max abs diff, a config with crop_to_patches False: {worst:.3g}")
     assert InternVLProcessor(CONFIG, {**PRE, "max_patches": 1}).grid(1000, 3000) == (1, 1)
 
 

@@ -39,9 +39,8 @@ def build_text_model(
     """Our model for a multimodal checkpoint's text config (`LlamaForCausalLM` for `model_types`), its embeddings
     tied as the whole config (`config.multimodal_config`) says."""
     if config.model_type not in model_types:
-        raise ValueError(
-            f"{family} with a {config.model_type!r} language model is not supported (supported: {', '.join(model_types)})"
-        )
+        supported = ", ".join(model_types)
+        raise ValueError(f"{family} with a {config.model_type!r} language model is not supported ({supported})")
     config.tie_word_embeddings = bool(
         getattr(config.multimodal_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
     )
@@ -67,7 +66,7 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         device = self.embed_tokens.weight.device
         pixels = torch.cat([torch.as_tensor(item.pixel_values) for item in items])  # [images, 3, H, W]
         if pixels.shape[0] != len(items):
-            raise ValueError(f"{len(items)} LLaVA images hold {pixels.shape[0]} pixel arrays: each must be (1, 3, H, W)")
+            raise ValueError(f"{len(items)} images hold {pixels.shape[0]} pixel arrays: each must be (1, 3, H, W)")
         features = self.vision(pixels.to(device, non_blocking=True))  # [images, tokens, hidden]
         for item in items:
             if item.length != features.shape[1]:

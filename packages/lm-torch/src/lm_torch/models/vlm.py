@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lm_torch.distributed.sharding import materialize
 from lm_torch.layers.context import BuildContext, context_or_current
 from lm_torch.models.base import CausalLM
 from lm_torch.multimodal import MMItem
@@ -113,8 +114,8 @@ class VisionLanguageModel(CausalLM):
         def language() -> Iterable[tuple[str, Any]]:
             for name, tensor in weights:
                 part, local = self.route_weight(name)
-                if part == "vision":
-                    vision.append((local, tensor))
+                if part == "vision":  # replicated on every rank: the whole tensor (read now if it is lazy)
+                    vision.append((local, materialize(tensor)))
                 else:
                     yield local, tensor
 

@@ -72,8 +72,9 @@ class InternVLProcessor(VisionProcessor):
         size = pre.get("size", {"height": DEFAULT_TILE, "width": DEFAULT_TILE})
         self.tile: tuple[int, int] = (int(size["height"]), int(size["width"]))
         self.resample = resample_name(pre.get("resample", 3))
-        # transformers' InternVLProcessor passes crop_to_patches=True unless told otherwise.
-        self.crop_to_patches = bool(pre.get("crop_to_patches", True))
+        # transformers' InternVLProcessor passes crop_to_patches=True to the image processor whatever
+        # preprocessor_config.json says (published configs carry either value): the model always sees tiles.
+        self.crop_to_patches = True
         self.min_patches = int(pre.get("min_patches", 1))
         self.max_patches = int(pre.get("max_patches", 12))
         if not self.crop_to_patches and not pre.get("do_resize", True):
