@@ -347,7 +347,10 @@ class AsyncPipeline:
 
         template_messages, refs = split_media(messages)
         validate_messages(template_messages)
-        vision = self.vision_inputs()
+        try:
+            vision = self.vision_inputs()
+        except ValueError as error:  # a text-only model (or no lm-vl): name the first media part
+            raise ValueError(f"{refs[0].part}: {error}") from None
         items = vision.process(refs)
         rendered = self.render(
             template_messages,
@@ -369,7 +372,7 @@ class AsyncPipeline:
             try:
                 self._vision = VisionInputs(self.model_path, self.media_policy)
             except ValueError as error:
-                raise ValueError(f"this model takes no images or videos ({error})") from None
+                raise ValueError(f"this model takes no images or videos ({error}); send text parts only") from None
         return self._vision
 
     def check_length(self, prepared: PreparedRequest) -> None:

@@ -35,9 +35,11 @@ class MediaRef:
     source: Any
     where: str
     detail: str | None = None
+    part: str = ""  # the content part holding it (`messages[0].content[1]`)
 
 
 def _media_of(part: Mapping[str, Any], where: str) -> MediaRef:
+    part_where = where
     kind = str(part.get("type"))
     modality = MEDIA_PART_TYPES[kind]
     value: Any = part.get(kind)
@@ -57,7 +59,7 @@ def _media_of(part: Mapping[str, Any], where: str) -> MediaRef:
         raise ValueError(f"{where}: missing or empty")
     if detail is not None and detail not in OPENAI_DETAILS:
         raise ValueError(f"{where}: detail must be one of {', '.join(OPENAI_DETAILS)}, got {detail!r}")
-    return MediaRef(modality, value, where, detail)
+    return MediaRef(modality, value, where, detail, part_where)
 
 
 def split_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[MediaRef]]:
