@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_torch.models.vision.qwen2_vl import Qwen2VisionTower, segment_mask, window_order
+from lm_torch.models.vision.qwen2_vl import Qwen2VisionTower, segment_attention, segment_groups, window_order
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,5 +115,19 @@ def test_window_order_pads_partial_windows() -> None:
     order, cu = window_order(torch.tensor([[1, 4, 6]]), merge=2, window=2)
     assert order.tolist() == [0, 1, 3, 4, 2, 5]
     assert cu.tolist() == [0, 16, 24]
-    mask = segment_mask(torch.tensor([0, 2, 3]), 3)
-    assert mask.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    groups = segment_groups(torch.tensor([0, 2, 3, 5, 8]), torch.device("cpu"))
+    assert [g.tolist() for g in groups] == [[[2]], [[0, 1], [3, 4]], [[5, 6, 7]]]
+
+
+def test_segment_attention_equals_a_masked_attention() -> None:
+    """Per-segment attention against plain SDPA under the block-diagonal mask of the same segments."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 9, 14, 20, 21])
+    q, k, v = (torch.randn(21, 3, 8) for _ in range(3))
+    segment = torch.searchsorted(cu[1:], torch.arange(21), right=True)
+    mask = segment[:, None] == segment[None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask
+    ).transpose(0, 1)
+    got = segment_attention(q, k, v, segment_groups(cu, torch.device("cpu")))
+    assert (got - expected).abs().max().item() < 1e-6

@@ -12,8 +12,9 @@ Invariants:
   restricts the layers not in `fullatt_block_indexes` to windows of `window_size` pixels (in merged units, padded
   at the bottom/right edges). Tokens are reordered into window order before the first block (whole merge blocks
   move, so the merger still sees its 2x2 groups) and the merged rows are put back in the original order at the end.
-- Every layer runs one SDPA call over the whole step under a block-diagonal mask built from cu_seqlens
-  (`segment_mask`), so a varlen flash kernel taking the same cu_seqlens can replace it.
+- Attention runs per segment (frame or window) without any mask: the segments of a step are grouped by length and
+  each group is one batched SDPA call (`segment_groups`, `segment_attention`), so memory grows with the patches,
+  not their square, and a 4k image does not need a [patches, patches] mask.
 """
 
 from __future__ import annotations
@@ -33,11 +34,28 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def segment_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Boolean [total, total] mask, True where query and key lie in the same segment of cu_seqlens."""
-    positions = torch.arange(total, device=cu_seqlens.device)
-    segment = torch.searchsorted(cu_seqlens[1:], positions, right=True)  # [total]
-    return segment[:, None] == segment[None, :]
+def segment_groups(cu_seqlens: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """The segments of `cu_seqlens` grouped by length: one [count, length] tensor of token indices per distinct
+    length, on `device`. Every token is in exactly one group; attention over a group is one batched call with no
+    mask (a frame's or a window's tokens attend each other alone), and there are few groups (a step's images and
+    the edge windows of each)."""
+    bounds = cu_seqlens.to("cpu", torch.int64)
+    starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+    groups = []
+    for length in torch.unique(lengths[lengths > 0]).tolist():
+        first = starts[lengths == length]  # [count]
+        groups.append((first[:, None] + torch.arange(length)).to(device))  # [count, length]
+    return groups
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor:
+    """Attention of every token over the tokens of its own segment. q, k, v: [tokens, heads, head_dim]; `groups`
+    from `segment_groups`. Memory grows with the tokens, not their square (no [tokens, tokens] mask)."""
+    out = torch.empty_like(q)
+    for index in groups:  # [count, length]
+        qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # each: [count, heads, length, head_dim]
+        out[index] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+    return out
 
 
 def frame_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
@@ -102,7 +120,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Attention(nn.Module):
-    """Bidirectional multi-head attention with fused qkv, restricted by a boolean mask."""
+    """Bidirectional multi-head attention with fused qkv, within each segment (frame or window) of the step."""
 
     def __init__(self, dim: int, num_heads: int, **factory) -> None:
         super().__init__()
@@ -110,14 +128,15 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, dim], cos/sin: [tokens, head_dim], mask: [tokens, tokens] -> [tokens, dim]."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """x: [tokens, dim], cos/sin: [tokens, head_dim], groups: `segment_groups` -> [tokens, dim]."""
         tokens = x.shape[0]
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, -1).unbind(1)  # each: [tokens, heads, head_dim]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # each: [1, heads, tokens, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [1, heads, tokens, head_dim]
-        return self.proj(out[0].transpose(0, 1).reshape(tokens, -1))
+        out = segment_attention(q, k, v, groups)  # [tokens, heads, head_dim]
+        return self.proj(out.reshape(tokens, -1))
 
 
 class _Mlp(nn.Module):
@@ -153,9 +172,11 @@ class _Block(nn.Module):
         self.attn = _Attention(dim, heads, **factory)
         self.mlp = _Mlp(dim, hidden, act, gated=v25, **factory)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: list[torch.Tensor]
+    ) -> torch.Tensor:
         """x: [tokens, dim] -> [tokens, dim]."""
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        x = x + self.attn(self.norm1(x), cos, sin, groups)
         return x + self.mlp(self.norm2(x))
 
 
@@ -237,17 +258,17 @@ class Qwen2VisionTower(nn.Module):
             raise ValueError(f"grid heights and widths must be multiples of spatial_merge_size {self.merge}")
         unit = self.merge * self.merge
         positions = patch_positions(grid_thw, self.merge)  # [patches, 2]
-        full_mask = segment_mask(frame_cu_seqlens(grid_thw), total)  # [patches, patches]
-        window_mask, order = full_mask, None
+        frames = segment_groups(frame_cu_seqlens(grid_thw), pixel_values.device)
+        windows, order = frames, None
         if self.v25:
             order, cu_windows = window_order(grid_thw, self.merge, self.window)  # order: [patches / unit]
             patch_order = (order[:, None] * unit + torch.arange(unit, device=order.device)).flatten()  # [patches]
             pixel_values, positions = pixel_values[patch_order], positions[patch_order]
-            window_mask = segment_mask(cu_windows, total)
+            windows = segment_groups(cu_windows, pixel_values.device)
         cos, sin = self.rotary(positions)
         x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype))  # [patches, dim]
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full_mask if i in self.full_layers else window_mask)
+            x = block(x, cos, sin, frames if i in self.full_layers else windows)
         merged = self.merger(x)  # [patches / unit, out]
         if order is None:
             return merged
