@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -229,6 +229,17 @@ def summary(runner: ModelRunner, wall_s: float | None = None, import_s: float | 
         f"lm-torch: {plan_text}, KV {kv_dtype_name(runner.config.cache.quant_policy, runner.dtype)}"
         + (" (each rank's cache: its KV heads of every block)" if runner.tp.size > 1 else ""),
     ]
+    if runner.media is not None:
+        vision: Any = runner.model.vision  # a vision-language model's tower and projector
+        num_params = sum(p.numel() for p in vision.parameters())
+        scheduler = runner.config.scheduler
+        per_step = scheduler.max_encoder_tokens or scheduler.max_prefill_token_num
+        lines.append(
+            f"lm-torch: vision tower {num_params / 1e6:.1f}M parameters"
+            + (" on every rank" if runner.tp.size > 1 else "")
+            + f", up to {per_step} image tokens encoded per step, encoder cache "
+            f"{runner.config.cache.encoder_cache_tokens} tokens"
+        )
     if runner.graphs is not None:
         buckets = runner.graphs.buckets
         lines.append(f"lm-torch: CUDA graphs for {len(buckets)} decode batch sizes ({buckets[0]}-{buckets[-1]})")
