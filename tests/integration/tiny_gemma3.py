@@ -100,7 +100,6 @@ def make_gemma3(path: Path, seed: int = 0) -> Path:
         "max_position_embeddings": 1024,
         "sliding_window": WINDOW,
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-        "initializer_range": 0.1,  # far from uniform attention: well separated greedy tokens
         "bos_token_id": ids["<bos>"],
         "eos_token_id": ids["<end_of_turn>"],
         "pad_token_id": ids["<pad>"],

@@ -230,10 +230,9 @@ def attend(
         # A single new token sees every cached one unless a window cuts them: no mask needed then.
         positions = torch.arange(ctx - num_new, ctx, device=q.device)[:, None]
         key_positions = torch.arange(ctx, device=q.device)[None, :]
-        if key_limits is None:
-            allowed = key_positions <= positions  # [num_new, ctx]
-        else:
-            allowed = key_positions < key_limits.to(q.device)[:, None]
+        # [num_new, ctx]: causal, or below each token's limit
+        bound = positions + 1 if key_limits is None else key_limits.to(q.device)[:, None]
+        allowed = key_positions < bound
         if sliding_window is not None:
             allowed &= key_positions > positions - sliding_window
     q_t, k_t, v_t = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)  # heads first

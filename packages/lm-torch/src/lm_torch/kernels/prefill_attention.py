@@ -100,10 +100,9 @@ def _prefill_kernel(
     last_token = tl.minimum(first_token + TOKENS, q_len) - 1
     last_pos = ctx - q_len + last_token
     hi = last_pos + 1  # keys past the tile's last query are masked for every row
-    limit = query_pos + 1  # [ROWS] exclusive bound of each row's visible keys (read with USE_KEY_LIMITS only)
     if USE_KEY_LIMITS:
-        limit = tl.load(key_limits_ptr + q_start + tokens, mask=row_valid, other=0)
-        hi = tl.max(limit, 0)  # every limit is at least its row's position + 1: hi >= last_pos + 1
+        limit = tl.load(key_limits_ptr + q_start + tokens, mask=row_valid, other=0)  # [ROWS] exclusive key bounds
+        hi = tl.maximum(hi, tl.max(limit, 0))  # the largest limit (each is at least its row's position + 1)
     # Keys before this are visible to every row (their limits are at least their position + 1).
     diagonal = ctx - q_len + first_token + 1
     lo = 0

@@ -41,10 +41,10 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
 
     def encode(self, items: Sequence[MMItem]) -> list[torch.Tensor]:
         """Each image's [mm_tokens_per_image, hidden] features, from one tower call over all of them."""
-        device = self.embed_tokens.weight.device
+        device = next(self.vision.parameters()).device
         pixels = torch.cat([torch.as_tensor(item.pixel_values) for item in items])  # [B, 3, H, W]
         out = self.vision(pixels.to(device, non_blocking=True))  # [B, mm_tokens_per_image, hidden]
-        return list(out.to(self.embed_tokens.weight.dtype).unbind(0))
+        return list(out.unbind(0))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         """Gemma's scaled token embeddings (image features are written over them unscaled)."""
