@@ -199,3 +199,32 @@ def pdl_trigger(ENABLED: tl.constexpr):
         tl.inline_asm_elementwise(
             "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1
         )
+
+
+def _serialize_interpreted_launches() -> None:
+    """Triton's interpreter swaps `triton.language`'s functions for interpreted ones for the duration of each launch
+    and swaps them back afterwards, module-wide: two threads running interpreted kernels at once (a test's kernel and
+    an engine's runner thread) can swap them back under each other, and the later launch then fails with "Cannot
+    call @triton.jit'd outside of the scope of a kernel". Interpreted launches therefore take one process-wide lock.
+    Compiled (CUDA) launches are untouched."""
+    if not interpreting():
+        return
+    import threading
+
+    from triton.runtime import interpreter
+
+    executor = interpreter.GridExecutor
+    if getattr(executor, "lm_torch_serialized", False):
+        return
+    lock = threading.RLock()
+    launch = executor.__call__
+
+    def serialized(self, *args, **kwargs):
+        with lock:
+            return launch(self, *args, **kwargs)
+
+    executor.__call__ = serialized
+    setattr(executor, "lm_torch_serialized", True)  # noqa: B010 (an attribute triton's class does not declare)
+
+
+_serialize_interpreted_launches()
