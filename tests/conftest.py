@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -11,6 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# Triton's `@jit` decides when a function is defined whether it runs compiled or in the interpreter, and triton's own
+# library functions (`tl.cdiv`, ...) are defined when triton is first imported. Without CUDA the kernel tests run
+# in the interpreter (tests/lm_torch/kernels/conftest.py), so the switch must be on before any test module (or a
+# library it imports, such as xgrammar) imports triton: here, the first conftest pytest loads.
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def check_distribution(dist: str, import_name: str) -> None:
