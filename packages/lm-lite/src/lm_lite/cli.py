@@ -17,7 +17,7 @@ from lm_core.cli.base import CONTEXT_SETTINGS, LMGroup
 @click.group(cls=LMGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="lm-lite", prog_name="lm-lite")
 def lite() -> None:
-    """Quantize models (AWQ, GPTQ, SmoothQuant) and calibrate them."""
+    """Quantize models (AWQ, GPTQ, SmoothQuant, FP8) and calibrate them."""
 
 
 def _common(func: Callable) -> Callable:
@@ -97,6 +97,22 @@ def auto_gptq_command(model, **kwargs) -> None:
 def smooth_quant_command(model, **kwargs) -> None:
     """SmoothQuant W8A8 (per-token dynamic activations); writes LMDeploy's smooth_quant checkpoint."""
     _run("smooth_quant", model=model, **kwargs)
+
+
+@lite.command("fp8")
+@click.argument("model", required=False)
+@click.option("--work-dir", default="./work_dir", show_default=True, help="Where the checkpoint is written.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty work dir (replacing its weights).")
+def fp8_command(model, work_dir, overwrite) -> None:
+    """Blocked FP8 weights (128x128 blocks, round to nearest, no calibration); writes the DeepSeek-V3 / Qwen3-FP8
+    checkpoint format."""
+    from lm_lite.fp8 import quantize_fp8
+
+    try:
+        out = quantize_fp8(model, work_dir, overwrite)
+    except ValueError as exc:  # our checks: one line, no traceback
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {out}")
 
 
 @lite.command("calibrate")

@@ -20,6 +20,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "bin", "dummy")
 QUANT_POLICIES = (0, 4, 8)
+QUANTIZATIONS = ("fp8",)  # weight quantization applied at load to a floating-point checkpoint
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,13 @@ class ModelConfig:
     # auto: CUDA if present, else CPU
     device: str = _option("auto", option=OptionSpec(("--device",), "Where the engine runs.", choices=DEVICES))
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks)
+    # fp8: quantize a floating-point checkpoint's decoder linears at load to 128x128 float8 blocks (`layers.quant.fp8`)
+    quantization: str | None = _option(
+        None,
+        option=OptionSpec(
+            ("--quantization",), "Quantize the weights at load (fp8: 128x128 blocks).", choices=QUANTIZATIONS
+        ),
+    )
     seed: int = 0  # for dummy weights and unseeded sampling
     # architecture name -> model class or "package.module:Class"
     custom_module_map: Mapping[str, Any] = field(default_factory=dict)
@@ -98,6 +106,8 @@ class ModelConfig:
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "device", DEVICES)
         _check_choice(self, "load_format", LOAD_FORMATS)
+        if self.quantization is not None:
+            _check_choice(self, "quantization", QUANTIZATIONS)
         if not _is_int(self.seed):
             _fail("ModelConfig", "seed", "an integer", self.seed)
         if not isinstance(self.custom_module_map, Mapping):

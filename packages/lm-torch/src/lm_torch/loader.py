@@ -88,7 +88,8 @@ def build_model(
     if not architectures:
         raise ValueError(f"{model_path}/config.json names no architecture")
     model_class = get_model_class(architectures[0], dict(config.model.custom_module_map))
-    quant = parse_quant_config(hf_config)  # an unsupported format fails before the model is built
+    # An unsupported format fails before the model is built; `quantization` quantizes a float checkpoint at load.
+    quant = parse_quant_config(hf_config, config.model.quantization)
     ctx = BuildContext(
         device=device,
         dtype=dtype,
@@ -246,7 +247,9 @@ def _unsplit_shape(model: nn.Module, name: str, param: torch.Tensor, size: int) 
         return shape
     target = name.split(".")[-2] if "." in name else ""
     sizes = getattr(model, "_checkpoint_sizes", None)
-    if target in ("qkv_proj", "gate_up_proj") and sizes is not None:
+    # Only q/k/v can differ from local x size (KV heads replicated over ranks); a gate/up projection never does, and
+    # an MoE model's several gate/up sizes (dense layers, shared experts) are not one `_checkpoint_sizes`.
+    if target == "qkv_proj" and sizes is not None:
         shape[dim] = sum(sizes(target))
     elif getattr(param, "tp_padded", False):
         shape[dim] = cast(Any, model).config.vocab_size

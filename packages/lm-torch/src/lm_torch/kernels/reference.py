@@ -245,3 +245,33 @@ def dequantize_cache(
     from lm_torch.kv_quant import dequantize_kv
 
     return dequantize_kv(cache, scales_zeros, quant_policy, torch.float32)
+
+
+def fused_moe(
+    hidden: torch.Tensor,  # [M, H]
+    w13: torch.Tensor,  # [E, 2I, H]: gate rows, then up rows
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [M, k] float
+    topk_ids: torch.Tensor,  # [M, k] int, in [0, E)
+    activation: str = "silu",
+    config: dict | None = None,  # the kernel's launch config: ignored here
+) -> torch.Tensor:  # [M, H] in hidden's dtype
+    """sum_j topk_weights[m, j] * w2[e] @ (act(w13[e, :I] @ h) * (w13[e, I:] @ h)), e = topk_ids[m, j], one expert
+    at a time in float32, rounded where the kernel rounds: act(gate) * up and each weighted expert output to hidden's
+    dtype, the sum over j once at the end."""
+    del config
+    dtype = hidden.dtype
+    act = "gelu_pytorch_tanh" if activation == "gelu_tanh" else activation
+    num_tokens, top_k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1).long()  # [M * k]: entry m * k + j
+    flat_weights = topk_weights.reshape(-1).float()
+    rows = torch.arange(num_tokens * top_k, device=hidden.device) // top_k  # [M * k]: each entry's token
+    x = hidden.float()
+    out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    for expert in flat_ids.unique().tolist():
+        entries = (flat_ids == expert).nonzero().squeeze(1)
+        gate_up = x[rows[entries]] @ w13[expert].float().t()  # [n, 2I]
+        inter = gated_activation(gate_up, act).to(dtype).float()  # [n, I]
+        y = (inter @ w2[expert].float().t()) * flat_weights[entries, None]  # [n, H]
+        out.index_add_(0, rows[entries], y.to(dtype).float())
+    return out.to(dtype)

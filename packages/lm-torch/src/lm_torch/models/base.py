@@ -85,6 +85,10 @@ class CausalLM(nn.Module):
         if name not in params:
             raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
         param = params[name]
+        loader = getattr(param, "weight_loader", None)
+        if loader is not None:  # a layer that reads its checkpoint layout itself (`layers.quant.fp8`)
+            loader(tensor, None, None, self.tp, name)
+            return
         tensor = shard_for(param, tensor, self.tp.rank, self.tp.size, name)
         if param.shape != tensor.shape:
             raise ValueError(
@@ -109,7 +113,12 @@ def load_fused(
 ) -> None:
     """Copy `tensor` into output channels `shard` of a parameter fused from several checkpoint tensors (sizes in
     output channels, this rank's, laid along dimension 0 for dense weights, elsewhere and packed for quantized ones).
-    Under tensor parallelism `tensor` is the whole checkpoint tensor, of which this rank reads its part."""
+    Under tensor parallelism `tensor` is the whole checkpoint tensor, of which this rank reads its part. A parameter
+    with a `weight_loader(tensor, shard, sizes, tp, what)` attribute loads the part itself."""
+    loader = getattr(param, "weight_loader", None)
+    if loader is not None:
+        loader(tensor, shard, sizes, tp, what)
+        return
     dim, pack = output_layout(param)
     if dim is None:
         _load_shared(param, materialize(tensor), shard)

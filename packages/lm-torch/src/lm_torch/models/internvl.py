@@ -35,7 +35,7 @@ class InternVLForConditionalGeneration(LlavaForConditionalGeneration):
 
     def encode(self, items: Sequence[MMItem]) -> list[torch.Tensor]:
         """Each image's features [tiles * tokens_per_tile, hidden]: one tower call over every item's tiles."""
-        device = self.embed_tokens.weight.device
+        device = next(self.vision.parameters()).device
         tiles = [torch.as_tensor(item.pixel_values) for item in items]  # each [item tiles, 3, S, S]
         for item, pixels in zip(items, tiles, strict=True):
             declared = int(item.meta.get("num_tiles", pixels.shape[0]))

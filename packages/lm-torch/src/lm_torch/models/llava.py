@@ -63,7 +63,7 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
 
     def encode(self, items: Sequence[MMItem]) -> list[torch.Tensor]:
         """Each image's features [item.length, hidden]: one tower call over the images stacked in item order."""
-        device = self.embed_tokens.weight.device
+        device = next(self.vision.parameters()).device
         pixels = torch.cat([torch.as_tensor(item.pixel_values) for item in items])  # [images, 3, H, W]
         if pixels.shape[0] != len(items):
             raise ValueError(f"{len(items)} images hold {pixels.shape[0]} pixel arrays: each must be (1, 3, H, W)")

@@ -15,6 +15,10 @@ MODEL_REGISTRY: dict[str, str] = {
     "Gemma2ForCausalLM": "gemma:GemmaForCausalLM",
     "Gemma3ForCausalLM": "gemma:GemmaForCausalLM",
     "Phi3ForCausalLM": "phi3:Phi3ForCausalLM",
+    # Mixture-of-experts models (layers.moe).
+    "Qwen2MoeForCausalLM": "qwen_moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "qwen_moe:Qwen3MoeForCausalLM",
+    "MixtralForCausalLM": "mixtral:MixtralForCausalLM",
     # Vision-language models: the language model with its vision tower (models.vlm).
     "Qwen2VLForConditionalGeneration": "qwen2_vl:Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl:Qwen2VLForConditionalGeneration",
