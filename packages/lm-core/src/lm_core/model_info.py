@@ -117,6 +117,7 @@ _QUANT_METADATA_SUFFIXES = (
     ".scale",
     ".g_idx",
     ".weight_scale",
+    ".weight_scale_inv",
     ".input_scale",
     ".weight_zero_point",
 )

@@ -4,7 +4,7 @@
 |---|---|---|
 | `kv_cache` | write the step's K/V (or their int8/int4 codes) into the paged cache | `store_kv_cache(_quantized)` |
 | `decode_attention` | one new token per sequence over its paged context, split-K | `paged_attention` |
-| `prefill_attention` | chunks of new tokens over a cached prefix + themselves (causal) | `paged_attention` |
+| `prefill_attention` | new tokens over a cached prefix + themselves (causal or per-token limits) | `paged_attention` |
 | `rms_norm` | residual add fused with RMSNorm (Llama and Gemma weights) | `rms_norm` |
 | `rotary` | rotary embedding from precomputed cos/sin tables, neox and gptj layouts, in place | `rotary` |
 | `activation` | act(gate) * up for silu, gelu (erf) and gelu (tanh) | `gated_activation` |
@@ -12,6 +12,8 @@
 | `gemv` | y = x @ W^T for one row x (batch-1 linear layers), optional split-K | `linear` |
 | `w4a16` | 4-bit grouped weights (AWQ/GPTQ): one-row GEMV, dequantizing tensor-core GEMM | `w4a16_linear` |
 | `w8a8` | per-token int8/fp8 activation quantization, int8 GEMM with a scale epilogue | `w8a8_linear` |
+| `fp8_gemm` | blocked FP8: 1x128 activation quantization, GEMM with 128x128 block scales | dequantize + matmul |
+| `fused_moe` | experts: token sort, grouped GEMMs (gate fused, routing weights), top-k sum | `fused_moe` |
 
 Nothing here is imported by `import lm_torch`: the modules with kernels import triton at their top, so only code
 that runs on CUDA (the Triton attention backend, the tests) imports them. On a CPU, `TRITON_INTERPRET=1` set before
