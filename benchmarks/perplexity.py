@@ -1,8 +1,8 @@
 """Perplexity of quantized checkpoints run by lm-torch, on held-out English text (issue #7).
 
-Quantizes the model with lm-lite (RTN, AWQ, GPTQ, SmoothQuant W8A8) into --out-dir, loads every checkpoint with
-lm-torch's loader (the engine's model code, on the CPU in float32), and computes perplexity over non-overlapping
-windows of --seqlen tokens of --text (each window scored on its own, first token unscored).
+Quantizes the model with lm-lite (RTN, AWQ, GPTQ, SmoothQuant W8A8, blocked FP8) into --out-dir, loads every
+checkpoint with lm-torch's loader (the engine's model code, on the CPU in float32), and computes perplexity over
+non-overlapping windows of --seqlen tokens of --text (each window scored on its own, first token unscored).
 
     python benchmarks/perplexity.py --group-size 64 --calib-samples 16 --calib-seqlen 512 \
         --out-dir /tmp/ppl --json /tmp/ppl/results.json
@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 DEFAULT_TEXT = HERE.parent / "tests" / "lm_lite" / "data" / "heldout.txt"
-VARIANTS = ("fp32", "rtn", "awq", "gptq", "w8a8")
+VARIANTS = ("fp32", "rtn", "awq", "gptq", "w8a8", "fp8")
 
 
 def heldout_ids(model_dir: Path, text_path: Path) -> list[int]:
@@ -36,12 +36,18 @@ def heldout_ids(model_dir: Path, text_path: Path) -> list[int]:
 
 
 def perplexity(
-    model_dir: Path, ids: list[int], seqlen: int, max_windows: int | None = None, quant_policy: int = 0
+    model_dir: Path,
+    ids: list[int],
+    seqlen: int,
+    max_windows: int | None = None,
+    quant_policy: int = 0,
+    dtype: str = "float32",
 ) -> float:
     """exp(mean negative log-likelihood) of lm-torch's model over windows of `seqlen` tokens (the KV cache
-    quantized as `quant_policy` says: 0 off, 8 int8, 4 int4)."""
+    quantized as `quant_policy` says: 0 off, 8 int8, 4 int4), computed in `dtype` (float32 or bfloat16)."""
     import torch
 
+    compute = getattr(torch, dtype)
     from lm_torch.attention import StepMetadata, TorchAttentionBackend
     from lm_torch.config import TorchEngineConfig
     from lm_torch.kv_quant import allocate_kv_cache
@@ -52,14 +58,13 @@ def perplexity(
         TorchEngineConfig(),
         load_hf_config(model_dir),
         torch.device("cpu"),
-        torch.float32,
+        compute,
         TorchAttentionBackend(),
     )
     block_size = 16
     num_blocks = (seqlen + block_size - 1) // block_size
     caches = [
-        allocate_kv_cache(num_blocks, block_size, h, d, quant_policy, torch.float32, "cpu")
-        for h, d in model.kv_cache_shape()
+        allocate_kv_cache(num_blocks, block_size, h, d, quant_policy, compute, "cpu") for h, d in model.kv_cache_shape()
     ]
     windows = [ids[i : i + seqlen] for i in range(0, len(ids) - seqlen + 1, seqlen)][:max_windows]
     if not windows:
@@ -69,7 +74,7 @@ def perplexity(
     with torch.no_grad():
         for window in windows:
             tokens = torch.tensor(window)
-            logits = model.compute_logits(model(tokens, torch.arange(seqlen), caches, meta))
+            logits = model.compute_logits(model(tokens, torch.arange(seqlen), caches, meta)).float()
             nll = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:], reduction="sum")
             total_nll += nll.item()
             count += seqlen - 1
@@ -105,6 +110,10 @@ def build_variant(variant: str, model_dir: Path, out_dir: Path, args) -> Path:
         )
     if variant == "w8a8":
         return lm_lite.smooth_quant(model_dir, work, **calib)
+    if variant == "fp8":
+        from lm_lite.fp8 import quantize_fp8
+
+        return quantize_fp8(model_dir, work, overwrite=True)
     raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
 
 
@@ -120,8 +129,13 @@ def run(args) -> dict[str, dict]:
         start = time.perf_counter()
         checkpoint = build_variant(variant, model_dir, out_dir, args)
         quantize_seconds = time.perf_counter() - start
-        ppl = perplexity(checkpoint, ids, args.seqlen, args.max_windows, args.quant_policy)
-        results[variant] = {"perplexity": ppl, "quantize_seconds": quantize_seconds, "quant_policy": args.quant_policy}
+        ppl = perplexity(checkpoint, ids, args.seqlen, args.max_windows, args.quant_policy, args.dtype)
+        results[variant] = {
+            "perplexity": ppl,
+            "quantize_seconds": quantize_seconds,
+            "quant_policy": args.quant_policy,
+            "dtype": args.dtype,
+        }
         print(f"{variant}: perplexity {ppl:.3f} (quantized in {quantize_seconds:.0f} s)", file=sys.stderr)
     return results
 
@@ -133,16 +147,18 @@ def table(results: dict[str, dict], args) -> str:
         + ["symmetric" if args.gptq_sym else "asymmetric", f"damp {args.damp_percent:g}"]
     )
     names = {
-        "fp32": "fp32",
+        "fp32": "fp32" if args.dtype == "float32" else f"unquantized ({args.dtype})",
         "rtn": f"RTN w4g{group_size}",
         "awq": f"AWQ w4g{group_size}",
         "gptq": f"GPTQ w4g{group_size} ({gptq})",
         "w8a8": "W8A8 (SmoothQuant int8)",
+        "fp8": "FP8 blocked 128x128 (e4m3, weights)",
     }
     fp32 = results.get("fp32", {})
     # A ratio against fp32 only where fp32 ran with a float KV cache (with --quant-policy, every row is quantized).
     base = fp32.get("perplexity") if not fp32.get("quant_policy") else None
-    lines = ["| variant | perplexity | vs fp32 |", "|---|---|---|"]
+    first = "fp32" if args.dtype == "float32" else args.dtype
+    lines = [f"| variant | perplexity | vs {first} |", "|---|---|---|"]
     for variant, entry in results.items():
         ratio = f"{100 * (entry['perplexity'] / base - 1):+.1f}%" if base else ""
         kv = f", KV int{entry['quant_policy']}" if entry.get("quant_policy") else ""
@@ -168,6 +184,9 @@ def main() -> None:
     parser.add_argument("--damp-percent", default=0.01, type=float, help="GPTQ damping (see docs/quantization.md).")
     parser.add_argument("--seqlen", default=512, type=int, help="Tokens per scored window.")
     parser.add_argument("--max-windows", default=None, type=int)
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of every variant (CPU)"
+    )
     parser.add_argument(
         "--quant-policy", default=0, type=int, choices=(0, 4, 8), help="KV cache: 0 as the model, 8 int8, 4 int4."
     )
