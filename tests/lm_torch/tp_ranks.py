@@ -50,12 +50,19 @@ def model_logits(path: Path, hf_config, engine: dict, tp=None, device: str = "cp
 
 def _rank_main(rank: int, size: int, addr: str, jobs: list, out: Path, device: str) -> None:
     from lm_torch.distributed import init_tp_group
+    from lm_torch.distributed.group import destroy_tp_group
 
     torch.set_num_threads(1)
     tp = init_tp_group(rank, size, addr, torch.device(device), "gloo", timeout_s=120)
-    results = {name: model_logits(path, hf_config, engine, tp, device) for name, path, hf_config, engine in jobs}
-    if rank == 0:
-        torch.save(results, out)
+    try:
+        results = {name: model_logits(path, hf_config, engine, tp, device) for name, path, hf_config, engine in jobs}
+        if rank == 0:
+            torch.save(results, out)
+        # Every rank leaves the group together: a rank exiting while another's gloo threads still talk to it can
+        # abort that one ("terminate called without an active exception").
+        tp.barrier()
+    finally:
+        destroy_tp_group(tp)
 
 
 def run_ranks(size: int, jobs: list[tuple[str, Path, object, dict]], device: str = "cpu") -> dict[str, torch.Tensor]:
