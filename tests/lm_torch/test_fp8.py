@@ -333,3 +333,13 @@ def test_cuda_kernels_give_about_the_cpu_logits(checkpoints):
         cpu = tp_ranks.model_logits(checkpoints[case].fp8_dir, None, {})
         gpu = tp_ranks.model_logits(checkpoints[case].fp8_dir, None, {}, device="cuda")
         assert (gpu - cpu).abs().max() < 0.05 * cpu.abs().max(), case
+
+
+def test_the_start_up_summary_names_the_fp8_path(checkpoints):
+    from lm_torch.runner.startup import kernel_lines
+
+    (line,) = kernel_lines(_ours(checkpoints["full"].fp8_dir))
+    # Every decoder linear of the tiny Llama (q/k/v and gate/up fused: 4 a layer), dequantized on the CPU.
+    num_layers = len(_ours(checkpoints["full"].fp8_dir).layers)
+    assert f"{4 * num_layers} FP8 linear layers (128x128 weight blocks): dequantized at load (CPU)" in line
+    assert kernel_lines(_ours(checkpoints["full"].float_dir)) == []

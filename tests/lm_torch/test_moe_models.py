@@ -402,3 +402,15 @@ def test_gpu_float32_logits_match_transformers(case, tmp_path):
     tokens = _tokens(seed=1)
     diff = (_paged_logits(model, tokens) - _hf_logits(reference, tokens)).abs().max().item()
     assert diff < TOLERANCE, f"{case} on CUDA: {diff:.3g}"
+
+
+def test_the_start_up_summary_names_the_moe_path(engine_model):
+    path, reference = engine_model("mixtral")
+    with _pipe(path, num_kv_blocks=16) as pipe:
+        summary = pipe.async_pipeline.engine.executor.summary()
+    config = reference.config
+    expected = (
+        f"{config.num_hidden_layers} mixture-of-experts layers, {config.num_local_experts} experts, top "
+        f"{config.num_experts_per_tok}, intermediate {config.intermediate_size} a rank: torch, per expert"
+    )
+    assert expected in summary, summary

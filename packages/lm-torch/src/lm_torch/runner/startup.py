@@ -215,6 +215,28 @@ def parallelism(runner: ModelRunner) -> str:
     return f"{tp.size} processes (tensor parallel {tp.size} over {tp.backend}; this is rank {tp.rank})"
 
 
+def kernel_lines(model: torch.nn.Module) -> list[str]:
+    """Start-up lines naming the mixture-of-experts and FP8 code paths the model's layers chose (none for others)."""
+    from lm_torch.layers.moe import SparseMoeBlock
+    from lm_torch.layers.quant.fp8 import Fp8BlockLinear
+
+    lines = []
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    if blocks:
+        experts = blocks[0].experts
+        path = "the Triton fused-MoE kernel" if experts.use_triton else "torch, per expert"
+        lines.append(
+            f"lm-torch: {len(blocks)} mixture-of-experts layers, {experts.num_experts} experts, top "
+            f"{blocks[0].top_k}, intermediate {experts.intermediate} a rank: {path}"
+        )
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8BlockLinear)]
+    if fp8:
+        block = "x".join(map(str, fp8[0].block))
+        path = "the Triton blocked-FP8 GEMM" if fp8[0].runs_triton else "dequantized at load (CPU)"
+        lines.append(f"lm-torch: {len(fp8)} FP8 linear layers ({block} weight blocks): {path}")
+    return lines
+
+
 def summary(runner: ModelRunner, wall_s: float | None = None, import_s: float | None = None) -> str:
     """The start-up lines: model, dtype, device and load time; the engine, attention backend and parallelism; the
     memory plan; the CPU threads; the start-up's wall time (`wall_s`, the engine's whole construction, plus
@@ -240,6 +262,7 @@ def summary(runner: ModelRunner, wall_s: float | None = None, import_s: float | 
             + f", up to {per_step} image tokens encoded per step, encoder cache "
             f"{runner.config.cache.encoder_cache_tokens} tokens"
         )
+    lines += kernel_lines(runner.model)
     if runner.graphs is not None:
         buckets = runner.graphs.buckets
         lines.append(f"lm-torch: CUDA graphs for {len(buckets)} decode batch sizes ({buckets[0]}-{buckets[-1]})")
