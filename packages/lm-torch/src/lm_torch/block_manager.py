@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from lm_torch.multimodal import block_extras, clamp_prefix
 from lm_torch.prefix_cache import PrefixCache, hash_block, root_key
 from lm_torch.sequence import Sequence
 
@@ -108,8 +109,6 @@ class BlockManager:
             matched.append(block_id)
             parent = keys[i]
         if seq.mm_items and matched:
-            from lm_torch.multimodal import clamp_prefix
-
             matched = matched[: clamp_prefix(seq.mm_items, len(matched), self.block_size)]
         return matched
 
@@ -204,8 +203,6 @@ class BlockManager:
         """Block `index`'s prefix-cache content: its token ids, then the content hashes of the images it overlaps."""
         tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
         if seq.mm_items and index * self.block_size < seq.num_prompt_tokens:
-            from lm_torch.multimodal import block_extras
-
             tokens = tokens + block_extras(seq.mm_items, index, self.block_size)
         return tokens
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from lm_core.engine import POOLING_METHODS, FinishReason
 from lm_core.generation_config import GenerationConfig
+from lm_torch.multimodal import MMItem, chunk_for
 
 if TYPE_CHECKING:
     from lm_core.engine import EngineRequest
-    from lm_torch.multimodal import MMItem
 
 FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "abort", "error")
 
@@ -67,7 +67,8 @@ class Sequence:
     # between groups. None: a group of its own.
     group: str | None = None
     # Mixed into the prefix-cache key of the first block: sequences with different salts never share KV. The engine
-    # sets it when equal token ids do not mean equal KV (a LoRA adapter, image features behind placeholder tokens).
+    # sets it when equal token ids do not mean equal KV across the whole sequence (a LoRA adapter); images key only
+    # the blocks they cover (`mm_items`).
     cache_salt: str | None = None
     num_preemptions: int = 0
     # Set for an embedding request: "mean" or "last" pooling of the prompt's final hidden states; nothing is sampled.
@@ -142,8 +143,6 @@ class Sequence:
     @classmethod
     def from_request(cls, request: EngineRequest, cache_salt: str | None = None) -> Sequence:
         """A waiting sequence for an engine request (the prompt list is copied)."""
-        from lm_torch.multimodal import MMItem
-
         prompt = request.prompt_token_ids
         return cls(
             request.request_id,
@@ -183,8 +182,6 @@ class Sequence:
         num_new = min(self.num_uncomputed_tokens, budget)
         if not self.mm_items or self.num_computed_tokens >= self.num_prompt_tokens:
             return num_new
-        from lm_torch.multimodal import chunk_for
-
         return chunk_for(self.mm_items, self.num_computed_tokens, num_new, encoder_budget, first)
 
     @property
